@@ -1,0 +1,316 @@
+"""`config.toml`, loaded once into one typed, validated, immutable object.
+
+Secrets never live here: the Discord token comes only from the environment (`DISCORD_TOKEN`).
+A bad value raises `ConfigError` naming the key, so start-up can print one clear line.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from generation.contract import Sampler
+from generation.settings import EngineSettings, ModelSpec
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running_per_user: int = 1
+    max_queued_per_user: int = 3
+    max_queue: int = 100
+    job_timeout_s: float = 300.0
+    # A queued job gains one fairness "round" of priority per this many seconds of waiting.
+    aging_s: float = 30.0
+    max_attempts: int = 2
+    workers: int = 1
+    # Priority tiers: a higher tier is served first among users with equal waiting credit.
+    user_tiers: dict[int, int] = field(default_factory=dict)
+    role_tiers: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CreditsConfig:
+    daily_allowance: int = 20
+    # Cost of a 512x512, 30-step job with the default candidate count; imagine scales from it.
+    cost_imagine: int = 4
+    cost_variation: int = 2
+    cost_upscale: int = 3
+    role_allowances: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DiscordConfig:
+    admin_user_ids: frozenset[int] = frozenset()
+    admin_role_ids: frozenset[int] = frozenset()
+    # Commands sync to these guilds instantly; with none, they sync globally (up to an hour).
+    guild_ids: tuple[int, ...] = ()
+    progress_edit_interval_s: float = 2.0
+    command_cooldown_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class ModerationConfig:
+    banned_words: tuple[str, ...] = ()
+    banned_patterns: tuple[str, ...] = ()
+    nsfw_check: bool = True
+    nsfw_threshold: float = 0.8
+    # What happens to a flagged image outside age-restricted channels: "spoiler" or "withhold".
+    nsfw_policy: str = "spoiler"
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = Path("data")
+    log_level: str = "INFO"
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    credits: CreditsConfig = field(default_factory=CreditsConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    moderation: ModerationConfig = field(default_factory=ModerationConfig)
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "imagine-bot.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(raw, base_dir=path.parent)
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
+    reader = _Reader(raw)
+    data_dir = base_dir / Path(reader.get("data_dir", str, "data"))
+    log_level = reader.get("log_level", str, "INFO").upper()
+    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+
+    config = Config(
+        data_dir=data_dir,
+        log_level=log_level,
+        engine=_engine(reader.section("generation"), data_dir),
+        scheduler=_scheduler(reader.section("scheduler")),
+        credits=_credits(reader.section("credits")),
+        discord=_discord(reader.section("discord")),
+        moderation=_moderation(reader.section("moderation")),
+    )
+    reader.reject_unknown()
+    return config
+
+
+def _engine(section: _Reader, data_dir: Path) -> EngineSettings:
+    defaults = EngineSettings()
+    models = []
+    for index, raw_model in enumerate(section.get("models", list, [])):
+        model = _Reader(raw_model, f"{section.prefix}models[{index}].")
+        spec = ModelSpec(
+            name=model.get("name", str),
+            source=model.get("source", str),
+            base_resolution=model.get("base_resolution", int, 512),
+            family=model.get("family", str, "sd"),
+        )
+        if spec.base_resolution % 64 or not 64 <= spec.base_resolution <= 2048:
+            raise ConfigError(f"{model.prefix}base_resolution: a multiple of 64 in 64..2048")
+        if spec.family not in {"sd", "sdxl"}:
+            raise ConfigError(f"{model.prefix}family: must be 'sd' or 'sdxl'")
+        model.reject_unknown()
+        models.append(spec)
+    if not models:
+        models = list(defaults.models)
+    if len({m.name for m in models}) != len(models):
+        raise ConfigError(f"{section.prefix}models: model names must be unique")
+    default_model = section.get("default_model", str, models[0].name)
+    if default_model not in {m.name for m in models}:
+        raise ConfigError(f"{section.prefix}default_model: {default_model!r} is not configured")
+    try:
+        sampler = Sampler.parse(section.get("default_sampler", str, defaults.default_sampler.value))
+    except ValueError as exc:
+        raise ConfigError(f"{section.prefix}default_{exc}") from None
+    settings = EngineSettings(
+        models=tuple(models),
+        default_model=default_model,
+        clip_model=section.get("clip_model", str, defaults.clip_model),
+        cache_dir=data_dir / section.get("cache_dir", str, "models"),
+        device=section.choice("device", ("auto", "cuda", "cpu", "mps"), defaults.device),
+        dtype=section.choice(
+            "dtype", ("auto", "float16", "bfloat16", "float32"), defaults.dtype
+        ),
+        default_steps=section.get("default_steps", int, defaults.default_steps),
+        default_guidance=section.get("default_guidance", float, defaults.default_guidance),
+        default_sampler=sampler,
+        num_candidates=section.get("candidates", int, defaults.num_candidates),
+        num_kept=section.get("kept", int, defaults.num_kept),
+        max_pixels=section.get("max_pixels", int, defaults.max_pixels),
+        max_steps=section.get("max_steps", int, defaults.max_steps),
+        variation_strength_subtle=section.get(
+            "variation_strength_subtle", float, defaults.variation_strength_subtle
+        ),
+        variation_strength_strong=section.get(
+            "variation_strength_strong", float, defaults.variation_strength_strong
+        ),
+        upscale_strength=section.get("upscale_strength", float, defaults.upscale_strength),
+        upscaler=section.choice("upscaler", ("auto", "hires", "realesrgan"), defaults.upscaler),
+        local_files_only=section.get("local_files_only", bool, defaults.local_files_only),
+    )
+    if not 1 <= settings.num_kept <= settings.num_candidates <= 16:
+        raise ConfigError(f"{section.prefix}kept/candidates: need 1 <= kept <= candidates <= 16")
+    if not 1 <= settings.default_steps <= settings.max_steps <= 150:
+        raise ConfigError(f"{section.prefix}default_steps/max_steps: need 1 <= default <= max <= 150")
+    if not 64 * 64 <= settings.max_pixels <= 2048 * 2048:
+        raise ConfigError(f"{section.prefix}max_pixels: must be between 4096 and 4194304")
+    for name in ("variation_strength_subtle", "variation_strength_strong", "upscale_strength"):
+        if not 0.0 < getattr(settings, name) <= 1.0:
+            raise ConfigError(f"{section.prefix}{name}: must be in (0, 1]")
+    section.reject_unknown()
+    return settings
+
+
+def _scheduler(section: _Reader) -> SchedulerConfig:
+    config = SchedulerConfig(
+        max_running_per_user=section.positive("max_running_per_user", int, 1),
+        max_queued_per_user=section.positive("max_queued_per_user", int, 3),
+        max_queue=section.positive("max_queue", int, 100),
+        job_timeout_s=section.positive("job_timeout_s", float, 300.0),
+        aging_s=section.positive("aging_s", float, 30.0),
+        max_attempts=section.positive("max_attempts", int, 2),
+        workers=section.positive("workers", int, 1),
+        user_tiers=section.id_map("user_tiers"),
+        role_tiers=section.id_map("role_tiers"),
+    )
+    section.reject_unknown()
+    return config
+
+
+def _credits(section: _Reader) -> CreditsConfig:
+    config = CreditsConfig(
+        daily_allowance=section.non_negative("daily_allowance", 20),
+        cost_imagine=section.non_negative("cost_imagine", 4),
+        cost_variation=section.non_negative("cost_variation", 2),
+        cost_upscale=section.non_negative("cost_upscale", 3),
+        role_allowances=section.id_map("role_allowances"),
+    )
+    section.reject_unknown()
+    return config
+
+
+def _discord(section: _Reader) -> DiscordConfig:
+    config = DiscordConfig(
+        admin_user_ids=frozenset(section.ids("admin_user_ids")),
+        admin_role_ids=frozenset(section.ids("admin_role_ids")),
+        guild_ids=tuple(section.ids("guild_ids")),
+        progress_edit_interval_s=section.positive("progress_edit_interval_s", float, 2.0),
+        command_cooldown_s=section.get("command_cooldown_s", float, 3.0),
+    )
+    if config.command_cooldown_s < 0:
+        raise ConfigError(f"{section.prefix}command_cooldown_s: must be >= 0")
+    section.reject_unknown()
+    return config
+
+
+def _moderation(section: _Reader) -> ModerationConfig:
+    import re
+
+    patterns = tuple(str(p) for p in section.get("banned_patterns", list, []))
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{section.prefix}banned_patterns: {pattern!r}: {exc}") from None
+    config = ModerationConfig(
+        banned_words=tuple(str(w) for w in section.get("banned_words", list, [])),
+        banned_patterns=patterns,
+        nsfw_check=section.get("nsfw_check", bool, True),
+        nsfw_threshold=section.get("nsfw_threshold", float, 0.8),
+        nsfw_policy=section.choice("nsfw_policy", ("spoiler", "withhold"), "spoiler"),
+    )
+    if not 0.0 < config.nsfw_threshold <= 1.0:
+        raise ConfigError(f"{section.prefix}nsfw_threshold: must be in (0, 1]")
+    section.reject_unknown()
+    return config
+
+
+class _Reader:
+    """Typed access to one TOML table that remembers which keys were read."""
+
+    def __init__(self, table: Any, prefix: str = "") -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a table")
+        self.table = table
+        self.prefix = prefix
+        self.seen: set[str] = set()
+
+    def section(self, name: str) -> _Reader:
+        self.seen.add(name)
+        return _Reader(self.table.get(name, {}), f"{self.prefix}{name}.")
+
+    def get(self, key: str, kind: type, default: Any = ...) -> Any:
+        self.seen.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise ConfigError(f"{self.prefix}{key}: required")
+            return default
+        value = self.table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{self.prefix}{key}: must be {kind.__name__}, got {type(value).__name__}"
+            )
+        return value
+
+    def positive(self, key: str, kind: type, default: Any) -> Any:
+        value = self.get(key, kind, default)
+        if value <= 0:
+            raise ConfigError(f"{self.prefix}{key}: must be > 0, got {value}")
+        return value
+
+    def non_negative(self, key: str, default: int) -> int:
+        value = self.get(key, int, default)
+        if value < 0:
+            raise ConfigError(f"{self.prefix}{key}: must be >= 0, got {value}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        if value not in choices:
+            raise ConfigError(f"{self.prefix}{key}: must be one of {', '.join(choices)}")
+        return value
+
+    def ids(self, key: str) -> list[int]:
+        values = self.get(key, list, [])
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ConfigError(f"{self.prefix}{key}: must be a list of Discord ids (integers)")
+        return values
+
+    def id_map(self, key: str) -> dict[int, int]:
+        table = self.get(key, dict, {})
+        result = {}
+        for raw_id, value in table.items():
+            if not raw_id.isdigit() or not isinstance(value, int) or value < 0:
+                raise ConfigError(
+                    f"{self.prefix}{key}: keys must be Discord ids, values integers >= 0"
+                )
+            result[int(raw_id)] = value
+        return result
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.prefix}{unknown[0]}: unknown setting")

@@ -1,0 +1,206 @@
+"""What the rest of imagine-bot may ask of the generation service, and what it gets back.
+
+Everything here is a frozen dataclass or a `str` enum so a request can cross a process boundary
+(the scheduler runs the engine in a worker process) and be stored as JSON. Validation raises a
+`ValueError` that names the offending parameter instead of silently correcting it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any, Protocol
+
+from PIL import Image
+
+# Hard ceilings that protect GPU memory whatever the config says; config may only lower them.
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 150
+MAX_CANDIDATES = 16
+MAX_PIXELS = 2048 * 2048
+MAX_PROMPT_CHARS = 2000
+
+
+class JobKind(StrEnum):
+    IMAGINE = "imagine"
+    VARIATION = "variation"
+    UPSCALE = "upscale"
+
+
+class Sampler(StrEnum):
+    """Sampler names as users type them (and as AUTOMATIC1111 prints them, see `a1111_name`)."""
+
+    DDIM = "ddim"
+    EULER = "euler"
+    EULER_A = "euler_a"
+    DPMPP_2M = "dpmpp_2m"
+    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    UNIPC = "unipc"
+
+    @property
+    def a1111_name(self) -> str:
+        return _A1111_SAMPLER_NAMES[self]
+
+    @classmethod
+    def parse(cls, text: str) -> Sampler:
+        """Accept `dpmpp_2m_karras`, `DPM++ 2M Karras`, `euler-a`, `Euler a` …"""
+        key = text.strip().lower().replace("++", "pp").replace("-", "_").replace(" ", "_")
+        for sampler in cls:
+            if key in (sampler.value, sampler.a1111_name.lower().replace(" ", "_")):
+                return sampler
+        accepted = ", ".join(s.value for s in cls)
+        raise ValueError(f"sampler: unknown sampler {text!r}; accepted: {accepted}")
+
+
+_A1111_SAMPLER_NAMES = {
+    Sampler.DDIM: "DDIM",
+    Sampler.EULER: "Euler",
+    Sampler.EULER_A: "Euler a",
+    Sampler.DPMPP_2M: "DPM++ 2M",
+    Sampler.DPMPP_2M_KARRAS: "DPM++ 2M Karras",
+    Sampler.UNIPC: "UniPC",
+}
+
+
+@dataclass(frozen=True)
+class PromptPart:
+    """One piece of a Midjourney `::` multi-prompt; a plain prompt is a single part of weight 1."""
+
+    text: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One job for the engine. For variation/upscale, `init_image` is the chosen source image."""
+
+    kind: JobKind
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    guidance: float = 7.0
+    sampler: Sampler = Sampler.DPMPP_2M_KARRAS
+    seed: int = 0
+    num_candidates: int = 8
+    num_kept: int = 4
+    init_image: Image.Image | None = field(default=None, compare=False, repr=False)
+    strength: float | None = None
+    model: str = "tiny"
+    # Midjourney parameters with an honest Stable Diffusion equivalent (see generation.prompt).
+    prompt_parts: tuple[PromptPart, ...] = ()
+    chaos: int = 0
+    tile: bool = False
+    stop_percent: int = 100
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.kind, JobKind):
+            raise ValueError(f"kind: must be one of {[k.value for k in JobKind]}, got {self.kind!r}")
+        if not isinstance(self.sampler, Sampler):
+            raise ValueError(f"sampler: must be a Sampler, got {self.sampler!r}")
+        if not self.prompt.strip() and not self.prompt_parts:
+            raise ValueError("prompt: must not be empty")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt: at most {MAX_PROMPT_CHARS} characters, got {len(self.prompt)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < 64 or value % 8:
+                raise ValueError(f"{name}: must be a multiple of 8 and at least 64, got {value}")
+        if self.width * self.height > MAX_PIXELS:
+            raise ValueError(
+                f"width x height: at most {MAX_PIXELS} pixels, got {self.width}x{self.height}"
+            )
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps: must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if not 0.0 <= self.guidance <= 30.0:
+            raise ValueError(f"guidance: must be between 0 and 30, got {self.guidance}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed: must be between 0 and {MAX_SEED}, got {self.seed}")
+        if not 1 <= self.num_candidates <= MAX_CANDIDATES:
+            raise ValueError(
+                f"num_candidates: must be between 1 and {MAX_CANDIDATES}, got {self.num_candidates}"
+            )
+        if not 1 <= self.num_kept <= self.num_candidates:
+            raise ValueError(
+                f"num_kept: must be between 1 and num_candidates ({self.num_candidates}), "
+                f"got {self.num_kept}"
+            )
+        if self.kind is JobKind.IMAGINE:
+            if self.init_image is not None or self.strength is not None:
+                raise ValueError("init_image/strength: only variation and upscale take an image")
+        else:
+            if self.init_image is None:
+                raise ValueError(f"init_image: a {self.kind.value} needs a source image")
+            if self.strength is None or not 0.0 < self.strength <= 1.0:
+                raise ValueError(f"strength: must be in (0, 1], got {self.strength}")
+        if not 0 <= self.chaos <= 100:
+            raise ValueError(f"chaos: must be between 0 and 100, got {self.chaos}")
+        if not 10 <= self.stop_percent <= 100:
+            raise ValueError(f"stop_percent: must be between 10 and 100, got {self.stop_percent}")
+
+    def with_changes(self, **changes: Any) -> GenerationRequest:
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the image, for the jobs table; the image is stored as a file."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "init_image"}
+        data["kind"] = self.kind.value
+        data["sampler"] = self.sampler.value
+        data["prompt_parts"] = [asdict(p) for p in self.prompt_parts]
+        return data
+
+    @classmethod
+    def from_json(
+        cls, data: dict[str, Any], init_image: Image.Image | None = None
+    ) -> GenerationRequest:
+        values = dict(data)
+        values["kind"] = JobKind(values["kind"])
+        values["sampler"] = Sampler(values["sampler"])
+        values["prompt_parts"] = tuple(PromptPart(**p) for p in values.get("prompt_parts", ()))
+        return cls(**values, init_image=init_image)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The kept images in rank order (best first), with what is needed to reproduce each one."""
+
+    images: tuple[Image.Image, ...] = field(repr=False)
+    seeds: tuple[int, ...]
+    clip_scores: tuple[float, ...]
+    timings_s: dict[str, float] = field(default_factory=dict, compare=False)
+    # Index into the generated batch of each kept image, so candidate i is seed + i.
+    candidate_indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class GenerationCancelled(Exception):
+    """Raised out of `Engine.generate` when the caller's cancel event was set between steps."""
+
+
+class Engine(Protocol):
+    """What a worker needs from the generation service; the real one is `generation.engine`."""
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult: ...
