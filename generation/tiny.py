@@ -1,0 +1,249 @@
+"""Small random-weight Stable Diffusion and CLIP models, built in code with fixed seeds.
+
+The model hub cannot be reached from every machine this project runs on (CI included), so the
+project builds its own stand-ins from configs and saves them in the normal diffusers /
+transformers folder layout. The engine then loads them back through exactly the same
+`from_pretrained` path as real weights, which is the point: tests exercise the real loading,
+scheduling, batching and decoding code, only the weights are noise.
+
+Shapes follow measured facts: the VAE has four levels so it downsamples 8x like real SD (the
+two-level VAE of the diffusers test models downsamples 2x and is ~50x slower at 256 px).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TINY_SD_DIR = "tiny-sd"
+TINY_CLIP_DIR = "tiny-clip"
+# Bump when the architecture or seed changes so stale caches are rebuilt rather than reused.
+TINY_VERSION = 1
+_MARKER = "imagine-bot-tiny.json"
+TINY_SEED = 1234
+# Side of the square the tiny UNet's `sample_size` corresponds to; settings.TINY uses the same.
+TINY_BASE_RESOLUTION = 128
+
+_build_lock = threading.Lock()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (a fixed public mapping)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
+
+
+def tiny_tokenizer_files() -> tuple[dict[str, int], list[str]]:
+    """A valid CLIP BPE vocabulary: every byte, plus merges of lowercase letter pairs.
+
+    A tiny text encoder does not need the real 49,408-token vocabulary; letter-pair merges keep
+    ordinary prompts well inside the 77-token window so truncation behaves like the real thing.
+    """
+    chars = list(_bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges = []
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for first in letters:
+        for second in letters:
+            merges.append(f"{first} {second}</w>")
+            merges.append(f"{first} {second}")
+            vocab_list.append(f"{first}{second}</w>")
+            vocab_list.append(f"{first}{second}")
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(vocab_list)}
+    return vocab, merges
+
+
+def _tiny_tokenizer():  # -> CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_tokenizer_files()
+    # Write real vocab.json/merges.txt and load them, the way a downloaded tokenizer is loaded.
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_file = Path(scratch, "vocab.json")
+        merges_file = Path(scratch, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer.from_pretrained(scratch, model_max_length=77)
+    return tokenizer
+
+
+def build_tiny_sd(folder: Path, seed: int = TINY_SEED) -> None:
+    """Build the tiny SD 1.x-shaped pipeline and save it (diffusers layout) into `folder`."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_BASE_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=TINY_BASE_RESOLUTION,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # SD 1.5's own scheduler config; samplers are swapped per job with `from_config`.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_clip(folder: Path, seed: int = TINY_SEED) -> None:
+    """Build the tiny CLIPModel with its processor and tokenizer and save them into `folder`."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed + 3)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 224,
+            "patch_size": 32,
+        },
+        projection_dim=32,
+    )
+    model = CLIPModel(config)
+    # The PIL processor: the default one needs torchvision, which is not always importable.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+
+def _ensure(cache_dir: Path, name: str, builder: Callable[[Path], None]) -> Path:
+    target = Path(cache_dir) / name
+    marker = target / _MARKER
+    if _is_current(marker):
+        return target
+    with _build_lock:
+        if _is_current(marker):
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename into place, so a crash mid-build never leaves a
+        # half-written model that later loads would trust; other processes building at the same
+        # time each use their own temporary folder and the last rename wins harmlessly.
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            log.info("building %s into %s", name, target)
+            builder(scratch)
+            scratch.chmod(0o755)
+            (scratch / _MARKER).write_text(json.dumps({"version": TINY_VERSION}), encoding="utf-8")
+            if target.exists():
+                stale = target.with_name(f".{name}-stale-{os.getpid()}")
+                os.replace(target, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.replace(scratch, target)
+            except OSError:
+                # Another process renamed its finished build into place first.
+                if not _is_current(marker):
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _is_current(marker: Path) -> bool:
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("version") == TINY_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_tiny_sd(cache_dir: Path) -> Path:
+    """Folder of the tiny SD pipeline under `cache_dir`, built on first use."""
+    return _ensure(cache_dir, TINY_SD_DIR, build_tiny_sd)
+
+
+def ensure_tiny_clip(cache_dir: Path) -> Path:
+    """Folder of the tiny CLIP model under `cache_dir`, built on first use."""
+    return _ensure(cache_dir, TINY_CLIP_DIR, build_tiny_clip)
