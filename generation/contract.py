@@ -101,13 +101,17 @@ class GenerationRequest:
 
     def validate(self) -> None:
         if not isinstance(self.kind, JobKind):
-            raise ValueError(f"kind: must be one of {[k.value for k in JobKind]}, got {self.kind!r}")
+            raise ValueError(
+                f"kind: must be one of {[k.value for k in JobKind]}, got {self.kind!r}"
+            )
         if not isinstance(self.sampler, Sampler):
             raise ValueError(f"sampler: must be a Sampler, got {self.sampler!r}")
         if not self.prompt.strip() and not self.prompt_parts:
             raise ValueError("prompt: must not be empty")
         if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt: at most {MAX_PROMPT_CHARS} characters, got {len(self.prompt)}")
+            raise ValueError(
+                f"prompt: at most {MAX_PROMPT_CHARS} characters, got {len(self.prompt)}"
+            )
         for name in ("width", "height"):
             value = getattr(self, name)
             if value < 64 or value % 8:
@@ -164,6 +168,53 @@ class GenerationRequest:
         values["sampler"] = Sampler(values["sampler"])
         values["prompt_parts"] = tuple(PromptPart(**p) for p in values.get("prompt_parts", ()))
         return cls(**values, init_image=init_image)
+
+
+def variation_request(
+    parent: GenerationRequest, image: Image.Image, *, strength: float, seed: int
+) -> GenerationRequest:
+    """A VARIATION of `image` (one of `parent`'s results): same prompt, new seeds, same size.
+
+    Subtle and strong variations differ only in `strength` (see EngineSettings).
+    """
+    return replace(
+        parent,
+        kind=JobKind.VARIATION,
+        init_image=image,
+        strength=strength,
+        seed=seed,
+        width=image.width,
+        height=image.height,
+    )
+
+
+def upscale_request(
+    parent: GenerationRequest,
+    image: Image.Image,
+    *,
+    strength: float,
+    seed: int,
+    factor: int = 2,
+) -> GenerationRequest:
+    """An UPSCALE of `image`: the output is `factor` x its size (width/height are the output).
+
+    One candidate is made and kept: an upscale refines a picture the user already chose.
+    """
+    if factor < 1:
+        raise ValueError(f"factor: must be at least 1, got {factor}")
+    return replace(
+        parent,
+        kind=JobKind.UPSCALE,
+        init_image=image,
+        strength=strength,
+        seed=seed,
+        width=image.width * factor,
+        height=image.height * factor,
+        num_candidates=1,
+        num_kept=1,
+        chaos=0,
+        stop_percent=100,
+    )
 
 
 @dataclass(frozen=True)

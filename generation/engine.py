@@ -291,6 +291,20 @@ class DiffusersEngine:
         with self._lock:
             return self._generate(spec, request, progress, cancel)
 
+    def pipelines(self, model: str | None = None) -> tuple[Any, Any]:
+        """The (text-to-image, image-to-image) diffusers pipelines of a model, loaded if needed.
+
+        They are shared with the engine's jobs: do not use them while a job runs.
+        """
+        with self._lock:
+            loaded = self._pipelines(self.settings.model(model))
+            return loaded.text2img, loaded.img2img
+
+    def ranker(self) -> ClipRanker:
+        """The CLIP ranker, loaded if needed."""
+        with self._lock:
+            return self._clip()
+
     def close(self) -> None:
         """Drop loaded models and return their memory (the engine can load them again)."""
         with self._lock:

@@ -1,0 +1,32 @@
+"""Small helpers shared by the generation tests."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from generation.contract import GenerationRequest, JobKind
+
+
+def imagine(**changes: object) -> GenerationRequest:
+    """A small, fast IMAGINE request; tests change only what they are about."""
+    values: dict[str, object] = {
+        "kind": JobKind.IMAGINE,
+        "prompt": "a lighthouse at dusk",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "seed": 42,
+        "num_candidates": 2,
+        "num_kept": 2,
+    }
+    values.update(changes)
+    return GenerationRequest(**values)  # type: ignore[arg-type]
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
