@@ -1,0 +1,98 @@
+"""The audit table: refusals, flagged images and admin actions, newest first for `/admin audit`."""
+
+from __future__ import annotations
+
+from bot.core.clock import Clock, from_db, to_db
+from bot.core.db import Database, Transaction
+from bot.core.models import AuditEntry
+
+MAX_PROMPT_CHARS = 4000
+
+
+class AuditLog:
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def record(
+        self,
+        kind: str,
+        reason: str,
+        *,
+        user_id: int | None = None,
+        actor_id: int | None = None,
+        job_id: int | None = None,
+        guild_id: int | None = None,
+        channel_id: int | None = None,
+        prompt: str | None = None,
+    ) -> None:
+        """kind: e.g. "refusal", "flag", "ban", "unban", "pause", "resume"."""
+
+        async def work(txn: Transaction) -> None:
+            await self.record_in(
+                txn,
+                kind,
+                reason,
+                user_id=user_id,
+                actor_id=actor_id,
+                job_id=job_id,
+                guild_id=guild_id,
+                channel_id=channel_id,
+                prompt=prompt,
+            )
+
+        await self._db.transaction(work)
+
+    async def record_in(
+        self,
+        txn: Transaction,
+        kind: str,
+        reason: str,
+        *,
+        user_id: int | None = None,
+        actor_id: int | None = None,
+        job_id: int | None = None,
+        guild_id: int | None = None,
+        channel_id: int | None = None,
+        prompt: str | None = None,
+    ) -> None:
+        await txn.execute(
+            "INSERT INTO audit (kind, user_id, actor_id, job_id, guild_id, channel_id, reason, "
+            "prompt, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                kind,
+                user_id,
+                actor_id,
+                job_id,
+                guild_id,
+                channel_id,
+                reason,
+                None if prompt is None else prompt[:MAX_PROMPT_CHARS],
+                to_db(self._clock()),
+            ),
+        )
+
+    async def recent(self, limit: int = 20, user_id: int | None = None) -> list[AuditEntry]:
+        if not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValueError(f"limit: must be between 1 and 1000, got {limit!r}")
+        if user_id is None:
+            rows = await self._db.read("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = await self._db.read(
+                "SELECT * FROM audit WHERE user_id = ? ORDER BY id DESC LIMIT ?", (user_id, limit)
+            )
+        return [
+            AuditEntry(
+                id=int(r["id"]),
+                kind=r["kind"],
+                user_id=r["user_id"],
+                actor_id=r["actor_id"],
+                job_id=r["job_id"],
+                guild_id=r["guild_id"],
+                channel_id=r["channel_id"],
+                reason=r["reason"],
+                prompt=r["prompt"],
+                created_at=from_db(r["created_at"]),  # type: ignore[arg-type]
+            )
+            for r in rows
+        ]

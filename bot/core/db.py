@@ -1,0 +1,279 @@
+"""The one SQLite connection of the bot: WAL mode, schema migrations, serialised transactions.
+
+aiosqlite runs every statement on one thread per connection, so statements never overlap, but
+coroutines could still interleave *between* statements. All access therefore goes through
+`Database.transaction` / `Database.read`, which hold an asyncio lock for the whole unit of work,
+and write transactions run as a shielded task so a caller being cancelled can never leave a
+transaction half applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+# Migration n brings a database from version n-1 to n. Never edit a released step: append one.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL,
+            guild_id INTEGER,
+            channel_id INTEGER,
+            kind TEXT NOT NULL,
+            parent_job_id INTEGER REFERENCES jobs(id),
+            parent_index INTEGER,
+            request TEXT NOT NULL,
+            init_image_path TEXT,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            cost INTEGER NOT NULL CHECK (cost >= 0),
+            hold_allowance INTEGER NOT NULL CHECK (hold_allowance >= 0),
+            hold_granted INTEGER NOT NULL CHECK (hold_granted >= 0),
+            hold_day TEXT NOT NULL,
+            tier INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            result TEXT
+        )
+        """,
+        "CREATE INDEX jobs_state ON jobs(state, id)",
+        "CREATE INDEX jobs_user_state ON jobs(user_id, state)",
+        """
+        CREATE TABLE ledger (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL,
+            amount INTEGER NOT NULL,
+            allowance_delta INTEGER NOT NULL,
+            granted_delta INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            job_id INTEGER REFERENCES jobs(id),
+            reason TEXT NOT NULL DEFAULT '',
+            actor_id INTEGER,
+            created_at TEXT NOT NULL,
+            CHECK (amount = allowance_delta + granted_delta)
+        )
+        """,
+        "CREATE INDEX ledger_user ON ledger(user_id, id)",
+        "CREATE INDEX ledger_job ON ledger(job_id)",
+        # The ledger is the record of truth: rows are only ever appended.
+        """
+        CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+        BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END
+        """,
+        """
+        CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+        BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END
+        """,
+        """
+        CREATE TABLE balances (
+            user_id INTEGER PRIMARY KEY,
+            granted INTEGER NOT NULL DEFAULT 0 CHECK (granted >= 0),
+            allowance_left INTEGER NOT NULL DEFAULT 0 CHECK (allowance_left >= 0),
+            allowance_level INTEGER NOT NULL DEFAULT 0,
+            allowance_day TEXT NOT NULL DEFAULT '',
+            allowance_override INTEGER,
+            banned INTEGER NOT NULL DEFAULT 0,
+            -- Written by the hold statement itself, so the split of a hold needs no second read.
+            last_hold_allowance INTEGER NOT NULL DEFAULT 0
+        )
+        """,
+        """
+        CREATE TABLE role_allowances (
+            role_id INTEGER PRIMARY KEY,
+            amount INTEGER NOT NULL CHECK (amount >= 0),
+            actor_id INTEGER,
+            updated_at TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            user_id INTEGER,
+            actor_id INTEGER,
+            job_id INTEGER,
+            guild_id INTEGER,
+            channel_id INTEGER,
+            reason TEXT NOT NULL DEFAULT '',
+            prompt TEXT,
+            created_at TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX audit_time ON audit(id DESC)",
+        """
+        CREATE TABLE deliveries (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            key TEXT NOT NULL,
+            state TEXT NOT NULL,
+            info TEXT NOT NULL DEFAULT '{}',
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (job_id, key)
+        )
+        """,
+        "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+}
+
+
+class Database:
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> Database:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly
+        # what `transaction()` spans and never something the driver opened implicitly.
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        try:
+            mode = await (await conn.execute("PRAGMA journal_mode=WAL")).fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise RuntimeError(f"database: could not switch {path} to WAL mode ({mode})")
+            # NORMAL in WAL mode survives process crashes (SIGKILL); only power loss can drop
+            # the very last commits, and it never corrupts.
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            await conn.execute("PRAGMA busy_timeout=5000")
+            db = cls(conn, path)
+            await db._migrate()
+        except BaseException:
+            await conn.close()
+            raise
+        return db
+
+    async def _migrate(self) -> None:
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            await self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            row = await (await self._conn.execute("SELECT version FROM schema_version")).fetchone()
+            version = row[0] if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"database: {self.path} has schema version {version}, newer than this "
+                    f"bot's {SCHEMA_VERSION}; upgrade the bot"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                log.info("migrating database %s to schema version %d", self.path, step)
+                for statement in _MIGRATIONS[step]:
+                    await self._conn.execute(statement)
+            if row is None:
+                await self._conn.execute(
+                    "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,)
+                )
+            else:
+                await self._conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._conn.execute("ROLLBACK")
+            raise
+
+    async def transaction(
+        self,
+        work: Callable[[Transaction], Awaitable[T]],
+    ) -> T:
+        """Run `work` inside BEGIN IMMEDIATE … COMMIT, rolled back if it raises.
+
+        Callbacks registered with `Transaction.after_commit` run right after COMMIT, before any
+        other coroutine can observe the database, which keeps in-memory state in step with it.
+        """
+        return await asyncio.shield(self._transaction(work))
+
+    async def _transaction(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
+        async with self._lock:
+            txn = Transaction(self._conn)
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = await work(txn)
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            for callback in txn.callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("after-commit callback failed")
+            return result
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._lock:
+            async with self._conn.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+
+    async def read_one(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        rows = await self.read(sql, params)
+        return rows[0] if rows else None
+
+    async def get_setting(self, key: str) -> str | None:
+        row = await self.read_one("SELECT value FROM settings WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._conn.close()
+
+
+class Transaction:
+    """The handle a unit of work gets; statements run on the shared connection."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+        self.callbacks: list[Callable[[], None]] = []
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement and return how many rows it changed."""
+        cursor = await self._conn.execute(sql, params)
+        try:
+            return cursor.rowcount
+        finally:
+            await cursor.close()
+
+    async def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+        cursor = await self._conn.execute(sql, params)
+        try:
+            if cursor.lastrowid is None:
+                raise RuntimeError("insert produced no row id")
+            return cursor.lastrowid
+        finally:
+            await cursor.close()
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._conn.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        async with self._conn.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, rows)
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self.callbacks.append(callback)

@@ -1,0 +1,193 @@
+"""Running one job on an engine and writing its images: shared by every kind of worker.
+
+This runs off the event loop (in a worker thread or the worker child process). Images are
+written under the data folder with names derived from the job id only, each to a temporary name
+first and then renamed, so a crash never leaves a half-written PNG where a result is expected.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from generation.contract import (
+    Engine,
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+)
+from generation.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENGINE_FACTORY = "generation.engine:create_engine"
+
+EngineFactory = Callable[[EngineSettings], Engine]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """Everything a worker needs for one job; plain data so it pickles across processes."""
+
+    job_id: int
+    attempt: int
+    request_data: dict[str, Any]
+    # Relative to the data folder; the source image of a variation/upscale.
+    init_image_path: str | None
+    # Relative to the data folder, e.g. "images/123"; the worker creates it.
+    output_dir: str
+
+
+@dataclass(frozen=True)
+class WorkOutcome:
+    image_paths: tuple[str, ...]
+    grid_path: str | None
+    seeds: tuple[int, ...]
+    clip_scores: tuple[float, ...]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    candidate_indices: tuple[int, ...] = ()
+    width: int = 0
+    height: int = 0
+
+
+class JobError(Exception):
+    """The engine refused or failed this job; the job fails and is refunded, the worker lives.
+
+    `message` is written for the user.
+    """
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+
+
+def resolve_factory(factory: str | EngineFactory) -> EngineFactory:
+    """Accept "package.module:function" (works across a spawn boundary) or a callable."""
+    if callable(factory):
+        return factory
+    module_name, _, attr = factory.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"engine_factory: expected 'module:function', got {factory!r}")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def load_request(data_dir: Path, item: WorkItem) -> GenerationRequest:
+    init_image = None
+    if item.init_image_path is not None:
+        with Image.open(safe_path(data_dir, item.init_image_path)) as source:
+            init_image = source.convert("RGB")
+    return GenerationRequest.from_json(item.request_data, init_image=init_image)
+
+
+def safe_path(data_dir: Path, relative: str) -> Path:
+    """Resolve a stored relative path, refusing anything that would leave the data folder."""
+    root = data_dir.resolve()
+    path = (root / relative).resolve()
+    if root != path and root not in path.parents:
+        raise ValueError(f"path: {relative!r} is outside the data folder")
+    return path
+
+
+def run_job(
+    engine: Engine,
+    item: WorkItem,
+    data_dir: Path,
+    progress: Callable[[Progress], None] | None,
+    cancel: threading.Event,
+) -> WorkOutcome:
+    """Generate and save; raises GenerationCancelled, or JobError for a failure to report."""
+    try:
+        request = load_request(data_dir, item)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise JobError(f"invalid request: {exc}", "invalid") from exc
+    started = time.perf_counter()
+    try:
+        result = engine.generate(request, progress=progress, cancel=cancel)
+    except GenerationCancelled:
+        raise
+    except ValueError as exc:
+        raise JobError(f"invalid request: {exc}", "invalid") from exc
+    except MemoryError as exc:
+        raise JobError(out_of_memory_message(), "oom") from exc
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise JobError(out_of_memory_message(), "oom") from exc
+        log.exception("job %d: engine failed", item.job_id)
+        raise JobError(f"the generator failed ({type(exc).__name__})", "engine") from exc
+    generate_s = time.perf_counter() - started
+    outcome = save_result(result, request, item, data_dir)
+    timings = dict(outcome.timings_s)
+    timings.setdefault("generate_s", generate_s)
+    return WorkOutcome(**{**outcome.__dict__, "timings_s": timings})
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # torch.OutOfMemoryError (and its CUDA alias) without importing torch here.
+    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
+
+
+def out_of_memory_message() -> str:
+    return "the GPU ran out of memory; try a smaller size, fewer steps or fewer candidates"
+
+
+def save_result(
+    result: GenerationResult, request: GenerationRequest, item: WorkItem, data_dir: Path
+) -> WorkOutcome:
+    from generation.images import a1111_parameters, make_grid, save_png
+
+    if not result.images:
+        raise JobError("the generator returned no images", "engine")
+    started = time.perf_counter()
+    out_dir = safe_path(data_dir, item.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = result.images[0]
+
+    def parameters(seed: int, image: Image.Image) -> str:
+        return a1111_parameters(request, seed, request.model, image.width, image.height)
+
+    paths = []
+    for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        name = f"{index}.png"
+        _atomic(out_dir / name, lambda p, i=image, s=seed: save_png(i, p, parameters(s, i)))
+        paths.append(f"{item.output_dir}/{name}")
+    grid_path = paths[0]
+    if len(result.images) > 1:
+        grid = make_grid(list(result.images))
+        # The grid carries the best image's parameters, which reproduce its first cell.
+        _atomic(
+            out_dir / "grid.png", lambda p: save_png(grid, p, parameters(result.seeds[0], first))
+        )
+        grid_path = f"{item.output_dir}/grid.png"
+    timings = {k: float(v) for k, v in result.timings_s.items()}
+    timings["save_s"] = time.perf_counter() - started
+    return WorkOutcome(
+        image_paths=tuple(paths),
+        grid_path=grid_path,
+        seeds=tuple(int(s) for s in result.seeds),
+        clip_scores=tuple(float(s) for s in result.clip_scores),
+        timings_s=timings,
+        candidate_indices=tuple(int(i) for i in result.candidate_indices),
+        width=first.width,
+        height=first.height,
+    )
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    temporary = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

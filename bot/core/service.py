@@ -1,0 +1,186 @@
+"""`Core`: the whole scheduler/credits core built from a `Config`, and the admin service API.
+
+core = await Core.open(config)              # recovers jobs, starts workers and dispatch
+job = await core.scheduler.submit(owner, request)
+async with core.scheduler.subscribe(job.id) as events: ...
+await core.close()                           # drained shutdown
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bot.config import Config
+from bot.core.audit import AuditLog
+from bot.core.clock import Clock, system_clock
+from bot.core.credits import CreditsService, check_reason, check_user_id
+from bot.core.db import Database, Transaction
+from bot.core.execute import DEFAULT_ENGINE_FACTORY
+from bot.core.jobs import JobStore, remove_stale_temporaries
+from bot.core.models import AuditEntry, Balance, LedgerEntry, QueueSnapshot
+from bot.core.scheduler import OutputCheck, Scheduler
+from bot.core.workers import ProcessWorker, Worker
+
+log = logging.getLogger(__name__)
+
+
+class AdminService:
+    """What admins do from Discord, without Discord types. Permission checks are the caller's;
+    every method validates its arguments and raises ValueError naming the bad one."""
+
+    def __init__(
+        self, db: Database, credits: CreditsService, scheduler: Scheduler, audit: AuditLog
+    ) -> None:
+        self._db = db
+        self._credits = credits
+        self._scheduler = scheduler
+        self._audit = audit
+
+    async def grant(
+        self, user_id: int, amount: int, actor_id: int | None, reason: str = ""
+    ) -> Balance:
+        return await self._credits.grant(user_id, amount, actor_id, reason)
+
+    async def set_balance(
+        self, user_id: int, amount: int, actor_id: int | None, reason: str = ""
+    ) -> Balance:
+        return await self._credits.set_balance(user_id, amount, actor_id, reason)
+
+    async def balance(self, user_id: int, role_ids: Sequence[int] | None = None) -> Balance:
+        return await self._credits.balance(user_id, role_ids)
+
+    async def set_user_allowance(
+        self,
+        user_id: int,
+        amount: int | None,
+        actor_id: int | None = None,
+        role_ids: Sequence[int] | None = None,
+    ) -> Balance:
+        return await self._credits.set_user_allowance(user_id, amount, actor_id, role_ids)
+
+    async def set_role_allowance(
+        self, role_id: int, amount: int | None, actor_id: int | None = None
+    ) -> None:
+        await self._credits.set_role_allowance(role_id, amount, actor_id)
+
+    def role_allowances(self) -> dict[int, int]:
+        return self._credits.role_levels()
+
+    async def ban(self, user_id: int, actor_id: int | None, reason: str = "") -> int:
+        """Ban a user: nothing more can be submitted, and their queued jobs are cancelled and
+        refunded (a running job finishes). Returns how many queued jobs were cancelled."""
+        check_user_id(user_id)
+        check_reason(reason)
+        await self._set_banned(user_id, True, actor_id, reason)
+        return await self._scheduler.cancel_queued_for_user(
+            user_id, actor_id, "cancelled: the user was banned"
+        )
+
+    async def unban(self, user_id: int, actor_id: int | None, reason: str = "") -> None:
+        check_user_id(user_id)
+        check_reason(reason)
+        await self._set_banned(user_id, False, actor_id, reason)
+
+    async def _set_banned(
+        self, user_id: int, banned: bool, actor_id: int | None, reason: str
+    ) -> None:
+        async def work(txn: Transaction) -> None:
+            await self._credits.set_banned(txn, user_id, banned)
+            await self._audit.record_in(
+                txn, "ban" if banned else "unban", reason, user_id=user_id, actor_id=actor_id
+            )
+
+        await self._db.transaction(work)
+
+    async def ledger(self, user_id: int, limit: int = 20) -> list[LedgerEntry]:
+        return await self._credits.ledger(user_id, limit)
+
+    async def queue(self) -> QueueSnapshot:
+        return await self._scheduler.snapshot()
+
+    async def pause(self, actor_id: int | None = None) -> None:
+        await self._scheduler.set_paused(True, actor_id)
+
+    async def resume(self, actor_id: int | None = None) -> None:
+        await self._scheduler.set_paused(False, actor_id)
+
+    async def audit(self, limit: int = 20, user_id: int | None = None) -> list[AuditEntry]:
+        return await self._audit.recent(limit, user_id)
+
+    async def cancel(self, job_id: int, actor_id: int | None = None) -> bool:
+        return await self._scheduler.cancel(job_id, actor_id)
+
+
+@dataclass
+class Core:
+    config: Config
+    db: Database
+    credits: CreditsService
+    jobs: JobStore
+    audit: AuditLog
+    scheduler: Scheduler
+    admin: AdminService
+
+    @classmethod
+    async def open(
+        cls,
+        config: Config,
+        *,
+        workers: Sequence[Worker] | None = None,
+        clock: Clock = system_clock,
+        engine_factory: str = DEFAULT_ENGINE_FACTORY,
+        output_check: OutputCheck | None = None,
+        **scheduler_options: Any,
+    ) -> Core:
+        """Open the database (creating/migrating it), recover interrupted jobs, and start the
+        workers and dispatching. By default one `ProcessWorker` per `scheduler.workers`, each
+        building the engine from `config.engine` with `engine_factory`."""
+        data_dir = config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        removed = await asyncio.to_thread(remove_stale_temporaries, data_dir)
+        if removed:
+            log.info("removed %d temporary files left by an interrupted write", removed)
+        db = await Database.open(config.database_path)
+        try:
+            credits = CreditsService(db, config.credits, clock)
+            await credits.load()
+            jobs = JobStore(db, data_dir, clock)
+            audit = AuditLog(db, clock)
+            if workers is None:
+                workers = [
+                    ProcessWorker(config.engine, data_dir, engine_factory, name=f"local-{index}")
+                    for index in range(config.scheduler.workers)
+                ]
+            scheduler = Scheduler(
+                db,
+                credits,
+                jobs,
+                config.scheduler,
+                workers,
+                clock,
+                data_dir,
+                output_check=output_check,
+                **scheduler_options,
+            )
+            await scheduler.start()
+        except BaseException:
+            await db.close()
+            raise
+        admin = AdminService(db, credits, scheduler, audit)
+        return cls(config, db, credits, jobs, audit, scheduler, admin)
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        try:
+            await self.scheduler.close(drain_timeout_s)
+        finally:
+            await self.db.close()
+
+    async def __aenter__(self) -> Core:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,113 @@
+"""A fake generation engine for scheduler tests: same protocol as generation.engine, no torch.
+
+It lives at the edge only: the scheduler, workers, database and files are all real. Behaviour is
+chosen per request through markers in the prompt, so the same engine can be driven from a child
+process (where tests cannot reach it directly):
+
+    [raise]        raise RuntimeError at step 1 (an engine bug)
+    [oom]          raise an error shaped like torch.OutOfMemoryError
+    [invalid]      raise ValueError (the engine refuses the request)
+    [crash]        os._exit(3) at step 2 (a segfault, as far as the parent can tell)
+    [sigkill]      SIGKILL itself at step 2 (the kernel's OOM killer)
+    [crash-once]   like [crash], but only the first time (needs `fake_marker_dir`)
+    [hang]         stop responding at step 2 and ignore cancel
+    [slow]         steps take 20x longer
+
+`EngineSettings.extra`: `fake_step_s` (seconds per step, default 0.002), `fake_marker_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from generation.contract import (
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+    ProgressCallback,
+)
+from generation.settings import EngineSettings
+
+FACTORY = "tests.core.fakes:create_fake_engine"
+
+
+class FakeOutOfMemoryError(RuntimeError):
+    pass
+
+
+class FakeEngine:
+    def __init__(self, settings: EngineSettings) -> None:
+        self.step_s = float(settings.extra.get("fake_step_s", "0.002"))
+        marker = settings.extra.get("fake_marker_dir")
+        self.marker_dir = Path(marker) if marker else None
+        self.calls: list[GenerationRequest] = []
+        self.on_step: list[object] = []
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        request.validate()
+        self.calls.append(request)
+        prompt = request.prompt
+        step_s = self.step_s * (20 if "[slow]" in prompt else 1)
+        if "[invalid]" in prompt:
+            raise ValueError("steps: the fake engine refuses this request")
+        for step in range(1, request.steps + 1):
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled()
+            if "[raise]" in prompt:
+                raise RuntimeError("fake engine failure")
+            if "[oom]" in prompt:
+                raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            if step == 2:
+                self._misbehave(prompt)
+            time.sleep(step_s)
+            if progress is not None:
+                progress(Progress(step, request.steps))
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled()
+        seeds = tuple(request.seed + i for i in range(request.num_kept))
+        images = tuple(
+            Image.new("RGB", (request.width, request.height), _colour(seed)) for seed in seeds
+        )
+        scores = tuple(0.9 - 0.1 * i for i in range(request.num_kept))
+        return GenerationResult(
+            images=images,
+            seeds=seeds,
+            clip_scores=scores,
+            timings_s={"fake_s": step_s * request.steps},
+            candidate_indices=tuple(range(request.num_kept)),
+        )
+
+    def _misbehave(self, prompt: str) -> None:
+        if "[crash]" in prompt:
+            os._exit(3)
+        if "[sigkill]" in prompt:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "[crash-once]" in prompt and self.marker_dir is not None:
+            marker = self.marker_dir / "crashed-once"
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text("1")
+                os._exit(3)
+        if "[hang]" in prompt:
+            while True:
+                time.sleep(1)
+
+
+def _colour(seed: int) -> tuple[int, int, int]:
+    return (seed * 67 % 256, seed * 131 % 256, seed * 197 % 256)
+
+
+def create_fake_engine(settings: EngineSettings) -> FakeEngine:
+    return FakeEngine(settings)
