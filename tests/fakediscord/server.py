@@ -1,0 +1,2040 @@
+"""A wire-level fake of Discord's REST API and Gateway for end-to-end tests of a discord.py bot.
+
+The bot under test is the real, unmodified discord.py client; only ``Route.BASE`` and
+``DiscordWebSocket.DEFAULT_GATEWAY`` point here (see ``redirect.py``). The server runs on
+127.0.0.1 in the test's own event loop, so tests drive users (``slash``, ``click``) and inspect
+what the bot did (messages with their edit history, acks, every request) without threads.
+
+Discord's behaviour that matters to a bot is modelled where the reference documents it: the
+3-second ack deadline, 15-minute tokens, the upload limit, rate-limit headers, the ``attachments``
+array semantics of edits, component limits. Anything the fake does not know answers 404 and is
+recorded in ``errors``, which fails the test on exit (``strict``), so drift cannot pass silently.
+"""
+
+# Waits take a plain ``timeout=`` because that is the friendliest test API.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import json
+import math
+import re
+import secrets
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
+from urllib.parse import quote
+
+from aiohttp import BodyPartReader, WSMsgType, web
+
+from tests.fakediscord import commands as cmd
+from tests.fakediscord.interactions import (
+    APPLICATION_COMMAND,
+    AUTOCOMPLETE_RESULT,
+    CHANNEL_MESSAGE,
+    DEFAULT_TIMEOUT,
+    DEFERRED_CHANNEL_MESSAGE,
+    DEFERRED_UPDATE_MESSAGE,
+    MESSAGE_COMPONENT,
+    MODAL,
+    MODAL_SUBMIT,
+    UPDATE_MESSAGE,
+    Ack,
+    Changes,
+    FakeInteraction,
+    WaitTimeout,
+)
+from tests.fakediscord.model import (
+    ADMINISTRATOR,
+    ALL_PERMISSIONS,
+    ATTACH_FILES,
+    DEFAULT_BOT_PERMISSIONS,
+    EVERYONE_PERMISSIONS,
+    FLAG_COMPONENTS_V2,
+    FLAG_EPHEMERAL,
+    FLAG_LOADING,
+    FLAG_SUPPRESS_EMBEDS,
+    FLAG_SUPPRESS_NOTIFICATIONS,
+    SEND_MESSAGES,
+    VIEW_CHANNEL,
+    Attachment,
+    Channel,
+    FakeClock,
+    Message,
+    MessageState,
+    Role,
+    SnowflakeFactory,
+    User,
+    guess_content_type,
+    iso_now,
+)
+from tests.fakediscord.redirect import redirect_discord
+
+T = TypeVar("T")
+
+API = "/api/v10"
+MiB = 1024 * 1024
+
+# Discord's limits, as named constants so a changed limit is a one-line fix.
+ACK_DEADLINE_S = 3.0
+TOKEN_LIFETIME_S = 15 * 60
+DEFAULT_ATTACHMENT_SIZE_LIMIT = 10 * MiB
+MAX_CONTENT = 2000
+MAX_EMBEDS = 10
+MAX_ATTACHMENTS = 10
+MAX_ACTION_ROWS = 5
+MAX_ROW_BUTTONS = 5
+MAX_CUSTOM_ID = 100
+MAX_BUTTON_LABEL = 80
+HEARTBEAT_INTERVAL_MS = 41250
+
+# Gateway intents the fake looks at.
+INTENT_GUILDS = 1 << 0
+INTENT_GUILD_MEMBERS = 1 << 1
+INTENT_GUILD_PRESENCES = 1 << 8
+INTENT_GUILD_MESSAGES = 1 << 9
+INTENT_DIRECT_MESSAGES = 1 << 12
+INTENT_MESSAGE_CONTENT = 1 << 15
+PRIVILEGED_INTENTS = INTENT_GUILD_MEMBERS | INTENT_GUILD_PRESENCES | INTENT_MESSAGE_CONTENT
+
+# Flags a message may be created with through each route.
+_INTERACTION_FLAGS = (
+    FLAG_EPHEMERAL | FLAG_SUPPRESS_EMBEDS | FLAG_SUPPRESS_NOTIFICATIONS | FLAG_COMPONENTS_V2
+)
+_CHANNEL_FLAGS = FLAG_SUPPRESS_EMBEDS | FLAG_SUPPRESS_NOTIFICATIONS | FLAG_COMPONENTS_V2
+
+_FILE_FIELD = re.compile(r"^files\[(\d+)\]$")
+
+# What the middleware parses once per request, for the handlers.
+JSON_KEY = web.RequestKey("json", object)
+FILES_KEY = web.RequestKey("files", list)
+INTERACTION_KEY = web.RequestKey("interaction", FakeInteraction)
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+class FakeHTTPError(Exception):
+    """An error answer in Discord's shape; handlers raise it, the middleware renders it."""
+
+    def __init__(
+        self,
+        status: int,
+        code: int,
+        message: str,
+        errors: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code} {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.errors = errors
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"message": self.message, "code": self.code}
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+
+def form_error(path: Iterable[str | int], code: str, message: str) -> FakeHTTPError:
+    """400 Invalid Form Body with Discord's nested ``errors``, which discord.py flattens."""
+    errors: dict[str, Any] = {"_errors": [{"code": code, "message": message}]}
+    for key in reversed(list(path)):
+        errors = {str(key): errors}
+    return FakeHTTPError(400, 50035, "Invalid Form Body", errors)
+
+
+def unknown(what: str, code: int) -> FakeHTTPError:
+    return FakeHTTPError(404, code, f"Unknown {what}")
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    # Exactly "application/json": discord.py's json_or_text compares the header verbatim, and
+    # web.json_response's "; charset=utf-8" makes it hand back a str (login then crashes).
+    return web.Response(
+        body=json.dumps(data).encode(),
+        status=status,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+
+
+# -- request records and faults ---------------------------------------------------------------
+
+
+@dataclass
+class UploadedFile:
+    field: str
+    index: int
+    filename: str
+    data: bytes
+    content_type: str | None
+
+
+@dataclass
+class RecordedRequest:
+    """One HTTP request the fake answered. ``path`` has no ``/api/v10`` prefix and no query."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    at: float
+    route: str = ""
+    json: Any = None
+    files: list[UploadedFile] = field(default_factory=list)
+    status: int | None = None
+    code: int | None = None
+    injected: bool = False
+    interaction: FakeInteraction | None = None
+
+    def matches(self, method: str = "*", path: str = "*", status: int | None = None) -> bool:
+        return (
+            (method == "*" or self.method == method.upper())
+            and fnmatch.fnmatchcase(self.path, path)
+            and (status is None or self.status == status)
+        )
+
+    def __repr__(self) -> str:
+        extra = f" code={self.code}" if self.code else ""
+        files = f" files={[f.filename for f in self.files]}" if self.files else ""
+        fault = " (injected)" if self.injected else ""
+        return f"{self.method} {self.path} -> {self.status}{extra}{files}{fault}"
+
+
+@dataclass
+class Fault:
+    """Answer the next ``times`` matching requests with ``status`` instead of handling them."""
+
+    method: str
+    path: str
+    status: int
+    times: int
+    retry_after: float
+    is_global: bool = False
+    with_files: bool | None = None
+    hits: int = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.hits >= self.times
+
+    def matches(self, record: RecordedRequest) -> bool:
+        if self.exhausted or (self.method != "*" and record.method != self.method.upper()):
+            return False
+        if self.with_files is not None and bool(record.files) != self.with_files:
+            return False
+        return fnmatch.fnmatchcase(record.path, self.path)
+
+
+# -- gateway sessions -------------------------------------------------------------------------
+
+
+class _Connection:
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.session: GatewaySession | None = None
+        self._lock = asyncio.Lock()
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        # Writers from several tasks (dispatches, heartbeat ACKs) must not interleave frames.
+        async with self._lock:
+            if not self.ws.closed:
+                await self.ws.send_str(json.dumps(payload))
+
+
+@dataclass(eq=False)
+class GatewaySession:
+    id: str
+    intents: int
+    connection: _Connection | None
+    seq: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    resumes: int = 0
+    invalidated: bool = False
+
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None and not self.connection.ws.closed
+
+
+# -- the fake ---------------------------------------------------------------------------------
+
+
+class FakeDiscord:
+    """A fake Discord on 127.0.0.1: ``async with FakeDiscord() as fake: ...``.
+
+    One guild with ``general`` and an age-restricted ``nsfw`` channel, an ``owner`` (admin) and
+    the bot. Add people with :meth:`add_user`, start the bot with :meth:`run_bot`, act as users
+    with :meth:`slash` and :meth:`click`, inspect ``messages``, ``interactions`` and ``requests``.
+    """
+
+    def __init__(
+        self,
+        *,
+        bot_token: str = "fake-bot-token",
+        bot_name: str = "imagine-bot",
+        ack_deadline: float = ACK_DEADLINE_S,
+        token_lifetime: float = TOKEN_LIFETIME_S,
+        attachment_size_limit: int = DEFAULT_ATTACHMENT_SIZE_LIMIT,
+        bot_permissions: int = DEFAULT_BOT_PERMISSIONS,
+        enforce_default_permissions: bool = True,
+        followup_replaces_deferred: bool = False,
+        privileged_intents: int = 0,
+        rate_limit: tuple[int, float] | None = None,
+        clock: FakeClock | None = None,
+        redirect: bool = True,
+        strict: bool = True,
+    ) -> None:
+        """
+        ack_deadline: seconds (``clock``) the bot has for its first callback; later gets 10062.
+        token_lifetime: seconds an interaction token works for follow-ups/edits; then 50027.
+        attachment_size_limit: per-file upload limit (413, code 40005 above it); also sent to the
+            bot as ``attachment_size_limit`` (discord.py's ``interaction.filesize_limit``).
+        enforce_default_permissions: refuse (raise in the test) slash commands whose
+            ``default_member_permissions`` the user lacks, as Discord hides them. Turn it off to
+            model a server admin who overrode the command's permissions in the integration.
+        followup_replaces_deferred: the first follow-up after a type-5 defer fills the loading
+            message instead of creating one (Discord's behaviour here is not certain).
+        privileged_intents: the intents enabled in the "developer portal"; asking for others
+            closes the gateway with 4014.
+        rate_limit: ``(limit, window_s)`` per route bucket to really enforce (429 when exceeded);
+            ``None`` sends complete but generous headers and never limits.
+        strict: on a clean exit, fail if anything was recorded in ``errors``.
+        """
+        self.bot_token = bot_token
+        self.ack_deadline = ack_deadline
+        self.token_lifetime = token_lifetime
+        self.attachment_size_limit = attachment_size_limit
+        self.bot_permissions = bot_permissions
+        self.enforce_default_permissions = enforce_default_permissions
+        self.followup_replaces_deferred = followup_replaces_deferred
+        self.privileged_intents = privileged_intents
+        self.rate_limit = rate_limit
+        self.clock = clock or FakeClock()
+        self.strict = strict
+        self._redirect = redirect
+
+        self.snowflake = SnowflakeFactory()
+        self.changes = Changes()
+        self.requests: list[RecordedRequest] = []
+        self.errors: list[str] = []
+        self.faults: list[Fault] = []
+        self.messages: list[Message] = []
+        self.interactions: list[FakeInteraction] = []
+        self.sessions: list[GatewaySession] = []
+        self.synced_global: list[dict[str, Any]] = []
+        self.synced_guild: list[dict[str, Any]] = []
+        self._interactions_by_id: dict[int, FakeInteraction] = {}
+        self._interactions_by_token: dict[str, FakeInteraction] = {}
+        self._messages_by_id: dict[int, Message] = {}
+        self._attachments: dict[int, Attachment] = {}
+        self._connections: list[_Connection] = []
+        self._active: GatewaySession | None = None
+        self._windows: dict[str, tuple[float, int]] = {}
+        self._runner: web.AppRunner | None = None
+        self._exit_stack = ExitStack()
+        self.port = 0
+        self._pending: set[asyncio.Task[None]] = set()
+
+        self.application_id = self.snowflake()
+        self.guild_id = self.snowflake()
+        self.guild_name = "Fake Guild"
+        self.everyone = Role(id=self.guild_id, name="@everyone", permissions=EVERYONE_PERMISSIONS)
+        self.roles: list[Role] = [self.everyone]
+        # The bot user's id is the application id, as for every application created since 2019.
+        self.bot_user = User(id=self.application_id, name=bot_name, bot=True)
+        self._bot_role = self.add_role(bot_name, permissions=bot_permissions, managed=True)
+        self.bot_user.roles.append(self._bot_role)
+        self.users: dict[int, User] = {self.bot_user.id: self.bot_user}
+        self.owner = self.add_user("owner", admin=True)
+        self.channels: list[Channel] = []
+        self.general = self.add_channel("general")
+        self.nsfw_channel = self.add_channel("nsfw", nsfw=True)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+        if exc_type is None and self.strict and self.errors:
+            raise AssertionError("fake Discord recorded errors:\n" + "\n".join(self.errors))
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._middleware], client_max_size=256 * MiB)
+        self._add_routes(app.router)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+        if self._redirect:
+            self._exit_stack.enter_context(redirect_discord(self.url))
+
+    async def stop(self) -> None:
+        self._exit_stack.close()
+        for connection in list(self._connections):
+            await connection.ws.close(code=1001, message=b"fake Discord is stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    @asynccontextmanager
+    async def run_bot(self, client: Any, *, timeout: float = 10.0) -> AsyncIterator[Any]:
+        """Start ``client`` (a discord.Client) against the fake, yield once it is ready, close it.
+
+        If ``client.start()`` dies meanwhile (a payload discord.py cannot parse, say), every
+        ``wait_*`` fails at once with that exception instead of timing out.
+        """
+        self.changes.failure = None
+        sessions_before = len(self.sessions)
+        task = asyncio.create_task(client.start(self.bot_token), name="bot.start")
+        task.add_done_callback(self._bot_stopped)
+        try:
+            # wait_until_ready() raises until start() has run its first step; the gateway
+            # session existing proves it has.
+            await self._race(task, lambda: len(self.sessions) > sessions_before, timeout)
+            ready = asyncio.ensure_future(client.wait_until_ready())
+            done, _ = await asyncio.wait(
+                {task, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if ready not in done:
+                ready.cancel()
+                if task in done:
+                    task.result()
+                    raise AssertionError("the bot stopped before it was ready")
+                raise WaitTimeout(f"bot not ready after {timeout}s\n{self.describe_recent()}")
+            yield client
+        except BaseException:
+            await client.close()
+            await asyncio.wait({task}, timeout=5)
+            raise
+        finally:
+            task.remove_done_callback(self._bot_stopped)
+        await client.close()
+        await asyncio.wait_for(task, timeout=5)
+
+    def _bot_stopped(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.changes.failure = task.exception()
+            self.changes.notify()
+
+    @property
+    def bot_failure(self) -> BaseException | None:
+        return self.changes.failure
+
+    async def _race(
+        self, task: asyncio.Task[Any], predicate: Callable[[], Any], timeout: float
+    ) -> None:
+        waiter = asyncio.ensure_future(self.wait_for(predicate, timeout))
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            waiter.result()
+            return
+        waiter.cancel()
+        task.result()
+        raise AssertionError("the bot stopped before it reached the gateway")
+
+    def subprocess_argv(self, module: str, *args: str) -> list[str]:
+        """argv that runs ``python -m module args`` in another process, redirected here."""
+        import sys
+
+        return [
+            sys.executable,
+            "-m",
+            "tests.fakediscord.redirect",
+            "--url",
+            self.url,
+            "-m",
+            module,
+            *args,
+        ]
+
+    # -- world building ------------------------------------------------------------------------
+    def add_role(self, name: str, permissions: int = 0, *, managed: bool = False) -> Role:
+        role = Role(
+            id=self.snowflake(),
+            name=name,
+            permissions=permissions,
+            position=len(self.roles),
+            managed=managed,
+        )
+        self.roles.append(role)
+        self._dispatch_nowait(
+            "GUILD_ROLE_CREATE", {"guild_id": str(self.guild_id), "role": role.payload()}
+        )
+        return role
+
+    def role(self, name: str) -> Role:
+        return next(r for r in self.roles if r.name == name)
+
+    def add_user(
+        self,
+        name: str,
+        roles: Iterable[Role | str] = (),
+        permissions: int = 0,
+        admin: bool = False,
+        *,
+        locale: str = "en-US",
+    ) -> User:
+        """A guild member. Roles given by name are created (without permissions) if missing."""
+        resolved = []
+        for role in roles:
+            if isinstance(role, str):
+                role = next((r for r in self.roles if r.name == role), None) or self.add_role(role)
+            resolved.append(role)
+        user = User(
+            id=self.snowflake(),
+            name=name,
+            roles=resolved,
+            permissions=permissions,
+            admin=admin,
+            locale=locale,
+        )
+        self.users[user.id] = user
+        return user
+
+    def add_channel(self, name: str, *, nsfw: bool = False) -> Channel:
+        channel = Channel(
+            id=self.snowflake(),
+            name=name,
+            guild_id=self.guild_id,
+            nsfw=nsfw,
+            position=len(self.channels),
+        )
+        self.channels.append(channel)
+        self._dispatch_nowait("CHANNEL_CREATE", channel.payload())
+        return channel
+
+    def channel(self, channel_id: int | str) -> Channel | None:
+        return next((c for c in self.channels if c.id == int(channel_id)), None)
+
+    def permissions_of(self, user: User) -> int:
+        """Guild-level permissions (no channel overwrites are modelled)."""
+        if user.admin:
+            return ALL_PERMISSIONS
+        value = self.everyone.permissions | user.permissions
+        for role in user.roles:
+            value |= role.permissions
+        return ALL_PERMISSIONS if value & ADMINISTRATOR else value
+
+    # -- inspecting ----------------------------------------------------------------------------
+    def message(self, message_id: int | str) -> Message | None:
+        return self._messages_by_id.get(int(message_id))
+
+    def messages_in(self, channel: Channel, *, include_ephemeral: bool = False) -> list[Message]:
+        return [
+            m
+            for m in self.messages
+            if m.channel_id == channel.id
+            and not m.deleted
+            and (include_ephemeral or not m.ephemeral)
+        ]
+
+    def command(self, name: str) -> dict[str, Any]:
+        """The synced schema of ``/name`` (guild commands first, as Discord's client shows)."""
+        for commands in (self.synced_guild, self.synced_global):
+            for command in commands:
+                if command["name"] == name and command.get("type", 1) == 1:
+                    return command
+        raise LookupError(f"/{name} was not synced")
+
+    def requests_matching(
+        self, method: str = "*", path: str = "*", status: int | None = None
+    ) -> list[RecordedRequest]:
+        """Requests by method and a glob on the path, e.g. ``("PATCH", "/webhooks/*")``."""
+        return [r for r in self.requests if r.matches(method, path, status)]
+
+    def count(self, method: str = "*", path: str = "*", status: int | None = None) -> int:
+        return len(self.requests_matching(method, path, status))
+
+    def describe_recent(self, limit: int = 20) -> str:
+        lines = [f"last {min(limit, len(self.requests))} of {len(self.requests)} requests:"]
+        lines += [f"  {r!r}" for r in self.requests[-limit:]]
+        if self.errors:
+            lines.append("fake errors:")
+            lines += [f"  {e}" for e in self.errors]
+        return "\n".join(lines)
+
+    @property
+    def connected(self) -> bool:
+        return self._active is not None and self._active.connected
+
+    # -- waiting -------------------------------------------------------------------------------
+    async def wait_for(self, predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT) -> T:
+        """Wait until ``predicate()`` is truthy (re-checked after every change); return it."""
+        return await self.changes.wait_until(
+            predicate,
+            timeout,
+            lambda: "timed out waiting for a condition\n" + self.describe_recent(),
+        )
+
+    async def wait_for_message(
+        self, predicate: Callable[[Message], Any], timeout: float = DEFAULT_TIMEOUT
+    ) -> Message:
+        """The oldest live message (any channel, ephemeral too) satisfying ``predicate``.
+
+        The predicate is re-checked after every edit, so "the job message once it has an
+        attachment" works.
+        """
+
+        def check() -> Message | None:
+            return next((m for m in self.messages if not m.deleted and predicate(m)), None)
+
+        return await self.changes.wait_until(
+            check, timeout, lambda: "timed out waiting for a message\n" + self.describe_recent()
+        )
+
+    async def wait_ready(self, timeout: float = 10.0) -> GatewaySession:
+        """Wait until a bot has identified (or resumed) and is connected."""
+
+        def check() -> GatewaySession | None:
+            return self._active if self.connected else None
+
+        return await self.changes.wait_until(
+            check, timeout, lambda: "no bot connected to the gateway\n" + self.describe_recent()
+        )
+
+    # -- fault injection -----------------------------------------------------------------------
+    def inject(
+        self,
+        method: str,
+        path: str,
+        *,
+        status: int = 429,
+        times: int = 1,
+        retry_after: float = 0.05,
+        is_global: bool = False,
+        with_files: bool | None = None,
+    ) -> Fault:
+        """Answer the next ``times`` requests matching ``method`` and the ``path`` glob with
+        ``status`` (429 with ``retry_after``, or a 5xx). ``with_files=True`` matches uploads only.
+
+        Paths have no ``/api/v10``: ``"/webhooks/*"`` (follow-ups and their edits),
+        ``"/webhooks/*/messages/@original"``, ``"/interactions/*/callback"``,
+        ``"/channels/*/messages"``.
+        """
+        fault = Fault(method, path, status, times, retry_after, is_global, with_files)
+        self.faults.append(fault)
+        return fault
+
+    def rate_limit_next(
+        self, method: str, path: str, *, times: int = 1, retry_after: float = 0.05, **kw: Any
+    ) -> Fault:
+        return self.inject(method, path, status=429, times=times, retry_after=retry_after, **kw)
+
+    def fail_next(
+        self, method: str, path: str, *, status: int = 502, times: int = 1, **kw: Any
+    ) -> Fault:
+        if status < 500:
+            raise ValueError("fail_next is for 5xx; use rate_limit_next for 429")
+        return self.inject(method, path, status=status, times=times, **kw)
+
+    async def request_reconnect(self) -> None:
+        """Send op 7 RECONNECT; discord.py reconnects to resume_gateway_url and RESUMEs."""
+        session = await self.wait_ready()
+        assert session.connection is not None
+        await session.connection.send({"op": 7, "d": None})
+
+    async def drop_gateway(self, code: int = 4000) -> None:
+        """Close the bot's gateway connection from the server side (4000: it may resume)."""
+        session = await self.wait_ready()
+        assert session.connection is not None
+        await session.connection.ws.close(code=code)
+
+    # -- acting as users -----------------------------------------------------------------------
+    async def slash(
+        self,
+        user: User,
+        command: str,
+        /,
+        *,
+        channel: Channel | None = None,
+        options: dict[str, Any] | None = None,
+        **values: Any,
+    ) -> FakeInteraction:
+        """``user`` runs ``/command`` (``"admin credits grant"`` for subcommands) with options.
+
+        Options are checked against the schema the bot synced; anything Discord's client
+        would not send raises :class:`SchemaViolation` here. Use ``options={...}`` for option
+        names that clash with ``channel``/``options``. Users, roles and channels are passed as
+        the fake's objects, attachments as ``Upload(filename, data)``.
+        """
+        channel = channel or self.general
+        merged = {**(options or {}), **values}
+        path = command.strip().lstrip("/").split()
+        if not path:
+            raise cmd.SchemaViolation("empty command")
+        top, chain, leaf = cmd.find_command(self._visible_commands(channel), path)
+        permissions = self.permissions_of(user)
+        if self.enforce_default_permissions and channel.kind != "dm":
+            cmd.check_permissions(top, permissions, " ".join(path))
+        if top.get("nsfw") and not channel.nsfw:
+            raise cmd.SchemaViolation(f"/{path[0]} is age-restricted; #{channel.name} is not")
+        resolver = cmd.Resolver(
+            member_permissions=self.permissions_of,
+            channel_permissions=lambda _: permissions,
+            new_attachment_id=self.snowflake,
+        )
+        invocation = cmd.build_invocation(top, chain, leaf, merged, " ".join(path), resolver)
+        for attachment_id, upload in invocation.uploads:
+            attachment = self._store_attachment(
+                channel, upload.filename, upload.data, upload.content_type, int(attachment_id)
+            )
+            resolved = invocation.data.setdefault("resolved", {})
+            resolved.setdefault("attachments", {})[attachment_id] = attachment.payload()
+        return await self._dispatch_interaction(user, channel, APPLICATION_COMMAND, invocation.data)
+
+    async def click(
+        self,
+        user: User,
+        message: Message | int,
+        custom_id: str | None = None,
+        /,
+        *,
+        label: str | None = None,
+    ) -> FakeInteraction:
+        """``user`` presses a button, by ``custom_id`` or by ``label`` (label or emoji name).
+
+        Refuses (SchemaViolation) what a real client could not press: unknown or disabled
+        components, deleted messages, someone else's ephemeral message.
+        """
+        target = self._component_message(user, message)
+        if custom_id is None:
+            if label is None:
+                raise TypeError("click() needs a custom_id or a label")
+            custom_id = target.button(label).get("custom_id")
+        component = self._pressable(target, custom_id)
+        if component.get("type") != 2:
+            raise cmd.SchemaViolation(f"{custom_id!r} is not a button; use select()")
+        data: dict[str, Any] = {"custom_id": custom_id, "component_type": 2}
+        if "id" in component:
+            data["id"] = component["id"]
+        return await self._dispatch_interaction(
+            user, self._channel_of(target), MESSAGE_COMPONENT, data, message=target
+        )
+
+    async def select(
+        self, user: User, message: Message | int, custom_id: str, values: list[str], /
+    ) -> FakeInteraction:
+        """``user`` picks ``values`` in a string select menu."""
+        target = self._component_message(user, message)
+        component = self._pressable(target, custom_id)
+        if component.get("type") != 3:
+            raise cmd.SchemaViolation(f"{custom_id!r} is not a string select")
+        allowed = [o["value"] for o in component.get("options", [])]
+        low, high = component.get("min_values", 1), component.get("max_values", 1)
+        if not low <= len(values) <= high or any(v not in allowed for v in values):
+            raise cmd.SchemaViolation(f"{values} not allowed: {low}..{high} of {allowed}")
+        data = {"custom_id": custom_id, "component_type": 3, "values": values}
+        return await self._dispatch_interaction(
+            user, self._channel_of(target), MESSAGE_COMPONENT, data, message=target
+        )
+
+    async def submit_modal(
+        self, interaction: FakeInteraction, values: dict[str, str]
+    ) -> FakeInteraction:
+        """The user who got ``interaction``'s modal fills its text inputs and submits it."""
+        modal = interaction.modal
+        if modal is None:
+            raise cmd.SchemaViolation(f"{interaction!r} did not answer with a modal")
+
+        def fill(component: dict[str, Any]) -> dict[str, Any]:
+            if component["type"] == 1:
+                return {"type": 1, "components": [fill(c) for c in component["components"]]}
+            if component["type"] == 18:
+                return {"type": 18, "component": fill(component["component"])}
+            custom_id = component.get("custom_id")
+            value = values.get(custom_id, "") if custom_id else ""
+            if component.get("required", True) and component["type"] == 4 and not value:
+                raise cmd.SchemaViolation(f"modal input {custom_id!r} is required")
+            return {"type": component["type"], "custom_id": custom_id, "value": value}
+
+        data = {
+            "custom_id": modal["custom_id"],
+            "components": [fill(c) for c in modal["components"]],
+        }
+        return await self._dispatch_interaction(
+            interaction.user, interaction.channel, MODAL_SUBMIT, data, message=interaction.message
+        )
+
+    async def say(self, user: User, content: str, *, channel: Channel | None = None) -> Message:
+        """``user`` posts a plain message (MESSAGE_CREATE reaches bots with the intent)."""
+        channel = channel or self.general
+        state = MessageState(content, (), (), (), 0, self.clock.now(), "bot")
+        message = Message(
+            id=self.snowflake(),
+            channel_id=channel.id,
+            guild_id=channel.guild_id,
+            author=user,
+            via="bot",
+            type=0,
+            states=[state],
+        )
+        self._remember(message)
+        await self._emit_message("MESSAGE_CREATE", message)
+        self.changes.notify()
+        return message
+
+    # -- internals: interactions ---------------------------------------------------------------
+    def _visible_commands(self, channel: Channel) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        sources = (
+            [self.synced_global]
+            if channel.kind == "dm"
+            else [self.synced_global, self.synced_guild]
+        )
+        for commands in sources:  # guild commands override global ones of the same name
+            for command in commands:
+                if command.get("type", 1) == 1:
+                    found[command["name"]] = command
+        return found
+
+    def _component_message(self, user: User, message: Message | int) -> Message:
+        target = message if isinstance(message, Message) else self.message(message)
+        if target is None or target.deleted:
+            raise cmd.SchemaViolation(f"message {message!r} does not exist (or was deleted)")
+        owner = target.interaction.user if target.interaction else None
+        if target.ephemeral and owner is not user:
+            raise cmd.SchemaViolation("an ephemeral message is only visible to its own user")
+        return target
+
+    def _pressable(self, message: Message, custom_id: str | None) -> dict[str, Any]:
+        component = message.component(custom_id) if custom_id else None
+        if component is None:
+            raise cmd.SchemaViolation(
+                f"no component {custom_id!r} on {message!r}; it has {message.custom_ids}"
+            )
+        if component.get("disabled"):
+            raise cmd.SchemaViolation(f"component {custom_id!r} is disabled")
+        return component
+
+    def _channel_of(self, message: Message) -> Channel:
+        channel = self.channel(message.channel_id)
+        assert channel is not None
+        return channel
+
+    async def _dispatch_interaction(
+        self,
+        user: User,
+        channel: Channel,
+        kind: int,
+        data: dict[str, Any],
+        message: Message | None = None,
+    ) -> FakeInteraction:
+        session = await self.wait_ready()
+        if self._pending:
+            # Role or channel changes made just before must reach the bot first.
+            await asyncio.gather(*self._pending)
+        interaction_id = self.snowflake()
+        token = f"itok_{secrets.token_urlsafe(48)}"
+        permissions = self.permissions_of(user)
+        payload: dict[str, Any] = {
+            "id": str(interaction_id),
+            "application_id": str(self.application_id),
+            "type": kind,
+            "token": token,
+            "version": 1,
+            "channel_id": str(channel.id),
+            "channel": channel.payload(),
+            "app_permissions": str(self.bot_permissions),
+            "locale": user.locale,
+            "entitlements": [],
+            "attachment_size_limit": self.attachment_size_limit,
+            "data": data,
+        }
+        if channel.kind == "dm":
+            payload["user"] = user.payload()
+            payload["context"] = 1
+            payload["authorizing_integration_owners"] = {"0": str(self.guild_id)}
+        else:
+            payload.update(
+                guild_id=str(self.guild_id),
+                guild={"id": str(self.guild_id), "locale": "en-US", "features": []},
+                guild_locale="en-US",
+                member=user.member_payload(permissions),
+                context=0,
+                authorizing_integration_owners={"0": str(self.guild_id)},
+            )
+        if message is not None:
+            payload["message"] = message.payload(self.users)
+        interaction = FakeInteraction(
+            self,
+            id=interaction_id,
+            token=token,
+            type=kind,
+            user=user,
+            channel=channel,
+            payload=payload,
+            created_at=self.clock.now(),
+            token_lifetime=self.token_lifetime,
+            message=message,
+        )
+        self.interactions.append(interaction)
+        self._interactions_by_id[interaction_id] = interaction
+        self._interactions_by_token[token] = interaction
+        await self._dispatch(session, "INTERACTION_CREATE", payload)
+        return interaction
+
+    def _interaction_metadata(
+        self, interaction: FakeInteraction, original: Message | None
+    ) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            "id": str(interaction.id),
+            "type": interaction.type,
+            "user": interaction.user.payload(),
+            "authorizing_integration_owners": {"0": str(self.guild_id)},
+        }
+        if original is not None:
+            metadata["original_response_message_id"] = str(original.id)
+        if interaction.message is not None:
+            metadata["interacted_message_id"] = str(interaction.message.id)
+        if interaction.type == APPLICATION_COMMAND:
+            metadata["name"] = interaction.command
+        return metadata
+
+    def _interaction_message(
+        self,
+        interaction: FakeInteraction,
+        body: dict[str, Any],
+        files: list[UploadedFile],
+        *,
+        flags: int,
+        followup: bool,
+    ) -> Message:
+        message_type = 20 if interaction.type == APPLICATION_COMMAND else 0
+        original = interaction.original if followup else None
+        return self._create_message(
+            interaction.channel,
+            body,
+            files,
+            via="interaction",
+            message_type=message_type,
+            flags=flags,
+            interaction=interaction,
+            metadata=self._interaction_metadata(interaction, original),
+        )
+
+    # -- internals: messages -------------------------------------------------------------------
+    def _store_attachment(
+        self,
+        channel: Channel,
+        filename: str,
+        data: bytes,
+        content_type: str | None,
+        attachment_id: int | None = None,
+        description: str | None = None,
+    ) -> Attachment:
+        attachment_id = attachment_id or self.snowflake()
+        url = f"{self.url}/cdn/attachments/{channel.id}/{attachment_id}/{quote(filename)}"
+        attachment = Attachment(
+            id=attachment_id,
+            filename=filename,
+            data=data,
+            url=url,
+            content_type=content_type or guess_content_type(filename),
+            description=description,
+        )
+        self._attachments[attachment_id] = attachment
+        return attachment
+
+    def _attachments_after(
+        self,
+        channel: Channel,
+        body: dict[str, Any],
+        files: list[UploadedFile],
+        previous: tuple[Attachment, ...],
+    ) -> tuple[Attachment, ...]:
+        """The ``attachments`` array semantics: ``{"id": n}`` uploads ``files[n]``, an existing
+        attachment's id keeps it, anything unlisted goes, no key at all changes nothing."""
+        for upload in files:
+            if upload.index >= 0 and len(upload.data) > self.attachment_size_limit:
+                raise FakeHTTPError(413, 40005, "Request entity too large")
+        by_index = {f.index: f for f in files}
+        kept = {a.id: a for a in previous}
+        if "attachments" not in body:
+            new = [self._upload(channel, f, None) for f in files]
+            return (*previous, *new)
+        result: list[Attachment] = []
+        used: set[int] = set()
+        for position, entry in enumerate(body.get("attachments") or []):
+            raw_id = entry.get("id")
+            try:
+                entry_id = int(raw_id)
+            except (TypeError, ValueError):
+                raise form_error(
+                    ["attachments", position, "id"], "BASE_TYPE_REQUIRED", "Invalid id."
+                ) from None
+            if entry_id in kept:
+                result.append(kept[entry_id])
+            elif entry_id in by_index:
+                used.add(entry_id)
+                result.append(self._upload(channel, by_index[entry_id], entry))
+            else:
+                raise form_error(
+                    ["attachments", position],
+                    "ATTACHMENT_NOT_FOUND",
+                    f"Unknown attachment {raw_id}.",
+                )
+        # Files sent without an entry are still attached, as Discord does.
+        result += [self._upload(channel, f, None) for f in files if f.index not in used]
+        return tuple(result)
+
+    def _upload(
+        self, channel: Channel, upload: UploadedFile, entry: dict[str, Any] | None
+    ) -> Attachment:
+        filename = (entry or {}).get("filename") or upload.filename
+        content_type = upload.content_type
+        if content_type in (None, "application/octet-stream"):
+            content_type = guess_content_type(filename)
+        return self._store_attachment(
+            channel,
+            filename,
+            upload.data,
+            content_type,
+            description=(entry or {}).get("description"),
+        )
+
+    def _new_state(
+        self,
+        channel: Channel,
+        body: dict[str, Any],
+        files: list[UploadedFile],
+        *,
+        previous: MessageState | None,
+        via: Literal["interaction", "bot"],
+        flags: int,
+    ) -> MessageState:
+        def pick(key: str, default: Any) -> Any:
+            if key in body:
+                return body[key] if body[key] is not None else default
+            return getattr(previous, key) if previous is not None else default
+
+        attachments = self._attachments_after(
+            channel, body, files, previous.attachments if previous else ()
+        )
+        state = MessageState(
+            content=pick("content", ""),
+            embeds=tuple(pick("embeds", ())),
+            components=tuple(pick("components", ())),
+            attachments=attachments,
+            flags=flags,
+            at=self.clock.now(),
+            via=via,
+        )
+        self._validate(state, body)
+        return state
+
+    def _validate(self, state: MessageState, body: dict[str, Any]) -> None:
+        if not isinstance(state.content, str):
+            raise form_error(["content"], "BASE_TYPE_STRING", "Must be a string.")
+        if len(state.content) > MAX_CONTENT:
+            raise form_error(
+                ["content"], "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_CONTENT} or fewer in length."
+            )
+        if len(state.embeds) > MAX_EMBEDS:
+            raise form_error(
+                ["embeds"], "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_EMBEDS} or fewer in length."
+            )
+        if len(state.attachments) > MAX_ATTACHMENTS:
+            raise form_error(
+                ["attachments"],
+                "BASE_TYPE_MAX_LENGTH",
+                f"Must be {MAX_ATTACHMENTS} or fewer in length.",
+            )
+        if not state.flags & FLAG_COMPONENTS_V2:
+            _validate_components(list(state.components))
+        mentions = body.get("allowed_mentions") or {}
+        for kind in ("users", "roles"):
+            if kind in (mentions.get("parse") or ()) and mentions.get(kind):
+                raise form_error(
+                    ["allowed_mentions", "parse"],
+                    "MESSAGE_ALLOWED_MENTIONS_PARSE_EXCLUSIVE",
+                    f'parse:["{kind}"] and {kind}: [ids] are mutually exclusive.',
+                )
+        empty = not (state.content.strip() or state.embeds or state.attachments or state.components)
+        if empty and not state.flags & FLAG_LOADING:
+            raise FakeHTTPError(400, 50006, "Cannot send an empty message")
+
+    def _create_message(
+        self,
+        channel: Channel,
+        body: dict[str, Any],
+        files: list[UploadedFile],
+        *,
+        via: Literal["interaction", "bot"],
+        message_type: int,
+        flags: int,
+        interaction: FakeInteraction | None = None,
+        metadata: dict[str, Any] | None = None,
+        reference: dict[str, Any] | None = None,
+        referenced: Message | None = None,
+    ) -> Message:
+        state = self._new_state(channel, body, files, previous=None, via=via, flags=flags)
+        message = Message(
+            id=self.snowflake(),
+            channel_id=channel.id,
+            guild_id=channel.guild_id,
+            author=self.bot_user,
+            via=via,
+            type=message_type,
+            states=[state],
+            allowed_mentions=body.get("allowed_mentions"),
+            message_reference=reference,
+            referenced=referenced,
+            interaction=interaction,
+            interaction_metadata=metadata,
+            webhook_id=self.application_id if via == "interaction" else None,
+            application_id=self.application_id if via == "interaction" else None,
+            tts=bool(body.get("tts", False)),
+        )
+        self._remember(message)
+        return message
+
+    def _remember(self, message: Message) -> None:
+        self.messages.append(message)
+        self._messages_by_id[message.id] = message
+
+    def _edit(
+        self,
+        message: Message,
+        body: dict[str, Any],
+        files: list[UploadedFile],
+        via: Literal["interaction", "bot"],
+    ) -> None:
+        flags = message.flags & ~FLAG_LOADING
+        if "flags" in body and body["flags"] is not None:
+            # Only embed suppression can change on an edit; components v2 can be switched on.
+            flags = (flags & ~FLAG_SUPPRESS_EMBEDS) | (
+                body["flags"] & (FLAG_SUPPRESS_EMBEDS | FLAG_COMPONENTS_V2)
+            )
+        channel = self._channel_of(message)
+        state = self._new_state(channel, body, files, previous=message.state, via=via, flags=flags)
+        message.states.append(state)
+        message.edited_timestamp = iso_now()
+
+    async def _emit_message(self, event: str, message: Message) -> None:
+        if message.ephemeral:
+            return  # ephemeral messages never reach the gateway
+        needed = INTENT_GUILD_MESSAGES if message.guild_id is not None else INTENT_DIRECT_MESSAGES
+        session = self._active
+        if session is None or not session.intents & needed:
+            return
+        if event == "MESSAGE_DELETE":
+            data: dict[str, Any] = {"id": str(message.id), "channel_id": str(message.channel_id)}
+            if message.guild_id is not None:
+                data["guild_id"] = str(message.guild_id)
+        else:
+            data = message.payload(self.users)
+            if message.guild_id is not None:
+                data["member"] = message.author.member_payload(with_user=False)
+        await self._dispatch(session, event, data)
+
+    # -- internals: gateway --------------------------------------------------------------------
+    async def _dispatch(self, session: GatewaySession, event: str, data: dict[str, Any]) -> None:
+        session.seq += 1
+        frame = {"op": 0, "t": event, "s": session.seq, "d": data}
+        # Kept for RESUME: a bot that reconnects gets what it missed.
+        session.events.append(frame)
+        if session.connected:
+            assert session.connection is not None
+            try:
+                await session.connection.send(frame)
+            except ConnectionError:
+                pass  # the client resumes and gets it from session.events
+
+    def _dispatch_nowait(self, event: str, data: dict[str, Any]) -> None:
+        """World changes made from synchronous test code still reach a connected bot."""
+        session = self._active
+        if session is not None and session.intents & INTENT_GUILDS:
+            data = {**data, "guild_id": data.get("guild_id", str(self.guild_id))}
+            task = asyncio.get_running_loop().create_task(self._dispatch(session, event, data))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def _guild_payload(self, *, full: bool) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": str(self.guild_id),
+            "name": self.guild_name,
+            "icon": None,
+            "splash": None,
+            "discovery_splash": None,
+            "banner": None,
+            "description": None,
+            "owner_id": str(self.owner.id),
+            "afk_channel_id": None,
+            "afk_timeout": 300,
+            "verification_level": 0,
+            "default_message_notifications": 1,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "nsfw_level": 0,
+            "premium_tier": 0,
+            "premium_subscription_count": 0,
+            "premium_progress_bar_enabled": False,
+            "preferred_locale": "en-US",
+            "system_channel_id": None,
+            "system_channel_flags": 0,
+            "rules_channel_id": None,
+            "public_updates_channel_id": None,
+            "vanity_url_code": None,
+            "max_members": 500000,
+            "features": [],
+            "roles": [r.payload() for r in self.roles],
+            "emojis": [],
+            "stickers": [],
+        }
+        if full:
+            data.update(
+                joined_at="2024-01-01T00:00:00+00:00",
+                large=False,
+                unavailable=False,
+                member_count=len(self.users),
+                members=[u.member_payload() for u in self.users.values()],
+                channels=[c.payload() for c in self.channels],
+                threads=[],
+                presences=[],
+                voice_states=[],
+                stage_instances=[],
+                guild_scheduled_events=[],
+                soundboard_sounds=[],
+            )
+        return data
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        connection = _Connection(ws)
+        self._connections.append(connection)
+        try:
+            if request.query.get("v") != "10" or request.query.get("encoding", "json") != "json":
+                self.errors.append(
+                    f"gateway opened with an unexpected query: {request.query_string}"
+                )
+                await ws.close(code=4012, message=b"Invalid API version")
+                return ws
+            await connection.send(
+                {"op": 10, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}, "s": None, "t": None}
+            )
+            async for frame in ws:
+                if frame.type is not WSMsgType.TEXT:
+                    continue
+                message = json.loads(frame.data)
+                op, data = message.get("op"), message.get("d")
+                if op == 1:
+                    await connection.send({"op": 11, "d": None})
+                elif op == 2:
+                    await self._identify(connection, data)
+                elif op == 6:
+                    await self._resume(connection, data)
+                elif op == 8:
+                    await self._request_members(connection, data)
+                # op 3 (presence) and 4 (voice) need no answer.
+        finally:
+            self._connections.remove(connection)
+            session = connection.session
+            if session is not None and session.connection is connection:
+                session.connection = None
+                # A client that closes with 1000/1001 ends its session, as on Discord. (discord.py's
+                # own close() races its reader and usually sends 4000, leaving it resumable.)
+                if ws.close_code in (1000, 1001):
+                    session.invalidated = True
+                    if self._active is session:
+                        self._active = None
+            self.changes.notify()
+        return ws
+
+    async def _identify(self, connection: _Connection, data: dict[str, Any]) -> None:
+        if data.get("token") != self.bot_token:
+            await connection.ws.close(code=4004, message=b"Authentication failed.")
+            return
+        intents = int(data.get("intents", 0))
+        if intents & PRIVILEGED_INTENTS & ~self.privileged_intents:
+            await connection.ws.close(code=4014, message=b"Disallowed intent(s).")
+            return
+        session = GatewaySession(id=uuid.uuid4().hex, intents=intents, connection=connection)
+        connection.session = session
+        self.sessions.append(session)
+        self._active = session
+        ready = {
+            "v": 10,
+            "user": {**self.bot_user.payload(), "verified": True, "mfa_enabled": False, "flags": 0},
+            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "session_id": session.id,
+            "resume_gateway_url": self.gateway_url,
+            "shard": [0, 1],
+            "application": {"id": str(self.application_id), "flags": 0},
+            "private_channels": [],
+            "relationships": [],
+            "presences": [],
+        }
+        await self._dispatch(session, "READY", ready)
+        await self._dispatch(session, "GUILD_CREATE", self._guild_payload(full=True))
+        self.changes.notify()
+
+    async def _resume(self, connection: _Connection, data: dict[str, Any]) -> None:
+        session = next(
+            (s for s in self.sessions if s.id == data.get("session_id") and not s.invalidated), None
+        )
+        if session is None or data.get("token") != self.bot_token:
+            await connection.send({"op": 9, "d": False})
+            return
+        if session.connected and session.connection is not connection:
+            assert session.connection is not None
+            await session.connection.ws.close(code=4000)
+        session.connection = connection
+        connection.session = session
+        session.resumes += 1
+        self._active = session
+        last_seen = int(data.get("seq") or 0)
+        for frame in [f for f in session.events if f["s"] > last_seen]:
+            await connection.send(frame)
+        await self._dispatch(session, "RESUMED", {})
+        self.changes.notify()
+
+    async def _request_members(self, connection: _Connection, data: dict[str, Any]) -> None:
+        # Only sent when the bot chunks (members intent); answer so its cache fills.
+        session = connection.session
+        if session is None:
+            return
+        chunk = {
+            "guild_id": str(self.guild_id),
+            "members": [u.member_payload() for u in self.users.values()],
+            "chunk_index": 0,
+            "chunk_count": 1,
+            "not_found": [],
+            "nonce": data.get("nonce"),
+        }
+        await self._dispatch(session, "GUILD_MEMBERS_CHUNK", chunk)
+
+    # -- internals: HTTP -----------------------------------------------------------------------
+    def _add_routes(self, router: web.UrlDispatcher) -> None:
+        routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+            ("GET", "/gateway", self._gateway),
+            ("GET", "/cdn/attachments/{channel_id}/{attachment_id}/{filename}", self._cdn),
+            ("GET", f"{API}/users/@me", self._get_me),
+            ("POST", f"{API}/users/@me/channels", self._create_dm),
+            ("GET", f"{API}/users/{{user_id}}", self._get_user),
+            ("GET", f"{API}/oauth2/applications/@me", self._get_application),
+            ("GET", f"{API}/gateway", self._get_gateway),
+            ("GET", f"{API}/gateway/bot", self._get_gateway_bot),
+            ("GET", f"{API}/applications/{{app_id}}/commands", self._get_global_commands),
+            ("PUT", f"{API}/applications/{{app_id}}/commands", self._put_global_commands),
+            (
+                "GET",
+                f"{API}/applications/{{app_id}}/guilds/{{guild_id}}/commands",
+                self._get_guild_commands,
+            ),
+            (
+                "PUT",
+                f"{API}/applications/{{app_id}}/guilds/{{guild_id}}/commands",
+                self._put_guild_commands,
+            ),
+            ("POST", f"{API}/interactions/{{interaction_id}}/{{token}}/callback", self._callback),
+            ("POST", f"{API}/webhooks/{{app_id}}/{{token}}", self._followup),
+            (
+                "GET",
+                f"{API}/webhooks/{{app_id}}/{{token}}/messages/{{message_id}}",
+                self._get_webhook_message,
+            ),
+            (
+                "PATCH",
+                f"{API}/webhooks/{{app_id}}/{{token}}/messages/{{message_id}}",
+                self._edit_webhook_message,
+            ),
+            (
+                "DELETE",
+                f"{API}/webhooks/{{app_id}}/{{token}}/messages/{{message_id}}",
+                self._delete_webhook_message,
+            ),
+            ("GET", f"{API}/channels/{{channel_id}}", self._get_channel),
+            ("POST", f"{API}/channels/{{channel_id}}/typing", self._typing),
+            ("GET", f"{API}/channels/{{channel_id}}/messages", self._channel_history),
+            ("POST", f"{API}/channels/{{channel_id}}/messages", self._channel_send),
+            (
+                "GET",
+                f"{API}/channels/{{channel_id}}/messages/{{message_id}}",
+                self._channel_get_message,
+            ),
+            (
+                "PATCH",
+                f"{API}/channels/{{channel_id}}/messages/{{message_id}}",
+                self._channel_edit_message,
+            ),
+            (
+                "DELETE",
+                f"{API}/channels/{{channel_id}}/messages/{{message_id}}",
+                self._channel_delete_message,
+            ),
+            ("GET", f"{API}/guilds/{{guild_id}}", self._get_guild),
+            ("GET", f"{API}/guilds/{{guild_id}}/channels", self._get_guild_channels),
+            ("GET", f"{API}/guilds/{{guild_id}}/roles", self._get_guild_roles),
+            ("GET", f"{API}/guilds/{{guild_id}}/members/{{user_id}}", self._get_member),
+        ]
+        for method, path, handler in routes:
+            router.add_route(method, path, handler)
+        # Registered last, so it only sees what nothing above matched.
+        router.add_route("*", "/{tail:.*}", self._unknown_route)
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path == "/gateway" and request.headers.get("Upgrade", "").lower() == "websocket":
+            return await handler(request)
+        path = request.path.removeprefix(API)
+        record = RecordedRequest(request.method, path, dict(request.query), self.clock.now())
+        resource = request.match_info.route.resource
+        record.route = resource.canonical.removeprefix(API) if resource is not None else path
+        self.requests.append(record)
+        response: web.StreamResponse
+        try:
+            record.json, record.files = await _read_body(request)
+            fault = next((f for f in self.faults if f.matches(record)), None)
+            if fault is not None:
+                fault.hits += 1
+                record.injected = True
+                response = self._fault_response(fault, request, record)
+            else:
+                limited = self._enforce_rate_limit(request, record)
+                response = limited if limited is not None else await handler(request)
+        except FakeHTTPError as error:
+            response = json_response(error.body(), error.status, error.headers)
+            record.code = error.code
+            interaction = request.get(INTERACTION_KEY)
+            if interaction is not None:
+                interaction.errors.append((error.status, error.code))
+        except Exception:
+            # A bug in the fake must fail the test, not look like a Discord answer.
+            self.errors.append(
+                f"fake Discord crashed on {request.method} {path}:\n{traceback.format_exc()}"
+            )
+            response = json_response({"message": "fake Discord internal error", "code": 50035}, 400)
+            record.code = 50035
+        record.status = response.status
+        record.interaction = request.get(INTERACTION_KEY)
+        if request.path.startswith(API) and "X-RateLimit-Limit" not in response.headers:
+            response.headers.update(self._rate_limit_headers(request, record))
+        self.changes.notify()
+        return response
+
+    def _bucket(self, request: web.Request, record: RecordedRequest) -> tuple[str, str]:
+        """(bucket hash, limiter key): one bucket per route, keyed by its major parameter."""
+        info = request.match_info
+        major = info.get("channel_id") or info.get("guild_id") or info.get("token") or ""
+        bucket = hashlib.md5(f"{record.method} {record.route}".encode()).hexdigest()[:16]
+        return bucket, f"{bucket}:{major}"
+
+    def _rate_limit_headers(self, request: web.Request, record: RecordedRequest) -> dict[str, str]:
+        # All five or none: discord.py reads X-RateLimit-Reset when Reset-After is missing.
+        bucket, key = self._bucket(request, record)
+        if self.rate_limit is None:
+            limit, remaining, reset_after = 50, 49, 1.0
+        else:
+            limit, window = self.rate_limit
+            started, used = self._windows.get(key, (time.monotonic(), 0))
+            remaining = max(0, limit - used)
+            reset_after = max(0.0, started + window - time.monotonic())
+        return {
+            "X-RateLimit-Limit": str(limit),
+            "X-RateLimit-Remaining": str(remaining),
+            "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
+            "X-RateLimit-Reset-After": f"{reset_after:.3f}",
+            "X-RateLimit-Bucket": bucket,
+        }
+
+    def _enforce_rate_limit(
+        self, request: web.Request, record: RecordedRequest
+    ) -> web.Response | None:
+        if self.rate_limit is None or not request.path.startswith(API):
+            return None
+        limit, window = self.rate_limit
+        _, key = self._bucket(request, record)
+        now = time.monotonic()
+        started, used = self._windows.get(key, (now, 0))
+        if now >= started + window:
+            started, used = now, 0
+        if used >= limit:
+            return self._too_many(
+                started + window - now, is_global=False, request=request, record=record
+            )
+        self._windows[key] = (started, used + 1)
+        return None
+
+    def _too_many(
+        self, retry_after: float, *, is_global: bool, request: web.Request, record: RecordedRequest
+    ) -> web.Response:
+        bucket, _ = self._bucket(request, record)
+        headers = {
+            # discord.py treats a 429 without Via as a Cloudflare ban and gives up.
+            "Via": "1.1 google",
+            "Retry-After": str(math.ceil(retry_after)),
+            "X-RateLimit-Limit": "1",
+            "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}",
+            "X-RateLimit-Reset-After": f"{retry_after:.3f}",
+            "X-RateLimit-Bucket": bucket,
+            "X-RateLimit-Scope": "global" if is_global else "user",
+        }
+        if is_global:
+            headers["X-RateLimit-Global"] = "true"
+        body = {
+            "message": "You are being rate limited.",
+            "retry_after": retry_after,
+            "global": is_global,
+            "code": 0,
+        }
+        return json_response(body, 429, headers)
+
+    def _fault_response(
+        self, fault: Fault, request: web.Request, record: RecordedRequest
+    ) -> web.Response:
+        if fault.status == 429:
+            return self._too_many(
+                fault.retry_after, is_global=fault.is_global, request=request, record=record
+            )
+        reason = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+        message = f"{fault.status}: {reason.get(fault.status, 'Server Error')}"
+        return json_response({"message": message, "code": 0}, fault.status)
+
+    def _require_bot(self, request: web.Request) -> None:
+        if request.headers.get("Authorization") != f"Bot {self.bot_token}":
+            raise FakeHTTPError(401, 0, "401: Unauthorized")
+
+    def _require_app(self, request: web.Request) -> None:
+        self._require_bot(request)
+        if int(request.match_info["app_id"]) != self.application_id:
+            raise FakeHTTPError(403, 50001, "Missing Access")
+
+    def _require_guild(self, request: web.Request) -> None:
+        if int(request.match_info["guild_id"]) != self.guild_id:
+            raise unknown("Guild", 10004)
+
+    # -- handlers: login, gateway, users, guild --------------------------------------------------
+    async def _unknown_route(self, request: web.Request) -> web.Response:
+        self.errors.append(f"no such route in the fake: {request.method} {request.path}")
+        return json_response({"message": "404: Not Found", "code": 0}, 404)
+
+    async def _get_me(self, request: web.Request) -> web.Response:
+        self._require_bot(request)
+        return json_response(
+            {**self.bot_user.payload(), "verified": True, "mfa_enabled": False, "flags": 0}
+        )
+
+    async def _get_application(self, request: web.Request) -> web.Response:
+        self._require_bot(request)
+        return json_response(
+            {
+                "id": str(self.application_id),
+                "name": self.bot_user.name,
+                "icon": None,
+                "description": "",
+                "summary": "",
+                "rpc_origins": [],
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": self.owner.payload(),
+                "verify_key": "0" * 64,
+                "team": None,
+                "flags": 0,
+                "interactions_endpoint_url": None,
+                "bot": self.bot_user.payload(),
+            }
+        )
+
+    async def _get_gateway(self, request: web.Request) -> web.Response:
+        return json_response({"url": self.gateway_url})
+
+    async def _get_gateway_bot(self, request: web.Request) -> web.Response:
+        self._require_bot(request)
+        limit = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
+        return json_response({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
+
+    async def _get_user(self, request: web.Request) -> web.Response:
+        self._require_bot(request)
+        user = self.users.get(int(request.match_info["user_id"]))
+        if user is None:
+            raise unknown("User", 10013)
+        return json_response(user.payload())
+
+    async def _create_dm(self, request: web.Request) -> web.Response:
+        self._require_bot(request)
+        body = request_json(request)
+        user = self.users.get(int(body.get("recipient_id", 0)))
+        if user is None:
+            raise unknown("User", 10013)
+        channel = next((c for c in self.channels if c.kind == "dm" and c.recipient is user), None)
+        if channel is None:
+            channel = Channel(
+                id=self.snowflake(), name=user.name, guild_id=None, kind="dm", recipient=user
+            )
+            self.channels.append(channel)
+        return json_response(channel.payload())
+
+    async def _get_guild(self, request: web.Request) -> web.Response:
+        self._require_bot(request)
+        self._require_guild(request)
+        data = self._guild_payload(full=False)
+        data.update(approximate_member_count=len(self.users), approximate_presence_count=0)
+        return json_response(data)
+
+    async def _get_guild_channels(self, request: web.Request) -> web.Response:
+        self._require_bot(request)
+        self._require_guild(request)
+        return json_response([c.payload() for c in self.channels if c.kind == "text"])
+
+    async def _get_guild_roles(self, request: web.Request) -> web.Response:
+        self._require_bot(request)
+        self._require_guild(request)
+        return json_response([r.payload() for r in self.roles])
+
+    async def _get_member(self, request: web.Request) -> web.Response:
+        self._require_bot(request)
+        self._require_guild(request)
+        user = self.users.get(int(request.match_info["user_id"]))
+        if user is None:
+            raise unknown("Member", 10007)
+        return json_response(user.member_payload())
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        attachment = self._attachments.get(int(request.match_info["attachment_id"]))
+        if attachment is None:
+            self.errors.append(f"CDN asked for an unknown attachment: {request.path}")
+            return web.Response(status=404, text="Not Found")
+        return web.Response(
+            body=attachment.data, content_type=attachment.content_type or "application/octet-stream"
+        )
+
+    # -- handlers: commands --------------------------------------------------------------------
+    async def _get_global_commands(self, request: web.Request) -> web.Response:
+        self._require_app(request)
+        return json_response(self.synced_global)
+
+    async def _get_guild_commands(self, request: web.Request) -> web.Response:
+        self._require_app(request)
+        self._require_guild(request)
+        return json_response(self.synced_guild)
+
+    async def _put_global_commands(self, request: web.Request) -> web.Response:
+        self._require_app(request)
+        self.synced_global = self._overwrite(request_json(request), self.synced_global, None)
+        return json_response(self.synced_global)
+
+    async def _put_guild_commands(self, request: web.Request) -> web.Response:
+        self._require_app(request)
+        self._require_guild(request)
+        self.synced_guild = self._overwrite(request_json(request), self.synced_guild, self.guild_id)
+        return json_response(self.synced_guild)
+
+    def _overwrite(
+        self, body: Any, previous: list[dict[str, Any]], guild_id: int | None
+    ) -> list[dict[str, Any]]:
+        errors = cmd.sync_errors(body)
+        if errors:
+            raise FakeHTTPError(400, 50035, "Invalid Form Body", errors)
+        # A bulk overwrite keeps the id of a command that keeps its name, as Discord does.
+        old_ids = {(c.get("type", 1), c["name"]): c["id"] for c in previous}
+        result = []
+        for command in body:
+            key = (command.get("type", 1), command["name"])
+            stored = {
+                **command,
+                "type": command.get("type", 1),
+                "id": old_ids.get(key) or str(self.snowflake()),
+                "application_id": str(self.application_id),
+                "version": str(self.snowflake()),
+                "default_member_permissions": command.get("default_member_permissions"),
+            }
+            if guild_id is not None:
+                stored["guild_id"] = str(guild_id)
+            result.append(stored)
+        return result
+
+    # -- handlers: interaction callback, follow-ups --------------------------------------------
+    async def _callback(self, request: web.Request) -> web.Response:
+        interaction = self._interactions_by_id.get(int(request.match_info["interaction_id"]))
+        if interaction is None or interaction.token != request.match_info["token"]:
+            raise unknown("interaction", 10062)
+        request[INTERACTION_KEY] = interaction
+        if interaction.acked:
+            raise FakeHTTPError(400, 40060, "Interaction has already been acknowledged.")
+        now = self.clock.now()
+        if now - interaction.created_at > self.ack_deadline:
+            # Discord invalidates the token when the 3 seconds are up.
+            raise unknown("interaction", 10062)
+        body = request_json(request)
+        files = request[FILES_KEY]
+        response_type = body.get("type")
+        data = body.get("data") or {}
+        message: Message | None = None
+        is_component = interaction.message is not None
+        if response_type == CHANNEL_MESSAGE:
+            flags = (data.get("flags") or 0) & _INTERACTION_FLAGS
+            message = self._interaction_message(
+                interaction, data, files, flags=flags, followup=False
+            )
+        elif response_type == DEFERRED_CHANNEL_MESSAGE:
+            flags = FLAG_LOADING | ((data.get("flags") or 0) & FLAG_EPHEMERAL)
+            message = self._interaction_message(interaction, {}, [], flags=flags, followup=False)
+        elif response_type in (DEFERRED_UPDATE_MESSAGE, UPDATE_MESSAGE) and is_component:
+            message = interaction.message
+            assert message is not None
+            if message.deleted:
+                raise unknown("Message", 10008)
+            if response_type == UPDATE_MESSAGE:
+                self._edit(message, data, files, "interaction")
+        elif response_type == MODAL and interaction.type != MODAL_SUBMIT:
+            if not data.get("custom_id") or not data.get("title") or not data.get("components"):
+                raise form_error(
+                    ["data"], "BASE_TYPE_REQUIRED", "A modal needs custom_id, title and components."
+                )
+            interaction.modal = data
+        elif response_type == AUTOCOMPLETE_RESULT and interaction.type == 4:
+            interaction.autocomplete_choices = data.get("choices", [])
+        else:
+            raise form_error(
+                ["type"],
+                "INTERACTION_CALLBACK_TYPE_INVALID",
+                f"Invalid callback type {response_type} here.",
+            )
+
+        interaction.ack = Ack(type=response_type, at=now, data=data)
+        interaction.original = message
+        result: dict[str, Any] = {
+            "interaction": {
+                "id": str(interaction.id),
+                "type": interaction.type,
+                "response_message_loading": response_type == DEFERRED_CHANNEL_MESSAGE,
+                "response_message_ephemeral": bool(message is not None and message.ephemeral),
+            },
+            "resource": {"type": response_type},
+        }
+        if message is not None:
+            result["interaction"]["response_message_id"] = str(message.id)
+            if response_type in (CHANNEL_MESSAGE, UPDATE_MESSAGE):
+                result["resource"]["message"] = message.payload(self.users)
+            event = "MESSAGE_UPDATE" if response_type == UPDATE_MESSAGE else "MESSAGE_CREATE"
+            if response_type != DEFERRED_UPDATE_MESSAGE:
+                await self._emit_message(event, message)
+        return json_response(result)
+
+    def _webhook_interaction(self, request: web.Request) -> FakeInteraction:
+        if int(request.match_info["app_id"]) != self.application_id:
+            raise unknown("Webhook", 10015)
+        interaction = self._interactions_by_token.get(request.match_info["token"])
+        if interaction is None:
+            raise unknown("Webhook", 10015)
+        request[INTERACTION_KEY] = interaction
+        if interaction.token_expired:
+            raise FakeHTTPError(401, 50027, "Invalid Webhook Token")
+        return interaction
+
+    async def _followup(self, request: web.Request) -> web.Response:
+        interaction = self._webhook_interaction(request)
+        if not interaction.acked:
+            raise unknown("Webhook", 10015)
+        body = request_json(request)
+        files = request[FILES_KEY]
+        original = interaction.original
+        fills_loading = (
+            self.followup_replaces_deferred
+            and original is not None
+            and original.loading
+            and interaction.ack_type == DEFERRED_CHANNEL_MESSAGE
+        )
+        if fills_loading:
+            assert original is not None
+            self._edit(original, body, files, "interaction")
+            message = original
+            await self._emit_message("MESSAGE_UPDATE", message)
+        else:
+            flags = (body.get("flags") or 0) & _INTERACTION_FLAGS
+            message = self._interaction_message(
+                interaction, body, files, flags=flags, followup=True
+            )
+            await self._emit_message("MESSAGE_CREATE", message)
+        interaction.followups.append(message)
+        if request.query.get("wait") in ("1", "true", "True"):
+            return json_response(message.payload(self.users))
+        return web.Response(status=204)
+
+    def _webhook_message(self, request: web.Request, interaction: FakeInteraction) -> Message:
+        message_id = request.match_info["message_id"]
+        if message_id == "@original":
+            message = interaction.original
+        else:
+            own = [m for m in (interaction.original, *interaction.followups) if m is not None]
+            message = next((m for m in own if str(m.id) == message_id), None)
+        if message is None or message.deleted:
+            raise unknown("Message", 10008)
+        return message
+
+    async def _get_webhook_message(self, request: web.Request) -> web.Response:
+        interaction = self._webhook_interaction(request)
+        return json_response(self._webhook_message(request, interaction).payload(self.users))
+
+    async def _edit_webhook_message(self, request: web.Request) -> web.Response:
+        interaction = self._webhook_interaction(request)
+        message = self._webhook_message(request, interaction)
+        self._edit(message, request_json(request), request[FILES_KEY], "interaction")
+        await self._emit_message("MESSAGE_UPDATE", message)
+        return json_response(message.payload(self.users))
+
+    async def _delete_webhook_message(self, request: web.Request) -> web.Response:
+        interaction = self._webhook_interaction(request)
+        message = self._webhook_message(request, interaction)
+        message.deleted = True
+        await self._emit_message("MESSAGE_DELETE", message)
+        return web.Response(status=204)
+
+    # -- handlers: channels --------------------------------------------------------------------
+    def _request_channel(self, request: web.Request) -> Channel:
+        self._require_bot(request)
+        channel = self.channel(request.match_info["channel_id"])
+        if channel is None:
+            raise unknown("Channel", 10003)
+        return channel
+
+    def _channel_message(self, request: web.Request, channel: Channel) -> Message:
+        message = self.message(request.match_info["message_id"])
+        if (
+            message is None
+            or message.deleted
+            or message.ephemeral
+            or message.channel_id != channel.id
+        ):
+            raise unknown("Message", 10008)
+        return message
+
+    async def _get_channel(self, request: web.Request) -> web.Response:
+        return json_response(self._request_channel(request).payload())
+
+    async def _typing(self, request: web.Request) -> web.Response:
+        self._request_channel(request)
+        return web.Response(status=204)
+
+    async def _channel_history(self, request: web.Request) -> web.Response:
+        channel = self._request_channel(request)
+        query = request.query
+        limit = min(int(query.get("limit", 50)), 100)
+        visible = self.messages_in(channel)
+        if "before" in query:
+            visible = [m for m in visible if m.id < int(query["before"])]
+        if "after" in query:
+            visible = [m for m in visible if m.id > int(query["after"])]
+        if "around" in query:
+            around = int(query["around"])
+            visible.sort(key=lambda m: abs(m.id - around))
+            visible = sorted(visible[:limit], key=lambda m: m.id)
+        newest_first = sorted(visible, key=lambda m: m.id, reverse=True)[:limit]
+        return json_response([m.payload(self.users) for m in newest_first])
+
+    async def _channel_send(self, request: web.Request) -> web.Response:
+        channel = self._request_channel(request)
+        body = request_json(request)
+        files = request[FILES_KEY]
+        needed = VIEW_CHANNEL | SEND_MESSAGES | (ATTACH_FILES if files else 0)
+        if channel.kind == "text" and self.bot_permissions & needed != needed:
+            raise FakeHTTPError(403, 50013, "Missing Permissions")
+        reference, referenced = self._reference(body.get("message_reference"), channel)
+        message = self._create_message(
+            channel,
+            body,
+            files,
+            via="bot",
+            message_type=19 if referenced is not None else 0,
+            flags=(body.get("flags") or 0) & _CHANNEL_FLAGS,
+            reference=reference,
+            referenced=referenced,
+        )
+        await self._emit_message("MESSAGE_CREATE", message)
+        return json_response(message.payload(self.users))
+
+    def _reference(
+        self, reference: dict[str, Any] | None, channel: Channel
+    ) -> tuple[dict[str, Any] | None, Message | None]:
+        if not reference or reference.get("message_id") is None:
+            return None, None
+        target = self.message(reference["message_id"])
+        usable = target is not None and not target.deleted and not target.ephemeral
+        if not usable:
+            if reference.get("fail_if_not_exists", True):
+                raise form_error(
+                    ["message_reference"], "MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "Unknown message"
+                )
+            return None, None
+        assert target is not None
+        stored = {
+            "type": 0,
+            "message_id": str(target.id),
+            "channel_id": str(target.channel_id),
+        }
+        if target.guild_id is not None:
+            stored["guild_id"] = str(target.guild_id)
+        return stored, target
+
+    async def _channel_get_message(self, request: web.Request) -> web.Response:
+        channel = self._request_channel(request)
+        return json_response(self._channel_message(request, channel).payload(self.users))
+
+    async def _channel_edit_message(self, request: web.Request) -> web.Response:
+        channel = self._request_channel(request)
+        message = self._channel_message(request, channel)
+        if message.author is not self.bot_user:
+            raise FakeHTTPError(403, 50005, "Cannot edit a message authored by another user")
+        self._edit(message, request_json(request), request[FILES_KEY], "bot")
+        await self._emit_message("MESSAGE_UPDATE", message)
+        return json_response(message.payload(self.users))
+
+    async def _channel_delete_message(self, request: web.Request) -> web.Response:
+        channel = self._request_channel(request)
+        message = self._channel_message(request, channel)
+        message.deleted = True
+        await self._emit_message("MESSAGE_DELETE", message)
+        return web.Response(status=204)
+
+
+def request_json(request: web.Request) -> dict[str, Any]:
+    body = request[JSON_KEY]
+    if body is None:
+        return {}
+    if not isinstance(body, dict | list):
+        raise FakeHTTPError(400, 50109, "The request body contains invalid JSON.")
+    return body  # type: ignore[return-value]
+
+
+async def _read_body(request: web.Request) -> tuple[Any, list[UploadedFile]]:
+    """JSON body or multipart (``payload_json`` plus ``files[n]``) as discord.py sends them."""
+    files: list[UploadedFile] = []
+    payload: Any = None
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            name = part.name or ""
+            if name == "payload_json":
+                payload = json.loads(await part.text())
+                continue
+            match = _FILE_FIELD.match(name)
+            index = int(match.group(1)) if match else (0 if name == "file" else -1)
+            data = bytes(await part.read(decode=False))
+            content_type = part.headers.get("Content-Type")
+            files.append(UploadedFile(name, index, part.filename or name, data, content_type))
+    elif request.can_read_body:
+        raw = await request.read()
+        if raw:
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                raise FakeHTTPError(400, 50109, "The request body contains invalid JSON.") from None
+    request[JSON_KEY] = payload
+    request[FILES_KEY] = files
+    return payload, files
+
+
+def _validate_components(rows: list[dict[str, Any]]) -> None:
+    """Components v1 limits that discord.py leaves to Discord (custom_id length above all)."""
+    if len(rows) > MAX_ACTION_ROWS:
+        raise form_error(
+            ["components"], "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_ACTION_ROWS} or fewer in length."
+        )
+    seen: set[str] = set()
+    for r, row in enumerate(rows):
+        if row.get("type") != 1:
+            raise form_error(
+                ["components", r, "type"],
+                "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
+                "Top-level components must be action rows.",
+            )
+        children = row.get("components") or []
+        if not children:
+            raise form_error(
+                ["components", r, "components"],
+                "BASE_TYPE_MIN_LENGTH",
+                "Must be 1 or more in length.",
+            )
+        buttons = [c for c in children if c.get("type") == 2]
+        if len(buttons) != len(children) and len(children) != 1:
+            raise form_error(
+                ["components", r],
+                "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
+                "A select menu needs its own row.",
+            )
+        if len(buttons) > MAX_ROW_BUTTONS:
+            raise form_error(
+                ["components", r, "components"],
+                "BASE_TYPE_MAX_LENGTH",
+                f"Must be {MAX_ROW_BUTTONS} or fewer in length.",
+            )
+        for c, component in enumerate(children):
+            where = ["components", r, "components", c]
+            custom_id = component.get("custom_id")
+            is_link = component.get("type") == 2 and component.get("style") == 5
+            if is_link:
+                if not component.get("url") or custom_id:
+                    raise form_error(
+                        where,
+                        "BUTTON_COMPONENT_INVALID",
+                        "A link button needs a url and no custom_id.",
+                    )
+            elif not custom_id and component.get("style") != 6:
+                raise form_error(
+                    [*where, "custom_id"], "BASE_TYPE_REQUIRED", "This field is required"
+                )
+            if custom_id is not None:
+                if not 1 <= len(custom_id) <= MAX_CUSTOM_ID:
+                    raise form_error(
+                        [*where, "custom_id"],
+                        "BASE_TYPE_BAD_LENGTH",
+                        f"Must be between 1 and {MAX_CUSTOM_ID} in length.",
+                    )
+                if custom_id in seen:
+                    raise form_error(
+                        [*where, "custom_id"],
+                        "COMPONENT_CUSTOM_ID_DUPLICATED",
+                        "Component custom id cannot be duplicated",
+                    )
+                seen.add(custom_id)
+            if len(component.get("label") or "") > MAX_BUTTON_LABEL:
+                raise form_error(
+                    [*where, "label"],
+                    "BASE_TYPE_MAX_LENGTH",
+                    f"Must be {MAX_BUTTON_LABEL} or fewer in length.",
+                )
+            if component.get("type") == 2 and not (
+                component.get("label") or component.get("emoji")
+            ):
+                raise form_error(
+                    where, "BUTTON_COMPONENT_INVALID", "A button needs a label or an emoji."
+                )

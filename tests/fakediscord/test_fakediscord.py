@@ -1,0 +1,452 @@
+"""The fake Discord, exercised by the real discord.py client through a small throwaway bot.
+
+The bot here is not the project's bot: it only has what it takes to cover the wire protocol the
+project's bot relies on (defer → edit → follow-up with a file and buttons, DynamicItem buttons
+across a restart, subcommand groups, attachment options, and the error paths).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+from typing import Any
+
+import aiohttp
+import discord
+import pytest
+from discord import app_commands
+from discord.ext import commands
+from discord.webhook.async_ import async_context, interaction_response_params
+
+from tests.fakediscord import (
+    MANAGE_GUILD,
+    CommandNotPermitted,
+    FakeDiscord,
+    SchemaViolation,
+    Upload,
+)
+
+
+def png(width: int, height: int) -> bytes:
+    """A valid RGB PNG, small enough to build inline."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        body = tag + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+# -- the throwaway bot -------------------------------------------------------------------------
+
+
+class Pick(discord.ui.DynamicItem[discord.ui.Button], template=r"pick:(?P<job>\d+):(?P<index>\d)"):
+    """A button whose custom_id carries its state, so it works after a restart."""
+
+    def __init__(self, job: int, index: int) -> None:
+        super().__init__(discord.ui.Button(label=f"U{index}", custom_id=f"pick:{job}:{index}"))
+        self.job = job
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any
+    ) -> Pick:
+        return cls(int(match["job"]), int(match["index"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(f"picked {self.job}:{self.index}", ephemeral=True)
+
+
+class AgainView(discord.ui.View):
+    """A classic persistent view: fixed custom_id, registered with add_view()."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=None)
+
+    @discord.ui.button(label="again", custom_id="again")
+    async def again(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        await interaction.response.edit_message(content="again!", view=None)
+
+
+class ProbeBot(commands.Bot):
+    """Records what discord.py saw, so tests can assert on the client's side too."""
+
+    def __init__(self, guild_id: int) -> None:
+        super().__init__(
+            command_prefix="!",
+            intents=discord.Intents.default(),
+            guild_ready_timeout=0.05,
+            help_command=None,
+        )
+        self.guild_id = guild_id
+        self.gate = asyncio.Event()
+        self.outcomes: dict[str, Any] = {}
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(Pick)
+        self.add_view(AgainView())
+        await self.tree.sync()
+        await self.tree.sync(guild=discord.Object(self.guild_id))
+
+
+def make_bot(guild_id: int) -> ProbeBot:
+    bot = ProbeBot(guild_id)
+
+    @bot.tree.command(name="draw", description="Draw a picture")
+    @app_commands.describe(prompt="What to draw", seed="Random seed", style="Look")
+    @app_commands.choices(style=[app_commands.Choice(name=n, value=n) for n in ("photo", "sketch")])
+    async def draw(
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 100],
+        seed: app_commands.Range[int, 0, 1000] = 0,
+        style: str = "photo",
+    ) -> None:
+        await interaction.response.defer()
+        await interaction.edit_original_response(content="drawing 50%")
+        await interaction.edit_original_response(
+            content=f"{prompt} ({style})",
+            attachments=[discord.File(io.BytesIO(png(4, 2)), "grid.png")],
+        )
+        view = discord.ui.View(timeout=None)
+        for index in range(1, 5):
+            view.add_item(Pick(seed, index))
+        view.add_item(discord.ui.Button(label="locked", custom_id="locked", disabled=True))
+        view.add_item(AgainView().again)
+        await interaction.followup.send(
+            f"{interaction.user.mention} done: {prompt}",
+            file=discord.File(io.BytesIO(png(2, 2)), "up.png"),
+            view=view,
+            allowed_mentions=discord.AllowedMentions(users=[interaction.user]),
+        )
+
+    @bot.tree.command(name="describe", description="Describe an image")
+    async def describe(interaction: discord.Interaction, image: discord.Attachment) -> None:
+        data = await image.read()
+        await interaction.response.send_message(
+            f"{image.filename}: {len(data)} bytes", ephemeral=True
+        )
+
+    @bot.tree.command(name="probe", description="Exercise an error path")
+    @app_commands.choices(
+        mode=[
+            app_commands.Choice(name=n, value=n)
+            for n in ("double_ack", "expired", "late_ack", "oversize", "reply")
+        ]
+    )
+    async def probe(interaction: discord.Interaction, mode: str) -> None:
+        if mode == "late_ack":
+            await bot.gate.wait()
+            try:
+                await interaction.response.defer()
+            except discord.NotFound as error:
+                bot.outcomes[mode] = error.code
+            return
+        if mode == "reply":
+            await interaction.response.send_message("ok", ephemeral=True)
+            first = await interaction.channel.send("first")
+            await first.edit(content="first (edited)")
+            await first.reply("second", mention_author=False)
+            return
+        await interaction.response.defer(thinking=True)
+        try:
+            if mode == "double_ack":
+                # discord.py refuses a second response itself, so go through its HTTP adapter
+                # the way a second process handling the same interaction would.
+                await async_context.get().create_interaction_response(
+                    interaction.id,
+                    interaction.token,
+                    session=interaction._session,
+                    params=interaction_response_params(5),
+                )
+            elif mode == "expired":
+                await bot.gate.wait()
+                await interaction.followup.send("your picture")
+            elif mode == "oversize":
+                bot.outcomes["filesize_limit"] = interaction.filesize_limit
+                big = discord.File(io.BytesIO(b"x" * (interaction.filesize_limit + 1)), "big.png")
+                await interaction.followup.send("big", file=big)
+        except discord.HTTPException as error:
+            bot.outcomes[mode] = (error.status, error.code)
+            if error.code == 50027:
+                # The token is dead: deliver with the bot token instead, mentioning the user.
+                await interaction.channel.send(f"{interaction.user.mention} your picture")
+
+    admin = app_commands.Group(
+        name="admin",
+        description="Admin commands",
+        guild_ids=[guild_id],
+        default_permissions=discord.Permissions(manage_guild=True),
+    )
+    credits = app_commands.Group(name="credits", description="Credits", parent=admin)
+
+    @credits.command(name="grant", description="Grant credits")
+    @app_commands.checks.has_permissions(manage_guild=True)
+    async def grant(
+        interaction: discord.Interaction,
+        user: discord.Member,
+        amount: app_commands.Range[int, 1, 100],
+    ) -> None:
+        await interaction.response.send_message(
+            f"granted {amount} to {user.display_name}", ephemeral=True
+        )
+
+    @grant.error
+    async def grant_error(interaction: discord.Interaction, error: Exception) -> None:
+        await interaction.response.send_message("not allowed", ephemeral=True)
+
+    bot.tree.add_command(admin)
+    return bot
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+async def test_slash_defer_edits_followup_with_file_and_buttons() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            assert fake.command("draw")["options"][0]["max_length"] == 100
+
+            job = await fake.slash(alice, "draw", prompt="a red fox", seed=7, style="sketch")
+            assert await job.wait_acked() == 5
+            assert job.ack_latency is not None and job.ack_latency < 1.0
+            result = await job.wait_followup(lambda m: m.attachments)
+
+            # Every state of the deferred message, in order: thinking, progress, result.
+            original = job.original
+            assert original is not None and not original.loading
+            assert original.contents == ["", "drawing 50%", "a red fox (sketch)"]
+            assert [len(s.attachments) for s in original.states] == [0, 0, 1]
+            assert original.attachments[0].dimensions == (4, 2)
+
+            assert result.attachments[0].filename == "up.png"
+            assert result.attachments[0].data == png(2, 2)
+            assert result.via == "interaction" and not result.ephemeral
+            assert result.pings.users == {alice.id} and not result.pings.everyone
+            assert [b["label"] for b in result.buttons] == [
+                *("U1", "U2", "U3", "U4"),
+                *("locked", "again"),
+            ]
+
+            pick = await fake.click(alice, result, label="U2")
+            reply = await pick.wait_original()
+            assert reply.content == "picked 7:2" and reply.ephemeral and pick.ephemeral
+
+            with pytest.raises(SchemaViolation, match="disabled"):
+                await fake.click(alice, result, "locked")
+            with pytest.raises(SchemaViolation, match="no component"):
+                await fake.click(alice, result, "pick:7:9")
+
+            again = await fake.click(alice, result, "again")
+            assert await again.wait_acked() == 7
+            assert result.content == "again!" and result.buttons == []
+            assert result.edit_count == 1
+        assert not fake.errors
+
+
+async def test_buttons_work_after_a_restart() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            job = await fake.slash(alice, "draw", prompt="a cube", seed=42)
+            grid = await job.wait_followup()
+
+        # A new process: new client, same Discord. Nothing about the view is in memory.
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            pick = await fake.click(alice, grid, "pick:42:3")
+            assert (await pick.wait_original()).content == "picked 42:3"
+            again = await fake.click(alice, grid, label="again")
+            await again.wait_acked()
+            assert grid.content == "again!"
+        assert len(fake.sessions) == 2 and not fake.sessions[0].connected
+
+
+async def test_subcommand_group_user_option_and_permissions() -> None:
+    async with FakeDiscord() as fake:
+        bob = fake.add_user("bob")
+        mod = fake.add_user("mod", roles=["Moderators"])
+        fake.role("Moderators").permissions = MANAGE_GUILD
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            grant = await fake.slash(mod, "admin credits grant", user=bob, amount=5)
+            assert (await grant.wait_original()).content == "granted 5 to bob"
+            assert grant.payload["data"]["resolved"]["members"][str(bob.id)]["roles"] == []
+
+            # Discord hides the command from bob...
+            with pytest.raises(CommandNotPermitted):
+                await fake.slash(bob, "admin credits grant", user=bob, amount=5)
+            # ...unless a server admin overrode it; then the bot's own check must refuse.
+            fake.enforce_default_permissions = False
+            sneaky = await fake.slash(bob, "admin credits grant", user=bob, amount=5)
+            assert (await sneaky.wait_original()).content == "not allowed"
+
+
+async def test_attachment_option_is_served_by_the_cdn() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            job = await fake.slash(alice, "describe", image=Upload("cat.png", png(3, 3)))
+            answer = await job.wait_original()
+            assert answer.content == f"cat.png: {len(png(3, 3))} bytes"
+            assert fake.count("GET", "/cdn/attachments/*", status=200) == 1
+
+
+async def test_invocations_are_checked_against_the_synced_schema() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            bad_calls: list[tuple[str, dict[str, Any], str]] = [
+                ("paint", {"prompt": "x"}, "not a synced"),
+                ("draw", {"prompt": "x", "size": 3}, "unknown option"),
+                ("draw", {"seed": 3}, "required"),
+                ("draw", {"prompt": "x", "seed": 1001}, "outside"),
+                ("draw", {"prompt": ""}, "length"),
+                ("draw", {"prompt": "x", "style": "oil"}, "choices"),
+                ("draw", {"prompt": "x", "seed": "7"}, "not an integer"),
+                ("admin credits", {}, "needs a subcommand"),
+                ("admin credits grant", {"user": "bob", "amount": 1}, "not a user"),
+            ]
+            for command, options, reason in bad_calls:
+                with pytest.raises(SchemaViolation, match=reason):
+                    await fake.slash(fake.owner, command, options=options)
+            assert fake.interactions == []
+            await fake.slash(alice, "draw", prompt="x")  # and a good one still goes through
+            assert len(fake.interactions) == 1
+
+
+async def test_rate_limited_upload_is_retried_by_discord_py() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        fault = fake.rate_limit_next("POST", "/webhooks/*", with_files=True, retry_after=0.05)
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            job = await fake.slash(alice, "draw", prompt="a fox")
+            await job.wait_followup(lambda m: m.attachments)
+        assert fault.hits == 1
+        assert fake.count("POST", "/webhooks/*", status=429) == 1
+        assert fake.count("POST", "/webhooks/*", status=200) == 1
+
+
+async def test_server_error_on_edit_is_retried() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        fault = fake.fail_next("PATCH", "/webhooks/*/messages/@original", status=502)
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            job = await fake.slash(alice, "draw", prompt="a fox")
+            await job.wait_followup(timeout=10)  # discord.py waits 1 s before its retry
+        assert fault.exhausted
+        assert job.original is not None and job.original.edit_count == 2
+
+
+async def test_expired_token_answers_50027_and_bot_token_still_works() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake.guild_id)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "probe", mode="expired")
+            await job.wait_acked()
+            fake.clock.advance(16 * 60)
+            bot.gate.set()
+            fallback = await fake.wait_for_message(lambda m: m.via == "bot")
+            assert bot.outcomes["expired"] == (401, 50027)
+            assert (401, 50027) in job.errors and job.followups == []
+            assert fallback.pings.users == {alice.id}
+
+
+async def test_late_ack_gets_unknown_interaction() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake.guild_id)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "probe", mode="late_ack")
+            fake.clock.advance(3.5)
+            bot.gate.set()
+            await job.wait_error(10062)
+            await fake.wait_for(lambda: "late_ack" in bot.outcomes)
+            assert bot.outcomes["late_ack"] == 10062 and not job.acked
+
+
+async def test_upload_over_the_limit_is_413() -> None:
+    async with FakeDiscord(attachment_size_limit=1000) as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake.guild_id)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "probe", mode="oversize")
+            await job.wait_error(40005)
+            await fake.wait_for(lambda: "oversize" in bot.outcomes)
+            assert bot.outcomes["filesize_limit"] == 1000
+            assert bot.outcomes["oversize"] == (413, 40005)
+
+
+async def test_second_ack_is_40060() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake.guild_id)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "probe", mode="double_ack")
+            await job.wait_error(40060)
+            await fake.wait_for(lambda: "double_ack" in bot.outcomes)
+            assert bot.outcomes["double_ack"] == (400, 40060)
+            assert job.ack_type == 5 and job.ephemeral is False
+
+
+async def test_channel_messages_edits_and_replies() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            await fake.slash(alice, "probe", mode="reply")
+            reply = await fake.wait_for_message(lambda m: m.content == "second")
+            first = reply.referenced
+            assert first is not None and first.contents == ["first", "first (edited)"]
+            assert reply.type == 19 and reply.via == "bot" and not reply.pings
+            assert fake.messages_in(fake.general) == [first, reply]  # the ephemeral "ok" is hidden
+
+
+async def test_gateway_reconnect_resumes_the_session() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            await fake.request_reconnect()
+            await fake.wait_for(lambda: fake.sessions[0].resumes == 1 and fake.connected)
+            job = await fake.slash(alice, "describe", image=("a.txt", b"hi"))
+            assert (await job.wait_original()).content == "a.txt: 2 bytes"
+        assert len(fake.sessions) == 1
+
+
+async def test_wire_contract_for_raw_clients() -> None:
+    async with FakeDiscord() as fake, aiohttp.ClientSession() as http:
+        auth = {"Authorization": f"Bot {fake.bot_token}"}
+        async with http.get(f"{fake.url}/api/v10/users/@me", headers=auth) as response:
+            # Exactly this, or discord.py's json_or_text hands back a str.
+            assert response.headers["Content-Type"] == "application/json"
+            for header in ("Limit", "Remaining", "Reset", "Reset-After", "Bucket"):
+                assert f"X-RateLimit-{header}" in response.headers
+        async with http.get(f"{fake.url}/api/v10/users/@me") as response:
+            assert response.status == 401
+        async with http.get(f"{fake.url}/api/v10/no/such/route") as response:
+            assert response.status == 404
+        assert fake.errors == ["no such route in the fake: GET /api/v10/no/such/route"]
+        fake.errors.clear()
+
+        async with http.ws_connect(f"{fake.gateway_url}?v=10&encoding=json") as ws:
+            hello = await ws.receive_json()
+            assert hello["op"] == 10
+            await ws.send_json({"op": 2, "d": {"token": "wrong", "intents": 0}})
+            closed = await ws.receive()
+            assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 4004
+
+
+async def test_bad_token_fails_login() -> None:
+    async with FakeDiscord() as fake:
+        bot = make_bot(fake.guild_id)
+        with pytest.raises(discord.LoginFailure):
+            await bot.start("not-the-token")
+        await bot.close()
