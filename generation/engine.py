@@ -77,8 +77,21 @@ class _StepState:
 
 
 def create_engine(settings: EngineSettings) -> DiffusersEngine:
-    """The engine for these settings. Loads nothing until the first job (or `warm_up`)."""
+    """The engine for these settings. Loads nothing until the first job (or `warm_up`).
+
+    Also turns off the libraries' console progress bars: in a worker they only garble logs,
+    and progress is reported through the engine's callback instead.
+    """
+    quiet_library_progress()
     return DiffusersEngine(settings)
+
+
+def quiet_library_progress() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def resolve_device(setting: str) -> str:
