@@ -17,26 +17,28 @@ recorded in ``errors``, which fails the test on exit (``strict``), so drift cann
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import hashlib
-import json
 import math
-import re
 import secrets
 import socket
 import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import ExitStack, asynccontextmanager
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 from urllib.parse import quote
 
-from aiohttp import BodyPartReader, WSMsgType, web
+from aiohttp import web
 
 from tests.fakediscord import commands as cmd
+from tests.fakediscord.gateway import (
+    INTENT_DIRECT_MESSAGES,
+    INTENT_GUILD_MESSAGES,
+    INTENT_GUILDS,
+    Gateway,
+    GatewaySession,
+)
 from tests.fakediscord.interactions import (
     APPLICATION_COMMAND,
     AUTOCOMPLETE_RESULT,
@@ -78,197 +80,38 @@ from tests.fakediscord.model import (
     iso_now,
 )
 from tests.fakediscord.redirect import redirect_discord
+from tests.fakediscord.wire import (
+    API,
+    FILES_KEY,
+    INTERACTION_KEY,
+    MAX_ATTACHMENTS,
+    MAX_CONTENT,
+    MAX_EMBEDS,
+    FakeHTTPError,
+    Fault,
+    MiB,
+    RecordedRequest,
+    UploadedFile,
+    form_error,
+    json_response,
+    read_body,
+    request_json,
+    unknown,
+    validate_components,
+)
 
 T = TypeVar("T")
 
-API = "/api/v10"
-MiB = 1024 * 1024
-
-# Discord's limits, as named constants so a changed limit is a one-line fix.
+# Discord's timing and size limits.
 ACK_DEADLINE_S = 3.0
 TOKEN_LIFETIME_S = 15 * 60
 DEFAULT_ATTACHMENT_SIZE_LIMIT = 10 * MiB
-MAX_CONTENT = 2000
-MAX_EMBEDS = 10
-MAX_ATTACHMENTS = 10
-MAX_ACTION_ROWS = 5
-MAX_ROW_BUTTONS = 5
-MAX_CUSTOM_ID = 100
-MAX_BUTTON_LABEL = 80
-HEARTBEAT_INTERVAL_MS = 41250
-
-# Gateway intents the fake looks at.
-INTENT_GUILDS = 1 << 0
-INTENT_GUILD_MEMBERS = 1 << 1
-INTENT_GUILD_PRESENCES = 1 << 8
-INTENT_GUILD_MESSAGES = 1 << 9
-INTENT_DIRECT_MESSAGES = 1 << 12
-INTENT_MESSAGE_CONTENT = 1 << 15
-PRIVILEGED_INTENTS = INTENT_GUILD_MEMBERS | INTENT_GUILD_PRESENCES | INTENT_MESSAGE_CONTENT
 
 # Flags a message may be created with through each route.
 _INTERACTION_FLAGS = (
     FLAG_EPHEMERAL | FLAG_SUPPRESS_EMBEDS | FLAG_SUPPRESS_NOTIFICATIONS | FLAG_COMPONENTS_V2
 )
 _CHANNEL_FLAGS = FLAG_SUPPRESS_EMBEDS | FLAG_SUPPRESS_NOTIFICATIONS | FLAG_COMPONENTS_V2
-
-_FILE_FIELD = re.compile(r"^files\[(\d+)\]$")
-
-# What the middleware parses once per request, for the handlers.
-JSON_KEY = web.RequestKey("json", object)
-FILES_KEY = web.RequestKey("files", list)
-INTERACTION_KEY = web.RequestKey("interaction", FakeInteraction)
-
-
-# -- errors ----------------------------------------------------------------------------------
-
-
-class FakeHTTPError(Exception):
-    """An error answer in Discord's shape; handlers raise it, the middleware renders it."""
-
-    def __init__(
-        self,
-        status: int,
-        code: int,
-        message: str,
-        errors: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(f"{status} {code} {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.errors = errors
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"message": self.message, "code": self.code}
-        if self.errors:
-            body["errors"] = self.errors
-        return body
-
-
-def form_error(path: Iterable[str | int], code: str, message: str) -> FakeHTTPError:
-    """400 Invalid Form Body with Discord's nested ``errors``, which discord.py flattens."""
-    errors: dict[str, Any] = {"_errors": [{"code": code, "message": message}]}
-    for key in reversed(list(path)):
-        errors = {str(key): errors}
-    return FakeHTTPError(400, 50035, "Invalid Form Body", errors)
-
-
-def unknown(what: str, code: int) -> FakeHTTPError:
-    return FakeHTTPError(404, code, f"Unknown {what}")
-
-
-def json_response(
-    data: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    # Exactly "application/json": discord.py's json_or_text compares the header verbatim, and
-    # web.json_response's "; charset=utf-8" makes it hand back a str (login then crashes).
-    return web.Response(
-        body=json.dumps(data).encode(),
-        status=status,
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )
-
-
-# -- request records and faults ---------------------------------------------------------------
-
-
-@dataclass
-class UploadedFile:
-    field: str
-    index: int
-    filename: str
-    data: bytes
-    content_type: str | None
-
-
-@dataclass
-class RecordedRequest:
-    """One HTTP request the fake answered. ``path`` has no ``/api/v10`` prefix and no query."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    at: float
-    route: str = ""
-    json: Any = None
-    files: list[UploadedFile] = field(default_factory=list)
-    status: int | None = None
-    code: int | None = None
-    injected: bool = False
-    interaction: FakeInteraction | None = None
-
-    def matches(self, method: str = "*", path: str = "*", status: int | None = None) -> bool:
-        return (
-            (method == "*" or self.method == method.upper())
-            and fnmatch.fnmatchcase(self.path, path)
-            and (status is None or self.status == status)
-        )
-
-    def __repr__(self) -> str:
-        extra = f" code={self.code}" if self.code else ""
-        files = f" files={[f.filename for f in self.files]}" if self.files else ""
-        fault = " (injected)" if self.injected else ""
-        return f"{self.method} {self.path} -> {self.status}{extra}{files}{fault}"
-
-
-@dataclass
-class Fault:
-    """Answer the next ``times`` matching requests with ``status`` instead of handling them."""
-
-    method: str
-    path: str
-    status: int
-    times: int
-    retry_after: float
-    is_global: bool = False
-    with_files: bool | None = None
-    hits: int = 0
-
-    @property
-    def exhausted(self) -> bool:
-        return self.hits >= self.times
-
-    def matches(self, record: RecordedRequest) -> bool:
-        if self.exhausted or (self.method != "*" and record.method != self.method.upper()):
-            return False
-        if self.with_files is not None and bool(record.files) != self.with_files:
-            return False
-        return fnmatch.fnmatchcase(record.path, self.path)
-
-
-# -- gateway sessions -------------------------------------------------------------------------
-
-
-class _Connection:
-    def __init__(self, ws: web.WebSocketResponse) -> None:
-        self.ws = ws
-        self.session: GatewaySession | None = None
-        self._lock = asyncio.Lock()
-
-    async def send(self, payload: dict[str, Any]) -> None:
-        # Writers from several tasks (dispatches, heartbeat ACKs) must not interleave frames.
-        async with self._lock:
-            if not self.ws.closed:
-                await self.ws.send_str(json.dumps(payload))
-
-
-@dataclass(eq=False)
-class GatewaySession:
-    id: str
-    intents: int
-    connection: _Connection | None
-    seq: int = 0
-    events: list[dict[str, Any]] = field(default_factory=list)
-    resumes: int = 0
-    invalidated: bool = False
-
-    @property
-    def connected(self) -> bool:
-        return self.connection is not None and not self.connection.ws.closed
-
 
 # -- the fake ---------------------------------------------------------------------------------
 
@@ -334,20 +177,17 @@ class FakeDiscord:
         self.faults: list[Fault] = []
         self.messages: list[Message] = []
         self.interactions: list[FakeInteraction] = []
-        self.sessions: list[GatewaySession] = []
         self.synced_global: list[dict[str, Any]] = []
         self.synced_guild: list[dict[str, Any]] = []
         self._interactions_by_id: dict[int, FakeInteraction] = {}
         self._interactions_by_token: dict[str, FakeInteraction] = {}
         self._messages_by_id: dict[int, Message] = {}
         self._attachments: dict[int, Attachment] = {}
-        self._connections: list[_Connection] = []
-        self._active: GatewaySession | None = None
         self._windows: dict[str, tuple[float, int]] = {}
         self._runner: web.AppRunner | None = None
         self._exit_stack = ExitStack()
         self.port = 0
-        self._pending: set[asyncio.Task[None]] = set()
+        self.gateway = Gateway(self)
 
         self.application_id = self.snowflake()
         self.guild_id = self.snowflake()
@@ -395,8 +235,7 @@ class FakeDiscord:
 
     async def stop(self) -> None:
         self._exit_stack.close()
-        for connection in list(self._connections):
-            await connection.ws.close(code=1001, message=b"fake Discord is stopping")
+        await self.gateway.close_all()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -490,10 +329,15 @@ class FakeDiscord:
             managed=managed,
         )
         self.roles.append(role)
-        self._dispatch_nowait(
+        self._announce(
             "GUILD_ROLE_CREATE", {"guild_id": str(self.guild_id), "role": role.payload()}
         )
         return role
+
+    def _announce(self, event: str, data: dict[str, Any]) -> None:
+        # World changes made mid-test reach a connected bot, as on Discord.
+        if self.gateway.wants(INTENT_GUILDS):
+            self.gateway.dispatch_soon(event, {"guild_id": str(self.guild_id), **data})
 
     def role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
@@ -533,7 +377,7 @@ class FakeDiscord:
             position=len(self.channels),
         )
         self.channels.append(channel)
-        self._dispatch_nowait("CHANNEL_CREATE", channel.payload())
+        self._announce("CHANNEL_CREATE", channel.payload())
         return channel
 
     def channel(self, channel_id: int | str) -> Channel | None:
@@ -588,7 +432,13 @@ class FakeDiscord:
 
     @property
     def connected(self) -> bool:
-        return self._active is not None and self._active.connected
+        """Whether a bot is on the gateway right now."""
+        return self.gateway.connected
+
+    @property
+    def sessions(self) -> list[GatewaySession]:
+        """Every gateway session, oldest first (a restarted bot identifies a new one)."""
+        return self.gateway.sessions
 
     # -- waiting -------------------------------------------------------------------------------
     async def wait_for(self, predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT) -> T:
@@ -617,13 +467,7 @@ class FakeDiscord:
 
     async def wait_ready(self, timeout: float = 10.0) -> GatewaySession:
         """Wait until a bot has identified (or resumed) and is connected."""
-
-        def check() -> GatewaySession | None:
-            return self._active if self.connected else None
-
-        return await self.changes.wait_until(
-            check, timeout, lambda: "no bot connected to the gateway\n" + self.describe_recent()
-        )
+        return await self.gateway.wait_ready(timeout)
 
     # -- fault injection -----------------------------------------------------------------------
     def inject(
@@ -662,15 +506,11 @@ class FakeDiscord:
 
     async def request_reconnect(self) -> None:
         """Send op 7 RECONNECT; discord.py reconnects to resume_gateway_url and RESUMEs."""
-        session = await self.wait_ready()
-        assert session.connection is not None
-        await session.connection.send({"op": 7, "d": None})
+        await self.gateway.request_reconnect()
 
     async def drop_gateway(self, code: int = 4000) -> None:
         """Close the bot's gateway connection from the server side (4000: it may resume)."""
-        session = await self.wait_ready()
-        assert session.connection is not None
-        await session.connection.ws.close(code=code)
+        await self.gateway.drop(code)
 
     # -- acting as users -----------------------------------------------------------------------
     async def slash(
@@ -852,10 +692,7 @@ class FakeDiscord:
         data: dict[str, Any],
         message: Message | None = None,
     ) -> FakeInteraction:
-        session = await self.wait_ready()
-        if self._pending:
-            # Role or channel changes made just before must reach the bot first.
-            await asyncio.gather(*self._pending)
+        await self.wait_ready()
         interaction_id = self.snowflake()
         token = f"itok_{secrets.token_urlsafe(48)}"
         permissions = self.permissions_of(user)
@@ -903,7 +740,7 @@ class FakeDiscord:
         self.interactions.append(interaction)
         self._interactions_by_id[interaction_id] = interaction
         self._interactions_by_token[token] = interaction
-        await self._dispatch(session, "INTERACTION_CREATE", payload)
+        await self.gateway.dispatch("INTERACTION_CREATE", payload)
         return interaction
 
     def _interaction_metadata(
@@ -1073,7 +910,7 @@ class FakeDiscord:
                 f"Must be {MAX_ATTACHMENTS} or fewer in length.",
             )
         if not state.flags & FLAG_COMPONENTS_V2:
-            _validate_components(list(state.components))
+            validate_components(list(state.components))
         mentions = body.get("allowed_mentions") or {}
         for kind in ("users", "roles"):
             if kind in (mentions.get("parse") or ()) and mentions.get(kind):
@@ -1147,8 +984,7 @@ class FakeDiscord:
         if message.ephemeral:
             return  # ephemeral messages never reach the gateway
         needed = INTENT_GUILD_MESSAGES if message.guild_id is not None else INTENT_DIRECT_MESSAGES
-        session = self._active
-        if session is None or not session.intents & needed:
+        if not self.gateway.wants(needed):
             return
         if event == "MESSAGE_DELETE":
             data: dict[str, Any] = {"id": str(message.id), "channel_id": str(message.channel_id)}
@@ -1158,31 +994,10 @@ class FakeDiscord:
             data = message.payload(self.users)
             if message.guild_id is not None:
                 data["member"] = message.author.member_payload(with_user=False)
-        await self._dispatch(session, event, data)
+        await self.gateway.dispatch(event, data)
 
-    # -- internals: gateway --------------------------------------------------------------------
-    async def _dispatch(self, session: GatewaySession, event: str, data: dict[str, Any]) -> None:
-        session.seq += 1
-        frame = {"op": 0, "t": event, "s": session.seq, "d": data}
-        # Kept for RESUME: a bot that reconnects gets what it missed.
-        session.events.append(frame)
-        if session.connected:
-            assert session.connection is not None
-            try:
-                await session.connection.send(frame)
-            except ConnectionError:
-                pass  # the client resumes and gets it from session.events
-
-    def _dispatch_nowait(self, event: str, data: dict[str, Any]) -> None:
-        """World changes made from synchronous test code still reach a connected bot."""
-        session = self._active
-        if session is not None and session.intents & INTENT_GUILDS:
-            data = {**data, "guild_id": data.get("guild_id", str(self.guild_id))}
-            task = asyncio.get_running_loop().create_task(self._dispatch(session, event, data))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-    def _guild_payload(self, *, full: bool) -> dict[str, Any]:
+    # -- payloads ------------------------------------------------------------------------------
+    def guild_payload(self, *, full: bool) -> dict[str, Any]:
         data: dict[str, Any] = {
             "id": str(self.guild_id),
             "name": self.guild_name,
@@ -1231,116 +1046,10 @@ class FakeDiscord:
             )
         return data
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=0)
-        await ws.prepare(request)
-        connection = _Connection(ws)
-        self._connections.append(connection)
-        try:
-            if request.query.get("v") != "10" or request.query.get("encoding", "json") != "json":
-                self.errors.append(
-                    f"gateway opened with an unexpected query: {request.query_string}"
-                )
-                await ws.close(code=4012, message=b"Invalid API version")
-                return ws
-            await connection.send(
-                {"op": 10, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}, "s": None, "t": None}
-            )
-            async for frame in ws:
-                if frame.type is not WSMsgType.TEXT:
-                    continue
-                message = json.loads(frame.data)
-                op, data = message.get("op"), message.get("d")
-                if op == 1:
-                    await connection.send({"op": 11, "d": None})
-                elif op == 2:
-                    await self._identify(connection, data)
-                elif op == 6:
-                    await self._resume(connection, data)
-                elif op == 8:
-                    await self._request_members(connection, data)
-                # op 3 (presence) and 4 (voice) need no answer.
-        finally:
-            self._connections.remove(connection)
-            session = connection.session
-            if session is not None and session.connection is connection:
-                session.connection = None
-                # A client that closes with 1000/1001 ends its session, as on Discord. (discord.py's
-                # own close() races its reader and usually sends 4000, leaving it resumable.)
-                if ws.close_code in (1000, 1001):
-                    session.invalidated = True
-                    if self._active is session:
-                        self._active = None
-            self.changes.notify()
-        return ws
-
-    async def _identify(self, connection: _Connection, data: dict[str, Any]) -> None:
-        if data.get("token") != self.bot_token:
-            await connection.ws.close(code=4004, message=b"Authentication failed.")
-            return
-        intents = int(data.get("intents", 0))
-        if intents & PRIVILEGED_INTENTS & ~self.privileged_intents:
-            await connection.ws.close(code=4014, message=b"Disallowed intent(s).")
-            return
-        session = GatewaySession(id=uuid.uuid4().hex, intents=intents, connection=connection)
-        connection.session = session
-        self.sessions.append(session)
-        self._active = session
-        ready = {
-            "v": 10,
-            "user": {**self.bot_user.payload(), "verified": True, "mfa_enabled": False, "flags": 0},
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
-            "session_id": session.id,
-            "resume_gateway_url": self.gateway_url,
-            "shard": [0, 1],
-            "application": {"id": str(self.application_id), "flags": 0},
-            "private_channels": [],
-            "relationships": [],
-            "presences": [],
-        }
-        await self._dispatch(session, "READY", ready)
-        await self._dispatch(session, "GUILD_CREATE", self._guild_payload(full=True))
-        self.changes.notify()
-
-    async def _resume(self, connection: _Connection, data: dict[str, Any]) -> None:
-        session = next(
-            (s for s in self.sessions if s.id == data.get("session_id") and not s.invalidated), None
-        )
-        if session is None or data.get("token") != self.bot_token:
-            await connection.send({"op": 9, "d": False})
-            return
-        if session.connected and session.connection is not connection:
-            assert session.connection is not None
-            await session.connection.ws.close(code=4000)
-        session.connection = connection
-        connection.session = session
-        session.resumes += 1
-        self._active = session
-        last_seen = int(data.get("seq") or 0)
-        for frame in [f for f in session.events if f["s"] > last_seen]:
-            await connection.send(frame)
-        await self._dispatch(session, "RESUMED", {})
-        self.changes.notify()
-
-    async def _request_members(self, connection: _Connection, data: dict[str, Any]) -> None:
-        # Only sent when the bot chunks (members intent); answer so its cache fills.
-        session = connection.session
-        if session is None:
-            return
-        chunk = {
-            "guild_id": str(self.guild_id),
-            "members": [u.member_payload() for u in self.users.values()],
-            "chunk_index": 0,
-            "chunk_count": 1,
-            "not_found": [],
-            "nonce": data.get("nonce"),
-        }
-        await self._dispatch(session, "GUILD_MEMBERS_CHUNK", chunk)
-
     # -- internals: HTTP -----------------------------------------------------------------------
     def _add_routes(self, router: web.UrlDispatcher) -> None:
         routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
-            ("GET", "/gateway", self._gateway),
+            ("GET", "/gateway", self.gateway.handle),
             ("GET", "/cdn/attachments/{channel_id}/{attachment_id}/{filename}", self._cdn),
             ("GET", f"{API}/users/@me", self._get_me),
             ("POST", f"{API}/users/@me/channels", self._create_dm),
@@ -1419,7 +1128,7 @@ class FakeDiscord:
         self.requests.append(record)
         response: web.StreamResponse
         try:
-            record.json, record.files = await _read_body(request)
+            record.json, record.files = await read_body(request)
             fault = next((f for f in self.faults if f.matches(record)), None)
             if fault is not None:
                 fault.hits += 1
@@ -1604,7 +1313,7 @@ class FakeDiscord:
     async def _get_guild(self, request: web.Request) -> web.Response:
         self._require_bot(request)
         self._require_guild(request)
-        data = self._guild_payload(full=False)
+        data = self.guild_payload(full=False)
         data.update(approximate_member_count=len(self.users), approximate_presence_count=0)
         return json_response(data)
 
@@ -1922,119 +1631,3 @@ class FakeDiscord:
         message.deleted = True
         await self._emit_message("MESSAGE_DELETE", message)
         return web.Response(status=204)
-
-
-def request_json(request: web.Request) -> dict[str, Any]:
-    body = request[JSON_KEY]
-    if body is None:
-        return {}
-    if not isinstance(body, dict | list):
-        raise FakeHTTPError(400, 50109, "The request body contains invalid JSON.")
-    return body  # type: ignore[return-value]
-
-
-async def _read_body(request: web.Request) -> tuple[Any, list[UploadedFile]]:
-    """JSON body or multipart (``payload_json`` plus ``files[n]``) as discord.py sends them."""
-    files: list[UploadedFile] = []
-    payload: Any = None
-    if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            name = part.name or ""
-            if name == "payload_json":
-                payload = json.loads(await part.text())
-                continue
-            match = _FILE_FIELD.match(name)
-            index = int(match.group(1)) if match else (0 if name == "file" else -1)
-            data = bytes(await part.read(decode=False))
-            content_type = part.headers.get("Content-Type")
-            files.append(UploadedFile(name, index, part.filename or name, data, content_type))
-    elif request.can_read_body:
-        raw = await request.read()
-        if raw:
-            try:
-                payload = json.loads(raw)
-            except ValueError:
-                raise FakeHTTPError(400, 50109, "The request body contains invalid JSON.") from None
-    request[JSON_KEY] = payload
-    request[FILES_KEY] = files
-    return payload, files
-
-
-def _validate_components(rows: list[dict[str, Any]]) -> None:
-    """Components v1 limits that discord.py leaves to Discord (custom_id length above all)."""
-    if len(rows) > MAX_ACTION_ROWS:
-        raise form_error(
-            ["components"], "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_ACTION_ROWS} or fewer in length."
-        )
-    seen: set[str] = set()
-    for r, row in enumerate(rows):
-        if row.get("type") != 1:
-            raise form_error(
-                ["components", r, "type"],
-                "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
-                "Top-level components must be action rows.",
-            )
-        children = row.get("components") or []
-        if not children:
-            raise form_error(
-                ["components", r, "components"],
-                "BASE_TYPE_MIN_LENGTH",
-                "Must be 1 or more in length.",
-            )
-        buttons = [c for c in children if c.get("type") == 2]
-        if len(buttons) != len(children) and len(children) != 1:
-            raise form_error(
-                ["components", r],
-                "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
-                "A select menu needs its own row.",
-            )
-        if len(buttons) > MAX_ROW_BUTTONS:
-            raise form_error(
-                ["components", r, "components"],
-                "BASE_TYPE_MAX_LENGTH",
-                f"Must be {MAX_ROW_BUTTONS} or fewer in length.",
-            )
-        for c, component in enumerate(children):
-            where = ["components", r, "components", c]
-            custom_id = component.get("custom_id")
-            is_link = component.get("type") == 2 and component.get("style") == 5
-            if is_link:
-                if not component.get("url") or custom_id:
-                    raise form_error(
-                        where,
-                        "BUTTON_COMPONENT_INVALID",
-                        "A link button needs a url and no custom_id.",
-                    )
-            elif not custom_id and component.get("style") != 6:
-                raise form_error(
-                    [*where, "custom_id"], "BASE_TYPE_REQUIRED", "This field is required"
-                )
-            if custom_id is not None:
-                if not 1 <= len(custom_id) <= MAX_CUSTOM_ID:
-                    raise form_error(
-                        [*where, "custom_id"],
-                        "BASE_TYPE_BAD_LENGTH",
-                        f"Must be between 1 and {MAX_CUSTOM_ID} in length.",
-                    )
-                if custom_id in seen:
-                    raise form_error(
-                        [*where, "custom_id"],
-                        "COMPONENT_CUSTOM_ID_DUPLICATED",
-                        "Component custom id cannot be duplicated",
-                    )
-                seen.add(custom_id)
-            if len(component.get("label") or "") > MAX_BUTTON_LABEL:
-                raise form_error(
-                    [*where, "label"],
-                    "BASE_TYPE_MAX_LENGTH",
-                    f"Must be {MAX_BUTTON_LABEL} or fewer in length.",
-                )
-            if component.get("type") == 2 and not (
-                component.get("label") or component.get("emoji")
-            ):
-                raise form_error(
-                    where, "BUTTON_COMPONENT_INVALID", "A button needs a label or an emoji."
-                )
