@@ -39,6 +39,9 @@ class Connection:
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
         self.session: GatewaySession | None = None
+        # The close code of a server-initiated close is whatever the client echoes (aiohttp
+        # answers 1000), so remember who started it.
+        self.closed_by_server = False
         self._lock = asyncio.Lock()
 
     async def send(self, payload: dict[str, Any]) -> None:
@@ -46,6 +49,10 @@ class Connection:
         async with self._lock:
             if not self.ws.closed:
                 await self.ws.send_str(json.dumps(payload))
+
+    async def close(self, code: int, reason: bytes = b"") -> None:
+        self.closed_by_server = True
+        await self.ws.close(code=code, message=reason)
 
 
 @dataclass(eq=False)
@@ -127,11 +134,11 @@ class Gateway:
     async def drop(self, code: int) -> None:
         session = await self.wait_ready(10.0)
         assert session.connection is not None
-        await session.connection.ws.close(code=code)
+        await session.connection.close(code)
 
     async def close_all(self) -> None:
         for connection in list(self._connections):
-            await connection.ws.close(code=1001, message=b"fake Discord is stopping")
+            await connection.close(1001, b"fake Discord is stopping")
 
     # -- the socket ----------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
@@ -142,7 +149,7 @@ class Gateway:
         try:
             if request.query.get("v") != "10" or request.query.get("encoding", "json") != "json":
                 self._fake.errors.append(f"gateway opened with query {request.query_string!r}")
-                await ws.close(code=4012, message=b"Invalid API version")
+                await connection.close(4012, b"Invalid API version")
                 return ws
             hello = {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}
             await connection.send({"op": 10, "d": hello, "s": None, "t": None})
@@ -167,7 +174,7 @@ class Gateway:
                 session.connection = None
                 # A client closing with 1000/1001 ends its session, as on Discord. (discord.py's
                 # own close() races its reader and usually sends 4000, leaving it resumable.)
-                if ws.close_code in (1000, 1001):
+                if ws.close_code in (1000, 1001) and not connection.closed_by_server:
                     session.invalidated = True
                     if self.active is session:
                         self.active = None
@@ -177,11 +184,11 @@ class Gateway:
     async def _identify(self, connection: Connection, data: dict[str, Any]) -> None:
         fake = self._fake
         if data.get("token") != fake.bot_token:
-            await connection.ws.close(code=4004, message=b"Authentication failed.")
+            await connection.close(4004, b"Authentication failed.")
             return
         intents = int(data.get("intents", 0))
         if intents & PRIVILEGED_INTENTS & ~fake.privileged_intents:
-            await connection.ws.close(code=4014, message=b"Disallowed intent(s).")
+            await connection.close(4014, b"Disallowed intent(s).")
             return
         session = GatewaySession(id=uuid.uuid4().hex, intents=intents, connection=connection)
         connection.session = session
@@ -212,7 +219,7 @@ class Gateway:
             return
         if session.connected and session.connection is not connection:
             assert session.connection is not None
-            await session.connection.ws.close(code=4000)
+            await session.connection.close(4000)
         session.connection = connection
         connection.session = session
         session.resumes += 1

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 from urllib.parse import quote
 
+import discord
 from aiohttp import web
 
 from tests.fakediscord import commands as cmd
@@ -36,6 +37,7 @@ from tests.fakediscord.gateway import (
     INTENT_DIRECT_MESSAGES,
     INTENT_GUILD_MESSAGES,
     INTENT_GUILDS,
+    INTENT_MESSAGE_CONTENT,
     Gateway,
     GatewaySession,
 )
@@ -101,6 +103,7 @@ from tests.fakediscord.wire import (
 )
 
 T = TypeVar("T")
+ClientT = TypeVar("ClientT", bound=discord.Client)
 
 # Discord's timing and size limits.
 ACK_DEADLINE_S = 3.0
@@ -249,7 +252,7 @@ class FakeDiscord:
         return f"ws://127.0.0.1:{self.port}/gateway"
 
     @asynccontextmanager
-    async def run_bot(self, client: Any, *, timeout: float = 10.0) -> AsyncIterator[Any]:
+    async def run_bot(self, client: ClientT, *, timeout: float = 10.0) -> AsyncIterator[ClientT]:
         """Start ``client`` (a discord.Client) against the fake, yield once it is ready, close it.
 
         If ``client.start()`` dies meanwhile (a payload discord.py cannot parse, say), every
@@ -994,7 +997,18 @@ class FakeDiscord:
             data = message.payload(self.users)
             if message.guild_id is not None:
                 data["member"] = message.author.member_payload(with_user=False)
+                if self._content_hidden(message):
+                    data.update(content="", embeds=[], attachments=[], components=[])
         await self.gateway.dispatch(event, data)
+
+    def _content_hidden(self, message: Message) -> bool:
+        # Without the privileged message-content intent, Discord blanks other people's guild
+        # messages unless they mention the bot.
+        return (
+            message.author is not self.bot_user
+            and not self.gateway.wants(INTENT_MESSAGE_CONTENT)
+            and self.bot_user.id not in message.pings.users
+        )
 
     # -- payloads ------------------------------------------------------------------------------
     def guild_payload(self, *, full: bool) -> dict[str, Any]:

@@ -78,6 +78,26 @@ class AgainView(discord.ui.View):
         await interaction.response.edit_message(content="again!", view=None)
 
 
+class FeedbackModal(discord.ui.Modal, title="Feedback"):
+    text: discord.ui.TextInput = discord.ui.TextInput(label="Your words", custom_id="text")
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(custom_id="feedback")
+        self.topic = topic
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(f"thanks: {self.topic}: {self.text.value}")
+
+
+class TopicView(discord.ui.View):
+    @discord.ui.select(
+        custom_id="topic",
+        options=[discord.SelectOption(label=t, value=t) for t in ("bugs", "ideas")],
+    )
+    async def topic(self, interaction: discord.Interaction, select: discord.ui.Select) -> None:
+        await interaction.response.send_modal(FeedbackModal(select.values[0]))
+
+
 class ProbeBot(commands.Bot):
     """Records what discord.py saw, so tests can assert on the client's side too."""
 
@@ -95,8 +115,13 @@ class ProbeBot(commands.Bot):
     async def setup_hook(self) -> None:
         self.add_dynamic_items(Pick)
         self.add_view(AgainView())
+        self.outcomes["seen"] = []
         await self.tree.sync()
         await self.tree.sync(guild=discord.Object(self.guild_id))
+
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author != self.user:
+            self.outcomes["seen"].append(message.content)
 
 
 def make_bot(guild_id: int) -> ProbeBot:
@@ -136,6 +161,10 @@ def make_bot(guild_id: int) -> ProbeBot:
             f"{image.filename}: {len(data)} bytes", ephemeral=True
         )
 
+    @bot.tree.command(name="feedback", description="Tell us something")
+    async def feedback(interaction: discord.Interaction) -> None:
+        await interaction.response.send_message("pick a topic", view=TopicView(), ephemeral=True)
+
     @bot.tree.command(name="probe", description="Exercise an error path")
     @app_commands.choices(
         mode=[
@@ -156,6 +185,7 @@ def make_bot(guild_id: int) -> ProbeBot:
             first = await interaction.channel.send("first")
             await first.edit(content="first (edited)")
             await first.reply("second", mention_author=False)
+            await interaction.user.send("psst")
             return
         await interaction.response.defer(thinking=True)
         try:
@@ -408,6 +438,46 @@ async def test_channel_messages_edits_and_replies() -> None:
             assert first is not None and first.contents == ["first", "first (edited)"]
             assert reply.type == 19 and reply.via == "bot" and not reply.pings
             assert fake.messages_in(fake.general) == [first, reply]  # the ephemeral "ok" is hidden
+            dm = await fake.wait_for_message(lambda m: m.content == "psst")
+            channel = fake.channel(dm.channel_id)
+            assert channel is not None and channel.kind == "dm" and channel.recipient is alice
+
+
+async def test_select_then_modal_then_submit() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            menu = await (await fake.slash(alice, "feedback")).wait_original()
+            assert menu.ephemeral
+            with pytest.raises(SchemaViolation, match="only visible"):
+                await fake.select(fake.owner, menu, "topic", ["ideas"])
+            with pytest.raises(SchemaViolation, match="not allowed"):
+                await fake.select(alice, menu, "topic", ["cats"])
+            choice = await fake.select(alice, menu, "topic", ["ideas"])
+            assert await choice.wait_acked() == 9 and choice.modal is not None
+            submitted = await fake.submit_modal(choice, {"text": "more foxes"})
+            assert (await submitted.wait_original()).content == "thanks: ideas: more foxes"
+
+
+async def test_message_content_needs_the_intent_or_a_mention() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake.guild_id)
+        async with fake.run_bot(bot):
+            await fake.say(alice, "hello there")
+            await fake.say(alice, f"hello {fake.bot_user.mention}")
+            await fake.wait_for(lambda: len(bot.outcomes["seen"]) == 2)
+            assert bot.outcomes["seen"] == ["", f"hello {fake.bot_user.mention}"]
+
+
+async def test_enforced_rate_limits_are_respected_by_discord_py() -> None:
+    async with FakeDiscord(rate_limit=(1, 0.05)) as fake:
+        alice = fake.add_user("alice")
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            job = await fake.slash(alice, "draw", prompt="a fox")
+            await job.wait_followup()
+        # The headers are accurate, so discord.py waits on its own instead of hitting 429s.
+        assert fake.count(status=429) == 0
 
 
 async def test_gateway_reconnect_resumes_the_session() -> None:
@@ -416,6 +486,8 @@ async def test_gateway_reconnect_resumes_the_session() -> None:
         async with fake.run_bot(make_bot(fake.guild_id)):
             await fake.request_reconnect()
             await fake.wait_for(lambda: fake.sessions[0].resumes == 1 and fake.connected)
+            await fake.drop_gateway(4000)
+            await fake.wait_for(lambda: fake.sessions[0].resumes == 2 and fake.connected)
             job = await fake.slash(alice, "describe", image=("a.txt", b"hi"))
             assert (await job.wait_original()).content == "a.txt: 2 bytes"
         assert len(fake.sessions) == 1
