@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import os
 import secrets
 import socket
+import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import ExitStack, asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 from urllib.parse import quote
@@ -308,19 +311,19 @@ class FakeDiscord:
         raise AssertionError("the bot stopped before it reached the gateway")
 
     def subprocess_argv(self, module: str, *args: str) -> list[str]:
-        """argv that runs ``python -m module args`` in another process, redirected here."""
-        import sys
+        """argv for ``python -m module args`` in another process, with discord.py redirected
+        here (see ``launch.py``); run it with :meth:`subprocess_env`."""
+        launcher = ["-m", "tests.fakediscord.launch", "--url", self.url]
+        return [sys.executable, *launcher, "-m", module, *args]
 
-        return [
-            sys.executable,
-            "-m",
-            "tests.fakediscord.redirect",
-            "--url",
-            self.url,
-            "-m",
-            module,
-            *args,
-        ]
+    def subprocess_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default: this process's environment) plus the bot token and an import
+        path that finds this package."""
+        env = dict(os.environ if base is None else base)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env["DISCORD_TOKEN"] = self.bot_token
+        return env
 
     # -- world building ------------------------------------------------------------------------
     def add_role(self, name: str, permissions: int = 0, *, managed: bool = False) -> Role:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import signal
 import struct
+import textwrap
 import zlib
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -522,3 +525,39 @@ async def test_bad_token_fails_login() -> None:
         with pytest.raises(discord.LoginFailure):
             await bot.start("not-the-token")
         await bot.close()
+
+
+async def test_bot_in_a_subprocess_survives_sigkill(tmp_path: Path) -> None:
+    (tmp_path / "pingbot.py").write_text(
+        textwrap.dedent(
+            """
+            import os, discord
+            from discord import app_commands
+
+            client = discord.Client(intents=discord.Intents.none(), guild_ready_timeout=0.05)
+            tree = app_commands.CommandTree(client)
+
+            @tree.command(name="ping", description="Ping")
+            async def ping(interaction: discord.Interaction) -> None:
+                await interaction.response.send_message(f"pong from {os.getpid()}")
+
+            client.setup_hook = tree.sync
+            client.run(os.environ["DISCORD_TOKEN"], log_handler=None)
+            """
+        )
+    )
+    async with FakeDiscord(redirect=False) as fake:
+        alice = fake.add_user("alice")
+        env = fake.subprocess_env()
+        env["PYTHONPATH"] += f":{tmp_path}"
+        for _ in range(2):
+            bot = await asyncio.create_subprocess_exec(*fake.subprocess_argv("pingbot"), env=env)
+            try:
+                await fake.wait_ready(timeout=15)
+                job = await fake.slash(alice, "ping")
+                assert (await job.wait_original()).content == f"pong from {bot.pid}"
+            finally:
+                bot.send_signal(signal.SIGKILL)
+                await bot.wait()
+            await fake.wait_for(lambda: not fake.connected)
+        assert len(fake.sessions) == 2
