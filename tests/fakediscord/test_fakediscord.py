@@ -172,7 +172,7 @@ def make_bot(guild_id: int) -> ProbeBot:
     @app_commands.choices(
         mode=[
             app_commands.Choice(name=n, value=n)
-            for n in ("double_ack", "expired", "late_ack", "oversize", "reply")
+            for n in ("double_ack", "expired", "followup", "late_ack", "oversize", "reply")
         ]
     )
     async def probe(interaction: discord.Interaction, mode: str) -> None:
@@ -204,6 +204,8 @@ def make_bot(guild_id: int) -> ProbeBot:
             elif mode == "expired":
                 await bot.gate.wait()
                 await interaction.followup.send("your picture")
+            elif mode == "followup":
+                await interaction.followup.send("here it is")
             elif mode == "oversize":
                 bot.outcomes["filesize_limit"] = interaction.filesize_limit
                 big = discord.File(io.BytesIO(b"x" * (interaction.filesize_limit + 1)), "big.png")
@@ -285,6 +287,16 @@ async def test_slash_defer_edits_followup_with_file_and_buttons() -> None:
             assert result.content == "again!" and result.buttons == []
             assert result.edit_count == 1
         assert not fake.errors
+
+
+async def test_followup_can_fill_the_deferred_message() -> None:
+    async with FakeDiscord(followup_replaces_deferred=True) as fake:
+        alice = fake.add_user("alice")
+        async with fake.run_bot(make_bot(fake.guild_id)):
+            job = await fake.slash(alice, "probe", mode="followup")
+            filled = await job.wait_followup()
+            assert filled is job.original and job.messages == [filled]
+            assert filled.contents == ["", "here it is"] and not filled.loading
 
 
 async def test_buttons_work_after_a_restart() -> None:
