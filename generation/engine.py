@@ -603,6 +603,10 @@ class DiffusersEngine:
             from generation.tiny import ensure_tiny_sd
 
             return str(ensure_tiny_sd(self.settings.cache_dir))
+        if spec.source == "tiny-sdxl":
+            from generation.tiny import ensure_tiny_sdxl
+
+            return str(ensure_tiny_sdxl(self.settings.cache_dir))
         if spec.source.endswith((".safetensors", ".ckpt")):
             raise ValueError(
                 f"model: {spec.name!r} points at a single checkpoint file; give a diffusers "
@@ -670,11 +674,13 @@ class _WeightedPromptEncoder:
                     returned_embeddings_type=penultimate,
                     requires_pooled=False,
                 ),
+                # Pooled embeddings are taken from its provider directly (see `encode`):
+                # compel's own pooled mode cannot weight conjunction parts.
                 Compel(
                     tokenizer=pipe.tokenizer_2,
                     text_encoder=pipe.text_encoder_2,
                     returned_embeddings_type=penultimate,
-                    requires_pooled=True,
+                    requires_pooled=False,
                 ),
             ]
         else:

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 TINY_SD_DIR = "tiny-sd"
 TINY_CLIP_DIR = "tiny-clip"
+TINY_SDXL_DIR = "tiny-sdxl"
+# Model source that resolves to the tiny SDXL-shaped pipeline (for SDXL code paths offline).
+TINY_SDXL = "tiny-sdxl"
 # Bump when the architecture or seed changes so stale caches are rebuilt rather than reused.
 TINY_VERSION = 1
 _MARKER = "imagine-bot-tiny.json"
@@ -160,6 +163,83 @@ def build_tiny_sd(folder: Path, seed: int = TINY_SEED) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED) -> None:
+    """A tiny SDXL-shaped pipeline: two text encoders, pooled + size conditioning ("text_time").
+
+    It exists so the SDXL code paths (Auto pipeline selection, pooled prompt embeddings) are
+    exercised offline; SD 1.x's tiny model stays the default.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _tiny_tokenizer()
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 5,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(seed + 10)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    torch.manual_seed(seed + 11)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=32))
+    torch.manual_seed(seed + 12)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_BASE_RESOLUTION // 8,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        # 6 size/crop numbers x 8 + the pooled text embedding (32).
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        # Both encoders' hidden states side by side.
+        cross_attention_dim=64,
+    )
+    torch.manual_seed(seed + 13)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=TINY_BASE_RESOLUTION,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
 def build_tiny_clip(folder: Path, seed: int = TINY_SEED) -> None:
     """Build the tiny CLIPModel with its processor and tokenizer and save them into `folder`."""
     import torch
@@ -199,7 +279,8 @@ def build_tiny_clip(folder: Path, seed: int = TINY_SEED) -> None:
     processor.save_pretrained(folder)
 
 
-def _ensure(cache_dir: Path, name: str, builder: Callable[[Path], None]) -> Path:
+def ensure_built(cache_dir: Path, name: str, builder: Callable[[Path], None]) -> Path:
+    """`cache_dir/name`, built by `builder(folder)` unless a finished build is already there."""
     target = Path(cache_dir) / name
     marker = target / _MARKER
     if _is_current(marker):
@@ -241,9 +322,14 @@ def _is_current(marker: Path) -> bool:
 
 def ensure_tiny_sd(cache_dir: Path) -> Path:
     """Folder of the tiny SD pipeline under `cache_dir`, built on first use."""
-    return _ensure(cache_dir, TINY_SD_DIR, build_tiny_sd)
+    return ensure_built(cache_dir, TINY_SD_DIR, build_tiny_sd)
 
 
 def ensure_tiny_clip(cache_dir: Path) -> Path:
     """Folder of the tiny CLIP model under `cache_dir`, built on first use."""
-    return _ensure(cache_dir, TINY_CLIP_DIR, build_tiny_clip)
+    return ensure_built(cache_dir, TINY_CLIP_DIR, build_tiny_clip)
+
+
+def ensure_tiny_sdxl(cache_dir: Path) -> Path:
+    """Folder of the tiny SDXL-shaped pipeline under `cache_dir`, built on first use."""
+    return ensure_built(cache_dir, TINY_SDXL_DIR, build_tiny_sdxl)

@@ -59,15 +59,15 @@ def test_ensure_reuses_a_finished_build_and_replaces_a_broken_one(tmp_path: Path
         calls.append(folder)
         (folder / "weights.bin").write_bytes(b"x")
 
-    first = tiny._ensure(tmp_path, "model", builder)
-    again = tiny._ensure(tmp_path, "model", builder)
+    first = tiny.ensure_built(tmp_path, "model", builder)
+    again = tiny.ensure_built(tmp_path, "model", builder)
     assert first == again == tmp_path / "model"
     assert len(calls) == 1
     assert (first / "weights.bin").exists()
 
     # A folder without the completion marker (say, copied half-way) is rebuilt, not trusted.
     (first / tiny._MARKER).unlink()
-    tiny._ensure(tmp_path, "model", builder)
+    tiny.ensure_built(tmp_path, "model", builder)
     assert len(calls) == 2
     assert (first / tiny._MARKER).exists()
 
@@ -78,5 +78,5 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path: Path) -> None:
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        tiny._ensure(tmp_path, "model", broken)
+        tiny.ensure_built(tmp_path, "model", broken)
     assert list(tmp_path.iterdir()) == []
