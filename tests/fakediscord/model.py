@@ -342,8 +342,12 @@ class MessageState:
     attachments: tuple[Attachment, ...]
     flags: int
     at: float
-    via: Literal["interaction", "bot"]
+    via: Via
 
+
+# How a message was written: through an interaction token (webhook routes), with the bot token
+# (channel routes), or by a test user (``FakeDiscord.say``).
+Via = Literal["interaction", "bot", "user"]
 
 _message_type_names = {0: "default", 19: "reply", 20: "chat_input_command"}
 
@@ -352,15 +356,15 @@ _message_type_names = {0: "default", 19: "reply", 20: "chat_input_command"}
 class Message:
     """A stored message with its whole edit history.
 
-    ``via`` tells whether it was created through an interaction token (webhook routes) or with the
-    bot token (channel routes); ``states[0]`` is the message as created and every edit appends one.
+    ``via`` tells how it was created (see ``Via``); ``states[0]`` is the message as created and
+    every edit appends one, so ``states`` is the message's whole visible history.
     """
 
     id: int
     channel_id: int
     guild_id: int | None
     author: User
-    via: Literal["interaction", "bot"]
+    via: Via
     type: int
     states: list[MessageState]
     allowed_mentions: dict[str, Any] | None = None

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import discord
@@ -81,6 +81,7 @@ from tests.fakediscord.model import (
     Role,
     SnowflakeFactory,
     User,
+    Via,
     guess_content_type,
     iso_now,
 )
@@ -344,6 +345,11 @@ class FakeDiscord:
         # World changes made mid-test reach a connected bot, as on Discord.
         if self.gateway.wants(INTENT_GUILDS):
             self.gateway.dispatch_soon(event, {"guild_id": str(self.guild_id), **data})
+
+    def update_role(self, role: Role, *, permissions: int) -> None:
+        """Change a role's permissions; a connected bot's role cache hears about it."""
+        role.permissions = permissions
+        self._announce("GUILD_ROLE_UPDATE", {"role": role.payload()})
 
     def role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
@@ -637,13 +643,13 @@ class FakeDiscord:
     async def say(self, user: User, content: str, *, channel: Channel | None = None) -> Message:
         """``user`` posts a plain message (MESSAGE_CREATE reaches bots with the intent)."""
         channel = channel or self.general
-        state = MessageState(content, (), (), (), 0, self.clock.now(), "bot")
+        state = MessageState(content, (), (), (), 0, self.clock.now(), "user")
         message = Message(
             id=self.snowflake(),
             channel_id=channel.id,
             guild_id=channel.guild_id,
             author=user,
-            via="bot",
+            via="user",
             type=0,
             states=[state],
         )
@@ -875,7 +881,7 @@ class FakeDiscord:
         files: list[UploadedFile],
         *,
         previous: MessageState | None,
-        via: Literal["interaction", "bot"],
+        via: Via,
         flags: int,
     ) -> MessageState:
         def pick(key: str, default: Any) -> Any:
@@ -935,7 +941,7 @@ class FakeDiscord:
         body: dict[str, Any],
         files: list[UploadedFile],
         *,
-        via: Literal["interaction", "bot"],
+        via: Via,
         message_type: int,
         flags: int,
         interaction: FakeInteraction | None = None,
@@ -973,7 +979,7 @@ class FakeDiscord:
         message: Message,
         body: dict[str, Any],
         files: list[UploadedFile],
-        via: Literal["interaction", "bot"],
+        via: Via,
     ) -> None:
         flags = message.flags & ~FLAG_LOADING
         if "flags" in body and body["flags"] is not None:

@@ -319,8 +319,7 @@ async def test_buttons_work_after_a_restart() -> None:
 async def test_subcommand_group_user_option_and_permissions() -> None:
     async with FakeDiscord() as fake:
         bob = fake.add_user("bob")
-        mod = fake.add_user("mod", roles=["Moderators"])
-        fake.role("Moderators").permissions = MANAGE_GUILD
+        mod = fake.add_user("mod", roles=[fake.add_role("Moderators", MANAGE_GUILD)])
         async with fake.run_bot(make_bot(fake.guild_id)):
             grant = await fake.slash(mod, "admin credits grant", user=bob, amount=5)
             assert (await grant.wait_original()).content == "granted 5 to bob"
