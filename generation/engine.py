@@ -778,7 +778,15 @@ def _on_step_end(
     _check_cancel(state.cancel)
     if state.progress is not None:
         total = state.total * state.calls
-        state.progress(Progress(step=state.offset * state.total + state.steps_done, total=total))
+        step = state.offset * state.total + state.steps_done
+        try:
+            state.progress(Progress(step=step, total=total))
+        except GenerationCancelled:
+            raise
+        except Exception:
+            # A failing progress display (say, a message edit that hit a rate limit) must not
+            # throw away minutes of GPU work.
+            log.exception("progress callback failed at step %d/%d; generation goes on", step, total)
     if state.stop_at is not None and state.steps_done >= state.stop_at:
         state.stopped = True
         pipe._interrupt = True

@@ -124,6 +124,27 @@ def test_cancel_stops_between_steps_and_leaves_the_engine_usable(engine) -> None
     assert engine.generate(imagine(steps=2)).images
 
 
+def test_a_failing_progress_callback_does_not_kill_the_job(engine) -> None:
+    calls: list[int] = []
+
+    def broken(progress: Progress) -> None:
+        calls.append(progress.step)
+        raise ConnectionError("message edit failed")
+
+    result = engine.generate(imagine(steps=3), progress=broken)
+    assert calls == [1, 2, 3]
+    assert len(result.images) == 2
+
+
+def test_progress_callback_may_cancel_by_raising(engine) -> None:
+    def stop(progress: Progress) -> None:
+        if progress.step == 2:
+            raise GenerationCancelled("user pressed cancel")
+
+    with pytest.raises(GenerationCancelled):
+        engine.generate(imagine(steps=5), progress=stop)
+
+
 def test_cancel_before_start_does_no_work(engine) -> None:
     cancel = threading.Event()
     cancel.set()
