@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 
 from tests.fakediscord.commands import CommandNotPermitted, SchemaViolation
+from tests.fakediscord.gateway import GatewaySession
 from tests.fakediscord.interactions import Ack, FakeInteraction, WaitTimeout
 from tests.fakediscord.model import (
     ADMINISTRATOR,
@@ -31,6 +32,7 @@ from tests.fakediscord.model import (
     Role,
     Upload,
     User,
+    Via,
 )
 from tests.fakediscord.redirect import redirect_discord
 from tests.fakediscord.server import FakeDiscord, FakeHTTPError, Fault, RecordedRequest
@@ -60,6 +62,7 @@ __all__ = [
     "FakeHTTPError",
     "FakeInteraction",
     "Fault",
+    "GatewaySession",
     "Message",
     "MessageState",
     "Pings",
@@ -68,6 +71,7 @@ __all__ = [
     "SchemaViolation",
     "Upload",
     "User",
+    "Via",
     "WaitTimeout",
     "fake_discord",
     "redirect_discord",

@@ -184,7 +184,8 @@ def make_bot(guild_id: int) -> ProbeBot:
                 bot.outcomes[mode] = error.code
             return
         if mode == "reply":
-            await interaction.response.send_message("ok", ephemeral=True)
+            receipt = discord.File(io.BytesIO(png(1, 1)), "receipt.png")
+            await interaction.response.send_message("ok", file=receipt, ephemeral=True)
             first = await interaction.channel.send("first")
             await first.edit(content="first (edited)")
             await first.reply("second", mention_author=False)
@@ -446,7 +447,9 @@ async def test_channel_messages_edits_and_replies() -> None:
     async with FakeDiscord() as fake:
         alice = fake.add_user("alice")
         async with fake.run_bot(make_bot(fake.guild_id)):
-            await fake.slash(alice, "probe", mode="reply")
+            job = await fake.slash(alice, "probe", mode="reply")
+            ok = await job.wait_original()
+            assert ok.ephemeral and ok.attachments[0].filename == "receipt.png"  # multipart ack
             reply = await fake.wait_for_message(lambda m: m.content == "second")
             first = reply.referenced
             assert first is not None and first.contents == ["first", "first (edited)"]
