@@ -313,6 +313,8 @@ _ROLE_MENTION = re.compile(r"<@&(\d+)>")
 def compute_pings(
     content: str, allowed_mentions: dict[str, Any] | None, replied_user: int | None
 ) -> Pings:
+    """Worst case on purpose: the bot is assumed able to ping @everyone and every role (as with
+    an admin bot role), so only ``allowed_mentions`` can keep a prompt from pinging anyone."""
     users = {int(x) for x in _USER_MENTION.findall(content)}
     roles = {int(x) for x in _ROLE_MENTION.findall(content)}
     everyone = "@everyone" in content or "@here" in content
