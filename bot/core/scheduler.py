@@ -623,7 +623,12 @@ class Scheduler:
                 enqueued_at=from_db(row["created_at"]).timestamp(),  # type: ignore[union-attr]
                 tier=int(row["tier"]),
             )
-            txn.after_commit(lambda: self._enqueue(entry, front=True))
+            def requeued() -> None:
+                if (record := self._running.get(job_id)) is not None:
+                    self._release(record)
+                self._enqueue(entry, front=True)
+
+            txn.after_commit(requeued)
 
         await self._db.transaction(work)
 
@@ -686,9 +691,13 @@ class Scheduler:
         job = row_to_job(row)
 
         def done() -> None:
-            if from_state is JobState.QUEUED:
-                self._fair.remove(job_id)
+            # In step with the commit, so nobody can see the job finished in the database
+            # but still running (or queued) here.
+            if self._fair.remove(job_id) is not None:
                 self._queue_changed()
+            # Also a job the dispatcher has picked but not yet marked running.
+            if (record := self._running.get(job_id)) is not None:
+                self._release(record)
             self._emit(Finished(job))
 
         txn.after_commit(done)
@@ -783,8 +792,10 @@ class Scheduler:
         unknown job."""
         first: JobEvent | None = None
         record = self._running.get(job_id)
-        if record is not None:
-            first = record.progress or Started(job_id, record.job.attempts if record.job else 0)
+        if record is not None and record.job is None:
+            first = Queued(job_id, 1)  # picked by the dispatcher, about to start
+        elif record is not None:
+            first = record.progress or Started(job_id, record.job.attempts)
         elif job_id in self._fair:
             first = Queued(job_id, self.queue_position(job_id) or 0)
         subscription = Subscription(self, job_id, first)
