@@ -623,6 +623,7 @@ class Scheduler:
                 enqueued_at=from_db(row["created_at"]).timestamp(),  # type: ignore[union-attr]
                 tier=int(row["tier"]),
             )
+
             def requeued() -> None:
                 if (record := self._running.get(job_id)) is not None:
                     self._release(record)

@@ -84,7 +84,11 @@ async def test_a_job_runs_with_events_images_and_a_settled_hold(core: Core) -> N
         assert "Seed: 2" in (read_parameters(image) or "")
     # Only generated names under the data folder, and no temporaries left behind.
     assert sorted(p.name for p in (data_dir / "images" / str(job.id)).iterdir()) == [
-        "0.png", "1.png", "2.png", "3.png", "grid.png"
+        "0.png",
+        "1.png",
+        "2.png",
+        "3.png",
+        "grid.png",
     ]
     kinds = [e.kind for e in await core.credits.ledger(ALICE.user_id)]
     assert kinds[:2] == [LedgerKind.SETTLE, LedgerKind.HOLD]
@@ -120,7 +124,9 @@ async def test_waiting_overtakes_a_higher_tier_that_never_stops(
 ) -> None:
     high = Owner(user_id=1)
     config = make_config(
-        tmp_path, scheduler={"user_tiers": {1: 50}, "aging_s": 30.0}, credits={"daily_allowance": 500}
+        tmp_path,
+        scheduler={"user_tiers": {1: 50}, "aging_s": 30.0},
+        credits={"daily_allowance": 500},
     )
     core = await open_core(config, clock)
     try:
@@ -320,7 +326,7 @@ async def test_variation_upscale_and_reroll_use_the_parent(core: Core) -> None:
     assert (await finished(core, reroll.id)).result.seeds[0] == 99  # type: ignore[union-attr]
     with pytest.raises(Refused, match="there is no image 5"):
         await core.scheduler.submit(ALICE, variation, JobKind.VARIATION, parent=(parent.id, 4))
-    with pytest.raises(ValueError, match="^kind:"):
+    with pytest.raises(ValueError, match=r"^kind:"):
         await core.scheduler.submit(ALICE, variation, JobKind.IMAGINE)
     await assert_consistent(core)
 
@@ -435,5 +441,6 @@ async def _read_job(path: Path, job_id: int) -> tuple[str, int]:
 def test_in_process_worker_is_a_worker() -> None:
     from bot.core import Worker
 
-    worker = InProcessWorker(make_config(Path("/nonexistent")).engine, Path("."), create_fake_engine)
+    settings = make_config(Path("/nonexistent")).engine
+    worker = InProcessWorker(settings, Path("."), create_fake_engine)
     assert isinstance(worker, Worker)
