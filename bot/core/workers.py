@@ -426,6 +426,10 @@ def child_main(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         engine = resolve_factory(factory)(settings)
+        # Load the models now, so a job's timeout never includes loading them.
+        warm_up = getattr(engine, "warm_up", None)
+        if callable(warm_up):
+            warm_up()
     except BaseException as exc:
         with contextlib.suppress(OSError):
             conn.send(("fatal", f"{type(exc).__name__}: {exc}"))

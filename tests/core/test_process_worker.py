@@ -1,0 +1,124 @@
+"""ProcessWorker: the engine in a child process that can crash, hang or be killed, with the
+fake engine running inside the real child."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from bot.config import Config
+from bot.core import Core, JobState, LedgerKind, Owner, ProcessWorker, ProgressUpdate, Worker
+from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
+from tests.core.fakes import FACTORY
+
+ALICE = Owner(user_id=101)
+BOB = Owner(user_id=202)
+
+
+async def open_process_core(config: Config, **options: object) -> tuple[Core, ProcessWorker]:
+    worker = ProcessWorker(config.engine, config.data_dir, FACTORY, startup_timeout_s=60)
+    core = await open_core(config, workers=[worker], **options)  # type: ignore[arg-type]
+    return core, worker
+
+
+async def first_progress(core: Core, job_id: int) -> None:
+    async with asyncio.timeout(30):
+        async with core.scheduler.subscribe(job_id) as events:
+            async for event in events:
+                if isinstance(event, ProgressUpdate):
+                    return
+
+
+async def test_child_crashes_cost_that_job_only_and_the_next_job_runs(tmp_path: Path) -> None:
+    config = make_config(tmp_path, scheduler={"max_attempts": 1})
+    core, worker = await open_process_core(config)
+    assert isinstance(worker, Worker)
+    try:
+        crashing = await core.scheduler.submit(ALICE, request("[crash] a fox"))
+        other = await core.scheduler.submit(BOB, request("a cat"))
+        done = await finished(core, crashing.id, timeout_s=60)
+        # Run, re-queued once (max_attempts=1), crashed again: failed and refunded.
+        assert done.state is JobState.FAILED and done.attempts == 2
+        assert done.error == "the generator crashed 2 times"
+        assert (await finished(core, other.id, timeout_s=60)).state is JobState.SUCCEEDED
+        assert worker.restarts == 2
+        assert (await core.credits.balance(ALICE.user_id)).available == 20
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
+async def test_a_job_interrupted_by_a_kill_is_retried_and_succeeds(tmp_path: Path) -> None:
+    config = make_config(tmp_path, step_s=0.05)
+    core, worker = await open_process_core(config)
+    try:
+        job = await core.scheduler.submit(ALICE, request("a fox", steps=20))
+        await first_progress(core, job.id)
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # what the kernel's OOM killer does
+        done = await finished(core, job.id, timeout_s=60)
+        assert done.state is JobState.SUCCEEDED and done.attempts == 2
+        assert worker.pid != pid
+        kinds = [e.kind for e in await core.credits.ledger(ALICE.user_id)]
+        assert kinds.count(LedgerKind.HOLD) == 1 and kinds.count(LedgerKind.SETTLE) == 1
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
+async def test_a_hung_engine_times_out_and_the_child_is_replaced(tmp_path: Path) -> None:
+    config = make_config(tmp_path, scheduler={"job_timeout_s": 1.0})
+    core, worker = await open_process_core(config)
+    try:
+        hung = await core.scheduler.submit(ALICE, request("[hang] a fox"))
+        await first_progress(core, hung.id)
+        pid = worker.pid
+        done = await finished(core, hung.id, timeout_s=30)
+        assert done.state is JobState.FAILED and done.error == "timed out after 1 s"
+        assert (await core.credits.balance(ALICE.user_id)).available == 20
+        nxt = await core.scheduler.submit(ALICE, request())
+        assert (await finished(core, nxt.id, timeout_s=60)).state is JobState.SUCCEEDED
+        assert worker.pid != pid
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
+async def test_cancel_reaches_the_child_and_a_deaf_engine_is_aborted(tmp_path: Path) -> None:
+    config = make_config(tmp_path, step_s=0.02)
+    core, worker = await open_process_core(config, cancel_grace_s=0.5)
+    try:
+        polite = await core.scheduler.submit(ALICE, request("[slow] a fox", steps=150))
+        await first_progress(core, polite.id)
+        pid = worker.pid
+        assert await core.scheduler.cancel(polite.id, actor_id=ALICE.user_id)
+        assert (await finished(core, polite.id, timeout_s=10)).state is JobState.CANCELLED
+        assert worker.pid == pid  # stopped between steps: no restart needed
+
+        deaf = await core.scheduler.submit(BOB, request("[hang] a cat"))
+        await first_progress(core, deaf.id)
+        assert await core.scheduler.cancel(deaf.id, actor_id=1)
+        assert (await finished(core, deaf.id, timeout_s=10)).state is JobState.CANCELLED
+        for user in (ALICE, BOB):
+            assert (await core.credits.balance(user.user_id)).available == 20
+        after = await core.scheduler.submit(BOB, request())
+        assert (await finished(core, after.id, timeout_s=60)).state is JobState.SUCCEEDED
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
+async def test_an_engine_that_cannot_start_leaves_jobs_queued(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    worker = ProcessWorker(config.engine, config.data_dir, "tests.core.fakes:no_such_factory")
+    core = await open_core(config, workers=[worker], worker_retry_s=60)
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        await asyncio.sleep(1.5)
+        assert (await core.jobs.require(job.id)).state is JobState.QUEUED
+        assert core.scheduler.queue_position(job.id) == 1
+    finally:
+        await core.close(1.0)
