@@ -45,7 +45,7 @@ async def main(root: Path, submit: bool) -> None:
         for index in range(JOBS_PER_USER):
             for user in USERS:
                 await core.scheduler.submit(
-                    Owner(user), request(f"job {user}-{index}", steps=20, seed=index)
+                    Owner(user), request(f"job {user}-{index}", steps=10, seed=index)
                 )
         print(json.dumps({"event": "submitted"}), flush=True)
     if not (core.scheduler.queued_count or core.scheduler.running_count):
