@@ -32,6 +32,12 @@ class SchedulerConfig:
     # Priority tiers: a higher tier is served first among users with equal waiting credit.
     user_tiers: dict[int, int] = field(default_factory=dict)
     role_tiers: dict[int, int] = field(default_factory=dict)
+    # A running job that ignores a cancel for this long has its worker killed.
+    cancel_grace_s: float = 15.0
+    # Loading the models in a fresh worker process; not counted in job_timeout_s.
+    worker_startup_timeout_s: float = 600.0
+    # On shutdown, running jobs get this long to finish before they are handed back to the queue.
+    drain_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,9 @@ def _scheduler(section: _Reader) -> SchedulerConfig:
         workers=section.positive("workers", int, 1),
         user_tiers=section.id_map("user_tiers"),
         role_tiers=section.id_map("role_tiers"),
+        cancel_grace_s=section.positive("cancel_grace_s", float, 15.0),
+        worker_startup_timeout_s=section.positive("worker_startup_timeout_s", float, 600.0),
+        drain_timeout_s=section.positive("drain_timeout_s", float, 30.0),
     )
     section.reject_unknown()
     return config

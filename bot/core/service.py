@@ -152,9 +152,16 @@ class Core:
             audit = AuditLog(db, clock)
             if workers is None:
                 workers = [
-                    ProcessWorker(config.engine, data_dir, engine_factory, name=f"local-{index}")
+                    ProcessWorker(
+                        config.engine,
+                        data_dir,
+                        engine_factory,
+                        name=f"local-{index}",
+                        startup_timeout_s=config.scheduler.worker_startup_timeout_s,
+                    )
                     for index in range(config.scheduler.workers)
                 ]
+            scheduler_options.setdefault("cancel_grace_s", config.scheduler.cancel_grace_s)
             scheduler = Scheduler(
                 db,
                 credits,
@@ -173,7 +180,11 @@ class Core:
         admin = AdminService(db, credits, scheduler, audit)
         return cls(config, db, credits, jobs, audit, scheduler, admin)
 
-    async def close(self, drain_timeout_s: float = 30.0) -> None:
+    async def close(self, drain_timeout_s: float | None = None) -> None:
+        """Drained shutdown (call it on SIGTERM): running jobs get `drain_timeout_s` (default
+        from config) to finish, then are handed back to the queue for the next start."""
+        if drain_timeout_s is None:
+            drain_timeout_s = self.config.scheduler.drain_timeout_s
         try:
             await self.scheduler.close(drain_timeout_s)
         finally:
