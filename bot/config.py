@@ -178,7 +178,9 @@ def _engine(section: _Reader, data_dir: Path) -> EngineSettings:
     if not 1 <= settings.num_kept <= settings.num_candidates <= 16:
         raise ConfigError(f"{section.prefix}kept/candidates: need 1 <= kept <= candidates <= 16")
     if not 1 <= settings.default_steps <= settings.max_steps <= 150:
-        raise ConfigError(f"{section.prefix}default_steps/max_steps: need 1 <= default <= max <= 150")
+        raise ConfigError(
+            f"{section.prefix}default_steps/max_steps: need 1 <= default <= max <= 150"
+        )
     if not 64 * 64 <= settings.max_pixels <= 2048 * 2048:
         raise ConfigError(f"{section.prefix}max_pixels: must be between 4096 and 4194304")
     for name in ("variation_strength_subtle", "variation_strength_strong", "upscale_strength"):

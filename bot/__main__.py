@@ -1,0 +1,72 @@
+"""`python -m bot` / `imagine-bot`: start the Discord bot, or the console front end with --shell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from bot.config import ConfigError, load_config
+from bot.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagine-bot",
+        description="A self-hosted Midjourney-style image bot for Discord.",
+        epilog="The bot token is read from the DISCORD_TOKEN environment variable only.",
+    )
+    parser.add_argument("--config", default="config.toml", help="path to config.toml")
+    parser.add_argument(
+        "--shell",
+        action="store_true",
+        help="run the same commands in this terminal instead of Discord (no token needed)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"imagine-bot: bad config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    token = os.environ.get("DISCORD_TOKEN", "").strip()
+    setup_logging(config.log_level, secrets=[token])
+
+    if args.shell:
+        from bot.shell import run_shell
+
+        return asyncio.run(run_shell(config))
+    if not token:
+        print(
+            "imagine-bot: DISCORD_TOKEN is not set (export it, or use --shell to try the bot "
+            "in this terminal)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+    import discord
+
+    from bot.discord_bot import run_discord
+
+    try:
+        asyncio.run(run_discord(config, token))
+    except discord.LoginFailure:
+        print("imagine-bot: Discord refused the token in DISCORD_TOKEN", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

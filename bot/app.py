@@ -1,0 +1,257 @@
+"""What users can do, whatever front end they use: Discord or the console.
+
+Both front ends call these methods and only render what comes back, so the rules (who may press
+which button, what a U2 or a reroll means, rate limits, prompt filtering) live in one place.
+Nothing here imports discord.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from bot.config import Config
+from bot.core.models import Job, JobKind, JobState, Owner, Refused
+from bot.core.service import Core
+from bot.moderation import PromptFilter, audit_refusal
+from generation.contract import MAX_SEED, GenerationRequest, upscale_request, variation_request
+from generation.prompt import ImagineOptions, ParsedPrompt, PromptError, parse_prompt
+
+log = logging.getLogger(__name__)
+
+# New seeds leave room for seed + i of every candidate.
+_SEED_LIMIT = MAX_SEED - 16
+
+
+class UserError(Exception):
+    """A refusal or mistake whose message is written for the user and shown as is."""
+
+
+class Action(StrEnum):
+    """What a button asks for; the value is what its custom_id carries."""
+
+    UPSCALE = "U"  # U1–U4 on a grid
+    VARY = "V"  # V1–V4 on a grid
+    REROLL = "R"  # 🔄 on a grid
+    VARY_SUBTLE = "VS"  # on an upscaled image
+    VARY_STRONG = "VX"  # on an upscaled image
+    UPSCALE_AGAIN = "UP"  # "Upscale (2x)" on an upscaled image
+    CANCEL = "X"  # while a job waits or runs
+
+    @property
+    def needs_index(self) -> bool:
+        return self in (Action.UPSCALE, Action.VARY)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is asking, as the front end knows them."""
+
+    user_id: int
+    guild_id: int | None = None
+    channel_id: int | None = None
+    role_ids: tuple[int, ...] = ()
+    is_admin: bool = False
+
+    @property
+    def owner(self) -> Owner:
+        return Owner(self.user_id, self.guild_id, self.channel_id, self.role_ids)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    notes: tuple[str, ...] = ()
+    position: int | None = None
+
+
+def random_seed() -> int:
+    return secrets.randbelow(_SEED_LIMIT + 1)
+
+
+class ImagineApp:
+    def __init__(
+        self,
+        config: Config,
+        core: Core,
+        *,
+        seed_source: Callable[[], int] = random_seed,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.core = core
+        self.prompt_filter = PromptFilter(config.moderation)
+        self._seed_source = seed_source
+        self._monotonic = monotonic
+        self._last_submit: dict[int, float] = {}
+
+    # ----- creating jobs ---------------------------------------------------------------------
+
+    def parse(
+        self, text: str, options: ImagineOptions | None = None, model: str | None = None
+    ) -> ParsedPrompt:
+        """Parse and filter a prompt without queueing anything (pure; raises UserError)."""
+        try:
+            parsed = parse_prompt(
+                text,
+                self.config.engine,
+                model=model,
+                options=options,
+                seed_source=self._seed_source,
+            )
+        except PromptError as exc:
+            raise UserError(str(exc)) from None
+        return parsed
+
+    async def imagine(
+        self,
+        actor: Actor,
+        text: str,
+        options: ImagineOptions | None = None,
+        model: str | None = None,
+    ) -> Submitted:
+        self._check_cooldown(actor)
+        parsed = self.parse(text, options, model)
+        await self._check_prompt(
+            actor, parsed.request.prompt + " " + parsed.request.negative_prompt
+        )
+        job = await self._submit(actor, parsed.request, JobKind.IMAGINE, None)
+        return Submitted(job, parsed.notes, self.core.scheduler.queue_position(job.id))
+
+    async def press(self, actor: Actor, job_id: int, action: Action, index: int = 0) -> Submitted:
+        """A button press on job `job_id`; `index` is 1-based for U#/V#."""
+        job = await self._job_for(actor, job_id)
+        if action is Action.CANCEL:
+            raise ValueError("action: use cancel() for the cancel button")
+        if job.state is not JobState.SUCCEEDED or job.result is None:
+            raise UserError(f"Job {job.id} has no images to work from ({job.state.value}).")
+        self._check_cooldown(actor)
+        request, kind, parent = await self._derived_request(job, action, index)
+        submitted = await self._submit(actor, request, kind, parent)
+        return Submitted(submitted, (), self.core.scheduler.queue_position(submitted.id))
+
+    async def cancel(self, actor: Actor, job_id: int) -> Job:
+        job = await self._job_for(actor, job_id)
+        if job.state.terminal:
+            raise UserError(f"Job {job.id} has already {_past_tense(job.state)}.")
+        await self.core.scheduler.cancel(job.id, actor.user_id)
+        return await self.core.jobs.require(job.id)
+
+    def can_upscale(self, job: Job) -> bool:
+        """Whether a 2x upscale of this job's images stays inside the pixel budget."""
+        if job.result is None:
+            return False
+        return job.result.width * job.result.height * 4 <= self.config.engine.max_pixels
+
+    # ----- reading ---------------------------------------------------------------------------
+
+    async def job(self, actor: Actor, job_id: int) -> Job:
+        return await self._job_for(actor, job_id, must_own=False)
+
+    # ----- internals -------------------------------------------------------------------------
+
+    async def _job_for(self, actor: Actor, job_id: int, must_own: bool = True) -> Job:
+        job = await self.core.jobs.get(job_id)
+        if job is None:
+            raise UserError(f"Job {job_id} doesn't exist (any more).")
+        if must_own and job.owner.user_id != actor.user_id and not actor.is_admin:
+            raise UserError("This isn't your job — use /imagine to start your own.")
+        return job
+
+    def _check_cooldown(self, actor: Actor) -> None:
+        cooldown_s = self.config.discord.command_cooldown_s
+        if cooldown_s <= 0 or actor.is_admin:
+            return
+        last = self._last_submit.get(actor.user_id)
+        if last is not None and self._monotonic() - last < cooldown_s:
+            wait_s = math.ceil(cooldown_s - (self._monotonic() - last))
+            raise UserError(f"Slow down a little — try again in {max(1, wait_s)} s.")
+
+    async def _check_prompt(self, actor: Actor, text: str) -> None:
+        refusal = self.prompt_filter.check(text)
+        if refusal is None:
+            return
+        await audit_refusal(
+            self.core.audit,
+            user_id=actor.user_id,
+            guild_id=actor.guild_id,
+            channel_id=actor.channel_id,
+            prompt=text,
+            reason=refusal.reason,
+        )
+        raise UserError(refusal.reason)
+
+    async def _submit(
+        self,
+        actor: Actor,
+        request: GenerationRequest,
+        kind: JobKind,
+        parent: tuple[int, int | None] | None,
+    ) -> Job:
+        try:
+            job = await self.core.scheduler.submit(actor.owner, request, kind, parent)
+        except Refused as exc:
+            raise UserError(exc.reason) from None
+        # Only accepted jobs start the cooldown, so fixing a typo is never held back.
+        self._last_submit[actor.user_id] = self._monotonic()
+        return job
+
+    async def _derived_request(
+        self, job: Job, action: Action, index: int
+    ) -> tuple[GenerationRequest, JobKind, tuple[int, int | None]]:
+        assert job.result is not None
+        settings = self.config.engine
+        parent = await self.core.jobs.request(job)
+        if action is Action.REROLL:
+            return parent.with_changes(seed=self._seed_source()), JobKind.REROLL, (job.id, None)
+
+        if action.needs_index:
+            if not 1 <= index <= len(job.result.image_paths):
+                raise UserError(f"Image {index} doesn't exist in job {job.id}.")
+            position = index - 1
+        else:
+            position = 0
+        image = await self.core.jobs.image(job.id, position)
+
+        if action in (Action.UPSCALE, Action.UPSCALE_AGAIN):
+            if image.width * image.height * 4 > settings.max_pixels:
+                raise UserError("This image is already as large as this server allows.")
+            request = upscale_request(
+                parent,
+                image,
+                strength=settings.upscale_strength,
+                seed=job.result.seeds[position],
+            )
+            return request, JobKind.UPSCALE, (job.id, position)
+
+        strength = (
+            settings.variation_strength_subtle
+            if action is Action.VARY_SUBTLE
+            else settings.variation_strength_strong
+        )
+        if parent.kind.value == "upscale":
+            # Vary an upscaled image at the size it was generated at: varying at 2x would cost
+            # four times as much for a result the user then upscales again anyway.
+            origin = await self.core.jobs.require(job.parent_job_id) if job.parent_job_id else None
+            width = origin.result.width if origin and origin.result else image.width // 2
+            height = origin.result.height if origin and origin.result else image.height // 2
+            image = image.resize((width, height))
+            parent = parent.with_changes(
+                num_candidates=settings.num_candidates, num_kept=settings.num_kept
+            )
+        request = variation_request(parent, image, strength=strength, seed=self._seed_source())
+        return request, JobKind.VARIATION, (job.id, position)
+
+
+def _past_tense(state: JobState) -> str:
+    return {
+        JobState.SUCCEEDED: "finished",
+        JobState.FAILED: "failed",
+        JobState.CANCELLED: "been cancelled",
+        JobState.REFUSED: "been refused",
+    }.get(state, state.value)

@@ -1,0 +1,232 @@
+"""One Discord message per job, edited in place from queue position to progress to result.
+
+Edits go through the interaction token while it lives (15 minutes); anything after that, or any
+edit Discord refuses, falls back to a normal channel message sent with the bot token. Results are
+claimed in SQLite before they are sent, so a result is never posted twice, not even across a
+restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from bot import render
+from bot.buttons import cancel_view, result_view
+from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started
+from generation.images import encode_for_upload
+
+if TYPE_CHECKING:
+    from bot.discord_bot import ImagineBot
+
+log = logging.getLogger(__name__)
+
+RESULT = "result"
+
+
+@dataclass
+class JobMessage:
+    """Where a job's status lives: the interaction's original response, or a channel message."""
+
+    job: Job
+    notes: tuple[str, ...] = ()
+    interaction: discord.Interaction[Any] | None = None
+    message: discord.Message | None = None
+    # Once Discord refused an edit, nothing more is tried through that route.
+    broken: bool = False
+    last_edit: float = field(default=0.0)
+
+
+class Delivery:
+    def __init__(self, bot: ImagineBot) -> None:
+        self.bot = bot
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def track(self, target: JobMessage) -> None:
+        task = asyncio.create_task(self._follow(target), name=f"deliver-job-{target.job.id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    # ----- following a job -------------------------------------------------------------------
+
+    async def _follow(self, target: JobMessage) -> None:
+        try:
+            await self._follow_events(target)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("delivering job %s failed", target.job.id)
+
+    async def _follow_events(self, target: JobMessage) -> None:
+        interval_s = self.bot.config.discord.progress_edit_interval_s
+        pending: str | None = None
+        async with self.bot.core.scheduler.subscribe(target.job.id) as events:
+            iterator = aiter(events)
+            while True:
+                wait_s = None
+                if pending is not None:
+                    wait_s = max(0.0, interval_s - (time.monotonic() - target.last_edit))
+                try:
+                    event = await asyncio.wait_for(anext(iterator), wait_s)
+                except TimeoutError:
+                    await self._edit_status(target, pending)  # type: ignore[arg-type]
+                    pending = None
+                    continue
+                except StopAsyncIteration:
+                    return
+                if isinstance(event, Finished):
+                    await self.deliver(event.job, target)
+                    return
+                pending = self._status_text(target, event)
+                # Discord rate-limits edits; at most one every `interval_s`, the newest wins.
+                if time.monotonic() - target.last_edit >= interval_s:
+                    await self._edit_status(target, pending)
+                    pending = None
+
+    def _status_text(self, target: JobMessage, event: Any) -> str:
+        if isinstance(event, Queued):
+            return render.queued_text(target.job, event.position, target.notes)
+        if isinstance(event, ProgressUpdate):
+            return render.running_text(target.job, event.step, event.total, target.notes)
+        assert isinstance(event, Started)
+        return render.running_text(
+            target.job, 0, int(target.job.request_data["steps"]), target.notes
+        )
+
+    async def _edit_status(self, target: JobMessage, content: str) -> None:
+        target.last_edit = time.monotonic()
+        if target.broken:
+            return
+        try:
+            if target.message is not None and target.interaction is None:
+                await target.message.edit(content=content)
+            elif target.interaction is not None:
+                await target.interaction.edit_original_response(content=content)
+        except discord.HTTPException as exc:
+            # Progress is cosmetic: stop editing, the result still arrives by another route.
+            log.info(
+                "job %s: progress edit refused (%s), switching to channel delivery",
+                target.job.id,
+                exc,
+            )
+            target.broken = True
+
+    # ----- results ---------------------------------------------------------------------------
+
+    async def deliver(self, job: Job, target: JobMessage | None = None) -> None:
+        """Post a finished job once: edit its message if we can, else a new channel message."""
+        if not await self.bot.core.jobs.claim_delivery(job.id, RESULT):
+            log.info("job %s: result already delivered", job.id)
+            return
+        mention = f"<@{job.owner.user_id}>"
+        owner_only = discord.AllowedMentions(users=[discord.Object(job.owner.user_id)])
+        notes = target.notes if target else ()
+        content = (
+            render.result_text(job, notes=notes)
+            if job.state is JobState.SUCCEEDED
+            else render.finished_text(job)
+        )
+        view = result_view(job, self.bot.app.can_upscale(job)) if job.result else None
+
+        message: discord.Message | None = None
+        if target is not None and not target.broken and (target.interaction or target.message):
+            try:
+                files = await self._files(job, self._upload_limit(target))
+                message = await self._edit_result(target, content, files, view)
+            except discord.HTTPException as exc:
+                log.info("job %s: result edit refused (%s), posting to the channel", job.id, exc)
+        pinged_in_result = False
+        if message is None:
+            channel = await self.bot.job_channel(job)
+            if channel is None:
+                log.warning(
+                    "job %s: channel %s is gone; result kept on disk", job.id, job.owner.channel_id
+                )
+                await self.bot.core.jobs.complete_delivery(job.id, RESULT, {"lost": True})
+                return
+            files = await self._files(job, channel.guild.filesize_limit if channel.guild else None)
+            message = await channel.send(
+                content=f"{mention}\n{content}",
+                files=files,
+                view=view or discord.utils.MISSING,
+                allowed_mentions=owner_only,
+            )
+            pinged_in_result = True
+        info = {"channel_id": message.channel.id, "message_id": message.id}
+        await self.bot.core.jobs.complete_delivery(job.id, RESULT, info)
+
+        # Edits don't notify anyone; a short new message does. Cancelling your own job doesn't.
+        if not pinged_in_result and job.state is not JobState.CANCELLED:
+            try:
+                await message.channel.send(
+                    render.done_ping(job, mention),
+                    reference=message.to_reference(fail_if_not_exists=False),
+                    allowed_mentions=owner_only,
+                )
+            except discord.HTTPException as exc:
+                log.info("job %s: done notice not sent (%s)", job.id, exc)
+
+    async def _edit_result(
+        self,
+        target: JobMessage,
+        content: str,
+        files: list[discord.File],
+        view: discord.ui.View | None,
+    ) -> discord.Message:
+        options: dict[str, Any] = {"content": content, "attachments": files, "view": view}
+        if target.interaction is not None:
+            return await target.interaction.edit_original_response(**options)
+        assert target.message is not None
+        return await target.message.edit(**options)
+
+    def _upload_limit(self, target: JobMessage) -> int | None:
+        if target.interaction is not None:
+            return target.interaction.filesize_limit
+        if target.message is not None and target.message.guild is not None:
+            return target.message.guild.filesize_limit
+        return None
+
+    async def _files(self, job: Job, limit_bytes: int | None) -> list[discord.File]:
+        if job.result is None:
+            return []
+        data_dir = self.bot.config.data_dir
+        path = job.grid_file(data_dir) if len(job.result.image_paths) > 1 else None
+        path = path or job.image_path(data_dir, 0)
+        spoiler = await self.bot.flagged(job)
+        data, name = await asyncio.to_thread(
+            _upload_bytes,
+            path,
+            limit_bytes or discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES,
+            f"job-{job.id}",
+        )
+        return [discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)]
+
+
+def _upload_bytes(path: Path, limit_bytes: int, stem: str) -> tuple[bytes, str]:
+    """The file as stored (with its PNG metadata) when it fits, else re-encoded to fit."""
+    data = path.read_bytes()
+    if len(data) <= limit_bytes:
+        return data, f"{stem}{path.suffix}"
+    from PIL import Image
+
+    from generation.images import read_parameters
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return encode_for_upload(image, limit_bytes, read_parameters(data), stem)
+
+
+def initial_view(job: Job) -> discord.ui.View:
+    return cancel_view(job.id)

@@ -1,0 +1,487 @@
+"""The Discord front end: slash commands and buttons over `ImagineApp` and the core services.
+
+Thin on purpose: each handler turns the interaction into an `Actor`, calls the app, and renders.
+User-facing errors (`UserError`) become short ephemeral replies in one handler; anything else is
+logged with context and shown as "something went wrong".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import render
+from bot.app import Action, Actor, ImagineApp, UserError
+from bot.buttons import JobButton, cancel_view
+from bot.config import Config
+from bot.core.clock import Clock, system_clock
+from bot.core.models import Job
+from bot.core.service import Core
+from bot.delivery import Delivery, JobMessage
+from bot.moderation import flagged_indices, make_output_check
+from generation.contract import MAX_SEED, MAX_STEPS, Sampler
+from generation.prompt import MAX_INPUT_CHARS, ImagineOptions
+
+log = logging.getLogger(__name__)
+
+ASPECT_CHOICES = ["1:1", "3:2", "2:3", "4:3", "3:4", "16:9", "9:16", "21:9", "9:21"]
+# Discord caps a message at 2000 characters; longer replies are cut with a marker.
+MESSAGE_LIMIT = 2000
+
+
+class ImagineBot(commands.Bot):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock = system_clock,
+        core_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=discord.Intents.default(),
+            # Nothing a prompt contains may ping anyone; only the job owner is ever mentioned.
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+            **options,
+        )
+        self.config = config
+        self.clock = clock
+        self.core_options = core_options or {}
+        self.nsfw_channels: set[int] = set()
+        self.delivery = Delivery(self)
+        self._recovered: list[Job] = []
+        self.core: Core
+        self.app: ImagineApp
+
+    # ----- start-up and shutdown -------------------------------------------------------------
+
+    async def setup_hook(self) -> None:
+        output_check = make_output_check(
+            self.config.moderation,
+            self.config.data_dir,
+            self.nsfw_channels.__contains__,
+            audit=None,
+        )
+        self.core = await Core.open(
+            self.config, clock=self.clock, output_check=output_check, **self.core_options
+        )
+        output_check.audit = self.core.audit  # type: ignore[attr-defined]
+        self.app = ImagineApp(self.config, self.core)
+        snapshot = await self.core.scheduler.snapshot()
+        self._recovered = [active.job for active in (*snapshot.running, *snapshot.queued)]
+        self.add_dynamic_items(JobButton)
+        add_commands(self)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        if self.config.discord.guild_ids:
+            for guild_id in self.config.discord.guild_ids:
+                guild = discord.Object(guild_id)
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+        else:
+            await self.tree.sync()
+
+    async def on_ready(self) -> None:
+        log.info("connected as %s to %d guild(s)", self.user, len(self.guilds))
+        # Work left from before this start: results that finished while the bot was away (or
+        # whose message was never sent), and jobs recovered into the queue. They have no
+        # message to edit any more, so their results are posted to the channel.
+        recovered, self._recovered = self._recovered, []
+        for job in await self.core.jobs.undelivered():
+            await self.delivery.deliver(job)
+        for job in recovered:
+            self.delivery.track(JobMessage(job))
+
+    async def close(self) -> None:
+        await self.delivery.close()
+        if hasattr(self, "core"):
+            await self.core.close()
+        await super().close()
+
+    # ----- helpers for handlers --------------------------------------------------------------
+
+    def actor(self, interaction: discord.Interaction[Any]) -> Actor:
+        user = interaction.user
+        roles = tuple(r.id for r in getattr(user, "roles", ()) if r.id != interaction.guild_id)
+        channel = interaction.channel
+        if channel is not None and getattr(channel, "is_nsfw", lambda: False)():
+            self.nsfw_channels.add(channel.id)
+        return Actor(
+            user_id=user.id,
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+            role_ids=roles,
+            is_admin=self.is_admin(interaction),
+        )
+
+    def is_admin(self, interaction: discord.Interaction[Any]) -> bool:
+        """Checked here, in the bot: Discord's default_permissions can be overridden by a server."""
+        settings = self.config.discord
+        if interaction.user.id in settings.admin_user_ids:
+            return True
+        roles = getattr(interaction.user, "roles", ())
+        if any(role.id in settings.admin_role_ids for role in roles):
+            return True
+        return interaction.guild is not None and interaction.permissions.manage_guild
+
+    async def job_channel(self, job: Job) -> discord.abc.Messageable | None:
+        channel_id = job.owner.channel_id
+        if channel_id is None:
+            return None
+        channel = self.get_channel(channel_id)
+        if channel is None:
+            try:
+                channel = await self.fetch_channel(channel_id)
+            except discord.HTTPException:
+                return None
+        return channel  # type: ignore[return-value]
+
+    async def flagged(self, job: Job) -> bool:
+        """Whether the job's images are to be posted behind a spoiler (safety filter)."""
+        return bool(await flagged_indices(self.config.data_dir, job))
+
+    # ----- buttons ---------------------------------------------------------------------------
+
+    async def on_job_button(
+        self, interaction: discord.Interaction[Any], action: Action, job_id: int, index: int
+    ) -> None:
+        try:
+            await self._job_button(interaction, action, job_id, index)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+    async def _job_button(
+        self, interaction: discord.Interaction[Any], action: Action, job_id: int, index: int
+    ) -> None:
+        actor = self.actor(interaction)
+        if action is Action.CANCEL:
+            job = await self.app.cancel(actor, job_id)
+            await interaction.response.send_message(
+                f"Cancelling job {job.id} — its credits are refunded.", ephemeral=True
+            )
+            return
+        submitted = await self.app.press(actor, job_id, action, index)
+        job = submitted.job
+        # Acknowledge without touching the grid; the new job gets its own message below it.
+        await interaction.response.defer()
+        channel = interaction.channel
+        assert channel is not None and interaction.message is not None
+        message = await channel.send(  # type: ignore[union-attr]
+            render.queued_text(job, submitted.position),
+            view=cancel_view(job.id),
+            reference=interaction.message.to_reference(fail_if_not_exists=False),
+        )
+        self.delivery.track(JobMessage(job, message=message))
+
+
+# ----- errors --------------------------------------------------------------------------------
+
+
+async def report_error(interaction: discord.Interaction[Any], error: BaseException) -> None:
+    """The one place errors meet users: short and specific for theirs, generic for ours."""
+    if isinstance(error, app_commands.CommandInvokeError):
+        error = error.original
+    if isinstance(error, UserError):
+        message = str(error)
+    elif isinstance(error, app_commands.CheckFailure):
+        message = str(error) or "You can't use this command here."
+    elif (
+        isinstance(error, ValueError)
+        and interaction.command
+        and interaction.command.qualified_name.startswith("admin")
+    ):
+        message = f"Not done: {error}"
+    else:
+        log.error(
+            "unexpected error in %s by user %s in channel %s",
+            interaction.command.qualified_name if interaction.command else interaction.data,
+            interaction.user.id,
+            interaction.channel_id,
+            exc_info=error,
+        )
+        message = "Something went wrong on our side; nothing was charged. Please try again."
+    await reply(interaction, message, ephemeral=True)
+
+
+async def reply(
+    interaction: discord.Interaction[Any], content: str, *, ephemeral: bool = True, **options: Any
+) -> None:
+    content = clip(content)
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(content, ephemeral=ephemeral, **options)
+        else:
+            await interaction.response.send_message(content, ephemeral=ephemeral, **options)
+    except discord.HTTPException as exc:
+        log.warning("could not reply to interaction %s: %s", interaction.id, exc)
+
+
+def clip(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 2] + " …"
+
+
+# ----- commands ------------------------------------------------------------------------------
+
+
+def add_commands(bot: ImagineBot) -> None:
+    tree = bot.tree
+    tree.on_error = report_error  # type: ignore[method-assign]
+    config = bot.config
+    model_choices = [app_commands.Choice(name=m.name, value=m.name) for m in config.engine.models]
+
+    @tree.command(name="imagine", description="Make images from a text prompt")
+    @app_commands.describe(
+        prompt="What to draw; Midjourney-style flags like --ar 3:2 --seed 7 --no text work too",
+        negative="What to keep out of the image (same as --no)",
+        aspect="Aspect ratio (same as --ar)",
+        seed="Seed for reproducible results (same as --seed)",
+        steps="Denoising steps: more is slower and finer (same as --steps)",
+        guidance="How closely to follow the prompt, CFG scale (same as --cfg)",
+        sampler="Sampling method (same as --sampler)",
+        model="Which model to use",
+    )
+    @app_commands.choices(
+        aspect=[app_commands.Choice(name=a, value=a) for a in ASPECT_CHOICES],
+        sampler=[app_commands.Choice(name=s.a1111_name, value=s.value) for s in Sampler],
+        model=model_choices,
+    )
+    async def imagine(
+        interaction: discord.Interaction[Any],
+        prompt: app_commands.Range[str, 1, MAX_INPUT_CHARS],
+        negative: app_commands.Range[str, 1, 1000] | None = None,
+        aspect: str | None = None,
+        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        steps: app_commands.Range[int, 1, MAX_STEPS] | None = None,
+        guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
+        sampler: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler)
+        submitted = await bot.app.imagine(bot.actor(interaction), prompt, options, model)
+        await interaction.response.defer(thinking=True)
+        target = JobMessage(submitted.job, submitted.notes, interaction=interaction)
+        try:
+            await interaction.edit_original_response(
+                content=render.queued_text(submitted.job, submitted.position, submitted.notes),
+                view=cancel_view(submitted.job.id),
+            )
+        except discord.HTTPException as exc:
+            log.info("job %s: first edit refused (%s)", submitted.job.id, exc)
+        bot.delivery.track(target)
+
+    @tree.command(
+        name="balance", description="Your credits, today's free allowance and recent activity"
+    )
+    async def balance(interaction: discord.Interaction[Any]) -> None:
+        actor = bot.actor(interaction)
+        current = await bot.core.credits.balance(actor.user_id, actor.role_ids)
+        entries = await bot.core.credits.ledger(actor.user_id, 5)
+        await reply(interaction, render.balance_text(current, entries, bot.clock()))
+
+    @tree.command(name="jobs", description="Your queued and running jobs")
+    async def jobs(interaction: discord.Interaction[Any]) -> None:
+        active = await bot.core.scheduler.user_jobs(interaction.user.id)
+        await reply(interaction, render.jobs_text(active))
+
+    @tree.command(
+        name="help", description="What this bot does, the flags it understands, and costs"
+    )
+    async def help_(interaction: discord.Interaction[Any]) -> None:
+        text = render.help_text(config)
+        embeds = [
+            discord.Embed(description=chunk, colour=discord.Colour.blurple())
+            for chunk in _chunks(text, 4000)
+        ]
+        await interaction.response.send_message(embeds=embeds[:10], ephemeral=True)
+
+    tree.add_command(AdminCommands(bot))
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    chunks: list[str] = []
+    current = ""
+    for line in text.splitlines():
+        if len(current) + len(line) + 1 > size:
+            chunks.append(current)
+            current = ""
+        current += line + "\n"
+    return [*chunks, current] if current else chunks
+
+
+class NotAdmin(app_commands.CheckFailure):
+    def __init__(self) -> None:
+        super().__init__(
+            "Only server managers (Manage Server) or configured bot admins can use /admin."
+        )
+
+
+class AdminCommands(app_commands.Group):
+    """`/admin …`; every subcommand passes `interaction_check` first, in the bot."""
+
+    def __init__(self, bot: ImagineBot) -> None:
+        super().__init__(
+            name="admin",
+            description="Manage credits, quotas, bans and the queue",
+            default_permissions=discord.Permissions(manage_guild=True),
+            guild_only=True,
+        )
+        self.bot = bot
+
+    async def interaction_check(self, interaction: discord.Interaction[Any]) -> bool:
+        if not self.bot.is_admin(interaction):
+            raise NotAdmin()
+        return True
+
+    @property
+    def admin(self) -> Any:
+        return self.bot.core.admin
+
+    credits = app_commands.Group(name="credits", description="Granted credits of a member")
+    quota = app_commands.Group(name="quota", description="Daily free allowance")
+    queue = app_commands.Group(name="queue", description="The job queue")
+
+    @credits.command(name="grant", description="Add credits to a member's balance")
+    @app_commands.describe(
+        user="Who gets them", amount="How many credits", reason="Shown in the ledger"
+    )
+    async def credits_grant(
+        self,
+        interaction: discord.Interaction[Any],
+        user: discord.User,
+        amount: app_commands.Range[int, 1, 1_000_000],
+        reason: app_commands.Range[str, 0, 200] = "",
+    ) -> None:
+        balance = await self.admin.grant(user.id, amount, interaction.user.id, reason)
+        await reply(
+            interaction,
+            f"Granted {amount} credits to {user.mention}; granted balance now {balance.granted}.",
+        )
+
+    @credits.command(name="set", description="Set a member's granted balance")
+    @app_commands.describe(
+        user="Whose balance", amount="The new granted balance", reason="Shown in the ledger"
+    )
+    async def credits_set(
+        self,
+        interaction: discord.Interaction[Any],
+        user: discord.User,
+        amount: app_commands.Range[int, 0, 1_000_000],
+        reason: app_commands.Range[str, 0, 200] = "",
+    ) -> None:
+        balance = await self.admin.set_balance(user.id, amount, interaction.user.id, reason)
+        await reply(interaction, f"{user.mention}'s granted balance is now {balance.granted}.")
+
+    @credits.command(name="show", description="Show a member's balance")
+    @app_commands.describe(user="Whose balance")
+    async def credits_show(
+        self, interaction: discord.Interaction[Any], user: discord.Member
+    ) -> None:
+        roles = tuple(r.id for r in getattr(user, "roles", ()) if r.id != interaction.guild_id)
+        balance = await self.admin.balance(user.id, roles)
+        entries = await self.admin.ledger(user.id, 5)
+        await reply(
+            interaction,
+            f"{user.mention}:\n" + render.balance_text(balance, entries, self.bot.clock()),
+        )
+
+    @quota.command(name="user", description="Set a member's daily free allowance (empty = default)")
+    @app_commands.describe(user="Whose allowance", amount="Credits per UTC day; leave out to reset")
+    async def quota_user(
+        self,
+        interaction: discord.Interaction[Any],
+        user: discord.User,
+        amount: app_commands.Range[int, 0, 1_000_000] | None = None,
+    ) -> None:
+        await self.admin.set_user_allowance(user.id, amount, interaction.user.id)
+        what = f"{amount} credits a day" if amount is not None else "the default allowance"
+        await reply(interaction, f"{user.mention} now gets {what}.")
+
+    @quota.command(
+        name="role", description="Set the daily free allowance of a role (empty = remove)"
+    )
+    @app_commands.describe(role="Which role", amount="Credits per UTC day; leave out to remove")
+    async def quota_role(
+        self,
+        interaction: discord.Interaction[Any],
+        role: discord.Role,
+        amount: app_commands.Range[int, 0, 1_000_000] | None = None,
+    ) -> None:
+        await self.admin.set_role_allowance(role.id, amount, interaction.user.id)
+        what = f"{amount} credits a day" if amount is not None else "no role allowance"
+        await reply(interaction, f"Members with {role.mention} now get {what}.")
+
+    @app_commands.command(name="ban", description="Stop a member from using the bot")
+    @app_commands.describe(user="Who", reason="Why (kept in the audit log)")
+    async def ban(
+        self,
+        interaction: discord.Interaction[Any],
+        user: discord.User,
+        reason: app_commands.Range[str, 0, 200] = "",
+    ) -> None:
+        cancelled = await self.admin.ban(user.id, interaction.user.id, reason)
+        await reply(
+            interaction,
+            f"{user.mention} is banned; {cancelled} queued job(s) cancelled and refunded.",
+        )
+
+    @app_commands.command(name="unban", description="Let a banned member use the bot again")
+    @app_commands.describe(user="Who", reason="Why (kept in the audit log)")
+    async def unban(
+        self,
+        interaction: discord.Interaction[Any],
+        user: discord.User,
+        reason: app_commands.Range[str, 0, 200] = "",
+    ) -> None:
+        await self.admin.unban(user.id, interaction.user.id, reason)
+        await reply(interaction, f"{user.mention} may use the bot again.")
+
+    @app_commands.command(name="ledger", description="A member's recent credit movements")
+    @app_commands.describe(user="Whose ledger", limit="How many entries")
+    async def ledger(
+        self,
+        interaction: discord.Interaction[Any],
+        user: discord.User,
+        limit: app_commands.Range[int, 1, 25] = 10,
+    ) -> None:
+        entries = await self.admin.ledger(user.id, limit)
+        lines = [render.ledger_line(e) for e in entries] or ["No ledger entries."]
+        await reply(interaction, f"Ledger of {user.mention}:\n" + "\n".join(lines))
+
+    @app_commands.command(name="audit", description="Recent refusals and flagged images")
+    @app_commands.describe(limit="How many entries")
+    async def audit(
+        self, interaction: discord.Interaction[Any], limit: app_commands.Range[int, 1, 25] = 10
+    ) -> None:
+        await reply(interaction, render.audit_text(await self.admin.audit(limit)))
+
+    @queue.command(name="show", description="Show running and queued jobs")
+    async def queue_show(self, interaction: discord.Interaction[Any]) -> None:
+        await reply(interaction, render.queue_text(await self.admin.queue()))
+
+    @queue.command(name="pause", description="Stop starting new jobs (running ones finish)")
+    async def queue_pause(self, interaction: discord.Interaction[Any]) -> None:
+        await self.admin.pause(interaction.user.id)
+        await reply(interaction, "The queue is paused; new submissions are refused until resumed.")
+
+    @queue.command(name="resume", description="Start jobs again")
+    async def queue_resume(self, interaction: discord.Interaction[Any]) -> None:
+        await self.admin.resume(interaction.user.id)
+        await reply(interaction, "The queue is running again.")
+
+
+async def run_discord(config: Config, token: str) -> None:
+    bot = ImagineBot(config)
+    loop = asyncio.get_running_loop()
+    # SIGTERM (docker stop, systemd) drains: running jobs finish or are handed back.
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(bot.close()))
+    async with bot:
+        await bot.start(token)

@@ -1,0 +1,225 @@
+"""Text both front ends show: job status lines, results, balances, help.
+
+Plain strings with light Markdown (Discord renders it, a terminal shows it readably). User text
+is passed through `quote_prompt`; pings are prevented by the Discord layer's allowed_mentions,
+not by mangling the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from bot.config import Config
+from bot.core.credits import describe_wait
+from bot.core.models import (
+    ActiveJob,
+    AuditEntry,
+    Balance,
+    Job,
+    JobKind,
+    JobState,
+    LedgerEntry,
+    QueueSnapshot,
+)
+from generation.contract import Sampler
+from generation.prompt import FLAGS, Treatment
+
+_BAR_CELLS = 12
+_PROMPT_PREVIEW_CHARS = 300
+
+
+def quote_prompt(prompt: str, limit: int = _PROMPT_PREVIEW_CHARS) -> str:
+    """The prompt as inline text that Markdown in it can't break out of."""
+    text = " ".join(prompt.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    # Backticks would close the code span early; a look-alike keeps the text readable.
+    return "`" + text.replace("`", "ˋ") + "`" if text else "`(empty)`"
+
+
+def progress_bar(fraction: float) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * _BAR_CELLS)
+    return "▰" * filled + "▱" * (_BAR_CELLS - filled)
+
+
+def job_title(job: Job) -> str:
+    what = {
+        JobKind.IMAGINE: "Imagine",
+        JobKind.REROLL: "Reroll",
+        JobKind.VARIATION: "Variations",
+        JobKind.UPSCALE: "Upscale",
+    }[job.kind]
+    if job.parent_job_id is not None and job.parent_index is not None:
+        what += f" of image {job.parent_index + 1} from job {job.parent_job_id}"
+    elif job.parent_job_id is not None:
+        what += f" of job {job.parent_job_id}"
+    return f"{what} — {quote_prompt(job.prompt)}"
+
+
+def settings_line(job: Job) -> str:
+    data = job.request_data
+    width = job.result.width if job.result else data.get("width")
+    height = job.result.height if job.result else data.get("height")
+    sampler = Sampler(data.get("sampler", Sampler.DPMPP_2M_KARRAS.value)).a1111_name
+    parts = [
+        f"seed {job.seed}",
+        f"{width}x{height}",
+        f"{data.get('steps')} steps",
+        sampler,
+        f"CFG {data.get('guidance')}",
+        f"model {data.get('model')}",
+        f"cost {job.cost} credit{'s' if job.cost != 1 else ''}",
+    ]
+    return " · ".join(str(p) for p in parts)
+
+
+def queued_text(job: Job, position: int | None, notes: Sequence[str] = ()) -> str:
+    where = f"position {position} in the queue" if position else "waiting for a free GPU"
+    lines = [f"**{job_title(job)}**", f"⏳ Queued — {where}. Job {job.id}, {settings_line(job)}"]
+    lines += [f"ℹ️ {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def running_text(job: Job, step: int, total: int, notes: Sequence[str] = ()) -> str:
+    fraction = step / total if total else 0.0
+    lines = [
+        f"**{job_title(job)}**",
+        f"🎨 {progress_bar(fraction)} {step}/{total} steps ({fraction:.0%}) — job {job.id}",
+    ]
+    lines += [f"ℹ️ {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def result_text(job: Job, mention: str = "", notes: Sequence[str] = ()) -> str:
+    """The caption under a finished job's image(s)."""
+    lines = [f"**{job_title(job)}**" + (f" — {mention}" if mention else "")]
+    lines.append(settings_line(job))
+    result = job.result
+    if result is not None and job.kind in (JobKind.IMAGINE, JobKind.REROLL, JobKind.VARIATION):
+        candidates = job.request_data.get("num_candidates", len(result.image_paths))
+        scores = ", ".join(f"{s:.1f}" for s in result.clip_scores)
+        seeds = ", ".join(str(s) for s in result.seeds)
+        kept = len(result.image_paths)
+        lines.append(f"Best {kept} of {candidates} by CLIP (scores {scores}; seeds {seeds})")
+    lines += [f"ℹ️ {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def finished_text(job: Job) -> str:
+    """A job that ended without images: why, and what happened to the credits."""
+    refunded = f"your {job.cost} credit{'s were' if job.cost != 1 else ' was'} refunded"
+    if job.state is JobState.CANCELLED:
+        return f"**{job_title(job)}**\n🚫 Cancelled — {refunded}."
+    if job.state is JobState.REFUSED:
+        return (
+            f"**{job_title(job)}**\n⛔ {job.error or 'Withheld by the safety filter'} — {refunded}."
+        )
+    return (
+        f"**{job_title(job)}**\n⚠️ Something went wrong (job {job.id}): "
+        f"{job.error or 'unknown error'} — {refunded}."
+    )
+
+
+def done_ping(job: Job, mention: str) -> str:
+    return f"{mention} your job {job.id} is done: {quote_prompt(job.prompt, 80)}"
+
+
+def balance_text(balance: Balance, entries: Sequence[LedgerEntry], now: datetime) -> str:
+    lines = [
+        f"**{balance.available} credits available**",
+        f"• Free today: {balance.allowance_left} of {balance.allowance_level} "
+        f"(resets in {describe_wait(balance.resets_at, now)}, at 00:00 UTC)",
+        f"• Granted: {balance.granted}",
+    ]
+    if balance.held:
+        lines.append(f"• Held by your queued/running jobs: {balance.held}")
+    if balance.banned:
+        lines.append("• ⛔ You are banned from using this bot.")
+    if entries:
+        lines.append("Recent activity:")
+        lines += [ledger_line(entry) for entry in entries]
+    return "\n".join(lines)
+
+
+def ledger_line(entry: LedgerEntry) -> str:
+    when = entry.created_at.strftime("%Y-%m-%d %H:%M")
+    job = f" job {entry.job_id}" if entry.job_id is not None else ""
+    reason = f" — {entry.reason}" if entry.reason else ""
+    return f"`{when}` {entry.amount:+d} {entry.kind.value}{job}{reason}"
+
+
+def jobs_text(active: Sequence[ActiveJob]) -> str:
+    if not active:
+        return "You have no queued or running jobs."
+    lines = []
+    for item in active:
+        where = "running" if item.position is None else f"queued, position {item.position}"
+        prompt = quote_prompt(item.job.prompt, 80)
+        lines.append(f"• Job {item.job.id} ({item.job.kind.value}, {where}): {prompt}")
+    return "\n".join(lines)
+
+
+def queue_text(snapshot: QueueSnapshot) -> str:
+    head = "⏸️ The queue is **paused**." if snapshot.paused else "▶️ The queue is running."
+    lines = [
+        f"{head} {len(snapshot.running)} running, {len(snapshot.queued)} queued, "
+        f"{snapshot.worker_slots} worker slot(s)."
+    ]
+    for item in [*snapshot.running, *snapshot.queued][:20]:
+        where = "running" if item.position is None else f"#{item.position}"
+        lines.append(
+            f"• {where} job {item.job.id} by <@{item.job.owner.user_id}> "
+            f"({item.job.kind.value}, {item.job.cost} cr)"
+        )
+    return "\n".join(lines)
+
+
+def audit_text(entries: Sequence[AuditEntry]) -> str:
+    if not entries:
+        return "The audit log is empty."
+    lines = []
+    for entry in entries:
+        when = entry.created_at.strftime("%Y-%m-%d %H:%M")
+        who = f"<@{entry.user_id}>" if entry.user_id else "-"
+        job = f" job {entry.job_id}" if entry.job_id else ""
+        lines.append(f"`{when}` {entry.kind} {who}{job}: {entry.reason}")
+    return "\n".join(lines)
+
+
+def help_text(config: Config) -> str:
+    credits = config.credits
+    engine = config.engine
+    honoured = [f for f in FLAGS if f.treatment is Treatment.HONOURED]
+    mapped = [f for f in FLAGS if f.treatment is Treatment.MAPPED]
+    ignored = [f for f in FLAGS if f.treatment is Treatment.IGNORED]
+
+    def flag(spec) -> str:  # type: ignore[no-untyped-def]
+        hint = f" {spec.value_hint}" if spec.value_hint else ""
+        return f"`--{spec.name}{hint}` {spec.meaning}"
+
+    models = ", ".join(f"`{m.name}`" for m in engine.models)
+    return "\n".join(
+        [
+            "**imagine-bot** makes images with Stable Diffusion: each job draws "
+            f"{engine.num_candidates} candidates, ranks them with CLIP against your prompt and "
+            f"shows the best {engine.num_kept} in a grid.",
+            "**Commands**: `/imagine prompt` (options: negative, aspect, seed, steps, guidance, "
+            "sampler, model), `/balance`, `/jobs`, `/help`.",
+            "**Buttons**: U1–U4 upscale an image 2x · V1–V4 make variations · 🔄 rerolls with a "
+            "new seed · Cancel stops a waiting or running job (refunded).",
+            "**Flags you can type in the prompt**:",
+            *[f"• {flag(spec)}" for spec in honoured],
+            "**Midjourney flags mapped to Stable Diffusion**:",
+            *[f"• {flag(spec)}" for spec in mapped],
+            "• `a::2 b::1` weighs parts of the prompt against each other",
+            "**Accepted and ignored** (no equivalent here): "
+            + ", ".join(f"`--{spec.name}`" for spec in ignored),
+            f"**Models**: {models}. Samplers: " + ", ".join(f"`{s.value}`" for s in Sampler),
+            f"**Costs**: /imagine {credits.cost_imagine} credits at 512x512, 30 steps, "
+            f"{engine.num_candidates} candidates (bigger or longer jobs cost more) · variations "
+            f"{credits.cost_variation} · upscale {credits.cost_upscale} per 1024² of output · "
+            f"reroll as its original. Free allowance: {credits.daily_allowance} credits a day "
+            "(UTC); failed, cancelled or refused jobs are refunded in full.",
+        ]
+    )

@@ -1,0 +1,210 @@
+"""The console front end: the bot's commands in a terminal, on the same app, scheduler and
+credits as the Discord bot (in the spirit of Hubot's shell adapter).
+
+    /imagine a red fox --ar 3:2      queue a job; progress prints in place
+    U2  V3  🔄 (or reroll)            press a button of the last finished job
+    U2 17                            …or of job 17
+    /balance  /jobs  /help  /cancel [job]  /grant N  /quit
+
+The console user is the machine's owner, so they are an admin. Image paths are printed; the
+files live under the data folder. Commands may also come from a pipe; at the end of input the
+shell waits for queued jobs to finish before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import sys
+from typing import Any, TextIO
+
+from bot import render
+from bot.app import Action, Actor, ImagineApp, UserError
+from bot.config import Config
+from bot.core.clock import system_clock
+from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started
+from bot.core.service import Core
+
+log = logging.getLogger(__name__)
+
+SHELL_USER_ID = 1
+_BUTTON = re.compile(
+    r"^(?:(?P<action>[UV])(?P<index>[1-4])|(?P<reroll>🔄|reroll|r))(?:\s+(?P<job>\d+))?$", re.I
+)
+_VARY = {"subtle": Action.VARY_SUBTLE, "strong": Action.VARY_STRONG}
+
+
+class Shell:
+    def __init__(self, config: Config, core: Core, out: TextIO = sys.stdout) -> None:
+        self.config = config
+        self.core = core
+        self.app = ImagineApp(config, core)
+        self.out = out
+        self.actor = Actor(user_id=SHELL_USER_ID, is_admin=True)
+        self.last_job: int | None = None
+        self.following: set[asyncio.Task[None]] = set()
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def handle(self, line: str) -> bool:
+        """Run one command line; False means quit."""
+        line = line.strip()
+        if not line:
+            return True
+        try:
+            return await self._dispatch(line)
+        except UserError as exc:
+            self.say(f"✖ {exc}")
+        except ValueError as exc:
+            self.say(f"✖ {exc}")
+        return True
+
+    async def _dispatch(self, line: str) -> bool:
+        command, _, rest = line.partition(" ")
+        command = command.lower()
+        if command in ("/quit", "/exit"):
+            return False
+        if command == "/imagine":
+            text = rest.removeprefix("prompt:").strip()
+            submitted = await self.app.imagine(self.actor, text)
+            self.say(render.queued_text(submitted.job, submitted.position, submitted.notes))
+            self._follow(submitted.job)
+        elif command == "/balance":
+            balance = await self.core.credits.balance(SHELL_USER_ID)
+            entries = await self.core.credits.ledger(SHELL_USER_ID, 5)
+            self.say(render.balance_text(balance, entries, system_clock()))
+        elif command == "/jobs":
+            self.say(render.jobs_text(await self.core.scheduler.user_jobs(SHELL_USER_ID)))
+        elif command == "/help":
+            self.say(render.help_text(self.config))
+        elif command == "/grant":
+            amount = int(rest) if rest.strip().isdigit() else 0
+            balance = await self.core.admin.grant(SHELL_USER_ID, amount, SHELL_USER_ID, "shell")
+            self.say(f"Granted {amount}; granted balance now {balance.granted}.")
+        elif command == "/cancel":
+            job = await self.app.cancel(self.actor, self._job_id(rest))
+            self.say(f"Cancelling job {job.id}.")
+        elif command == "vary" and rest.split()[0:1] and rest.split()[0].lower() in _VARY:
+            words = rest.split()
+            await self._press(_VARY[words[0].lower()], 0, words[1] if len(words) > 1 else "")
+        elif command in ("upscale", "up"):
+            await self._press(Action.UPSCALE_AGAIN, 0, rest)
+        elif match := _BUTTON.match(line):
+            if match["reroll"]:
+                await self._press(Action.REROLL, 0, match["job"] or "")
+            else:
+                action = Action(match["action"].upper())
+                await self._press(action, int(match["index"]), match["job"] or "")
+        else:
+            self.say(f"✖ Unknown command {command!r}. Try /help, /imagine …, U1–U4, V1–V4, 🔄.")
+        return True
+
+    def _job_id(self, text: str) -> int:
+        text = text.strip()
+        if text:
+            if not text.isdigit():
+                raise UserError(f"job: expected a job number, got {text!r}")
+            return int(text)
+        if self.last_job is None:
+            raise UserError("No job yet — start one with /imagine.")
+        return self.last_job
+
+    async def _press(self, action: Action, index: int, job_text: str) -> None:
+        submitted = await self.app.press(self.actor, self._job_id(job_text), action, index)
+        self.say(render.queued_text(submitted.job, submitted.position))
+        self._follow(submitted.job)
+
+    def _follow(self, job: Job) -> None:
+        task = asyncio.create_task(self._follow_job(job))
+        self.following.add(task)
+        task.add_done_callback(self.following.discard)
+
+    async def _follow_job(self, job: Job) -> None:
+        async with self.core.scheduler.subscribe(job.id) as events:
+            async for event in events:
+                if isinstance(event, Queued):
+                    self._status(f"job {job.id}: queued, position {event.position}")
+                elif isinstance(event, Started):
+                    self._status(f"job {job.id}: started")
+                elif isinstance(event, ProgressUpdate):
+                    self._status(
+                        f"job {job.id}: {render.progress_bar(event.fraction)} "
+                        f"{event.step}/{event.total} ({event.fraction:.0%})"
+                    )
+                elif isinstance(event, Finished):
+                    self._finished(event.job)
+
+    def _status(self, text: str) -> None:
+        # In place on a terminal; one line per update when piped to a file.
+        if self.out.isatty():
+            self.out.write("\r\033[K" + text)
+            self.out.flush()
+        else:
+            self.say(text)
+
+    def _finished(self, job: Job) -> None:
+        if self.out.isatty():
+            self.out.write("\r\033[K")
+        if job.state is not JobState.SUCCEEDED or job.result is None:
+            self.say(render.finished_text(job))
+            return
+        self.last_job = job.id
+        self.say(render.result_text(job))
+        data_dir = self.config.data_dir
+        grid = job.grid_file(data_dir)
+        if grid is not None and len(job.result.image_paths) > 1:
+            self.say(f"  grid: {grid}")
+        for index in range(len(job.result.image_paths)):
+            self.say(f"  image {index + 1}: {job.image_path(data_dir, index)}")
+        if len(job.result.image_paths) > 1:
+            self.say("  next: U1–U4 upscale · V1–V4 vary · 🔄 reroll")
+        else:
+            self.say("  next: vary subtle · vary strong · upscale")
+
+    async def wait_for_jobs(self) -> None:
+        while self.following:
+            await asyncio.gather(*list(self.following), return_exceptions=True)
+
+
+async def run_shell(
+    config: Config,
+    *,
+    stdin: TextIO = sys.stdin,
+    out: TextIO = sys.stdout,
+    core_options: dict[str, Any] | None = None,
+) -> int:
+    core = await Core.open(config, **(core_options or {}))
+    shell = Shell(config, core, out)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    shell.say(f"imagine-bot console — model {config.engine.default_model}. Type /help.")
+    try:
+        while not stop.is_set():
+            if stdin.isatty():
+                out.write("> ")
+                out.flush()
+            reader = asyncio.ensure_future(asyncio.to_thread(stdin.readline))
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                reader.cancel()
+                break
+            stopper.cancel()
+            line = reader.result()
+            if line == "":
+                await shell.wait_for_jobs()
+                break
+            if not await shell.handle(line):
+                break
+    finally:
+        await core.close()
+    return 0

@@ -1,0 +1,312 @@
+"""The real discord.py bot against the wire-level fake Discord, with the real tiny-model engine.
+
+Each test drives users through the bot as Discord would (slash commands, button clicks, restarts,
+expired tokens, rate limits) and checks what users see, and what the ledger says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bot.core.models import JobState
+from bot.discord_bot import ImagineBot
+from tests.bot.conftest import GatedEngine, bot_config, in_process_workers
+from tests.fakediscord import FakeDiscord
+from tests.fakediscord.model import Message
+
+JOB_TIMEOUT_S = 60.0
+ALLOWANCE = 100
+
+
+def make_bot(
+    fake: FakeDiscord, data_dir: Path, settings: Any, engine: Any, **sections: Any
+) -> ImagineBot:
+    """The bot as `python -m bot` builds it, with the engine in a thread of this process."""
+    config = bot_config(data_dir, settings, fake.guild_id, **sections)
+    return ImagineBot(
+        config,
+        core_options={"workers": in_process_workers(config, engine)},
+        guild_ready_timeout=0.05,
+    )
+
+
+def is_grid(message: Message) -> bool:
+    return bool(message.attachments) and len(message.buttons) == 9
+
+
+def has_cancel(message: Message) -> bool:
+    return any(c.startswith("imagine:X:") for c in message.custom_ids)
+
+
+def decode(message: Message) -> Image.Image:
+    image = Image.open(io.BytesIO(message.attachments[0].data))
+    image.load()
+    return image
+
+
+def job_id_of(message: Message) -> int:
+    match = re.search(r"imagine:\w+:(\d+)", " ".join(message.custom_ids))
+    assert match, message.custom_ids
+    return int(match[1])
+
+
+async def assert_ledger_consistent(bot: ImagineBot) -> None:
+    report = await bot.core.credits.check_consistency()
+    assert report.ok, str(report)
+
+
+async def test_imagine_with_options_and_flags_fills_one_message(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(bot):
+            job = await fake.slash(
+                alice,
+                "imagine",
+                prompt="a lighthouse at dusk @everyone --ar 3:2 --no fog",
+                seed=7,
+                sampler="euler_a",
+            )
+            assert await job.wait_acked() == 5
+            assert job.ack_latency < 1.0
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+
+            stored = await bot.core.jobs.require(job_id_of(grid))
+            assert stored.state is JobState.SUCCEEDED
+            width, height = stored.request_data["width"], stored.request_data["height"]
+            assert width > height, "--ar 3:2 makes a landscape image"
+            assert decode(grid).size == (2 * width, 2 * height)
+            assert decode(grid).format == "PNG"
+            assert stored.request_data["seed"] == 7
+            assert stored.request_data["sampler"] == "euler_a"
+            assert "fog" in stored.request_data["negative_prompt"]
+            labels = [b.get("label") or b["emoji"]["name"] for b in grid.buttons]
+            assert labels == ["U1", "U2", "U3", "U4", "V1", "V2", "V3", "V4", "🔄"]
+
+            # One message edited in place: queued, then the result with seed and cost.
+            assert any("Queued" in content for content in grid.contents[:-1])
+            assert "seed 7" in grid.content and f"cost {stored.cost} credit" in grid.content
+            # The prompt's @everyone is shown but pings nobody.
+            assert not any(m.pings.everyone for m in fake.messages)
+            # Edits notify nobody, so a new message mentions the owner.
+            ping = await fake.wait_for_message(lambda m: m.pings.users == {alice.id})
+            assert ping.referenced is grid
+            await assert_ledger_consistent(bot)
+
+
+async def test_buttons_upscale_vary_reroll_and_ownership(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bob = fake.add_user("bob")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "imagine", prompt="a red fox", seed=3)
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            cell_width = decode(grid).size[0] // 2
+
+            # Anyone may look; only the owner may press.
+            intruder = await fake.click(bob, grid, label="U2")
+            assert await intruder.wait_acked() == 4
+            assert intruder.ephemeral
+            assert "isn't your job" in intruder.original.content
+            assert (await bot.core.credits.balance(bob.id)).available == ALLOWANCE
+
+            upscale = await fake.click(alice, grid, label="U2")
+            assert await upscale.wait_acked() == 6
+            upscaled = await fake.wait_for_message(
+                lambda m: m.referenced is grid and len(m.attachments) == 1 and not is_grid(m),
+                timeout=JOB_TIMEOUT_S,
+            )
+            assert decode(upscaled).size[0] == 2 * cell_width
+            labels = [b["label"] for b in upscaled.buttons]
+            assert labels[:2] == ["Vary (Subtle)", "Vary (Strong)"]
+
+            vary = await fake.click(alice, grid, label="V3")
+            await vary.wait_acked()
+            varied = await fake.wait_for_message(
+                lambda m: m.referenced is grid and is_grid(m), timeout=JOB_TIMEOUT_S
+            )
+            assert decode(varied).size == decode(grid).size
+            variation = await bot.core.jobs.require(job_id_of(varied))
+            assert variation.kind.value == "variation" and variation.parent_index == 2
+
+            reroll = await fake.click(alice, grid, label="🔄")
+            await reroll.wait_acked()
+            rerolled = await fake.wait_for_message(
+                lambda m: m.referenced is grid and is_grid(m) and m is not varied,
+                timeout=JOB_TIMEOUT_S,
+            )
+            first = await bot.core.jobs.require(job_id_of(grid))
+            again = await bot.core.jobs.require(job_id_of(rerolled))
+            assert again.parent_job_id == first.id and again.kind.value == "reroll"
+            assert again.seed != first.seed
+            assert again.request_data["prompt"] == first.request_data["prompt"]
+            await assert_ledger_consistent(bot)
+
+
+async def test_cancel_refunds_a_waiting_job(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bob = fake.add_user("bob")
+        engine = GatedEngine(shared_engine)
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, engine)
+        async with fake.run_bot(bot):
+            busy = await fake.slash(alice, "imagine", prompt="a busy one")
+            await busy.wait_acked()
+            await asyncio.to_thread(engine.entered.wait, 10)
+            waiting = await fake.slash(bob, "imagine", prompt="a waiting one")
+            queued = await waiting.wait_original(has_cancel)
+            job_id = job_id_of(queued)
+            held = await bot.core.credits.balance(bob.id)
+            assert held.available < ALLOWANCE
+
+            cancel = await fake.click(bob, queued, label="Cancel")
+            await cancel.wait_acked()
+            assert cancel.ephemeral
+            final = await waiting.wait_original(lambda m: "Cancelled" in m.content)
+            assert not final.attachments and not final.custom_ids
+            assert (await bot.core.credits.balance(bob.id)).available == ALLOWANCE
+            cancelled = await bot.core.jobs.require(job_id)
+            assert cancelled.state is JobState.CANCELLED
+
+            engine.gate.set()
+            await busy.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            await assert_ledger_consistent(bot)
+
+
+async def test_insufficient_credits_then_admin_grant(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with FakeDiscord() as fake:
+        fake.enforce_default_permissions = False
+        alice = fake.add_user("alice")
+        bot = make_bot(
+            fake,
+            tmp_path / "data",
+            bot_engine_settings,
+            shared_engine,
+            credits={"daily_allowance": 0},
+        )
+        async with fake.run_bot(bot):
+            refused = await fake.slash(alice, "imagine", prompt="a red fox")
+            assert await refused.wait_acked() == 4
+            assert refused.ephemeral and "Not enough credits" in refused.original.content
+            assert await bot.core.jobs.for_user(alice.id) == []
+
+            # A member who is not an admin sees /admin (permissions overridden) but is refused.
+            sneaky = await fake.slash(alice, "admin credits grant", user=alice, amount=50)
+            await sneaky.wait_acked()
+            assert sneaky.ephemeral and "Manage Server" in sneaky.original.content
+            assert (await bot.core.credits.balance(alice.id)).granted == 0
+
+            grant = await fake.slash(fake.owner, "admin credits grant", user=alice, amount=50)
+            await grant.wait_acked()
+            assert "Granted 50" in grant.original.content
+
+            accepted = await fake.slash(alice, "imagine", prompt="a red fox")
+            assert await accepted.wait_acked() == 5
+            await accepted.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            balance = await bot.core.credits.balance(alice.id)
+            job = await bot.core.jobs.require(job_id_of(accepted.original))
+            assert balance.granted == 50 - job.cost
+            await assert_ledger_consistent(bot)
+
+
+async def test_buttons_work_after_a_restart(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        data_dir = tmp_path / "data"
+        first_bot = make_bot(fake, data_dir, bot_engine_settings, shared_engine)
+        async with fake.run_bot(first_bot):
+            job = await fake.slash(alice, "imagine", prompt="a castle", seed=11)
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+
+        second_bot = make_bot(fake, data_dir, bot_engine_settings, shared_engine)
+        async with fake.run_bot(second_bot):
+            upscale = await fake.click(alice, grid, label="U1")
+            assert await upscale.wait_acked() == 6
+            await fake.wait_for_message(
+                lambda m: m.referenced is grid and len(m.attachments) == 1,
+                timeout=JOB_TIMEOUT_S,
+            )
+            await assert_ledger_consistent(second_bot)
+
+
+async def test_result_after_token_expiry_goes_to_the_channel(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        engine = GatedEngine(shared_engine)
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, engine)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "imagine", prompt="a slow sunrise")
+            await job.wait_original(has_cancel)
+            await asyncio.to_thread(engine.entered.wait, 10)
+            fake.clock.advance(16 * 60)
+            engine.gate.set()
+
+            delivered = await fake.wait_for_message(
+                lambda m: m.via == "bot" and bool(m.attachments), timeout=JOB_TIMEOUT_S
+            )
+            assert delivered.pings.users == {alice.id}
+            assert is_grid(delivered)
+            assert job.errors, "the expired token was refused at least once"
+            stored = await bot.core.jobs.require(job_id_of(delivered))
+            deliveries = await bot.core.jobs.deliveries(stored.id)
+            assert deliveries["result"].state == "done"
+
+
+async def test_upload_rate_limited_is_retried(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        fake.rate_limit_next("PATCH", "/webhooks/*/messages/@original", with_files=True)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "imagine", prompt="a red fox")
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            assert decode(grid).format == "PNG"
+        assert fake.count("PATCH", "/webhooks/*/messages/@original", status=429) == 1
+
+
+async def test_help_balance_and_jobs_are_ephemeral(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(bot):
+            help_ = await fake.slash(alice, "help")
+            await help_.wait_acked()
+            text = " ".join(e.get("description", "") for e in help_.original.embeds)
+            assert help_.ephemeral and "--ar" in text and "--stylize" in text
+
+            balance = await fake.slash(alice, "balance")
+            await balance.wait_acked()
+            assert balance.ephemeral
+            assert f"{ALLOWANCE} credits available" in balance.original.content
+
+            jobs = await fake.slash(alice, "jobs")
+            await jobs.wait_acked()
+            assert "no queued or running jobs" in jobs.original.content
+
+            bad = await fake.slash(alice, "imagine", prompt="a fox --ar 1000:1")
+            await bad.wait_acked()
+            assert bad.ephemeral and "--ar" in bad.original.content
+            assert (await bot.core.credits.balance(alice.id)).available == ALLOWANCE
