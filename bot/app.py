@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from bot.config import Config
 from bot.core.models import Job, JobKind, JobState, Owner, Refused
 from bot.core.service import Core
-from bot.moderation import PromptFilter, audit_refusal
+from bot.moderation import PromptFilter, audit_refusal, make_output_check
 from generation.contract import MAX_SEED, GenerationRequest, upscale_request, variation_request
 from generation.prompt import ImagineOptions, ParsedPrompt, PromptError, parse_prompt
 
@@ -68,6 +69,17 @@ class Submitted:
     job: Job
     notes: tuple[str, ...] = ()
     position: int | None = None
+
+
+async def open_core(
+    config: Config, is_nsfw_channel: Callable[[int | None], bool], **options: Any
+) -> Core:
+    """The core with the image safety check every front end uses."""
+    output_check = make_output_check(config.moderation, config.data_dir, is_nsfw_channel)
+    core = await Core.open(config, output_check=output_check, **options)
+    # The audit log only exists once the core is open, and the core needs the check to open.
+    output_check.audit = core.audit
+    return core
 
 
 def random_seed() -> int:
@@ -207,6 +219,15 @@ class ImagineApp:
         assert job.result is not None
         settings = self.config.engine
         parent = await self.core.jobs.request(job)
+        if action is not Action.REROLL:
+            # img2img runs steps x strength steps; a short parent job must still get at least
+            # one, whatever strength this action uses.
+            weakest = min(
+                settings.upscale_strength,
+                settings.variation_strength_subtle,
+                settings.variation_strength_strong,
+            )
+            parent = parent.with_changes(steps=max(parent.steps, math.ceil(1 / weakest)))
         if action is Action.REROLL:
             return parent.with_changes(seed=self._seed_source()), JobKind.REROLL, (job.id, None)
 

@@ -17,14 +17,14 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render
-from bot.app import Action, Actor, ImagineApp, UserError
+from bot.app import Action, Actor, ImagineApp, UserError, open_core
 from bot.buttons import JobButton, cancel_view
 from bot.config import Config
 from bot.core.clock import Clock, system_clock
 from bot.core.models import Job
 from bot.core.service import Core
 from bot.delivery import Delivery, JobMessage
-from bot.moderation import flagged_indices, make_output_check
+from bot.moderation import flagged_indices
 from generation.contract import MAX_SEED, MAX_STEPS, Sampler
 from generation.prompt import MAX_INPUT_CHARS, ImagineOptions
 
@@ -64,16 +64,9 @@ class ImagineBot(commands.Bot):
     # ----- start-up and shutdown -------------------------------------------------------------
 
     async def setup_hook(self) -> None:
-        output_check = make_output_check(
-            self.config.moderation,
-            self.config.data_dir,
-            self.nsfw_channels.__contains__,
-            audit=None,
+        self.core = await open_core(
+            self.config, self.nsfw_channels.__contains__, clock=self.clock, **self.core_options
         )
-        self.core = await Core.open(
-            self.config, clock=self.clock, output_check=output_check, **self.core_options
-        )
-        output_check.audit = self.core.audit  # type: ignore[attr-defined]
         self.app = ImagineApp(self.config, self.core)
         snapshot = await self.core.scheduler.snapshot()
         self._recovered = [active.job for active in (*snapshot.running, *snapshot.queued)]

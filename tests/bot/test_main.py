@@ -1,0 +1,109 @@
+"""`python -m bot` as a server owner starts it: exit codes, and the console front end."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.shell import run_shell
+from tests.bot.conftest import bot_config, in_process_workers
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_bot(
+    *args: str, env: dict[str, str] | None = None, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **options,
+    )
+
+
+def test_missing_token_is_one_clear_line_and_exit_2() -> None:
+    result = run_bot("--config", str(REPO / "config.toml"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "DISCORD_TOKEN" in lines[0] and "--shell" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[scheduler]\nmax_queue = -1\n", "scheduler.max_queue"),
+        ("[credits\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_clear_line_and_exit_2(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(content)
+    result = run_bot("--config", str(path), env={"DISCORD_TOKEN": "secret-token-value"})
+    assert result.returncode == 2
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "secret-token-value" not in result.stderr + result.stdout
+
+
+def test_shell_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
+    """The README's first command on a machine with no token: the real worker process and
+    the tiny model, commands piped in, images written where the shell says."""
+    config = tmp_path / "config.toml"
+    text = (REPO / "config.toml").read_text()
+    text = text.replace('data_dir = "data"', 'data_dir = "data"\n', 1)
+    text = re.sub(r"default_steps = \d+", "default_steps = 3", text)
+    text = re.sub(r"candidates = \d+", "candidates = 4", text)
+    text = re.sub(r"command_cooldown_s = [\d.]+", "command_cooldown_s = 0.0", text)
+    config.write_text(text)
+    commands = "/imagine a red fox --ar 3:2 --seed 5 --v 6\n/balance\nU2\n"
+    result = run_bot("--shell", "--config", str(config), input=commands)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "--v 6" in out or "--v" in out  # the ignored flag is noted
+    paths = re.findall(r"(?:grid|image \d): (\S+\.png)", out)
+    assert len(paths) == 6, out  # the grid, four kept images, then the upscale
+    assert "Upscale of image 2 from job 1" in out
+    for path in paths:
+        assert Path(path).is_file() and Path(path).is_relative_to(tmp_path / "data")
+    assert "credits available" in out
+
+
+async def test_shell_commands_in_process(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    config = bot_config(tmp_path / "data", bot_engine_settings)
+    stdin = io.StringIO(
+        "/imagine a blue bird --seed 9\n/jobs\nV1\n/imagine\n/imagine x --wat 3\nnonsense\n"
+        "vary subtle\n/help\n"
+    )
+    out = io.StringIO()
+    code = await run_shell(
+        config,
+        stdin=stdin,
+        out=out,
+        core_options={"workers": in_process_workers(config, shared_engine)},
+    )
+    text = out.getvalue()
+    assert code == 0
+    assert "seed 9" in text and "Best 4 of 8 by CLIP" in text
+    assert "Variations of image 1 from job 1" in text
+    assert "Vary" not in text.split("Variations of image 1")[0]
+    assert "✖ prompt" in text  # the empty /imagine
+    assert "✖ --wat" in text and "Unknown command 'nonsense'" in text
+    # "vary subtle" applies to the newest job, the variation grid: a grid is not an upscale,
+    # so it is varied like V1 and the run still ends cleanly.
+    assert text.count("Best 4 of 8 by CLIP") >= 2
