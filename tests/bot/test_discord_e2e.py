@@ -310,3 +310,34 @@ async def test_help_balance_and_jobs_are_ephemeral(
             await bad.wait_acked()
             assert bad.ephemeral and "--ar" in bad.original.content
             assert (await bot.core.credits.balance(alice.id)).available == ALLOWANCE
+
+
+async def test_hostile_prompts_through_discord_get_ephemeral_errors(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    hostile = [
+        "a fox --ar 1000:1",
+        "a fox --seed -1",
+        "a fox --steps 0",
+        "a fox --cfg nan",
+        "a fox --wat 3",
+        "--ar 3:2",
+        "\u200b\u200b",
+        "a fox --sampler '; DROP TABLE jobs; --",
+        "a fox --ar 2:3 --ar 9:16",
+        "x" * 5000,
+    ]
+    async with FakeDiscord() as fake:
+        mallory = fake.add_user("mallory")
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(bot):
+            for prompt in hostile:
+                bad = await fake.slash(mallory, "imagine", prompt=prompt)
+                assert await bad.wait_acked() == 4, prompt
+                assert bad.ephemeral and 0 < len(bad.original.content) <= 400, prompt
+            assert (await bot.core.credits.balance(mallory.id)).available == ALLOWANCE
+            assert await bot.core.jobs.for_user(mallory.id) == []
+            # Everyone else is still served.
+            fine = await fake.slash(alice, "imagine", prompt="a quiet harbour")
+            await fine.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
