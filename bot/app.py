@@ -7,6 +7,7 @@ Nothing here imports discord.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -76,6 +77,9 @@ async def open_core(
 ) -> Core:
     """The core with the image safety check every front end uses."""
     output_check = make_output_check(config.moderation, config.data_dir, is_nsfw_channel)
+    if config.moderation.nsfw_check:
+        # Fail at start if the classifier can't load, not on every user's first job.
+        await asyncio.to_thread(output_check.safety.load)
     core = await Core.open(config, output_check=output_check, **options)
     # The audit log only exists once the core is open, and the core needs the check to open.
     output_check.audit = core.audit
@@ -129,9 +133,8 @@ class ImagineApp:
     ) -> Submitted:
         self._check_cooldown(actor)
         parsed = self.parse(text, options, model)
-        await self._check_prompt(
-            actor, parsed.request.prompt + " " + parsed.request.negative_prompt
-        )
+        # Only what is asked for is filtered: "--no gore" steers away from what it names.
+        await self._check_prompt(actor, text, parsed.request.prompt)
         job = await self._submit(actor, parsed.request, JobKind.IMAGINE, None)
         return Submitted(job, parsed.notes, self.core.scheduler.queue_position(job.id))
 
@@ -184,8 +187,8 @@ class ImagineApp:
             wait_s = math.ceil(cooldown_s - (self._monotonic() - last))
             raise UserError(f"Slow down a little — try again in {max(1, wait_s)} s.")
 
-    async def _check_prompt(self, actor: Actor, text: str) -> None:
-        refusal = self.prompt_filter.check(text)
+    async def _check_prompt(self, actor: Actor, typed: str, prompt: str) -> None:
+        refusal = self.prompt_filter.check(prompt)
         if refusal is None:
             return
         await audit_refusal(
@@ -193,7 +196,7 @@ class ImagineApp:
             user_id=actor.user_id,
             guild_id=actor.guild_id,
             channel_id=actor.channel_id,
-            prompt=text,
+            prompt=typed,
             reason=refusal.reason,
         )
         raise UserError(refusal.reason)

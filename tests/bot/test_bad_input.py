@@ -364,3 +364,25 @@ async def test_hostile_admin_amounts_are_refused_by_name(app: ImagineApp) -> Non
     report = await app.core.credits.check_consistency()
     assert report.ok, str(report)
     await _assert_still_serving(app)
+
+
+async def test_banned_words_are_refused_uncharged_and_audited(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    moderation = dataclasses.replace(config.moderation, banned_words=("gore",))
+    config = dataclasses.replace(config, moderation=moderation)
+    worker = InProcessWorker(config.engine, config.data_dir, create_fake_engine)
+    core = await open_core(config, lambda _c: False, workers=[worker])
+    try:
+        app = ImagineApp(config, core)
+        for prompt in ("a g\u200bore scene", "ＧＯＲＥ fest", "g.o.r.e"):
+            with pytest.raises(UserError, match="blocked term"):
+                await app.imagine(ALICE, prompt)
+        assert await _available(app, ALICE) == ALLOWANCE
+        # Asking to keep it out is not asking for it.
+        accepted = await app.imagine(ALICE, "a calm meadow --no gore")
+        assert "gore" in accepted.job.request_data["negative_prompt"]
+        entries = await core.admin.audit(10)
+        assert [e.kind for e in entries].count("prompt_blocked") == 3
+        assert all(e.user_id == ALICE.user_id for e in entries)
+    finally:
+        await core.close(drain_timeout_s=5.0)
