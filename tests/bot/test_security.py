@@ -1,0 +1,136 @@
+"""Secrets stay out of logs, SQL is parameterised, and users are rate-limited politely."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import io
+import logging
+from pathlib import Path
+
+import pytest
+
+from bot.app import Actor, ImagineApp, UserError, open_core
+from bot.core import InProcessWorker
+from bot.logs import setup_logging
+from tests.bot.test_bad_input import _config
+from tests.core.fakes import create_fake_engine
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "MTIzNDU2Nzg5.secret.token-value"
+
+
+def test_the_token_never_reaches_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    setup_logging("INFO", secrets=[TOKEN])
+    log = logging.getLogger("imagine-bot.test")
+    log.info("connecting with %s", TOKEN)
+    try:
+        raise RuntimeError(f"login failed for Bot {TOKEN}")
+    except RuntimeError:
+        log.exception("start-up failed")
+    logging.getLogger().handlers.clear()
+    text = stream.getvalue()
+    assert "connecting with [redacted]" in text and "login failed" in text
+    assert TOKEN not in text
+
+
+def _sql_calls(tree: ast.AST) -> list[ast.Call]:
+    calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if (
+                node.func.attr
+                in {
+                    "execute",
+                    "executemany",
+                    "insert",
+                    "fetchone",
+                    "fetchall",
+                    "read",
+                    "read_one",
+                    "executescript",
+                }
+                and node.args
+            ):
+                calls.append(node)
+    return calls
+
+
+def _placeholder_names(tree: ast.AST) -> set[str]:
+    """Names assigned `", ".join("?" for ...)`: a run of placeholders, never a value."""
+    names = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute)
+            and node.value.func.attr == "join"
+            and node.value.args
+            and isinstance(node.value.args[0], ast.GeneratorExp)
+            and isinstance(node.value.args[0].elt, ast.Constant)
+            and node.value.args[0].elt.value == "?"
+        ):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _only_placeholders(statement: ast.JoinedStr, placeholders: set[str]) -> bool:
+    return all(
+        isinstance(part, ast.Constant)
+        or (isinstance(part.value, ast.Name) and part.value.id in placeholders)
+        for part in statement.values
+    )
+
+
+def test_every_sql_statement_is_a_constant_with_parameters() -> None:
+    """No SQL text is built from values: the statement is a literal (at most with a run of
+    `?` placeholders spliced in), and values go in the parameters."""
+    offenders = []
+    checked = 0
+    for path in sorted((REPO / "bot").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        placeholders = _placeholder_names(tree)
+        for call in _sql_calls(tree):
+            statement = call.args[0]
+            if isinstance(statement, ast.Constant) and isinstance(statement.value, str):
+                checked += 1
+                continue
+            if isinstance(statement, ast.JoinedStr) and _only_placeholders(statement, placeholders):
+                continue
+            if isinstance(statement, ast.JoinedStr | ast.BinOp) or (
+                isinstance(statement, ast.Call)
+                and isinstance(statement.func, ast.Attribute)
+                and statement.func.attr == "format"
+            ):
+                offenders.append(f"{path.relative_to(REPO)}:{call.lineno}")
+    assert checked >= 20
+    assert offenders == []
+
+
+async def test_cooldown_is_friendly_and_only_counts_accepted_jobs(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    config = dataclasses.replace(
+        config, discord=dataclasses.replace(config.discord, command_cooldown_s=3.0)
+    )
+    now = [100.0]
+    worker = InProcessWorker(config.engine, config.data_dir, create_fake_engine)
+    core = await open_core(config, lambda _c: False, workers=[worker])
+    try:
+        app = ImagineApp(config, core, monotonic=lambda: now[0])
+        user = Actor(user_id=5)
+        with pytest.raises(UserError):
+            await app.imagine(user, "a fox --ar 1000:1")  # a typo starts no cooldown
+        await app.imagine(user, "a fox")
+        now[0] += 1.0
+        with pytest.raises(UserError, match=r"try again in 2 s"):
+            await app.imagine(user, "another fox")
+        await app.imagine(Actor(user_id=6), "someone else is not held back")
+        admin = Actor(user_id=7, is_admin=True)
+        await app.imagine(admin, "admins are exempt")
+        await app.imagine(admin, "even twice in a row")
+        now[0] += 2.5
+        await app.imagine(user, "a third fox")
+    finally:
+        await core.close(drain_timeout_s=5.0)
