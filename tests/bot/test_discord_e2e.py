@@ -341,3 +341,23 @@ async def test_hostile_prompts_through_discord_get_ephemeral_errors(
             # Everyone else is still served.
             fine = await fake.slash(alice, "imagine", prompt="a quiet harbour")
             await fine.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+
+
+async def test_grid_over_the_upload_limit_is_reencoded_not_failed(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    limit_bytes = 40 * 1024
+    async with FakeDiscord(attachment_size_limit=limit_bytes) as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "imagine", prompt="a noisy texture", seed=1)
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            stored = await bot.core.jobs.require(job_id_of(grid))
+            on_disk = stored.grid_file(bot.config.data_dir)
+            assert on_disk is not None and on_disk.stat().st_size > limit_bytes
+            attachment = grid.attachments[0]
+            assert len(attachment.data) <= limit_bytes
+            assert attachment.filename.endswith((".webp", ".jpg"))
+            assert decode(grid).size == Image.open(on_disk).size
+        assert fake.count("*", "*", status=413) == 0
