@@ -138,7 +138,9 @@ class Delivery:
             if job.state is JobState.SUCCEEDED
             else render.finished_text(job)
         )
-        view = result_view(job, self.bot.app.can_upscale(job)) if job.result else None
+        # A refused job may have images on disk (withheld by the safety check): never post them.
+        succeeded = job.state is JobState.SUCCEEDED and job.result is not None
+        view = result_view(job, self.bot.app.can_upscale(job)) if succeeded else None
 
         message: discord.Message | None = None
         if target is not None and not target.broken and (target.interaction or target.message):
@@ -199,7 +201,7 @@ class Delivery:
         return None
 
     async def _files(self, job: Job, limit_bytes: int | None) -> list[discord.File]:
-        if job.result is None:
+        if job.state is not JobState.SUCCEEDED or job.result is None:
             return []
         data_dir = self.bot.config.data_dir
         path = job.grid_file(data_dir) if len(job.result.image_paths) > 1 else None

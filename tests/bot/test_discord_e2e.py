@@ -361,3 +361,60 @@ async def test_grid_over_the_upload_limit_is_reencoded_not_failed(
             assert attachment.filename.endswith((".webp", ".jpg"))
             assert decode(grid).size == Image.open(on_disk).size
         assert fake.count("*", "*", status=413) == 0
+
+
+class FlaggedImageEngine:
+    """The real engine, whose pixels are swapped for an image the real safety classifier
+    flags (an abstract mosaic): stands in for a model that drew something it shouldn't."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def generate(self, request: Any, progress: Any = None, cancel: Any = None) -> Any:
+        import dataclasses
+
+        from tests.bot.test_moderation import mosaic
+
+        result = self.engine.generate(request, progress, cancel)
+        flagged = mosaic(request.width).resize((request.width, request.height))
+        return dataclasses.replace(result, images=tuple(flagged for _ in result.images))
+
+
+async def test_flagged_images_are_spoilered_or_withheld_by_channel_policy(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    engine = FlaggedImageEngine(shared_engine)
+    async with FakeDiscord() as fake:
+        fake.enforce_default_permissions = False
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "spoiler", bot_engine_settings, engine)
+        async with fake.run_bot(bot):
+            public = await fake.slash(alice, "imagine", prompt="an abstract mosaic")
+            grid = await public.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            assert grid.attachments[0].spoiler
+
+            private = await fake.slash(
+                alice, "imagine", prompt="an abstract mosaic", channel=fake.nsfw_channel
+            )
+            allowed = await private.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            assert not allowed.attachments[0].spoiler
+
+            audit = await fake.slash(fake.owner, "admin audit")
+            await audit.wait_acked()
+            assert "nsfw_flag" in audit.original.content
+
+        strict = make_bot(
+            fake,
+            tmp_path / "withhold",
+            bot_engine_settings,
+            engine,
+            moderation={"nsfw_policy": "withhold"},
+        )
+        async with fake.run_bot(strict):
+            withheld = await fake.slash(alice, "imagine", prompt="an abstract mosaic")
+            final = await withheld.wait_original(
+                lambda m: "refunded" in m.content, timeout=JOB_TIMEOUT_S
+            )
+            assert not final.attachments and not final.custom_ids
+            assert (await strict.core.credits.balance(alice.id)).available == ALLOWANCE
+            await assert_ledger_consistent(strict)
