@@ -15,6 +15,7 @@ This is start-time fair queueing over users (pure, synchronous, no I/O):
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -84,11 +85,15 @@ class FairQueue:
         raise AssertionError(f"job {job_id} indexed but not queued")
 
     def _key(self, queue: _UserQueue, now: float) -> tuple[float, int, float, int]:
-        head = queue.jobs[0]
+        return self._head_key(queue.pass_, queue.jobs[0], now)
+
+    def _head_key(
+        self, pass_: float, head: QueueEntry, now: float
+    ) -> tuple[float, int, float, int]:
         waited_rounds = 0.0
         if math.isfinite(self._aging_s):
             waited_rounds = max(0.0, now - head.enqueued_at) / self._aging_s
-        return (queue.pass_ - waited_rounds, -head.tier, head.enqueued_at, head.job_id)
+        return (pass_ - waited_rounds, -head.tier, head.enqueued_at, head.job_id)
 
     def peek(
         self, now: float, eligible: Callable[[int], bool] = lambda _user: True
@@ -124,13 +129,24 @@ class FairQueue:
             del self._users[user_id]
 
     def order(self, now: float) -> list[QueueEntry]:
-        """The expected dispatch order of everything queued, if nothing else arrived."""
-        clone = FairQueue(self._aging_s)
-        clone._vtime = self._vtime
+        """The expected dispatch order of everything queued, if nothing else arrived.
+
+        The same choices `pop` would make, in O(n log users): with `now` fixed, a user's key
+        only changes when one of their own jobs is taken.
+        """
+        heap: list[tuple[tuple[float, int, float, int], int, float, int]] = []
         for user_id, queue in self._users.items():
-            clone._users[user_id] = _UserQueue(pass_=queue.pass_, jobs=deque(queue.jobs))
-        clone._where = dict(self._where)
+            if queue.jobs:
+                heap.append((self._key(queue, now), user_id, queue.pass_, 0))
+        heapq.heapify(heap)
         result = []
-        while (entry := clone.pop(now)) is not None:
+        while heap:
+            _key, user_id, pass_, index = heapq.heappop(heap)
+            jobs = self._users[user_id].jobs
+            entry = jobs[index]
             result.append(entry)
+            if index + 1 < len(jobs):
+                pass_ += 1.0 / (1 + max(0, entry.tier))
+                head = jobs[index + 1]
+                heapq.heappush(heap, (self._head_key(pass_, head, now), user_id, pass_, index + 1))
         return result

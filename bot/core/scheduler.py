@@ -57,6 +57,7 @@ OutputCheck = Callable[[Job, WorkOutcome], Awaitable[str | None]]
 Listener = Callable[[JobEvent], None]
 
 _PAUSED_KEY = "scheduler.paused"
+POSITION_PUBLISH_DELAY_S = 0.2
 
 _KIND_FOR = {
     JobKind.IMAGINE: GenerationKind.IMAGINE,
@@ -182,6 +183,7 @@ class Scheduler:
         self._positions: dict[int, int] = {}
         self._positions_dirty = True
         self._positions_scheduled = False
+        self._published: dict[int, int] = {}
         self._wake = asyncio.Event()
         self._paused = False
         self._closing = False
@@ -798,7 +800,9 @@ class Scheduler:
         elif record is not None:
             first = record.progress or Started(job_id, record.job.attempts)
         elif job_id in self._fair:
-            first = Queued(job_id, self.queue_position(job_id) or 0)
+            position = self.queue_position(job_id) or 1
+            self._published[job_id] = position
+            first = Queued(job_id, position)
         subscription = Subscription(self, job_id, first)
         self._subscriptions[job_id].add(subscription)
         if self._closing and first is not None:
@@ -835,17 +839,26 @@ class Scheduler:
 
     def _queue_changed(self) -> None:
         self._positions_dirty = True
-        if not self._positions_scheduled and (self._subscriptions or self._listeners):
+        # Positions shift for every queued job at each dispatch: publish them only to jobs that
+        # someone watches, and coalesce bursts (the front end edits at most every ~2 s anyway).
+        if not self._positions_scheduled and self._subscriptions:
             self._positions_scheduled = True
-            asyncio.get_running_loop().call_soon(self._publish_positions)
+            asyncio.get_running_loop().call_later(POSITION_PUBLISH_DELAY_S, self._publish_positions)
 
     def _publish_positions(self) -> None:
         self._positions_scheduled = False
-        before = self._positions
-        after = self._current_positions()
-        for job_id, position in after.items():
-            if before.get(job_id) != position:
-                self._emit(Queued(job_id, position))
+        watched = [job_id for job_id in self._subscriptions if job_id in self._fair]
+        if not watched:
+            return
+        positions = self._current_positions()
+        for job_id in watched:
+            position = positions.get(job_id)
+            if position is not None and self._published.get(job_id) != position:
+                self._published[job_id] = position
+                for subscription in list(self._subscriptions.get(job_id, ())):
+                    subscription._push(Queued(job_id, position))
+        for job_id in [j for j in self._published if j not in self._fair]:
+            del self._published[job_id]
 
     def _current_positions(self) -> dict[int, int]:
         if self._positions_dirty:

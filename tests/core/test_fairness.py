@@ -125,3 +125,21 @@ def test_ineligible_users_are_skipped() -> None:
     picked = queue.pop(0.0, eligible=lambda user: user != 1)
     assert picked is not None and picked.job_id == 2
     assert queue.pop(0.0, eligible=lambda user: user != 1) is None
+
+
+def test_order_predicts_exactly_what_pop_does() -> None:
+    import copy
+    import random
+
+    rng = random.Random(3)
+    for _ in range(20):
+        queue = FairQueue(aging_s=rng.choice([5.0, 30.0, math.inf]))
+        for job_id in range(rng.randint(1, 60)):
+            queue.push(
+                entry(job_id, rng.randint(1, 8), at=rng.uniform(0, 100), tier=rng.randint(0, 2))
+            )
+            if rng.random() < 0.2:
+                queue.pop(rng.uniform(0, 100))
+        now = 120.0
+        predicted = [e.job_id for e in queue.order(now)]
+        assert predicted == drain(copy.deepcopy(queue), now)
