@@ -141,7 +141,11 @@ class CreditsService:
     # ----- inside transactions (used by the scheduler too) ----------------------------------
 
     async def touch(
-        self, txn: Transaction, user_id: int, role_ids: Sequence[int] | None
+        self,
+        txn: Transaction,
+        user_id: int,
+        role_ids: Sequence[int] | None,
+        actor_id: int | None = None,
     ) -> dict[str, Any]:
         """Create the balance row if needed, reset the allowance on a new UTC day, and apply a
         changed level; returns the row as it now stands.
@@ -200,6 +204,7 @@ class CreditsService:
                     LedgerKind.ALLOWANCE_ADJUST,
                     allowance_delta=new_left - left,
                     reason=f"daily allowance level {state['allowance_level']} -> {level}",
+                    actor_id=actor_id,
                     now=now,
                 )
             state.update(allowance_left=new_left, allowance_level=level)
@@ -424,7 +429,8 @@ class CreditsService:
             await txn.execute(
                 "UPDATE balances SET allowance_override = ? WHERE user_id = ?", (amount, user_id)
             )
-            state = await self.touch(txn, user_id, () if role_ids is None else role_ids)
+            roles = () if role_ids is None else role_ids
+            state = await self.touch(txn, user_id, roles, actor_id)
             return await self._balance_from(txn, user_id, state)
 
         return await self._db.transaction(work)

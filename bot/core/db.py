@@ -196,7 +196,10 @@ class Database:
         Callbacks registered with `Transaction.after_commit` run right after COMMIT, before any
         other coroutine can observe the database, which keeps in-memory state in step with it.
         """
-        return await asyncio.shield(self._transaction(work))
+        task = asyncio.ensure_future(self._transaction(work))
+        # If our caller is cancelled, nobody awaits the task; still consume its outcome.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
 
     async def _transaction(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         async with self._lock:
