@@ -471,30 +471,40 @@ class Scheduler:
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            while not (self._paused or self._closing):
-                worker = self._free_worker()
-                if worker is None:
-                    break
-                entry = self._fair.pop(self._clock().timestamp(), self._eligible)
-                if entry is None:
-                    break
-                self._queue_changed()
-                record = _Running(entry.job_id, entry.user_id, worker)
-                self._claim(record)
-                try:
-                    job = await self._mark_running(entry.job_id)
-                except Exception:
-                    log.exception("job %d: could not be started; leaving it queued", entry.job_id)
-                    self._release(record)
-                    self._fair.push(entry, front=True)
-                    await asyncio.sleep(1.0)
-                    continue
-                if job is None:  # cancelled while we were picking it
-                    self._release(record)
-                    continue
-                record.job = job
-                self.dispatch_count += 1
-                record.task = asyncio.create_task(self._run(record), name=f"job-{job.id}")
+            try:
+                await self._dispatch_ready()
+            except Exception:
+                # A dead dispatcher would silently stall every queue; log and keep going.
+                log.exception("dispatch failed; retrying")
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def _dispatch_ready(self) -> None:
+        """Start queued jobs while a worker slot is free and someone is eligible."""
+        while not (self._paused or self._closing):
+            worker = self._free_worker()
+            if worker is None:
+                break
+            entry = self._fair.pop(self._clock().timestamp(), self._eligible)
+            if entry is None:
+                break
+            self._queue_changed()
+            record = _Running(entry.job_id, entry.user_id, worker)
+            self._claim(record)
+            try:
+                job = await self._mark_running(entry.job_id)
+            except Exception:
+                log.exception("job %d: could not be started; leaving it queued", entry.job_id)
+                self._release(record)
+                self._fair.push(entry, front=True)
+                await asyncio.sleep(1.0)
+                continue
+            if job is None:  # cancelled while we were picking it
+                self._release(record)
+                continue
+            record.job = job
+            self.dispatch_count += 1
+            record.task = asyncio.create_task(self._run(record), name=f"job-{job.id}")
 
     def _claim(self, record: _Running) -> None:
         self._running[record.job_id] = record
