@@ -841,6 +841,10 @@ class Scheduler:
     def _emit(self, event: JobEvent) -> None:
         for subscription in list(self._subscriptions.get(event.job_id, ())):
             subscription._push(event)
+        if isinstance(event, Finished):
+            # Nothing follows Finished: forget subscribers that never read to the end.
+            self._subscriptions.pop(event.job_id, None)
+            self._published.pop(event.job_id, None)
         for listener in list(self._listeners):
             try:
                 listener(event)
