@@ -1,6 +1,6 @@
-"""Every prompt of the shared Midjourney corpus goes through the parser.
+"""Every prompt of the Midjourney prompt corpus goes through the parser.
 
-The corpus is 381 prompts users really shared (see shared/data/README.md). What each prompt
+The corpus is 381 prompts users really shared (see tests/data/README.md). What each prompt
 should give is worked out here with simple, independent regexes over the raw line, so a parser
 that silently drops a flag or mis-reads a ratio fails.
 """
@@ -19,14 +19,11 @@ from generation.prompt import ParsedPrompt, PromptError, parse_prompt
 from generation.settings import EngineSettings, ModelSpec
 
 _ROOT = Path(__file__).resolve().parents[2]
-_CANDIDATES = [
-    _ROOT / "shared" / "data" / "midjourney-prompts.txt",
-    _ROOT.parent / "shared" / "data" / "midjourney-prompts.txt",
-]
-CORPUS_PATH = next((path for path in _CANDIDATES if path.exists()), None)
-pytestmark = pytest.mark.skipif(CORPUS_PATH is None, reason="shared/data corpus not present")
+# A copy lives in the repository (tests/data/README.md says where it comes from), so the test
+# never silently skips.
+CORPUS_PATH = _ROOT / "tests" / "data" / "midjourney-prompts.txt"
 
-LINES: list[str] = CORPUS_PATH.read_text(encoding="utf-8").splitlines() if CORPUS_PATH else []
+LINES: list[str] = CORPUS_PATH.read_text(encoding="utf-8").splitlines()
 
 SD15 = EngineSettings(
     models=(ModelSpec(name="sd15", source="runwayml/stable-diffusion-v1-5", base_resolution=512),),
