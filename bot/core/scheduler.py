@@ -339,6 +339,10 @@ class Scheduler:
             raise Refused("The bot is restarting — try again in a minute.", RefusalCode.CLOSING)
         if self._paused:
             raise Refused("The queue is paused by an admin.", RefusalCode.PAUSED)
+        # The same limits are checked again inside the transaction, which is authoritative; this
+        # in-memory look first makes a refusal under load immediate instead of waiting for the
+        # database behind everyone else's work.
+        self._refuse_if_full(owner.user_id)
         cost = self.credits.cost(request)
         tier = self.tier_for(owner)
         init_path = None
@@ -356,6 +360,22 @@ class Scheduler:
             if init_path is not None:
                 (self._data_dir / init_path).unlink(missing_ok=True)
             raise
+
+    def _refuse_if_full(
+        self, user_id: int, user_queued: int | None = None, total_queued: int | None = None
+    ) -> None:
+        limit = self.config.max_queued_per_user
+        if (self._fair.count(user_id) if user_queued is None else user_queued) >= limit:
+            jobs = "job" if limit == 1 else "jobs"
+            raise Refused(
+                f"You already have {limit} {jobs} queued — wait for one to finish.",
+                RefusalCode.USER_QUEUE_FULL,
+            )
+        if (len(self._fair) if total_queued is None else total_queued) >= self.config.max_queue:
+            raise Refused(
+                f"The queue is full ({self.config.max_queue} jobs) — try again in a minute.",
+                RefusalCode.QUEUE_FULL,
+            )
 
     async def _submit_in(
         self,
@@ -379,19 +399,7 @@ class Scheduler:
             (user,),
         )
         assert counts is not None
-        total_queued, user_queued = int(counts[0]), int(counts[1])
-        limit = self.config.max_queued_per_user
-        if user_queued >= limit:
-            jobs = "job" if limit == 1 else "jobs"
-            raise Refused(
-                f"You already have {limit} {jobs} queued — wait for one to finish.",
-                RefusalCode.USER_QUEUE_FULL,
-            )
-        if total_queued >= self.config.max_queue:
-            raise Refused(
-                f"The queue is full ({self.config.max_queue} jobs) — try again in a minute.",
-                RefusalCode.QUEUE_FULL,
-            )
+        self._refuse_if_full(user, user_queued=int(counts[1]), total_queued=int(counts[0]))
         split = await self.credits.hold(txn, user, cost)
         if split is None:
             raise self.credits.insufficient(cost, state)
