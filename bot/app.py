@@ -208,13 +208,22 @@ class ImagineApp:
         kind: JobKind,
         parent: tuple[int, int | None] | None,
     ) -> Job:
-        try:
-            job = await self.core.scheduler.submit(actor.owner, request, kind, parent)
-        except Refused as exc:
-            raise UserError(exc.reason) from None
-        # Only accepted jobs start the cooldown, so fixing a typo is never held back.
+        # The cooldown is taken before the first await so that two commands sent at the same
+        # moment can't both pass the check; a refusal gives it back, so fixing a typo or
+        # topping up credits is never held back.
+        self._check_cooldown(actor)
+        previous = self._last_submit.get(actor.user_id)
         self._last_submit[actor.user_id] = self._monotonic()
-        return job
+        try:
+            return await self.core.scheduler.submit(actor.owner, request, kind, parent)
+        except BaseException as exc:
+            if previous is None:
+                self._last_submit.pop(actor.user_id, None)
+            else:
+                self._last_submit[actor.user_id] = previous
+            if isinstance(exc, Refused):
+                raise UserError(exc.reason) from None
+            raise
 
     async def _derived_request(
         self, job: Job, action: Action, index: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import dataclasses
 import io
 import logging
@@ -132,5 +133,13 @@ async def test_cooldown_is_friendly_and_only_counts_accepted_jobs(tmp_path: Path
         await app.imagine(admin, "even twice in a row")
         now[0] += 2.5
         await app.imagine(user, "a third fox")
+        now[0] += 10
+        # Sent at the same moment, both would pass a check that is only recorded later.
+        results = await asyncio.gather(
+            *(app.imagine(user, f"burst {i}") for i in range(5)), return_exceptions=True
+        )
+        accepted = [r for r in results if not isinstance(r, BaseException)]
+        assert len(accepted) == 1
+        assert all(isinstance(r, UserError) for r in results if r not in accepted)
     finally:
         await core.close(drain_timeout_s=5.0)
