@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULT = "result"
+# A failed result post is retried after these delays, then left for the next start.
+RETRY_DELAYS_S = (2.0, 10.0, 30.0, 120.0)
+# How far back a restarted bot looks for a result it may have posted just before it died.
+RECOVERY_HISTORY_LIMIT = 100
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Delivery:
     def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
         self.tasks: set[asyncio.Task[None]] = set()
+        self._delivering: set[int] = set()
 
     def track(self, target: JobMessage) -> None:
         task = asyncio.create_task(self._follow(target), name=f"deliver-job-{target.job.id}")
@@ -125,13 +130,56 @@ class Delivery:
 
     # ----- results ---------------------------------------------------------------------------
 
-    async def deliver(self, job: Job, target: JobMessage | None = None) -> None:
-        """Post a finished job once: edit its message if we can, else a new channel message."""
-        if not await self.bot.core.jobs.claim_delivery(job.id, RESULT):
-            log.info("job %s: result already delivered", job.id)
+    async def deliver(self, job: Job, target: JobMessage | None = None, attempt: int = 0) -> None:
+        """Post a finished job exactly once: edit its message if we can, else a new channel
+        message. A failed send gives its claim back and is retried later; a claim left by a
+        process that died mid-send is settled by looking for the message in the channel."""
+        jobs = self.bot.core.jobs
+        if job.id in self._delivering:
             return
-        mention = f"<@{job.owner.user_id}>"
-        owner_only = discord.AllowedMentions(users=[discord.Object(job.owner.user_id)])
+        if not await jobs.claim_delivery(job.id, RESULT):
+            record = (await jobs.deliveries(job.id)).get(RESULT)
+            if record is None or record.state == "done":
+                log.info("job %s: result already delivered", job.id)
+                return
+            posted = await self._find_posted(job)
+            if posted is not None:
+                log.info(
+                    "job %s: result was posted before a restart (message %s)", job.id, posted.id
+                )
+                await jobs.complete_delivery(job.id, RESULT, _where(posted))
+                return
+            log.info("job %s: an interrupted delivery is resumed", job.id)
+        self._delivering.add(job.id)
+        try:
+            message, pinged = await self._post(job, target)
+        except Exception as exc:
+            await jobs.release_delivery(job.id, RESULT)
+            self._retry_later(job, attempt, exc)
+            return
+        finally:
+            self._delivering.discard(job.id)
+        if message is None:
+            await jobs.complete_delivery(job.id, RESULT, {"lost": True})
+            return
+        await jobs.complete_delivery(job.id, RESULT, _where(message))
+
+        # Edits don't notify anyone; a short new message does. Cancelling your own job doesn't.
+        if not pinged and job.state is not JobState.CANCELLED:
+            try:
+                await message.channel.send(
+                    render.done_ping(job, f"<@{job.owner.user_id}>"),
+                    reference=message.to_reference(fail_if_not_exists=False),
+                    allowed_mentions=_owner_only(job),
+                )
+            except discord.HTTPException as exc:
+                log.info("job %s: done notice not sent (%s)", job.id, exc)
+
+    async def _post(
+        self, job: Job, target: JobMessage | None
+    ) -> tuple[discord.Message | None, bool]:
+        """The result message, and whether it already pinged the owner; None if the channel
+        is gone (the images stay on disk)."""
         notes = target.notes if target else ()
         content = (
             render.result_text(job, notes=notes)
@@ -142,43 +190,70 @@ class Delivery:
         succeeded = job.state is JobState.SUCCEEDED and job.result is not None
         view = result_view(job, self.bot.app.can_upscale(job)) if succeeded else None
 
-        message: discord.Message | None = None
         if target is not None and not target.broken and (target.interaction or target.message):
             try:
                 files = await self._files(job, self._upload_limit(target))
-                message = await self._edit_result(target, content, files, view)
+                return await self._edit_result(target, content, files, view), False
             except discord.HTTPException as exc:
                 log.info("job %s: result edit refused (%s), posting to the channel", job.id, exc)
-        pinged_in_result = False
-        if message is None:
-            channel = await self.bot.job_channel(job)
-            if channel is None:
-                log.warning(
-                    "job %s: channel %s is gone; result kept on disk", job.id, job.owner.channel_id
-                )
-                await self.bot.core.jobs.complete_delivery(job.id, RESULT, {"lost": True})
-                return
-            files = await self._files(job, channel.guild.filesize_limit if channel.guild else None)
-            message = await channel.send(
-                content=f"{mention}\n{content}",
-                files=files,
-                view=view or discord.utils.MISSING,
-                allowed_mentions=owner_only,
+                target.broken = True
+        channel = await self.bot.job_channel(job)
+        if channel is None:
+            log.warning(
+                "job %s: channel %s is gone; result kept on disk", job.id, job.owner.channel_id
             )
-            pinged_in_result = True
-        info = {"channel_id": message.channel.id, "message_id": message.id}
-        await self.bot.core.jobs.complete_delivery(job.id, RESULT, info)
+            return None, False
+        files = await self._files(job, channel.guild.filesize_limit if channel.guild else None)
+        message = await channel.send(
+            content=f"<@{job.owner.user_id}>\n{content}",
+            files=files,
+            view=view or discord.utils.MISSING,
+            allowed_mentions=_owner_only(job),
+        )
+        return message, True
 
-        # Edits don't notify anyone; a short new message does. Cancelling your own job doesn't.
-        if not pinged_in_result and job.state is not JobState.CANCELLED:
-            try:
-                await message.channel.send(
-                    render.done_ping(job, mention),
-                    reference=message.to_reference(fail_if_not_exists=False),
-                    allowed_mentions=owner_only,
-                )
-            except discord.HTTPException as exc:
-                log.info("job %s: done notice not sent (%s)", job.id, exc)
+    def _retry_later(self, job: Job, attempt: int, error: BaseException) -> None:
+        if attempt + 1 >= len(RETRY_DELAYS_S):
+            # Left claimable: the next start of the bot delivers it (see on_ready).
+            log.error(
+                "job %s: result not delivered after %d attempts: %s", job.id, attempt + 1, error
+            )
+            return
+        delay_s = RETRY_DELAYS_S[attempt]
+        log.warning(
+            "job %s: delivering the result failed (%s); retrying in %.0f s", job.id, error, delay_s
+        )
+
+        async def retry() -> None:
+            await asyncio.sleep(delay_s)
+            await self.deliver(job, None, attempt + 1)
+
+        task = asyncio.create_task(retry(), name=f"redeliver-job-{job.id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _find_posted(self, job: Job) -> discord.Message | None:
+        """This job's result among the bot's recent messages in its channel, if it is there."""
+        channel = await self.bot.job_channel(job)
+        if channel is None or self.bot.user is None:
+            return None
+        result_ids = {f"imagine:U:{job.id}:1", f"imagine:VS:{job.id}"}
+        marker = render.finished_marker(job)
+        try:
+            async for message in channel.history(limit=RECOVERY_HISTORY_LIMIT):
+                if message.author.id != self.bot.user.id:
+                    continue
+                custom_ids = {
+                    child.custom_id
+                    for row in message.components
+                    for child in getattr(row, "children", ())
+                    if getattr(child, "custom_id", None)
+                }
+                if custom_ids & result_ids or (marker in message.content and not custom_ids):
+                    return message
+        except discord.HTTPException as exc:
+            log.info("job %s: channel history unavailable (%s)", job.id, exc)
+        return None
 
     async def _edit_result(
         self,
@@ -214,6 +289,14 @@ class Delivery:
             f"job-{job.id}",
         )
         return [discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)]
+
+
+def _owner_only(job: Job) -> discord.AllowedMentions:
+    return discord.AllowedMentions(users=[discord.Object(job.owner.user_id)])
+
+
+def _where(message: discord.Message) -> dict[str, int]:
+    return {"channel_id": message.channel.id, "message_id": message.id}
 
 
 def _upload_bytes(path: Path, limit_bytes: int, stem: str) -> tuple[bytes, str]:

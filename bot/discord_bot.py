@@ -165,15 +165,34 @@ class ImagineBot(commands.Bot):
         submitted = await self.app.press(actor, job_id, action, index)
         job = submitted.job
         # Acknowledge without touching the grid; the new job gets its own message below it.
-        await interaction.response.defer()
+        await self.acknowledge(interaction, job, actor, thinking=False)
         channel = interaction.channel
-        assert channel is not None and interaction.message is not None
-        message = await channel.send(  # type: ignore[union-attr]
-            render.queued_text(job, submitted.position),
-            view=cancel_view(job.id),
-            reference=interaction.message.to_reference(fail_if_not_exists=False),
-        )
+        message: discord.Message | None = None
+        try:
+            assert channel is not None and interaction.message is not None
+            message = await channel.send(  # type: ignore[union-attr]
+                render.queued_text(job, submitted.position),
+                view=cancel_view(job.id),
+                reference=interaction.message.to_reference(fail_if_not_exists=False),
+            )
+        except discord.HTTPException as exc:
+            # The job is accepted and paid for: without a status message its result still
+            # goes to the channel when it is ready.
+            log.info("job %s: status message not posted (%s)", job.id, exc)
         self.delivery.track(JobMessage(job, message=message))
+
+    async def acknowledge(
+        self, interaction: discord.Interaction[Any], job: Job, actor: Actor, *, thinking: bool
+    ) -> None:
+        """Acknowledge an interaction whose job is already queued. If Discord no longer takes
+        the acknowledgement, the job is cancelled and refunded rather than run unseen."""
+        try:
+            await interaction.response.defer(thinking=thinking)
+        except discord.HTTPException:
+            if not await self.core.scheduler.cancel(job.id, actor.user_id):
+                # Too late to cancel (it already finished): the result goes to the channel.
+                self.delivery.track(JobMessage(job))
+            raise
 
 
 # ----- errors --------------------------------------------------------------------------------
@@ -259,8 +278,9 @@ def add_commands(bot: ImagineBot) -> None:
         model: str | None = None,
     ) -> None:
         options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler)
-        submitted = await bot.app.imagine(bot.actor(interaction), prompt, options, model)
-        await interaction.response.defer(thinking=True)
+        actor = bot.actor(interaction)
+        submitted = await bot.app.imagine(actor, prompt, options, model)
+        await bot.acknowledge(interaction, submitted.job, actor, thinking=True)
         target = JobMessage(submitted.job, submitted.notes, interaction=interaction)
         try:
             await interaction.edit_original_response(

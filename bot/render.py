@@ -106,17 +106,22 @@ def result_text(job: Job, mention: str = "", notes: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
+def finished_marker(job: Job) -> str:
+    """Text every no-image final message of a job carries (restart recovery looks for it)."""
+    return f"(job {job.id})"
+
+
 def finished_text(job: Job) -> str:
     """A job that ended without images: why, and what happened to the credits."""
     refunded = f"your {job.cost} credit{'s were' if job.cost != 1 else ' was'} refunded"
+    marker = finished_marker(job)
     if job.state is JobState.CANCELLED:
-        return f"**{job_title(job)}**\n🚫 Cancelled — {refunded}."
+        return f"**{job_title(job)}**\n🚫 Cancelled {marker} — {refunded}."
     if job.state is JobState.REFUSED:
-        return (
-            f"**{job_title(job)}**\n⛔ {job.error or 'Withheld by the safety filter'} — {refunded}."
-        )
+        reason = job.error or "Withheld by the safety filter"
+        return f"**{job_title(job)}**\n⛔ {reason} {marker} — {refunded}."
     return (
-        f"**{job_title(job)}**\n⚠️ Something went wrong (job {job.id}): "
+        f"**{job_title(job)}**\n⚠️ Something went wrong {marker}: "
         f"{job.error or 'unknown error'} — {refunded}."
     )
 

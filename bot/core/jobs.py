@@ -160,6 +160,18 @@ class JobStore:
 
         return await self._db.transaction(work)
 
+    async def release_delivery(self, job_id: int, key: str = "result") -> None:
+        """Give up a claim whose send failed, so a later attempt can claim it again. A record
+        already marked done is left alone."""
+
+        async def work(txn: Transaction) -> None:
+            await txn.execute(
+                "DELETE FROM deliveries WHERE job_id = ? AND key = ? AND state = 'claimed'",
+                (job_id, key),
+            )
+
+        await self._db.transaction(work)
+
     async def complete_delivery(
         self, job_id: int, key: str = "result", info: Mapping[str, Any] | None = None
     ) -> None:

@@ -56,6 +56,22 @@ def job_id_of(message: Message) -> int:
     return int(match[1])
 
 
+async def eventually(read: Any, expected: Any, timeout_s: float = 10.0) -> bool:
+    """Whether the awaited `read()` returns `expected` within the timeout (the bot records
+    some things just after the message a test waits for)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if await read() == expected:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def delivery_state(bot: ImagineBot, job_id: int) -> str | None:
+    record = (await bot.core.jobs.deliveries(job_id)).get("result")
+    return record.state if record else None
+
+
 async def assert_ledger_consistent(bot: ImagineBot) -> None:
     report = await bot.core.credits.check_consistency()
     assert report.ok, str(report)
@@ -418,3 +434,102 @@ async def test_flagged_images_are_spoilered_or_withheld_by_channel_policy(
             assert not final.attachments and not final.custom_ids
             assert (await strict.core.credits.balance(alice.id)).available == ALLOWANCE
             await assert_ledger_consistent(strict)
+
+
+async def test_a_result_whose_post_fails_is_retried_and_posted_once(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    engine = GatedEngine(shared_engine)
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, engine)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "imagine", prompt="an unlucky delivery")
+            await job.wait_original(has_cancel)
+            await asyncio.to_thread(engine.entered.wait, 10)
+            # The token expires, and the channel post that replaces the edit fails once
+            # (discord.py does not retry a 503 on bot-token routes).
+            fake.clock.advance(16 * 60)
+            fake.fail_next("POST", "/channels/*/messages", status=503, with_files=True)
+            engine.gate.set()
+            delivered = await fake.wait_for_message(
+                lambda m: m.via == "bot" and is_grid(m), timeout=JOB_TIMEOUT_S
+            )
+            job_id = job_id_of(delivered)
+            assert fake.count("POST", "/channels/*/messages", status=503) == 1
+            assert await eventually(lambda: delivery_state(bot, job_id), "done")
+        grids = [m for m in fake.messages if is_grid(m) and job_id_of(m) == job_id]
+        assert len(grids) == 1
+
+
+async def test_an_unacknowledged_imagine_is_cancelled_and_refunded(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    engine = GatedEngine(shared_engine)
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, engine)
+        async with fake.run_bot(bot):
+            # The acknowledgement fails once; by discord.py's retry a second later the
+            # 3-second window has passed, so Discord no longer takes it.
+            fake.fail_next("POST", "/interactions/*/callback", status=503)
+            lost = await fake.slash(alice, "imagine", prompt="too late")
+            await fake.wait_for(lambda: fake.count("POST", "/interactions/*/callback", 503) == 1)
+            fake.clock.advance(10)
+            await lost.wait_error(10062)
+            jobs = await bot.core.jobs.for_user(alice.id)
+            assert len(jobs) == 1
+
+            async def state() -> JobState:
+                return (await bot.core.jobs.require(jobs[0].id)).state
+
+            assert await eventually(state, JobState.CANCELLED)
+            assert (await bot.core.credits.balance(alice.id)).available == ALLOWANCE
+            await assert_ledger_consistent(bot)
+
+
+async def test_a_restart_settles_interrupted_deliveries_without_posting_twice(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    """A bot that died between claiming a result and recording it as sent: after a restart,
+    a result already in the channel is recognised, and one that never got there is posted."""
+    data_dir = tmp_path / "data"
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        first = make_bot(fake, data_dir, bot_engine_settings, shared_engine)
+        async with fake.run_bot(first):
+            posted = await fake.slash(alice, "imagine", prompt="posted before the crash")
+            grid = await posted.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            posted_id = job_id_of(grid)
+            assert await eventually(lambda: delivery_state(first, posted_id), "done")
+            # A second job that finishes while its delivery can't happen: its claim stays.
+            lost = await fake.slash(alice, "imagine", prompt="never posted")
+            await lost.wait_acked()
+            lost_id = (await first.core.jobs.for_user(alice.id))[0].id
+            first.delivery._delivering.add(lost_id)  # as if a send were under way
+            await eventually(
+                lambda: _state_of(first, lost_id), JobState.SUCCEEDED, timeout_s=JOB_TIMEOUT_S
+            )
+            await first.core.jobs.claim_delivery(lost_id)
+
+            async def forget(txn: Any) -> None:
+                await txn.execute(
+                    "UPDATE deliveries SET state = 'claimed' WHERE job_id = ?", (posted_id,)
+                )
+
+            await first.core.db.transaction(forget)
+
+        second = make_bot(fake, data_dir, bot_engine_settings, shared_engine)
+        async with fake.run_bot(second):
+            assert await eventually(lambda: delivery_state(second, posted_id), "done")
+            assert await eventually(lambda: delivery_state(second, lost_id), "done")
+            recovered = await fake.wait_for_message(
+                lambda m: m.via == "bot" and is_grid(m) and job_id_of(m) == lost_id
+            )
+            assert recovered.pings.users == {alice.id}
+        for job_id in (posted_id, lost_id):
+            assert len([m for m in fake.messages if is_grid(m) and job_id_of(m) == job_id]) == 1
+
+
+async def _state_of(bot: ImagineBot, job_id: int) -> JobState:
+    return (await bot.core.jobs.require(job_id)).state
