@@ -65,7 +65,7 @@ class ImagineBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         self.core = await open_core(
-            self.config, self.nsfw_channels.__contains__, clock=self.clock, **self.core_options
+            self.config, self.is_nsfw_channel, clock=self.clock, **self.core_options
         )
         self.app = ImagineApp(self.config, self.core)
         snapshot = await self.core.scheduler.snapshot()
@@ -115,6 +115,15 @@ class ImagineBot(commands.Bot):
             role_ids=roles,
             is_admin=self.is_admin(interaction),
         )
+
+    def is_nsfw_channel(self, channel_id: int | None) -> bool:
+        """Discord's age-restricted flag, from the gateway's channel cache, or as seen on an
+        interaction (threads and channels the cache lacks)."""
+        channel = self.get_channel(channel_id) if channel_id is not None else None
+        is_nsfw = getattr(channel, "is_nsfw", None)
+        if is_nsfw is not None:
+            return bool(is_nsfw())
+        return channel_id in self.nsfw_channels
 
     def is_admin(self, interaction: discord.Interaction[Any]) -> bool:
         """Checked here, in the bot: Discord's default_permissions can be overridden by a server."""
