@@ -176,6 +176,8 @@ class Scheduler:
         self._fair = FairQueue(config.aging_s)
         self._running: dict[int, _Running] = {}
         self._running_per_user: collections.Counter[int] = collections.Counter()
+        # Submits between the in-memory limit check and their transaction's commit.
+        self._in_flight: collections.Counter[int] = collections.Counter()
         self._busy: dict[int, int] = {id(w): 0 for w in self._workers}
         self._ready: set[int] = set()
         self._subscriptions: dict[int, set[Subscription]] = collections.defaultdict(set)
@@ -340,17 +342,23 @@ class Scheduler:
         if self._paused:
             raise Refused("The queue is paused by an admin.", RefusalCode.PAUSED)
         # The same limits are checked again inside the transaction, which is authoritative; this
-        # in-memory look first makes a refusal under load immediate instead of waiting for the
-        # database behind everyone else's work.
-        self._refuse_if_full(owner.user_id)
+        # in-memory look first (counting submits still waiting for the database as queued)
+        # makes a refusal under load immediate instead of waiting behind everyone else's work.
+        user = owner.user_id
+        self._refuse_if_full(
+            user,
+            user_queued=self._fair.count(user) + self._in_flight[user],
+            total_queued=len(self._fair) + self._in_flight.total(),
+        )
+        self._in_flight[user] += 1
         cost = self.credits.cost(request)
         tier = self.tier_for(owner)
         init_path = None
-        if request.init_image is not None:
-            init_path = await asyncio.to_thread(
-                save_input_image, request.init_image, self._data_dir
-            )
         try:
+            if request.init_image is not None:
+                init_path = await asyncio.to_thread(
+                    save_input_image, request.init_image, self._data_dir
+                )
             return await self._db.transaction(
                 lambda txn: self._submit_in(
                     txn, owner, request, kind, parent, cost, tier, init_path
@@ -360,18 +368,20 @@ class Scheduler:
             if init_path is not None:
                 (self._data_dir / init_path).unlink(missing_ok=True)
             raise
+        finally:
+            self._in_flight[user] -= 1
+            if not self._in_flight[user]:
+                del self._in_flight[user]
 
-    def _refuse_if_full(
-        self, user_id: int, user_queued: int | None = None, total_queued: int | None = None
-    ) -> None:
+    def _refuse_if_full(self, user_id: int, user_queued: int, total_queued: int) -> None:
         limit = self.config.max_queued_per_user
-        if (self._fair.count(user_id) if user_queued is None else user_queued) >= limit:
+        if user_queued >= limit:
             jobs = "job" if limit == 1 else "jobs"
             raise Refused(
                 f"You already have {limit} {jobs} queued — wait for one to finish.",
                 RefusalCode.USER_QUEUE_FULL,
             )
-        if (len(self._fair) if total_queued is None else total_queued) >= self.config.max_queue:
+        if total_queued >= self.config.max_queue:
             raise Refused(
                 f"The queue is full ({self.config.max_queue} jobs) — try again in a minute.",
                 RefusalCode.QUEUE_FULL,
