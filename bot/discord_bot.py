@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from typing import Any
 
 import discord
@@ -298,6 +299,7 @@ def add_commands(bot: ImagineBot) -> None:
             )
         except discord.HTTPException as exc:
             log.info("job %s: first edit refused (%s)", submitted.job.id, exc)
+        target.last_edit = time.monotonic()
         bot.delivery.track(target)
 
     @tree.command(

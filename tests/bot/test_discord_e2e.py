@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,11 @@ async def test_imagine_with_options_and_flags_fills_one_message(
 
             # One message edited in place: queued, then the result with seed and cost.
             assert any("Queued" in content for content in grid.contents[:-1])
+            # Progress edits respect Discord's rate limits: never closer than the configured
+            # interval (the result itself is not held back).
+            edits = [r.at for r in fake.requests_matching("PATCH", "/webhooks/*/@original")]
+            gaps = [b - a for a, b in itertools.pairwise(edits[:-1])]
+            assert all(gap >= 0.2 * 0.9 for gap in gaps), gaps
             assert "seed 7" in grid.content and f"cost {stored.cost} credit" in grid.content
             # The prompt's @everyone is shown but pings nobody.
             assert not any(m.pings.everyone for m in fake.messages)
