@@ -155,9 +155,7 @@ def _engine(section: _Reader, data_dir: Path) -> EngineSettings:
         clip_model=section.get("clip_model", str, defaults.clip_model),
         cache_dir=data_dir / section.get("cache_dir", str, "models"),
         device=section.choice("device", ("auto", "cuda", "cpu", "mps"), defaults.device),
-        dtype=section.choice(
-            "dtype", ("auto", "float16", "bfloat16", "float32"), defaults.dtype
-        ),
+        dtype=section.choice("dtype", ("auto", "float16", "bfloat16", "float32"), defaults.dtype),
         default_steps=section.get("default_steps", int, defaults.default_steps),
         default_guidance=section.get("default_guidance", float, defaults.default_guidance),
         default_sampler=sampler,
