@@ -46,13 +46,12 @@ def build_sd15_shaped(folder: Path) -> None:
     import torch
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from generation.tiny import _tiny_tokenizer
+    from generation.tiny import _tiny_tokenizer, sd15_scheduler
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -95,14 +94,7 @@ def build_sd15_shaped(folder: Path) -> None:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=sd15_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

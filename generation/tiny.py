@@ -90,12 +90,25 @@ def _tiny_tokenizer():  # -> CLIPTokenizer
     return tokenizer
 
 
+def sd15_scheduler():  # -> DDIMScheduler
+    """SD 1.5's own scheduler config; samplers are swapped per job with `from_config`."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def build_tiny_sd(folder: Path, seed: int = TINY_SEED) -> None:
     """Build the tiny SD 1.x-shaped pipeline and save it (diffusers layout) into `folder`."""
     import torch
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -141,15 +154,7 @@ def build_tiny_sd(folder: Path, seed: int = TINY_SEED) -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    # SD 1.5's own scheduler config; samplers are swapped per job with `from_config`.
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd15_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
