@@ -12,6 +12,7 @@ import asyncio
 import io
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot import render
-from bot.buttons import cancel_view, result_view
+from bot.buttons import result_view
 from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started
 from generation.images import encode_for_upload
 
@@ -55,7 +56,11 @@ class Delivery:
         self._delivering: set[int] = set()
 
     def track(self, target: JobMessage) -> None:
-        task = asyncio.create_task(self._follow(target), name=f"deliver-job-{target.job.id}")
+        self._spawn(self._follow(target), f"deliver-job-{target.job.id}")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        # Kept until done, so a task isn't garbage-collected mid-flight and close() finds it.
+        task = asyncio.create_task(work, name=name)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -228,9 +233,7 @@ class Delivery:
             await asyncio.sleep(delay_s)
             await self.deliver(job, None, attempt + 1)
 
-        task = asyncio.create_task(retry(), name=f"redeliver-job-{job.id}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._spawn(retry(), f"redeliver-job-{job.id}")
 
     async def _find_posted(self, job: Job) -> discord.Message | None:
         """This job's result among the bot's recent messages in its channel, if it is there."""
@@ -311,7 +314,3 @@ def _upload_bytes(path: Path, limit_bytes: int, stem: str) -> tuple[bytes, str]:
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         return encode_for_upload(image, limit_bytes, read_parameters(data), stem)
-
-
-def initial_view(job: Job) -> discord.ui.View:
-    return cancel_view(job.id)
