@@ -111,7 +111,7 @@ class ImagineApp:
     def parse(
         self, text: str, options: ImagineOptions | None = None, model: str | None = None
     ) -> ParsedPrompt:
-        """Parse and filter a prompt without queueing anything (pure; raises UserError)."""
+        """Parse a prompt and its options without queueing anything (pure; raises UserError)."""
         try:
             parsed = parse_prompt(
                 text,
