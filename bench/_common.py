@@ -31,6 +31,7 @@ from bot.core.clock import system_clock
 from bot.core.credits import CreditsService
 from bot.core.db import Database
 from bot.core.models import ConsistencyReport
+from generation.contract import GenerationRequest, JobKind
 
 if TYPE_CHECKING:
     from tests.fakediscord import FakeDiscord, Message
@@ -82,6 +83,20 @@ def print_table(title: str, rows: Iterable[tuple[str, Any]]) -> None:
     print(f"\n== {title}")
     for name, value in rows:
         print(f"  {name.ljust(width)}  {value}")
+
+
+def small_request(seed: int = 0, candidates: int = 4) -> GenerationRequest:
+    """A job small enough that the scheduler, not the generator, is what gets measured."""
+    return GenerationRequest(
+        kind=JobKind.IMAGINE,
+        prompt="a red fox",
+        width=64,
+        height=64,
+        steps=4,
+        num_candidates=candidates,
+        num_kept=candidates,
+        seed=seed,
+    )
 
 
 class LagProbe:

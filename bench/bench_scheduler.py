@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import random
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import LagProbe, jain, small_request, spread
 from bot.config import Config, CreditsConfig, SchedulerConfig
 from bot.core import (
     Core,
@@ -64,66 +64,6 @@ class NoopWorker:
 
     async def close(self) -> None:
         pass
-
-
-def small_request(seed: int = 0) -> GenerationRequest:
-    return GenerationRequest(
-        kind=JobKind.IMAGINE,
-        prompt="a red fox",
-        width=64,
-        height=64,
-        steps=4,
-        num_candidates=4,
-        num_kept=4,
-        seed=seed,
-    )
-
-
-class LagProbe:
-    """Sleeps `interval_s` over and over and records how late each wake-up is."""
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s = interval_s
-        self.samples_s: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            await asyncio.sleep(self.interval_s)
-            self.samples_s.append(loop.time() - started - self.interval_s)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> str:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        return describe_ms(self.samples_s)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[index]
-
-
-def describe_ms(values_s: list[float]) -> str:
-    ms = [v * 1000 for v in values_s]
-    return (
-        f"p50 {percentile(ms, 50):.2f} ms, p99 {percentile(ms, 99):.2f} ms, "
-        f"max {max(ms, default=float('nan')):.2f} ms ({len(ms)} samples)"
-    )
-
-
-def jain(values: list[float]) -> float:
-    total = sum(values)
-    squares = sum(v * v for v in values)
-    return total * total / (len(values) * squares) if squares else 1.0
 
 
 def max_min_fair(demands: list[float], capacity: float) -> list[float]:
@@ -176,7 +116,7 @@ async def bench_throughput(jobs: int, users: int, capacity: int) -> None:
                     done.set()
 
         core.scheduler.add_listener(on_event)
-        probe = LagProbe()
+        probe = LagProbe(interval_s=0.005)
         probe.start()
         submit_s: list[float] = []
         started = time.perf_counter()
@@ -192,12 +132,12 @@ async def bench_throughput(jobs: int, users: int, capacity: int) -> None:
         submitted = time.perf_counter()
         await done.wait()
         elapsed = time.perf_counter() - started
-        lag = await probe.stop()
+        lag = spread(await probe.stop())
         report = await core.credits.check_consistency()
         await core.close()
     print(f"submit phase: {jobs / (submitted - started):.0f} submits/s")
     print(f"end to end:   {jobs / elapsed:.0f} jobs/s ({elapsed:.2f} s for {jobs} jobs)")
-    print(f"submit latency (50 concurrent): {describe_ms(submit_s)}")
+    print(f"submit latency (50 concurrent): {spread(submit_s)}")
     print(f"event-loop lag: {lag}")
     print(f"ledger: {report}")
 
@@ -229,7 +169,7 @@ async def bench_lag(jobs: int, cache_dir: Path | None) -> None:
         # One warm-up job so the figures are for steady-state work.
         warm = await core.scheduler.submit(Owner(1), request)
         await wait_finished(core, warm.id)
-        probe = LagProbe()
+        probe = LagProbe(interval_s=0.005)
         probe.start()
         t1 = time.perf_counter()
         submitted = [
@@ -244,7 +184,7 @@ async def bench_lag(jobs: int, cache_dir: Path | None) -> None:
         core.scheduler.add_listener(count)
         states = [await wait_finished(core, job.id) for job in submitted]
         elapsed = time.perf_counter() - t1
-        lag = await probe.stop()
+        lag = spread(await probe.stop())
         await core.close()
     print(
         f"{jobs} jobs (128x128, 20 steps, 8 candidates, CPU) in {elapsed:.1f} s, "

@@ -48,6 +48,7 @@ from bench._common import (
     merge,
     percentile,
     print_table,
+    small_request,
     spread,
     tiny_config_sections,
     wait_settled,
@@ -55,7 +56,6 @@ from bench._common import (
 )
 from bot.config import Config, CreditsConfig, SchedulerConfig, load_config
 from bot.core import Core, Finished, InProcessWorker, JobEvent, Owner, Refused
-from generation.contract import GenerationRequest, JobKind
 from generation.settings import EngineSettings
 from tests.core.fakes import create_fake_engine
 
@@ -119,7 +119,7 @@ async def scheduler_load(args: argparse.Namespace, root: Path) -> SchedulerFigur
         while not stop.is_set():
             accepted = []
             for _ in range(args.burst):
-                request = _request(rng.randrange(1_000_000))
+                request = small_request(rng.randrange(1_000_000), candidates=1)
                 started = time.perf_counter()
                 try:
                     job = await scheduler.submit(owner, request)
@@ -197,19 +197,6 @@ async def scheduler_load(args: argparse.Namespace, root: Path) -> SchedulerFigur
         ("ledger", str(report).splitlines()[0]),
     ]
     return SchedulerFigures(rows)
-
-
-def _request(seed: int) -> GenerationRequest:
-    return GenerationRequest(
-        kind=JobKind.IMAGINE,
-        prompt="a red fox",
-        width=64,
-        height=64,
-        steps=4,
-        num_candidates=1,
-        num_kept=1,
-        seed=seed,
-    )
 
 
 # ----- part 2: through the fake Discord --------------------------------------------------------
