@@ -30,6 +30,7 @@ start fast.
 from __future__ import annotations
 
 import math
+import operator
 import re
 import secrets
 import string
@@ -37,7 +38,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import cast
+from typing import Any, cast
 
 from generation.contract import (
     MAX_CANDIDATES,
@@ -688,13 +689,28 @@ def _conflict(flag: str, flag_value: str, option: str, option_value: object) -> 
     )
 
 
+def _agreed(
+    inline: _Inline,
+    flag: str,
+    option: str,
+    option_value: object,
+    *,
+    option_shown: object = None,
+    same: Callable[[Any, Any], bool] = operator.eq,
+) -> Any:
+    """What the inline flag and the /imagine option agree on (None when neither was given);
+    a flag contradicting its option is an error naming both."""
+    if flag not in inline.values:
+        return option_value
+    asked = inline.values[flag]
+    if option_value is not None and not same(asked, option_value):
+        shown = option_value if option_shown is None else option_shown
+        raise _conflict(inline.typed[flag], inline.shown[flag], option, shown)
+    return asked
+
+
 def _model(settings: EngineSettings, model: str | None, inline: _Inline) -> ModelSpec:
-    wanted = model
-    if "model" in inline.values:
-        typed, asked = inline.typed["model"], cast(str, inline.values["model"])
-        if model is not None and asked != model:
-            raise _conflict(typed, asked, "model", model)
-        wanted = asked
+    wanted = cast(str | None, _agreed(inline, "model", "model", model))
     try:
         return settings.model(wanted)
     except ValueError:
@@ -718,10 +734,9 @@ def _size(
         aspect = _aspect("aspect", _clean(options.aspect).replace(" ", ""))
         label = f"aspect {options.aspect}"
     if "ar" in inline.values:
-        asked = cast(tuple[int, int], inline.values["ar"])
-        if options.aspect is not None and asked != aspect:
-            raise _conflict(inline.typed["ar"], inline.shown["ar"], "aspect", options.aspect)
-        aspect, label = asked, f"{inline.typed['ar']} {inline.shown['ar']}"
+        given = aspect if options.aspect is not None else None
+        aspect = _agreed(inline, "ar", "aspect", given, option_shown=options.aspect)
+        label = f"{inline.typed['ar']} {inline.shown['ar']}"
     budget = min(settings.max_pixels, MAX_PIXELS)
     width, height = size_for_aspect(aspect[0], aspect[1], base_resolution, budget)
     off_by = abs(math.log(width / height * aspect[1] / aspect[0]))
@@ -737,11 +752,7 @@ def _steps(
     steps: int | None = None
     if options.steps is not None:
         steps = _option_int("steps", options.steps, 1, limit)
-    if "steps" in inline.values:
-        asked = cast(int, inline.values["steps"])
-        if steps is not None and asked != steps:
-            raise _conflict(inline.typed["steps"], str(asked), "steps", steps)
-        steps = asked
+    steps = cast(int | None, _agreed(inline, "steps", "steps", steps))
     quality = cast(float | None, inline.values.get("quality"))
     if quality is None:
         return steps if steps is not None else min(settings.default_steps, limit)
@@ -769,11 +780,7 @@ def _guidance(settings: EngineSettings, options: ImagineOptions, inline: _Inline
                 f"guidance: expected a number between 0 and {MAX_GUIDANCE:g}, got {value}",
             )
         guidance = float(value)
-    if "cfg" in inline.values:
-        asked = cast(float, inline.values["cfg"])
-        if guidance is not None and not math.isclose(asked, guidance):
-            raise _conflict(inline.typed["cfg"], inline.shown["cfg"], "guidance", guidance)
-        guidance = asked
+    guidance = cast(float | None, _agreed(inline, "cfg", "guidance", guidance, same=math.isclose))
     return settings.default_guidance if guidance is None else guidance
 
 
@@ -781,11 +788,7 @@ def _chosen_sampler(settings: EngineSettings, options: ImagineOptions, inline: _
     sampler: Sampler | None = None
     if options.sampler is not None:
         sampler = _sampler("sampler", options.sampler)
-    if "sampler" in inline.values:
-        asked = cast(Sampler, inline.values["sampler"])
-        if sampler is not None and asked is not sampler:
-            raise _conflict(inline.typed["sampler"], inline.shown["sampler"], "sampler", sampler)
-        sampler = asked
+    sampler = cast(Sampler | None, _agreed(inline, "sampler", "sampler", sampler))
     return settings.default_sampler if sampler is None else sampler
 
 
@@ -793,11 +796,7 @@ def _seed(options: ImagineOptions, inline: _Inline, seed_source: Callable[[], in
     seed: int | None = None
     if options.seed is not None:
         seed = _option_int("seed", options.seed, 0, MAX_SEED)
-    if "seed" in inline.values:
-        asked = cast(int, inline.values["seed"])
-        if seed is not None and asked != seed:
-            raise _conflict(inline.typed["seed"], str(asked), "seed", seed)
-        seed = asked
+    seed = cast(int | None, _agreed(inline, "seed", "seed", seed))
     return seed_source() if seed is None else seed
 
 
