@@ -252,7 +252,11 @@ class PhaseResult:
     faults: collections.Counter[str]
     actions: collections.Counter[str]
     notes: list[tuple[str, Any]]
+    # Broken invariants of the bot: these decide the verdict.
     problems: list[str]
+    # Faults of the measuring harness itself (the fake Discord): they make a run inconclusive,
+    # never a verdict on the bot.
+    harness: list[str]
 
 
 async def kill_phase(args: argparse.Namespace, root: Path, rng: random.Random) -> PhaseResult:
@@ -321,14 +325,15 @@ async def kill_phase(args: argparse.Namespace, root: Path, rng: random.Random) -
             ("settled after recovery", settled),
             ("fresh /imagine answered", how),
             ("interactions refused as unknown (10062, acked too late)", unacked),
+            ("requests cut short by a kill (dropped)", sum(r.dropped for r in fake.requests)),
             ("exit code on SIGTERM", code),
             ("bot log", bot.log_path),
         ]
     finally:
         if bot is not None and bot.process is not None and bot.process.returncode is None:
             await bot.kill()
-        await _stop_fake(fake, problems)
-    return PhaseResult("kill", audit, totals, users.actions, notes, problems)
+        harness = await _stop_fake(fake)
+    return PhaseResult("kill", audit, totals, users.actions, notes, problems, harness)
 
 
 async def _aim(point: str, view: DataView, rng: random.Random, stale: set[int]) -> bool:
@@ -348,10 +353,9 @@ async def _aim(point: str, view: DataView, rng: random.Random, stale: set[int]) 
     return started
 
 
-async def _stop_fake(fake: FakeDiscord, problems: list[str]) -> None:
+async def _stop_fake(fake: FakeDiscord) -> list[str]:
     await fake.stop()
-    if fake.errors:
-        problems.append("the fake Discord recorded errors:\n" + "\n".join(fake.errors[:5]))
+    return [f"the fake Discord recorded: {error}" for error in fake.errors[:5]]
 
 
 # ----- phase 2: engine faults (bot in this process, fake engine in its worker process) ---------
@@ -422,8 +426,8 @@ async def engine_phase(args: argparse.Namespace, root: Path, rng: random.Random)
             ("interactions refused as unknown (10062, acked too late)", unacked),
         ]
     finally:
-        await _stop_fake(fake, problems)
-    return PhaseResult("engine", audit, totals, users.actions, notes, problems)
+        harness = await _stop_fake(fake)
+    return PhaseResult("engine", audit, totals, users.actions, notes, problems, harness)
 
 
 def _marker_outcomes(
@@ -469,10 +473,17 @@ def _print_phase(result: PhaseResult) -> None:
         errors = sorted(result.audit.errors.items(), key=lambda kv: -kv[1])
         print_table(f"{result.name}: errors of failed/cancelled/refused jobs", errors or [("-", 0)])
     print_table(f"{result.name}: notes", result.notes)
-    verdict = "OK" if not result.problems else "FAILED"
-    print(f"\n{result.name}: invariants {verdict}")
+    print(f"\n{result.name}: invariants {_verdict(result)}")
     for problem in result.problems:
         print(f"  - {problem}")
+    for problem in result.harness:
+        print(f"  - harness: {problem}")
+
+
+def _verdict(result: PhaseResult) -> str:
+    if result.problems:
+        return "FAILED"
+    return "INCONCLUSIVE (the fake Discord failed)" if result.harness else "OK"
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -493,9 +504,15 @@ async def main_async(args: argparse.Namespace) -> int:
     for result in results:
         _print_phase(result)
     failed = [r.name for r in results if r.problems]
+    inconclusive = [r.name for r in results if r.harness and not r.problems]
     print(f"\ncommand: python -m bench.fault_injection {' '.join(sys.argv[1:])}".rstrip())
-    print("result:", "OK" if not failed else f"FAILED ({', '.join(failed)})")
-    return 1 if failed else 0
+    if failed:
+        print(f"result: FAILED ({', '.join(failed)})")
+    elif inconclusive:
+        print(f"result: INCONCLUSIVE (harness faults in {', '.join(inconclusive)})")
+    else:
+        print("result: OK")
+    return 1 if failed or inconclusive else 0
 
 
 def main() -> int:

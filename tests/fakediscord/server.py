@@ -93,6 +93,7 @@ from tests.fakediscord.wire import (
     MAX_ATTACHMENTS,
     MAX_CONTENT,
     MAX_EMBEDS,
+    ClientDisconnected,
     FakeHTTPError,
     Fault,
     MiB,
@@ -1160,6 +1161,11 @@ class FakeDiscord:
             else:
                 limited = self._enforce_rate_limit(request, record)
                 response = limited if limited is not None else await handler(request)
+        except ClientDisconnected:
+            # Nobody is left to read an answer, so none is recorded; aiohttp drops the transport.
+            record.dropped = True
+            self.changes.notify()
+            return web.Response(status=499)
         except FakeHTTPError as error:
             response = json_response(error.body(), error.status, error.headers)
             record.code = error.code

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from tests.fakediscord.interactions import FakeInteraction
 
@@ -114,6 +115,8 @@ class RecordedRequest:
     status: int | None = None
     code: int | None = None
     injected: bool = False
+    # The client disconnected before the body arrived; no answer was sent.
+    dropped: bool = False
     interaction: FakeInteraction | None = None
 
     def matches(self, method: str = "*", path: str = "*", status: int | None = None) -> bool:
@@ -164,8 +167,20 @@ def request_json(request: web.Request) -> dict[str, Any]:
     return body  # type: ignore[return-value]
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its request body arrived (a killed bot mid-upload): the
+    request was dropped, which is the client's doing, not a fault of the fake."""
+
+
 async def read_body(request: web.Request) -> tuple[Any, list[UploadedFile]]:
     """JSON body or multipart (``payload_json`` plus ``files[n]``) as discord.py sends them."""
+    try:
+        return await _read_body(request)
+    except (ConnectionResetError, RequestPayloadError) as error:
+        raise ClientDisconnected(str(error) or type(error).__name__) from error
+
+
+async def _read_body(request: web.Request) -> tuple[Any, list[UploadedFile]]:
     files: list[UploadedFile] = []
     payload: Any = None
     if request.content_type.startswith("multipart/"):
