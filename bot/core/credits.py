@@ -553,8 +553,14 @@ class CreditsService:
                     problems.append(f"job {jid}: expected one hold row of ({-a}, {-g})")
                 settles, refunds = int(job["settles"] or 0), int(job["refunds"] or 0)
                 if state is JobState.SUCCEEDED:
-                    if settles != 1 or refunds or job["settle_amount"] != 0:
+                    # A result that could never be delivered is refunded after its settle.
+                    if settles != 1 or refunds > 1 or job["settle_amount"] != 0:
                         problems.append(f"job {jid}: succeeded needs exactly one settle")
+                    elif refunds and (job["refund_g"] != g or job["refund_a"] not in (a, 0)):
+                        problems.append(
+                            f"job {jid}: refund ({job['refund_a']}, {job['refund_g']}) does not "
+                            f"match hold ({a}, {g})"
+                        )
                 elif state.terminal:
                     if refunds != 1 or settles:
                         problems.append(f"job {jid}: {state.value} needs exactly one refund")

@@ -216,12 +216,14 @@ class JobStore:
         }
 
     async def undelivered(self, key: str = "result", limit: int = 100) -> list[Job]:
-        """Finished jobs whose `key` delivery was never completed, oldest first: what the front
-        end should (re)deliver after a restart. A 'claimed' record means a send may have been
-        attempted; check `deliveries()` before sending again."""
+        """Finished jobs whose `key` delivery was never completed nor given up as
+        'undelivered', oldest first: what the front end should (re)deliver after a restart. A
+        'claimed' record means a send may have been attempted; check `deliveries()` before
+        sending again."""
         rows = await self._db.read(
             "SELECT j.* FROM jobs j WHERE j.state NOT IN ('queued', 'running') AND NOT EXISTS "
-            "(SELECT 1 FROM deliveries d WHERE d.job_id = j.id AND d.key = ? AND d.state = 'done') "
+            "(SELECT 1 FROM deliveries d WHERE d.job_id = j.id AND d.key = ? "
+            "AND d.state IN ('done', 'undelivered')) "
             "ORDER BY j.id LIMIT ?",
             (key, limit),
         )

@@ -249,7 +249,7 @@ class Delivery:
 
     job_id: int
     key: str
-    state: str  # "claimed" | "done"
+    state: str  # "claimed" | "done" | "undelivered" (can never be delivered; refunded)
     info: Mapping[str, Any]
     updated_at: datetime
 

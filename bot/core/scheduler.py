@@ -734,6 +734,40 @@ class Scheduler:
         txn.after_commit(done)
         return job
 
+    async def refund_undelivered(self, job_id: int, reason: str) -> int:
+        """Give back what a succeeded job was charged when its result can never be delivered
+        (the bot may not post where it was asked), and record its 'result' delivery as
+        'undelivered' so it is not retried at every start. Returns the credits given back; 0
+        when there is nothing (left) to refund, so calling it twice refunds once."""
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise ValueError(f"job_id: must be an integer, got {job_id!r}")
+        now = to_db(self._clock())
+
+        async def work(txn: Transaction) -> int:
+            row = await txn.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
+            if row is None:
+                raise LookupError(f"job {job_id} does not exist")
+            if not JobState(row["state"]).terminal:
+                raise ValueError(f"job_id: job {job_id} is still {row['state']}")
+            await txn.execute(
+                "INSERT INTO deliveries (job_id, key, state, info, updated_at) "
+                "VALUES (?, 'result', 'undelivered', json_object('reason', ?), ?) "
+                "ON CONFLICT(job_id, key) DO UPDATE SET state = 'undelivered', "
+                "info = json_patch(deliveries.info, excluded.info), "
+                "updated_at = excluded.updated_at",
+                (job_id, reason, now),
+            )
+            if row["state"] != JobState.SUCCEEDED.value:
+                return 0  # failed, cancelled and refused jobs were refunded when they ended
+            refunded = await txn.fetchone(
+                "SELECT 1 FROM ledger WHERE job_id = ? AND kind = 'refund'", (job_id,)
+            )
+            if refunded is not None:
+                return 0
+            return await self.credits.refund(txn, dict(row), f"job {job_id} undelivered: {reason}")
+
+        return await self._db.transaction(work)
+
     # ----- cancel, pause ---------------------------------------------------------------------
 
     async def cancel(self, job_id: int, actor_id: int | None = None) -> bool:
