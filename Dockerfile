@@ -1,6 +1,9 @@
-# imagine-bot on a CUDA GPU box.
+# imagine-bot on a CUDA GPU box (needs the NVIDIA Container Toolkit on the host for --gpus).
 #   docker build -t imagine-bot .
-#   docker run --gpus all -e DISCORD_TOKEN -v imagine-data:/data -v imagine-models:/models imagine-bot
+#   docker run --gpus all --stop-timeout 60 -e DISCORD_TOKEN \
+#     -v "$PWD/config.toml:/config/config.toml:ro" \
+#     -v imagine-data:/data -v imagine-models:/models imagine-bot
+# torch 2.6 or newer: transformers 5 refuses older releases.
 FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
@@ -8,7 +11,7 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/models/huggingface
 
 RUN useradd --create-home --uid 1000 imagine \
-    && mkdir -p /data /models \
+    && mkdir -p /data /models /config \
     && chown imagine:imagine /data /models
 
 WORKDIR /app
@@ -18,10 +21,14 @@ COPY generation ./generation
 # torch comes from the base image (CUDA build); the range in pyproject accepts it as installed.
 RUN pip install . && rm -rf /root/.cache
 
-COPY config.toml /app/config.toml
-# The image's config points the data folder at the volume.
-RUN sed -i -e 's|^data_dir = .*|data_dir = "/data"|' -e 's|^cache_dir = .*|cache_dir = "/models"|' /app/config.toml
+# A default config so the image starts as it is (tiny model); mount your own over it. Its paths
+# point at the volumes, and a mounted config should do the same.
+COPY config.toml /config/config.toml
+RUN sed -i -e 's|^data_dir = .*|data_dir = "/data"|' -e 's|^cache_dir = .*|cache_dir = "/models"|' \
+    /config/config.toml
 
 USER imagine
 VOLUME ["/data", "/models"]
-ENTRYPOINT ["imagine-bot", "--config", "/app/config.toml"]
+# SIGTERM drains running jobs for drain_timeout_s (30 s by default): give `docker stop` longer.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["imagine-bot", "--config", "/config/config.toml"]
