@@ -1,0 +1,278 @@
+"""Dispatch: start workers, hand queued jobs to free worker slots in fair order, run each job
+and end it through the lifecycle, and drain at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from bot.config import SchedulerConfig
+from bot.core.clock import Clock
+from bot.core.events import EventHub
+from bot.core.execute import JobError, WorkItem, WorkOutcome
+from bot.core.jobs import output_dir_for
+from bot.core.lifecycle import Ending, Lifecycle
+from bot.core.models import Job, JobResult, JobState, ProgressUpdate, Started
+from bot.core.state import QueueState, RunningJob
+from bot.core.workers import JobTimeout, Worker, WorkerCrashed
+from generation.contract import GenerationCancelled
+
+log = logging.getLogger(__name__)
+
+# Called with a finished job's outcome before it is settled; returns None to accept it or a
+# reason to refuse it (the job becomes `refused` and is refunded). Moderation plugs in here.
+OutputCheck = Callable[[Job, WorkOutcome], Awaitable[str | None]]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        state: QueueState,
+        lifecycle: Lifecycle,
+        events: EventHub,
+        workers: Sequence[Worker],
+        config: SchedulerConfig,
+        clock: Clock,
+        output_check: OutputCheck | None,
+        cancel_grace_s: float,
+        worker_retry_s: float,
+    ) -> None:
+        self._state = state
+        self._lifecycle = lifecycle
+        self._events = events
+        self.workers = list(workers)
+        self._config = config
+        self._clock = clock
+        self._output_check = output_check
+        self._cancel_grace_s = cancel_grace_s
+        self._worker_retry_s = worker_retry_s
+        self._ready: set[int] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._worker_starters: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.dispatch_count = 0
+
+    def start(self) -> None:
+        for worker in self.workers:
+            self._worker_starters.append(
+                asyncio.create_task(self._start_worker(worker), name=f"start-{worker.name}")
+            )
+        self._loop_task = asyncio.create_task(self._dispatch_loop(), name="dispatcher")
+
+    async def _start_worker(self, worker: Worker) -> None:
+        # Jobs wait in the queue while a worker loads its models (which may take minutes);
+        # a worker that cannot start is retried, with the error in the log for the admin.
+        while not self._state.closing:
+            try:
+                await worker.start()
+            except Exception as exc:
+                log.error(
+                    "worker %s failed to start (%s); retrying in %g s",
+                    worker.name,
+                    exc,
+                    self._worker_retry_s,
+                )
+                await asyncio.sleep(self._worker_retry_s)
+                continue
+            self._ready.add(id(worker))
+            self._state.wake.set()
+            return
+
+    async def close(self, drain_timeout_s: float) -> None:
+        """Stop dispatching, let running jobs finish for up to `drain_timeout_s`, hand the rest
+        back to the queue (they run again after the restart), then stop the workers."""
+        self._state.wake.set()
+        for starter in self._worker_starters:
+            starter.cancel()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        records = list(self._state.running.records())
+        tasks = [r.task for r in records if r.task is not None]
+        if tasks:
+            log.info("draining %d running jobs (up to %g s)", len(tasks), drain_timeout_s)
+            _done, pending = await asyncio.wait(tasks, timeout=drain_timeout_s)
+            for record in records:
+                if record.task in pending:
+                    record.hand_back = True
+                    record.task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._worker_starters, return_exceptions=True)
+        for worker in self.workers:
+            try:
+                await worker.close()
+            except Exception:
+                log.exception("worker %s did not close cleanly", worker.name)
+
+    # ----- picking -----------------------------------------------------------------------------
+
+    def _free_worker(self) -> Worker | None:
+        for worker in self.workers:
+            if id(worker) in self._ready and self._state.running.busy(worker) < worker.capacity:
+                return worker
+        return None
+
+    def _eligible(self, user_id: int) -> bool:
+        return self._state.running.running_for(user_id) < self._config.max_running_per_user
+
+    async def _dispatch_loop(self) -> None:
+        wake = self._state.wake
+        while not self._state.closing:
+            await wake.wait()
+            wake.clear()
+            try:
+                await self._dispatch_ready()
+            except Exception:
+                # A dead dispatcher would silently stall every queue; log and keep going.
+                log.exception("dispatch failed; retrying")
+                await asyncio.sleep(1.0)
+                wake.set()
+
+    async def _dispatch_ready(self) -> None:
+        """Start queued jobs while a worker slot is free and someone is eligible."""
+        state = self._state
+        while not (state.paused or state.closing):
+            worker = self._free_worker()
+            if worker is None:
+                break
+            entry = state.fair.pop(self._clock().timestamp(), self._eligible)
+            if entry is None:
+                break
+            state.queue_changed()
+            record = RunningJob(entry.job_id, entry.user_id, worker)
+            state.running.claim(record)
+            try:
+                job = await self._lifecycle.mark_running(entry.job_id)
+            except Exception:
+                log.exception("job %d: could not be started; leaving it queued", entry.job_id)
+                state.release(record)
+                state.fair.push(entry, front=True)
+                await asyncio.sleep(1.0)
+                continue
+            if job is None:  # cancelled while we were picking it
+                state.release(record)
+                continue
+            record.job = job
+            self.dispatch_count += 1
+            record.task = asyncio.create_task(self._run(record), name=f"job-{job.id}")
+
+    # ----- running -----------------------------------------------------------------------------
+
+    async def _run(self, record: RunningJob) -> None:
+        job = record.job
+        assert job is not None
+        self._events.emit(Started(job.id, job.attempts))
+        ending = Ending(JobState.FAILED, error="something went wrong")
+        try:
+            ending = await self._attempt(record, job)
+        except asyncio.CancelledError:
+            ending = self._cancelled(record)
+            raise
+        finally:
+            # Shielded: a second cancel must not cut the ending short.
+            await asyncio.shield(self._lifecycle.end(record, ending))
+
+    async def _attempt(self, record: RunningJob, job: Job) -> Ending:
+        """Run the job and check its output; every way this can go maps to one `Ending`."""
+        try:
+            if record.cancel_requested:
+                raise GenerationCancelled()
+            item = WorkItem(
+                job_id=job.id,
+                attempt=job.attempts,
+                request_data=dict(job.request_data),
+                init_image_path=job.init_image_path,
+                output_dir=output_dir_for(job.id),
+            )
+            outcome = await record.worker.run(
+                item,
+                lambda step, total: self._progress(record, step, total),
+                self._config.job_timeout_s,
+            )
+            if record.cancel_requested:
+                raise GenerationCancelled()
+            verdict = await self._check_output(job, outcome)
+            if record.cancel_requested:
+                raise GenerationCancelled()
+        except GenerationCancelled:
+            return Ending(JobState.CANCELLED, error="cancelled", actor_id=record.cancel_actor)
+        except JobTimeout as exc:
+            return Ending(JobState.FAILED, error=str(exc))
+        except JobError as exc:
+            return Ending(JobState.FAILED, error=exc.message)
+        except WorkerCrashed as exc:
+            log.warning("job %d: %s", job.id, exc)
+            return self._lifecycle.after_crash(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %d: unexpected failure", job.id)
+            return Ending(JobState.FAILED, error="something went wrong")
+        result = JobResult(
+            image_paths=outcome.image_paths,
+            grid_path=outcome.grid_path,
+            seeds=outcome.seeds,
+            clip_scores=outcome.clip_scores,
+            timings_s=outcome.timings_s,
+            candidate_indices=outcome.candidate_indices,
+            width=outcome.width,
+            height=outcome.height,
+        )
+        if verdict:
+            return Ending(JobState.REFUSED, error=verdict, result=result)
+        return Ending(JobState.SUCCEEDED, result=result)
+
+    def _cancelled(self, record: RunningJob) -> Ending:
+        """The run's task was cancelled: a cancel past its grace period, or shutdown. A task
+        cancelled for no recorded reason is handed back too: its job is not at fault."""
+        if record.cancel_requested and not record.hand_back:
+            return Ending(JobState.CANCELLED, error="cancelled", actor_id=record.cancel_actor)
+        return Ending(None, hand_back=True)
+
+    async def _check_output(self, job: Job, outcome: WorkOutcome) -> str | None:
+        if self._output_check is None:
+            return None
+        try:
+            return await self._output_check(job, outcome)
+        except Exception:
+            log.exception("job %d: output check failed; refusing the result", job.id)
+            return "the result could not be checked"
+
+    def _progress(self, record: RunningJob, step: int, total: int) -> None:
+        record.progress = ProgressUpdate(record.job_id, step, total)
+        self._events.emit(record.progress)
+
+    # ----- cancelling ---------------------------------------------------------------------------
+
+    async def cancel_running(self, record: RunningJob, actor_id: int | None) -> None:
+        """Ask a running job to stop at its next step; abort it hard after the grace period."""
+        if record.cancel_requested:
+            return
+        record.cancel_requested = True
+        record.cancel_actor = actor_id
+        if record.task is not None:
+            await record.worker.cancel(record.job_id)
+            self._later(self._cancel_grace_s, lambda: self._abort(record))
+
+    def _abort(self, record: RunningJob) -> None:
+        if record.task is not None and not record.task.done():
+            log.warning(
+                "job %d ignored its cancel for %g s; aborting the worker",
+                record.job_id,
+                self._cancel_grace_s,
+            )
+            record.task.cancel()
+
+    def _later(self, delay_s: float, callback: Callable[[], None]) -> None:
+        async def call() -> None:
+            await asyncio.sleep(delay_s)
+            callback()
+
+        task = asyncio.create_task(call())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

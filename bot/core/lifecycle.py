@@ -1,0 +1,284 @@
+"""How a job's row and its credits move: queued → running → settled or refunded, or back to
+the queue. The only code that settles or refunds a job.
+
+Every state change is a guarded UPDATE (`WHERE state = <expected>`) in the same transaction as
+its ledger row, so a job is settled or refunded exactly once whatever races between cancel,
+timeout, crash and shutdown; the in-memory queue state follows in the after-commit callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from bot.config import SchedulerConfig
+from bot.core.clock import Clock, from_db, to_db
+from bot.core.credits import CreditsService
+from bot.core.db import Database, Transaction
+from bot.core.events import EventHub
+from bot.core.fairness import QueueEntry
+from bot.core.jobs import row_to_job
+from bot.core.models import Finished, Job, JobResult, JobState
+from bot.core.state import QueueState, RunningJob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How one run of a job ended. `state=None` puts the job back in the queue; `hand_back`
+    (shutdown) does so without counting the attempt, which was not the job's fault."""
+
+    state: JobState | None
+    error: str | None = None
+    result: JobResult | None = None
+    actor_id: int | None = None
+    hand_back: bool = False
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        db: Database,
+        credits: CreditsService,
+        state: QueueState,
+        events: EventHub,
+        config: SchedulerConfig,
+        clock: Clock,
+    ) -> None:
+        self._db = db
+        self._credits = credits
+        self._state = state
+        self._events = events
+        self._config = config
+        self._clock = clock
+
+    def after_crash(self, job: Job) -> Ending:
+        if job.attempts <= self._config.max_attempts:
+            return Ending(None)
+        return Ending(JobState.FAILED, error=f"the generator crashed {job.attempts} times")
+
+    async def mark_running(self, job_id: int) -> Job | None:
+        """queued → running; None when the job is no longer queued (cancelled meanwhile)."""
+        now = to_db(self._clock())
+
+        async def work(txn: Transaction) -> Job | None:
+            row = await txn.fetchone(
+                "UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1 "
+                "WHERE id = ? AND state = 'queued' RETURNING *",
+                (now, job_id),
+            )
+            return row_to_job(row) if row else None
+
+        return await self._db.transaction(work)
+
+    async def end(self, record: RunningJob, ending: Ending) -> None:
+        """The one way a run ends: settle, refund or re-queue its job, and give back its slot
+        in step with the commit. Safe against a job that already ended another way."""
+        try:
+            if ending.state is None:
+                await self._requeue(record, ending.hand_back)
+            else:
+                await self.finish(
+                    record.job_id,
+                    ending.state,
+                    error=ending.error,
+                    result=ending.result,
+                    actor_id=ending.actor_id,
+                    record=record,
+                )
+        finally:
+            self._state.release(record)
+
+    async def _requeue(self, record: RunningJob, hand_back: bool) -> None:
+        """Put an interrupted running job back at the head of its owner's queue."""
+        job_id = record.job_id
+
+        async def work(txn: Transaction) -> None:
+            row = await txn.fetchone(
+                "UPDATE jobs SET state = 'queued', started_at = NULL, "
+                "attempts = attempts - ? WHERE id = ? AND state = 'running' "
+                "RETURNING user_id, tier, created_at",
+                (1 if hand_back else 0, job_id),
+            )
+            if row is None:
+                return
+            entry = QueueEntry(
+                job_id=job_id,
+                user_id=int(row["user_id"]),
+                enqueued_at=from_db(row["created_at"]).timestamp(),  # type: ignore[union-attr]
+                tier=int(row["tier"]),
+            )
+
+            def requeued() -> None:
+                self._state.release(record)
+                self._state.enqueue(entry, front=True)
+
+            txn.after_commit(requeued)
+
+        await self._db.transaction(work)
+
+    async def finish(
+        self,
+        job_id: int,
+        state: JobState,
+        *,
+        error: str | None = None,
+        result: JobResult | None = None,
+        actor_id: int | None = None,
+        from_state: JobState = JobState.RUNNING,
+        record: RunningJob | None = None,
+    ) -> Job | None:
+        """Move a job from `from_state` to a final state, settling or refunding it; None when
+        it was not in `from_state` (it ended some other way first)."""
+        now = self._clock()
+        return await self._db.transaction(
+            lambda txn: self.finish_in(
+                txn,
+                job_id,
+                from_state,
+                state,
+                now,
+                error=error,
+                result=result,
+                actor_id=actor_id,
+                record=record,
+            )
+        )
+
+    async def finish_in(
+        self,
+        txn: Transaction,
+        job_id: int,
+        from_state: JobState,
+        state: JobState,
+        now: datetime,
+        *,
+        error: str | None = None,
+        result: JobResult | None = None,
+        actor_id: int | None = None,
+        record: RunningJob | None = None,
+    ) -> Job | None:
+        row = await txn.fetchone(
+            "UPDATE jobs SET state = ?, error = ?, finished_at = ?, result = ? "
+            "WHERE id = ? AND state = ? RETURNING *",
+            (
+                state.value,
+                error,
+                to_db(now),
+                json.dumps(result.to_json()) if result else None,
+                job_id,
+                from_state.value,
+            ),
+        )
+        if row is None:
+            return None
+        if state is JobState.SUCCEEDED:
+            await self._credits.settle(txn, int(row["user_id"]), job_id, int(row["cost"]))
+        else:
+            await self._credits.refund(
+                txn, dict(row), f"job {job_id} {state.value}: {error}", actor_id
+            )
+        job = row_to_job(row)
+
+        def done() -> None:
+            # In step with the commit, so nobody can see the job finished in the database
+            # but still running (or queued) here.
+            self._state.dequeue(job_id)
+            if record is not None:
+                self._state.release(record)
+            elif from_state is JobState.QUEUED:
+                # Picked by the dispatcher but not yet started: that claim ends with the job.
+                picked = self._state.running.get(job_id)
+                if picked is not None and picked.job is None:
+                    self._state.release(picked)
+            self._events.emit(Finished(job))
+
+        txn.after_commit(done)
+        return job
+
+    async def recover(self) -> None:
+        """Running jobs of a previous process were interrupted: re-queue them (at most
+        `max_attempts` times) or fail and refund them. Queued jobs keep their order."""
+        max_attempts = self._config.max_attempts
+        now = self._clock()
+
+        async def work(txn: Transaction) -> list[Job]:
+            failed = []
+            for row in await txn.fetchall("SELECT * FROM jobs WHERE state = 'running' ORDER BY id"):
+                if row["attempts"] <= max_attempts:
+                    log.info(
+                        "job %d was interrupted; re-queued (attempt %d)", row["id"], row["attempts"]
+                    )
+                    await txn.execute(
+                        "UPDATE jobs SET state = 'queued', started_at = NULL WHERE id = ?",
+                        (row["id"],),
+                    )
+                else:
+                    error = f"interrupted {row['attempts']} times; your credits were refunded"
+                    job = await self.finish_in(
+                        txn, int(row["id"]), JobState.RUNNING, JobState.FAILED, now, error=error
+                    )
+                    if job is not None:
+                        failed.append(job)
+            rows = await txn.fetchall(
+                "SELECT id, user_id, tier, created_at FROM jobs WHERE state = 'queued' ORDER BY id"
+            )
+
+            def load() -> None:
+                for r in rows:
+                    self._state.fair.push(
+                        QueueEntry(
+                            job_id=int(r["id"]),
+                            user_id=int(r["user_id"]),
+                            enqueued_at=from_db(r["created_at"]).timestamp(),  # type: ignore
+                            tier=int(r["tier"]),
+                        )
+                    )
+                self._state.queue_changed()
+
+            txn.after_commit(load)
+            return failed
+
+        failed = await self._db.transaction(work)
+        queued = len(self._state.fair)
+        if failed or queued:
+            log.info(
+                "recovered %d queued jobs; %d failed after too many attempts", queued, len(failed)
+            )
+
+    async def refund_undelivered(self, job_id: int, reason: str) -> int:
+        """Give back what a succeeded job was charged when its result can never be delivered
+        (the bot may not post where it was asked), and record its 'result' delivery as
+        'undelivered' so it is not retried at every start. Returns the credits given back; 0
+        when there is nothing (left) to refund, so calling it twice refunds once."""
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise ValueError(f"job_id: must be an integer, got {job_id!r}")
+        now = to_db(self._clock())
+
+        async def work(txn: Transaction) -> int:
+            row = await txn.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
+            if row is None:
+                raise LookupError(f"job {job_id} does not exist")
+            if not JobState(row["state"]).terminal:
+                raise ValueError(f"job_id: job {job_id} is still {row['state']}")
+            await txn.execute(
+                "INSERT INTO deliveries (job_id, key, state, info, updated_at) "
+                "VALUES (?, 'result', 'undelivered', json_object('reason', ?), ?) "
+                "ON CONFLICT(job_id, key) DO UPDATE SET state = 'undelivered', "
+                "info = json_patch(deliveries.info, excluded.info), "
+                "updated_at = excluded.updated_at",
+                (job_id, reason, now),
+            )
+            if row["state"] != JobState.SUCCEEDED.value:
+                return 0  # failed, cancelled and refused jobs were refunded when they ended
+            refunded = await txn.fetchone(
+                "SELECT 1 FROM ledger WHERE job_id = ? AND kind = 'refund'", (job_id,)
+            )
+            if refunded is not None:
+                return 0
+            return await self._credits.refund(txn, dict(row), f"job {job_id} undelivered: {reason}")
+
+        return await self._db.transaction(work)
