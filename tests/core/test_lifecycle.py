@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from pathlib import Path
+
 import pytest
 
-from bot.core import Core, JobState, LedgerKind, Owner
-from tests.core.conftest import assert_consistent, finished, request
+from bot.core import (
+    Core,
+    Job,
+    JobEvent,
+    JobState,
+    LedgerKind,
+    Owner,
+    ProcessWorker,
+    Started,
+    Worker,
+    WorkOutcome,
+)
+from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
+from tests.core.fakes import FACTORY
 
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
 
@@ -51,3 +67,144 @@ async def test_refund_undelivered_refuses_an_active_or_unknown_job(core: Core) -
     await core.scheduler.cancel(job.id)
     await finished(core, job.id)
     await assert_consistent(core)
+
+
+@pytest.mark.parametrize("worker_count", [1, 2])
+async def test_a_job_rerun_after_a_crash_keeps_its_slot_limits_and_cancel(
+    tmp_path: Path, worker_count: int
+) -> None:
+    config = make_config(
+        tmp_path, scheduler={"max_queued_per_user": 5, "max_attempts": 2}, step_s=0.02
+    )
+    workers: list[Worker] = [
+        ProcessWorker(config.engine, config.data_dir, FACTORY, name=f"w{i}", startup_timeout_s=60)
+        for i in range(worker_count)
+    ]
+    core = await open_core(config, workers=workers, cancel_grace_s=5.0)
+    try:
+        attempts: list[int] = []
+        rerun = asyncio.Event()
+
+        def on_event(event: JobEvent) -> None:
+            if isinstance(event, Started) and event.job_id == crashing.id:
+                attempts.append(event.attempt)
+                if event.attempt == 2:
+                    rerun.set()
+
+        core.scheduler.add_listener(on_event)
+        crashing = await core.scheduler.submit(ALICE, request("[crash-once] a fox", steps=150))
+        second = await core.scheduler.submit(ALICE, request("a cat"))
+        async with asyncio.timeout(60):
+            await rerun.wait()
+        # Whatever the crashed run leaves behind happens now; give it the chance to go wrong.
+        await asyncio.sleep(0.3)
+        assert attempts == [1, 2]
+        assert core.scheduler.running_count == 1
+        assert sum(core.scheduler.busy_counts()) == 1
+        # max_running_per_user = 1: the second job waits for the re-run one.
+        assert core.scheduler.queue_position(second.id) == 1
+
+        assert await core.scheduler.cancel(crashing.id)
+        assert (await finished(core, crashing.id, timeout_s=30)).state is JobState.CANCELLED
+        assert (await finished(core, second.id, timeout_s=60)).state is JobState.SUCCEEDED
+        assert core.scheduler.busy_counts() == [0] * worker_count
+        assert core.scheduler.running_count == 0
+        assert (await core.credits.balance(ALICE.user_id)).available == 20 - second.cost
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
+class HeldCheck:
+    """An output check (moderation's place) that waits until the test lets it answer."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, job: Job, outcome: WorkOutcome) -> str | None:
+        self.entered.set()
+        await self.release.wait()
+        return None
+
+
+async def test_a_cancel_during_the_output_check_refunds_and_stays_cancelled(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path)
+    check = HeldCheck()
+    core = await open_core(config, output_check=check, cancel_grace_s=0.1)
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        async with asyncio.timeout(10):
+            await check.entered.wait()
+        assert await core.scheduler.cancel(job.id)
+        # The check never answers: the grace period runs out and the run is aborted.
+        done = await finished(core, job.id, timeout_s=5)
+        assert done.state is JobState.CANCELLED
+        assert (await core.credits.balance(ALICE.user_id)).available == 20
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+    assert await _state_of(config.database_path, job.id) == "cancelled"
+
+    started: list[int] = []
+    reopened = await open_core(config)
+    reopened.scheduler.add_listener(
+        lambda e: started.append(e.job_id) if isinstance(e, Started) else None
+    )
+    try:
+        await asyncio.sleep(0.3)
+        assert started == []
+        assert (await reopened.jobs.require(job.id)).state is JobState.CANCELLED
+        assert (await reopened.credits.balance(ALICE.user_id)).available == 20
+        await assert_consistent(reopened)
+    finally:
+        await reopened.close(0.5)
+
+
+async def test_a_cancel_answered_after_the_output_check_still_cancels(tmp_path: Path) -> None:
+    check = HeldCheck()
+    core = await open_core(make_config(tmp_path), output_check=check, cancel_grace_s=30.0)
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        async with asyncio.timeout(10):
+            await check.entered.wait()
+        assert await core.scheduler.cancel(job.id)
+        check.release.set()
+        assert (await finished(core, job.id, timeout_s=5)).state is JobState.CANCELLED
+        assert (await core.credits.balance(ALICE.user_id)).available == 20
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+
+
+async def test_a_drain_during_the_output_check_hands_the_job_back(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    check = HeldCheck()
+    core = await open_core(config, output_check=check)
+    job = await core.scheduler.submit(ALICE, request())
+    async with asyncio.timeout(10):
+        await check.entered.wait()
+    await core.close(drain_timeout_s=0.1)
+    # Back in the queue without losing an attempt, its credits still held, not left running.
+    assert await _state_of(config.database_path, job.id) == "queued"
+    reopened = await open_core(config)
+    try:
+        done = await finished(reopened, job.id)
+        assert done.state is JobState.SUCCEEDED and done.attempts == 1
+        await assert_consistent(reopened)
+    finally:
+        await reopened.close(0.5)
+
+
+async def _state_of(database: Path, job_id: int) -> str:
+    def read() -> str:
+        conn = sqlite3.connect(database)
+        try:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        finally:
+            conn.close()
+        return str(row[0])
+
+    return await asyncio.to_thread(read)
