@@ -11,10 +11,14 @@ Rules worth knowing:
   balance lookup); unused allowance expires and never accumulates. The level is the user's
   override if an admin set one, else the highest level among the roles the member holds (admin
   settings in the database win over config per role), else `credits.daily_allowance`.
+* What is left today is always derived from what was used today: `left = max(0, level - used)`.
+  A level change (a role lost or gained, an admin override) applies at once, and can never give
+  back what was already spent today, however often the level goes down and up.
 * A hold takes allowance first, then granted credits, in ONE UPDATE that only matches when the
   two together cover the cost; the same statement records how much came from the allowance.
-* A refund gives back exactly what the hold took. The allowance part goes back to the allowance
-  only while it is still the UTC day of the hold; after midnight it is dropped, because that
+* A refund gives back exactly what the hold took. The allowance part reduces today's use (so
+  what is left grows by at most that, up to the level) only while it is still the UTC day of
+  the hold; after midnight it is dropped, because that
   allowance would have expired anyway and the user already got today's full allowance.
   (Refunding it as granted credits instead would let anyone turn free allowance into permanent
   credits by cancelling a job just after midnight.) The ledger row records what was returned.
@@ -159,8 +163,8 @@ class CreditsService:
             (user_id, self._config.daily_allowance),
         )
         row = await txn.fetchone(
-            "SELECT granted, allowance_left, allowance_level, allowance_day, allowance_override, "
-            "banned FROM balances WHERE user_id = ?",
+            "SELECT granted, allowance_left, allowance_used, allowance_level, allowance_day, "
+            "allowance_override, banned FROM balances WHERE user_id = ?",
             (user_id,),
         )
         assert row is not None
@@ -175,8 +179,8 @@ class CreditsService:
         if state["allowance_day"] != today:
             delta = level - left
             await txn.execute(
-                "UPDATE balances SET allowance_left = ?, allowance_level = ?, allowance_day = ? "
-                "WHERE user_id = ?",
+                "UPDATE balances SET allowance_left = ?, allowance_used = 0, allowance_level = ?, "
+                "allowance_day = ? WHERE user_id = ?",
                 (level, level, today, user_id),
             )
             if delta:
@@ -188,11 +192,13 @@ class CreditsService:
                     reason=f"daily allowance for {today}: {level} (unused {left} expired)",
                     now=now,
                 )
-            state.update(allowance_left=level, allowance_level=level, allowance_day=today)
+            state.update(
+                allowance_left=level, allowance_used=0, allowance_level=level, allowance_day=today
+            )
         elif level != state["allowance_level"]:
-            # A new level applies to what is left today, so raising it helps at once and
-            # lowering it cannot be dodged until midnight.
-            new_left = max(0, left + level - int(state["allowance_level"]))
+            # A new level applies at once (raising it helps today, lowering it cannot be
+            # dodged until midnight), measured against what was already used today.
+            new_left = max(0, level - int(state["allowance_used"]))
             await txn.execute(
                 "UPDATE balances SET allowance_left = ?, allowance_level = ? WHERE user_id = ?",
                 (new_left, level, user_id),
@@ -217,6 +223,7 @@ class CreditsService:
         row = await txn.fetchone(
             "UPDATE balances SET "
             "  last_hold_allowance = min(allowance_left, :cost), "
+            "  allowance_used = allowance_used + min(allowance_left, :cost), "
             "  allowance_left = allowance_left - min(allowance_left, :cost), "
             "  granted = granted - (:cost - min(allowance_left, :cost)) "
             "WHERE user_id = :user AND banned = 0 AND allowance_left + granted >= :cost "
@@ -253,29 +260,34 @@ class CreditsService:
         reason: str,
         actor_id: int | None = None,
     ) -> int:
-        """Give a job's hold back (see the module docstring for the allowance rule)."""
+        """Give a job's hold back (see the module docstring for the allowance rule); returns
+        the credits that came back."""
         user_id = int(job["user_id"])
         allowance, granted = int(job["hold_allowance"]), int(job["hold_granted"])
         row = await txn.fetchone(
-            "UPDATE balances SET "
-            "  granted = granted + :granted, "
-            "  allowance_left = allowance_left "
-            "    + CASE WHEN allowance_day = :day AND :day = :today THEN :allowance ELSE 0 END "
-            "WHERE user_id = :user "
-            "RETURNING allowance_day = :day AND :day = :today",
-            {
-                "granted": granted,
-                "allowance": allowance,
-                "day": job["hold_day"],
-                "today": utc_day(self._clock()),
-                "user": user_id,
-            },
+            "SELECT allowance_left, allowance_used, allowance_level, allowance_day "
+            "FROM balances WHERE user_id = ?",
+            (user_id,),
         )
         if row is None:
             raise RuntimeError(f"refund: no balance row for user {user_id}")
-        back_to_allowance = allowance if row[0] else 0
-        if allowance and not back_to_allowance:
+        left, used = int(row["allowance_left"]), int(row["allowance_used"])
+        same_day = row["allowance_day"] == job["hold_day"] == utc_day(self._clock())
+        if same_day:
+            used -= min(allowance, used)
+            new_left = max(left, int(row["allowance_level"]) - used)
+        else:
+            new_left = left
+        await txn.execute(
+            "UPDATE balances SET granted = granted + ?, allowance_left = ?, allowance_used = ? "
+            "WHERE user_id = ?",
+            (granted, new_left, used, user_id),
+        )
+        back_to_allowance = new_left - left
+        if allowance and not same_day:
             reason += f" ({allowance} from the {job['hold_day']} allowance had expired)"
+        elif allowance > back_to_allowance:
+            reason += f" ({allowance - back_to_allowance} above today's allowance level)"
         await self._append(
             txn,
             user_id,
@@ -514,7 +526,10 @@ class CreditsService:
                     "FROM ledger GROUP BY user_id"
                 )
             }
-            balances = await txn.fetchall("SELECT user_id, allowance_left, granted FROM balances")
+            balances = await txn.fetchall(
+                "SELECT user_id, allowance_left, allowance_used, allowance_level, granted "
+                "FROM balances"
+            )
             seen = set()
             for row in balances:
                 user = int(row["user_id"])
@@ -528,6 +543,12 @@ class CreditsService:
                     )
                 if actual[0] < 0 or actual[1] < 0:
                     problems.append(f"user {user}: negative balance {actual}")
+                derived = max(0, int(row["allowance_level"]) - int(row["allowance_used"]))
+                if actual[0] != derived:
+                    problems.append(
+                        f"user {user}: allowance left {actual[0]} but level "
+                        f"{row['allowance_level']} - used {row['allowance_used']} gives {derived}"
+                    )
             for user in set(sums) - seen:
                 problems.append(f"user {user}: ledger rows but no balance row")
 
@@ -556,7 +577,7 @@ class CreditsService:
                     # A result that could never be delivered is refunded after its settle.
                     if settles != 1 or refunds > 1 or job["settle_amount"] != 0:
                         problems.append(f"job {jid}: succeeded needs exactly one settle")
-                    elif refunds and (job["refund_g"] != g or job["refund_a"] not in (a, 0)):
+                    elif refunds and (job["refund_g"] != g or not 0 <= job["refund_a"] <= a):
                         problems.append(
                             f"job {jid}: refund ({job['refund_a']}, {job['refund_g']}) does not "
                             f"match hold ({a}, {g})"
@@ -564,7 +585,7 @@ class CreditsService:
                 elif state.terminal:
                     if refunds != 1 or settles:
                         problems.append(f"job {jid}: {state.value} needs exactly one refund")
-                    elif job["refund_g"] != g or job["refund_a"] not in (a, 0):
+                    elif job["refund_g"] != g or not 0 <= job["refund_a"] <= a:
                         problems.append(
                             f"job {jid}: refund ({job['refund_a']}, {job['refund_g']}) does not "
                             f"match hold ({a}, {g})"

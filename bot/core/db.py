@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Migration n brings a database from version n-1 to n. Never edit a released step: append one.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -126,6 +126,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
         "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+    # Today's allowance is derived from what was used (left = max(0, level - used)), so a level
+    # that goes down and up again cannot hand out the same credits twice.
+    2: (
+        "ALTER TABLE balances ADD COLUMN allowance_used INTEGER NOT NULL DEFAULT 0 "
+        "CHECK (allowance_used >= 0)",
+        "UPDATE balances SET allowance_used = max(0, allowance_level - allowance_left)",
     ),
 }
 

@@ -235,6 +235,113 @@ async def test_allowance_levels_user_override_beats_roles_beats_default(
         await core.close(2.0)
 
 
+LEVELS = {"daily_allowance": 5, "role_allowances": {7: 20}, "cost_imagine": 10}
+BIG = dict(width=512, height=512, steps=30, num_candidates=8)
+
+
+async def test_a_level_that_drops_and_rises_again_gives_nothing_back(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    core = await open_core(make_config(tmp_path, credits=LEVELS), clock)
+    member = Owner(ALICE.user_id, role_ids=(7,))
+    try:
+        for seed in (1, 2):
+            job = await core.scheduler.submit(member, request(seed=seed, **BIG))
+            assert (await finished(core, job.id)).state is JobState.SUCCEEDED
+        assert (await core.credits.balance(member.user_id, (7,))).allowance_left == 0
+        for _ in range(3):  # the role is lost and gained again, three times
+            lost = await core.credits.balance(member.user_id, role_ids=())
+            assert (lost.allowance_level, lost.allowance_left) == (5, 0)
+            regained = await core.credits.balance(member.user_id, role_ids=(7,))
+            assert (regained.allowance_level, regained.allowance_left) == (20, 0)
+        with pytest.raises(Refused) as refused:
+            await core.scheduler.submit(member, request(seed=3, **BIG))
+        assert refused.value.code is RefusalCode.INSUFFICIENT_CREDITS
+        # The same through an admin override going down and up.
+        await core.admin.set_user_allowance(member.user_id, 0, actor_id=1)
+        balance = await core.admin.set_user_allowance(member.user_id, 30, actor_id=1)
+        assert (balance.allowance_level, balance.allowance_left) == (30, 10)
+        spent = [e for e in await core.credits.ledger(member.user_id) if e.kind is LedgerKind.HOLD]
+        assert -sum(e.allowance_delta for e in spent) == 20
+        await assert_consistent(core)
+        # A new day starts from the level, whatever was used.
+        clock.advance(days=1)
+        assert (await core.credits.balance(member.user_id, (7,))).allowance_left == 30
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
+async def test_a_refund_after_the_level_dropped_gives_back_at_most_the_level(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    config = make_config(tmp_path, credits=LEVELS)
+    core = await open_core(config, clock)
+    member = Owner(ALICE.user_id, role_ids=(7,))
+    blocker = await core.scheduler.submit(Owner(999), request("[slow] blocker", steps=60))
+    try:
+        first = await core.scheduler.submit(member, request(seed=1, **BIG))
+        second = await core.scheduler.submit(member, request(seed=2, **BIG))
+        assert (await core.credits.balance(member.user_id, ())).allowance_left == 0
+        assert await core.scheduler.cancel(first.id)
+        await finished(core, first.id)
+        # Used 20 - 10 = 10 today, level 5: nothing is left, and the refund says why.
+        balance = await core.credits.balance(member.user_id)
+        assert (balance.allowance_level, balance.allowance_left) == (5, 0)
+        assert await core.scheduler.cancel(second.id)
+        await finished(core, second.id)
+        assert (await core.credits.balance(member.user_id)).allowance_left == 5
+        assert (await core.credits.balance(member.user_id, (7,))).allowance_left == 20
+        refunds = [
+            e for e in await core.credits.ledger(member.user_id) if e.kind is LedgerKind.REFUND
+        ]
+        assert [e.allowance_delta for e in reversed(refunds)] == [0, 5]
+        await core.scheduler.cancel(blocker.id)
+        await finished(core, blocker.id)
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
+async def test_migration_derives_todays_use_from_what_is_left(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    from bot.core.db import _MIGRATIONS
+
+    config = make_config(tmp_path, credits=LEVELS)
+    config.database_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(config.database_path)
+    for statement in _MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    today, now = "2025-03-01", "2025-03-01T11:00:00+00:00"
+    conn.execute(
+        "INSERT INTO balances (user_id, allowance_left, allowance_level, allowance_day) "
+        "VALUES (?, 12, 20, ?)",
+        (ALICE.user_id, today),
+    )
+    for kind, delta in (("allowance_topup", 20), ("allowance_adjust", -8)):
+        conn.execute(
+            "INSERT INTO ledger (user_id, amount, allowance_delta, granted_delta, kind, "
+            "created_at) VALUES (?, ?, ?, 0, ?, ?)",
+            (ALICE.user_id, delta, delta, kind, now),
+        )
+    conn.commit()
+    conn.close()
+
+    core = await open_core(config, clock)
+    try:
+        await assert_consistent(core)
+        balance = await core.credits.balance(ALICE.user_id, role_ids=(7,))
+        assert (balance.allowance_level, balance.allowance_left) == (20, 12)
+        assert (await core.credits.balance(ALICE.user_id, role_ids=())).allowance_left == 0
+        assert (await core.credits.balance(ALICE.user_id, role_ids=(7,))).allowance_left == 12
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
 # ----- admin API ---------------------------------------------------------------------------------
 
 
