@@ -33,6 +33,7 @@ READ_MESSAGE_HISTORY = 1 << 16
 MENTION_EVERYONE = 1 << 17
 USE_EXTERNAL_EMOJIS = 1 << 18
 USE_APPLICATION_COMMANDS = 1 << 31
+SEND_MESSAGES_IN_THREADS = 1 << 38
 # Every bit Discord defines today; an administrator has all of them.
 ALL_PERMISSIONS = (1 << 53) - 1
 # What @everyone gets on a fresh server: members can talk and use commands, nothing more.
@@ -45,9 +46,14 @@ EVERYONE_PERMISSIONS = (
     | ADD_REACTIONS
     | USE_EXTERNAL_EMOJIS
     | USE_APPLICATION_COMMANDS
+    | SEND_MESSAGES_IN_THREADS
 )
-# The invite URL grants the bot these; tests can narrow them through FakeDiscord.bot_permissions.
+# The invite URL grants the bot's role these (on top of @everyone's); tests take permissions
+# away per channel with FakeDiscord.deny_bot.
 DEFAULT_BOT_PERMISSIONS = EVERYONE_PERMISSIONS
+# Interaction responses and follow-ups (webhook routes) may always attach files and embed links,
+# so Discord sets these bits in `app_permissions` whatever the channel allows the bot.
+INTERACTION_IMPLICIT_PERMISSIONS = ATTACH_FILES | EMBED_LINKS
 
 # Message flags.
 FLAG_SUPPRESS_EMBEDS = 1 << 2
@@ -174,11 +180,18 @@ class User:
         return data
 
 
-ChannelKind = Literal["text", "dm"]
+ChannelKind = Literal["text", "dm", "thread"]
+_CHANNEL_TYPES = {"text": 0, "dm": 1, "thread": 11}
 
 
 @dataclass(eq=False)
 class Channel:
+    """A guild text channel, a public thread (``parent`` is its channel) or a DM.
+
+    ``bot_deny`` is a member overwrite for the bot: the permissions it loses in this channel
+    (threads inherit their parent's).
+    """
+
     id: int
     name: str
     guild_id: int | None
@@ -186,10 +199,13 @@ class Channel:
     position: int = 0
     kind: ChannelKind = "text"
     recipient: User | None = None
+    parent: Channel | None = None
+    bot_id: int | None = None
+    bot_deny: int = 0
 
     @property
     def type(self) -> int:
-        return 1 if self.kind == "dm" else 0
+        return _CHANNEL_TYPES[self.kind]
 
     @property
     def mention(self) -> str:
@@ -204,13 +220,39 @@ class Channel:
                 "last_message_id": None,
                 "recipients": [self.recipient.payload()],
             }
+        if self.kind == "thread":
+            assert self.parent is not None
+            return {
+                "id": str(self.id),
+                "type": self.type,
+                "guild_id": str(self.guild_id),
+                "name": self.name,
+                "parent_id": str(self.parent.id),
+                "owner_id": str(self.bot_id),
+                "last_message_id": None,
+                "rate_limit_per_user": 0,
+                "message_count": 0,
+                "member_count": 1,
+                "thread_metadata": {
+                    "archived": False,
+                    "auto_archive_duration": 1440,
+                    "archive_timestamp": _JOINED_AT,
+                    "locked": False,
+                },
+                "flags": 0,
+            }
+        overwrites = []
+        if self.bot_deny and self.bot_id is not None:
+            overwrites.append(
+                {"id": str(self.bot_id), "type": 1, "allow": "0", "deny": str(self.bot_deny)}
+            )
         return {
             "id": str(self.id),
             "type": 0,
             "guild_id": str(self.guild_id),
             "name": self.name,
             "position": self.position,
-            "permission_overwrites": [],
+            "permission_overwrites": overwrites,
             "nsfw": self.nsfw,
             "parent_id": None,
             "topic": None,

@@ -65,13 +65,17 @@ from tests.fakediscord.model import (
     ALL_PERMISSIONS,
     ATTACH_FILES,
     DEFAULT_BOT_PERMISSIONS,
+    EMBED_LINKS,
     EVERYONE_PERMISSIONS,
     FLAG_COMPONENTS_V2,
     FLAG_EPHEMERAL,
     FLAG_LOADING,
     FLAG_SUPPRESS_EMBEDS,
     FLAG_SUPPRESS_NOTIFICATIONS,
+    INTERACTION_IMPLICIT_PERMISSIONS,
+    READ_MESSAGE_HISTORY,
     SEND_MESSAGES,
+    SEND_MESSAGES_IN_THREADS,
     VIEW_CHANNEL,
     Attachment,
     Channel,
@@ -388,10 +392,63 @@ class FakeDiscord:
             guild_id=self.guild_id,
             nsfw=nsfw,
             position=len(self.channels),
+            bot_id=self.bot_user.id,
         )
         self.channels.append(channel)
         self._announce("CHANNEL_CREATE", channel.payload())
         return channel
+
+    def add_thread(self, name: str, *, parent: Channel | None = None) -> Channel:
+        """A public thread in ``parent`` (``general`` by default); the bot's permissions in it
+        are its parent's, with Send Messages in Threads in place of Send Messages."""
+        parent = parent or self.general
+        thread = Channel(
+            id=self.snowflake(),
+            name=name,
+            guild_id=self.guild_id,
+            nsfw=parent.nsfw,
+            kind="thread",
+            parent=parent,
+            bot_id=self.bot_user.id,
+        )
+        self.channels.append(thread)
+        self._announce("THREAD_CREATE", {**thread.payload(), "newly_created": True})
+        return thread
+
+    def deny_bot(self, channel: Channel, permissions: int) -> None:
+        """Take ``permissions`` away from the bot in ``channel`` (a member overwrite; threads
+        inherit it from their parent). ``0`` gives everything back. A connected bot hears of
+        it, as on Discord, and so do the ``app_permissions`` of later interactions."""
+        if channel.kind != "text":
+            raise ValueError(f"overwrites live on text channels, not on a {channel.kind}")
+        channel.bot_deny = permissions
+        self._announce("CHANNEL_UPDATE", channel.payload())
+
+    def bot_permissions_in(self, channel: Channel) -> int:
+        """What the bot may do with its own token in ``channel``: @everyone's and its role's
+        permissions, less the channel's overwrite for it (Discord's computation, which
+        discord.py's ``channel.permissions_for(guild.me)`` repeats from its cache)."""
+        if channel.kind == "dm":
+            return VIEW_CHANNEL | SEND_MESSAGES | ATTACH_FILES | EMBED_LINKS | READ_MESSAGE_HISTORY
+        base = self.everyone.permissions | self.bot_permissions
+        if base & ADMINISTRATOR:
+            return ALL_PERMISSIONS
+        source = channel.parent if channel.parent is not None else channel
+        value = base & ~source.bot_deny
+        if not value & VIEW_CHANNEL:
+            return 0
+        if channel.kind == "thread" and not value & SEND_MESSAGES_IN_THREADS:
+            # Without it a thread takes no message at all, so nothing attached to one either.
+            value &= ~(ATTACH_FILES | EMBED_LINKS)
+        return value
+
+    def _require_bot_permissions(self, channel: Channel, needed: int) -> None:
+        """Bot-token routes obey the bot's channel permissions (webhook routes don't)."""
+        granted = self.bot_permissions_in(channel)
+        if not granted & VIEW_CHANNEL:
+            raise FakeHTTPError(403, 50001, "Missing Access")
+        if granted & needed != needed:
+            raise FakeHTTPError(403, 50013, "Missing Permissions")
 
     def channel(self, channel_id: int | str) -> Channel | None:
         return next((c for c in self.channels if c.id == int(channel_id)), None)
@@ -717,7 +774,9 @@ class FakeDiscord:
             "version": 1,
             "channel_id": str(channel.id),
             "channel": channel.payload(),
-            "app_permissions": str(self.bot_permissions),
+            "app_permissions": str(
+                self.bot_permissions_in(channel) | INTERACTION_IMPLICIT_PERMISSIONS
+            ),
             "locale": user.locale,
             "entitlements": [],
             "attachment_size_limit": self.attachment_size_limit,
@@ -1060,8 +1119,8 @@ class FakeDiscord:
                 unavailable=False,
                 member_count=len(self.users),
                 members=[u.member_payload() for u in self.users.values()],
-                channels=[c.payload() for c in self.channels],
-                threads=[],
+                channels=[c.payload() for c in self.channels if c.kind == "text"],
+                threads=[c.payload() for c in self.channels if c.kind == "thread"],
                 presences=[],
                 voice_states=[],
                 stage_instances=[],
@@ -1575,7 +1634,9 @@ class FakeDiscord:
         return message
 
     async def _get_channel(self, request: web.Request) -> web.Response:
-        return json_response(self._request_channel(request).payload())
+        channel = self._request_channel(request)
+        self._require_bot_permissions(channel, VIEW_CHANNEL)
+        return json_response(channel.payload())
 
     async def _typing(self, request: web.Request) -> web.Response:
         self._request_channel(request)
@@ -1583,6 +1644,9 @@ class FakeDiscord:
 
     async def _channel_history(self, request: web.Request) -> web.Response:
         channel = self._request_channel(request)
+        self._require_bot_permissions(channel, VIEW_CHANNEL)
+        if not self.bot_permissions_in(channel) & READ_MESSAGE_HISTORY:
+            return json_response([])  # Discord returns no messages rather than an error
         query = request.query
         limit = min(int(query.get("limit", 50)), 100)
         visible = self.messages_in(channel)
@@ -1601,9 +1665,12 @@ class FakeDiscord:
         channel = self._request_channel(request)
         body = request_json(request)
         files = request[FILES_KEY]
-        needed = VIEW_CHANNEL | SEND_MESSAGES | (ATTACH_FILES if files else 0)
-        if channel.kind == "text" and self.bot_permissions & needed != needed:
-            raise FakeHTTPError(403, 50013, "Missing Permissions")
+        needed = SEND_MESSAGES_IN_THREADS if channel.kind == "thread" else SEND_MESSAGES
+        if files:
+            needed |= ATTACH_FILES
+        if body.get("message_reference"):
+            needed |= READ_MESSAGE_HISTORY  # a reply needs it
+        self._require_bot_permissions(channel, needed)
         reference, referenced = self._reference(body.get("message_reference"), channel)
         message = self._create_message(
             channel,
@@ -1650,6 +1717,7 @@ class FakeDiscord:
         message = self._channel_message(request, channel)
         if message.author is not self.bot_user:
             raise FakeHTTPError(403, 50005, "Cannot edit a message authored by another user")
+        self._require_bot_permissions(channel, ATTACH_FILES if request[FILES_KEY] else 0)
         self._edit(message, request_json(request), request[FILES_KEY], "bot")
         await self._emit_message("MESSAGE_UPDATE", message)
         return json_response(message.payload(self.users))

@@ -30,6 +30,7 @@ from tests.fakediscord import (
     SchemaViolation,
     Upload,
 )
+from tests.fakediscord.model import ATTACH_FILES, SEND_MESSAGES_IN_THREADS, VIEW_CHANNEL
 
 
 def png(width: int, height: int) -> bytes:
@@ -172,7 +173,15 @@ def make_bot(guild_id: int) -> ProbeBot:
     @app_commands.choices(
         mode=[
             app_commands.Choice(name=n, value=n)
-            for n in ("double_ack", "expired", "followup", "late_ack", "oversize", "reply")
+            for n in (
+                "double_ack",
+                "expired",
+                "followup",
+                "late_ack",
+                "oversize",
+                "perms",
+                "reply",
+            )
         ]
     )
     async def probe(interaction: discord.Interaction, mode: str) -> None:
@@ -182,6 +191,23 @@ def make_bot(guild_id: int) -> ProbeBot:
                 await interaction.response.defer()
             except discord.NotFound as error:
                 bot.outcomes[mode] = error.code
+            return
+        if mode == "perms":
+            # Interaction responses work anywhere; a bot-token send obeys the channel.
+            await interaction.response.send_message("checking", ephemeral=True)
+            channel = interaction.channel
+            assert isinstance(channel, discord.TextChannel | discord.Thread)
+            assert interaction.guild is not None and interaction.guild.me is not None
+            seen = {
+                "app": interaction.app_permissions,
+                "cached": channel.permissions_for(interaction.guild.me),
+            }
+            try:
+                await channel.send("img", file=discord.File(io.BytesIO(png(1, 1)), "x.png"))
+                seen["send"] = "sent"
+            except discord.HTTPException as error:
+                seen["send"] = (error.status, error.code)
+            bot.outcomes[f"perms:{channel.name}"] = seen
             return
         if mode == "reply":
             receipt = discord.File(io.BytesIO(png(1, 1)), "receipt.png")
@@ -404,6 +430,37 @@ async def test_expired_token_answers_50027_and_bot_token_still_works() -> None:
             assert bot.outcomes["expired"] == (401, 50027)
             assert (401, 50027) in job.errors and job.followups == []
             assert fallback.pings.users == {alice.id}
+
+
+async def test_channel_permissions_bind_bot_token_routes_not_interaction_responses() -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        fake.deny_bot(fake.general, ATTACH_FILES)
+        quiet = fake.add_channel("quiet")
+        fake.deny_bot(quiet, SEND_MESSAGES_IN_THREADS)
+        thread = fake.add_thread("ideas", parent=quiet)
+        hidden = fake.add_channel("hidden")
+        bot = make_bot(fake.guild_id)
+        async with fake.run_bot(bot):
+            fake.deny_bot(hidden, VIEW_CHANNEL)  # while connected: the bot's cache hears of it
+            for channel in (fake.general, thread, hidden, fake.nsfw_channel):
+                job = await fake.slash(alice, "probe", mode="perms", channel=channel)
+                assert (await job.wait_original()).content == "checking"
+            await fake.wait_for(lambda: len(bot.outcomes) == 5)  # "seen" and four channels
+
+        general = bot.outcomes["perms:general"]
+        assert general["send"] == (403, 50013)
+        # Discord sets Attach Files in app_permissions for interaction responses anyway.
+        assert general["app"].attach_files and not general["cached"].attach_files
+        assert general["cached"].send_messages
+        ideas = bot.outcomes["perms:ideas"]
+        assert ideas["send"] == (403, 50013)
+        assert not ideas["app"].send_messages_in_threads
+        assert not ideas["cached"].send_messages_in_threads
+        hidden_seen = bot.outcomes["perms:hidden"]
+        assert hidden_seen["send"] == (403, 50001)
+        assert not hidden_seen["cached"].view_channel
+        assert bot.outcomes["perms:nsfw"]["send"] == "sent"
 
 
 async def test_late_ack_gets_unknown_interaction() -> None:
