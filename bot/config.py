@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from generation.contract import Sampler
-from generation.settings import EngineSettings, ModelSpec
+from generation.settings import DTYPES, EngineSettings, ModelSpec
 
 
 class ConfigError(ValueError):
@@ -131,6 +131,8 @@ def _engine(section: _Reader, data_dir: Path) -> EngineSettings:
             source=model.get("source", str),
             base_resolution=model.get("base_resolution", int, 512),
             family=model.get("family", str, "sd"),
+            vae=model.get("vae", str, ""),
+            dtype=model.choice("dtype", ("", *DTYPES), ""),
         )
         if spec.base_resolution % 64 or not 64 <= spec.base_resolution <= 2048:
             raise ConfigError(f"{model.prefix}base_resolution: a multiple of 64 in 64..2048")
@@ -172,7 +174,14 @@ def _engine(section: _Reader, data_dir: Path) -> EngineSettings:
         upscale_strength=section.get("upscale_strength", float, defaults.upscale_strength),
         upscaler=section.choice("upscaler", ("auto", "hires", "realesrgan"), defaults.upscaler),
         local_files_only=section.get("local_files_only", bool, defaults.local_files_only),
+        cpu_offload=section.get("cpu_offload", bool, defaults.cpu_offload),
+        vae_tiling=section.get("vae_tiling", bool, defaults.vae_tiling),
+        max_loaded_models=section.positive("max_loaded_models", int, defaults.max_loaded_models),
     )
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise ConfigError(f"{section.prefix}{exc}") from None
     if not 1 <= settings.num_kept <= settings.num_candidates <= 16:
         raise ConfigError(f"{section.prefix}kept/candidates: need 1 <= kept <= candidates <= 16")
     if not 1 <= settings.default_steps <= settings.max_steps <= 150:

@@ -225,16 +225,63 @@ def vae_tiling(vae: Any, enabled: bool) -> Iterator[None]:
             vae.disable_tiling()
 
 
+@contextlib.contextmanager
+def kept_dtype(module: Any) -> Iterator[None]:
+    """Put `module` back in its dtype on exit, however the code inside changed it or failed.
+
+    SDXL pipelines move a float16 VAE to float32 to encode and decode, and only move it back
+    when that succeeded: the VAE is shared, so one failure would break every later job.
+    """
+    dtype = module.dtype
+    try:
+        yield
+    finally:
+        if module.dtype != dtype:
+            module.to(dtype)
+
+
+def decode_latents(pipe: Any, latents: Any, tiled: bool, upcast: bool) -> list[Image.Image]:
+    """What a diffusers SD/SDXL pipeline does after its last step, to PIL images.
+
+    `upcast`: SDXL's stock VAE overflows in float16 (`force_upcast` in its config), so it is
+    decoded in float32, as its pipelines do; a fixed VAE (sdxl-vae-fp16-fix) stays in float16.
+    """
+    import torch
+
+    vae = pipe.vae
+    with kept_dtype(vae), vae_tiling(vae, tiled):
+        if upcast and vae.dtype == torch.float16 and vae.config.force_upcast:
+            vae.to(torch.float32)
+        latents = latents.to(dtype=vae.dtype)
+        mean = getattr(vae.config, "latents_mean", None)
+        std = getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        decoded = vae.decode(latents, return_dict=False)[0]
+    watermark = getattr(pipe, "watermark", None)
+    if watermark is not None:
+        decoded = watermark.apply_watermark(decoded)
+    return list(pipe.image_processor.postprocess(decoded, output_type="pil"))
+
+
 class DiffusersEngine:
     """Loads pipelines on demand, runs one job at a time, ranks candidates with CLIP."""
 
-    def __init__(self, settings: EngineSettings, max_loaded_models: int = 2) -> None:
-        if max_loaded_models < 1:
-            raise ValueError(f"max_loaded_models: must be at least 1, got {max_loaded_models}")
+    def __init__(self, settings: EngineSettings) -> None:
+        settings.validate()
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
-        self.max_loaded_models = max_loaded_models
+        self.max_loaded_models = settings.max_loaded_models
+        # Offloading moves modules between the GPU and the CPU; without a GPU there is nothing
+        # to save, so the setting is ignored rather than refused (the same config serves both).
+        self.cpu_offload = settings.cpu_offload and self.device == "cuda"
+        if settings.cpu_offload and not self.cpu_offload:
+            log.warning("cpu_offload is set but the engine runs on %s: ignored", self.device)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self._ranker: ClipRanker | None = None
         # Pipelines, their schedulers and conv padding are shared state: one job at a time.
@@ -455,7 +502,7 @@ class DiffusersEngine:
         pixels = request.width * request.height
         count = len(seeds)
         chunk = min(count, self._batch_limit(pixels))
-        large = pixels > VAE_TILING_PIXELS
+        tiled = self.settings.vae_tiling or pixels > VAE_TILING_PIXELS
         images: list[Image.Image] = []
         while len(images) < count:
             size = min(chunk, count - len(images))
@@ -470,18 +517,14 @@ class DiffusersEngine:
             try:
                 images.extend(
                     self._call_pipeline(
-                        loaded, request, chunk_seeds, prompt_kwargs, init_image, state, large
+                        loaded, request, chunk_seeds, prompt_kwargs, init_image, state, tiled
                     )
                 )
             except torch.OutOfMemoryError:
+                # Denoising ran out of memory (decoding has its own retry): smaller batches.
                 self._free_cuda()
-                if size == 1 and large:
-                    raise
                 if size == 1:
-                    # One image still does not fit: decode it in tiles and try once more.
-                    large = True
-                    log.warning("out of memory at batch 1; retrying with a tiled VAE decode")
-                    continue
+                    raise
                 chunk = max(1, size // 2)
                 self._batch_limits[pixels] = chunk
                 log.warning("out of memory at batch %d; retrying in batches of %d", size, chunk)
@@ -499,7 +542,7 @@ class DiffusersEngine:
         prompt_kwargs: dict[str, Any],
         init_image: Image.Image | None,
         state: _StepState,
-        large: bool,
+        tiled: bool,
     ) -> list[Image.Image]:
         import torch
 
@@ -516,6 +559,9 @@ class DiffusersEngine:
         kwargs: dict[str, Any] = {
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance,
+            # Decoded here rather than by the pipeline, so that running out of memory while
+            # decoding costs a second decode, not the whole denoising again.
+            "output_type": "latent",
             "generator": generators,
             "callback_on_step_end": functools.partial(_on_step_end, state=state),
             "callback_on_step_end_tensor_inputs": ["latents"],
@@ -532,9 +578,32 @@ class DiffusersEngine:
             kwargs.update(prompt_kwargs)
 
         modules = (pipe.unet, pipe.vae) if request.tile else ()
-        with seamless_tiling(*modules), vae_tiling(pipe.vae, large), torch.inference_mode():
-            output = pipe(**kwargs)
-        return list(output.images)
+        with seamless_tiling(*modules), kept_dtype(pipe.vae), torch.inference_mode():
+            latents = pipe(**kwargs).images
+            return self._decode(loaded.spec, pipe, latents, tiled)
+
+    def _decode(self, spec: ModelSpec, pipe: Any, latents: Any, tiled: bool) -> list[Image.Image]:
+        """Latents to images; out of memory, once more in tiles (the denoised latents are kept)."""
+        import torch
+
+        try:
+            return decode_latents(pipe, latents, tiled, upcast=spec.family == "sdxl")
+        except torch.OutOfMemoryError as exc:
+            self._free_cuda()
+            log.warning(
+                "out of memory decoding %d images of %s; decoding again in tiles",
+                latents.shape[0],
+                spec.name,
+            )
+            try:
+                return decode_latents(pipe, latents, True, upcast=spec.family == "sdxl")
+            except torch.OutOfMemoryError:
+                self._free_cuda()
+                # Not an OutOfMemoryError: smaller batches would redo the steps for nothing.
+                raise RuntimeError(
+                    f"out of memory decoding {latents.shape[0]} images even in tiles; set "
+                    f"vae_tiling or cpu_offload, or fewer candidates (model {spec.name!r})"
+                ) from exc
 
     # ----------------------------------------------------------------------------- prompts
 
@@ -560,24 +629,25 @@ class DiffusersEngine:
             self._loaded.move_to_end(spec.name)
             return loaded
         while len(self._loaded) >= self.max_loaded_models:
-            name, _ = self._loaded.popitem(last=False)
+            # Only the name is kept: holding the popped pipelines while freeing would keep them.
+            name = next(iter(self._loaded))
+            del self._loaded[name]
             log.info("unloading model %s to make room for %s", name, spec.name)
             self._free_cuda()
         loaded = self._load(spec)
         self._loaded[spec.name] = loaded
         return loaded
 
+    def model_dtype(self, spec: ModelSpec) -> Any:
+        return resolve_dtype(spec.dtype, self.device) if spec.dtype else self.dtype
+
     def _load(self, spec: ModelSpec) -> _Loaded:
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+        from diffusers import AutoencoderKL, AutoPipelineForImage2Image, AutoPipelineForText2Image
 
         started = time.perf_counter()
         source = self._model_source(spec)
-        kwargs: dict[str, Any] = {
-            "dtype": self.dtype,
-            "local_files_only": self.settings.local_files_only,
-        }
-        if not Path(source).is_dir():
-            kwargs["cache_dir"] = str(self.settings.cache_dir / "hub")
+        dtype = self.model_dtype(spec)
+        kwargs: dict[str, Any] = {}
         if spec.family == "sd":
             # The bot moderates images itself; SD's safety checker would cost 1.2 GB and
             # silently black out images.
@@ -585,7 +655,9 @@ class DiffusersEngine:
             kwargs["requires_safety_checker"] = False
         log.info("loading model %s from %s", spec.name, source)
         try:
-            text2img = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
+            if spec.vae:
+                kwargs["vae"] = self._from_pretrained(AutoencoderKL, spec.vae, dtype)
+            text2img = self._from_pretrained(AutoPipelineForText2Image, source, dtype, **kwargs)
         except OSError as exc:
             raise RuntimeError(
                 f"model {spec.name!r}: cannot load {source!r} ({exc}). Use a Hugging Face id "
@@ -597,9 +669,15 @@ class DiffusersEngine:
                 "model %s is configured as %s but loaded as %s", spec.name, spec.family, family
             )
             spec = ModelSpec(spec.name, spec.source, spec.base_resolution, family)
-        text2img.to(self.device)
+        if self.cpu_offload:
+            text2img.enable_model_cpu_offload()
+        else:
+            text2img.to(self.device)
         if self.device == "cuda":
             self._tune_for_cuda(text2img)
+        # Decoding a batch one image at a time costs nothing in speed and caps the VAE's peak
+        # memory at one image's (8 SDXL images at once need 16 GB or more).
+        text2img.vae.enable_slicing()
         text2img.set_progress_bar_config(disable=True)
         img2img = AutoPipelineForImage2Image.from_pipe(text2img)
         img2img.set_progress_bar_config(disable=True)
@@ -612,6 +690,28 @@ class DiffusersEngine:
             scheduler_config=text2img.scheduler.config,
             load_s=load_s,
         )
+
+    def _from_pretrained(self, kind: Any, source: str, dtype: Any, **kwargs: Any) -> Any:
+        """`kind.from_pretrained(source)`, with the half-size fp16 weights where there are some.
+
+        Most hub repositories carry an `fp16` variant beside the float32 weights; loading it in
+        half precision downloads and reads half as much. Repositories and folders without one
+        are loaded from their full weights.
+        """
+        import torch
+
+        kwargs["dtype"] = dtype
+        kwargs["local_files_only"] = self.settings.local_files_only
+        if not Path(source).is_dir():
+            kwargs["cache_dir"] = str(self.settings.cache_dir / "hub")
+        if dtype in (torch.float16, torch.bfloat16):
+            try:
+                return kind.from_pretrained(source, variant="fp16", **kwargs)
+            except (OSError, ValueError) as exc:
+                # diffusers says ValueError for a pipeline without the variant, OSError for a
+                # single model; a real loading error comes back from the plain load below.
+                log.info("%s has no fp16 variant (%s); loading its full weights", source, exc)
+        return kind.from_pretrained(source, **kwargs)
 
     def _model_source(self, spec: ModelSpec) -> str:
         if spec.source == TINY:
@@ -806,5 +906,6 @@ def _on_step_end(
         state.stopped = True
         pipe._interrupt = True
         if state.denoised is not None:
-            return {"latents": state.denoised}
+            # Euler's estimate is computed in float32 whatever the model's dtype.
+            return {"latents": state.denoised.to(tensors["latents"].dtype)}
     return {}

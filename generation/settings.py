@@ -10,6 +10,10 @@ from generation.contract import Sampler
 # `source = "tiny"` resolves to random-weight models built in code (generation.tiny); anything
 # else is a Hugging Face hub id or a local diffusers folder, loaded with `from_pretrained`.
 TINY = "tiny"
+TINY_SOURCES = (TINY, "tiny-sdxl")
+# The CLIP to rank real images with: the ViT-L/14 that SD 1.x's own text encoder comes from.
+REAL_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,12 @@ class ModelSpec:
     base_resolution: int = 512
     # "sd" (1.x/2.x) or "sdxl"; decides which Auto pipeline family and prompt encoder apply.
     family: str = "sd"
+    # A VAE to use instead of the model's own (a hub id or a folder), e.g.
+    # "madebyollin/sdxl-vae-fp16-fix": SDXL's stock VAE overflows in float16 and is decoded in
+    # float32, which needs about twice the memory.
+    vae: str = ""
+    # This model's dtype, overriding the engine's ("" = the engine's).
+    dtype: str = ""
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,12 @@ class EngineSettings:
     upscale_strength: float = 0.3
     upscaler: str = "auto"  # auto | hires | realesrgan
     local_files_only: bool = False
+    # Small cards: keep only the module that is running on the GPU (CUDA only; slower per job).
+    cpu_offload: bool = False
+    # Decode every image in tiles, not only the large ones: less VAE memory, slightly slower.
+    vae_tiling: bool = False
+    # Loaded models beyond this many are unloaded, least recently used first.
+    max_loaded_models: int = 2
     extra: dict[str, str] = field(default_factory=dict)
 
     def model(self, name: str | None = None) -> ModelSpec:
@@ -51,3 +67,22 @@ class EngineSettings:
                 return spec
         names = ", ".join(spec.name for spec in self.models)
         raise ValueError(f"model: unknown model {wanted!r}; configured: {names}")
+
+    def validate(self) -> None:
+        """Refuse settings that would start but give wrong results; ValueError names the key."""
+        if self.max_loaded_models < 1:
+            raise ValueError(f"max_loaded_models: must be at least 1, got {self.max_loaded_models}")
+        for spec in self.models:
+            if spec.dtype and spec.dtype not in DTYPES:
+                raise ValueError(
+                    f"models.dtype: model {spec.name!r} has dtype {spec.dtype!r}; "
+                    f"one of {', '.join(DTYPES)}"
+                )
+        real = [spec for spec in self.models if spec.source not in TINY_SOURCES]
+        if self.clip_model == TINY and real:
+            # The tiny CLIP has random weights: its ranking of real images is noise.
+            raise ValueError(
+                f"clip_model: 'tiny' is a random-weight CLIP that cannot rank the images of "
+                f"model {real[0].name!r} ({real[0].source}); set clip_model = "
+                f'"{REAL_CLIP_MODEL}" (or another CLIP on the Hugging Face hub or in a folder)'
+            )
