@@ -65,6 +65,9 @@ MAX_ASPECT = 4
 MAX_GUIDANCE = 30.0
 # Midjourney's --quality values, as multipliers of the configured default steps.
 QUALITY_VALUES = (0.25, 0.5, 1.0, 2.0, 4.0)
+# Above the default steps the samplers have converged: more steps cost GPU time and credits but
+# add no detail, so --q 2 and --q 4 keep the default.
+MAX_QUALITY_MULTIPLIER = 1.0
 SIZE_STEP = 64
 
 
@@ -251,7 +254,7 @@ FLAGS: tuple[FlagSpec, ...] = (
         ("quality", "q"),
         Treatment.MAPPED,
         Arity.ONE,
-        "steps multiplier",
+        "fewer steps at .25 and .5; 1, 2 and 4 all use the default steps (more add no detail)",
         ".25|.5|1|2|4",
         _quality,
     ),
@@ -760,11 +763,12 @@ def _steps(
     if steps is not None:
         notes.append(f"{typed} ignored: steps set to {steps}")
         return steps
-    wanted = max(1, round(settings.default_steps * quality))
-    if wanted > limit:
-        notes.append(f"{typed} → {limit} steps (the most this server allows)")
-        return limit
-    notes.append(f"{typed} → {wanted} steps")
+    wanted = max(1, round(settings.default_steps * min(quality, MAX_QUALITY_MULTIPLIER)))
+    wanted = min(wanted, limit)
+    if quality > MAX_QUALITY_MULTIPLIER:
+        notes.append(f"{typed} → {wanted} steps, the default (more steps add no detail here)")
+    else:
+        notes.append(f"{typed} → {wanted} steps")
     return wanted
 
 

@@ -287,23 +287,26 @@ def test_switch_flag_does_not_swallow_following_words() -> None:
 
 @pytest.mark.parametrize(
     ("value", "steps"),
-    [(".25", 8), ("0.25", 8), (".5", 15), ("1", 30), ("1.0", 30), ("2", 60), ("4", 100)],
+    [(".25", 8), ("0.25", 8), (".5", 15), ("1", 30), ("1.0", 30), ("2", 30), ("4", 30)],
 )
-def test_quality_multiplies_the_default_steps(value: str, steps: int) -> None:
-    # default_steps 30: .25 → 7.5 rounds to 8 (round half to even); 4 → 120, capped at 100.
+def test_quality_scales_the_default_steps_down_only(value: str, steps: int) -> None:
+    # default_steps 30: .25 → 7.5 rounds to 8 (round half to even); 2 and 4 keep 30.
     parsed = parse(f"a cat --q {value}")
     assert parsed.request.steps == steps
     assert any(note.startswith(f"--q {value} → {steps} steps") for note in parsed.notes)
 
 
 def test_quality_long_name() -> None:
-    assert parse("a cat --quality 2").request.steps == 60
+    assert parse("a cat --quality .5").request.steps == 15
 
 
-def test_quality_cap_says_so() -> None:
-    parsed = parse("a cat --q 4")
-    assert parsed.request.steps == 100
-    assert any("the most this server allows" in note for note in parsed.notes)
+@pytest.mark.parametrize("value", ["2", "4"])
+def test_quality_above_one_keeps_the_default_steps_and_says_so(value: str) -> None:
+    parsed = parse(f"a cat --q {value}")
+    assert parsed.request.steps == SETTINGS.default_steps
+    assert f"--q {value} → 30 steps, the default (more steps add no detail here)" in parsed.notes
+    quality = next(spec for spec in FLAGS if spec.name == "quality")
+    assert "2 and 4 all use the default steps" in quality.meaning
 
 
 def test_explicit_steps_win_over_quality_with_a_note() -> None:

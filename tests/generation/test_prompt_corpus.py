@@ -111,7 +111,7 @@ def test_every_corpus_prompt_parses(number: int, line: str) -> None:
             typed = [n for n in parsed.notes if "ignored" in n]
             assert any(_names_flag(note, name) for note in typed), (name, parsed.notes)
         if name == "q":
-            assert request.steps == min(100, round(30 * float(value)))
+            assert request.steps == round(30 * min(1.0, float(value)))
         if name == "no":
             assert request.negative_prompt
         if name == "tile":
@@ -217,7 +217,7 @@ def test_corpus_words_after_the_flags() -> None:
         PromptPart("planet in the background, SAI Pixel Art", 1.0),
     )
     assert request.height > request.width
-    assert request.steps == 60  # --q 2
+    assert request.steps == 30  # --q 2 keeps the default
 
 
 def test_corpus_trailing_comma_before_flags() -> None:

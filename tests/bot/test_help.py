@@ -1,0 +1,11 @@
+"""What /help tells a member about flags whose meaning differs from Midjourney's."""
+
+from bot.config import parse_config
+from bot.render import help_text
+
+
+def test_help_says_quality_above_one_adds_no_steps():
+    text = help_text(parse_config({}))
+    assert (
+        "`--quality .25|.5|1|2|4` fewer steps at .25 and .5; 1, 2 and 4 all use the default" in text
+    )
