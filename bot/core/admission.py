@@ -14,7 +14,15 @@ from bot.core.credits import CreditsService, check_user_id
 from bot.core.db import Database, Transaction
 from bot.core.fairness import QueueEntry
 from bot.core.jobs import save_input_image
-from bot.core.models import Job, JobKind, JobState, Owner, RefusalCode, Refused
+from bot.core.models import (
+    EXPIRED_MESSAGE,
+    Job,
+    JobKind,
+    JobState,
+    Owner,
+    RefusalCode,
+    Refused,
+)
 from bot.core.state import QueueState
 from generation.contract import GenerationRequest
 from generation.contract import JobKind as GenerationKind
@@ -81,32 +89,52 @@ class Admission:
         self._in_flight[user] += 1
         cost = self._credits.cost(request)
         tier = self.tier_for(owner)
-        init_path = None
         try:
-            if request.init_image is not None:
+            # A U/V press or a reroll refers to its parent's image; only a source image that
+            # comes from nowhere else is stored as a new input file.
+            init_path = None
+            if request.init_image is not None and parent is None:
                 init_path = await asyncio.to_thread(
                     save_input_image, request.init_image, self._data_dir
                 )
-            return await self._db.transaction(
-                lambda txn: self._submit_in(
-                    txn, owner, request, kind, parent, cost, tier, init_path
+            transaction = asyncio.ensure_future(
+                self._db.transaction(
+                    lambda txn: self._submit_in(
+                        txn, owner, request, kind, parent, cost, tier, init_path
+                    )
                 )
             )
-        except BaseException:
-            if init_path is not None:
-                (self._data_dir / init_path).unlink(missing_ok=True)
-            raise
+            try:
+                return await asyncio.shield(transaction)
+            except BaseException:
+                if init_path is not None:
+                    self._discard_unless_committed(transaction, init_path)
+                raise
         finally:
             self._in_flight[user] -= 1
             if not self._in_flight[user]:
                 del self._in_flight[user]
 
+    def _discard_unless_committed(self, transaction: asyncio.Future[Job], init_path: str) -> None:
+        """The input file belongs to the job once its transaction commits, even when our caller
+        was cancelled meanwhile; it goes only when the transaction failed."""
+
+        def discard(done: asyncio.Future[Job]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                (self._data_dir / init_path).unlink(missing_ok=True)
+
+        if transaction.done():
+            discard(transaction)
+        else:
+            transaction.add_done_callback(discard)
+
     def _refuse_if_full(self, user_id: int, user_queued: int, total_queued: int) -> None:
         limit = self._config.max_queued_per_user
         if user_queued >= limit:
-            jobs = "job" if limit == 1 else "jobs"
+            jobs = "job" if user_queued == 1 else "jobs"
             raise Refused(
-                f"You already have {limit} {jobs} queued — wait for one to finish.",
+                f"You already have {user_queued} {jobs} queued (limit {limit}); "
+                "wait for one to start.",
                 RefusalCode.USER_QUEUE_FULL,
             )
         if total_queued >= self._config.max_queue:
@@ -131,7 +159,7 @@ class Admission:
         if state["banned"]:
             raise Refused("You are banned from using this bot.", RefusalCode.BANNED)
         if parent is not None:
-            await self._check_parent(txn, parent)
+            init_path = await self._parent_image(txn, parent)
         counts = await txn.fetchone(
             "SELECT COUNT(*), COALESCE(SUM(user_id = ?), 0) FROM jobs WHERE state = 'queued'",
             (user,),
@@ -182,17 +210,26 @@ class Admission:
             tier=tier,
         )
 
-    async def _check_parent(self, txn: Transaction, parent: tuple[int, int | None]) -> None:
+    async def _parent_image(self, txn: Transaction, parent: tuple[int, int | None]) -> str | None:
+        """Check the parent job and return the source image a child job refers to: image
+        `index` of its result for U/V, the parent's own source image for a reroll."""
         job_id, index = parent
-        row = await txn.fetchone("SELECT state, result FROM jobs WHERE id = ?", (job_id,))
+        row = await txn.fetchone(
+            "SELECT state, result, init_image_path, images_expired_at FROM jobs WHERE id = ?",
+            (job_id,),
+        )
         if row is None:
             raise Refused(f"Job {job_id} does not exist.", RefusalCode.INVALID)
-        if index is not None:
-            if row["state"] != JobState.SUCCEEDED.value or not row["result"]:
-                raise Refused(f"Job {job_id} has no images to use.", RefusalCode.INVALID)
-            count = len(json.loads(row["result"])["image_paths"])
-            if not 0 <= index < count:
-                raise Refused(
-                    f"Job {job_id} has {count} images; there is no image {index + 1}.",
-                    RefusalCode.INVALID,
-                )
+        if row["images_expired_at"] is not None:
+            raise Refused(EXPIRED_MESSAGE, RefusalCode.INVALID)
+        if index is None:
+            return None if row["init_image_path"] is None else str(row["init_image_path"])
+        if row["state"] != JobState.SUCCEEDED.value or not row["result"]:
+            raise Refused(f"Job {job_id} has no images to use.", RefusalCode.INVALID)
+        paths = json.loads(row["result"])["image_paths"]
+        if not 0 <= index < len(paths):
+            raise Refused(
+                f"Job {job_id} has {len(paths)} images; there is no image {index + 1}.",
+                RefusalCode.INVALID,
+            )
+        return str(paths[index])

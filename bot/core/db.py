@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Migration n brings a database from version n-1 to n. Never edit a released step: append one.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -133,6 +133,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE balances ADD COLUMN allowance_used INTEGER NOT NULL DEFAULT 0 "
         "CHECK (allowance_used >= 0)",
         "UPDATE balances SET allowance_used = max(0, allowance_level - allowance_left)",
+    ),
+    # Retention: image files of old finished jobs are deleted; the row remembers when.
+    3: (
+        "ALTER TABLE jobs ADD COLUMN images_expired_at TEXT",
+        "CREATE INDEX jobs_finished ON jobs(finished_at) WHERE images_expired_at IS NULL",
     ),
 }
 

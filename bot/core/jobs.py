@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 from PIL import Image
 
 from bot.core.clock import Clock, from_db, to_db
 from bot.core.db import Database, Transaction
 from bot.core.execute import safe_path
-from bot.core.models import Delivery, Job, JobKind, JobResult, JobState, Owner
+from bot.core.models import Delivery, ImageExpired, Job, JobKind, JobResult, JobState, Owner
 from generation.contract import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 INPUTS_DIR = "images/inputs"
 
 
-def row_to_job(row: Mapping[str, Any]) -> Job:
+def row_to_job(row: aiosqlite.Row | Mapping[str, Any]) -> Job:
     result = row["result"]
     return Job(
         id=int(row["id"]),
@@ -49,6 +50,7 @@ def row_to_job(row: Mapping[str, Any]) -> Job:
         started_at=from_db(row["started_at"]),
         finished_at=from_db(row["finished_at"]),
         result=JobResult.from_json(json.loads(result)) if result else None,
+        images_expired_at=from_db(row["images_expired_at"]),
     )
 
 
@@ -126,11 +128,19 @@ class JobStore:
         data = dict(job.request_data)
         if path is None:
             return GenerationRequest.from_json(data)
-        return await asyncio.to_thread(self._load_with_image, data, path)
+        if job.images_expired:
+            raise ImageExpired(job.id)
+        return await asyncio.to_thread(self._load_with_image, job.id, data, path)
 
-    def _load_with_image(self, data: dict[str, Any], relative: str) -> GenerationRequest:
-        with Image.open(safe_path(self.data_dir, relative)) as source:
-            return GenerationRequest.from_json(data, init_image=source.convert("RGB"))
+    def _load_with_image(
+        self, job_id: int, data: dict[str, Any], relative: str
+    ) -> GenerationRequest:
+        try:
+            with Image.open(safe_path(self.data_dir, relative)) as source:
+                return GenerationRequest.from_json(data, init_image=source.convert("RGB"))
+        except FileNotFoundError:
+            # A source image shared with an older job whose images have expired.
+            raise ImageExpired(job_id) from None
 
     async def image(self, job_id: int, index: int) -> Image.Image:
         """Kept image `index` (0-based, best first) of a succeeded job, loaded off the loop."""
@@ -138,8 +148,13 @@ class JobStore:
         path = job.image_path(self.data_dir, index)
 
         def load() -> Image.Image:
-            with Image.open(path) as image:
-                return image.convert("RGB")
+            try:
+                with Image.open(path) as image:
+                    return image.convert("RGB")
+            except FileNotFoundError:
+                if job.state.terminal:  # deleted while the row was read
+                    raise ImageExpired(job_id) from None
+                raise
 
         return await asyncio.to_thread(load)
 

@@ -71,6 +71,19 @@ class Refused(Exception):
         self.code = code
 
 
+EXPIRED_MESSAGE = "This image has expired: old results are deleted to save space."
+
+
+class ImageExpired(LookupError):
+    """The job's images were deleted by the retention policy (`[storage]`); the message is
+    written for the user."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(EXPIRED_MESSAGE)
+        self.job_id = job_id
+        self.reason = EXPIRED_MESSAGE
+
+
 @dataclass(frozen=True)
 class Owner:
     user_id: int
@@ -139,6 +152,12 @@ class Job:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     result: JobResult | None = None
+    # When the retention policy deleted the job's image files (the row and result stay).
+    images_expired_at: datetime | None = None
+
+    @property
+    def images_expired(self) -> bool:
+        return self.images_expired_at is not None
 
     @property
     def prompt(self) -> str:
@@ -149,9 +168,12 @@ class Job:
         return int(self.request_data.get("seed", 0))
 
     def image_path(self, data_dir: Path, index: int) -> Path:
-        """Absolute path of kept image `index` (0-based, best first) of a succeeded job."""
+        """Absolute path of kept image `index` (0-based, best first) of a succeeded job;
+        raises ImageExpired once the retention policy deleted it."""
         if self.result is None:
             raise LookupError(f"job {self.id} has no result ({self.state.value})")
+        if self.images_expired:
+            raise ImageExpired(self.id)
         if not 0 <= index < len(self.result.image_paths):
             raise IndexError(f"index: job {self.id} has {len(self.result.image_paths)} images")
         return data_dir / self.result.image_paths[index]

@@ -167,7 +167,9 @@ async def test_limits_refuse_at_once_and_charge_nothing(tmp_path: Path) -> None:
         ledger_before = await core.credits.ledger(ALICE.user_id)
         with pytest.raises(Refused) as refused:
             await core.scheduler.submit(ALICE, request())
-        assert refused.value.reason == "You already have 3 jobs queued — wait for one to finish."
+        assert refused.value.reason == (
+            "You already have 3 jobs queued (limit 3); wait for one to start."
+        )
         assert refused.value.code is RefusalCode.USER_QUEUE_FULL
         await core.scheduler.submit(BOB, request())
         await core.scheduler.submit(Owner(303), request())
@@ -316,10 +318,19 @@ async def test_variation_upscale_and_reroll_use_the_parent(core: Core) -> None:
     done = await finished(core, job.id)
     assert done.state is JobState.SUCCEEDED
     assert done.parent_job_id == parent.id and done.parent_index == 1
-    assert done.init_image_path is not None and done.init_image_path.startswith("images/inputs/")
+    # The parent's image is referred to, not copied.
+    parent_done = await core.jobs.require(parent.id)
+    assert parent_done.result is not None
+    assert done.init_image_path == parent_done.result.image_paths[1]
+    assert not (core.config.data_dir / "images" / "inputs").exists()
     # The stored request round-trips, image included, for the next button press.
     again = await core.jobs.request(done)
     assert again.init_image is not None and again.init_image.size == (64, 64)
+    rerolled_variation = await core.scheduler.submit(
+        ALICE, again.with_changes(seed=78), JobKind.REROLL, parent=(done.id, None)
+    )
+    assert rerolled_variation.init_image_path == done.init_image_path
+    assert (await finished(core, rerolled_variation.id)).state is JobState.SUCCEEDED
     reroll = await core.scheduler.submit(
         ALICE, parent_request.with_changes(seed=99), JobKind.REROLL, parent=(parent.id, None)
     )
