@@ -201,18 +201,15 @@ class Dispatcher:
                 raise GenerationCancelled()
         except GenerationCancelled:
             return Ending(JobState.CANCELLED, error="cancelled", actor_id=record.cancel_actor)
-        except JobTimeout as exc:
-            return Ending(JobState.FAILED, error=str(exc))
-        except JobError as exc:
-            return Ending(JobState.FAILED, error=exc.message)
-        except WorkerCrashed as exc:
-            log.warning("job %d: %s", job.id, exc)
-            return self._lifecycle.after_crash(job)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("job %d: unexpected failure", job.id)
-            return Ending(JobState.FAILED, error="something went wrong")
+        except Exception as exc:
+            if record.cancel_requested:
+                # The member asked to stop and the run stopped, whatever the way: a crash
+                # must not put a cancelled job back in the queue.
+                log.info("job %d: cancelled; the run ended with %r", job.id, exc)
+                return Ending(JobState.CANCELLED, error="cancelled", actor_id=record.cancel_actor)
+            return self._failed(job, exc)
         result = JobResult(
             image_paths=outcome.image_paths,
             grid_path=outcome.grid_path,
@@ -226,6 +223,17 @@ class Dispatcher:
         if verdict:
             return Ending(JobState.REFUSED, error=verdict, result=result)
         return Ending(JobState.SUCCEEDED, result=result)
+
+    def _failed(self, job: Job, exc: Exception) -> Ending:
+        if isinstance(exc, JobTimeout):
+            return Ending(JobState.FAILED, error=str(exc))
+        if isinstance(exc, JobError):
+            return Ending(JobState.FAILED, error=exc.message)
+        if isinstance(exc, WorkerCrashed):
+            log.warning("job %d: %s", job.id, exc)
+            return self._lifecycle.after_crash(job)
+        log.error("job %d: unexpected failure", job.id, exc_info=exc)
+        return Ending(JobState.FAILED, error="something went wrong")
 
     def _cancelled(self, record: RunningJob) -> Ending:
         """The run's task was cancelled: a cancel past its grace period, or shutdown. A task

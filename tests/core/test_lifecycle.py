@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,11 @@ from bot.core import (
     ProcessWorker,
     Started,
     Worker,
+    WorkItem,
     WorkOutcome,
 )
+from bot.core.execute import JobError
+from bot.core.workers import JobTimeout, WorkerCrashed
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 from tests.core.fakes import FACTORY
 
@@ -208,3 +212,113 @@ async def _state_of(database: Path, job_id: int) -> str:
         return str(row[0])
 
     return await asyncio.to_thread(read)
+
+
+class GatedWorker:
+    """A worker at the edge whose run ends when, and how, the test says."""
+
+    name = "gated"
+    capacity = 1
+
+    def __init__(self) -> None:
+        self.running = asyncio.Event()
+        self.end: asyncio.Future[WorkOutcome] | None = None
+
+    async def start(self) -> None:
+        pass
+
+    async def run(self, item: WorkItem, on_progress: object, timeout_s: float) -> WorkOutcome:
+        self.end = asyncio.get_running_loop().create_future()
+        self.running.set()
+        return await self.end
+
+    async def cancel(self, job_id: int) -> None:
+        pass  # the engine has not reached its next step yet: the test ends the run
+
+    async def close(self) -> None:
+        pass
+
+
+OUTCOME = WorkOutcome(
+    image_paths=("images/1/0.png",), grid_path=None, seeds=(1,), clip_scores=(1.0,)
+)
+ENDINGS: dict[str, Callable[[asyncio.Future[WorkOutcome]], None]] = {
+    "completion": lambda end: end.set_result(OUTCOME),
+    "timeout": lambda end: end.set_exception(JobTimeout(300)),
+    "crash": lambda end: end.set_exception(WorkerCrashed("the worker process died")),
+    "engine error": lambda end: end.set_exception(JobError("the generator failed")),
+}
+
+
+@pytest.mark.parametrize("cancel_first", [True, False], ids=["cancel-first", "end-first"])
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+async def test_cancel_racing_a_run_ending_cancels_once(
+    tmp_path: Path, ending: str, cancel_first: bool
+) -> None:
+    worker = GatedWorker()
+    core = await open_core(make_config(tmp_path), workers=[worker])
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        async with asyncio.timeout(5):
+            await worker.running.wait()
+        assert worker.end is not None
+        if cancel_first:
+            accepted = await core.scheduler.cancel(job.id, actor_id=7)
+            ENDINGS[ending](worker.end)
+        else:
+            ENDINGS[ending](worker.end)
+            accepted = await core.scheduler.cancel(job.id, actor_id=7)
+        assert accepted
+        done = await finished(core, job.id, timeout_s=5)
+        # A cancel the scheduler accepted ends the job cancelled and refunded, exactly once,
+        # whatever the run did meanwhile; a crashed run is not re-queued behind it.
+        assert done.state is JobState.CANCELLED and done.attempts == 1
+        assert (await core.credits.balance(ALICE.user_id)).available == 20
+        assert core.scheduler.queued_count == core.scheduler.running_count == 0
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+
+
+async def test_a_cancel_after_the_end_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    worker = GatedWorker()
+    core = await open_core(make_config(tmp_path), workers=[worker])
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        async with asyncio.timeout(5):
+            await worker.running.wait()
+        assert worker.end is not None
+        worker.end.set_result(OUTCOME)
+        assert (await finished(core, job.id)).state is JobState.SUCCEEDED
+        assert not await core.scheduler.cancel(job.id)
+        assert (await core.credits.balance(ALICE.user_id)).available == 20 - job.cost
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+
+
+async def test_an_ending_that_lost_its_race_changes_nothing(tmp_path: Path) -> None:
+    """What the guarded finishing update is for: a cancel of a queued job that the dispatcher
+    started meanwhile, and a late ending of a job that already ended."""
+    worker = GatedWorker()
+    core = await open_core(make_config(tmp_path), workers=[worker])
+    lifecycle = core.scheduler._lifecycle
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        async with asyncio.timeout(5):
+            await worker.running.wait()
+        assert worker.end is not None
+        lost = await lifecycle.finish(
+            job.id, JobState.CANCELLED, error="cancelled", from_state=JobState.QUEUED
+        )
+        assert lost is None
+        assert (await core.jobs.require(job.id)).state is JobState.RUNNING
+        worker.end.set_result(OUTCOME)
+        assert (await finished(core, job.id)).state is JobState.SUCCEEDED
+        late = await lifecycle.finish(job.id, JobState.FAILED, error="timed out")
+        assert late is None
+        assert (await core.jobs.require(job.id)).state is JobState.SUCCEEDED
+        assert (await core.credits.balance(ALICE.user_id)).available == 20 - job.cost
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
