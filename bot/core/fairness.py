@@ -8,8 +8,11 @@ This is start-time fair queueing over users (pure, synchronous, no I/O):
 * A user who becomes active (first queued job) starts at the current virtual time, the pass of
   the last dispatch: they neither jump ahead with credit saved while idle nor queue up behind
   someone who has ten jobs waiting. So user A's 10 queued jobs cannot hold back user B's one job.
-* Aging: a job's waiting time is worth one round of pass per `aging_s` seconds, so a job that
-  waits long enough overtakes any amount of newer higher-tier work; nothing starves.
+* Aging: a user's waiting time is worth one round of pass per `aging_s` seconds, so a user who
+  waits long enough overtakes any amount of newer higher-tier work; nothing starves. The wait
+  is counted from the user's last dispatch, or from when they became active (first job queued)
+  if later; never from when their head job was queued, which would reward a deep backlog
+  (every job of a long queue has waited long) and turn fair share into first come, first served.
 * Ties go to the higher tier, then to the older job.
 """
 
@@ -35,6 +38,8 @@ class QueueEntry:
 class _UserQueue:
     pass_: float = 0.0
     jobs: deque[QueueEntry] = field(default_factory=deque)
+    # Since when this user has been waiting for their next dispatch (clock seconds).
+    waiting_since: float = 0.0
 
 
 class FairQueue:
@@ -66,6 +71,8 @@ class FairQueue:
         queue = self._users.setdefault(entry.user_id, _UserQueue(pass_=self._vtime))
         if not queue.jobs:
             queue.pass_ = max(queue.pass_, self._vtime)
+            # Becoming active starts the wait (never before the last dispatch of this user).
+            queue.waiting_since = max(queue.waiting_since, entry.enqueued_at)
         if front:
             queue.jobs.appendleft(entry)
         else:
@@ -85,14 +92,14 @@ class FairQueue:
         raise AssertionError(f"job {job_id} indexed but not queued")
 
     def _key(self, queue: _UserQueue, now: float) -> tuple[float, int, float, int]:
-        return self._head_key(queue.pass_, queue.jobs[0], now)
+        return self._head_key(queue.pass_, queue.waiting_since, queue.jobs[0], now)
 
     def _head_key(
-        self, pass_: float, head: QueueEntry, now: float
+        self, pass_: float, waiting_since: float, head: QueueEntry, now: float
     ) -> tuple[float, int, float, int]:
         waited_rounds = 0.0
         if math.isfinite(self._aging_s):
-            waited_rounds = max(0.0, now - head.enqueued_at) / self._aging_s
+            waited_rounds = max(0.0, now - waiting_since) / self._aging_s
         return (pass_ - waited_rounds, -head.tier, head.enqueued_at, head.job_id)
 
     def peek(
@@ -118,6 +125,7 @@ class FairQueue:
         del self._where[entry.job_id]
         self._vtime = max(self._vtime, queue.pass_)
         queue.pass_ += 1.0 / (1 + max(0, entry.tier))
+        queue.waiting_since = max(queue.waiting_since, now)
         self._forget_if_idle(entry.user_id)
         return entry
 
@@ -146,7 +154,10 @@ class FairQueue:
             entry = jobs[index]
             result.append(entry)
             if index + 1 < len(jobs):
+                # As if dispatched now: the user's wait starts again.
                 pass_ += 1.0 / (1 + max(0, entry.tier))
                 head = jobs[index + 1]
-                heapq.heappush(heap, (self._head_key(pass_, head, now), user_id, pass_, index + 1))
+                waiting_since = max(self._users[user_id].waiting_since, now)
+                key = self._head_key(pass_, waiting_since, head, now)
+                heapq.heappush(heap, (key, user_id, pass_, index + 1))
         return result

@@ -143,3 +143,41 @@ def test_order_predicts_exactly_what_pop_does() -> None:
         now = 120.0
         predicted = [e.job_id for e in queue.order(now)]
         assert predicted == drain(copy.deepcopy(queue), now)
+
+
+def _shares_under_a_long_queue(aging_s: float) -> dict[int, float]:
+    """Ten heavy users keep three jobs queued each (the per-user limit); one light user keeps a
+    single job queued, submitting the next as soon as the last one starts. Every job takes ten
+    seconds, so a job waits about 300 s: ten times `aging_s`."""
+    queue = FairQueue(aging_s=aging_s)
+    depth = {user: 3 for user in range(1, 11)} | {99: 1}
+    next_id = 0
+    now = 0.0
+
+    def submit(user: int) -> None:
+        nonlocal next_id
+        queue.push(entry(next_id, user_id=user, at=now))
+        next_id += 1
+
+    for user, jobs in depth.items():
+        for _ in range(jobs):
+            submit(user)
+    served = dict.fromkeys(depth, 0)
+    for _ in range(2200):
+        now += 10.0
+        picked = queue.pop(now)
+        assert picked is not None
+        served[picked.user_id] += 1
+        submit(picked.user_id)  # every user is always active, each at their own depth
+    total = sum(served.values())
+    return {user: count / total for user, count in served.items()}
+
+
+def test_aging_keeps_fair_shares_when_waits_are_far_longer_than_aging_s() -> None:
+    equal = 1 / 11
+    shares = _shares_under_a_long_queue(aging_s=30.0)
+    for user, share in shares.items():
+        assert abs(share - equal) <= 0.2 * equal, (user, shares)
+    # Without aging the same load is fair too: aging must not undo that.
+    for share in _shares_under_a_long_queue(aging_s=math.inf).values():
+        assert abs(share - equal) <= 0.2 * equal
