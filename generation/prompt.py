@@ -1,20 +1,39 @@
 """Turn what users type into a validated `GenerationRequest`.
 
-Users paste Midjourney prompts, so this speaks Midjourney's syntax: `--flags` at the end,
-`::` multi-prompt weights, phone-typed dashes. Flags fall into three groups (see `FLAGS`):
+Users paste Midjourney prompts of every version, from 2022's v3 to v7, so this speaks
+Midjourney's syntax: `--flags` at the end, `::` multi-prompt weights, phone-typed dashes.
+Flags fall into three groups (see `FLAGS`), any capitalisation (`--AR`, `--Wallpaper`):
 
-* honoured: `--ar`, `--seed`, `--no`, `--steps`, `--cfg`, `--sampler`, `--model`;
+* honoured: `--ar`, `--seed`, `--no`, `--steps`, `--cfg`, `--sampler`, `--model`, `--repeat`;
 * mapped to an honest Stable Diffusion equivalent: `--q` (steps multiplier), `--chaos`
-  (a more varied set of kept candidates), `--tile` (seamless tiling), `--stop` (stop early);
-* accepted and ignored with a note: Midjourney model, style and reference parameters that have
-  no equivalent here. Their values are still checked against Midjourney's documented range,
-  because a bad value is usually a typo that swallowed part of the prompt.
+  (a more varied set of kept candidates), `--tile` (seamless tiling), `--stop` (stop early),
+  and v1-v3's `--w W --h H` (the aspect ratio W:H; `--w` alone is v5's `--weird`);
+* accepted and ignored with a note: Midjourney model, style, reference, video, mode and
+  legacy parameters that have no equivalent here. Their values are still checked against
+  Midjourney's documented range, because a bad value is usually a typo that swallowed part
+  of the prompt. Nothing is done with them, so one given several times with different values
+  (`--sref 123 --sref 456`, `--p a b`) is no conflict.
 
-Anything else that looks like a flag is an error naming it, as are bad values, a flag given
-twice with different values (the same value twice is harmless and accepted: pasted prompts do
-it) and an inline flag that contradicts a /imagine option. Other choices made here:
+What is refused, with a message naming the flag: a bad value; an honoured or mapped flag given
+twice with different values (the same value twice is harmless: pasted prompts do it); an
+inline flag that contradicts a /imagine option; and an unknown flag, with one exception.
 
-* `--ar` takes whole-number ratios from 1:4 to 4:1; sizes come from `size_for_aspect`.
+Unknown flags. A flag this table does not know is ignored with a note ("--foo 3 is not known
+here; ignored") when it looks like a parameter Midjourney added since: a plain word followed
+by at most one value word before the next flag or the end of the prompt. It is refused when it
+is one or two edits from a known name (`--sed 5`: "did you mean --seed?"; a typo'd flag
+silently ignored would surprise the member), when it is a known name with the value glued on
+(`--ar16:9`), when it is another tool's flag (`--negative`, `--width`: the message says how
+to ask for it here), or when more words follow it (`a --sparkly cat`), since those are the
+prompt.
+
+Other choices made here:
+
+* `--ar` takes any whole-number ratio; beyond 4:1 (which v7 accepts) Stable Diffusion models
+  tile their subject, so it is clamped to 4:1 or 1:4 with a note. Sizes come from
+  `size_for_aspect`. The /imagine aspect option keeps its declared 1:4..4:1 range.
+* A prompt wrapped in quotes, as copied from a web page or a spreadsheet cell, loses them; a
+  stray quote glued to a value (`--ar 16:9"`) is dropped.
 * A flag starts at a dash run not glued to a word: `--`, or one en/em dash as phones type it.
   `-- ar` with a space is read only for a known flag name, so prose dashes stay text.
 * Words left after a one-value flag (`--ar 9:16, pixel art`) are kept as prompt text, with a
@@ -22,6 +41,8 @@ it) and an inline flag that contradicts a /imagine option. Other choices made he
 * Image links (Midjourney image prompts) are dropped with a note: there are no image prompts.
 * `::` weights lie in -100..100, at most 16 parts, and must add up to more than 0; the plain
   `request.prompt` keeps only the positively weighted parts, because CLIP ranks against it.
+* `parse_jobs` is the /imagine entry point: it expands `{a, b}` permutations (see
+  `generation.permutations`) and `--repeat`, and parses every job; `parse_prompt` parses one.
 
 The module is pure (no torch, no diffusers) because the Discord front end imports it and must
 start fast.
@@ -36,7 +57,7 @@ import secrets
 import string
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 from typing import Any, cast
 
@@ -51,6 +72,7 @@ from generation.contract import (
     PromptPart,
     Sampler,
 )
+from generation.permutations import PermutationError, expand_permutations
 from generation.settings import EngineSettings, ModelSpec
 
 # Discord caps a slash-command string option at 6000 characters; anything longer came from
@@ -69,14 +91,19 @@ QUALITY_VALUES = (0.25, 0.5, 1.0, 2.0, 4.0)
 # add no detail, so --q 2 and --q 4 keep the default.
 MAX_QUALITY_MULTIPLIER = 1.0
 SIZE_STEP = 64
+# Midjourney's --repeat range; one prompt never asks for more jobs than MAX_JOBS in all.
+MAX_REPEAT = 40
+MAX_JOBS = 40
+# Legacy --w/--h were pixel sizes; anything longer is no size Midjourney ever drew.
+MAX_LEGACY_SIDE = 10000
 
 
 class PromptError(ValueError):
     """A user mistake in the prompt or the /imagine options; the message is safe to show.
 
     `flag` names what was wrong: `--ar` for an inline flag (as typed, with ASCII dashes), the
-    option name (`aspect`, `seed` …) for a /imagine option, `::` for a multi-prompt weight, and
-    `prompt` for the prompt text itself.
+    option name (`aspect`, `seed` …) for a /imagine option, `::` for a multi-prompt weight,
+    `{}` for permutation braces, and `prompt` for the prompt text itself.
     """
 
     def __init__(self, flag: str, message: str) -> None:
@@ -101,6 +128,8 @@ class ParsedPrompt:
     request: GenerationRequest
     # Short lines the reply can show: what was ignored, mapped or moved.
     notes: tuple[str, ...] = ()
+    # How many jobs `--repeat` asks for; `parse_jobs` makes them, each with its own seeds.
+    repeat: int = 1
 
 
 class Treatment(StrEnum):
@@ -193,19 +222,36 @@ def _any_word(flag: str, value: str) -> str:
     return value
 
 
-def _aspect(flag: str, value: str) -> tuple[int, int]:
+def _ratio(value: str) -> tuple[int, int] | None:
+    """A well-formed W:H, reduced so that 6:4 and 3:2 compare equal; None if malformed."""
     match = re.fullmatch(r"([0-9]{1,5}):([0-9]{1,5})", value)
-    if match:
-        width, height = int(match[1]), int(match[2])
-        if width and height and 1 / MAX_ASPECT <= width / height <= MAX_ASPECT:
-            # Reduced, so that 6:4 and 3:2 compare equal when a flag meets an option.
-            divisor = math.gcd(width, height)
-            return width // divisor, height // divisor
+    if not match or not int(match[1]) or not int(match[2]):
+        return None
+    width, height = int(match[1]), int(match[2])
+    divisor = math.gcd(width, height)
+    return width // divisor, height // divisor
+
+
+def _aspect(flag: str, value: str) -> tuple[int, int]:
+    """The /imagine aspect option: its range is declared, so a ratio beyond it is refused."""
+    ratio = _ratio(value)
+    if ratio is not None and 1 / MAX_ASPECT <= ratio[0] / ratio[1] <= MAX_ASPECT:
+        return ratio
     raise PromptError(
         flag,
         f"{flag}: expected W:H with whole numbers between 1:{MAX_ASPECT} and {MAX_ASPECT}:1, "
         f"got {_show(value)}",
     )
+
+
+def _inline_aspect(flag: str, value: str) -> tuple[int, int]:
+    """An inline --ar: Midjourney v7 takes ratios beyond 4:1, so those are clamped later."""
+    ratio = _ratio(value)
+    if ratio is None:
+        raise PromptError(
+            flag, f"{flag}: expected W:H with whole numbers, such as 16:9, got {_show(value)}"
+        )
+    return ratio
 
 
 def _quality(flag: str, value: str) -> float:
@@ -234,7 +280,9 @@ _VERSION = _number_in(1, 10, "a Midjourney version number such as 5.2, 6 or 7")
 
 FLAGS: tuple[FlagSpec, ...] = (
     # Honoured: they mean the same thing here as in Midjourney (or in AUTOMATIC1111).
-    FlagSpec(("ar", "aspect"), Treatment.HONOURED, Arity.ONE, "aspect ratio", "W:H", _aspect),
+    FlagSpec(
+        ("ar", "aspect"), Treatment.HONOURED, Arity.ONE, "aspect ratio", "W:H", _inline_aspect
+    ),
     FlagSpec(("seed",), Treatment.HONOURED, Arity.ONE, "seed", "N", _int_in(0, MAX_SEED)),
     FlagSpec(("no",), Treatment.HONOURED, Arity.REST, "negative prompt", "words", _any_word),
     FlagSpec(("steps",), Treatment.HONOURED, Arity.ONE, "denoising steps", "N"),  # max: config
@@ -249,6 +297,14 @@ FLAGS: tuple[FlagSpec, ...] = (
     # REST so that AUTOMATIC1111 spellings with spaces ("DPM++ 2M Karras") work.
     FlagSpec(("sampler",), Treatment.HONOURED, Arity.REST, "sampler", "NAME", _sampler),
     FlagSpec(("model",), Treatment.HONOURED, Arity.REST, "model", "NAME", _any_word),
+    FlagSpec(
+        ("repeat", "r"),
+        Treatment.HONOURED,
+        Arity.ONE,
+        "that many jobs of the prompt, each with its own seeds",
+        "1-40",
+        _int_in(1, MAX_REPEAT),
+    ),
     # Mapped: a Stable Diffusion equivalent that does what the Midjourney user meant.
     FlagSpec(
         ("quality", "q"),
@@ -268,6 +324,16 @@ FLAGS: tuple[FlagSpec, ...] = (
         _number_in(0, 100),
     ),
     FlagSpec(("tile",), Treatment.MAPPED, Arity.NONE, "seamless tiling"),
+    # Midjourney v1-v3 took a size in pixels; with --w it becomes the aspect ratio. (--w alone
+    # is --weird from v5 on.)
+    FlagSpec(
+        ("h",),
+        Treatment.MAPPED,
+        Arity.ONE,
+        "legacy height; with --w, the aspect ratio",
+        "N",
+        _int_in(1, MAX_LEGACY_SIDE),
+    ),
     FlagSpec(
         ("stop",), Treatment.MAPPED, Arity.ONE, "stop denoising early", "10-100", _int_in(10, 100)
     ),
@@ -317,9 +383,6 @@ FLAGS: tuple[FlagSpec, ...] = (
         _any_word,
     ),
     FlagSpec(
-        ("repeat", "r"), Treatment.IGNORED, Arity.ONE, "one grid per command", "", _int_in(1, 40)
-    ),
-    FlagSpec(
         ("sameseed",),
         Treatment.IGNORED,
         Arity.OPTIONAL,
@@ -327,7 +390,13 @@ FLAGS: tuple[FlagSpec, ...] = (
         "",
         _int_in(0, MAX_SEED),
     ),
+    FlagSpec(
+        ("zoom",), Treatment.IGNORED, Arity.ONE, "Midjourney custom zoom", "", _number_in(1, 2)
+    ),
     FlagSpec(("hd",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
+    FlagSpec(("beta",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
+    FlagSpec(("vibe",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
+    FlagSpec(("wallpaper",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney size preset"),
     FlagSpec(("test",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
     FlagSpec(("testp",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
     FlagSpec(("creative",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
@@ -338,6 +407,8 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec(("fast",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
     FlagSpec(("relax",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
     FlagSpec(("turbo",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
+    FlagSpec(("stealth",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
+    FlagSpec(("public",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
     FlagSpec(("video",), Treatment.IGNORED, Arity.NONE, "Midjourney video"),
     FlagSpec(
         ("motion",), Treatment.IGNORED, Arity.ONE, "Midjourney video", "", _one_of("low", "high")
@@ -348,6 +419,15 @@ FLAGS: tuple[FlagSpec, ...] = (
 )
 
 _BY_NAME: dict[str, FlagSpec] = {name: spec for spec in FLAGS for name in spec.names}
+# What --w means when --h is there too (see FLAGS).
+_LEGACY_WIDTH = FlagSpec(
+    ("w",),
+    Treatment.MAPPED,
+    Arity.ONE,
+    "legacy width; with --h, the aspect ratio",
+    "N",
+    _int_in(1, MAX_LEGACY_SIDE),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +510,63 @@ def _clean(text: str) -> str:
     return " ".join("".join(kept).split())
 
 
+# Opening quote → the closing quotes that end it, as web pages and spreadsheets write them.
+_QUOTE_PAIRS = {
+    '"': '"',
+    "\u201c": "\u201d",
+    "\u201e": "\u201c\u201d",
+    "\u00ab": "\u00bb",
+    "'": "'",
+    "\u2018": "\u2019",
+}
+_DOUBLE_OPENERS = '"\u201c\u201e\u00ab'
+_DOUBLE_CLOSERS = '"\u201d\u00bb'
+
+
+def _unquote(text: str) -> str:
+    """Take off the quotes a prompt copied from a web page or a spreadsheet cell comes in.
+
+    A pair around the whole text goes when the quotes inside it balance (so `"a sign saying
+    "OPEN""` loses only the outer pair); a spreadsheet's doubled quotes inside become single.
+    A lone double quote at either end with no partner goes too; quotes that pair stay.
+    """
+    text = text.strip()
+    closers = _QUOTE_PAIRS.get(text[:1], "")
+    if len(text) >= 2 and text[-1] in closers:
+        inner = text[1:-1]
+        if text[0] == '"' and '""' in inner:
+            inner = inner.replace('""', '"')
+        if text[0] == "'" or _quotes_balance(inner):
+            return inner.strip()
+    if text[:1] in _DOUBLE_OPENERS and not _quotes_balance(text):
+        text = text[1:].lstrip()
+    if text[-1:] in _DOUBLE_CLOSERS and not _quotes_balance(text):
+        text = text[:-1].rstrip()
+    return text
+
+
+def _quotes_balance(text: str) -> bool:
+    """Every double quote in `text` opens or closes a pair, nested properly.
+
+    A straight quote opens at the start, after a space or an opening bracket, and closes
+    otherwise; typographic quotes say which they are.
+    """
+    depth = 0
+    for index, char in enumerate(text):
+        if char == '"':
+            opening = index == 0 or text[index - 1] in " ([{"
+        elif char in "\u201c\u201e\u00ab":
+            opening = True
+        elif char in "\u201d\u00bb":
+            opening = False
+        else:
+            continue
+        depth += 1 if opening else -1
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def _is_blank(text: str) -> bool:
     return all(char in string.punctuation or char.isspace() for char in text)
 
@@ -437,23 +574,38 @@ def _is_blank(text: str) -> bool:
 @dataclass
 class _RawFlag:
     typed: str  # "--" + the name as typed, lower-cased: how messages refer to it
-    spec: FlagSpec
+    spec: FlagSpec | None  # None: a well-formed flag unknown here, ignored with a note
     words: list[str]
+
+
+# Flags of other tools (AUTOMATIC1111, other bots) that no Midjourney version had: ignoring
+# them would silently drop what the member asked for, so they are refused with the way to say it.
+_NOT_MIDJOURNEY = {
+    "negative": "use --no for a negative prompt",
+    "neg": "use --no for a negative prompt",
+    "width": "use --ar W:H (or Midjourney's old --w W --h H)",
+    "height": "use --ar W:H (or Midjourney's old --w W --h H)",
+    "size": "use --ar W:H",
+    "scale": "use --cfg for the guidance scale",
+    "upscale": "use the U buttons under the grid",
+    "help": "see /help",
+}
+# An unknown flag may be a parameter Midjourney added after this table was written.
+_WELL_FORMED_NAME = re.compile(r"[a-z][a-z0-9]{0,23}")
+_QUOTES = "\"'\u201c\u201d\u201e\u2018\u2019\u00ab\u00bb"
 
 
 def _split_flags(text: str) -> tuple[str, list[_RawFlag]]:
     """Return the prompt text before the first flag, and each flag with the words after it."""
-    starts: list[tuple[re.Match[str], FlagSpec, str]] = []
+    starts: list[tuple[re.Match[str], FlagSpec | None, str]] = []
     for match in _FLAG_CANDIDATE.finditer(text):
         marker, spaced = match["marker"], bool(match["space"])
         if len(marker) < 2 and marker not in _LONG_DASHES:
             continue  # a single hyphen is text ("-ar", "Award - winning")
-        name = match["name"].rstrip(",;.").lower()
+        name = match["name"].rstrip(",;." + _QUOTES).lower()
         spec = _BY_NAME.get(name)
         if spaced and (marker != "--" or spec is None):
             continue  # "-- ar 51:81" (corpus) is a flag; "salon – flat view" is prose
-        if spec is None:
-            raise PromptError(f"--{_short(name)}", _unknown_flag_message(name))
         starts.append((match, spec, name))
 
     if not starts:
@@ -461,32 +613,82 @@ def _split_flags(text: str) -> tuple[str, list[_RawFlag]]:
     flags = []
     for index, (match, spec, name) in enumerate(starts):
         end = starts[index + 1][0].start() if index + 1 < len(starts) else len(text)
-        flags.append(_RawFlag(f"--{name}", spec, text[match.end() : end].split()))
+        words = text[match.end() : end].split()
+        if spec is None:
+            _check_unknown_flag(name, words)
+        flags.append(_RawFlag(f"--{name}", spec, words))
     return text[: starts[0][0].start()], flags
 
 
-def _unknown_flag_message(name: str) -> str:
+def _check_unknown_flag(name: str, words: list[str]) -> None:
+    """Refuse an unknown flag unless it looks like a Midjourney parameter newer than this table.
+
+    Kept (and ignored with a note): a plain word name followed by at most one value word before
+    the next flag or the end. Refused: a known name with its value glued on (`--ar16:9`), a
+    flag of another tool, a near miss of a known name (a typo'd `--seed` silently ignored would
+    surprise the member), and anything followed by more words, which is prompt text.
+    """
+    flag = f"--{_short(name)}"
     for known in sorted(_BY_NAME, key=len, reverse=True):
         rest = name[len(known) :]
         if name.startswith(known) and (rest[:1].isdigit() or rest[:1] in (":", ".")):
-            return f"--{_short(name)}: unknown flag; did you mean '--{known} {_short(rest)}'?"
-    honoured = ", ".join(
-        f"--{spec.name}" for spec in FLAGS if spec.treatment is not Treatment.IGNORED
-    )
-    return (
-        f"--{_short(name)}: unknown flag; this bot understands {honoured} "
-        "and ignores Midjourney's other parameters"
-    )
+            raise PromptError(
+                flag, f"{flag}: unknown flag; did you mean '--{known} {_short(rest)}'?"
+            )
+    if name in _NOT_MIDJOURNEY:
+        raise PromptError(
+            flag, f"{flag}: unknown flag, not a Midjourney parameter; {_NOT_MIDJOURNEY[name]}"
+        )
+    near = _nearest_known(name)
+    if near is not None:
+        raise PromptError(flag, f"{flag}: unknown flag; did you mean --{near}?")
+    if not _WELL_FORMED_NAME.fullmatch(name) or len(words) > 1:
+        honoured = ", ".join(
+            f"--{spec.name}"
+            for spec in FLAGS
+            if spec.treatment is not Treatment.IGNORED and spec.name != "h"
+        )
+        raise PromptError(
+            flag,
+            f"{flag}: unknown flag; this bot understands {honoured} "
+            "and ignores Midjourney's other parameters",
+        )
 
 
-def _take_values(flag: _RawFlag) -> tuple[list[str], list[str]]:
+def _nearest_known(name: str) -> str | None:
+    """The known flag name `name` is a likely typo of: one edit away (two for long names)."""
+    best: tuple[int, str] | None = None
+    for known in _BY_NAME:
+        allowed = 1 if len(known) <= 4 else 2
+        distance = _edit_distance(name, known, allowed)
+        if distance <= allowed and (best is None or distance < best[0]):
+            best = (distance, known)
+    return None if best is None else best[1]
+
+
+def _edit_distance(a: str, b: str, cap: int) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) from a to b; cap + 1 if above cap."""
+    if abs(len(a) - len(b)) > cap:
+        return cap + 1
+    previous: list[int] = []
+    row = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        before, previous, row = previous, row, [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], before[j - 2] + 1)
+    return min(row[len(b)], cap + 1)
+
+
+def _take_values(words: list[str], spec: FlagSpec) -> tuple[list[str], list[str]]:
     """Split the words after a flag into its values and leftover prompt text.
 
     A flag that needs a value and has none gets `[""]`, so that its checker reports it with
     the accepted range.
     """
-    words = flag.words
-    arity = flag.spec.arity
+    arity = spec.arity
     if arity is Arity.NONE:
         return [], words
     if arity is Arity.ONE:
@@ -504,8 +706,9 @@ def _take_values(flag: _RawFlag) -> tuple[list[str], list[str]]:
 
 
 def _value_word(word: str) -> str:
-    # NFKC turns full-width digits and colons from CJK keyboards into ASCII ("１６：９").
-    return unicodedata.normalize("NFKC", word).rstrip(",;")
+    # NFKC turns full-width digits and colons from CJK keyboards into ASCII ("１６：９"); a
+    # quote is what is left of a prompt copied from a spreadsheet cell ('--ar 16:9"').
+    return unicodedata.normalize("NFKC", word).strip(_QUOTES).rstrip(",;").strip(_QUOTES)
 
 
 def _parse_weights(text: str) -> tuple[PromptPart, ...]:
@@ -576,25 +779,49 @@ def parse_prompt(
 ) -> ParsedPrompt:
     """Parse a /imagine prompt with its options into an IMAGINE request, or raise PromptError.
 
-    `seed_source` is called only when neither the prompt nor the options give a seed.
+    `seed_source` is called only when neither the prompt nor the options give a seed. Braces
+    are prompt text here; `parse_jobs` is what expands permutations and repeats.
     """
+    return _parse(text, settings, model, options, seed_source)[0]
+
+
+def _parse(
+    text: str,
+    settings: EngineSettings,
+    model: str | None,
+    options: ImagineOptions | None,
+    seed_source: Callable[[], int],
+) -> tuple[ParsedPrompt, _Inline]:
     options = options or ImagineOptions()
     if len(text) > MAX_INPUT_CHARS:
         raise PromptError(
             "prompt", f"prompt: at most {MAX_INPUT_CHARS} characters with flags, got {len(text)}"
         )
     notes: list[str] = []
-    cleaned = _IMAGINE_PREFIX.sub("", _clean(text))
+    cleaned = _unquote(_IMAGINE_PREFIX.sub("", _unquote(_clean(text))))
     prompt_text, raw_flags = _split_flags(cleaned)
+    legacy_size = any(flag.spec is _BY_NAME["h"] for flag in raw_flags)
 
     inline = _Inline()
     for flag in raw_flags:
+        if flag.spec is None:
+            shown = f"{flag.typed} {_short(' '.join(flag.words))}".strip()
+            notes.append(f"{shown} is not known here; ignored")
+            continue
         spec = flag.spec
-        values, leftover = _take_values(flag)
+        if legacy_size and flag.typed == "--w":
+            spec = _LEGACY_WIDTH
+        values, leftover = _take_values(flag.words, spec)
         shown = " ".join(values)
         # A switch, or an optional value left out, is recorded as True.
-        value = _check_value(flag, shown, settings) if values else True
-        if spec.name in inline.values:
+        value = _check_value(flag, spec, shown, settings) if values else True
+        if spec.treatment is Treatment.IGNORED:
+            # Nothing is done with an ignored flag, so several values (v7 prompts carry several
+            # --sref codes and --profile ids) cannot conflict; each is noted once.
+            note = f"{f'{flag.typed} {_short(shown)}'.strip()} ignored ({spec.meaning})"
+            if note not in notes:
+                notes.append(note)
+        elif spec.name in inline.values:
             # Pasted prompts repeat flags ("--v 5.1 … --v 5.1"), which is harmless; two
             # different values leave no way to know which one was meant.
             if value != inline.values[spec.name]:
@@ -608,13 +835,12 @@ def parse_prompt(
             inline.values[spec.name] = value
             inline.typed[spec.name] = flag.typed
             inline.shown[spec.name] = shown
-            if spec.treatment is Treatment.IGNORED:
-                notes.append(f"{f'{flag.typed} {_short(shown)}'.strip()} ignored ({spec.meaning})")
         moved = " ".join(leftover).strip(_EDGE_JUNK)
         if not _is_blank(moved):
             # Midjourney wants flags last; rather than lose the words, keep them as prompt text.
             prompt_text = f"{prompt_text.rstrip(_EDGE_JUNK)}, {moved}"
             notes.append(f"{_short(moved)!r} after {flag.typed} was kept as prompt text")
+    _legacy_aspect(inline, notes)
 
     prompt_text = _strip_image_prompts(prompt_text, notes)
     parts = _parse_weights(prompt_text)
@@ -629,8 +855,8 @@ def parse_prompt(
     # A single part is an ordinary prompt whatever its (positive) weight: weights are relative.
     prompt_parts = parts if len(parts) > 1 else ()
 
-    spec = _model(settings, model, inline)
-    width, height = _size(settings, spec.base_resolution, options, inline, notes)
+    model_spec = _model(settings, model, inline)
+    width, height = _size(settings, model_spec.base_resolution, options, inline, notes)
     steps = _steps(settings, options, inline, notes)
     request = GenerationRequest(
         kind=JobKind.IMAGINE,
@@ -644,7 +870,7 @@ def parse_prompt(
         seed=_seed(options, inline, seed_source),
         num_candidates=settings.num_candidates,
         num_kept=settings.num_kept,
-        model=spec.name,
+        model=model_spec.name,
         prompt_parts=prompt_parts,
         chaos=math.floor(cast(float, inline.values.get("chaos", 0)) + 0.5),
         tile="tile" in inline.values,
@@ -655,16 +881,42 @@ def parse_prompt(
     if request.stop_percent < 100:
         percent = request.stop_percent
         notes.append(f"{inline.typed['stop']} {percent} → denoising stops at {percent} %")
-    return ParsedPrompt(request=request, notes=tuple(notes))
+    repeat = cast(int, inline.values.get("repeat", 1))
+    return ParsedPrompt(request=request, notes=tuple(notes), repeat=repeat), inline
 
 
-def _check_value(flag: _RawFlag, value: str, settings: EngineSettings) -> object:
-    if flag.spec.name == "steps":
+def _check_value(flag: _RawFlag, spec: FlagSpec, value: str, settings: EngineSettings) -> object:
+    if spec.name == "steps":
         return _int_in(1, _max_steps(settings))(flag.typed, value)
-    if flag.spec.name == "model" and not value:
+    if spec.name == "model" and not value:
         raise _unknown_model(flag.typed, value, settings)
-    assert flag.spec.check is not None
-    return flag.spec.check(flag.typed, value)
+    assert spec.check is not None
+    return spec.check(flag.typed, value)
+
+
+def _legacy_aspect(inline: _Inline, notes: list[str]) -> None:
+    """Turn Midjourney v1-v3's `--w W --h H` into the aspect ratio W:H they meant."""
+    if "h" not in inline.values:
+        return
+    typed = f"{inline.typed['h']} {inline.shown['h']}"
+    if "w" not in inline.values:
+        notes.append(f"{typed} ignored (legacy height; it needs --w as well)")
+        return
+    width, height = cast(int, inline.values["w"]), cast(int, inline.values["h"])
+    divisor = math.gcd(width, height)
+    ratio = width // divisor, height // divisor
+    label = f"--w {inline.shown['w']} --h {inline.shown['h']}"
+    if "ar" in inline.values and inline.values["ar"] != ratio:
+        raise PromptError(
+            "--ar",
+            f"{inline.typed['ar']} {inline.shown['ar']} conflicts with {label} "
+            f"({ratio[0]}:{ratio[1]}); keep one",
+        )
+    if "ar" not in inline.values:
+        inline.values["ar"] = ratio
+        inline.typed["ar"] = label
+        inline.shown["ar"] = ""
+    notes.append(f"{label} → --ar {ratio[0]}:{ratio[1]}")
 
 
 def _short(value: str, limit: int = 24) -> str:
@@ -739,7 +991,15 @@ def _size(
     if "ar" in inline.values:
         given = aspect if options.aspect is not None else None
         aspect = _agreed(inline, "ar", "aspect", given, option_shown=options.aspect)
-        label = f"{inline.typed['ar']} {inline.shown['ar']}"
+        label = f"{inline.typed['ar']} {inline.shown['ar']}".strip()
+    if aspect[0] > MAX_ASPECT * aspect[1] or aspect[1] > MAX_ASPECT * aspect[0]:
+        # Midjourney v7 draws up to 10:1 and beyond; Stable Diffusion models tile their
+        # subject past 4:1, so the ratio is clamped rather than refused.
+        aspect = (MAX_ASPECT, 1) if aspect[0] > aspect[1] else (1, MAX_ASPECT)
+        notes.append(
+            f"{label} → {aspect[0]}:{aspect[1]}, the most elongated ratio this model draws"
+        )
+        label = f"{aspect[0]}:{aspect[1]}"
     budget = min(settings.max_pixels, MAX_PIXELS)
     width, height = size_for_aspect(aspect[0], aspect[1], base_resolution, budget)
     off_by = abs(math.log(width / height * aspect[1] / aspect[0]))
@@ -828,3 +1088,91 @@ def _option_int(name: str, value: object, low: int, high: int) -> int:
             name, f"{name}: expected a whole number between {low} and {high}, got {value!r}"
         )
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Several jobs from one prompt: permutations and --repeat.
+
+
+def parse_jobs(
+    text: str,
+    settings: EngineSettings,
+    *,
+    model: str | None = None,
+    options: ImagineOptions | None = None,
+    max_jobs: int = MAX_JOBS,
+    seed_source: Callable[[], int] = _random_seed,
+) -> list[ParsedPrompt]:
+    """Every job a /imagine prompt asks for, each fully parsed, or PromptError for the whole.
+
+    The prompt's `{…}` permutations are expanded first (see `generation.permutations`), each
+    combination is parsed like `parse_prompt` would, and each is repeated as its `--repeat`
+    says. Jobs come in Midjourney's order: combination by combination, repeats together. A
+    request for more than `max_jobs` jobs, or with any combination invalid, is refused whole
+    and the message says which combination.
+
+    Seeds: one seed is drawn (or given by `--seed` or the seed option) and every combination
+    starts from it, so the grids differ by their prompt only. The k-th repeat (from 0) uses
+    seed + k × num_candidates, so that no two jobs share a candidate's seed and each can be
+    re-run alone with `--seed`; past the largest seed it wraps around to 0.
+    """
+    if len(text) > MAX_INPUT_CHARS:
+        raise PromptError(
+            "prompt", f"prompt: at most {MAX_INPUT_CHARS} characters with flags, got {len(text)}"
+        )
+    try:
+        prompts = expand_permutations(text, max_jobs)
+    except PermutationError as exc:
+        raise PromptError("{}", str(exc)) from None
+
+    drawn: list[int] = []
+
+    def shared_seed() -> int:
+        if not drawn:
+            drawn.append(seed_source())
+        return drawn[0]
+
+    parsed: list[ParsedPrompt] = []
+    repeat_typed: list[str] = []
+    for index, prompt in enumerate(prompts, start=1):
+        try:
+            job, inline = _parse(prompt, settings, model, options, shared_seed)
+            parsed.append(job)
+            repeat_typed.append(inline.typed.get("repeat", "--repeat"))
+        except PromptError as exc:
+            if len(prompts) == 1:
+                raise
+            raise PromptError(
+                exc.flag,
+                f"combination {index} of {len(prompts)} ({_show(prompt, 60)}): {exc}",
+            ) from None
+
+    total = sum(job.repeat for job in parsed)
+    if total > max_jobs:
+        flag = repeat_typed[max(range(len(parsed)), key=lambda i: parsed[i].repeat)]
+        how = f"{len(parsed)} combinations, {total} jobs with {flag}" if len(parsed) > 1 else ""
+        raise PromptError(
+            flag,
+            f"{flag}: this prompt makes {total} jobs{f' ({how})' if how else ''}; "
+            f"at most {max_jobs} are allowed",
+        )
+    jobs: list[ParsedPrompt] = []
+    for job, flag in zip(parsed, repeat_typed, strict=True):
+        request = job.request
+        seeds = [_repeat_seed(request.seed, k, request.num_candidates) for k in range(job.repeat)]
+        notes = job.notes
+        if job.repeat > 1:
+            shown = ", ".join(str(seed) for seed in seeds[:4]) + (", …" if len(seeds) > 4 else "")
+            notes = (*notes, f"{flag} {job.repeat} → {job.repeat} jobs, seeds {shown}")
+        jobs.extend(
+            replace(job, request=replace(request, seed=seed), notes=notes) for seed in seeds
+        )
+    return jobs
+
+
+def _repeat_seed(seed: int, repeat_index: int, num_candidates: int) -> int:
+    if repeat_index == 0:
+        return seed
+    # Room at the top for seed + i of every candidate, as _random_seed leaves.
+    span = MAX_SEED - num_candidates + 2
+    return (seed + repeat_index * num_candidates) % span

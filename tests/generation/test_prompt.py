@@ -361,8 +361,6 @@ def test_version_note_reads_as_in_the_brief() -> None:
         "--p abc123",
         "--personalize",
         "--profile xyz",
-        "--repeat 4",
-        "--r 40",
         "--sameseed",
         "--sameseed 77",
         "--hd",
@@ -381,6 +379,13 @@ def test_version_note_reads_as_in_the_brief() -> None:
         "--loop",
         "--end https://example.com/last.png",
         "--bs 2",
+        "--zoom 1.5",
+        "--beta",
+        "--vibe",
+        "--wallpaper",
+        "--stealth",
+        "--public",
+        "--h 1792",
     ],
 )
 def test_midjourney_only_parameters_are_ignored_with_a_note(flag: str) -> None:
@@ -411,9 +416,9 @@ def test_flag_table_is_consistent() -> None:
         if spec.arity is not Arity.NONE and spec.name != "steps":
             assert spec.check is not None, spec.name
     honoured = {spec.name for spec in FLAGS if spec.treatment is Treatment.HONOURED}
-    assert honoured == {"ar", "seed", "no", "steps", "cfg", "sampler", "model"}
+    assert honoured == {"ar", "seed", "no", "steps", "cfg", "sampler", "model", "repeat"}
     mapped = {spec.name for spec in FLAGS if spec.treatment is Treatment.MAPPED}
-    assert mapped == {"quality", "chaos", "tile", "stop"}
+    assert mapped == {"quality", "chaos", "tile", "stop", "h"}
 
 
 # --- unknown and duplicate flags ------------------------------------------------------------------
@@ -422,14 +427,15 @@ def test_flag_table_is_consistent() -> None:
 @pytest.mark.parametrize(
     ("text", "flag"),
     [
-        ("a cat --foo", "--foo"),
-        ("a cat --foo 3", "--foo"),
+        # Not at the end: a flag-like word followed by prompt text.
+        ("a cat --foo bar baz", "--foo"),
+        ("a --sparkly cat in the snow --ar 3:2", "--sparkly"),
+        ("a cat —foo in a hat", "--foo"),
+        # Other tools' flags, typos of known ones, glued values: refused wherever they are.
         ("a cat --negative dogs", "--negative"),
         ("a cat --width 512", "--width"),
-        ("a cat --h 512", "--h"),
         ("a cat --upscale", "--upscale"),
         ("a cat --ar 3:2 --stylise 100", "--stylise"),
-        ("a cat —foo", "--foo"),
         ("a cat --ar16:9", "--ar16:9"),
     ],
 )
@@ -452,8 +458,8 @@ def test_glued_value_gets_a_suggestion() -> None:
         ("a cat --seed 1 --seed 2", "--seed"),
         ("a cat --no dogs --no birds", "--no"),
         ("a cat --cfg 5 --guidance 6", "--guidance"),
-        ("a cat --s 100 --stylize 200", "--stylize"),
-        ("a cat --v 5 --v 6", "--v"),
+        ("a cat --r 2 --repeat 3", "--repeat"),
+        ("a cat --stop 50 --stop 60", "--stop"),
         ("a cat --q 2 --quality .5", "--quality"),
         ("a cat --c 5 --chaos 6", "--chaos"),
         ("a cat --sampler ddim --sampler euler", "--sampler"),
@@ -488,10 +494,10 @@ def test_a_flag_repeated_with_the_same_value_is_harmless(text: str) -> None:
 _NUMERIC_GARBAGE = ["abc", "nan", "NaN", "inf", "-inf", "1e3", "0x10", "1_0", "٣", "", "½"]
 
 BAD_VALUES: list[tuple[str, str | None, str]] = [
-    *[("--ar", v, "W:H") for v in [None, "1000:1", "1:1000", "5:1", "0:1", "1:0", "16x9"]],
+    *[("--ar", v, "W:H") for v in [None, "0:1", "1:0", "0:0", "16x9", "123456:1"]],
     *[("--ar", v, "W:H") for v in ["16/9", "1.5:1", "-16:9", "16:-9", "16:9:1", "abc", "1:"]],
     *[("--ar", v, "W:H") for v in ["99999999999:1", ":", "16 :9"]],
-    *[("--aspect", v, "W:H") for v in [None, "4:17"]],
+    *[("--aspect", v, "W:H") for v in [None, "4:a"]],
     *[("--seed", v, "4294967295") for v in [None, "-1", "4294967296", "1.5", "1" * 5000]],
     *[("--seed", v, "4294967295") for v in _NUMERIC_GARBAGE],
     *[("--steps", v, "between 1 and 100") for v in [None, "0", "-5", "101", "1000000", "2.5"]],
@@ -530,6 +536,8 @@ BAD_VALUES: list[tuple[str, str | None, str]] = [
     *[("--motion", v, "low, high") for v in [None, "fast"]],
     *[("--bs", v, "1, 2, 4") for v in [None, "3"]],
     *[("--sameseed", v, "4294967295") for v in ["-1", "99999999999", "1.5"]],
+    *[("--zoom", v, "between 1 and 2") for v in [None, "0.5", "3", "far"]],
+    *[("--h", v, "between 1 and 10000") for v in [None, "0", "10001", "1792.5", "tall"]],
 ]
 
 
@@ -553,8 +561,9 @@ def test_bad_values_name_the_flag_and_what_is_accepted(
 
 
 def test_the_brief_s_aspect_message() -> None:
-    assert str(parse_error("a cat --ar 1000:1")) == (
-        "--ar: expected W:H with whole numbers between 1:4 and 4:1, got '1000:1'"
+    # The /imagine option declares its range; an inline --ar beyond it is clamped instead.
+    assert str(parse_error("a cat", options=ImagineOptions(aspect="1000:1"))) == (
+        "aspect: expected W:H with whole numbers between 1:4 and 4:1, got '1000:1'"
     )
 
 
