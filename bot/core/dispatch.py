@@ -17,10 +17,13 @@ from bot.core.jobs import output_dir_for
 from bot.core.lifecycle import Ending, Lifecycle
 from bot.core.models import Job, JobResult, JobState, ProgressUpdate, Started
 from bot.core.state import QueueState, RunningJob
-from bot.core.workers import JobTimeout, Worker, WorkerCrashed
+from bot.core.workers import JobTimeout, Worker, WorkerCrashed, WorkerUnavailable
 from generation.contract import GenerationCancelled
 
 log = logging.getLogger(__name__)
+
+# The first pause before starting a worker again; it doubles up to `worker_retry_s`.
+FIRST_RETRY_S = 1.0
 
 # Called with a finished job's outcome before it is settled; returns None to accept it or a
 # reason to refuse it (the job becomes `refused` and is refunded). Moderation plugs in here.
@@ -50,6 +53,7 @@ class Dispatcher:
         self._cancel_grace_s = cancel_grace_s
         self._worker_retry_s = worker_retry_s
         self._ready: set[int] = set()
+        self._starting: set[int] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._worker_starters: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -57,25 +61,32 @@ class Dispatcher:
 
     def start(self) -> None:
         for worker in self.workers:
-            self._worker_starters.append(
-                asyncio.create_task(self._start_worker(worker), name=f"start-{worker.name}")
-            )
+            self._start_in_background(worker)
         self._loop_task = asyncio.create_task(self._dispatch_loop(), name="dispatcher")
+
+    def _start_in_background(self, worker: Worker) -> None:
+        self._ready.discard(id(worker))
+        if id(worker) in self._starting:
+            return
+        self._starting.add(id(worker))
+        task = asyncio.create_task(self._start_worker(worker), name=f"start-{worker.name}")
+        self._worker_starters.append(task)
+        task.add_done_callback(lambda _t: self._starting.discard(id(worker)))
 
     async def _start_worker(self, worker: Worker) -> None:
         # Jobs wait in the queue while a worker loads its models (which may take minutes);
-        # a worker that cannot start is retried, with the error in the log for the admin.
+        # a worker that cannot start is retried with a growing pause (a crashed child's GPU
+        # memory may take a moment to come free), with the error in the log for the admin.
+        delay_s = min(FIRST_RETRY_S, self._worker_retry_s)
         while not self._state.closing:
             try:
                 await worker.start()
             except Exception as exc:
                 log.error(
-                    "worker %s failed to start (%s); retrying in %g s",
-                    worker.name,
-                    exc,
-                    self._worker_retry_s,
+                    "worker %s failed to start (%s); retrying in %g s", worker.name, exc, delay_s
                 )
-                await asyncio.sleep(self._worker_retry_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self._worker_retry_s)
                 continue
             self._ready.add(id(worker))
             self._state.wake.set()
@@ -209,7 +220,7 @@ class Dispatcher:
                 # must not put a cancelled job back in the queue.
                 log.info("job %d: cancelled; the run ended with %r", job.id, exc)
                 return Ending(JobState.CANCELLED, error="cancelled", actor_id=record.cancel_actor)
-            return self._failed(job, exc)
+            return self._failed(record, job, exc)
         result = JobResult(
             image_paths=outcome.image_paths,
             grid_path=outcome.grid_path,
@@ -224,7 +235,13 @@ class Dispatcher:
             return Ending(JobState.REFUSED, error=verdict, result=result)
         return Ending(JobState.SUCCEEDED, result=result)
 
-    def _failed(self, job: Job, exc: Exception) -> Ending:
+    def _failed(self, record: RunningJob, job: Job, exc: Exception) -> Ending:
+        if isinstance(exc, WorkerUnavailable):
+            # Out of the ready set before the job is back in the queue, so the job waits for
+            # this worker's restart (or runs on another) instead of burning its attempts here.
+            log.error("job %d: worker %s cannot run jobs: %s", job.id, record.worker.name, exc)
+            self._start_in_background(record.worker)
+            return Ending(None, hand_back=True)
         if isinstance(exc, JobTimeout):
             return Ending(JobState.FAILED, error=str(exc))
         if isinstance(exc, JobError):

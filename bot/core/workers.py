@@ -60,6 +60,12 @@ class WorkerStartFailed(Exception):
     """The engine could not be created (bad model config, missing files, no GPU memory)."""
 
 
+class WorkerUnavailable(Exception):
+    """The worker could not take the job at all (its engine could not be started, e.g. the GPU
+    memory of a killed child was not free yet): not the job's fault, so it goes back to the
+    queue without losing an attempt, and the worker is started again in the background."""
+
+
 @runtime_checkable
 class Worker(Protocol):
     name: str
@@ -73,7 +79,8 @@ class Worker(Protocol):
     async def run(self, item: WorkItem, on_progress: ProgressSink, timeout_s: float) -> WorkOutcome:
         """Run one job. Raises GenerationCancelled (after `cancel`), JobTimeout (the worker has
         already killed/reset whatever ran it), JobError (engine failure: fail the job),
-        WorkerCrashed. Cancelling this coroutine must abort the job hard."""
+        WorkerCrashed, WorkerUnavailable (never started the job). Cancelling this coroutine
+        must abort the job hard."""
         ...
 
     async def cancel(self, job_id: int) -> None:
@@ -112,7 +119,10 @@ class InProcessWorker:
             raise WorkerStartFailed(f"{type(exc).__name__}: {exc}") from exc
 
     async def run(self, item: WorkItem, on_progress: ProgressSink, timeout_s: float) -> WorkOutcome:
-        await self.start()
+        try:
+            await self.start()
+        except WorkerStartFailed as exc:
+            raise WorkerUnavailable(str(exc)) from exc
         assert self._engine is not None
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
@@ -210,18 +220,30 @@ class ProcessWorker:
         self._child = child
         return child
 
-    def _restart_soon(self) -> None:
-        # Load the models again while the queue is quiet, not when the next job arrives.
-        if self._closed or self._starting is not None:
+    def _restart_soon(self, killed: _Child | None = None) -> bool:
+        """Load the models again while the queue is quiet, not when the next job arrives (a
+        `killed` child is reaped first). False when no restart was started."""
+        if self._closed or (self._starting is not None and not self._starting.done()):
+            return False
+        self._starting = asyncio.create_task(self._spawn(killed), name=f"{self.name}-respawn")
+        self._starting.add_done_callback(self._restarted)
+        return True
+
+    def _restarted(self, task: asyncio.Task[_Child]) -> None:
+        if task.cancelled():
             return
-        self._starting = asyncio.create_task(self._spawn(), name=f"{self.name}-respawn")
-        self._starting.add_done_callback(self._log_restart)
-
-    def _log_restart(self, task: asyncio.Task[_Child]) -> None:
-        if not task.cancelled() and task.exception() is not None:
+        if task.exception() is not None:
+            # Left in `_starting`: the next job (or start()) gets this error, then spawns anew.
             log.error("worker %s: restart failed: %s", self.name, task.exception())
+        elif self._starting is task and self._child is None and not self._closed:
+            self._child = task.result()
+            self._starting = None
 
-    async def _spawn(self) -> _Child:
+    async def _spawn(self, killed: _Child | None = None) -> _Child:
+        if killed is not None:
+            # Until the killed child is gone its GPU memory is not free: a new engine loaded
+            # before that could run out of memory.
+            await killed.reap()
         loop = asyncio.get_running_loop()
         context = multiprocessing.get_context("spawn")
         parent_conn, child_conn = context.Pipe(duplex=True)
@@ -234,7 +256,7 @@ class ProcessWorker:
         await asyncio.to_thread(process.start)
         # Our copy of the child's end must go, or we would never see EOF when the child dies.
         child_conn.close()
-        child = _Child(process, parent_conn, loop)
+        child = _Child(process, parent_conn, loop, self._exited)
         try:
             message = await asyncio.wait_for(child.inbox.get(), self._startup_timeout_s)
         except BaseException:
@@ -248,6 +270,22 @@ class ProcessWorker:
         code = await child.reap()
         detail = message[1] if message[0] == "fatal" else f"child exited with code {code}"
         raise WorkerStartFailed(f"worker {self.name}: engine did not start: {detail}")
+
+    def _exited(self, child: _Child) -> None:
+        """The child's pipe closed. During a job the job's own loop handles it; a child that
+        dies while idle is replaced at once, not when the next job finds it dead."""
+        if child is not self._child or self._current is not None or self._closed:
+            return
+        log.warning(
+            "worker %s: idle child pid %s died (exit code %s); restarting it",
+            self.name,
+            child.process.pid,
+            child.process.exitcode,
+        )
+        self._child = None
+        self.restarts += 1
+        if not self._restart_soon(killed=child):
+            self._reap_later(child)
 
     async def _discard(self) -> int | None:
         child, self._child = self._child, None
@@ -264,7 +302,7 @@ class ProcessWorker:
             try:
                 child = await self._ensure_child()
             except WorkerStartFailed as exc:
-                raise WorkerCrashed(str(exc)) from exc
+                raise WorkerUnavailable(str(exc)) from exc
             return await self._run_on(child, item, on_progress, timeout_s)
         finally:
             self._current = None
@@ -313,8 +351,8 @@ class ProcessWorker:
             # only killing it frees the GPU for certain.
             child.kill()
             self._child = None
-            self._reap_later(child)
-            self._restart_soon()
+            if not self._restart_soon(killed=child):
+                self._reap_later(child)
             raise
 
     async def _crashed(self) -> int | None:
@@ -338,9 +376,9 @@ class ProcessWorker:
         if self._starting is not None:
             self._starting.cancel()
             with contextlib.suppress(BaseException):
-                child = await self._starting
-                child.kill()
-                await child.reap()
+                started = await self._starting
+                started.kill()
+                await started.reap()
         child, self._child = self._child, None
         if child is None:
             return
@@ -360,11 +398,13 @@ class _Child:
         process: multiprocessing.process.BaseProcess,
         conn: Connection,
         loop: asyncio.AbstractEventLoop,
+        on_exit: Callable[[_Child], None] | None = None,
     ) -> None:
         self.process = process
         self.conn = conn
         self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._loop = loop
+        self._on_exit = on_exit
         self._send_lock = threading.Lock()
         self._reader = threading.Thread(
             target=self._read, name=f"worker-reader-{process.pid}", daemon=True
@@ -376,13 +416,15 @@ class _Child:
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
-                self._post(("eof",))
-                return
+                break
             except Exception:
                 log.exception("worker pid %s: unreadable message", self.process.pid)
-                self._post(("eof",))
-                return
+                break
             self._post(message)
+        self._post(("eof",))
+        if self._on_exit is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self._loop.call_soon_threadsafe(self._on_exit, self)
 
     def _post(self, message: tuple[Any, ...]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed

@@ -111,3 +111,16 @@ def _colour(seed: int) -> tuple[int, int, int]:
 
 def create_fake_engine(settings: EngineSettings) -> FakeEngine:
     return FakeEngine(settings)
+
+
+def create_engine_failing_on_spawns(settings: EngineSettings) -> FakeEngine:
+    """Counts the worker processes that built it (in `fake_marker_dir`); the ones listed in
+    `fake_fail_spawns` (e.g. "2,3") fail to load like a GPU whose memory is not free yet."""
+    marker_dir = Path(settings.extra["fake_marker_dir"])
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    counter = marker_dir / "spawns"
+    count = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(count))
+    if str(count) in settings.extra.get("fake_fail_spawns", "").split(","):
+        raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+    return FakeEngine(settings)

@@ -4,6 +4,7 @@ fake engine running inside the real child."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -12,6 +13,8 @@ from bot.config import Config
 from bot.core import Core, JobState, LedgerKind, Owner, ProcessWorker, ProgressUpdate, Worker
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 from tests.core.fakes import FACTORY
+
+FAILING_SPAWNS = "tests.core.fakes:create_engine_failing_on_spawns"
 
 ALICE = Owner(user_id=101)
 BOB = Owner(user_id=202)
@@ -122,3 +125,56 @@ async def test_an_engine_that_cannot_start_leaves_jobs_queued(tmp_path: Path) ->
         assert core.scheduler.queue_position(job.id) == 1
     finally:
         await core.close(1.0)
+
+
+async def test_a_child_that_dies_while_idle_is_replaced_at_once(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    core, worker = await open_process_core(config)
+    try:
+        warm = await core.scheduler.submit(ALICE, request())
+        assert (await finished(core, warm.id, timeout_s=60)).state is JobState.SUCCEEDED
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        # No job comes to find it dead: the worker notices by itself.
+        for _ in range(600):
+            if worker.pid not in (pid, None):
+                break
+            await asyncio.sleep(0.05)
+        assert worker.pid not in (pid, None)
+        assert worker.restarts == 1
+        job = await core.scheduler.submit(ALICE, request())
+        done = await finished(core, job.id, timeout_s=60)
+        assert done.state is JobState.SUCCEEDED and done.attempts == 1
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
+async def test_a_worker_that_cannot_restart_costs_no_attempt_and_comes_back(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, scheduler={"max_attempts": 1})
+    engine = dataclasses.replace(
+        config.engine, extra={**config.engine.extra, "fake_fail_spawns": "2"}
+    )
+    config = dataclasses.replace(config, engine=engine)
+    worker = ProcessWorker(config.engine, config.data_dir, FAILING_SPAWNS, startup_timeout_s=60)
+    core = await open_core(config, workers=[worker])
+    try:
+        # The crash uses the job's one re-run; the restart after it fails (out of memory).
+        crashing = await core.scheduler.submit(ALICE, request("[crash-once] a fox"))
+        other = await core.scheduler.submit(BOB, request("a cat"))
+        done = await finished(core, crashing.id, timeout_s=60)
+        # The failed restart was not the job's fault and cost it nothing: it ran again once
+        # the worker was back, and the queue behind it was not failed either.
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.attempts == 2
+        other_done = await finished(core, other.id, timeout_s=60)
+        assert other_done.state is JobState.SUCCEEDED and other_done.attempts == 1
+        spawns = int((tmp_path / "markers" / "spawns").read_text())
+        assert spawns == 3
+        assert core.scheduler.busy_counts() == [0]
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
