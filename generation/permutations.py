@@ -97,6 +97,7 @@ def _parse(text: str) -> _Sequence:
             flush()
             options, outer, _ = stack.pop()
             options.append(tuple(current))
+            options[:] = [_strip(option) for option in options]
             current = outer
             current.append(_Choice(tuple(options)))
         else:
@@ -109,6 +110,16 @@ def _parse(text: str) -> _Sequence:
         )
     flush()
     return tuple(current)
+
+
+def _strip(option: _Sequence) -> _Sequence:
+    """An option without the spaces around it: `{red, green}` offers "green", not " green"."""
+    items = list(option)
+    if items and isinstance(items[0], str):
+        items[0] = items[0].lstrip()
+    if items and isinstance(items[-1], str):
+        items[-1] = items[-1].rstrip()
+    return tuple(item for item in items if item != "")
 
 
 def _count(sequence: _Sequence) -> int:

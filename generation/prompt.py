@@ -640,6 +640,12 @@ def _check_unknown_flag(name: str, words: list[str]) -> None:
             flag, f"{flag}: unknown flag, not a Midjourney parameter; {_NOT_MIDJOURNEY[name]}"
         )
     near = _nearest_known(name)
+    if near in _NOT_MIDJOURNEY:
+        raise PromptError(
+            flag,
+            f"{flag}: unknown flag; did you mean --{near}? That is not a Midjourney parameter; "
+            f"{_NOT_MIDJOURNEY[near]}",
+        )
     if near is not None:
         raise PromptError(flag, f"{flag}: unknown flag; did you mean --{near}?")
     if not _WELL_FORMED_NAME.fullmatch(name) or len(words) > 1:
@@ -658,7 +664,7 @@ def _check_unknown_flag(name: str, words: list[str]) -> None:
 def _nearest_known(name: str) -> str | None:
     """The known flag name `name` is a likely typo of: one edit away (two for long names)."""
     best: tuple[int, str] | None = None
-    for known in _BY_NAME:
+    for known in [*_BY_NAME, *_NOT_MIDJOURNEY]:
         allowed = 1 if len(known) <= 4 else 2
         distance = _edit_distance(name, known, allowed)
         if distance <= allowed and (best is None or distance < best[0]):

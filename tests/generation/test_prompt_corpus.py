@@ -1,8 +1,10 @@
-"""Every prompt of the Midjourney prompt corpus goes through the parser.
+"""Every prompt of the Midjourney prompt corpora goes through the parser.
 
-The corpus is 381 prompts users really shared (see tests/data/README.md). What each prompt
-should give is worked out here with simple, independent regexes over the raw line, so a parser
-that silently drops a flag or mis-reads a ratio fails.
+The corpus is 381 prompts users really shared (see tests/data/README.md); a second file has
+prompts in the syntax of every Midjourney version from v1 to v7 (legacy and new parameters,
+quotes, capitals, several style references). What each prompt should give is worked out here
+with simple, independent regexes over the raw line, so a parser that silently drops a flag,
+mis-reads a ratio or refuses a prompt Midjourney took fails.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ _ROOT = Path(__file__).resolve().parents[2]
 CORPUS_PATH = _ROOT / "tests" / "data" / "midjourney-prompts.txt"
 
 LINES: list[str] = CORPUS_PATH.read_text(encoding="utf-8").splitlines()
+VERSIONS_PATH = _ROOT / "tests" / "data" / "midjourney-prompts-v1-v7.txt"
+VERSION_LINES: list[str] = VERSIONS_PATH.read_text(encoding="utf-8").splitlines()
 
 SD15 = EngineSettings(
     models=(ModelSpec(name="sd15", source="runwayml/stable-diffusion-v1-5", base_resolution=512),),
@@ -46,7 +50,10 @@ SMALL_BUDGET = EngineSettings(
 
 # Any dash run the way users type "--": ASCII, phone em/en dashes, and "-- ar" with a space.
 _DASH = r"(?:--|——?|––?)"
-_FLAG = re.compile(rf"(?:^|(?<=[\s.,]))(?:{_DASH}|-- )([a-z]+)(?: +([^\s\-–—][^\s]*))?")
+_FLAG = re.compile(
+    rf"(?:^|(?<=[\s.,\"“'‘]))(?:{_DASH}|-- )([a-z]+)(?: +([^\s\-–—][^\s]*))?", re.IGNORECASE
+)
+_QUOTES = "\"“”'‘’"
 _ALIASES = {
     "aspect": "ar",
     "quality": "q",
@@ -54,25 +61,43 @@ _ALIASES = {
     "stylize": "s",
     "weird": "w",
     "version": "v",
+    "repeat": "r",
+    "personalize": "p",
+    "profile": "p",
 }
-# The Midjourney parameters that have no Stable Diffusion equivalent here.
-IGNORED = {"v", "niji", "style", "s", "w", "iw"}
+# The Midjourney parameters, of any version, that have no Stable Diffusion equivalent here
+# (and --w, which is --weird unless --h comes with it).
+IGNORED = {"v", "niji", "style", "raw", "s", "w", "iw", "exp", "sref", "sw", "sv", "cref", "cw"}
+IGNORED |= {"oref", "ow", "p", "sameseed", "zoom", "draft", "fast", "relax", "turbo"}
+IGNORED |= {"video", "motion", "loop", "end", "bs", "stealth", "public"}
+IGNORED |= {"hd", "test", "testp", "beta", "creative", "uplight", "upbeta", "upanime"}
+IGNORED |= {"wallpaper", "vibe"}
+# The parameters that change the job (honoured, or mapped to an equivalent).
+USED = {"ar", "seed", "no", "steps", "cfg", "sampler", "model", "q", "c", "tile", "stop", "r"}
 
 
 def flags_of(line: str) -> list[tuple[str, str]]:
     """(canonical name, first value word) for every flag in a raw corpus line."""
-    return [(_ALIASES.get(name, name), value or "") for name, value in _FLAG.findall(line)]
+    return [
+        (_ALIASES.get(name.lower(), name.lower()), (value or "").strip(_QUOTES).rstrip(","))
+        for name, value in _FLAG.findall(line)
+    ]
 
 
 def conflicting(line: str) -> set[str]:
+    """The used flags given twice with different values: only those can conflict."""
     values: dict[str, set[str]] = defaultdict(set)
     for name, value in flags_of(line):
-        values[name].add(value.rstrip(","))
+        if name in USED:
+            values[name].add(value)
     return {name for name, seen in values.items() if len(seen) > 1}
 
 
 def corpus_params() -> list[pytest.param]:
-    return [pytest.param(number, line, id=f"line{number}") for number, line in _numbered()]
+    return [pytest.param(number, line, id=f"line{number}") for number, line in _numbered()] + [
+        pytest.param(number, line, id=f"versions{number}")
+        for number, line in enumerate(VERSION_LINES, start=1)
+    ]
 
 
 def _numbered() -> list[tuple[int, str]]:
@@ -87,6 +112,11 @@ def test_corpus_is_the_one_described() -> None:
     assert len(LINES) == 381
     with_flags = sum(1 for line in LINES if flags_of(line))
     assert with_flags / len(LINES) > 0.65  # the README says 70 %
+
+
+def test_only_the_prompt_with_two_aspect_ratios_conflicts() -> None:
+    assert [number for number, line in _numbered() if conflicting(line)] == [284]
+    assert not any(conflicting(line) for line in VERSION_LINES)
 
 
 @pytest.mark.parametrize(("number", "line"), corpus_params())
@@ -105,19 +135,49 @@ def test_every_corpus_prompt_parses(number: int, line: str) -> None:
     request.validate()
     assert request.prompt.strip()
     assert "--" not in request.prompt  # no flag left behind as text
-    for name, value in flags_of(line):
-        if name in IGNORED:
-            assert any(note.startswith("--") and "ignored" in note for note in parsed.notes)
+    assert not request.prompt.startswith(('"', "“", "'")), "the wrapping quotes are gone"
+    flags = flags_of(line)
+    names = {name for name, _ in flags}
+    legacy_size = {"w", "h"} <= names
+    for name, value in flags:
+        assert name in IGNORED | USED | {"h"}, f"{name}: classify it in this test"
+        if name in IGNORED and not (name == "w" and legacy_size):
             typed = [n for n in parsed.notes if "ignored" in n]
             assert any(_names_flag(note, name) for note in typed), (name, parsed.notes)
         if name == "q":
             assert request.steps == round(30 * min(1.0, float(value)))
         if name == "no":
-            assert request.negative_prompt
+            assert value in request.negative_prompt
         if name == "tile":
             assert request.tile
         if name == "c":
             assert request.chaos == math.floor(float(value) + 0.5)
+        if name == "seed":
+            assert request.seed == int(value)
+        if name == "stop":
+            assert request.stop_percent == int(value)
+        if name == "r":
+            assert parsed.repeat == int(value)
+    if "r" not in names:
+        assert parsed.repeat == 1
+    if "seed" not in names:
+        assert request.seed == 7  # from the seed source
+    if "ar" in names:
+        (asked,) = {value for name, value in flags if name == "ar"}
+        w, h = (int(side) for side in asked.split(":"))
+    elif legacy_size:
+        w = int(next(value for name, value in flags if name == "w"))
+        h = int(next(value for name, value in flags if name == "h"))
+        assert any(note.startswith("--w ") and f"--h {h}" in note for note in parsed.notes)
+    else:
+        w = h = 1
+    # Beyond 4:1 the ratio is clamped to 4:1 (or 1:4), and a note says so.
+    wanted = min(4.0, max(0.25, w / h))
+    if wanted != w / h:
+        assert any("4" in note and "most elongated" in note for note in parsed.notes)
+    # Tolerance: the 64-pixel grid at the default sd15 size (see the aspect ratio test).
+    got = request.width / request.height
+    assert abs(math.log(got / wanted)) <= math.log(1.10), (line, got, wanted)
 
 
 def _names_flag(note: str, canonical: str) -> bool:
