@@ -42,10 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = os.environ.get("DISCORD_TOKEN", "").strip()
     setup_logging(config.log_level, secrets=[token])
 
+    from bot.core.storage import DataFolderInUse
+
     if args.shell:
         from bot.shell import run_shell
 
-        return asyncio.run(run_shell(config))
+        try:
+            return asyncio.run(run_shell(config))
+        except DataFolderInUse as exc:
+            print(f"imagine-bot: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if not token:
         print(
             "imagine-bot: DISCORD_TOKEN is not set (export it, or use --shell to try the bot "
@@ -62,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(run_discord(config, token))
     except discord.LoginFailure:
         print("imagine-bot: Discord refused the token in DISCORD_TOKEN", file=sys.stderr)
+        return EXIT_USAGE
+    except DataFolderInUse as exc:
+        print(f"imagine-bot: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         pass

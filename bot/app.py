@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from bot.config import Config
-from bot.core.models import Job, JobKind, JobState, Owner, Refused
+from bot.core.models import ImageExpired, Job, JobKind, JobState, Owner, Refused
 from bot.core.service import Core
 from bot.moderation import PromptFilter, audit_refusal, make_output_check
 from generation.contract import MAX_SEED, GenerationRequest, upscale_request, variation_request
@@ -146,7 +146,10 @@ class ImagineApp:
         if job.state is not JobState.SUCCEEDED or job.result is None:
             raise UserError(f"Job {job.id} has no images to work from ({job.state.value}).")
         self._check_cooldown(actor)
-        request, kind, parent = await self._derived_request(job, action, index)
+        try:
+            request, kind, parent = await self._derived_request(job, action, index)
+        except ImageExpired as exc:  # deleted by the [storage] retention policy
+            raise UserError(str(exc)) from None
         submitted = await self._submit(actor, request, kind, parent)
         return Submitted(submitted, (), self.core.scheduler.queue_position(submitted.id))
 

@@ -71,6 +71,14 @@ class ModerationConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    # Result images of finished jobs are deleted this many days after the job ended (0: keep
+    # them forever); jobs and the credits ledger are never pruned.
+    image_retention_days: int = 30
+    prune_interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("data")
     log_level: str = "INFO"
@@ -79,6 +87,7 @@ class Config:
     credits: CreditsConfig = field(default_factory=CreditsConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def database_path(self) -> Path:
@@ -116,6 +125,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         credits=_credits(reader.section("credits")),
         discord=_discord(reader.section("discord")),
         moderation=_moderation(reader.section("moderation")),
+        storage=_storage(reader.section("storage")),
     )
     reader.reject_unknown()
     return config
@@ -195,6 +205,15 @@ def _engine(section: _Reader, data_dir: Path) -> EngineSettings:
             raise ConfigError(f"{section.prefix}{name}: must be in (0, 1]")
     section.reject_unknown()
     return settings
+
+
+def _storage(section: _Reader) -> StorageConfig:
+    config = StorageConfig(
+        image_retention_days=section.non_negative("image_retention_days", 30),
+        prune_interval_s=section.positive("prune_interval_s", float, 3600.0),
+    )
+    section.reject_unknown()
+    return config
 
 
 def _scheduler(section: _Reader) -> SchedulerConfig:

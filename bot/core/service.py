@@ -23,6 +23,7 @@ from bot.core.execute import DEFAULT_ENGINE_FACTORY
 from bot.core.jobs import JobStore, remove_stale_temporaries
 from bot.core.models import AuditEntry, Balance, LedgerEntry, QueueSnapshot
 from bot.core.scheduler import OutputCheck, Scheduler
+from bot.core.storage import DataFolderLock, Retention
 from bot.core.workers import ProcessWorker, Worker
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class Core:
     audit: AuditLog
     scheduler: Scheduler
     admin: AdminService
+    retention: Retention | None = None
+    lock: DataFolderLock | None = None
 
     @classmethod
     async def open(
@@ -138,9 +141,31 @@ class Core:
     ) -> Core:
         """Open the database (creating/migrating it), recover interrupted jobs, and start the
         workers and dispatching. By default one `ProcessWorker` per `scheduler.workers`, each
-        building the engine from `config.engine` with `engine_factory`."""
+        building the engine from `config.engine` with `engine_factory`. Holds the data
+        folder's lock until `close()`; raises DataFolderInUse if another process holds it."""
         data_dir = config.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything is read or written: raises DataFolderInUse if another process has it.
+        lock = DataFolderLock.acquire(data_dir)
+        try:
+            return await cls._open(
+                config, lock, workers, clock, engine_factory, output_check, scheduler_options
+            )
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    async def _open(
+        cls,
+        config: Config,
+        lock: DataFolderLock,
+        workers: Sequence[Worker] | None,
+        clock: Clock,
+        engine_factory: str,
+        output_check: OutputCheck | None,
+        scheduler_options: dict[str, Any],
+    ) -> Core:
+        data_dir = config.data_dir
         removed = await asyncio.to_thread(remove_stale_temporaries, data_dir)
         if removed:
             log.info("removed %d temporary files left by an interrupted write", removed)
@@ -178,7 +203,12 @@ class Core:
             await db.close()
             raise
         admin = AdminService(db, credits, scheduler, audit)
-        return cls(config, db, credits, jobs, audit, scheduler, admin)
+        storage = config.storage
+        retention = Retention(
+            db, data_dir, clock, storage.image_retention_days, storage.prune_interval_s
+        )
+        await retention.start()
+        return cls(config, db, credits, jobs, audit, scheduler, admin, retention, lock)
 
     async def close(self, drain_timeout_s: float | None = None) -> None:
         """Drained shutdown (call it on SIGTERM): running jobs get `drain_timeout_s` (default
@@ -186,9 +216,13 @@ class Core:
         if drain_timeout_s is None:
             drain_timeout_s = self.config.scheduler.drain_timeout_s
         try:
+            if self.retention is not None:
+                await self.retention.close()
             await self.scheduler.close(drain_timeout_s)
         finally:
             await self.db.close()
+            if self.lock is not None:
+                self.lock.release()
 
     async def __aenter__(self) -> Core:
         return self

@@ -87,18 +87,19 @@ async def test_the_per_user_queue_limit_inside_the_transaction_says_count_and_li
     core = await open_core(config)
     try:
         # Queued rows this process has not loaded: only the check in the transaction sees them.
-        await core.admin.pause()
-        conn = sqlite3.connect(config.database_path)
-        for _ in range(3):
-            conn.execute(
-                "INSERT INTO jobs (user_id, kind, request, state, cost, hold_allowance, "
-                "hold_granted, hold_day, created_at) VALUES (?, 'imagine', '{}', 'queued', 0, "
-                "0, 0, '2025-03-01', '2025-03-01T12:00:00+00:00')",
-                (ALICE.user_id,),
-            )
-        conn.commit()
-        conn.close()
-        await core.admin.resume()
+        def insert_behind_its_back() -> None:
+            conn = sqlite3.connect(config.database_path)
+            for _ in range(3):
+                conn.execute(
+                    "INSERT INTO jobs (user_id, kind, request, state, cost, hold_allowance, "
+                    "hold_granted, hold_day, created_at) VALUES (?, 'imagine', '{}', "
+                    "'queued', 0, 0, 0, '2025-03-01', '2025-03-01T12:00:00+00:00')",
+                    (ALICE.user_id,),
+                )
+            conn.commit()
+            conn.close()
+
+        await asyncio.to_thread(insert_behind_its_back)
         before = await core.credits.balance(ALICE.user_id)
         with pytest.raises(Refused) as refused:
             await core.scheduler.submit(ALICE, request())
