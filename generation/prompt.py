@@ -920,8 +920,8 @@ def _legacy_aspect(inline: _Inline, notes: list[str]) -> None:
         )
     if "ar" not in inline.values:
         inline.values["ar"] = ratio
-        inline.typed["ar"] = label
-        inline.shown["ar"] = ""
+        inline.typed["ar"] = inline.typed["w"]
+        inline.shown["ar"] = label.removeprefix("--w ")
     notes.append(f"{label} → --ar {ratio[0]}:{ratio[1]}")
 
 
@@ -1120,7 +1120,8 @@ def parse_jobs(
     Seeds: one seed is drawn (or given by `--seed` or the seed option) and every combination
     starts from it, so the grids differ by their prompt only. The k-th repeat (from 0) uses
     seed + k × num_candidates, so that no two jobs share a candidate's seed and each can be
-    re-run alone with `--seed`; past the largest seed it wraps around to 0.
+    re-run alone with `--seed`. Counting wraps around modulo MAX_SEED - num_candidates + 2,
+    the number of seeds that leave room for every candidate's seed + i.
     """
     if len(text) > MAX_INPUT_CHARS:
         raise PromptError(
@@ -1155,12 +1156,15 @@ def parse_jobs(
 
     total = sum(job.repeat for job in parsed)
     if total > max_jobs:
-        flag = repeat_typed[max(range(len(parsed)), key=lambda i: parsed[i].repeat)]
-        how = f"{len(parsed)} combinations, {total} jobs with {flag}" if len(parsed) > 1 else ""
+        most = max(range(len(parsed)), key=lambda i: parsed[i].repeat)
+        flag = repeat_typed[most]
+        how = ""
+        if len(parsed) > 1 and len({job.repeat for job in parsed}) == 1:
+            how = f" ({len(parsed)} combinations × {flag} {parsed[most].repeat})"
+        elif len(parsed) > 1:
+            how = f" ({len(parsed)} combinations, each with its {flag})"
         raise PromptError(
-            flag,
-            f"{flag}: this prompt makes {total} jobs{f' ({how})' if how else ''}; "
-            f"at most {max_jobs} are allowed",
+            flag, f"{flag}: this prompt makes {total} jobs{how}; at most {max_jobs} are allowed"
         )
     jobs: list[ParsedPrompt] = []
     for job, flag in zip(parsed, repeat_typed, strict=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,9 @@ import aiosqlite
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Positional (`?`) or named (`:name`) statement parameters.
+Params = Sequence[Any] | Mapping[str, Any]
 
 SCHEMA_VERSION = 3
 
@@ -230,12 +233,12 @@ class Database:
                     log.exception("after-commit callback failed")
             return result
 
-    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+    async def read(self, sql: str, params: Params = ()) -> list[aiosqlite.Row]:
         async with self._lock:
             async with self._conn.execute(sql, params) as cursor:
                 return list(await cursor.fetchall())
 
-    async def read_one(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+    async def read_one(self, sql: str, params: Params = ()) -> aiosqlite.Row | None:
         rows = await self.read(sql, params)
         return rows[0] if rows else None
 
@@ -255,7 +258,7 @@ class Transaction:
         self._conn = conn
         self.callbacks: list[Callable[[], None]] = []
 
-    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+    async def execute(self, sql: str, params: Params = ()) -> int:
         """Run a statement and return how many rows it changed."""
         cursor = await self._conn.execute(sql, params)
         try:
@@ -263,7 +266,7 @@ class Transaction:
         finally:
             await cursor.close()
 
-    async def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+    async def insert(self, sql: str, params: Params = ()) -> int:
         cursor = await self._conn.execute(sql, params)
         try:
             if cursor.lastrowid is None:
@@ -272,11 +275,11 @@ class Transaction:
         finally:
             await cursor.close()
 
-    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+    async def fetchall(self, sql: str, params: Params = ()) -> list[aiosqlite.Row]:
         async with self._conn.execute(sql, params) as cursor:
             return list(await cursor.fetchall())
 
-    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+    async def fetchone(self, sql: str, params: Params = ()) -> aiosqlite.Row | None:
         async with self._conn.execute(sql, params) as cursor:
             return await cursor.fetchone()
 

@@ -156,17 +156,21 @@ def save_result(
     def parameters(seed: int, image: Image.Image) -> str:
         return a1111_parameters(request, seed, request.model, image.width, image.height)
 
+    def write(path: Path, image: Image.Image, seed: int) -> None:
+        _atomic(path, lambda temporary: save_png(image, temporary, parameters(seed, image)))
+
     paths = []
     for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         name = f"{index}.png"
-        _atomic(out_dir / name, lambda p, i=image, s=seed: save_png(i, p, parameters(s, i)))
+        write(out_dir / name, image, seed)
         paths.append(f"{item.output_dir}/{name}")
     grid_path = paths[0]
     if len(result.images) > 1:
-        grid = make_grid(list(result.images))
         # The grid carries the best image's parameters, which reproduce its first cell.
+        grid = make_grid(list(result.images))
         _atomic(
-            out_dir / "grid.png", lambda p: save_png(grid, p, parameters(result.seeds[0], first))
+            out_dir / "grid.png",
+            lambda temporary: save_png(grid, temporary, parameters(result.seeds[0], first)),
         )
         grid_path = f"{item.output_dir}/grid.png"
     timings = {k: float(v) for k, v in result.timings_s.items()}
@@ -183,7 +187,7 @@ def save_result(
     )
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     temporary = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
     try:
         write(temporary)

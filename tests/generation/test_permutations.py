@@ -186,7 +186,12 @@ def test_too_many_jobs_is_refused_whole_with_the_count() -> None:
         parse_jobs("a {red, green, blue} bird --r 20", SETTINGS)
     assert caught.value.flag == "--r"
     assert str(caught.value) == (
-        "--r: this prompt makes 60 jobs (3 combinations, 60 jobs with --r); at most 40 are allowed"
+        "--r: this prompt makes 60 jobs (3 combinations × --r 20); at most 40 are allowed"
+    )
+    with pytest.raises(PromptError) as caught:
+        parse_jobs("a bird --r {30, 20}", SETTINGS)
+    assert str(caught.value) == (
+        "--r: this prompt makes 50 jobs (2 combinations, each with its --r); at most 40 are allowed"
     )
     with pytest.raises(PromptError) as caught:
         parse_jobs("a bird --repeat 5", SETTINGS, max_jobs=4)

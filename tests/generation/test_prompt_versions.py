@@ -112,6 +112,17 @@ def test_legacy_size_agreeing_with_ar_is_fine_and_disagreeing_is_refused() -> No
     assert "--w 1024 --h 1792" in str(error) and "4:7" in str(error)
 
 
+def test_legacy_size_against_the_aspect_option() -> None:
+    agreeing = parse(f"{PLAIN} --w 768 --h 512", options=ImagineOptions(aspect="3:2"))
+    assert agreeing.request.width > agreeing.request.height
+    with pytest.raises(PromptError) as caught:
+        parse(f"{PLAIN} --w 1024 --h 1792", options=ImagineOptions(aspect="16:9"))
+    assert caught.value.flag == "--w"
+    assert str(caught.value) == (
+        "--w 1024 --h 1792 conflicts with the aspect option (16:9); use one or the other"
+    )
+
+
 def test_w_alone_is_weird_and_h_alone_is_noted() -> None:
     weird = parse(f"{PLAIN} --w 250")
     assert same_job_as_plain(weird)
