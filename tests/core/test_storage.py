@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import StorageConfig
+from bot.config import ConfigError, StorageConfig, parse_config
 from bot.core import Core, ImageExpired, JobKind, JobState, ManualClock, Owner, Refused
 from bot.core.storage import DataFolderInUse, prune_images
 from generation.contract import variation_request
@@ -191,3 +191,13 @@ async def test_another_process_holding_the_folder_stops_the_bot_with_one_line(
         if holder.returncode is None:
             holder.kill()
             await holder.wait()
+
+
+def test_storage_settings_are_read_and_checked() -> None:
+    assert parse_config({}).storage == StorageConfig(image_retention_days=30)
+    storage = parse_config({"storage": {"image_retention_days": 7, "prune_interval_s": 60}})
+    assert storage.storage == StorageConfig(image_retention_days=7, prune_interval_s=60.0)
+    with pytest.raises(ConfigError, match=r"^storage\.image_retention_days: must be >= 0"):
+        parse_config({"storage": {"image_retention_days": -1}})
+    with pytest.raises(ConfigError, match=r"^storage\.keep_days: unknown setting"):
+        parse_config({"storage": {"keep_days": 3}})
