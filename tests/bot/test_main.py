@@ -87,7 +87,7 @@ async def test_shell_commands_in_process(
 ) -> None:
     config = bot_config(tmp_path / "data", bot_engine_settings)
     stdin = io.StringIO(
-        "/imagine a blue bird --seed 9\n/jobs\nV1\n/imagine\n/imagine x --wat 3\nnonsense\n"
+        "/imagine a blue bird --seed 9\n/jobs\nV1\n/imagine\n/imagine x --stepz 3\nnonsense\n"
         "vary subtle\n/help\n"
     )
     out = io.StringIO()
@@ -103,7 +103,7 @@ async def test_shell_commands_in_process(
     assert "Variations of image 1 from job 1" in text
     assert "Vary" not in text.split("Variations of image 1")[0]
     assert "✖ prompt" in text  # the empty /imagine
-    assert "✖ --wat" in text and "Unknown command 'nonsense'" in text
+    assert "✖ --stepz" in text and "Unknown command 'nonsense'" in text
     # "vary subtle" applies to the newest job, the variation grid: a grid is not an upscale,
     # so it is varied like V1 and the run still ends cleanly.
     assert text.count("Best 4 of 8 by CLIP") >= 2

@@ -122,7 +122,7 @@ async def test_cooldown_is_friendly_and_only_counts_accepted_jobs(tmp_path: Path
         app = ImagineApp(config, core, monotonic=lambda: now[0])
         user = Actor(user_id=5)
         with pytest.raises(UserError):
-            await app.imagine(user, "a fox --ar 1000:1")  # a typo starts no cooldown
+            await app.imagine(user, "a fox --ar 0:1")  # a typo starts no cooldown
         await app.imagine(user, "a fox")
         now[0] += 1.0
         with pytest.raises(UserError, match=r"try again in 2 s"):
