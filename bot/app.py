@@ -145,7 +145,6 @@ class ImagineApp:
             raise ValueError("action: use cancel() for the cancel button")
         if job.state is not JobState.SUCCEEDED or job.result is None:
             raise UserError(f"Job {job.id} has no images to work from ({job.state.value}).")
-        self._check_cooldown(actor)
         try:
             request, kind, parent = await self._derived_request(job, action, index)
         except ImageExpired as exc:  # deleted by the [storage] retention policy
@@ -211,18 +210,21 @@ class ImagineApp:
         kind: JobKind,
         parent: tuple[int, int | None] | None,
     ) -> Job:
-        # The cooldown is taken before the first await so that two commands sent at the same
-        # moment can't both pass the check; a refusal gives it back, so fixing a typo or
-        # topping up credits is never held back.
-        self._check_cooldown(actor)
+        # The cooldown is for /imagine only: pressing U1–U4 of a grid one after the other is
+        # the normal way to work. It is taken before the first await so that two commands
+        # sent at the same moment can't both pass the check; a refusal gives it back, so fixing
+        # a typo or topping up credits is never held back.
+        cooled = kind is JobKind.IMAGINE
         previous = self._last_submit.get(actor.user_id)
-        self._last_submit[actor.user_id] = self._monotonic()
+        if cooled:
+            self._check_cooldown(actor)
+            self._last_submit[actor.user_id] = self._monotonic()
         try:
             return await self.core.scheduler.submit(actor.owner, request, kind, parent)
         except BaseException as exc:
-            if previous is None:
+            if cooled and previous is None:
                 self._last_submit.pop(actor.user_id, None)
-            else:
+            elif cooled and previous is not None:
                 self._last_submit[actor.user_id] = previous
             if isinstance(exc, Refused):
                 raise UserError(exc.reason) from None

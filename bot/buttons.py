@@ -49,7 +49,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_TEMPLA
     async def from_custom_id(
         cls,
         interaction: discord.Interaction[Any],
-        item: discord.ui.Button[Any],
+        item: discord.ui.Item[Any],
         match: re.Match[str],
         /,
     ) -> JobButton:
@@ -67,12 +67,13 @@ def cancel_view(job_id: int) -> discord.ui.View:
     return view
 
 
-def grid_view(job: Job) -> discord.ui.View:
-    """U1–U4 on the first row, V1–V4 on the second, 🔄 on the third."""
+def grid_view(job: Job, can_upscale: bool = True) -> discord.ui.View:
+    """U1–U4 on the first row (only where a 2x upscale fits the server's pixel budget), V1–V4
+    on the second, 🔄 on the third."""
     assert job.result is not None
     count = len(job.result.image_paths)
     view = discord.ui.View(timeout=None)
-    for index in range(1, count + 1):
+    for index in range(1, count + 1 if can_upscale else 1):
         view.add_item(JobButton(Action.UPSCALE, job.id, index, label=f"U{index}", row=0))
     for index in range(1, count + 1):
         view.add_item(JobButton(Action.VARY, job.id, index, label=f"V{index}", row=1))
@@ -92,4 +93,4 @@ def upscale_view(job: Job, can_upscale: bool) -> discord.ui.View:
 def result_view(job: Job, can_upscale: bool) -> discord.ui.View:
     if job.kind is JobKind.UPSCALE:
         return upscale_view(job, can_upscale)
-    return grid_view(job)
+    return grid_view(job, can_upscale)

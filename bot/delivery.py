@@ -1,9 +1,14 @@
 """One Discord message per job, edited in place from queue position to progress to result.
 
-Edits go through the interaction token while it lives (15 minutes); anything after that, or any
-edit Discord refuses, falls back to a normal channel message sent with the bot token. Results are
-claimed in SQLite before they are sent, so a result is never posted twice, not even across a
-restart.
+The status message is edited through the interaction token while it lives (15 minutes); once
+Discord says the token is gone, the same message is edited with the bot token (a non-ephemeral
+interaction response is an ordinary message of the bot's). Only when that message is gone is
+the result posted as a new channel message. Results are claimed in SQLite before they are
+sent, so a result is never posted twice, not even across a restart.
+
+Discord errors that retrying cannot fix (the bot may not post or attach files in the channel,
+or the channel is gone) are not retried: the owner gets what can still be sent (a text message
+without the images, or a DM) and the job is refunded and recorded as undelivered.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +30,8 @@ from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Sta
 from generation.images import encode_for_upload
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.core.jobs import JobStore
+    from bot.core.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +40,79 @@ RESULT = "result"
 RETRY_DELAYS_S = (2.0, 10.0, 30.0, 120.0)
 # How far back a restarted bot looks for a result it may have posted just before it died.
 RECOVERY_HISTORY_LIMIT = 100
+# Errors saying the interaction token no longer works (expired after 15 minutes, or its
+# message was deleted): the bot-token route to the same message takes over.
+TOKEN_ERROR_CODES = frozenset({50027, 10015, 10008})
+# Missing Permissions, Missing Access, Unknown Channel: the same request can never succeed.
+PERMANENT_ERROR_CODES = frozenset({50013, 50001, 10003})
+# Queue positions are worth an edit near the front; further back, at most one every 10 s (each
+# dispatch moves every waiting job, and each edit counts against Discord's rate limits).
+POSITION_EDIT_TOP = 5
+POSITION_EDIT_INTERVAL_S = 10.0
+
+
+def is_token_error(error: BaseException) -> bool:
+    return isinstance(error, discord.HTTPException) and error.code in TOKEN_ERROR_CODES
+
+
+def is_permanent(error: BaseException) -> bool:
+    return isinstance(error, discord.HTTPException) and error.code in PERMANENT_ERROR_CODES
+
+
+class Undeliverable(Exception):
+    """The result can't be posted where it was asked for, and retrying won't change that."""
+
+
+class StatusMessageGone(Exception):
+    """The job's status message was deleted, or can't be reached any more."""
 
 
 @dataclass
 class JobMessage:
-    """Where a job's status lives: the interaction's original response, or a channel message."""
+    """A job's status message: reachable through the interaction token while it lives, and
+    through `message` (edited with the bot token) always."""
 
     job: Job
     notes: tuple[str, ...] = ()
     interaction: discord.Interaction[Any] | None = None
-    message: discord.Message | None = None
-    # Once Discord refused an edit, nothing more is tried through that route.
+    message: discord.Message | discord.PartialMessage | None = None
+    # The status message can't be edited any more (deleted, or no access to its channel).
     broken: bool = False
-    last_edit: float = field(default=0.0)
+    last_edit: float = 0.0
+    shown_position: int | None = None
+
+
+ChannelLookup = Callable[[int], Awaitable["discord.abc.Messageable | None"]]
+DirectMessages = Callable[[int], Awaitable["discord.abc.Messageable"]]
 
 
 class Delivery:
-    def __init__(self, bot: ImagineBot) -> None:
-        self.bot = bot
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        jobs: JobStore,
+        *,
+        data_dir: Path,
+        progress_edit_interval_s: float,
+        find_channel: ChannelLookup,
+        open_dm: DirectMessages,
+        own_user_id: Callable[[], int | None],
+        is_flagged: Callable[[Job], Awaitable[bool]],
+        can_upscale: Callable[[Job], bool],
+        position_edit_interval_s: float = POSITION_EDIT_INTERVAL_S,
+    ) -> None:
+        """`find_channel` returns None for a channel that is gone or hidden from the bot (and
+        raises on transient errors); `open_dm` opens a DM channel with a user."""
+        self.scheduler = scheduler
+        self.jobs = jobs
+        self.data_dir = data_dir
+        self.progress_edit_interval_s = progress_edit_interval_s
+        self.position_edit_interval_s = position_edit_interval_s
+        self._find_channel = find_channel
+        self._open_dm = open_dm
+        self._own_user_id = own_user_id
+        self._is_flagged = is_flagged
+        self._can_upscale = can_upscale
         self.tasks: set[asyncio.Task[None]] = set()
         self._delivering: set[int] = set()
 
@@ -80,18 +141,17 @@ class Delivery:
             log.exception("delivering job %s failed", target.job.id)
 
     async def _follow_events(self, target: JobMessage) -> None:
-        interval_s = self.bot.config.discord.progress_edit_interval_s
-        pending: str | None = None
-        async with self.bot.core.scheduler.subscribe(target.job.id) as events:
+        pending: tuple[str, int | None] | None = None
+        due = 0.0
+        async with self.scheduler.subscribe(target.job.id) as events:
             iterator = aiter(events)
             while True:
-                wait_s = None
-                if pending is not None:
-                    wait_s = max(0.0, interval_s - (time.monotonic() - target.last_edit))
+                wait_s = None if pending is None else max(0.0, due - time.monotonic())
                 try:
                     event = await asyncio.wait_for(anext(iterator), wait_s)
                 except TimeoutError:
-                    await self._edit_status(target, pending)  # type: ignore[arg-type]
+                    assert pending is not None
+                    await self._edit_status(target, *pending)
                     pending = None
                     continue
                 except StopAsyncIteration:
@@ -99,11 +159,22 @@ class Delivery:
                 if isinstance(event, Finished):
                     await self.deliver(event.job, target)
                     return
-                pending = self._status_text(target, event)
-                # Discord rate-limits edits; at most one every `interval_s`, the newest wins.
-                if time.monotonic() - target.last_edit >= interval_s:
-                    await self._edit_status(target, pending)
+                position = event.position if isinstance(event, Queued) else None
+                if position is not None and position == target.shown_position:
                     pending = None
+                    continue
+                # Discord rate-limits edits: the newest text waits for its turn, and replaces
+                # any older one still waiting.
+                pending = (self._status_text(target, event), position)
+                due = target.last_edit + self._spacing_s(position)
+                if time.monotonic() >= due:
+                    await self._edit_status(target, *pending)
+                    pending = None
+
+    def _spacing_s(self, position: int | None) -> float:
+        if position is None or position <= POSITION_EDIT_TOP:
+            return self.progress_edit_interval_s
+        return max(self.progress_edit_interval_s, self.position_edit_interval_s)
 
     def _status_text(self, target: JobMessage, event: Any) -> str:
         if isinstance(event, Queued):
@@ -115,37 +186,61 @@ class Delivery:
             target.job, 0, int(target.job.request_data["steps"]), target.notes
         )
 
-    async def _edit_status(self, target: JobMessage, content: str) -> None:
+    async def _edit_status(self, target: JobMessage, content: str, position: int | None) -> None:
         target.last_edit = time.monotonic()
         if target.broken:
             return
         try:
-            if target.message is not None and target.interaction is None:
-                await target.message.edit(content=content)
-            elif target.interaction is not None:
-                await target.interaction.edit_original_response(content=content)
-        except discord.HTTPException as exc:
-            # Progress is cosmetic: stop editing, the result still arrives by another route.
-            log.info(
-                "job %s: progress edit refused (%s), switching to channel delivery",
-                target.job.id,
-                exc,
-            )
+            await self._edit(target, content=content)
+        except (discord.HTTPException, StatusMessageGone) as exc:
+            # Progress is cosmetic: a failed edit is skipped, the next one may work.
+            log.info("job %s: progress edit refused (%s)", target.job.id, exc)
+            return
+        target.shown_position = position
+
+    async def _edit(self, target: JobMessage, **options: Any) -> discord.Message:
+        """Edit the status message through the interaction token while it works, then with
+        the bot token. Raises StatusMessageGone once the message can't be reached at all."""
+        if target.interaction is not None:
+            try:
+                return await target.interaction.edit_original_response(**options)
+            except discord.HTTPException as exc:
+                if not is_token_error(exc):
+                    raise  # not a reason to change routes: the caller retries or skips
+                log.info(
+                    "job %s: interaction token no longer works (%s); editing with the bot token",
+                    target.job.id,
+                    exc,
+                )
+                target.interaction = None
+                # The failed request read the files; they are sent again from the start.
+                for file in options.get("attachments") or ():
+                    file.reset()
+        if target.message is None:
             target.broken = True
+            raise StatusMessageGone("the interaction token expired and no message id is known")
+        try:
+            return await target.message.edit(**options)
+        except discord.NotFound as exc:
+            if is_permanent(exc):
+                raise  # the channel itself is gone
+            target.broken = True
+            raise StatusMessageGone(str(exc)) from exc
 
     # ----- results ---------------------------------------------------------------------------
 
     async def deliver(self, job: Job, target: JobMessage | None = None, attempt: int = 0) -> None:
         """Post a finished job exactly once: edit its message if we can, else a new channel
-        message. A failed send gives its claim back and is retried later; a claim left by a
-        process that died mid-send is settled by looking for the message in the channel."""
-        jobs = self.bot.core.jobs
+        message. A transient failure gives its claim back and is retried later; a claim left by
+        a process that died mid-send is settled by looking for the message in the channel; a
+        permanent refusal is reported to the owner and refunded, never retried."""
+        jobs = self.jobs
         if job.id in self._delivering:
             return
         if not await jobs.claim_delivery(job.id, RESULT):
             record = (await jobs.deliveries(job.id)).get(RESULT)
-            if record is None or record.state == "done":
-                log.info("job %s: result already delivered", job.id)
+            if record is None or record.state in ("done", "undelivered"):
+                log.info("job %s: result already delivered (or given up)", job.id)
                 return
             posted = await self._find_posted(job)
             if posted is not None:
@@ -159,14 +254,14 @@ class Delivery:
         try:
             message, pinged = await self._post(job, target)
         except Exception as exc:
+            if is_permanent(exc) or isinstance(exc, Undeliverable):
+                await self._give_up(job, target, exc)
+                return
             await jobs.release_delivery(job.id, RESULT)
-            self._retry_later(job, attempt, exc)
+            self._retry_later(job, target, attempt, exc)
             return
         finally:
             self._delivering.discard(job.id)
-        if message is None:
-            await jobs.complete_delivery(job.id, RESULT, {"lost": True})
-            return
         await jobs.complete_delivery(job.id, RESULT, _where(message))
 
         # Edits don't notify anyone; a short new message does. Cancelling your own job doesn't.
@@ -180,11 +275,8 @@ class Delivery:
             except discord.HTTPException as exc:
                 log.info("job %s: done notice not sent (%s)", job.id, exc)
 
-    async def _post(
-        self, job: Job, target: JobMessage | None
-    ) -> tuple[discord.Message | None, bool]:
-        """The result message, and whether it already pinged the owner; None if the channel
-        is gone (the images stay on disk)."""
+    async def _post(self, job: Job, target: JobMessage | None) -> tuple[discord.Message, bool]:
+        """The result message, and whether it already pinged the owner."""
         notes = target.notes if target else ()
         content = (
             render.result_text(job, notes=notes)
@@ -193,22 +285,17 @@ class Delivery:
         )
         # A refused job may have images on disk (withheld by the safety check): never post them.
         succeeded = job.state is JobState.SUCCEEDED and job.result is not None
-        view = result_view(job, self.bot.app.can_upscale(job)) if succeeded else None
+        view = result_view(job, self._can_upscale(job)) if succeeded else None
 
-        if target is not None and not target.broken and (target.interaction or target.message):
+        if target is not None and not target.broken:
             try:
-                files = await self._files(job, self._upload_limit(target))
-                return await self._edit_result(target, content, files, view), False
-            except discord.HTTPException as exc:
-                log.info("job %s: result edit refused (%s), posting to the channel", job.id, exc)
-                target.broken = True
-        channel = await self.bot.job_channel(job)
-        if channel is None:
-            log.warning(
-                "job %s: channel %s is gone; result kept on disk", job.id, job.owner.channel_id
-            )
-            return None, False
-        files = await self._files(job, channel.guild.filesize_limit if channel.guild else None)
+                files = await self._files(job, _upload_limit(target))
+                message = await self._edit(target, content=content, attachments=files, view=view)
+                return message, False
+            except StatusMessageGone as exc:
+                log.info("job %s: status message gone (%s), posting to the channel", job.id, exc)
+        channel = await self._channel(job)
+        files = await self._files(job, _guild_upload_limit(channel))
         message = await channel.send(
             content=f"<@{job.owner.user_id}>\n{content}",
             files=files,
@@ -217,7 +304,53 @@ class Delivery:
         )
         return message, True
 
-    def _retry_later(self, job: Job, attempt: int, error: BaseException) -> None:
+    async def _channel(self, job: Job) -> discord.abc.Messageable:
+        channel_id = job.owner.channel_id
+        channel = await self._find_channel(channel_id) if channel_id is not None else None
+        if channel is None:
+            raise Undeliverable(f"channel {channel_id} is gone or hidden from the bot")
+        return channel
+
+    async def _give_up(self, job: Job, target: JobMessage | None, error: BaseException) -> None:
+        """Tell the owner what can still be told (edit the status message without images, else
+        a channel message, else a DM), then refund the job and record it as undelivered."""
+        reason = error.text if isinstance(error, discord.HTTPException) else str(error)
+        reason = reason or "Discord refused it"
+        log.warning("job %s: result can't be delivered: %s", job.id, reason)
+        text = render.undelivered_text(job, reason)
+        told = False
+        if target is not None and not target.broken:
+            try:
+                await self._edit(target, content=text, attachments=[], view=None)
+                told = True
+            except (discord.HTTPException, StatusMessageGone) as exc:
+                log.info("job %s: status message not updated (%s)", job.id, exc)
+        if not told:
+            told = await self._tell_owner(job, text)
+        refunded = await self.scheduler.refund_undelivered(job.id, reason)
+        log.info(
+            "job %s: undelivered (owner told: %s); %d credits refunded", job.id, told, refunded
+        )
+
+    async def _tell_owner(self, job: Job, text: str) -> bool:
+        mention = f"<@{job.owner.user_id}>\n"
+        try:
+            channel = await self._channel(job)
+            await channel.send(mention + text, allowed_mentions=_owner_only(job))
+            return True
+        except (discord.HTTPException, Undeliverable) as exc:
+            log.info("job %s: channel message not sent (%s); trying a DM", job.id, exc)
+        try:
+            direct = await self._open_dm(job.owner.user_id)
+            await direct.send(text)
+            return True
+        except discord.HTTPException as exc:
+            log.info("job %s: DM not sent either (%s)", job.id, exc)
+            return False
+
+    def _retry_later(
+        self, job: Job, target: JobMessage | None, attempt: int, error: BaseException
+    ) -> None:
         if attempt + 1 >= len(RETRY_DELAYS_S):
             # Left claimable: the next start of the bot delivers it (see on_ready).
             log.error(
@@ -231,20 +364,24 @@ class Delivery:
 
         async def retry() -> None:
             await asyncio.sleep(delay_s)
-            await self.deliver(job, None, attempt + 1)
+            await self.deliver(job, target, attempt + 1)
 
         self._spawn(retry(), f"redeliver-job-{job.id}")
 
     async def _find_posted(self, job: Job) -> discord.Message | None:
         """This job's result among the bot's recent messages in its channel, if it is there."""
-        channel = await self.bot.job_channel(job)
-        if channel is None or self.bot.user is None:
+        own_id = self._own_user_id()
+        try:
+            channel = await self._channel(job)
+        except (discord.HTTPException, Undeliverable):
+            return None
+        if own_id is None:
             return None
         result_ids = {f"imagine:U:{job.id}:1", f"imagine:VS:{job.id}"}
         marker = render.finished_marker(job)
         try:
             async for message in channel.history(limit=RECOVERY_HISTORY_LIMIT):
-                if message.author.id != self.bot.user.id:
+                if message.author.id != own_id:
                     continue
                 custom_ids = {
                     child.custom_id
@@ -258,33 +395,12 @@ class Delivery:
             log.info("job %s: channel history unavailable (%s)", job.id, exc)
         return None
 
-    async def _edit_result(
-        self,
-        target: JobMessage,
-        content: str,
-        files: list[discord.File],
-        view: discord.ui.View | None,
-    ) -> discord.Message:
-        options: dict[str, Any] = {"content": content, "attachments": files, "view": view}
-        if target.interaction is not None:
-            return await target.interaction.edit_original_response(**options)
-        assert target.message is not None
-        return await target.message.edit(**options)
-
-    def _upload_limit(self, target: JobMessage) -> int | None:
-        if target.interaction is not None:
-            return target.interaction.filesize_limit
-        if target.message is not None and target.message.guild is not None:
-            return target.message.guild.filesize_limit
-        return None
-
     async def _files(self, job: Job, limit_bytes: int | None) -> list[discord.File]:
         if job.state is not JobState.SUCCEEDED or job.result is None:
             return []
-        data_dir = self.bot.config.data_dir
-        path = job.grid_file(data_dir) if len(job.result.image_paths) > 1 else None
-        path = path or job.image_path(data_dir, 0)
-        spoiler = await self.bot.flagged(job)
+        path = job.grid_file(self.data_dir) if len(job.result.image_paths) > 1 else None
+        path = path or job.image_path(self.data_dir, 0)
+        spoiler = await self._is_flagged(job)
         data, name = await asyncio.to_thread(
             _upload_bytes,
             path,
@@ -292,6 +408,19 @@ class Delivery:
             f"job-{job.id}",
         )
         return [discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)]
+
+
+def _upload_limit(target: JobMessage) -> int | None:
+    if target.interaction is not None:
+        return target.interaction.filesize_limit
+    if target.message is not None and target.message.guild is not None:
+        return target.message.guild.filesize_limit
+    return None
+
+
+def _guild_upload_limit(channel: discord.abc.Messageable) -> int | None:
+    guild = getattr(channel, "guild", None)
+    return guild.filesize_limit if isinstance(guild, discord.Guild) else None
 
 
 def _owner_only(job: Job) -> discord.AllowedMentions:

@@ -11,7 +11,8 @@ import asyncio
 import logging
 import signal
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import discord
 from discord import app_commands
@@ -26,10 +27,13 @@ from bot.core.models import Job
 from bot.core.service import Core
 from bot.delivery import Delivery, JobMessage
 from bot.moderation import flagged_indices
-from generation.contract import MAX_SEED, MAX_STEPS, Sampler
+from bot.permissions import missing_for_delivery, refusal_text
+from generation.contract import MAX_SEED, Sampler
 from generation.prompt import MAX_INPUT_CHARS, ImagineOptions
 
 log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 ASPECT_CHOICES = ["1:1", "3:2", "2:3", "4:3", "3:4", "16:9", "9:16", "21:9", "9:21"]
 # Discord caps a message at 2000 characters; longer replies are cut with a marker.
@@ -57,10 +61,10 @@ class ImagineBot(commands.Bot):
         self.clock = clock
         self.core_options = core_options or {}
         self.nsfw_channels: set[int] = set()
-        self.delivery = Delivery(self)
         self._recovered: list[Job] = []
         self.core: Core
         self.app: ImagineApp
+        self.delivery: Delivery
 
     # ----- start-up and shutdown -------------------------------------------------------------
 
@@ -69,6 +73,17 @@ class ImagineBot(commands.Bot):
             self.config, self.is_nsfw_channel, clock=self.clock, **self.core_options
         )
         self.app = ImagineApp(self.config, self.core)
+        self.delivery = Delivery(
+            self.core.scheduler,
+            self.core.jobs,
+            data_dir=self.config.data_dir,
+            progress_edit_interval_s=self.config.discord.progress_edit_interval_s,
+            find_channel=self.find_channel,
+            open_dm=self.open_dm,
+            own_user_id=lambda: self.user.id if self.user is not None else None,
+            is_flagged=self.flagged,
+            can_upscale=self.app.can_upscale,
+        )
         snapshot = await self.core.scheduler.snapshot()
         self._recovered = [active.job for active in (*snapshot.running, *snapshot.queued)]
         self.add_dynamic_items(JobButton)
@@ -96,7 +111,8 @@ class ImagineBot(commands.Bot):
             self.delivery.track(JobMessage(job))
 
     async def close(self) -> None:
-        await self.delivery.close()
+        if hasattr(self, "delivery"):
+            await self.delivery.close()
         if hasattr(self, "core"):
             await self.core.close()
         await super().close()
@@ -136,17 +152,32 @@ class ImagineBot(commands.Bot):
             return True
         return interaction.guild is not None and interaction.permissions.manage_guild
 
-    async def job_channel(self, job: Job) -> discord.abc.Messageable | None:
-        channel_id = job.owner.channel_id
-        if channel_id is None:
-            return None
+    async def find_channel(self, channel_id: int) -> discord.abc.Messageable | None:
+        """A channel the bot can post to; None if it is gone or hidden from the bot. Other
+        errors (a Discord outage) are raised: they are worth retrying."""
         channel = self.get_channel(channel_id)
         if channel is None:
             try:
                 channel = await self.fetch_channel(channel_id)
-            except discord.HTTPException:
+            except (discord.NotFound, discord.Forbidden):
                 return None
-        return channel  # type: ignore[return-value]
+        return channel if isinstance(channel, discord.abc.Messageable) else None
+
+    async def open_dm(self, user_id: int) -> discord.abc.Messageable:
+        user = self.get_user(user_id) or await self.fetch_user(user_id)
+        return await user.create_dm()
+
+    def status_message(
+        self, interaction: discord.Interaction[Any], message_id: int | None
+    ) -> discord.PartialMessage | None:
+        """The interaction's response as a message the bot token can edit once the
+        interaction token has expired (it is an ordinary message of the bot's)."""
+        if message_id is None or interaction.channel_id is None:
+            return None
+        channel = self.get_partial_messageable(
+            interaction.channel_id, guild_id=interaction.guild_id
+        )
+        return channel.get_partial_message(message_id)
 
     async def flagged(self, job: Job) -> bool:
         """Whether the job's images are to be posted behind a spoiler (safety filter)."""
@@ -158,6 +189,10 @@ class ImagineBot(commands.Bot):
         self, interaction: discord.Interaction[Any], action: Action, job_id: int, index: int
     ) -> None:
         try:
+            # Acknowledged before any database read, image decoding or transaction: Discord
+            # allows 3 seconds, which a busy bot may need for those. The grid is left as it
+            # is; refusals come as private follow-ups, the new job gets its own message.
+            await interaction.response.defer()
             await self._job_button(interaction, action, job_id, index)
         except Exception as exc:
             await report_error(interaction, exc)
@@ -168,14 +203,13 @@ class ImagineBot(commands.Bot):
         actor = self.actor(interaction)
         if action is Action.CANCEL:
             job = await self.app.cancel(actor, job_id)
-            await interaction.response.send_message(
-                f"Cancelling job {job.id} — its credits are refunded.", ephemeral=True
-            )
+            await reply(interaction, f"Cancelling job {job.id} — its credits are refunded.")
             return
+        missing = missing_for_delivery(interaction)
+        if missing:
+            raise UserError(refusal_text(missing))
         submitted = await self.app.press(actor, job_id, action, index)
         job = submitted.job
-        # Acknowledge without touching the grid; the new job gets its own message below it.
-        await self.acknowledge(interaction, job, actor, thinking=False)
         channel = interaction.channel
         message: discord.Message | None = None
         try:
@@ -189,15 +223,20 @@ class ImagineBot(commands.Bot):
             # The job is accepted and paid for: without a status message its result still
             # goes to the channel when it is ready.
             log.info("job %s: status message not posted (%s)", job.id, exc)
-        self.delivery.track(JobMessage(job, message=message))
+        shown = submitted.position if message is not None else None
+        target = JobMessage(job, message=message, shown_position=shown)
+        target.last_edit = time.monotonic()
+        self.delivery.track(target)
 
     async def acknowledge(
-        self, interaction: discord.Interaction[Any], job: Job, actor: Actor, *, thinking: bool
-    ) -> None:
-        """Acknowledge an interaction whose job is already queued. If Discord no longer takes
-        the acknowledgement, the job is cancelled and refunded rather than run unseen."""
+        self, interaction: discord.Interaction[Any], job: Job, actor: Actor
+    ) -> int | None:
+        """Acknowledge a command whose job is already queued; returns the id of the response
+        message. If Discord no longer takes the acknowledgement, the job is cancelled and
+        refunded rather than run unseen."""
         try:
-            await interaction.response.defer(thinking=thinking)
+            response = await interaction.response.defer(thinking=True)
+            return response.message_id if response is not None else None
         except discord.HTTPException:
             if not await self.core.scheduler.cancel(job.id, actor.user_id):
                 # Too late to cancel (it already finished): the result goes to the channel.
@@ -276,27 +315,38 @@ def add_commands(bot: ImagineBot) -> None:
         sampler=[app_commands.Choice(name=s.a1111_name, value=s.value) for s in Sampler],
         model=model_choices,
     )
+    # The server's configured maximum, so Discord's client refuses more before anyone waits.
+    @_annotate(steps=app_commands.Range[int, 1, config.engine.max_steps] | None)
     async def imagine(
         interaction: discord.Interaction[Any],
         prompt: app_commands.Range[str, 1, MAX_INPUT_CHARS],
         negative: app_commands.Range[str, 1, 1000] | None = None,
         aspect: str | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
-        steps: app_commands.Range[int, 1, MAX_STEPS] | None = None,
+        steps: int | None = None,
         guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
         sampler: str | None = None,
         model: str | None = None,
     ) -> None:
+        missing = missing_for_delivery(interaction)
+        if missing:
+            raise UserError(refusal_text(missing))
         options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler)
         actor = bot.actor(interaction)
         submitted = await bot.app.imagine(actor, prompt, options, model)
-        await bot.acknowledge(interaction, submitted.job, actor, thinking=True)
-        target = JobMessage(submitted.job, submitted.notes, interaction=interaction)
+        message_id = await bot.acknowledge(interaction, submitted.job, actor)
+        target = JobMessage(
+            submitted.job,
+            submitted.notes,
+            interaction=interaction,
+            message=bot.status_message(interaction, message_id),
+        )
         try:
             await interaction.edit_original_response(
                 content=render.queued_text(submitted.job, submitted.position, submitted.notes),
                 view=cancel_view(submitted.job.id),
             )
+            target.shown_position = submitted.position
         except discord.HTTPException as exc:
             log.info("job %s: first edit refused (%s)", submitted.job.id, exc)
         target.last_edit = time.monotonic()
@@ -328,6 +378,17 @@ def add_commands(bot: ImagineBot) -> None:
         await interaction.response.send_message(embeds=embeds[:10], ephemeral=True)
 
     tree.add_command(AdminCommands(bot))
+
+
+def _annotate(**annotations: Any) -> Callable[[F], F]:
+    """Give parameters annotations known only once the config is loaded (discord.py reads
+    them when the command is built, so they can't be written in the signature)."""
+
+    def apply(function: F) -> F:
+        function.__annotations__.update(annotations)
+        return function
+
+    return apply
 
 
 def _chunks(text: str, size: int) -> list[str]:

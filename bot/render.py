@@ -23,7 +23,7 @@ from bot.core.models import (
     QueueSnapshot,
 )
 from generation.contract import Sampler
-from generation.prompt import FLAGS, Treatment
+from generation.prompt import FLAGS, FlagSpec, Treatment
 
 _BAR_CELLS = 12
 _PROMPT_PREVIEW_CHARS = 300
@@ -126,6 +126,19 @@ def finished_text(job: Job) -> str:
     )
 
 
+def undelivered_text(job: Job, reason: str) -> str:
+    """A job whose images can't be posted where it was asked for: why, and the refund."""
+    if job.state is not JobState.SUCCEEDED:
+        return finished_text(job)
+    credits = f"your {job.cost} credit{'s were' if job.cost != 1 else ' was'} refunded"
+    return (
+        f"**{job_title(job)}**\n⚠️ Finished {finished_marker(job)}, but I can't post the "
+        f"images in that channel ({reason}) — {credits}. A server admin can give me View "
+        "Channel, Send Messages (Send Messages in Threads in a thread), Attach Files and "
+        "Read Message History there."
+    )
+
+
 def done_ping(job: Job, mention: str) -> str:
     return f"{mention} your job {job.id} is done: {quote_prompt(job.prompt, 80)}"
 
@@ -199,7 +212,7 @@ def help_text(config: Config) -> str:
     mapped = [f for f in FLAGS if f.treatment is Treatment.MAPPED]
     ignored = [f for f in FLAGS if f.treatment is Treatment.IGNORED]
 
-    def flag(spec) -> str:  # type: ignore[no-untyped-def]
+    def flag(spec: FlagSpec) -> str:
         hint = f" {spec.value_hint}" if spec.value_hint else ""
         return f"`--{spec.name}{hint}` {spec.meaning}"
 

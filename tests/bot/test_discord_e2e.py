@@ -41,6 +41,10 @@ def is_grid(message: Message) -> bool:
     return bool(message.attachments) and len(message.buttons) == 9
 
 
+def has_variations(message: Message) -> bool:
+    return bool(message.attachments) and "V1" in [b.get("label") for b in message.buttons]
+
+
 def has_cancel(message: Message) -> bool:
     return any(c.startswith("imagine:X:") for c in message.custom_ids)
 
@@ -94,7 +98,7 @@ async def test_imagine_with_options_and_flags_fills_one_message(
             )
             assert await job.wait_acked() == 5
             assert job.ack_latency < 1.0
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await job.wait_original(has_variations, timeout=JOB_TIMEOUT_S)
 
             stored = await bot.core.jobs.require(job_id_of(grid))
             assert stored.state is JobState.SUCCEEDED
@@ -105,8 +109,11 @@ async def test_imagine_with_options_and_flags_fills_one_message(
             assert stored.request_data["seed"] == 7
             assert stored.request_data["sampler"] == "euler_a"
             assert "fog" in stored.request_data["negative_prompt"]
+            # A 2x upscale of these images can never fit the server's max_pixels (256²), so
+            # there are no U buttons; square 128² grids elsewhere keep all nine buttons.
+            assert 4 * width * height > bot.config.engine.max_pixels
             labels = [b.get("label") or b["emoji"]["name"] for b in grid.buttons]
-            assert labels == ["U1", "U2", "U3", "U4", "V1", "V2", "V3", "V4", "🔄"]
+            assert labels == ["V1", "V2", "V3", "V4", "🔄"]
 
             # One message edited in place: queued, then the result with seed and cost.
             assert any("Queued" in content for content in grid.contents[:-1])
@@ -136,11 +143,12 @@ async def test_buttons_upscale_vary_reroll_and_ownership(
             grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
             cell_width = decode(grid).size[0] // 2
 
-            # Anyone may look; only the owner may press.
+            # Anyone may look; only the owner may press. The press is acknowledged at once
+            # (the grid stays as it is) and refused in a private follow-up.
             intruder = await fake.click(bob, grid, label="U2")
-            assert await intruder.wait_acked() == 4
-            assert intruder.ephemeral
-            assert "isn't your job" in intruder.original.content
+            assert await intruder.wait_acked() == 6
+            refusal = await intruder.wait_followup(lambda m: m.ephemeral)
+            assert "isn't your job" in refusal.content
             assert (await bot.core.credits.balance(bob.id)).available == ALLOWANCE
 
             upscale = await fake.click(alice, grid, label="U2")
@@ -195,8 +203,9 @@ async def test_cancel_refunds_a_waiting_job(
             assert held.available < ALLOWANCE
 
             cancel = await fake.click(bob, queued, label="Cancel")
-            await cancel.wait_acked()
-            assert cancel.ephemeral
+            assert await cancel.wait_acked() == 6
+            notice = await cancel.wait_followup(lambda m: m.ephemeral)
+            assert "Cancelling" in notice.content
             final = await waiting.wait_original(lambda m: "Cancelled" in m.content)
             assert not final.attachments and not final.custom_ids
             assert (await bot.core.credits.balance(bob.id)).available == ALLOWANCE
@@ -268,29 +277,35 @@ async def test_buttons_work_after_a_restart(
             await assert_ledger_consistent(second_bot)
 
 
-async def test_result_after_token_expiry_goes_to_the_channel(
+async def test_after_token_expiry_the_status_message_is_edited_with_the_bot_token(
     tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
 ) -> None:
+    """A job that outlives its 15-minute token still ends in its own message: the "Queued"
+    message with its Cancel button becomes the result, edited through the channel route."""
     async with FakeDiscord() as fake:
         alice = fake.add_user("alice")
         engine = GatedEngine(shared_engine)
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, engine)
         async with fake.run_bot(bot):
             job = await fake.slash(alice, "imagine", prompt="a slow sunrise")
-            await job.wait_original(has_cancel)
+            queued = await job.wait_original(has_cancel)
             await asyncio.to_thread(engine.entered.wait, 10)
             fake.clock.advance(16 * 60)
             engine.gate.set()
 
-            delivered = await fake.wait_for_message(
-                lambda m: m.via == "bot" and bool(m.attachments), timeout=JOB_TIMEOUT_S
-            )
-            assert delivered.pings.users == {alice.id}
-            assert is_grid(delivered)
-            assert job.errors, "the expired token was refused at least once"
-            stored = await bot.core.jobs.require(job_id_of(delivered))
-            deliveries = await bot.core.jobs.deliveries(stored.id)
-            assert deliveries["result"].state == "done"
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            assert grid is queued and not has_cancel(grid)
+            assert grid.state.via == "bot", "edited with the bot token"
+            assert (401, 50027) in job.errors
+            # The token is given up at its first refusal: no edit tries it again.
+            refused_at = min(r.at for r in fake.requests if r.code == 50027)
+            later = [r for r in fake.requests_matching("PATCH", "/webhooks/*") if r.at > refused_at]
+            assert later == []
+            ping = await fake.wait_for_message(lambda m: m.pings.users == {alice.id})
+            assert ping.referenced is grid
+            job_id = job_id_of(grid)
+            assert await eventually(lambda: delivery_state(bot, job_id), "done")
+        assert [m for m in fake.messages if m.attachments] == [grid]
 
 
 async def test_upload_rate_limited_is_retried(
@@ -328,7 +343,7 @@ async def test_help_balance_and_jobs_are_ephemeral(
             await jobs.wait_acked()
             assert "no queued or running jobs" in jobs.original.content
 
-            bad = await fake.slash(alice, "imagine", prompt="a fox --ar 1000:1")
+            bad = await fake.slash(alice, "imagine", prompt="a fox --ar 0:1")
             await bad.wait_acked()
             assert bad.ephemeral and "--ar" in bad.original.content
             assert (await bot.core.credits.balance(alice.id)).available == ALLOWANCE
@@ -338,11 +353,11 @@ async def test_hostile_prompts_through_discord_get_ephemeral_errors(
     tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
 ) -> None:
     hostile = [
-        "a fox --ar 1000:1",
+        "a fox --ar 0:1",
         "a fox --seed -1",
         "a fox --steps 0",
         "a fox --cfg nan",
-        "a fox --wat 3",
+        "a fox --seeed 3",
         "--ar 3:2",
         "\u200b\u200b",
         "a fox --sampler '; DROP TABLE jobs; --",
@@ -453,16 +468,14 @@ async def test_a_result_whose_post_fails_is_retried_and_posted_once(
             job = await fake.slash(alice, "imagine", prompt="an unlucky delivery")
             await job.wait_original(has_cancel)
             await asyncio.to_thread(engine.entered.wait, 10)
-            # The token expires, and the channel post that replaces the edit fails once
+            # The token expires, and the bot-token edit that replaces it fails once
             # (discord.py does not retry a 503 on bot-token routes).
             fake.clock.advance(16 * 60)
-            fake.fail_next("POST", "/channels/*/messages", status=503, with_files=True)
+            fake.fail_next("PATCH", "/channels/*/messages/*", status=503, with_files=True)
             engine.gate.set()
-            delivered = await fake.wait_for_message(
-                lambda m: m.via == "bot" and is_grid(m), timeout=JOB_TIMEOUT_S
-            )
+            delivered = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
             job_id = job_id_of(delivered)
-            assert fake.count("POST", "/channels/*/messages", status=503) == 1
+            assert fake.count("PATCH", "/channels/*/messages/*", status=503) == 1
             assert await eventually(lambda: delivery_state(bot, job_id), "done")
         grids = [m for m in fake.messages if is_grid(m) and job_id_of(m) == job_id]
         assert len(grids) == 1
