@@ -86,7 +86,8 @@ MAX_PART_WEIGHT = 100.0
 MAX_ASPECT = 4
 MAX_GUIDANCE = 30.0
 # Midjourney's --quality values, as multipliers of the configured default steps.
-QUALITY_VALUES = (0.25, 0.5, 1.0, 2.0, 4.0)
+# Midjourney v1-v3 also took 5 (an experimental 5x mode), which 2022's prompts carry.
+QUALITY_VALUES = (0.25, 0.5, 1.0, 2.0, 4.0, 5.0)
 # Above the default steps the samplers have converged: more steps cost GPU time and credits but
 # add no detail, so --q 2 and --q 4 keep the default.
 MAX_QUALITY_MULTIPLIER = 1.0
@@ -330,8 +331,8 @@ FLAGS: tuple[FlagSpec, ...] = (
         ("h",),
         Treatment.MAPPED,
         Arity.ONE,
-        "legacy height; with --w, the aspect ratio",
-        "N",
+        "Midjourney v1-v3 height: --w W --h H is --ar W:H",
+        "H",
         _int_in(1, MAX_LEGACY_SIDE),
     ),
     FlagSpec(
@@ -409,6 +410,7 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec(("turbo",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
     FlagSpec(("stealth",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
     FlagSpec(("public",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
+    FlagSpec(("private",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
     FlagSpec(("video",), Treatment.IGNORED, Arity.NONE, "Midjourney video"),
     FlagSpec(
         ("motion",), Treatment.IGNORED, Arity.ONE, "Midjourney video", "", _one_of("low", "high")
@@ -424,8 +426,8 @@ _LEGACY_WIDTH = FlagSpec(
     ("w",),
     Treatment.MAPPED,
     Arity.ONE,
-    "legacy width; with --h, the aspect ratio",
-    "N",
+    "Midjourney v1-v3 width: --w W --h H is --ar W:H",
+    "W",
     _int_in(1, MAX_LEGACY_SIDE),
 )
 

@@ -139,6 +139,7 @@ def test_w_alone_is_weird_and_h_alone_is_noted() -> None:
 
 LEGACY_SWITCHES = ["hd", "test", "testp", "beta", "uplight", "upbeta", "upanime", "creative"]
 LEGACY_SWITCHES += ["wallpaper", "vibe", "sameseed", "video", "fast", "relax", "turbo"]
+LEGACY_SWITCHES += ["private", "public", "stealth"]
 
 
 @pytest.mark.parametrize("name", LEGACY_SWITCHES)
@@ -147,6 +148,12 @@ def test_legacy_switches_in_any_capitalisation(name: str, spelling: type[str]) -
     parsed = parse(f"{PLAIN} --{spelling(name)}")  # type: ignore[operator]
     assert same_job_as_plain(parsed)
     assert parsed.notes[0].startswith(f"--{name} ignored")
+
+
+def test_legacy_quality_5_keeps_the_default_steps() -> None:
+    parsed = parse(f"{PLAIN} --q 5 --v 3")
+    assert parsed.request.steps == 30
+    assert parsed.notes[-1] == "--q 5 → 30 steps, the default (more steps add no detail here)"
 
 
 def test_capitalised_used_flags_are_honoured() -> None:
