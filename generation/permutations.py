@@ -62,7 +62,7 @@ def expand_permutations(text: str, max_prompts: int = DEFAULT_MAX_PROMPTS) -> li
 
 def _parse(text: str) -> _Sequence:
     """Parse `text` into literal text and choices; braces must balance."""
-    # A stack of open choices: the finished options so far and the one being read.
+    # One entry per open brace: its finished options, the sequence it sits in, its position.
     stack: list[tuple[list[_Sequence], list[str | _Choice], int]] = []
     current: list[str | _Choice] = []
     literal: list[str] = []

@@ -1,5 +1,6 @@
-"""Prompts from every Midjourney version parse: each class of prompt older or newer parsers
-refused, with what must still be refused next to it.
+"""Prompts in the syntax of every Midjourney version parse, class by class (legacy and new
+parameters, several references, quotes, capitals, long ratios, unknown flags), each next to
+what must still be refused.
 
 Expected values come from Midjourney's documented syntax and the settings below (sd15 at
 512 px, default 30 steps), not from the parser's output.
