@@ -248,3 +248,25 @@ async def test_the_steps_option_allows_the_configured_maximum_only(
             with pytest.raises(SchemaViolation):
                 await fake.slash(alice, "imagine", prompt="a fox", steps=21)
             assert await bot.core.jobs.for_user(alice.id) == []
+
+
+async def test_an_edit_error_that_is_not_about_the_token_keeps_the_route(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    """Only a refused token moves the result off the interaction: any other error is retried
+    on the same message, so the result never lands in a second message."""
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        refused = fake.inject(
+            "PATCH", "/webhooks/*/messages/@original", status=400, with_files=True
+        )
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "imagine", prompt="a red fox")
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            assert refused.hits == 1 and grid.state.via == "interaction"
+            ping = await fake.wait_for_message(lambda m: m.pings.users == {alice.id})
+            assert ping.referenced is grid
+            assert not [r for r in fake.requests_matching("POST", "/channels/*") if r.files]
+            assert await eventually(lambda: delivery_state(bot, job_id_of(grid)), "done")
+        assert [m for m in fake.messages if m.attachments] == [grid]
