@@ -2,6 +2,7 @@
 
     python bench/bench_scheduler.py                # all three
     python bench/bench_scheduler.py throughput lag fairness --jobs 2000
+    python bench/bench_scheduler.py aging           # fair share when waits >> aging_s
 
 1. throughput: jobs/s through submit -> hold -> dispatch -> settle on SQLite in WAL mode, with a
    no-op worker (the generator returns at once), plus submit latency and event-loop lag.
@@ -9,6 +10,8 @@
 3. fairness: 100 users with Zipf-skewed submission rates against a saturated worker, default
    per-user limits. Jain's index of service relative to the max-min fair share, for the fair
    scheduler and for a near-FIFO baseline (aging so strong it orders by arrival).
+4. aging (on request): shares of ten heavy users and one light user when every wait is far
+   longer than `aging_s`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,6 +39,7 @@ from bot.core import (
     Owner,
     ProcessWorker,
     Refused,
+    Started,
     WorkItem,
     WorkOutcome,
 )
@@ -277,6 +282,58 @@ async def _fairness_run(
     return served, demands, refused
 
 
+async def bench_aging(dispatches: int, service_s: float, aging_s: float) -> None:
+    """Ten heavy users keep three jobs queued (the per-user limit), one light user keeps one,
+    each submitting again the moment a job of theirs starts; a job waits about 31 services,
+    far longer than `aging_s`. Fair share gives each of the eleven 1/11 of the dispatches."""
+    print(
+        f"\n== aging: 10 heavy users (3 queued) + 1 light user (1 queued), {dispatches} "
+        f"dispatches, waits ~{31 * service_s:g} s vs aging_s={aging_s:g} =="
+    )
+    depth = {user: 3 for user in range(1, 11)} | {99: 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = bench_config(
+            Path(tmp),
+            SchedulerConfig(aging_s=aging_s),  # default limits: 1 running, 3 queued
+            CreditsConfig(daily_allowance=100_000),
+        )
+        core = await Core.open(config, workers=[NoopWorker(1, service_s)])
+        served = dict.fromkeys(depth, 0)
+        done = asyncio.Event()
+        owners: dict[int, int] = {}
+        resubmits: set[asyncio.Task[Any]] = set()
+
+        async def submit(user: int) -> None:
+            job = await core.scheduler.submit(Owner(user), small_request())
+            owners[job.id] = user
+
+        def on_event(event: JobEvent) -> None:
+            if not isinstance(event, Started) or done.is_set():
+                return
+            user = owners.get(event.job_id)
+            if user is None:
+                return
+            served[user] += 1
+            if sum(served.values()) >= dispatches:
+                done.set()
+                return
+            task = asyncio.ensure_future(submit(user))
+            resubmits.add(task)
+            task.add_done_callback(resubmits.discard)
+
+        core.scheduler.add_listener(on_event)
+        for user, jobs in depth.items():
+            for _ in range(jobs):
+                await submit(user)
+        await done.wait()
+        await core.close(drain_timeout_s=0)
+    total = sum(served.values())
+    heavy = [served[u] / total for u in range(1, 11)]
+    print(f"  fair share: {1 / 11:.1%} each")
+    print(f"  light user: {served[99] / total:.1%} of {total} dispatches")
+    print(f"  heavy users: {min(heavy):.1%} .. {max(heavy):.1%}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -290,6 +347,8 @@ async def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="fairness: seconds")
     parser.add_argument("--service-ms", type=float, default=5.0, help="fairness: ms per job")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--dispatches", type=int, default=2000, help="aging: dispatches")
+    parser.add_argument("--aging-s", type=float, default=0.01, help="aging: aging_s")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if "throughput" in args.which:
@@ -298,6 +357,8 @@ async def main() -> None:
         await bench_lag(args.lag_jobs, args.cache_dir)
     if "fairness" in args.which:
         await bench_fairness(args.duration, args.service_ms / 1000, args.seed)
+    if "aging" in args.which:
+        await bench_aging(args.dispatches, args.service_ms / 1000, args.aging_s)
 
 
 if __name__ == "__main__":
