@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULT = "result"
+# Where a job's status message is (channel and message id), so a restarted bot edits it.
+STATUS = "status"
 # A failed result post is retried after these delays, then left for the next start.
 RETRY_DELAYS_S = (2.0, 10.0, 30.0, 120.0)
 # How far back a restarted bot looks for a result it may have posted just before it died.
@@ -84,6 +86,8 @@ class JobMessage:
 
 ChannelLookup = Callable[[int], Awaitable["discord.abc.Messageable | None"]]
 DirectMessages = Callable[[int], Awaitable["discord.abc.Messageable"]]
+# (guild id or None, channel id, message id) -> the message, edited with the bot token.
+MessageAt = Callable[[int | None, int, int], "discord.PartialMessage"]
 
 
 class Delivery:
@@ -96,13 +100,15 @@ class Delivery:
         progress_edit_interval_s: float,
         find_channel: ChannelLookup,
         open_dm: DirectMessages,
+        message_at: MessageAt,
         own_user_id: Callable[[], int | None],
         is_flagged: Callable[[Job], Awaitable[bool]],
         can_upscale: Callable[[Job], bool],
         position_edit_interval_s: float = POSITION_EDIT_INTERVAL_S,
     ) -> None:
         """`find_channel` returns None for a channel that is gone or hidden from the bot (and
-        raises on transient errors); `open_dm` opens a DM channel with a user."""
+        raises on transient errors); `open_dm` opens a DM channel with a user; `message_at`
+        names a message without fetching it."""
         self.scheduler = scheduler
         self.jobs = jobs
         self.data_dir = data_dir
@@ -110,6 +116,7 @@ class Delivery:
         self.position_edit_interval_s = position_edit_interval_s
         self._find_channel = find_channel
         self._open_dm = open_dm
+        self._message_at = message_at
         self._own_user_id = own_user_id
         self._is_flagged = is_flagged
         self._can_upscale = can_upscale
@@ -118,6 +125,31 @@ class Delivery:
 
     def track(self, target: JobMessage) -> None:
         self._spawn(self._follow(target), f"deliver-job-{target.job.id}")
+
+    def status_message(self, job: Job, message_id: int | None) -> discord.PartialMessage | None:
+        """The job's status message (an interaction response is an ordinary message of the
+        bot's), to be edited with the bot token."""
+        if message_id is None or job.owner.channel_id is None:
+            return None
+        return self._message_at(job.owner.guild_id, job.owner.channel_id, message_id)
+
+    async def remember(self, target: JobMessage) -> None:
+        """Record where the status message is, so that a restarted bot edits it instead of
+        leaving it at "Queued" (with a live Cancel button) and posting the result elsewhere."""
+        if target.message is None:
+            return
+        where = {"channel_id": target.message.channel.id, "message_id": target.message.id}
+        await self.jobs.complete_delivery(target.job.id, STATUS, where)
+
+    async def recovered(self, job: Job) -> JobMessage:
+        """A job from before a restart, with its status message if one was recorded."""
+        record = (await self.jobs.deliveries(job.id)).get(STATUS)
+        if record is None or "message_id" not in record.info:
+            return JobMessage(job)
+        message = self._message_at(
+            job.owner.guild_id, int(record.info["channel_id"]), int(record.info["message_id"])
+        )
+        return JobMessage(job, message=message)
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         # Kept until done, so a task isn't garbage-collected mid-flight and close() finds it.

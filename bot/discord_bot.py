@@ -80,6 +80,7 @@ class ImagineBot(commands.Bot):
             progress_edit_interval_s=self.config.discord.progress_edit_interval_s,
             find_channel=self.find_channel,
             open_dm=self.open_dm,
+            message_at=self.message_at,
             own_user_id=lambda: self.user.id if self.user is not None else None,
             is_flagged=self.flagged,
             can_upscale=self.app.can_upscale,
@@ -102,13 +103,13 @@ class ImagineBot(commands.Bot):
     async def on_ready(self) -> None:
         log.info("connected as %s to %d guild(s)", self.user, len(self.guilds))
         # Work left from before this start: results that finished while the bot was away (or
-        # whose message was never sent), and jobs recovered into the queue. They have no
-        # message to edit any more, so their results are posted to the channel.
+        # whose message was never sent), and jobs recovered into the queue. Their status
+        # messages are edited with the bot token; a job without one gets a channel message.
         recovered, self._recovered = self._recovered, []
         for job in await self.core.jobs.undelivered():
-            await self.delivery.deliver(job)
+            await self.delivery.deliver(job, await self.delivery.recovered(job))
         for job in recovered:
-            self.delivery.track(JobMessage(job))
+            self.delivery.track(await self.delivery.recovered(job))
 
     async def close(self) -> None:
         if hasattr(self, "delivery"):
@@ -167,16 +168,10 @@ class ImagineBot(commands.Bot):
         user = self.get_user(user_id) or await self.fetch_user(user_id)
         return await user.create_dm()
 
-    def status_message(
-        self, interaction: discord.Interaction[Any], message_id: int | None
-    ) -> discord.PartialMessage | None:
-        """The interaction's response as a message the bot token can edit once the
-        interaction token has expired (it is an ordinary message of the bot's)."""
-        if message_id is None or interaction.channel_id is None:
-            return None
-        channel = self.get_partial_messageable(
-            interaction.channel_id, guild_id=interaction.guild_id
-        )
+    def message_at(
+        self, guild_id: int | None, channel_id: int, message_id: int
+    ) -> discord.PartialMessage:
+        channel = self.get_partial_messageable(channel_id, guild_id=guild_id)
         return channel.get_partial_message(message_id)
 
     async def flagged(self, job: Job) -> bool:
@@ -226,6 +221,7 @@ class ImagineBot(commands.Bot):
         shown = submitted.position if message is not None else None
         target = JobMessage(job, message=message, shown_position=shown)
         target.last_edit = time.monotonic()
+        await self.delivery.remember(target)
         self.delivery.track(target)
 
     async def acknowledge(
@@ -339,7 +335,7 @@ def add_commands(bot: ImagineBot) -> None:
             submitted.job,
             submitted.notes,
             interaction=interaction,
-            message=bot.status_message(interaction, message_id),
+            message=bot.delivery.status_message(submitted.job, message_id),
         )
         try:
             await interaction.edit_original_response(
@@ -350,6 +346,7 @@ def add_commands(bot: ImagineBot) -> None:
         except discord.HTTPException as exc:
             log.info("job %s: first edit refused (%s)", submitted.job.id, exc)
         target.last_edit = time.monotonic()
+        await bot.delivery.remember(target)
         bot.delivery.track(target)
 
     @tree.command(

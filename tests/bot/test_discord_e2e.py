@@ -542,10 +542,12 @@ async def test_a_restart_settles_interrupted_deliveries_without_posting_twice(
         async with fake.run_bot(second):
             assert await eventually(lambda: delivery_state(second, posted_id), "done")
             assert await eventually(lambda: delivery_state(second, lost_id), "done")
-            recovered = await fake.wait_for_message(
-                lambda m: m.via == "bot" and is_grid(m) and job_id_of(m) == lost_id
-            )
-            assert recovered.pings.users == {alice.id}
+            # The result fills the job's own message, edited with the bot token (the first
+            # start's interaction can't be used by the second); a new message pings the owner.
+            recovered = await lost.wait_original(is_grid)
+            assert job_id_of(recovered) == lost_id and recovered.state.via == "bot"
+            ping = await fake.wait_for_message(lambda m: m.referenced is recovered)
+            assert ping.pings.users == {alice.id}
         for job_id in (posted_id, lost_id):
             assert len([m for m in fake.messages if is_grid(m) and job_id_of(m) == job_id]) == 1
 

@@ -85,10 +85,12 @@ async def test_sigkill_during_a_running_job_then_restart(
         audit = await audit_data_dir(config)
         assert_invariants(audit, fake)
         assert audit.result_messages == {1: 1, 2: 1}
-        # The first start's message can't be edited after the restart: the result is posted
-        # to the channel, mentioning its owner.
-        posted = fake.wait_for_message(lambda m: m.via == "bot" and is_grid(m) and m.pings)
-        assert (await posted).pings.users == {alice.id}
+        # The first start's interaction can't be used after the restart: its message is edited
+        # with the bot token from "Queued" to the result, and a new message pings the owner.
+        grid = await job.wait_original(is_grid)
+        assert grid.state.via == "bot" and not any("imagine:X:" in c for c in grid.custom_ids)
+        ping = await fake.wait_for_message(lambda m: m.referenced is grid)
+        assert ping.pings.users == {alice.id}
 
 
 async def test_engine_faults_and_a_5xx_on_an_upload(tmp_path: Path) -> None:
