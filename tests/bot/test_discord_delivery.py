@@ -129,33 +129,42 @@ def _job_ids_in(text: str) -> list[int]:
 async def test_upscale_buttons_pressed_in_a_row_are_not_held_by_the_cooldown(
     tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
 ) -> None:
+    """U1–U4 pressed one after the other, as Midjourney users do: the /imagine cooldown holds
+    none of them; with the GPU busy, the fourth meets the queue limit and is told the count."""
     engine = GatedEngine(shared_engine)
     engine.gate.set()
     async with FakeDiscord() as fake:
         alice = fake.add_user("alice")
+        bob = fake.add_user("bob")
         bot = make_bot(
             fake,
             tmp_path / "data",
             bot_engine_settings,
             engine,
             discord={"command_cooldown_s": 60.0},
-            scheduler={"max_queued_per_user": 4},
+            scheduler={"max_queued_per_user": 3},
         )
         async with fake.run_bot(bot):
             job = await fake.slash(alice, "imagine", prompt="four foxes", seed=9)
             grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
-            engine.gate.clear()  # the upscales wait; only their admission matters here
+            engine.gate.clear()
+            engine.entered.clear()
+            busy = await fake.slash(bob, "imagine", prompt="keeps the GPU busy")
+            await busy.wait_acked()
+            await asyncio.to_thread(engine.entered.wait, 10)
 
             presses = [await fake.click(alice, grid, label=f"U{i}") for i in range(1, 5)]
             for press in presses:
                 assert await press.wait_acked() == 6
+            refusal = await presses[3].wait_followup(lambda m: m.ephemeral)
+            assert "3 jobs queued" in refusal.content and "limit 3" in refusal.content
             await fake.wait_for(
-                lambda: len([m for m in fake.messages if has_cancel(m)]) == 4, timeout=10
+                lambda: len([m for m in fake.messages if has_cancel(m) and m.referenced]) == 3
             )
-            assert all(not press.followups for press in presses), "nothing was refused"
+            assert all(not press.followups for press in presses[:3]), "U1–U3 were accepted"
             jobs = await bot.core.jobs.for_user(alice.id)
             upscales = [j for j in jobs if j.kind is JobKind.UPSCALE]
-            assert sorted(j.parent_index for j in upscales) == [0, 1, 2, 3]
+            assert sorted(j.parent_index for j in upscales) == [0, 1, 2]
 
             # /imagine itself still has its cooldown.
             again = await fake.slash(alice, "imagine", prompt="a fifth fox")
