@@ -577,9 +577,11 @@ async def audit_data_dir(config: Config) -> Audit:
             continue
         delivery = row["delivery"] or "none"
         deliveries[delivery] += 1
-        if delivery != "done":
+        # "undelivered" is a settled outcome: Discord refused the post for good (a missing
+        # permission) and the job was refunded; only an unfinished delivery is a lost one.
+        if delivery not in ("done", "undelivered"):
             undelivered.append(job_id)
-        if state == "succeeded":
+        if state == "succeeded" and delivery != "undelivered":
             succeeded.append(job_id)
             spent += cost
         else:
