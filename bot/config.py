@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from generation.contract import Sampler
+from generation.prompt import MAX_JOBS
 from generation.settings import DTYPES, EngineSettings, ModelSpec
 
 
@@ -38,6 +39,8 @@ class SchedulerConfig:
     worker_startup_timeout_s: float = 600.0
     # On shutdown, running jobs get this long to finish before they are handed back to the queue.
     drain_timeout_s: float = 30.0
+    # Jobs one /imagine may make with {…} permutations and --repeat (Midjourney allows 40).
+    max_jobs_per_prompt: int = MAX_JOBS
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,13 @@ def _scheduler(section: _Reader) -> SchedulerConfig:
         cancel_grace_s=section.positive("cancel_grace_s", float, 15.0),
         worker_startup_timeout_s=section.positive("worker_startup_timeout_s", float, 600.0),
         drain_timeout_s=section.positive("drain_timeout_s", float, 30.0),
+        max_jobs_per_prompt=section.get("max_jobs_per_prompt", int, MAX_JOBS),
     )
+    if not 1 <= config.max_jobs_per_prompt <= MAX_JOBS:
+        raise ConfigError(
+            f"{section.prefix}max_jobs_per_prompt: must be between 1 and {MAX_JOBS}, "
+            f"got {config.max_jobs_per_prompt}"
+        )
     section.reject_unknown()
     return config
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from bot.config import SchedulerConfig
@@ -65,12 +67,27 @@ class Admission:
         kind: JobKind = JobKind.IMAGINE,
         parent: tuple[int, int | None] | None = None,
     ) -> Job:
+        (job,) = await self.submit_many(owner, [request], kind, parent)
+        return job
+
+    async def submit_many(
+        self,
+        owner: Owner,
+        requests: Sequence[GenerationRequest],
+        kind: JobKind = JobKind.IMAGINE,
+        parent: tuple[int, int | None] | None = None,
+    ) -> list[Job]:
+        """Queue every request as its own job, or none: the limits apply to all of them
+        together, and their costs are held in the same transaction that queues them."""
         check_user_id(owner.user_id, "owner.user_id")
         kind = JobKind(kind)
+        requests = list(requests)
+        if not requests:
+            raise ValueError("requests: at least one request is needed")
         if kind is JobKind.REROLL:
             if parent is None:
                 raise ValueError("parent: a reroll needs the job it rerolls")
-        elif request.kind is not _KIND_FOR[kind]:
+        elif any(request.kind is not _KIND_FOR[kind] for request in requests):
             raise ValueError(f"kind: a {kind.value} job needs a {_KIND_FOR[kind].value} request")
         if self._state.closing:
             raise Refused("The bot is restarting — try again in a minute.", RefusalCode.CLOSING)
@@ -82,64 +99,101 @@ class Admission:
         user = owner.user_id
         fair = self._state.fair
         self._refuse_if_full(
-            user,
+            len(requests),
             user_queued=fair.count(user) + self._in_flight[user],
             total_queued=len(fair) + self._in_flight.total(),
         )
-        self._in_flight[user] += 1
-        cost = self._credits.cost(request)
+        self._in_flight[user] += len(requests)
+        costs = [self._credits.cost(request) for request in requests]
         tier = self.tier_for(owner)
         try:
-            # A U/V press or a reroll refers to its parent's image; only a source image that
-            # comes from nowhere else is stored as a new input file.
-            init_path = None
-            if request.init_image is not None and parent is None:
-                init_path = await asyncio.to_thread(
-                    save_input_image, request.init_image, self._data_dir
-                )
+            init_paths = await self._save_inputs(requests, parent)
             transaction = asyncio.ensure_future(
                 self._db.transaction(
                     lambda txn: self._submit_in(
-                        txn, owner, request, kind, parent, cost, tier, init_path
+                        txn, owner, requests, kind, parent, costs, tier, init_paths
                     )
                 )
             )
             try:
                 return await asyncio.shield(transaction)
             except BaseException:
-                if init_path is not None:
-                    self._discard_unless_committed(transaction, init_path)
+                self._discard_unless_committed(transaction, init_paths)
                 raise
         finally:
-            self._in_flight[user] -= 1
+            self._in_flight[user] -= len(requests)
             if not self._in_flight[user]:
                 del self._in_flight[user]
 
-    def _discard_unless_committed(self, transaction: asyncio.Future[Job], init_path: str) -> None:
-        """The input file belongs to the job once its transaction commits, even when our caller
-        was cancelled meanwhile; it goes only when the transaction failed."""
+    async def _save_inputs(
+        self, requests: Sequence[GenerationRequest], parent: tuple[int, int | None] | None
+    ) -> list[str | None]:
+        """Store each request's source image as an input file. A U/V press or a reroll refers
+        to its parent's image instead; only an image that comes from nowhere else is stored."""
+        paths: list[str | None] = []
+        try:
+            for request in requests:
+                path = None
+                if request.init_image is not None and parent is None:
+                    path = await asyncio.to_thread(
+                        save_input_image, request.init_image, self._data_dir
+                    )
+                paths.append(path)
+        except BaseException:
+            for saved in paths:
+                if saved is not None:
+                    (self._data_dir / saved).unlink(missing_ok=True)
+            raise
+        return paths
 
-        def discard(done: asyncio.Future[Job]) -> None:
+    def _discard_unless_committed(
+        self, transaction: asyncio.Future[list[Job]], init_paths: Sequence[str | None]
+    ) -> None:
+        """The input files belong to the jobs once their transaction commits, even when our
+        caller was cancelled meanwhile; they go only when the transaction failed."""
+        paths = [path for path in init_paths if path is not None]
+        if not paths:
+            return
+
+        def discard(done: asyncio.Future[list[Job]]) -> None:
             if done.cancelled() or done.exception() is not None:
-                (self._data_dir / init_path).unlink(missing_ok=True)
+                for path in paths:
+                    (self._data_dir / path).unlink(missing_ok=True)
 
         if transaction.done():
             discard(transaction)
         else:
             transaction.add_done_callback(discard)
 
-    def _refuse_if_full(self, user_id: int, user_queued: int, total_queued: int) -> None:
+    def _refuse_if_full(self, wanted: int, user_queued: int, total_queued: int) -> None:
+        """Refuse `wanted` more jobs of one user, all together, when they don't all fit."""
         limit = self._config.max_queued_per_user
-        if user_queued >= limit:
+        if user_queued + wanted > limit:
+            room = max(0, limit - user_queued)
             jobs = "job" if user_queued == 1 else "jobs"
+            if wanted == 1 or room == 0:
+                making = f"This prompt makes {wanted} jobs, and you" if wanted > 1 else "You"
+                raise Refused(
+                    f"{making} already have {user_queued} {jobs} queued (limit {limit}); "
+                    "wait for one to start.",
+                    RefusalCode.USER_QUEUE_FULL,
+                )
+            more = " more" if user_queued else ""
             raise Refused(
-                f"You already have {user_queued} {jobs} queued (limit {limit}); "
-                "wait for one to start.",
+                f"This prompt makes {wanted} jobs but you can queue {room}{more} (limit {limit}).",
                 RefusalCode.USER_QUEUE_FULL,
             )
-        if total_queued >= self._config.max_queue:
+        max_queue = self._config.max_queue
+        if total_queued + wanted > max_queue:
+            room = max(0, max_queue - total_queued)
+            if wanted == 1 or room == 0:
+                raise Refused(
+                    f"The queue is full ({max_queue} jobs) — try again in a minute.",
+                    RefusalCode.QUEUE_FULL,
+                )
             raise Refused(
-                f"The queue is full ({self._config.max_queue} jobs) — try again in a minute.",
+                f"This prompt makes {wanted} jobs but the queue has room for {room} more "
+                f"({max_queue} jobs at most) — try again in a minute.",
                 RefusalCode.QUEUE_FULL,
             )
 
@@ -147,68 +201,78 @@ class Admission:
         self,
         txn: Transaction,
         owner: Owner,
-        request: GenerationRequest,
+        requests: Sequence[GenerationRequest],
         kind: JobKind,
         parent: tuple[int, int | None] | None,
-        cost: int,
+        costs: Sequence[int],
         tier: int,
-        init_path: str | None,
-    ) -> Job:
+        init_paths: Sequence[str | None],
+    ) -> list[Job]:
         user = owner.user_id
         state = await self._credits.touch(txn, user, owner.role_ids)
         if state["banned"]:
             raise Refused("You are banned from using this bot.", RefusalCode.BANNED)
-        if parent is not None:
-            init_path = await self._parent_image(txn, parent)
+        parent_image = await self._parent_image(txn, parent) if parent is not None else None
         counts = await txn.fetchone(
             "SELECT COUNT(*), COALESCE(SUM(user_id = ?), 0) FROM jobs WHERE state = 'queued'",
             (user,),
         )
         assert counts is not None
-        self._refuse_if_full(user, user_queued=int(counts[1]), total_queued=int(counts[0]))
-        split = await self._credits.hold(txn, user, cost)
-        if split is None:
-            raise self._credits.insufficient(cost, state)
+        self._refuse_if_full(len(requests), user_queued=int(counts[1]), total_queued=int(counts[0]))
+        total = sum(costs)
+        if int(state["allowance_left"]) + int(state["granted"]) < total:
+            raise self._credits.insufficient(total, state, len(requests))
         now = self._clock()
-        job_id = await txn.insert(
-            "INSERT INTO jobs (user_id, guild_id, channel_id, kind, parent_job_id, parent_index, "
-            "request, init_image_path, state, attempts, cost, hold_allowance, hold_granted, "
-            "hold_day, tier, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?)",
-            (
-                user,
-                owner.guild_id,
-                owner.channel_id,
-                kind.value,
-                parent[0] if parent else None,
-                parent[1] if parent else None,
-                json.dumps(request.to_json()),
-                init_path,
-                cost,
-                split[0],
-                split[1],
-                state["allowance_day"],
-                tier,
-                to_db(now),
-            ),
-        )
-        await self._credits.record_hold(txn, user, job_id, split, f"{kind.value} job {job_id}")
-        entry = QueueEntry(job_id=job_id, user_id=user, enqueued_at=now.timestamp(), tier=tier)
-        txn.after_commit(lambda: self._state.enqueue(entry))
-        return Job(
-            id=job_id,
-            owner=Owner(owner.user_id, owner.guild_id, owner.channel_id),
-            kind=kind,
-            request_data=request.to_json(),
-            state=JobState.QUEUED,
-            cost=cost,
-            attempts=0,
-            created_at=now,
-            parent_job_id=parent[0] if parent else None,
-            parent_index=parent[1] if parent else None,
-            init_image_path=init_path,
-            tier=tier,
-        )
+        jobs = []
+        for request, cost, init_path in zip(requests, costs, init_paths, strict=True):
+            if parent is not None:
+                init_path = parent_image
+            split = await self._credits.hold(txn, user, cost)
+            if split is None:
+                # Unreachable after the check above; raising rolls back every earlier hold.
+                raise self._credits.insufficient(total, state, len(requests))
+            job_id = await txn.insert(
+                "INSERT INTO jobs (user_id, guild_id, channel_id, kind, parent_job_id, "
+                "parent_index, request, init_image_path, state, attempts, cost, hold_allowance, "
+                "hold_granted, hold_day, tier, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?)",
+                (
+                    user,
+                    owner.guild_id,
+                    owner.channel_id,
+                    kind.value,
+                    parent[0] if parent else None,
+                    parent[1] if parent else None,
+                    json.dumps(request.to_json()),
+                    init_path,
+                    cost,
+                    split[0],
+                    split[1],
+                    state["allowance_day"],
+                    tier,
+                    to_db(now),
+                ),
+            )
+            await self._credits.record_hold(txn, user, job_id, split, f"{kind.value} job {job_id}")
+            entry = QueueEntry(job_id=job_id, user_id=user, enqueued_at=now.timestamp(), tier=tier)
+            txn.after_commit(functools.partial(self._state.enqueue, entry))
+            jobs.append(
+                Job(
+                    id=job_id,
+                    owner=Owner(owner.user_id, owner.guild_id, owner.channel_id),
+                    kind=kind,
+                    request_data=request.to_json(),
+                    state=JobState.QUEUED,
+                    cost=cost,
+                    attempts=0,
+                    created_at=now,
+                    parent_job_id=parent[0] if parent else None,
+                    parent_index=parent[1] if parent else None,
+                    init_image_path=init_path,
+                    tier=tier,
+                )
+            )
+        return jobs
 
     async def _parent_image(self, txn: Transaction, parent: tuple[int, int | None]) -> str | None:
         """Check the parent job and return the source image a child job refers to: image

@@ -329,12 +329,14 @@ class CreditsService:
             ),
         )
 
-    def insufficient(self, cost: int, state: dict[str, Any]) -> Refused:
+    def insufficient(self, cost: int, state: dict[str, Any], jobs: int = 1) -> Refused:
+        """The refusal of `jobs` jobs costing `cost` credits together."""
         have = int(state["allowance_left"]) + int(state["granted"])
         now = self._clock()
         wait = describe_wait(next_utc_midnight(now), now)
+        what = "this costs" if jobs == 1 else f"these {jobs} jobs cost"
         return Refused(
-            f"Not enough credits: this costs {cost}, you have {have} "
+            f"Not enough credits: {what} {cost}, you have {have} "
             f"(free allowance resets in {wait}).",
             RefusalCode.INSUFFICIENT_CREDITS,
         )

@@ -117,6 +117,19 @@ class Scheduler:
         """
         return await self._admission.submit(owner, request, kind, parent)
 
+    async def submit_many(
+        self,
+        owner: Owner,
+        requests: Sequence[GenerationRequest],
+        kind: JobKind = JobKind.IMAGINE,
+        parent: tuple[int, int | None] | None = None,
+    ) -> list[Job]:
+        """Queue one job per request, all or none (one /imagine with permutations or
+        --repeat): the queue limits count them together, their costs are held in one
+        transaction, and a refusal (`Refused`) charges and queues nothing. Jobs come back in
+        the order of `requests`, and are queued in that order."""
+        return await self._admission.submit_many(owner, requests, kind, parent)
+
     # ----- cancel, pause, refunds ------------------------------------------------------------
 
     async def cancel(self, job_id: int, actor_id: int | None = None) -> bool:
