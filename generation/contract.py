@@ -35,8 +35,19 @@ class Sampler(StrEnum):
     DDIM = "ddim"
     EULER = "euler"
     EULER_A = "euler_a"
+    HEUN = "heun"
+    LMS = "lms"
+    LMS_KARRAS = "lms_karras"
+    DPM2 = "dpm2"
+    DPM2_KARRAS = "dpm2_karras"
+    DPM2_A = "dpm2_a"
+    DPM2_A_KARRAS = "dpm2_a_karras"
     DPMPP_2M = "dpmpp_2m"
     DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    DPMPP_2M_SDE = "dpmpp_2m_sde"
+    DPMPP_2M_SDE_KARRAS = "dpmpp_2m_sde_karras"
+    DPMPP_SDE = "dpmpp_sde"
+    DPMPP_SDE_KARRAS = "dpmpp_sde_karras"
     UNIPC = "unipc"
 
     @property
@@ -45,22 +56,47 @@ class Sampler(StrEnum):
 
     @classmethod
     def parse(cls, text: str) -> Sampler:
-        """Accept `dpmpp_2m_karras`, `DPM++ 2M Karras`, `euler-a`, `Euler a` …"""
-        key = text.strip().lower().replace("++", "pp").replace("-", "_").replace(" ", "_")
+        """Accept `dpmpp_2m_karras`, `DPM++ 2M Karras`, `euler-a`, `Euler a`, ComfyUI's
+        `euler_ancestral` …"""
+        key = _sampler_key(text)
         for sampler in cls:
-            if key in (sampler.value, sampler.a1111_name.lower().replace(" ", "_")):
+            if key in (sampler.value, _sampler_key(sampler.a1111_name)):
                 return sampler
-        accepted = ", ".join(s.value for s in cls)
+        if key in _SAMPLER_ALIASES:
+            return _SAMPLER_ALIASES[key]
+        accepted = ", ".join(s.a1111_name for s in cls)
         raise ValueError(f"sampler: unknown sampler {text!r}; accepted: {accepted}")
+
+
+def _sampler_key(text: str) -> str:
+    return "_".join(text.strip().lower().replace("++", "pp").replace("-", " ").split())
 
 
 _A1111_SAMPLER_NAMES = {
     Sampler.DDIM: "DDIM",
     Sampler.EULER: "Euler",
     Sampler.EULER_A: "Euler a",
+    Sampler.HEUN: "Heun",
+    Sampler.LMS: "LMS",
+    Sampler.LMS_KARRAS: "LMS Karras",
+    Sampler.DPM2: "DPM2",
+    Sampler.DPM2_KARRAS: "DPM2 Karras",
+    Sampler.DPM2_A: "DPM2 a",
+    Sampler.DPM2_A_KARRAS: "DPM2 a Karras",
     Sampler.DPMPP_2M: "DPM++ 2M",
     Sampler.DPMPP_2M_KARRAS: "DPM++ 2M Karras",
+    Sampler.DPMPP_2M_SDE: "DPM++ 2M SDE",
+    Sampler.DPMPP_2M_SDE_KARRAS: "DPM++ 2M SDE Karras",
+    Sampler.DPMPP_SDE: "DPM++ SDE",
+    Sampler.DPMPP_SDE_KARRAS: "DPM++ SDE Karras",
     Sampler.UNIPC: "UniPC",
+}
+# Other spellings seen in shared prompts: ComfyUI's sampler names.
+_SAMPLER_ALIASES = {
+    "euler_ancestral": Sampler.EULER_A,
+    "dpm_2": Sampler.DPM2,
+    "dpm_2_ancestral": Sampler.DPM2_A,
+    "uni_pc": Sampler.UNIPC,
 }
 
 

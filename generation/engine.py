@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -123,32 +123,41 @@ def make_scheduler(sampler: Sampler, base_config: Any) -> Any:
     """A fresh diffusers scheduler for `sampler`, keeping the model's own noise schedule.
 
     `from_config` keeps what the model was trained with (betas, prediction type, offsets), so
-    v-prediction SD 2.x models stay correct whatever the sampler.
+    v-prediction SD 2.x models stay correct whatever the sampler. The mapping from AUTOMATIC1111
+    names follows the table in diffusers' scheduler documentation; "DPM++ SDE" is the
+    k-diffusion stochastic sampler A1111 runs (DPMSolverSDEScheduler, on torchsde).
     """
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
+    import diffusers
 
-    if sampler is Sampler.DDIM:
-        return DDIMScheduler.from_config(base_config)
-    if sampler is Sampler.EULER:
-        return EulerDiscreteScheduler.from_config(base_config)
-    if sampler is Sampler.EULER_A:
-        return EulerAncestralDiscreteScheduler.from_config(base_config)
-    if sampler in (Sampler.DPMPP_2M, Sampler.DPMPP_2M_KARRAS):
-        return DPMSolverMultistepScheduler.from_config(
-            base_config,
-            algorithm_type="dpmsolver++",
-            solver_order=2,
-            use_karras_sigmas=sampler is Sampler.DPMPP_2M_KARRAS,
-        )
-    if sampler is Sampler.UNIPC:
-        return UniPCMultistepScheduler.from_config(base_config)
-    raise ValueError(f"sampler: no scheduler for {sampler!r}")
+    name, options = _SCHEDULERS[sampler]
+    karras = sampler.value.endswith("_karras")
+    if karras:
+        options = {**options, "use_karras_sigmas": True}
+    return getattr(diffusers, name).from_config(base_config, **options)
+
+
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+# Sampler -> (diffusers scheduler class, options); a "_karras" sampler adds Karras sigmas.
+_SCHEDULERS: dict[Sampler, tuple[str, dict[str, Any]]] = {
+    Sampler.DDIM: ("DDIMScheduler", {}),
+    Sampler.EULER: ("EulerDiscreteScheduler", {}),
+    Sampler.EULER_A: ("EulerAncestralDiscreteScheduler", {}),
+    Sampler.HEUN: ("HeunDiscreteScheduler", {}),
+    Sampler.LMS: ("LMSDiscreteScheduler", {}),
+    Sampler.LMS_KARRAS: ("LMSDiscreteScheduler", {}),
+    Sampler.DPM2: ("KDPM2DiscreteScheduler", {}),
+    Sampler.DPM2_KARRAS: ("KDPM2DiscreteScheduler", {}),
+    Sampler.DPM2_A: ("KDPM2AncestralDiscreteScheduler", {}),
+    Sampler.DPM2_A_KARRAS: ("KDPM2AncestralDiscreteScheduler", {}),
+    Sampler.DPMPP_2M: ("DPMSolverMultistepScheduler", _DPMPP_2M),
+    Sampler.DPMPP_2M_KARRAS: ("DPMSolverMultistepScheduler", _DPMPP_2M),
+    Sampler.DPMPP_2M_SDE: ("DPMSolverMultistepScheduler", _DPMPP_2M_SDE),
+    Sampler.DPMPP_2M_SDE_KARRAS: ("DPMSolverMultistepScheduler", _DPMPP_2M_SDE),
+    Sampler.DPMPP_SDE: ("DPMSolverSDEScheduler", {}),
+    Sampler.DPMPP_SDE_KARRAS: ("DPMSolverSDEScheduler", {}),
+    Sampler.UNIPC: ("UniPCMultistepScheduler", {}),
+}
 
 
 def candidate_seeds(seed: int, count: int) -> tuple[int, ...]:
@@ -178,6 +187,9 @@ def needs_weighted_prompt(request: GenerationRequest) -> bool:
     return len(parts) > 1 or any(p.weight != 1.0 for p in parts)
 
 
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+
+
 @contextlib.contextmanager
 def seamless_tiling(*modules: Any) -> Iterator[None]:
     """Circular padding on every padded Conv2d of `modules`, restored on exit.
@@ -188,7 +200,7 @@ def seamless_tiling(*modules: Any) -> Iterator[None]:
     """
     import torch
 
-    changed: list[tuple[torch.nn.Conv2d, str]] = []
+    changed: list[tuple[torch.nn.Conv2d, PaddingMode]] = []
     try:
         for module in modules:
             if module is None:
@@ -552,6 +564,10 @@ class DiffusersEngine:
         img2img = request.kind is not JobKind.IMAGINE
         pipe = loaded.img2img if img2img else loaded.text2img
         scheduler = make_scheduler(request.sampler, loaded.scheduler_config)
+        if hasattr(scheduler, "noise_sampler_seed"):
+            # DPM++ SDE draws its noise from Brownian trees: one per candidate, seeded like its
+            # generator, so that a candidate is the same image in a batch or alone.
+            scheduler.noise_sampler_seed = list(seeds)
         if request.stop_percent < 100:
             _record_denoised(scheduler, state)
         pipe.scheduler = scheduler

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -222,7 +223,7 @@ def encode_for_upload(
         for fmt, extension in (("WEBP", "webp"), ("JPEG", "jpg")):
             for quality in _LOSSY_QUALITIES:
                 buffer = io.BytesIO()
-                options: dict[str, object] = {"format": fmt, "quality": quality}
+                options: dict[str, Any] = {"format": fmt, "quality": quality}
                 if exif is not None:
                     options["exif"] = exif
                 rgb.save(buffer, **options)

@@ -267,9 +267,11 @@ def _sampler(flag: str, value: str) -> Sampler:
     try:
         return Sampler.parse(value)
     except ValueError:
-        accepted = ", ".join(f"{s.value} ({s.a1111_name})" for s in Sampler)
+        accepted = ", ".join(s.value for s in Sampler)
         raise PromptError(
-            flag, f"{flag}: expected a sampler, one of {accepted}; got {_show(value)}"
+            flag,
+            f"{flag}: expected a sampler, one of {accepted} (or AUTOMATIC1111's name, such as "
+            f"DPM++ 2M SDE Karras or Euler a); got {_show(value)}",
         ) from None
 
 

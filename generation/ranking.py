@@ -35,7 +35,7 @@ class Scored:
 
 
 def select_candidates(
-    scores: Sequence[float],
+    scores: Sequence[float] | np.ndarray,
     image_embeds: np.ndarray | None,
     keep: int,
     chaos: int = 0,
@@ -109,7 +109,8 @@ class ClipRanker:
         if cache_dir is not None and not Path(source).is_dir():
             kwargs["cache_dir"] = str(cache_dir)
         self.model = CLIPModel.from_pretrained(source, dtype=self.dtype, **kwargs)
-        self.model.to(device).eval()
+        # transformers types `to` through a decorator that loses the bound instance.
+        self.model.to(device).eval()  # type: ignore[arg-type]
         self.processor = CLIPProcessor.from_pretrained(source, **kwargs)
 
     def score(self, prompt: str, images: Sequence[Image.Image]) -> Scored:

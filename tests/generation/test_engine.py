@@ -60,6 +60,18 @@ def test_each_candidate_of_a_batch_equals_its_seed_alone(engine) -> None:
         assert max_diff(image, alone.images[0]) <= 2
 
 
+@pytest.mark.parametrize(
+    "sampler", [Sampler.EULER_A, Sampler.DPM2_A, Sampler.DPMPP_2M_SDE, Sampler.DPMPP_SDE_KARRAS]
+)
+def test_stochastic_samplers_draw_each_candidates_noise_from_its_seed(
+    engine, sampler: Sampler
+) -> None:
+    batch = engine.generate(imagine(sampler=sampler, seed=300, num_candidates=3, num_kept=3))
+    for image, seed in zip(batch.images, batch.seeds, strict=True):
+        alone = engine.generate(imagine(sampler=sampler, seed=seed, num_candidates=1, num_kept=1))
+        assert max_diff(image, alone.images[0]) <= 2
+
+
 def test_candidate_seeds_wrap_inside_the_seed_range() -> None:
     assert candidate_seeds(7, 3) == (7, 8, 9)
     assert candidate_seeds(2**32 - 2, 3) == (2**32 - 2, 2**32 - 1, 0)

@@ -193,3 +193,22 @@ def test_cpu_offload_is_ignored_without_a_gpu(
     assert "cpu_offload is set but the engine runs on cpu" in caplog.text
     result = engine.generate(imagine(steps=2, num_candidates=1, num_kept=1))
     assert result.images[0].size == (64, 64)
+
+
+def test_vae_tiling_setting_tiles_every_decode(tiny_cache: Path) -> None:
+    engine = create_engine(_settings(tiny_cache, ModelSpec("tiny", "tiny", 128), vae_tiling=True))
+    vae = engine.pipelines("tiny")[0].vae
+    decode = vae.decode
+    tiled: list[bool] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        tiled.append(vae.use_tiling)
+        return decode(*args, **kwargs)
+
+    vae.decode = spy
+    try:
+        engine.generate(imagine(steps=2, num_candidates=1, num_kept=1))
+    finally:
+        del vae.decode
+    assert tiled == [True]
+    assert vae.use_tiling is False  # the shared VAE is put back as it was

@@ -580,6 +580,59 @@ def test_sampler_error_lists_every_accepted_name() -> None:
         assert sampler.value in message
 
 
+# The names AUTOMATIC1111 writes into PNG metadata and shared prompts, most common first.
+A1111_SAMPLERS = {
+    "DPM++ 2M Karras": Sampler.DPMPP_2M_KARRAS,
+    "Euler a": Sampler.EULER_A,
+    "DPM++ SDE Karras": Sampler.DPMPP_SDE_KARRAS,
+    "DPM++ 2M SDE Karras": Sampler.DPMPP_2M_SDE_KARRAS,
+    "Euler": Sampler.EULER,
+    "DDIM": Sampler.DDIM,
+    "DPM++ 2M": Sampler.DPMPP_2M,
+    "DPM++ 2M SDE": Sampler.DPMPP_2M_SDE,
+    "DPM++ SDE": Sampler.DPMPP_SDE,
+    "UniPC": Sampler.UNIPC,
+    "Heun": Sampler.HEUN,
+    "LMS": Sampler.LMS,
+    "LMS Karras": Sampler.LMS_KARRAS,
+    "DPM2": Sampler.DPM2,
+    "DPM2 Karras": Sampler.DPM2_KARRAS,
+    "DPM2 a": Sampler.DPM2_A,
+    "DPM2 a Karras": Sampler.DPM2_A_KARRAS,
+}
+
+
+@pytest.mark.parametrize(("name", "sampler"), A1111_SAMPLERS.items())
+def test_a1111_sampler_names_are_accepted_as_flag_and_option(name: str, sampler: Sampler) -> None:
+    assert parse(f"a cat --sampler {name}").request.sampler is sampler
+    assert parse("a cat", options=ImagineOptions(sampler=name)).request.sampler is sampler
+    assert parse(f"a cat --sampler {sampler.value}").request.sampler is sampler
+    assert sampler.a1111_name == name
+
+
+@pytest.mark.parametrize(
+    ("name", "sampler"),
+    [
+        ("euler_ancestral", Sampler.EULER_A),
+        ("dpm_2_ancestral", Sampler.DPM2_A),
+        ("uni_pc", Sampler.UNIPC),
+        ("dpm++ 2m sde karras", Sampler.DPMPP_2M_SDE_KARRAS),
+        ("DPM++-2M-SDE-Karras", Sampler.DPMPP_2M_SDE_KARRAS),
+    ],
+)
+def test_other_common_sampler_spellings(name: str, sampler: Sampler) -> None:
+    assert Sampler.parse(name) is sampler
+
+
+@pytest.mark.parametrize("name", ["DPM++ 2S a Karras", "DPM fast", "Restart"])
+def test_samplers_without_a_diffusers_equivalent_are_refused_with_the_list(name: str) -> None:
+    message = str(parse_error(f"a cat --sampler {name}"))
+    assert message.startswith("--sampler: expected a sampler")
+    assert "DPM++ 2M SDE Karras" in message and "Euler a" in message
+    with pytest.raises(ValueError, match=r"^sampler: unknown sampler .*accepted: DDIM, Euler"):
+        Sampler.parse(name)
+
+
 # --- options and conflicts ------------------------------------------------------------------------
 
 
