@@ -532,14 +532,16 @@ class DiffusersEngine:
                         loaded, request, chunk_seeds, prompt_kwargs, init_image, state, tiled
                     )
                 )
+                continue
             except torch.OutOfMemoryError:
                 # Denoising ran out of memory (decoding has its own retry): smaller batches.
-                self._free_cuda()
                 if size == 1:
                     raise
-                chunk = max(1, size // 2)
-                self._batch_limits[pixels] = chunk
-                log.warning("out of memory at batch %d; retrying in batches of %d", size, chunk)
+            # Freed outside the handler: the exception's frames hold the failed call's tensors.
+            self._free_cuda()
+            chunk = max(1, size // 2)
+            self._batch_limits[pixels] = chunk
+            log.warning("out of memory at batch %d; retrying in batches of %d", size, chunk)
         return images
 
     def _batch_limit(self, pixels: int) -> int:
@@ -602,24 +604,25 @@ class DiffusersEngine:
         """Latents to images; out of memory, once more in tiles (the denoised latents are kept)."""
         import torch
 
+        upcast = spec.family == "sdxl"
         try:
-            return decode_latents(pipe, latents, tiled, upcast=spec.family == "sdxl")
-        except torch.OutOfMemoryError as exc:
-            self._free_cuda()
+            return decode_latents(pipe, latents, tiled, upcast)
+        except torch.OutOfMemoryError:
             log.warning(
                 "out of memory decoding %d images of %s; decoding again in tiles",
                 latents.shape[0],
                 spec.name,
             )
-            try:
-                return decode_latents(pipe, latents, True, upcast=spec.family == "sdxl")
-            except torch.OutOfMemoryError:
-                self._free_cuda()
-                # Not an OutOfMemoryError: smaller batches would redo the steps for nothing.
-                raise RuntimeError(
-                    f"out of memory decoding {latents.shape[0]} images even in tiles; set "
-                    f"vae_tiling or cpu_offload, or fewer candidates (model {spec.name!r})"
-                ) from exc
+        # Freed outside the handler: the exception's frames hold the failed decode's tensors.
+        self._free_cuda()
+        try:
+            return decode_latents(pipe, latents, True, upcast)
+        except torch.OutOfMemoryError as exc:
+            # Not an OutOfMemoryError: smaller batches would redo the steps for nothing.
+            raise RuntimeError(
+                f"out of memory decoding {latents.shape[0]} images even in tiles; set "
+                f"vae_tiling or cpu_offload, or fewer candidates (model {spec.name!r})"
+            ) from exc
 
     # ----------------------------------------------------------------------------- prompts
 
