@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from bot import render
 from bot.config import Config
 from bot.core.models import ImageExpired, Job, JobKind, JobState, Owner, Refused
 from bot.core.service import Core
 from bot.moderation import PromptFilter, audit_refusal, make_output_check
 from generation.contract import MAX_SEED, GenerationRequest, upscale_request, variation_request
-from generation.prompt import ImagineOptions, ParsedPrompt, PromptError, parse_prompt
+from generation.prompt import ImagineOptions, ParsedPrompt, PromptError, parse_jobs
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +109,22 @@ class ImagineApp:
 
     # ----- creating jobs ---------------------------------------------------------------------
 
-    def parse(
+    def parse_jobs(
         self, text: str, options: ImagineOptions | None = None, model: str | None = None
-    ) -> ParsedPrompt:
-        """Parse a prompt and its options without queueing anything (pure; raises UserError)."""
+    ) -> list[ParsedPrompt]:
+        """Every job a prompt asks for ({…} permutations, --repeat), parsed without queueing
+        anything (pure; raises UserError for the whole prompt)."""
         try:
-            parsed = parse_prompt(
+            return parse_jobs(
                 text,
                 self.config.engine,
                 model=model,
                 options=options,
+                max_jobs=self.config.scheduler.max_jobs_per_prompt,
                 seed_source=self._seed_source,
             )
         except PromptError as exc:
             raise UserError(str(exc)) from None
-        return parsed
 
     async def imagine(
         self,
@@ -130,13 +132,23 @@ class ImagineApp:
         text: str,
         options: ImagineOptions | None = None,
         model: str | None = None,
-    ) -> Submitted:
+    ) -> list[Submitted]:
+        """Queue every job the prompt asks for, all or none; one for a plain prompt. Several
+        jobs each carry a note saying which of how many they are (the first: at what cost)."""
         self._check_cooldown(actor)
-        parsed = self.parse(text, options, model)
+        parsed = self.parse_jobs(text, options, model)
         # Only what is asked for is filtered: "--no gore" steers away from what it names.
-        await self._check_prompt(actor, text, parsed.request.prompt)
-        job = await self._submit(actor, parsed.request, JobKind.IMAGINE, None)
-        return Submitted(job, parsed.notes, self.core.scheduler.queue_position(job.id))
+        for prompt in dict.fromkeys(job.request.prompt for job in parsed):
+            await self._check_prompt(actor, text, prompt)
+        jobs = await self._submit(actor, [job.request for job in parsed], JobKind.IMAGINE, None)
+        return [
+            Submitted(
+                job,
+                (*render.batch_notes(jobs, index), *parsed_job.notes),
+                self.core.scheduler.queue_position(job.id),
+            )
+            for index, (job, parsed_job) in enumerate(zip(jobs, parsed, strict=True))
+        ]
 
     async def press(self, actor: Actor, job_id: int, action: Action, index: int = 0) -> Submitted:
         """A button press on job `job_id`; `index` is 1-based for U#/V#."""
@@ -149,7 +161,7 @@ class ImagineApp:
             request, kind, parent = await self._derived_request(job, action, index)
         except ImageExpired as exc:  # deleted by the [storage] retention policy
             raise UserError(str(exc)) from None
-        submitted = await self._submit(actor, request, kind, parent)
+        (submitted,) = await self._submit(actor, [request], kind, parent)
         return Submitted(submitted, (), self.core.scheduler.queue_position(submitted.id))
 
     async def cancel(self, actor: Actor, job_id: int) -> Job:
@@ -206,21 +218,22 @@ class ImagineApp:
     async def _submit(
         self,
         actor: Actor,
-        request: GenerationRequest,
+        requests: list[GenerationRequest],
         kind: JobKind,
         parent: tuple[int, int | None] | None,
-    ) -> Job:
+    ) -> list[Job]:
         # The cooldown is for /imagine only: pressing U1–U4 of a grid one after the other is
-        # the normal way to work. It is taken before the first await so that two commands
-        # sent at the same moment can't both pass the check; a refusal gives it back, so fixing
-        # a typo or topping up credits is never held back.
+        # the normal way to work. One /imagine counts once, however many jobs it makes. It is
+        # taken before the first await so that two commands sent at the same moment can't both
+        # pass the check; a refusal gives it back, so fixing a typo or topping up credits is
+        # never held back.
         cooled = kind is JobKind.IMAGINE
         previous = self._last_submit.get(actor.user_id)
         if cooled:
             self._check_cooldown(actor)
             self._last_submit[actor.user_id] = self._monotonic()
         try:
-            return await self.core.scheduler.submit(actor.owner, request, kind, parent)
+            return await self.core.scheduler.submit_many(actor.owner, requests, kind, parent)
         except BaseException as exc:
             if cooled and previous is None:
                 self._last_submit.pop(actor.user_id, None)

@@ -78,6 +78,8 @@ class JobMessage:
     notes: tuple[str, ...] = ()
     interaction: discord.Interaction[Any] | None = None
     message: discord.Message | discord.PartialMessage | None = None
+    # A follow-up of the interaction (a further job of one /imagine) rather than its response.
+    followup_id: int | None = None
     # The status message can't be edited any more (deleted, or no access to its channel).
     broken: bool = False
     last_edit: float = 0.0
@@ -235,6 +237,10 @@ class Delivery:
         the bot token. Raises StatusMessageGone once the message can't be reached at all."""
         if target.interaction is not None:
             try:
+                if target.followup_id is not None:
+                    return await target.interaction.followup.edit_message(
+                        target.followup_id, **options
+                    )
                 return await target.interaction.edit_original_response(**options)
             except discord.HTTPException as exc:
                 if not is_token_error(exc):

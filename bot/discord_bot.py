@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import discord
@@ -19,7 +19,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render
-from bot.app import Action, Actor, ImagineApp, UserError, open_core
+from bot.app import Action, Actor, ImagineApp, Submitted, UserError, open_core
 from bot.buttons import JobButton, cancel_view
 from bot.config import Config
 from bot.core.clock import Clock, system_clock
@@ -225,19 +225,45 @@ class ImagineBot(commands.Bot):
         self.delivery.track(target)
 
     async def acknowledge(
-        self, interaction: discord.Interaction[Any], job: Job, actor: Actor
+        self, interaction: discord.Interaction[Any], jobs: Sequence[Job], actor: Actor
     ) -> int | None:
-        """Acknowledge a command whose job is already queued; returns the id of the response
-        message. If Discord no longer takes the acknowledgement, the job is cancelled and
+        """Acknowledge a command whose jobs are already queued; returns the id of the response
+        message. If Discord no longer takes the acknowledgement, the jobs are cancelled and
         refunded rather than run unseen."""
         try:
             response = await interaction.response.defer(thinking=True)
             return response.message_id if response is not None else None
         except discord.HTTPException:
-            if not await self.core.scheduler.cancel(job.id, actor.user_id):
-                # Too late to cancel (it already finished): the result goes to the channel.
-                self.delivery.track(JobMessage(job))
+            for job in jobs:
+                if not await self.core.scheduler.cancel(job.id, actor.user_id):
+                    # Too late to cancel (it already finished): the result goes to the channel.
+                    self.delivery.track(JobMessage(job))
             raise
+
+    async def follow_up(self, interaction: discord.Interaction[Any], submitted: Submitted) -> None:
+        """A further job of one /imagine: its status message is a follow-up of the command
+        (edited through the interaction token while it lives, then with the bot token)."""
+        job = submitted.job
+        content = clip(render.queued_text(job, submitted.position, submitted.notes))
+        try:
+            message = await interaction.followup.send(content, view=cancel_view(job.id), wait=True)
+        except discord.HTTPException as exc:
+            # The job is accepted and paid for: without a status message its result still
+            # goes to the channel when it is ready.
+            log.info("job %s: status message not posted (%s)", job.id, exc)
+            self.delivery.track(JobMessage(job, submitted.notes))
+            return
+        target = JobMessage(
+            job,
+            submitted.notes,
+            interaction=interaction,
+            followup_id=message.id,
+            message=self.delivery.status_message(job, message.id),
+            shown_position=submitted.position,
+        )
+        target.last_edit = time.monotonic()
+        await self.delivery.remember(target)
+        self.delivery.track(target)
 
 
 # ----- errors --------------------------------------------------------------------------------
@@ -329,25 +355,36 @@ def add_commands(bot: ImagineBot) -> None:
             raise UserError(refusal_text(missing))
         options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler)
         actor = bot.actor(interaction)
-        submitted = await bot.app.imagine(actor, prompt, options, model)
-        message_id = await bot.acknowledge(interaction, submitted.job, actor)
+        batch = await bot.app.imagine(actor, prompt, options, model)
+        first = batch[0]
+        message_id = await bot.acknowledge(interaction, [s.job for s in batch], actor)
         target = JobMessage(
-            submitted.job,
-            submitted.notes,
+            first.job,
+            first.notes,
             interaction=interaction,
-            message=bot.delivery.status_message(submitted.job, message_id),
+            message=bot.delivery.status_message(first.job, message_id),
         )
+        answered = False
         try:
             await interaction.edit_original_response(
-                content=render.queued_text(submitted.job, submitted.position, submitted.notes),
-                view=cancel_view(submitted.job.id),
+                content=clip(render.queued_text(first.job, first.position, first.notes)),
+                view=cancel_view(first.job.id),
             )
-            target.shown_position = submitted.position
+            target.shown_position = first.position
+            answered = True
         except discord.HTTPException as exc:
-            log.info("job %s: first edit refused (%s)", submitted.job.id, exc)
+            log.info("job %s: first edit refused (%s)", first.job.id, exc)
         target.last_edit = time.monotonic()
         await bot.delivery.remember(target)
         bot.delivery.track(target)
+        # Each further job of a permutation or --repeat prompt gets a message of its own. While
+        # the response still shows "thinking…", Discord would turn the first follow-up into it,
+        # so then they go without one: their results are posted to the channel.
+        for submitted in batch[1:]:
+            if answered:
+                await bot.follow_up(interaction, submitted)
+            else:
+                bot.delivery.track(JobMessage(submitted.job, submitted.notes))
 
     @tree.command(
         name="balance", description="Your credits, today's free allowance and recent activity"

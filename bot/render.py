@@ -81,6 +81,21 @@ def queued_text(job: Job, position: int | None, notes: Sequence[str] = ()) -> st
     return "\n".join(lines)
 
 
+def batch_notes(jobs: Sequence[Job], index: int) -> tuple[str, ...]:
+    """Where job `index` stands among the jobs one prompt made (none for a single job); the
+    first one's message also says what they cost together."""
+    count = len(jobs)
+    if count == 1:
+        return ()
+    if index == 0:
+        total = sum(job.cost for job in jobs)
+        ids = f"jobs {jobs[0].id}–{jobs[-1].id}"
+        return (
+            f"this prompt made {count} jobs ({ids}), {total} credits in all; this is 1 of {count}",
+        )
+    return (f"job {index + 1} of {count} from one prompt (the first is job {jobs[0].id})",)
+
+
 def running_text(job: Job, step: int, total: int, notes: Sequence[str] = ()) -> str:
     fraction = step / total if total else 0.0
     lines = [
@@ -231,6 +246,12 @@ def help_text(config: Config) -> str:
             "**Midjourney flags mapped to Stable Diffusion**:",
             *[f"• {flag(spec)}" for spec in mapped],
             "• `a::2 b::1` weighs parts of the prompt against each other",
+            "**Several jobs from one prompt**: `a {red, blue} bird --ar {1:1, 2:3}` makes one job "
+            "per combination (here 4; braces nest, `\\,` is a comma inside an option) and "
+            "`--r N` (`--repeat N`) makes N jobs with different seeds; at most "
+            f"{config.scheduler.max_jobs_per_prompt} jobs per prompt, and no more than your "
+            f"queue has room for ({config.scheduler.max_queued_per_user}). Each job gets its own "
+            "message, grid and buttons; all of them are charged together, or none is.",
             "**Accepted and ignored** (no equivalent here): "
             + ", ".join(f"`--{spec.name}`" for spec in ignored),
             f"**Models**: {models}. Samplers: " + ", ".join(f"`{s.value}`" for s in Sampler),

@@ -2,6 +2,7 @@
 credits as the Discord bot (in the spirit of Hubot's shell adapter).
 
     /imagine a red fox --ar 3:2      queue a job; progress prints in place
+    /imagine a {red, blue} fox --r 2 several jobs (permutations, --repeat), all or none
     U2  V3  🔄 (or reroll)            press a button of the last finished job
     U2 17                            …or of job 17
     /balance  /jobs  /help  /cancel [job]  /grant N  /quit
@@ -72,9 +73,9 @@ class Shell:
             return False
         if command == "/imagine":
             text = rest.removeprefix("prompt:").strip()
-            submitted = await self.app.imagine(self.actor, text)
-            self.say(render.queued_text(submitted.job, submitted.position, submitted.notes))
-            self._follow(submitted.job)
+            for submitted in await self.app.imagine(self.actor, text):
+                self.say(render.queued_text(submitted.job, submitted.position, submitted.notes))
+                self._follow(submitted.job)
         elif command == "/balance":
             balance = await self.core.credits.balance(SHELL_USER_ID)
             entries = await self.core.credits.ledger(SHELL_USER_ID, 5)

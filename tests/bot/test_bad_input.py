@@ -273,7 +273,7 @@ async def _available(app: ImagineApp, actor: Actor) -> int:
 
 
 async def _assert_still_serving(app: ImagineApp) -> None:
-    submitted = await app.imagine(BOB, "a calm lake at dawn")
+    (submitted,) = await app.imagine(BOB, "a calm lake at dawn")
     async with app.core.scheduler.subscribe(submitted.job.id) as events:
         async for _event in events:
             pass
@@ -293,7 +293,7 @@ async def test_hostile_prompts_refuse_clearly_or_run_safely(app: ImagineApp) -> 
     for text in HOSTILE_PROMPTS:
         before = await _available(app, ALICE)
         try:
-            submitted = await app.imagine(ALICE, text)
+            (submitted,) = await app.imagine(ALICE, text)
         except UserError as exc:
             refused += 1
             assert _is_clear(str(exc)), (text[:60], str(exc))
@@ -318,7 +318,7 @@ async def test_hostile_options_refuse_clearly_or_run_safely(app: ImagineApp) -> 
         before = await _available(app, ALICE)
         try:
             options = ImagineOptions(**values)
-            submitted = await app.imagine(ALICE, "a red fox" + suffix, options, model)
+            (submitted,) = await app.imagine(ALICE, "a red fox" + suffix, options, model)
         except UserError as exc:
             assert not safe, (raw, str(exc))
             assert _is_clear(str(exc)), (raw, str(exc))
@@ -330,9 +330,9 @@ async def test_hostile_options_refuse_clearly_or_run_safely(app: ImagineApp) -> 
 
 
 async def test_forged_and_stale_button_presses(app: ImagineApp) -> None:
-    own = await app.imagine(ALICE, "a red fox")
-    others = await app.imagine(BOB, "a blue bird")
-    failing = await app.imagine(ALICE, "a [raise] broken one")
+    (own,) = await app.imagine(ALICE, "a red fox")
+    (others,) = await app.imagine(BOB, "a blue bird")
+    (failing,) = await app.imagine(ALICE, "a [raise] broken one")
     assert (own.job.id, others.job.id, failing.job.id) == (1, 2, 3)
     for job_id in (1, 2, 3):
         async with app.core.scheduler.subscribe(job_id) as events:
@@ -379,7 +379,7 @@ async def test_banned_words_are_refused_uncharged_and_audited(tmp_path: Path) ->
                 await app.imagine(ALICE, prompt)
         assert await _available(app, ALICE) == ALLOWANCE
         # Asking to keep it out is not asking for it.
-        accepted = await app.imagine(ALICE, "a calm meadow --no gore")
+        (accepted,) = await app.imagine(ALICE, "a calm meadow --no gore")
         assert "gore" in accepted.job.request_data["negative_prompt"]
         entries = await core.admin.audit(10)
         assert [e.kind for e in entries].count("prompt_blocked") == 3
