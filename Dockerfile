@@ -26,9 +26,16 @@ RUN pip install . && rm -rf /root/.cache
 COPY config.toml /config/config.toml
 RUN sed -i -e 's|^data_dir = .*|data_dir = "/data"|' -e 's|^cache_dir = .*|cache_dir = "/models"|' \
     /config/config.toml
+# Metrics and health checks on (the HEALTHCHECK below asks /healthz); a mounted config should
+# enable [metrics] as well.
+RUN printf '\n[metrics]\nenabled = true\nhost = "0.0.0.0"\nport = 9464\n' >> /config/config.toml
 
 USER imagine
 VOLUME ["/data", "/models"]
+EXPOSE 9464
+# /healthz answers while the event loop does; the image has no curl, so Python asks.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=4)"
 # SIGTERM drains running jobs for drain_timeout_s (30 s by default): give `docker stop` longer.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["imagine-bot", "--config", "/config/config.toml"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from generation.contract import Sampler
 from generation.prompt import MAX_JOBS
@@ -29,7 +29,8 @@ class SchedulerConfig:
     # A queued job gains one fairness "round" of priority per this many seconds of waiting.
     aging_s: float = 30.0
     max_attempts: int = 2
-    workers: int = 1
+    # Worker processes, or "auto": one per visible CUDA device (one on a CPU-only box).
+    workers: int | Literal["auto"] = 1
     # Priority tiers: a higher tier is served first among users with equal waiting credit.
     user_tiers: dict[int, int] = field(default_factory=dict)
     role_tiers: dict[int, int] = field(default_factory=dict)
@@ -82,6 +83,16 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus /metrics and the /healthz and /readyz probes, on one small HTTP server. Off
+    # by default; localhost only unless told otherwise (the metrics are not secret, but they
+    # are nobody else's business either). Port 0 picks a free port.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("data")
     log_level: str = "INFO"
@@ -91,6 +102,7 @@ class Config:
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def database_path(self) -> Path:
@@ -129,6 +141,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         discord=_discord(reader.section("discord")),
         moderation=_moderation(reader.section("moderation")),
         storage=_storage(reader.section("storage")),
+        metrics=_metrics(reader.section("metrics")),
     )
     reader.reject_unknown()
     return config
@@ -219,6 +232,31 @@ def _storage(section: _Reader) -> StorageConfig:
     return config
 
 
+def _metrics(section: _Reader) -> MetricsConfig:
+    config = MetricsConfig(
+        enabled=section.get("enabled", bool, False),
+        host=section.get("host", str, "127.0.0.1"),
+        port=section.non_negative("port", 9464),
+    )
+    if not config.host.strip():
+        raise ConfigError(f"{section.prefix}host: must not be empty")
+    if config.port > 65535:
+        raise ConfigError(f"{section.prefix}port: must be at most 65535, got {config.port}")
+    section.reject_unknown()
+    return config
+
+
+def _workers(section: _Reader) -> int | Literal["auto"]:
+    value = section.table.get("workers", 1)
+    if value == "auto":
+        section.seen.add("workers")
+        return "auto"
+    if isinstance(value, str):
+        raise ConfigError(f'{section.prefix}workers: must be an integer >= 1 or "auto"')
+    workers: int = section.positive("workers", int, 1)
+    return workers
+
+
 def _scheduler(section: _Reader) -> SchedulerConfig:
     config = SchedulerConfig(
         max_running_per_user=section.positive("max_running_per_user", int, 1),
@@ -227,7 +265,7 @@ def _scheduler(section: _Reader) -> SchedulerConfig:
         job_timeout_s=section.positive("job_timeout_s", float, 300.0),
         aging_s=section.positive("aging_s", float, 30.0),
         max_attempts=section.positive("max_attempts", int, 2),
-        workers=section.positive("workers", int, 1),
+        workers=_workers(section),
         user_tiers=section.id_map("user_tiers"),
         role_tiers=section.id_map("role_tiers"),
         cancel_grace_s=section.positive("cancel_grace_s", float, 15.0),

@@ -228,6 +228,7 @@ class Delivery:
             await self._edit(target, content=content)
         except (discord.HTTPException, StatusMessageGone) as exc:
             # Progress is cosmetic: a failed edit is skipped, the next one may work.
+            self._count_error(exc)
             log.info("job %s: progress edit refused (%s)", target.job.id, exc)
             return
         target.shown_position = position
@@ -292,6 +293,7 @@ class Delivery:
         try:
             message, pinged = await self._post(job, target)
         except Exception as exc:
+            self._count_error(exc)
             if is_permanent(exc) or isinstance(exc, Undeliverable):
                 await self._give_up(job, target, exc)
                 return
@@ -366,6 +368,7 @@ class Delivery:
         if not told:
             told = await self._tell_owner(job, text)
         refunded = await self.scheduler.refund_undelivered(job.id, reason)
+        self.scheduler.metrics.delivery_lost()
         log.info(
             "job %s: undelivered (owner told: %s); %d credits refunded", job.id, told, refunded
         )
@@ -386,6 +389,10 @@ class Delivery:
             log.info("job %s: DM not sent either (%s)", job.id, exc)
             return False
 
+    def _count_error(self, error: BaseException) -> None:
+        if isinstance(error, discord.HTTPException):
+            self.scheduler.metrics.discord_error(error.code)
+
     def _retry_later(
         self, job: Job, target: JobMessage | None, attempt: int, error: BaseException
     ) -> None:
@@ -396,6 +403,7 @@ class Delivery:
             )
             return
         delay_s = RETRY_DELAYS_S[attempt]
+        self.scheduler.metrics.delivery_retried()
         log.warning(
             "job %s: delivering the result failed (%s); retrying in %.0f s", job.id, error, delay_s
         )

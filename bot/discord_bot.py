@@ -26,6 +26,7 @@ from bot.core.clock import Clock, system_clock
 from bot.core.models import Job
 from bot.core.service import Core
 from bot.delivery import Delivery, JobMessage
+from bot.health import HealthServer, start_health_server
 from bot.moderation import flagged_indices
 from bot.permissions import missing_for_delivery, refusal_text
 from generation.contract import MAX_SEED, Sampler
@@ -40,7 +41,9 @@ ASPECT_CHOICES = ["1:1", "3:2", "2:3", "4:3", "3:4", "16:9", "9:16", "21:9", "9:
 MESSAGE_LIMIT = 2000
 
 
-class ImagineBot(commands.Bot):
+# Sharded from the start: with one shard it is the same as a plain Bot, and a bot that grows
+# past Discord's guild limit per shard needs no change.
+class ImagineBot(commands.AutoShardedBot):
     def __init__(
         self,
         config: Config,
@@ -65,6 +68,7 @@ class ImagineBot(commands.Bot):
         self.core: Core
         self.app: ImagineApp
         self.delivery: Delivery
+        self.health: HealthServer | None = None
 
     # ----- start-up and shutdown -------------------------------------------------------------
 
@@ -84,6 +88,9 @@ class ImagineBot(commands.Bot):
             own_user_id=lambda: self.user.id if self.user is not None else None,
             is_flagged=self.flagged,
             can_upscale=self.app.can_upscale,
+        )
+        self.health = await start_health_server(
+            self.config.metrics, self.core, {"gateway": self.gateway_check}
         )
         snapshot = await self.core.scheduler.snapshot()
         self._recovered = [active.job for active in (*snapshot.running, *snapshot.queued)]
@@ -111,7 +118,17 @@ class ImagineBot(commands.Bot):
         for job in recovered:
             self.delivery.track(await self.delivery.recovered(job))
 
+    async def gateway_check(self) -> str | None:
+        if self.is_closed() or not self.is_ready():
+            return "not connected to the Discord gateway"
+        down = [shard_id for shard_id, shard in self.shards.items() if shard.is_closed()]
+        if down:
+            return f"shard(s) {', '.join(map(str, down))} disconnected"
+        return None
+
     async def close(self) -> None:
+        if self.health is not None:
+            await self.health.close()
         if hasattr(self, "delivery"):
             await self.delivery.close()
         if hasattr(self, "core"):
@@ -273,6 +290,9 @@ async def report_error(interaction: discord.Interaction[Any], error: BaseExcepti
     """The one place errors meet users: short and specific for theirs, generic for ours."""
     if isinstance(error, app_commands.CommandInvokeError):
         error = error.original
+    core = getattr(interaction.client, "core", None)
+    if isinstance(error, discord.HTTPException) and isinstance(core, Core):
+        core.scheduler.metrics.discord_error(error.code)
     if isinstance(error, UserError):
         message = str(error)
     elif isinstance(error, app_commands.CheckFailure):

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from bot.config import SchedulerConfig
@@ -28,6 +29,17 @@ FIRST_RETRY_S = 1.0
 # Called with a finished job's outcome before it is settled; returns None to accept it or a
 # reason to refuse it (the job becomes `refused` and is refunded). Moderation plugs in here.
 OutputCheck = Callable[[Job, WorkOutcome], Awaitable[str | None]]
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker as the dispatcher sees it (for metrics and readiness)."""
+
+    name: str
+    ready: bool
+    busy: int
+    # CUDA memory its process held after its last job; None on CPU or before any job.
+    gpu_memory_bytes: int | None
 
 
 class Dispatcher:
@@ -57,6 +69,7 @@ class Dispatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._worker_starters: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._gpu_memory: dict[int, int] = {}
         self.dispatch_count = 0
 
     def start(self) -> None:
@@ -119,6 +132,17 @@ class Dispatcher:
                 await worker.close()
             except Exception:
                 log.exception("worker %s did not close cleanly", worker.name)
+
+    def worker_states(self) -> list[WorkerStatus]:
+        return [
+            WorkerStatus(
+                name=worker.name,
+                ready=id(worker) in self._ready,
+                busy=self._state.running.busy(worker),
+                gpu_memory_bytes=self._gpu_memory.get(id(worker)),
+            )
+            for worker in self.workers
+        ]
 
     # ----- picking -----------------------------------------------------------------------------
 
@@ -205,6 +229,8 @@ class Dispatcher:
                 lambda step, total: self._progress(record, step, total),
                 self._config.job_timeout_s,
             )
+            if outcome.gpu_memory_bytes is not None:
+                self._gpu_memory[id(record.worker)] = outcome.gpu_memory_bytes
             if record.cancel_requested:
                 raise GenerationCancelled()
             verdict = await self._check_output(job, outcome)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +59,8 @@ class WorkOutcome:
     candidate_indices: tuple[int, ...] = ()
     width: int = 0
     height: int = 0
+    # CUDA memory the worker's process held after the job (for metrics); None off CUDA.
+    gpu_memory_bytes: int | None = None
 
 
 class JobError(Exception):
@@ -129,7 +132,23 @@ def run_job(
     outcome = save_result(result, request, item, data_dir)
     timings = dict(outcome.timings_s)
     timings.setdefault("generate_s", generate_s)
-    return WorkOutcome(**{**outcome.__dict__, "timings_s": timings})
+    return WorkOutcome(
+        **{**outcome.__dict__, "timings_s": timings, "gpu_memory_bytes": cuda_memory_bytes()}
+    )
+
+
+def cuda_memory_bytes() -> int | None:
+    """Memory this process holds on its CUDA device, or None when it never used CUDA. Only
+    looks at torch if the engine already imported it (a CPU-only fake engine never does)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        return int(torch.cuda.memory_reserved())
+    except Exception:  # a metric must never fail a job
+        return None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

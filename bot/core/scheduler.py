@@ -20,10 +20,11 @@ from bot.core.admission import Admission
 from bot.core.clock import Clock, to_db
 from bot.core.credits import CreditsService
 from bot.core.db import Database, Transaction
-from bot.core.dispatch import Dispatcher, OutputCheck
+from bot.core.dispatch import Dispatcher, OutputCheck, WorkerStatus
 from bot.core.events import EventHub, Listener, Subscription
 from bot.core.jobs import JobStore, row_to_job
 from bot.core.lifecycle import Lifecycle
+from bot.core.metrics import CoreMetrics
 from bot.core.models import (
     ActiveJob,
     Job,
@@ -37,7 +38,7 @@ from bot.core.state import QueueState
 from bot.core.workers import Worker
 from generation.contract import GenerationRequest
 
-__all__ = ["Listener", "OutputCheck", "Scheduler", "Subscription"]
+__all__ = ["Listener", "OutputCheck", "Scheduler", "Subscription", "WorkerStatus"]
 
 _PAUSED_KEY = "scheduler.paused"
 
@@ -78,6 +79,9 @@ class Scheduler:
             cancel_grace_s,
             worker_retry_s,
         )
+        self.metrics = CoreMetrics()
+        self._events.add_listener(self.metrics.on_event)
+        self.metrics.watch(self)
         self._started = False
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -115,7 +119,9 @@ class Scheduler:
 
         `parent` is (job id, image index) for U/V buttons and (job id, None) for a reroll.
         """
-        return await self._admission.submit(owner, request, kind, parent)
+        job = await self._admission.submit(owner, request, kind, parent)
+        self.metrics.submitted((job,))
+        return job
 
     async def submit_many(
         self,
@@ -128,7 +134,9 @@ class Scheduler:
         --repeat): the queue limits count them together, their costs are held in one
         transaction, and a refusal (`Refused`) charges and queues nothing. Jobs come back in
         the order of `requests`, and are queued in that order."""
-        return await self._admission.submit_many(owner, requests, kind, parent)
+        jobs = await self._admission.submit_many(owner, requests, kind, parent)
+        self.metrics.submitted(jobs)
+        return jobs
 
     # ----- cancel, pause, refunds ------------------------------------------------------------
 
@@ -175,7 +183,9 @@ class Scheduler:
         (e.g. the bot may not attach files there), once; its 'result' delivery is recorded as
         'undelivered' so it is never retried. Returns the credits given back (0 the second
         time, and for a job that was refunded when it ended)."""
-        return await self._lifecycle.refund_undelivered(job_id, reason)
+        refunded = await self._lifecycle.refund_undelivered(job_id, reason)
+        self.metrics.refunded(refunded)
+        return refunded
 
     @property
     def paused(self) -> bool:
@@ -253,6 +263,14 @@ class Scheduler:
     @property
     def dispatch_count(self) -> int:
         return self._dispatcher.dispatch_count
+
+    def worker_states(self) -> list[WorkerStatus]:
+        """Each worker's name, readiness, running jobs and last reported GPU memory."""
+        return self._dispatcher.worker_states()
+
+    @property
+    def ready_workers(self) -> int:
+        return sum(1 for state in self._dispatcher.worker_states() if state.ready)
 
     def busy_counts(self) -> list[int]:
         """Slots each worker has taken, in worker order (all zero when nothing runs)."""

@@ -19,6 +19,7 @@ from bot.core.audit import AuditLog
 from bot.core.clock import Clock, system_clock
 from bot.core.credits import CreditsService, check_reason, check_user_id
 from bot.core.db import Database, Transaction
+from bot.core.devices import visible_cuda_devices
 from bot.core.execute import DEFAULT_ENGINE_FACTORY
 from bot.core.jobs import JobStore, remove_stale_temporaries
 from bot.core.models import AuditEntry, Balance, LedgerEntry, QueueSnapshot
@@ -116,6 +117,45 @@ class AdminService:
         return await self._scheduler.cancel(job_id, actor_id)
 
 
+def local_workers(
+    config: Config,
+    engine_factory: str = DEFAULT_ENGINE_FACTORY,
+    devices: Sequence[str] | None = None,
+) -> list[ProcessWorker]:
+    """The worker processes `[scheduler] workers` asks for. "auto": one per visible CUDA
+    device, each pinned to its device, or one on a CPU-only box (`devices`, when given, stands
+    for what this box shows). A number: that many, each seeing what the bot sees."""
+    startup_timeout_s = config.scheduler.worker_startup_timeout_s
+    count = config.scheduler.workers
+    if count == "auto":
+        found = visible_cuda_devices() if devices is None else list(devices)
+        if found:
+            log.info("workers = auto: one worker for each of CUDA devices %s", ", ".join(found))
+            return [
+                ProcessWorker(
+                    config.engine,
+                    config.data_dir,
+                    engine_factory,
+                    name=f"cuda-{device}",
+                    startup_timeout_s=startup_timeout_s,
+                    environment={"CUDA_VISIBLE_DEVICES": device},
+                )
+                for device in found
+            ]
+        log.info("workers = auto: no CUDA device found; one worker")
+        count = 1
+    return [
+        ProcessWorker(
+            config.engine,
+            config.data_dir,
+            engine_factory,
+            name=f"local-{index}",
+            startup_timeout_s=startup_timeout_s,
+        )
+        for index in range(count)
+    ]
+
+
 @dataclass
 class Core:
     config: Config
@@ -176,16 +216,7 @@ class Core:
             jobs = JobStore(db, data_dir, clock)
             audit = AuditLog(db, clock)
             if workers is None:
-                workers = [
-                    ProcessWorker(
-                        config.engine,
-                        data_dir,
-                        engine_factory,
-                        name=f"local-{index}",
-                        startup_timeout_s=config.scheduler.worker_startup_timeout_s,
-                    )
-                    for index in range(config.scheduler.workers)
-                ]
+                workers = await asyncio.to_thread(local_workers, config, engine_factory)
             scheduler_options.setdefault("cancel_grace_s", config.scheduler.cancel_grace_s)
             scheduler = Scheduler(
                 db,

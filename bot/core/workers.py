@@ -22,7 +22,7 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -179,7 +179,10 @@ class ProcessWorker:
         name: str = "local",
         startup_timeout_s: float = 600.0,
         log_level: int | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
+        """`environment` is set in the child before the engine (and torch) is imported, e.g.
+        `{"CUDA_VISIBLE_DEVICES": "1"}` to pin the worker to one GPU."""
         if not isinstance(engine_factory, str):
             raise ValueError("engine_factory: a ProcessWorker needs a 'module:function' string")
         self.name = name
@@ -189,6 +192,7 @@ class ProcessWorker:
         self._factory = engine_factory
         self._startup_timeout_s = startup_timeout_s
         self._log_level = log_level if log_level is not None else logging.getLogger().level
+        self.environment = dict(environment or {})
         self._child: _Child | None = None
         self._starting: asyncio.Task[_Child] | None = None
         self._current: int | None = None
@@ -249,7 +253,14 @@ class ProcessWorker:
         parent_conn, child_conn = context.Pipe(duplex=True)
         process = context.Process(
             target=child_main,
-            args=(child_conn, self._factory, self._settings, str(self._data_dir), self._log_level),
+            args=(
+                child_conn,
+                self._factory,
+                self._settings,
+                str(self._data_dir),
+                self._log_level,
+                self.environment,
+            ),
             name=f"imagine-bot-worker-{self.name}",
             daemon=True,
         )
@@ -459,9 +470,12 @@ def child_main(
     settings: EngineSettings,
     data_dir: str,
     log_level: int = logging.INFO,
+    environment: Mapping[str, str] | None = None,
 ) -> None:
     """Entry point of the worker process: build the engine once, then serve jobs until told to
     stop or until the parent goes away."""
+    # First: CUDA reads CUDA_VISIBLE_DEVICES once, when torch initialises it.
+    os.environ.update(environment or {})
     logging.basicConfig(level=log_level, format="%(asctime)s worker %(levelname)s %(message)s")
     # Ctrl-C reaches the whole process group; shutting down is the parent's decision.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,136 @@
+"""The operator's HTTP endpoints, on one small aiohttp server inside the bot's event loop:
+
+* `/metrics`  Prometheus text format (see `bot.core.metrics`);
+* `/healthz`  200 whenever the event loop answers (a liveness probe: a wedged loop answers
+  nothing, and the probe's timeout says so);
+* `/readyz`   200 when the bot can do its work: the database takes a write, at least one
+  worker is ready, and (on Discord) the gateway is connected; otherwise 503 with a JSON body
+  naming what is not ready.
+
+Each readiness check gets a short timeout, so a stuck database makes the probe fail rather
+than hang. Nothing here imports discord: the front end passes its own checks in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from bot.config import MetricsConfig
+from bot.core.db import Transaction
+from bot.core.metrics import CONTENT_TYPE
+from bot.core.service import Core
+
+log = logging.getLogger(__name__)
+
+# Returns None when ready, or a short reason why not.
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+
+CHECK_TIMEOUT_S = 3.0
+_PROBE_KEY = "health.probed_at"
+
+
+def core_checks(core: Core) -> dict[str, ReadinessCheck]:
+    async def database() -> str | None:
+        # A real write: a full disk or a read-only mount fails here, not on a member's job.
+        now = datetime.now(UTC).isoformat()
+
+        async def work(txn: Transaction) -> None:
+            await txn.set_setting(_PROBE_KEY, now)
+
+        await core.db.transaction(work)
+        return None
+
+    async def workers() -> str | None:
+        states = core.scheduler.worker_states()
+        if any(state.ready for state in states):
+            return None
+        return f"no worker is ready (0 of {len(states)})"
+
+    return {"database": database, "workers": workers}
+
+
+class HealthServer:
+    def __init__(
+        self,
+        config: MetricsConfig,
+        core: Core,
+        extra_checks: Mapping[str, ReadinessCheck] | None = None,
+    ) -> None:
+        self._config = config
+        self._core = core
+        self._checks = {**core_checks(core), **(extra_checks or {})}
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._config.host, self._config.port)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        addresses = runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self._config.port
+        log.info("metrics and health checks on http://%s:%s/", self._config.host, self.port)
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def not_ready(self) -> dict[str, str]:
+        """What is not ready, by check name; empty when everything is."""
+        names = list(self._checks)
+        results = await asyncio.gather(*(self._run_check(name) for name in names))
+        return {name: reason for name, reason in zip(names, results, strict=True) if reason}
+
+    async def _run_check(self, name: str) -> str | None:
+        try:
+            return await asyncio.wait_for(self._checks[name](), CHECK_TIMEOUT_S)
+        except TimeoutError:
+            return f"no answer within {CHECK_TIMEOUT_S:g} s"
+        except Exception as exc:
+            log.warning("readiness check %s failed: %s", name, exc)
+            return f"{type(exc).__name__}: {exc}"
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(
+            body=self._core.scheduler.metrics.exposition(),
+            headers={"Content-Type": CONTENT_TYPE},
+        )
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        failing = await self.not_ready()
+        body: dict[str, Any] = {"status": "not ready" if failing else "ready"}
+        if failing:
+            body["not_ready"] = failing
+        return web.json_response(body, status=503 if failing else 200)
+
+
+async def start_health_server(
+    config: MetricsConfig,
+    core: Core,
+    extra_checks: Mapping[str, ReadinessCheck] | None = None,
+) -> HealthServer | None:
+    """The server when `[metrics] enabled`, else None."""
+    if not config.enabled:
+        return None
+    server = HealthServer(config, core, extra_checks)
+    await server.start()
+    return server
