@@ -40,6 +40,8 @@ class WorkerStatus:
     busy: int
     # CUDA memory its process held after its last job; None on CPU or before any job.
     gpu_memory_bytes: int | None
+    # The models it reported holding after its last job.
+    models: tuple[str, ...] = ()
 
 
 class Dispatcher:
@@ -70,6 +72,7 @@ class Dispatcher:
         self._worker_starters: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gpu_memory: dict[int, int] = {}
+        self._models: dict[int, frozenset[str]] = {}
         self.dispatch_count = 0
 
     def start(self) -> None:
@@ -140,6 +143,7 @@ class Dispatcher:
                 ready=id(worker) in self._ready,
                 busy=self._state.running.busy(worker),
                 gpu_memory_bytes=self._gpu_memory.get(id(worker)),
+                models=tuple(sorted(self._models.get(id(worker), ()))),
             )
             for worker in self.workers
         ]
@@ -151,6 +155,22 @@ class Dispatcher:
             if id(worker) in self._ready and self._state.running.busy(worker) < worker.capacity:
                 return worker
         return None
+
+    def _with_model(self, job: Job, picked: Worker) -> Worker:
+        """A free worker that already holds the job's model, so no worker loads a model another
+        one has ready; else the one picked. The job was chosen in fair order before this."""
+        model = job.request_data.get("model")
+        if model is None or model in self._models.get(id(picked), ()):
+            return picked
+        for worker in self.workers:
+            if (
+                worker is not picked
+                and id(worker) in self._ready
+                and self._state.running.busy(worker) < worker.capacity
+                and model in self._models.get(id(worker), ())
+            ):
+                return worker
+        return picked
 
     def _eligible(self, user_id: int) -> bool:
         return self._state.running.running_for(user_id) < self._config.max_running_per_user
@@ -193,6 +213,9 @@ class Dispatcher:
                 state.release(record)
                 continue
             record.job = job
+            preferred = self._with_model(job, worker)
+            if preferred is not worker:
+                state.running.move(record, preferred)
             self.dispatch_count += 1
             record.task = asyncio.create_task(self._run(record), name=f"job-{job.id}")
 
@@ -231,6 +254,7 @@ class Dispatcher:
             )
             if outcome.gpu_memory_bytes is not None:
                 self._gpu_memory[id(record.worker)] = outcome.gpu_memory_bytes
+            self._models[id(record.worker)] = frozenset(outcome.loaded_models)
             if record.cancel_requested:
                 raise GenerationCancelled()
             verdict = await self._check_output(job, outcome)
@@ -262,6 +286,9 @@ class Dispatcher:
         return Ending(JobState.SUCCEEDED, result=result)
 
     def _failed(self, record: RunningJob, job: Job, exc: Exception) -> Ending:
+        if isinstance(exc, WorkerUnavailable | JobTimeout | WorkerCrashed):
+            # Its process was replaced (or will be): whatever it held is gone.
+            self._models.pop(id(record.worker), None)
         if isinstance(exc, WorkerUnavailable):
             # Out of the ready set before the job is back in the queue, so the job waits for
             # this worker's restart (or runs on another) instead of burning its attempts here.

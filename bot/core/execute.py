@@ -61,6 +61,8 @@ class WorkOutcome:
     height: int = 0
     # CUDA memory the worker's process held after the job (for metrics); None off CUDA.
     gpu_memory_bytes: int | None = None
+    # Models the engine holds after the job, so the next job for one of them comes here.
+    loaded_models: tuple[str, ...] = ()
 
 
 class JobError(Exception):
@@ -133,8 +135,25 @@ def run_job(
     timings = dict(outcome.timings_s)
     timings.setdefault("generate_s", generate_s)
     return WorkOutcome(
-        **{**outcome.__dict__, "timings_s": timings, "gpu_memory_bytes": cuda_memory_bytes()}
+        **{
+            **outcome.__dict__,
+            "timings_s": timings,
+            "gpu_memory_bytes": cuda_memory_bytes(),
+            "loaded_models": loaded_models(engine, request),
+        }
     )
+
+
+def loaded_models(engine: Engine, request: GenerationRequest) -> tuple[str, ...]:
+    """What the engine says it holds (an optional `loaded_models()`), else at least the model
+    this job just used."""
+    report = getattr(engine, "loaded_models", None)
+    if callable(report):
+        try:
+            return tuple(str(name) for name in report())
+        except Exception:
+            log.debug("loaded_models() failed", exc_info=True)
+    return (request.model,)
 
 
 def cuda_memory_bytes() -> int | None:

@@ -71,6 +71,12 @@ class RunningTable:
         self._per_user[record.user_id] += 1
         self._busy[id(record.worker)] += 1
 
+    def move(self, record: RunningJob, worker: Worker) -> None:
+        """Run a picked job on `worker` instead (which must have a free slot)."""
+        self._busy[id(record.worker)] -= 1
+        self._busy[id(worker)] += 1
+        record.worker = worker
+
     def release(self, record: RunningJob) -> bool:
         """Give back the slots `record` took; False when it already gave them back."""
         if record.released:

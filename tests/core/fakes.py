@@ -124,3 +124,13 @@ def create_engine_failing_on_spawns(settings: EngineSettings) -> FakeEngine:
     if str(count) in settings.extra.get("fake_fail_spawns", "").split(","):
         raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
     return FakeEngine(settings)
+
+
+def create_engine_recording_its_device(settings: EngineSettings) -> FakeEngine:
+    """Writes the CUDA_VISIBLE_DEVICES its process was started with to `fake_marker_dir`
+    (one file per process), as a GPU engine would read it."""
+    marker_dir = Path(settings.extra["fake_marker_dir"])
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    (marker_dir / f"device-{os.getpid()}").write_text(device)
+    return FakeEngine(settings)
