@@ -78,9 +78,11 @@ class HealthServer:
         site = web.TCPSite(runner, self._config.host, self._config.port)
         try:
             await site.start()
-        except OSError:
+        except OSError as exc:
             await runner.cleanup()
-            raise
+            raise OSError(
+                f"[metrics] cannot listen on {self._config.host}:{self._config.port}: {exc}"
+            ) from exc
         self._runner = runner
         addresses = runner.addresses
         self.port = int(addresses[0][1]) if addresses else self._config.port

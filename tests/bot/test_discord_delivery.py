@@ -119,6 +119,17 @@ async def test_a_result_the_bot_may_not_post_is_refunded_once_and_never_retried(
             await asyncio.sleep(2.5)
             assert fake.count("*", "/channels/*", status=403) == refusals
             await assert_ledger_consistent(bot)
+            registry = bot.core.scheduler.metrics.registry
+            assert registry.get_sample_value("imagine_deliveries_lost_total") == 2
+            assert registry.get_sample_value("imagine_deliveries_retried_total") == 0
+            errors = [
+                s.value
+                for family in registry.collect()
+                if family.name == "imagine_discord_api_errors"
+                for s in family.samples
+                if s.name.endswith("_total")
+            ]
+            assert sum(errors) >= 2
         assert not [m for m in fake.messages if m.attachments]
 
 

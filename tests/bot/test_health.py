@@ -14,10 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.config import ConfigError, MetricsConfig, parse_config
 from bot.core import Core, InProcessWorker, JobState, Owner
+from bot.discord_bot import ImagineBot
 from bot.health import HealthServer, start_health_server
 from generation.settings import EngineSettings
+from tests.bot.conftest import bot_config, in_process_workers
 from tests.core.conftest import finished, make_config, open_core, request
 from tests.core.fakes import FakeEngine, create_fake_engine
+from tests.fakediscord import FakeDiscord
 
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
 BOB = Owner(user_id=202, guild_id=1, channel_id=2)
@@ -209,4 +212,49 @@ async def test_disabled_metrics_start_no_server(tmp_path: Path) -> None:
     try:
         assert await start_health_server(MetricsConfig(), core) is None
     finally:
+        await core.close(drain_timeout_s=2.0)
+
+
+async def test_the_discord_bot_serves_its_probes_sharded_over_the_fake_gateway(
+    tmp_path: Path,
+) -> None:
+    settings = EngineSettings(cache_dir=tmp_path / "models")
+    config = bot_config(
+        tmp_path / "data",
+        settings,
+        moderation={"nsfw_check": False},
+        metrics={"enabled": True, "port": 0},
+    )
+    async with FakeDiscord() as fake:
+        fake.add_user("alice")
+        bot = ImagineBot(
+            config,
+            core_options={"workers": in_process_workers(config, FakeEngine(settings))},
+            guild_ready_timeout=0.05,
+        )
+        async with fake.run_bot(bot):
+            assert bot.shard_count == 1 and list(bot.shards) == [0]
+            server = bot.health
+            assert server is not None
+
+            async def ready() -> bool:
+                return (await get(server, "/readyz"))[0] == 200
+
+            await until(ready)
+            status, text = await get(server, "/metrics")
+            assert status == 200 and "imagine_workers_up 1.0" in text
+            assert await bot.gateway_check() is None
+        assert await bot.gateway_check() == "not connected to the Discord gateway"
+
+
+async def test_a_taken_port_is_named(tmp_path: Path) -> None:
+    core = await open_core(make_config(tmp_path))
+    first = await start_health_server(LOCAL, core)
+    assert first is not None and first.port
+    try:
+        taken = MetricsConfig(enabled=True, host="127.0.0.1", port=first.port)
+        with pytest.raises(OSError, match=rf"\[metrics\] cannot listen on 127.0.0.1:{first.port}"):
+            await start_health_server(taken, core)
+    finally:
+        await first.close()
         await core.close(drain_timeout_s=2.0)
