@@ -289,6 +289,7 @@ class Dispatcher:
         if isinstance(exc, WorkerUnavailable | JobTimeout | WorkerCrashed):
             # Its process was replaced (or will be): whatever it held is gone.
             self._models.pop(id(record.worker), None)
+            self._gpu_memory.pop(id(record.worker), None)
         if isinstance(exc, WorkerUnavailable):
             # Out of the ready set before the job is back in the queue, so the job waits for
             # this worker's restart (or runs on another) instead of burning its attempts here.
