@@ -387,6 +387,12 @@ class DiffusersEngine:
         with self._lock:
             return self._clip()
 
+    def loaded_models(self) -> tuple[str, ...]:
+        """Names of the models held in memory, least recently used first: the scheduler sends
+        a job to a worker that already holds its model."""
+        with self._lock:
+            return tuple(self._loaded)
+
     def close(self) -> None:
         """Drop loaded models and return their memory (the engine can load them again)."""
         with self._lock:

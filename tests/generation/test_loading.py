@@ -165,10 +165,13 @@ def test_least_recently_used_model_is_unloaded(tiny_cache: Path) -> None:
     engine = create_engine(_settings(tiny_cache, *specs, max_loaded_models=2))
     refs = {name: weakref.ref(engine.pipelines(name)[0].unet) for name in "ab"}
     engine.pipelines("a")  # "b" is now the least recently used
+    assert engine.loaded_models() == ("b", "a")
     engine.pipelines("c")
     gc.collect()
     assert refs["a"]() is not None
     assert refs["b"]() is None
+    # What the worker reports to the scheduler for routing jobs to a worker holding the model.
+    assert engine.loaded_models() == ("a", "c")
 
 
 def test_real_model_with_the_tiny_clip_is_refused(tiny_cache: Path) -> None:
