@@ -256,7 +256,8 @@ def help_text(config: Config) -> str:
             + ", ".join(f"`--{spec.name}`" for spec in ignored),
             f"**Models**: {models}. Samplers: " + ", ".join(f"`{s.value}`" for s in Sampler),
             f"**Costs**: /imagine {credits.cost_imagine} credits at 512x512, 30 steps, "
-            f"{engine.num_candidates} candidates (bigger or longer jobs cost more) · variations "
+            f"{engine.num_candidates} candidates (bigger or longer jobs cost more; Heun, DPM2 and "
+            "DPM++ SDE run the model twice a step and cost twice) · variations "
             f"{credits.cost_variation} · upscale {credits.cost_upscale} per 1024² of output · "
             f"reroll as its original. Free allowance: {credits.daily_allowance} credits a day "
             "(UTC); failed, cancelled or refused jobs are refunded in full.",

@@ -54,6 +54,12 @@ class Sampler(StrEnum):
     def a1111_name(self) -> str:
         return _A1111_SAMPLER_NAMES[self]
 
+    @property
+    def model_calls_per_step(self) -> int:
+        """UNet evaluations per step: second-order single-step samplers (Heun, DPM2, DPM++ SDE)
+        evaluate the model twice, so a step of theirs costs twice the GPU time."""
+        return 2 if self in _TWO_CALL_SAMPLERS else 1
+
     @classmethod
     def parse(cls, text: str) -> Sampler:
         """Accept `dpmpp_2m_karras`, `DPM++ 2M Karras`, `euler-a`, `Euler a`, ComfyUI's
@@ -66,6 +72,19 @@ class Sampler(StrEnum):
             return _SAMPLER_ALIASES[key]
         accepted = ", ".join(s.a1111_name for s in cls)
         raise ValueError(f"sampler: unknown sampler {text!r}; accepted: {accepted}")
+
+
+_TWO_CALL_SAMPLERS = frozenset(
+    {
+        Sampler.HEUN,
+        Sampler.DPM2,
+        Sampler.DPM2_KARRAS,
+        Sampler.DPM2_A,
+        Sampler.DPM2_A_KARRAS,
+        Sampler.DPMPP_SDE,
+        Sampler.DPMPP_SDE_KARRAS,
+    }
+)
 
 
 def _sampler_key(text: str) -> str:

@@ -26,8 +26,9 @@ Rules worth knowing:
 
 Costs (all integers, rounded up, at least 1 when the configured base cost is above 0):
 
-* imagine (and a reroll of one): cost_imagine x pixels/512² x steps/30 x candidates/8
-* variation (and its reroll):    cost_variation x pixels/512² x candidates/8
+* imagine (and a reroll of one): cost_imagine x pixels/512² x steps/30 x candidates/8 x calls
+* variation (and its reroll):    cost_variation x pixels/512² x candidates/8 x calls
+  (calls: 2 for samplers that evaluate the model twice a step, Heun, DPM2 and DPM++ SDE; else 1)
 * upscale:                       cost_upscale x output pixels/1024² (a 2x upscale of 512²
                                  costs cost_upscale; width/height of an upscale are its output)
 """
@@ -74,12 +75,13 @@ def job_cost(request: GenerationRequest, config: CreditsConfig) -> int:
     """Credits a request costs; see the module docstring for the formulas."""
     pixels = Fraction(request.width * request.height, BASE_PIXELS)
     candidates = Fraction(request.num_candidates, BASE_CANDIDATES)
+    model_calls = request.sampler.model_calls_per_step
     if request.kind is GenerationKind.IMAGINE:
         base = config.cost_imagine
-        scaled = base * pixels * Fraction(request.steps, BASE_STEPS) * candidates
+        scaled = base * pixels * Fraction(request.steps, BASE_STEPS) * candidates * model_calls
     elif request.kind is GenerationKind.VARIATION:
         base = config.cost_variation
-        scaled = base * pixels * candidates
+        scaled = base * pixels * candidates * model_calls
     else:
         base = config.cost_upscale
         scaled = base * Fraction(request.width * request.height, UPSCALE_BASE_PIXELS)

@@ -34,6 +34,17 @@ def test_imagine_cost_scales_with_pixels_steps_and_candidates() -> None:
     assert job_cost(base.with_changes(width=768), config) == 6
 
 
+def test_samplers_that_run_the_model_twice_a_step_cost_twice() -> None:
+    from generation.contract import Sampler
+
+    config = CreditsConfig(cost_imagine=4, cost_variation=2, cost_upscale=3)
+    base = request(width=512, height=512, steps=30, num_candidates=8, num_kept=4)
+    for sampler in (Sampler.HEUN, Sampler.DPM2_A_KARRAS, Sampler.DPMPP_SDE_KARRAS):
+        assert job_cost(base.with_changes(sampler=sampler), config) == 8, sampler
+    for sampler in (Sampler.EULER_A, Sampler.DPMPP_2M_SDE_KARRAS, Sampler.UNIPC):
+        assert job_cost(base.with_changes(sampler=sampler), config) == 4, sampler
+
+
 def test_variation_and_upscale_costs() -> None:
     from PIL import Image
 
