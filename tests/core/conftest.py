@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +71,27 @@ async def finished(core: Core, job_id: int, timeout_s: float = 20.0) -> Job:
                 if isinstance(event, Finished):
                     return event.job
     raise AssertionError(f"job {job_id}: events ended without Finished")
+
+
+async def queue_behind_its_back(config: Config, user_id: int, count: int) -> None:
+    """Insert queued job rows with a second connection, as another process would: the core's
+    in-memory state does not see them, only a check inside a transaction does."""
+
+    def insert() -> None:
+        conn = sqlite3.connect(config.database_path)
+        try:
+            for _ in range(count):
+                conn.execute(
+                    "INSERT INTO jobs (user_id, kind, request, state, cost, hold_allowance, "
+                    "hold_granted, hold_day, created_at) VALUES (?, 'imagine', '{}', "
+                    "'queued', 0, 0, 0, '2025-03-01', '2025-03-01T12:00:00+00:00')",
+                    (user_id,),
+                )
+            conn.commit()
+        finally:
+            conn.close()
+
+    await asyncio.to_thread(insert)
 
 
 async def assert_consistent(core: Core) -> None:

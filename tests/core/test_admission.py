@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,14 @@ from bot.core import (
 )
 from bot.core.db import Transaction
 from generation.contract import variation_request
-from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
+from tests.core.conftest import (
+    assert_consistent,
+    finished,
+    make_config,
+    open_core,
+    queue_behind_its_back,
+    request,
+)
 from tests.core.fakes import create_fake_engine
 
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
@@ -87,19 +93,7 @@ async def test_the_per_user_queue_limit_inside_the_transaction_says_count_and_li
     core = await open_core(config)
     try:
         # Queued rows this process has not loaded: only the check in the transaction sees them.
-        def insert_behind_its_back() -> None:
-            conn = sqlite3.connect(config.database_path)
-            for _ in range(3):
-                conn.execute(
-                    "INSERT INTO jobs (user_id, kind, request, state, cost, hold_allowance, "
-                    "hold_granted, hold_day, created_at) VALUES (?, 'imagine', '{}', "
-                    "'queued', 0, 0, 0, '2025-03-01', '2025-03-01T12:00:00+00:00')",
-                    (ALICE.user_id,),
-                )
-            conn.commit()
-            conn.close()
-
-        await asyncio.to_thread(insert_behind_its_back)
+        await queue_behind_its_back(config, ALICE.user_id, 3)
         before = await core.credits.balance(ALICE.user_id)
         with pytest.raises(Refused) as refused:
             await core.scheduler.submit(ALICE, request())

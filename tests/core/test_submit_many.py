@@ -13,7 +13,14 @@ from PIL import Image
 from bot.core import Core, JobState, LedgerKind, Owner, RefusalCode, Refused
 from bot.core.db import Transaction
 from generation.contract import GenerationRequest, variation_request
-from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
+from tests.core.conftest import (
+    assert_consistent,
+    finished,
+    make_config,
+    open_core,
+    queue_behind_its_back,
+    request,
+)
 from tests.core.test_scheduler import StalledWorker
 
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
@@ -149,19 +156,7 @@ async def test_the_limit_inside_the_transaction_counts_the_whole_batch(tmp_path:
     core = await open_core(config, workers=[StalledWorker()])
     try:
         # Queued rows this process has not loaded: only the check in the transaction sees them.
-        def insert_behind_its_back() -> None:
-            conn = sqlite3.connect(config.database_path)
-            for _ in range(2):
-                conn.execute(
-                    "INSERT INTO jobs (user_id, kind, request, state, cost, hold_allowance, "
-                    "hold_granted, hold_day, created_at) VALUES (?, 'imagine', '{}', "
-                    "'queued', 0, 0, 0, '2025-03-01', '2025-03-01T12:00:00+00:00')",
-                    (ALICE.user_id,),
-                )
-            conn.commit()
-            conn.close()
-
-        await asyncio.to_thread(insert_behind_its_back)
+        await queue_behind_its_back(config, ALICE.user_id, 2)
         with pytest.raises(Refused) as refused:
             await core.scheduler.submit_many(ALICE, batch(2))
         assert refused.value.reason == (
