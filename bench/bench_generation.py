@@ -180,15 +180,10 @@ def build_clip_l14_shaped(folder: Path) -> None:
 def build_sdxl_shaped(folder: Path) -> None:
     """SDXL base's architecture from its public configs, random weights, diffusers layout."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from generation.tiny import _tiny_tokenizer
+    from generation.tiny import _tiny_tokenizer, sdxl_scheduler
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SDXL_UNET).to(torch.float16)
@@ -231,13 +226,7 @@ def build_sdxl_shaped(folder: Path) -> None:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        ),
+        scheduler=sdxl_scheduler(),
     )
     pipe.save_pretrained(folder, safe_serialization=True)
 

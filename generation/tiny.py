@@ -104,6 +104,19 @@ def sd15_scheduler():  # -> DDIMScheduler
     )
 
 
+def sdxl_scheduler():  # -> EulerDiscreteScheduler
+    """SDXL base's own scheduler config; samplers are swapped per job with `from_config`."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
 def build_tiny_sd(folder: Path, seed: int = TINY_SEED) -> None:
     """Build the tiny SD 1.x-shaped pipeline and save it (diffusers layout) into `folder`."""
     import torch
@@ -176,12 +189,7 @@ def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED) -> None:
     exercised offline; SD 1.x's tiny model stays the default.
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _tiny_tokenizer()
@@ -227,13 +235,6 @@ def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED) -> None:
         norm_num_groups=16,
         sample_size=TINY_BASE_RESOLUTION,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -241,7 +242,7 @@ def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED) -> None:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sdxl_scheduler(),
     )
     pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
 
