@@ -23,7 +23,7 @@ from bot.core.models import (
     QueueSnapshot,
 )
 from generation.contract import Sampler
-from generation.prompt import FLAGS, FlagSpec, Treatment
+from generation.flags import FLAGS, FlagSpec, Treatment
 
 _BAR_CELLS = 12
 _PROMPT_PREVIEW_CHARS = 300

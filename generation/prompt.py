@@ -2,7 +2,8 @@
 
 Users paste Midjourney prompts of every version, from 2022's v3 to v7, so this speaks
 Midjourney's syntax: `--flags` at the end, `::` multi-prompt weights, phone-typed dashes.
-Flags fall into three groups (see `FLAGS`), any capitalisation (`--AR`, `--Wallpaper`):
+Flags fall into three groups (see `generation.flags.FLAGS`), in any capitalisation
+(`--AR`, `--Wallpaper`):
 
 * honoured: `--ar`, `--seed`, `--no`, `--steps`, `--cfg`, `--sampler`, `--model`, `--repeat`;
 * mapped to an honest Stable Diffusion equivalent: `--q` (steps multiplier), `--chaos`
@@ -58,7 +59,6 @@ import string
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from enum import Enum, StrEnum
 from typing import Any, cast
 
 from generation.contract import (
@@ -72,6 +72,22 @@ from generation.contract import (
     PromptPart,
     Sampler,
 )
+from generation.flags import (
+    FLAGS,
+    FLAGS_BY_NAME,
+    LEGACY_WIDTH,
+    MAX_ASPECT,
+    MAX_GUIDANCE,
+    NUMBER,
+    Arity,
+    FlagSpec,
+    PromptError,
+    Treatment,
+    aspect_option,
+    int_in,
+    sampler_value,
+    show_value,
+)
 from generation.permutations import PermutationError, expand_permutations
 from generation.settings import EngineSettings, ModelSpec
 
@@ -82,34 +98,12 @@ MAX_NEGATIVE_CHARS = MAX_PROMPT_CHARS
 # Each `::` part may cost a text-encoder pass, so their number is bounded.
 MAX_PROMPT_PARTS = 16
 MAX_PART_WEIGHT = 100.0
-# Beyond 4:1 Stable Diffusion models tile their subject; the corpus never goes past 1:2.
-MAX_ASPECT = 4
-MAX_GUIDANCE = 30.0
-# Midjourney's --quality values, as multipliers of the configured default steps.
-# Midjourney v1-v3 also took 5 (an experimental 5x mode), which 2022's prompts carry.
-QUALITY_VALUES = (0.25, 0.5, 1.0, 2.0, 4.0, 5.0)
 # Above the default steps the samplers have converged: more steps cost GPU time and credits but
 # add no detail, so --q 2 and --q 4 keep the default.
 MAX_QUALITY_MULTIPLIER = 1.0
 SIZE_STEP = 64
-# Midjourney's --repeat range; one prompt never asks for more jobs than MAX_JOBS in all.
-MAX_REPEAT = 40
+# One prompt never asks for more jobs than this in all (permutations x --repeat).
 MAX_JOBS = 40
-# Legacy --w/--h were pixel sizes; anything longer is no size Midjourney ever drew.
-MAX_LEGACY_SIDE = 10000
-
-
-class PromptError(ValueError):
-    """A user mistake in the prompt or the /imagine options; the message is safe to show.
-
-    `flag` names what was wrong: `--ar` for an inline flag (as typed, with ASCII dashes), the
-    option name (`aspect`, `seed` …) for a /imagine option, `::` for a multi-prompt weight,
-    `{}` for permutation braces, and `prompt` for the prompt text itself.
-    """
-
-    def __init__(self, flag: str, message: str) -> None:
-        super().__init__(message)
-        self.flag = flag
 
 
 @dataclass(frozen=True)
@@ -131,307 +125,6 @@ class ParsedPrompt:
     notes: tuple[str, ...] = ()
     # How many jobs `--repeat` asks for; `parse_jobs` makes them, each with its own seeds.
     repeat: int = 1
-
-
-class Treatment(StrEnum):
-    HONOURED = "honoured"
-    MAPPED = "mapped"
-    IGNORED = "ignored"
-
-
-class Arity(Enum):
-    NONE = "none"  # a switch: --tile
-    ONE = "one"  # exactly one word: --ar 3:2
-    OPTIONAL = "optional"  # one word if it looks like a value: --niji, --niji 6
-    REST = "rest"  # every word up to the next flag, at least one: --no a, b
-    OPTIONAL_REST = "optional_rest"  # every word up to the next flag, maybe none: --p
-
-
-# A value checker gets the flag as typed and the value, and returns the parsed value or raises.
-Check = Callable[[str, str], object]
-
-
-@dataclass(frozen=True)
-class FlagSpec:
-    names: tuple[str, ...]  # the canonical name first, then aliases; without dashes
-    treatment: Treatment
-    arity: Arity
-    meaning: str  # for notes and /help
-    value_hint: str = ""  # for /help, e.g. "W:H"
-    check: Check | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.names[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Value checkers. Messages always name the flag and what is accepted.
-
-_INT = re.compile(r"[+-]?[0-9]+")
-_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-# Longer digit strings are out of any range here; refusing them early also keeps int() away
-# from Python's 4300-digit conversion limit.
-_MAX_NUMBER_CHARS = 24
-
-
-def _show(value: str, limit: int = 40) -> str:
-    """Quote a user value for a message, cut short so a 10,000-character value stays readable."""
-    if not value:
-        return "nothing"
-    return repr(value if len(value) <= limit else value[:limit] + "…")
-
-
-def _int_in(low: int, high: int) -> Check:
-    def check(flag: str, value: str) -> int:
-        if len(value) <= _MAX_NUMBER_CHARS and _INT.fullmatch(value):
-            number = int(value)
-            if low <= number <= high:
-                return number
-        raise PromptError(
-            flag, f"{flag}: expected a whole number between {low} and {high}, got {_show(value)}"
-        )
-
-    return check
-
-
-def _number_in(low: float, high: float, expected: str | None = None) -> Check:
-    expected = expected or f"a number between {low:g} and {high:g}"
-
-    def check(flag: str, value: str) -> float:
-        if len(value) <= _MAX_NUMBER_CHARS and _NUMBER.fullmatch(value):
-            number = float(value)
-            if math.isfinite(number) and low <= number <= high:
-                return number
-        raise PromptError(flag, f"{flag}: expected {expected}, got {_show(value)}")
-
-    return check
-
-
-def _one_of(*choices: str) -> Check:
-    def check(flag: str, value: str) -> str:
-        if value.lower() in choices:
-            return value.lower()
-        raise PromptError(flag, f"{flag}: expected one of {', '.join(choices)}, got {_show(value)}")
-
-    return check
-
-
-def _any_word(flag: str, value: str) -> str:
-    if not value:
-        raise PromptError(flag, f"{flag}: expected a value, got nothing")
-    return value
-
-
-def _ratio(value: str) -> tuple[int, int] | None:
-    """A well-formed W:H, reduced so that 6:4 and 3:2 compare equal; None if malformed."""
-    match = re.fullmatch(r"([0-9]{1,5}):([0-9]{1,5})", value)
-    if not match or not int(match[1]) or not int(match[2]):
-        return None
-    width, height = int(match[1]), int(match[2])
-    divisor = math.gcd(width, height)
-    return width // divisor, height // divisor
-
-
-def _aspect(flag: str, value: str) -> tuple[int, int]:
-    """The /imagine aspect option: its range is declared, so a ratio beyond it is refused."""
-    ratio = _ratio(value)
-    if ratio is not None and 1 / MAX_ASPECT <= ratio[0] / ratio[1] <= MAX_ASPECT:
-        return ratio
-    raise PromptError(
-        flag,
-        f"{flag}: expected W:H with whole numbers between 1:{MAX_ASPECT} and {MAX_ASPECT}:1, "
-        f"got {_show(value)}",
-    )
-
-
-def _inline_aspect(flag: str, value: str) -> tuple[int, int]:
-    """An inline --ar: Midjourney v7 takes ratios beyond 4:1, so those are clamped later."""
-    ratio = _ratio(value)
-    if ratio is None:
-        raise PromptError(
-            flag, f"{flag}: expected W:H with whole numbers, such as 16:9, got {_show(value)}"
-        )
-    return ratio
-
-
-def _quality(flag: str, value: str) -> float:
-    if len(value) <= _MAX_NUMBER_CHARS and _NUMBER.fullmatch(value):
-        if float(value) in QUALITY_VALUES:
-            return float(value)
-    accepted = ", ".join(f"{q:g}".removeprefix("0") for q in QUALITY_VALUES)
-    raise PromptError(flag, f"{flag}: expected one of {accepted}, got {_show(value)}")
-
-
-def _sampler(flag: str, value: str) -> Sampler:
-    try:
-        return Sampler.parse(value)
-    except ValueError:
-        accepted = ", ".join(s.value for s in Sampler)
-        raise PromptError(
-            flag,
-            f"{flag}: expected a sampler, one of {accepted} (or AUTOMATIC1111's name, such as "
-            f"DPM++ 2M SDE Karras or Euler a); got {_show(value)}",
-        ) from None
-
-
-_VERSION = _number_in(1, 10, "a Midjourney version number such as 5.2, 6 or 7")
-
-
-# ---------------------------------------------------------------------------------------------
-# The flag table, which /help can render as well.
-
-FLAGS: tuple[FlagSpec, ...] = (
-    # Honoured: they mean the same thing here as in Midjourney (or in AUTOMATIC1111).
-    FlagSpec(
-        ("ar", "aspect"), Treatment.HONOURED, Arity.ONE, "aspect ratio", "W:H", _inline_aspect
-    ),
-    FlagSpec(("seed",), Treatment.HONOURED, Arity.ONE, "seed", "N", _int_in(0, MAX_SEED)),
-    FlagSpec(("no",), Treatment.HONOURED, Arity.REST, "negative prompt", "words", _any_word),
-    FlagSpec(("steps",), Treatment.HONOURED, Arity.ONE, "denoising steps", "N"),  # max: config
-    FlagSpec(
-        ("cfg", "guidance"),
-        Treatment.HONOURED,
-        Arity.ONE,
-        "guidance scale",
-        "X",
-        _number_in(0, MAX_GUIDANCE),
-    ),
-    # REST so that AUTOMATIC1111 spellings with spaces ("DPM++ 2M Karras") work.
-    FlagSpec(("sampler",), Treatment.HONOURED, Arity.REST, "sampler", "NAME", _sampler),
-    FlagSpec(("model",), Treatment.HONOURED, Arity.REST, "model", "NAME", _any_word),
-    FlagSpec(
-        ("repeat", "r"),
-        Treatment.HONOURED,
-        Arity.ONE,
-        "that many jobs of the prompt, each with its own seeds",
-        "1-40",
-        _int_in(1, MAX_REPEAT),
-    ),
-    # Mapped: a Stable Diffusion equivalent that does what the Midjourney user meant.
-    FlagSpec(
-        ("quality", "q"),
-        Treatment.MAPPED,
-        Arity.ONE,
-        "fewer steps at .25 and .5; 1, 2 and 4 all use the default steps (more add no detail)",
-        ".25|.5|1|2|4",
-        _quality,
-    ),
-    FlagSpec(
-        ("chaos", "c"),
-        Treatment.MAPPED,
-        Arity.ONE,
-        "more varied candidates",
-        "0-100",
-        # The corpus has "--c 1.5", which Midjourney took; it is rounded here.
-        _number_in(0, 100),
-    ),
-    FlagSpec(("tile",), Treatment.MAPPED, Arity.NONE, "seamless tiling"),
-    # Midjourney v1-v3 took a size in pixels; with --w it becomes the aspect ratio. (--w alone
-    # is --weird from v5 on.)
-    FlagSpec(
-        ("h",),
-        Treatment.MAPPED,
-        Arity.ONE,
-        "Midjourney v1-v3 height: --w W --h H is --ar W:H",
-        "H",
-        _int_in(1, MAX_LEGACY_SIDE),
-    ),
-    FlagSpec(
-        ("stop",), Treatment.MAPPED, Arity.ONE, "stop denoising early", "10-100", _int_in(10, 100)
-    ),
-    # Ignored: Midjourney-only models, aesthetics, references, modes. Ranges are the widest any
-    # Midjourney version documented (V3 took --stylize up to 60000, and the corpus has 6000),
-    # and decimals pass: the value only has to look like what Midjourney would have taken.
-    FlagSpec(
-        ("version", "v"), Treatment.IGNORED, Arity.ONE, "Midjourney model version", "", _VERSION
-    ),
-    FlagSpec(("niji",), Treatment.IGNORED, Arity.OPTIONAL, "Midjourney anime model", "", _VERSION),
-    FlagSpec(("style",), Treatment.IGNORED, Arity.ONE, "Midjourney style", "", _any_word),
-    FlagSpec(("raw",), Treatment.IGNORED, Arity.NONE, "Midjourney raw style"),
-    FlagSpec(
-        ("stylize", "s"),
-        Treatment.IGNORED,
-        Arity.ONE,
-        "Midjourney stylize",
-        "",
-        _number_in(0, 60000),
-    ),
-    FlagSpec(
-        ("weird", "w"), Treatment.IGNORED, Arity.ONE, "Midjourney weird", "", _number_in(0, 3000)
-    ),
-    FlagSpec(
-        ("exp",), Treatment.IGNORED, Arity.ONE, "Midjourney aesthetics", "", _number_in(0, 100)
-    ),
-    FlagSpec(("iw",), Treatment.IGNORED, Arity.ONE, "image prompt weight", "", _number_in(0, 3)),
-    FlagSpec(("sref",), Treatment.IGNORED, Arity.REST, "style reference", "", _any_word),
-    FlagSpec(
-        ("sw",), Treatment.IGNORED, Arity.ONE, "style reference weight", "", _number_in(0, 1000)
-    ),
-    FlagSpec(("sv",), Treatment.IGNORED, Arity.ONE, "style reference version", "", _VERSION),
-    FlagSpec(("cref",), Treatment.IGNORED, Arity.REST, "character reference", "", _any_word),
-    FlagSpec(
-        ("cw",), Treatment.IGNORED, Arity.ONE, "character reference weight", "", _number_in(0, 100)
-    ),
-    FlagSpec(("oref",), Treatment.IGNORED, Arity.ONE, "omni reference", "", _any_word),
-    FlagSpec(
-        ("ow",), Treatment.IGNORED, Arity.ONE, "omni reference weight", "", _number_in(1, 1000)
-    ),
-    FlagSpec(
-        ("personalize", "p", "profile"),
-        Treatment.IGNORED,
-        Arity.OPTIONAL_REST,
-        "Midjourney personalization",
-        "",
-        _any_word,
-    ),
-    FlagSpec(
-        ("sameseed",),
-        Treatment.IGNORED,
-        Arity.OPTIONAL,
-        "legacy Midjourney seed mode",
-        "",
-        _int_in(0, MAX_SEED),
-    ),
-    FlagSpec(
-        ("zoom",), Treatment.IGNORED, Arity.ONE, "Midjourney custom zoom", "", _number_in(1, 2)
-    ),
-    FlagSpec(("hd",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
-    FlagSpec(("beta",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
-    FlagSpec(("vibe",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
-    FlagSpec(("wallpaper",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney size preset"),
-    FlagSpec(("test",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
-    FlagSpec(("testp",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
-    FlagSpec(("creative",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney model"),
-    FlagSpec(("uplight",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney upscaler"),
-    FlagSpec(("upbeta",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney upscaler"),
-    FlagSpec(("upanime",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney upscaler"),
-    FlagSpec(("draft",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    FlagSpec(("fast",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    FlagSpec(("relax",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    FlagSpec(("turbo",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    FlagSpec(("stealth",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
-    FlagSpec(("public",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
-    FlagSpec(("private",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
-    FlagSpec(("video",), Treatment.IGNORED, Arity.NONE, "Midjourney video"),
-    FlagSpec(
-        ("motion",), Treatment.IGNORED, Arity.ONE, "Midjourney video", "", _one_of("low", "high")
-    ),
-    FlagSpec(("loop",), Treatment.IGNORED, Arity.NONE, "Midjourney video"),
-    FlagSpec(("end",), Treatment.IGNORED, Arity.ONE, "Midjourney video", "", _any_word),
-    FlagSpec(("bs",), Treatment.IGNORED, Arity.ONE, "Midjourney video", "", _one_of("1", "2", "4")),
-)
-
-_BY_NAME: dict[str, FlagSpec] = {name: spec for spec in FLAGS for name in spec.names}
-# What --w means when --h is there too (see FLAGS).
-_LEGACY_WIDTH = FlagSpec(
-    ("w",),
-    Treatment.MAPPED,
-    Arity.ONE,
-    "Midjourney v1-v3 width: --w W --h H is --ar W:H",
-    "W",
-    _int_in(1, MAX_LEGACY_SIDE),
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,7 +300,7 @@ def _split_flags(text: str) -> tuple[str, list[_RawFlag]]:
         if len(marker) < 2 and marker not in _LONG_DASHES:
             continue  # a single hyphen is text ("-ar", "Award - winning")
         name = match["name"].rstrip(",;." + _QUOTES).lower()
-        spec = _BY_NAME.get(name)
+        spec = FLAGS_BY_NAME.get(name)
         if spaced and (marker != "--" or spec is None):
             continue  # "-- ar 51:81" (corpus) is a flag; "salon – flat view" is prose
         starts.append((match, spec, name))
@@ -633,7 +326,7 @@ def _check_unknown_flag(name: str, words: list[str]) -> None:
     surprise the member), and anything followed by more words, which is prompt text.
     """
     flag = f"--{_short(name)}"
-    for known in sorted(_BY_NAME, key=len, reverse=True):
+    for known in sorted(FLAGS_BY_NAME, key=len, reverse=True):
         rest = name[len(known) :]
         if name.startswith(known) and (rest[:1].isdigit() or rest[:1] in (":", ".")):
             raise PromptError(
@@ -668,7 +361,7 @@ def _check_unknown_flag(name: str, words: list[str]) -> None:
 def _nearest_known(name: str) -> str | None:
     """The known flag name `name` is a likely typo of: one edit away (two for long names)."""
     best: tuple[int, str] | None = None
-    for known in [*_BY_NAME, *_NOT_MIDJOURNEY]:
+    for known in [*FLAGS_BY_NAME, *_NOT_MIDJOURNEY]:
         allowed = 1 if len(known) <= 4 else 2
         distance = _edit_distance(name, known, allowed)
         if distance <= allowed and (best is None or distance < best[0]):
@@ -707,7 +400,7 @@ def _take_values(words: list[str], spec: FlagSpec) -> tuple[list[str], list[str]
         return [_value_word(words[0])], words[1:]
     if arity is Arity.OPTIONAL:
         # "--niji 6" takes the number; "--niji" followed by text does not take the text.
-        if words and _NUMBER.fullmatch(_value_word(words[0])):
+        if words and NUMBER.fullmatch(_value_word(words[0])):
             return [_value_word(words[0])], words[1:]
         return [], words
     if arity is Arity.REST and not words:
@@ -810,7 +503,7 @@ def _parse(
     notes: list[str] = []
     cleaned = _unquote(_IMAGINE_PREFIX.sub("", _unquote(_clean(text))))
     prompt_text, raw_flags = _split_flags(cleaned)
-    legacy_size = any(flag.spec is _BY_NAME["h"] for flag in raw_flags)
+    legacy_size = any(flag.spec is FLAGS_BY_NAME["h"] for flag in raw_flags)
 
     inline = _Inline()
     for flag in raw_flags:
@@ -820,7 +513,7 @@ def _parse(
             continue
         spec = flag.spec
         if legacy_size and flag.typed == "--w":
-            spec = _LEGACY_WIDTH
+            spec = LEGACY_WIDTH
         values, leftover = _take_values(flag.words, spec)
         shown = " ".join(values)
         # A switch, or an optional value left out, is recorded as True.
@@ -897,7 +590,7 @@ def _parse(
 
 def _check_value(flag: _RawFlag, spec: FlagSpec, value: str, settings: EngineSettings) -> object:
     if spec.name == "steps":
-        return _int_in(1, _max_steps(settings))(flag.typed, value)
+        return int_in(1, _max_steps(settings))(flag.typed, value)
     if spec.name == "model" and not value:
         raise _unknown_model(flag.typed, value, settings)
     assert spec.check is not None
@@ -984,7 +677,9 @@ def _model(settings: EngineSettings, model: str | None, inline: _Inline) -> Mode
 
 def _unknown_model(flag: str, name: str, settings: EngineSettings) -> PromptError:
     names = ", ".join(spec.name for spec in settings.models)
-    return PromptError(flag, f"{flag}: expected a configured model ({names}), got {_show(name)}")
+    return PromptError(
+        flag, f"{flag}: expected a configured model ({names}), got {show_value(name)}"
+    )
 
 
 def _size(
@@ -996,7 +691,7 @@ def _size(
 ) -> tuple[int, int]:
     aspect, label = (1, 1), ""
     if options.aspect is not None:
-        aspect = _aspect("aspect", _clean(options.aspect).replace(" ", ""))
+        aspect = aspect_option("aspect", _clean(options.aspect).replace(" ", ""))
         label = f"aspect {options.aspect}"
     if "ar" in inline.values:
         given = aspect if options.aspect is not None else None
@@ -1061,7 +756,7 @@ def _guidance(settings: EngineSettings, options: ImagineOptions, inline: _Inline
 def _chosen_sampler(settings: EngineSettings, options: ImagineOptions, inline: _Inline) -> Sampler:
     sampler: Sampler | None = None
     if options.sampler is not None:
-        sampler = _sampler("sampler", options.sampler)
+        sampler = sampler_value("sampler", options.sampler)
     sampler = cast(Sampler | None, _agreed(inline, "sampler", "sampler", sampler))
     return settings.default_sampler if sampler is None else sampler
 
@@ -1155,7 +850,7 @@ def parse_jobs(
                 raise
             raise PromptError(
                 exc.flag,
-                f"combination {index} of {len(prompts)} ({_show(prompt, 60)}): {exc}",
+                f"combination {index} of {len(prompts)} ({show_value(prompt, 60)}): {exc}",
             ) from None
 
     total = sum(job.repeat for job in parsed)

@@ -19,7 +19,8 @@ from bot.app import Action, Actor, ImagineApp, UserError, open_core
 from bot.config import Config, parse_config
 from bot.core import InProcessWorker
 from bot.core.service import Core
-from generation.prompt import FLAGS, ImagineOptions
+from generation.flags import FLAGS
+from generation.prompt import ImagineOptions
 from generation.settings import EngineSettings, ModelSpec
 from tests.core.fakes import create_fake_engine
 

@@ -14,15 +14,13 @@ from collections.abc import Callable
 import pytest
 
 from generation.contract import MAX_PROMPT_CHARS, MAX_SEED, JobKind, PromptPart, Sampler
+from generation.flags import FLAGS, Arity, Treatment
 from generation.prompt import (
-    FLAGS,
     MAX_INPUT_CHARS,
     MAX_PROMPT_PARTS,
-    Arity,
     ImagineOptions,
     ParsedPrompt,
     PromptError,
-    Treatment,
     parse_prompt,
     size_for_aspect,
 )
