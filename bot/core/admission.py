@@ -60,16 +60,6 @@ class Admission:
         tiers += [self._config.role_tiers.get(r, 0) for r in owner.role_ids]
         return max(tiers)
 
-    async def submit(
-        self,
-        owner: Owner,
-        request: GenerationRequest,
-        kind: JobKind = JobKind.IMAGINE,
-        parent: tuple[int, int | None] | None = None,
-    ) -> Job:
-        (job,) = await self.submit_many(owner, [request], kind, parent)
-        return job
-
     async def submit_many(
         self,
         owner: Owner,

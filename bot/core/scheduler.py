@@ -119,8 +119,7 @@ class Scheduler:
 
         `parent` is (job id, image index) for U/V buttons and (job id, None) for a reroll.
         """
-        job = await self._admission.submit(owner, request, kind, parent)
-        self.metrics.submitted((job,))
+        (job,) = await self.submit_many(owner, [request], kind, parent)
         return job
 
     async def submit_many(
