@@ -69,7 +69,8 @@ class Dispatcher:
         self._ready: set[int] = set()
         self._starting: set[int] = set()
         self._loop_task: asyncio.Task[None] | None = None
-        self._worker_starters: list[asyncio.Task[None]] = []
+        # Only the starters still running: a worker restarted after every crash adds one each.
+        self._worker_starters: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gpu_memory: dict[int, int] = {}
         self._models: dict[int, frozenset[str]] = {}
@@ -86,8 +87,13 @@ class Dispatcher:
             return
         self._starting.add(id(worker))
         task = asyncio.create_task(self._start_worker(worker), name=f"start-{worker.name}")
-        self._worker_starters.append(task)
-        task.add_done_callback(lambda _t: self._starting.discard(id(worker)))
+        self._worker_starters.add(task)
+
+        def started(done: asyncio.Task[None]) -> None:
+            self._starting.discard(id(worker))
+            self._worker_starters.discard(done)
+
+        task.add_done_callback(started)
 
     async def _start_worker(self, worker: Worker) -> None:
         # Jobs wait in the queue while a worker loads its models (which may take minutes);
@@ -112,7 +118,7 @@ class Dispatcher:
         """Stop dispatching, let running jobs finish for up to `drain_timeout_s`, hand the rest
         back to the queue (they run again after the restart), then stop the workers."""
         self._state.wake.set()
-        for starter in self._worker_starters:
+        for starter in list(self._worker_starters):
             starter.cancel()
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
