@@ -8,7 +8,7 @@ Everything here is a frozen dataclass or a `str` enum so a request can cross a p
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Protocol
@@ -127,6 +127,53 @@ class PromptPart:
     weight: float = 1.0
 
 
+class InputRole(StrEnum):
+    """What a member-supplied picture is for (beside `init_image`, the parent image a button
+    works on)."""
+
+    IMAGE_PROMPT = "image_prompt"  # an image prompt or one image of a /blend
+    STYLE = "style"  # --sref: style only
+    OBJECT = "object"  # --oref / --cref: content or character
+    MASK = "mask"  # Vary (Region) with an uploaded mask: white is repainted
+    CONTROL = "control"  # a ControlNet's input (preprocessed by the engine)
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """A picture a member gave the job. Stored beside the job as a file; `source` (the link or
+    attachment name) and `sha256` of the fetched bytes go into the PNG metadata."""
+
+    role: InputRole
+    image: Image.Image = field(compare=False, repr=False)
+    weight: float = 1.0
+    source: str = ""
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.role, InputRole):
+            raise ValueError(f"inputs: role must be an InputRole, got {self.role!r}")
+        if not isinstance(self.image, Image.Image):
+            raise ValueError(f"inputs: a {self.role.value} input needs an image")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role.value,
+            "weight": self.weight,
+            "source": self.source,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], image: Image.Image) -> InputImage:
+        return cls(
+            role=InputRole(data["role"]),
+            image=image,
+            weight=float(data.get("weight", 1.0)),
+            source=str(data.get("source", "")),
+            sha256=str(data.get("sha256", "")),
+        )
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One job for the engine. For variation/upscale, `init_image` is the chosen source image."""
@@ -150,6 +197,8 @@ class GenerationRequest:
     chaos: int = 0
     tile: bool = False
     stop_percent: int = 100
+    # Pictures the member gave the job (image prompts, references, a mask, a control image).
+    inputs: tuple[InputImage, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -212,17 +261,34 @@ class GenerationRequest:
         data["kind"] = self.kind.value
         data["sampler"] = self.sampler.value
         data["prompt_parts"] = [asdict(p) for p in self.prompt_parts]
+        data["inputs"] = [i.to_json() for i in self.inputs]
         return data
 
     @classmethod
     def from_json(
-        cls, data: dict[str, Any], init_image: Image.Image | None = None
+        cls,
+        data: dict[str, Any],
+        init_image: Image.Image | None = None,
+        input_images: Sequence[Image.Image] = (),
     ) -> GenerationRequest:
+        """`input_images` are the pictures of `data["inputs"]`, in order (stored as files by
+        whoever stored the JSON; keys other than the `InputImage` fields are theirs)."""
         values = dict(data)
         values["kind"] = JobKind(values["kind"])
         values["sampler"] = Sampler(values["sampler"])
         values["prompt_parts"] = tuple(PromptPart(**p) for p in values.get("prompt_parts", ()))
+        described = values.pop("inputs", ())
+        if len(described) != len(input_images):
+            raise ValueError(
+                f"inputs: {len(described)} described but {len(input_images)} images given"
+            )
+        values["inputs"] = tuple(
+            InputImage.from_json(d, image) for d, image in zip(described, input_images, strict=True)
+        )
         return cls(**values, init_image=init_image)
+
+    def inputs_for(self, role: InputRole) -> tuple[InputImage, ...]:
+        return tuple(i for i in self.inputs if i.role is role)
 
 
 def variation_request(

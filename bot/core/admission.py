@@ -15,7 +15,7 @@ from bot.core.clock import Clock, to_db
 from bot.core.credits import CreditsService, check_user_id
 from bot.core.db import Database, Transaction
 from bot.core.fairness import QueueEntry
-from bot.core.jobs import save_input_image
+from bot.core.jobs import StoredInputs, save_input_image
 from bot.core.models import (
     EXPIRED_MESSAGE,
     Job,
@@ -97,18 +97,18 @@ class Admission:
         costs = [self._credits.cost(request) for request in requests]
         tier = self.tier_for(owner)
         try:
-            init_paths = await self._save_inputs(requests, parent)
+            stored = await self._save_inputs(requests, parent)
             transaction = asyncio.ensure_future(
                 self._db.transaction(
                     lambda txn: self._submit_in(
-                        txn, owner, requests, kind, parent, costs, tier, init_paths
+                        txn, owner, requests, kind, parent, costs, tier, stored
                     )
                 )
             )
             try:
                 return await asyncio.shield(transaction)
             except BaseException:
-                self._discard_unless_committed(transaction, init_paths)
+                self._discard_unless_committed(transaction, stored)
                 raise
         finally:
             self._in_flight[user] -= len(requests)
@@ -117,31 +117,36 @@ class Admission:
 
     async def _save_inputs(
         self, requests: Sequence[GenerationRequest], parent: tuple[int, int | None] | None
-    ) -> list[str | None]:
-        """Store each request's source image as an input file. A U/V press or a reroll refers
-        to its parent's image instead; only an image that comes from nowhere else is stored."""
-        paths: list[str | None] = []
+    ) -> list[StoredInputs]:
+        """Store each request's pictures as input files. A U/V press or a reroll refers to its
+        parent's source image instead; only an image that comes from nowhere else is stored.
+        The member's own pictures (`request.inputs`) always belong to the job that has them."""
+        stored: list[StoredInputs] = []
         try:
             for request in requests:
-                path = None
+                init_path = None
                 if request.init_image is not None and parent is None:
-                    path = await asyncio.to_thread(
+                    init_path = await asyncio.to_thread(
                         save_input_image, request.init_image, self._data_dir
                     )
-                paths.append(path)
+                data = request.to_json()
+                stored.append(StoredInputs(init_path, data))
+                for described, given in zip(data["inputs"], request.inputs, strict=True):
+                    described["path"] = await asyncio.to_thread(
+                        save_input_image, given.image, self._data_dir
+                    )
         except BaseException:
-            for saved in paths:
-                if saved is not None:
-                    (self._data_dir / saved).unlink(missing_ok=True)
+            for path in (p for entry in stored for p in entry.paths()):
+                (self._data_dir / path).unlink(missing_ok=True)
             raise
-        return paths
+        return stored
 
     def _discard_unless_committed(
-        self, transaction: asyncio.Future[list[Job]], init_paths: Sequence[str | None]
+        self, transaction: asyncio.Future[list[Job]], stored: Sequence[StoredInputs]
     ) -> None:
         """The input files belong to the jobs once their transaction commits, even when our
         caller was cancelled meanwhile; they go only when the transaction failed."""
-        paths = [path for path in init_paths if path is not None]
+        paths = [path for entry in stored for path in entry.paths()]
         if not paths:
             return
 
@@ -196,7 +201,7 @@ class Admission:
         parent: tuple[int, int | None] | None,
         costs: Sequence[int],
         tier: int,
-        init_paths: Sequence[str | None],
+        stored: Sequence[StoredInputs],
     ) -> list[Job]:
         user = owner.user_id
         state = await self._credits.touch(txn, user, owner.role_ids)
@@ -214,7 +219,8 @@ class Admission:
             raise self._credits.insufficient(total, state, len(requests))
         now = self._clock()
         jobs = []
-        for request, cost, init_path in zip(requests, costs, init_paths, strict=True):
+        for cost, inputs in zip(costs, stored, strict=True):
+            init_path = inputs.init_path
             if parent is not None:
                 init_path = parent_image
             split = await self._credits.hold(txn, user, cost)
@@ -233,7 +239,7 @@ class Admission:
                     kind.value,
                     parent[0] if parent else None,
                     parent[1] if parent else None,
-                    json.dumps(request.to_json()),
+                    json.dumps(inputs.request_data),
                     init_path,
                     cost,
                     split[0],
@@ -251,7 +257,7 @@ class Admission:
                     id=job_id,
                     owner=Owner(owner.user_id, owner.guild_id, owner.channel_id),
                     kind=kind,
-                    request_data=request.to_json(),
+                    request_data=inputs.request_data,
                     state=JobState.QUEUED,
                     cost=cost,
                     attempts=0,

@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,11 +88,30 @@ def resolve_factory(factory: str | EngineFactory) -> EngineFactory:
 
 
 def load_request(data_dir: Path, item: WorkItem) -> GenerationRequest:
+    return load_request_images(data_dir, item.request_data, item.init_image_path)
+
+
+def input_paths(request_data: Mapping[str, Any]) -> list[str]:
+    """The stored files of a job's own pictures (image prompts, references, masks …)."""
+    return [str(i["path"]) for i in request_data.get("inputs", ()) if i.get("path")]
+
+
+def load_request_images(
+    data_dir: Path, request_data: Mapping[str, Any], init_image_path: str | None
+) -> GenerationRequest:
+    """The stored request with its pictures loaded (blocking: call it off the event loop)."""
     init_image = None
-    if item.init_image_path is not None:
-        with Image.open(safe_path(data_dir, item.init_image_path)) as source:
+    if init_image_path is not None:
+        with Image.open(safe_path(data_dir, init_image_path)) as source:
             init_image = source.convert("RGB")
-    return GenerationRequest.from_json(item.request_data, init_image=init_image)
+    pictures = []
+    for relative in input_paths(request_data):
+        with Image.open(safe_path(data_dir, relative)) as picture:
+            # A mask keeps its single channel; everything else is RGB.
+            pictures.append(picture.convert("L" if picture.mode == "L" else "RGB"))
+    return GenerationRequest.from_json(
+        dict(request_data), init_image=init_image, input_images=pictures
+    )
 
 
 def safe_path(data_dir: Path, relative: str) -> Path:

@@ -12,6 +12,7 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 from bot.core.clock import Clock, from_db, to_db
 from bot.core.db import Database, Transaction
-from bot.core.execute import safe_path
+from bot.core.execute import input_paths, load_request_images
 from bot.core.models import Delivery, ImageExpired, Job, JobKind, JobResult, JobState, Owner
 from generation.contract import GenerationRequest
 
@@ -71,6 +72,19 @@ def save_input_image(image: Image.Image, data_dir: Path) -> str:
         temporary.unlink(missing_ok=True)
         raise
     return relative
+
+
+@dataclass(frozen=True)
+class StoredInputs:
+    """A request as the jobs table stores it: its JSON, where each of the member's pictures
+    (`inputs`) carries the `path` of its file, and the file of its source image, if any."""
+
+    init_path: str | None
+    request_data: dict[str, Any]
+
+    def paths(self) -> list[str]:
+        own = [] if self.init_path is None else [self.init_path]
+        return own + input_paths(self.request_data)
 
 
 def remove_stale_temporaries(data_dir: Path) -> int:
@@ -126,18 +140,17 @@ class JobStore:
             job = await self.require(job)
         path = job.init_image_path
         data = dict(job.request_data)
-        if path is None:
+        if path is None and not input_paths(data):
             return GenerationRequest.from_json(data)
         if job.images_expired:
             raise ImageExpired(job.id)
-        return await asyncio.to_thread(self._load_with_image, job.id, data, path)
+        return await asyncio.to_thread(self._load_with_images, job.id, data, path)
 
-    def _load_with_image(
-        self, job_id: int, data: dict[str, Any], relative: str
+    def _load_with_images(
+        self, job_id: int, data: dict[str, Any], init_path: str | None
     ) -> GenerationRequest:
         try:
-            with Image.open(safe_path(self.data_dir, relative)) as source:
-                return GenerationRequest.from_json(data, init_image=source.convert("RGB"))
+            return load_request_images(self.data_dir, data, init_path)
         except FileNotFoundError:
             # A source image shared with an older job whose images have expired.
             raise ImageExpired(job_id) from None

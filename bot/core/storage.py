@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from typing import IO
 
 from bot.core.clock import Clock, to_db
 from bot.core.db import Database, Transaction
-from bot.core.execute import safe_path
+from bot.core.execute import input_paths, safe_path
 from bot.core.jobs import INPUTS_DIR, output_dir_for
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ async def prune_images(
 
         async def work(txn: Transaction) -> list[tuple[int, list[str]]]:
             rows = await txn.fetchall(
-                "SELECT j.id, j.init_image_path FROM jobs j "
+                "SELECT j.id, j.init_image_path, j.request FROM jobs j "
                 "WHERE j.images_expired_at IS NULL AND j.finished_at < ? "
                 "AND j.state NOT IN ('queued', 'running') "
                 "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.state IN ('queued', 'running') "
@@ -104,7 +105,8 @@ async def prune_images(
                 await txn.execute(
                     "UPDATE jobs SET images_expired_at = ? WHERE id = ?", (expired_at, job_id)
                 )
-                paths = [output_dir_for(job_id)]
+                # The member's own pictures belong to this job alone.
+                paths = [output_dir_for(job_id), *input_paths(json.loads(row["request"]))]
                 source = row["init_image_path"]
                 # A stored upload goes with the last job that refers to it.
                 if source is not None and str(source).startswith(f"{INPUTS_DIR}/"):
