@@ -134,6 +134,11 @@ def _options_problems(options: list[dict[str, Any]]) -> dict[str, Any]:
             seen_optional = True
         if len(option.get("choices") or []) > MAX_CHOICES:
             mine["choices"] = _errs("BASE_TYPE_MAX_LENGTH", f"Must be {MAX_CHOICES} or fewer.")
+        if option.get("autocomplete") and option.get("choices"):
+            mine["autocomplete"] = _errs(
+                "APPLICATION_COMMAND_AUTOCOMPLETE_CHOICES",
+                "Autocomplete cannot be set on an option with choices.",
+            )
         nested = _options_problems(option.get("options") or [])
         if nested:
             mine["options"] = nested
@@ -250,6 +255,62 @@ def build_invocation(
     if resolved:
         data["resolved"] = resolved
     return Invocation(data=data, uploads=uploads)
+
+
+def build_autocomplete(
+    command: dict[str, Any],
+    chain: list[dict[str, Any]],
+    leaf: dict[str, Any],
+    values: Mapping[str, Any],
+    focused: str,
+    path: str,
+    resolver: Resolver,
+) -> Invocation:
+    """The ``data`` of an autocomplete interaction (type 4) while the member types ``focused``.
+
+    Discord's client asks only for an option declared with ``autocomplete`` and sends what is
+    typed so far as a raw string, whatever the option's type; the options already filled in
+    are sent as they are (and checked like a real invocation's).
+    """
+    schema = {o["name"]: o for o in leaf.get("options") or []}
+    option = schema.get(focused)
+    if option is None or not option.get("autocomplete"):
+        declared = sorted(n for n, o in schema.items() if o.get("autocomplete"))
+        raise SchemaViolation(
+            f"/{path} {focused}: not an autocomplete option (those are: {declared or '-'})"
+        )
+    typed = values.get(focused, "")
+    if not isinstance(typed, str):
+        raise SchemaViolation(f"/{path} {focused}: the typed text is a string, got {typed!r}")
+    rest = {name: value for name, value in values.items() if name != focused}
+    # Required options may still be empty while another one is being typed.
+    relaxed = {**leaf, "options": [{**o, "required": False} for o in schema.values()]}
+    invocation = build_invocation(command, chain, relaxed, rest, path, resolver)
+    options = invocation.data["options"]
+    for _node in chain:  # down to the leaf's own option list
+        options = options[0]["options"]
+    entry = {"name": focused, "type": option["type"], "value": typed, "focused": True}
+    order = list(schema)
+    options.append(entry)
+    options.sort(key=lambda o: order.index(o["name"]))
+    return invocation
+
+
+def autocomplete_errors(option: dict[str, Any], choices: Any) -> str | None:
+    """What Discord would refuse in an autocomplete answer for ``option``; None when valid."""
+    if not isinstance(choices, list) or len(choices) > MAX_CHOICES:
+        return f"choices: must be a list of at most {MAX_CHOICES}"
+    numeric = (int, float) if option["type"] == NUMBER else (int,)
+    for choice in choices:
+        name, value = choice.get("name"), choice.get("value")
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_DESCRIPTION:
+            return f"choice name {name!r}: must be 1..{MAX_DESCRIPTION} characters"
+        if option["type"] == STRING:
+            if not isinstance(value, str) or len(value) > MAX_DESCRIPTION:
+                return f"choice value {value!r}: must be a string of at most 100 characters"
+        elif isinstance(value, bool) or not isinstance(value, numeric):
+            return f"choice value {value!r}: must be a {TYPE_NAMES[option['type']]}"
+    return None
 
 
 def _option_value(

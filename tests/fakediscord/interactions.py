@@ -29,6 +29,7 @@ POLL_INTERVAL = 0.05
 # Interaction types.
 APPLICATION_COMMAND = 2
 MESSAGE_COMPONENT = 3
+APPLICATION_COMMAND_AUTOCOMPLETE = 4
 MODAL_SUBMIT = 5
 
 # Callback (response) types.
@@ -119,6 +120,8 @@ class FakeInteraction:
         self.followups: list[Message] = []
         self.modal: dict[str, Any] | None = None
         self.autocomplete_choices: list[dict[str, Any]] | None = None
+        # The schema of the option being typed, for an autocomplete interaction.
+        self.autocomplete_option: dict[str, Any] | None = None
         # (status, Discord error code) of every error answered on this interaction's routes.
         self.errors: list[tuple[int, int]] = []
 

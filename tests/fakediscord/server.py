@@ -46,6 +46,7 @@ from tests.fakediscord.gateway import (
 )
 from tests.fakediscord.interactions import (
     APPLICATION_COMMAND,
+    APPLICATION_COMMAND_AUTOCOMPLETE,
     AUTOCOMPLETE_RESULT,
     CHANNEL_MESSAGE,
     DEFAULT_TIMEOUT,
@@ -625,6 +626,45 @@ class FakeDiscord:
             resolved.setdefault("attachments", {})[attachment_id] = attachment.payload()
         return await self._dispatch_interaction(user, channel, APPLICATION_COMMAND, invocation.data)
 
+    async def autocomplete(
+        self,
+        user: User,
+        command: str,
+        /,
+        *,
+        focused: str,
+        channel: Channel | None = None,
+        options: dict[str, Any] | None = None,
+        **values: Any,
+    ) -> FakeInteraction:
+        """``user`` is typing option ``focused`` of ``/command``; ``values[focused]`` is the
+        text so far, the other values are options already filled in. The bot's answer (type 8)
+        lands in ``interaction.autocomplete_choices`` once ``wait_acked()`` returns."""
+        channel = channel or self.general
+        merged = {**(options or {}), **values}
+        path = command.strip().lstrip("/").split()
+        top, chain, leaf = cmd.find_command(self._visible_commands(channel), path)
+        if self.enforce_default_permissions and channel.kind != "dm":
+            cmd.check_permissions(top, self.permissions_of(user), " ".join(path))
+        resolver = cmd.Resolver(
+            member_permissions=self.permissions_of,
+            channel_permissions=lambda _: self.permissions_of(user),
+            new_attachment_id=self.snowflake,
+        )
+        invocation = cmd.build_autocomplete(
+            top, chain, leaf, merged, focused, " ".join(path), resolver
+        )
+        if invocation.uploads:
+            raise cmd.SchemaViolation("Discord sends no attachments while a member types")
+        option = next(o for o in leaf.get("options") or [] if o["name"] == focused)
+        return await self._dispatch_interaction(
+            user,
+            channel,
+            APPLICATION_COMMAND_AUTOCOMPLETE,
+            invocation.data,
+            autocomplete_option=option,
+        )
+
     async def click(
         self,
         user: User,
@@ -761,6 +801,8 @@ class FakeDiscord:
         kind: int,
         data: dict[str, Any],
         message: Message | None = None,
+        *,
+        autocomplete_option: dict[str, Any] | None = None,
     ) -> FakeInteraction:
         await self.wait_ready()
         interaction_id = self.snowflake()
@@ -809,6 +851,7 @@ class FakeDiscord:
             token_lifetime=self.token_lifetime,
             message=message,
         )
+        interaction.autocomplete_option = autocomplete_option
         self.interactions.append(interaction)
         self._interactions_by_id[interaction_id] = interaction
         self._interactions_by_token[token] = interaction
@@ -1516,7 +1559,17 @@ class FakeDiscord:
                     ["data"], "BASE_TYPE_REQUIRED", "A modal needs custom_id, title and components."
                 )
             interaction.modal = data
-        elif response_type == AUTOCOMPLETE_RESULT and interaction.type == 4:
+        elif (
+            response_type == AUTOCOMPLETE_RESULT
+            and interaction.type == APPLICATION_COMMAND_AUTOCOMPLETE
+        ):
+            problem = (
+                cmd.autocomplete_errors(interaction.autocomplete_option, data.get("choices"))
+                if interaction.autocomplete_option is not None
+                else None
+            )
+            if problem is not None:
+                raise form_error(["data", "choices"], "BASE_TYPE_INVALID", problem)
             interaction.autocomplete_choices = data.get("choices", [])
         else:
             raise form_error(
