@@ -174,6 +174,19 @@ class InputImage:
         )
 
 
+# LoRA and ControlNet weights a member may ask for: 0 turns one off, 2 doubles it.
+MAX_LORA_WEIGHT = 2.0
+MAX_CONTROLNET_WEIGHT = 2.0
+
+
+@dataclass(frozen=True)
+class LoraWeight:
+    """One configured LoRA (by name) applied to a job at `weight`."""
+
+    name: str
+    weight: float = 1.0
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One job for the engine. For variation/upscale, `init_image` is the chosen source image."""
@@ -199,6 +212,10 @@ class GenerationRequest:
     stop_percent: int = 100
     # Pictures the member gave the job (image prompts, references, a mask, a control image).
     inputs: tuple[InputImage, ...] = field(default=(), compare=False, repr=False)
+    # Configured LoRAs by name; a configured ControlNet by name, its picture the CONTROL input.
+    loras: tuple[LoraWeight, ...] = ()
+    controlnet: str | None = None
+    controlnet_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -251,6 +268,34 @@ class GenerationRequest:
             raise ValueError(f"chaos: must be between 0 and 100, got {self.chaos}")
         if not 10 <= self.stop_percent <= 100:
             raise ValueError(f"stop_percent: must be between 10 and 100, got {self.stop_percent}")
+        self._validate_add_ons()
+
+    def _validate_add_ons(self) -> None:
+        seen: set[str] = set()
+        for lora in self.loras:
+            if not isinstance(lora, LoraWeight) or not lora.name.strip():
+                raise ValueError(f"loras: each must be a LoraWeight with a name, got {lora!r}")
+            if not 0.0 <= lora.weight <= MAX_LORA_WEIGHT:
+                raise ValueError(
+                    f"loras: weight of {lora.name!r} must be between 0 and {MAX_LORA_WEIGHT:g}, "
+                    f"got {lora.weight:g}"
+                )
+            if lora.name in seen:
+                raise ValueError(f"loras: {lora.name!r} is given twice")
+            seen.add(lora.name)
+        if not 0.0 <= self.controlnet_weight <= MAX_CONTROLNET_WEIGHT:
+            raise ValueError(
+                f"controlnet_weight: must be between 0 and {MAX_CONTROLNET_WEIGHT:g}, "
+                f"got {self.controlnet_weight:g}"
+            )
+        controls = self.inputs_for(InputRole.CONTROL)
+        if self.controlnet is not None and len(controls) != 1:
+            raise ValueError(
+                f"controlnet: {self.controlnet!r} needs exactly one control image, "
+                f"got {len(controls)}"
+            )
+        if self.controlnet is None and controls:
+            raise ValueError("inputs: a control image was given without a controlnet")
 
     def with_changes(self, **changes: Any) -> GenerationRequest:
         return replace(self, **changes)
@@ -262,6 +307,7 @@ class GenerationRequest:
         data["sampler"] = self.sampler.value
         data["prompt_parts"] = [asdict(p) for p in self.prompt_parts]
         data["inputs"] = [i.to_json() for i in self.inputs]
+        data["loras"] = [asdict(lora) for lora in self.loras]
         return data
 
     @classmethod
@@ -277,6 +323,7 @@ class GenerationRequest:
         values["kind"] = JobKind(values["kind"])
         values["sampler"] = Sampler(values["sampler"])
         values["prompt_parts"] = tuple(PromptPart(**p) for p in values.get("prompt_parts", ()))
+        values["loras"] = tuple(LoraWeight(**lora) for lora in values.get("loras", ()))
         described = values.pop("inputs", ())
         if len(described) != len(input_images):
             raise ValueError(
@@ -348,6 +395,8 @@ class GenerationResult:
     timings_s: dict[str, float] = field(default_factory=dict, compare=False)
     # Index into the generated batch of each kept image, so candidate i is seed + i.
     candidate_indices: tuple[int, ...] = ()
+    # The preprocessed ControlNet input (edges, depth …) the job was conditioned on, to show.
+    control_map: Image.Image | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-from generation.contract import Sampler
+from generation.contract import MAX_LORA_WEIGHT, GenerationRequest, Sampler
 
 # `source = "tiny"` resolves to random-weight models built in code (generation.tiny); anything
 # else is a Hugging Face hub id or a local diffusers folder, loaded with `from_pretrained`.
@@ -14,6 +17,23 @@ TINY_SOURCES = (TINY, "tiny-sdxl")
 # The CLIP to rank real images with: the ViT-L/14 that SD 1.x's own text encoder comes from.
 REAL_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+FAMILIES = ("sd", "sdxl")
+# Weights that are unpickled when loaded: opening one runs whatever code it carries.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+class Preprocessor(StrEnum):
+    """How a member's picture becomes a ControlNet's control map (generation.preprocess)."""
+
+    CANNY = "canny"  # edges, with OpenCV
+    DEPTH = "depth"  # a depth map from a transformers depth model (DPT)
+    NONE = "none"  # the picture already is a control map (a pose skeleton, line art …)
+
+
+# The depth model a DEPTH ControlNet uses unless it names one (the one diffusers' ControlNet
+# depth examples use).
+DEFAULT_DEPTH_MODEL = "Intel/dpt-large"
 
 
 @dataclass(frozen=True)
@@ -30,6 +50,44 @@ class ModelSpec:
     vae: str = ""
     # This model's dtype, overriding the engine's ("" = the engine's).
     dtype: str = ""
+    # For a single-file `source` (.safetensors): a local diffusers folder of the same family
+    # whose configs, tokenizers and scheduler describe the checkpoint (its weights, if any, are
+    # not read), so loading never asks the hub for them.
+    config: str = ""
+    # A pickled checkpoint (.ckpt) can run code when opened: refused unless the owner says so.
+    allow_pickle: bool = False
+    description: str = ""
+
+    @property
+    def single_file(self) -> bool:
+        return self.source.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA the server offers: `source` is a .safetensors file, a folder or a hub id."""
+
+    name: str
+    source: str
+    # The model family it was trained for ("sd" or "sdxl"); only models of it may use it.
+    family: str = "sd"
+    default_weight: float = 1.0
+    # Words the LoRA was trained to respond to, appended to the prompt when it is used.
+    trigger_words: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """A ControlNet the server offers: `source` is a diffusers folder or a hub id."""
+
+    name: str
+    source: str
+    family: str = "sd"
+    preprocessor: Preprocessor = Preprocessor.CANNY
+    description: str = ""
+    # DEPTH only: the depth model (a transformers folder or hub id); "" = DEFAULT_DEPTH_MODEL.
+    preprocessor_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +116,8 @@ class EngineSettings:
     vae_tiling: bool = False
     # Loaded models beyond this many are unloaded, least recently used first.
     max_loaded_models: int = 2
+    loras: tuple[LoraSpec, ...] = ()
+    controlnets: tuple[ControlNetSpec, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
     def model(self, name: str | None = None) -> ModelSpec:
@@ -67,6 +127,50 @@ class EngineSettings:
                 return spec
         names = ", ".join(spec.name for spec in self.models)
         raise ValueError(f"model: unknown model {wanted!r}; configured: {names}")
+
+    def lora(self, name: str) -> LoraSpec:
+        for spec in self.loras:
+            if spec.name == name:
+                return spec
+        offered = ", ".join(spec.name for spec in self.loras) or "none"
+        raise ValueError(f"lora: unknown LoRA {name!r}; offered: {offered}")
+
+    def controlnet(self, name: str) -> ControlNetSpec:
+        for spec in self.controlnets:
+            if spec.name == name:
+                return spec
+        offered = ", ".join(spec.name for spec in self.controlnets) or "none"
+        raise ValueError(f"controlnet: unknown ControlNet {name!r}; offered: {offered}")
+
+    def loras_for(self, model: str | None = None) -> tuple[LoraSpec, ...]:
+        """The LoRAs that fit `model` (its family), for listings and autocomplete."""
+        family = self.model(model).family
+        return tuple(spec for spec in self.loras if spec.family == family)
+
+    def controlnets_for(self, model: str | None = None) -> tuple[ControlNetSpec, ...]:
+        family = self.model(model).family
+        return tuple(spec for spec in self.controlnets if spec.family == family)
+
+    def check_add_ons(self, request: GenerationRequest) -> None:
+        """The request's LoRAs and ControlNet exist and fit its model; ValueError names them.
+
+        Cheap (no torch), so the bot can refuse before charging anything.
+        """
+        model = self.model(request.model)
+        for wanted in request.loras:
+            lora = self.lora(wanted.name)
+            if lora.family != model.family:
+                raise ValueError(
+                    f"lora: {lora.name!r} is made for {lora.family} models, but model "
+                    f"{model.name!r} is {model.family}"
+                )
+        if request.controlnet is not None:
+            controlnet = self.controlnet(request.controlnet)
+            if controlnet.family != model.family:
+                raise ValueError(
+                    f"controlnet: {controlnet.name!r} is made for {controlnet.family} models, "
+                    f"but model {model.name!r} is {model.family}"
+                )
 
     def validate(self) -> None:
         """Refuse settings that would start but give wrong results; ValueError names the key."""
@@ -78,6 +182,10 @@ class EngineSettings:
                     f"models.dtype: model {spec.name!r} has dtype {spec.dtype!r}; "
                     f"one of {', '.join(DTYPES)}"
                 )
+            _check_family("models", spec.name, spec.family)
+            if spec.single_file:
+                _check_single_file(spec)
+        self._validate_add_ons()
         real = [spec for spec in self.models if spec.source not in TINY_SOURCES]
         if self.clip_model == TINY and real:
             # The tiny CLIP has random weights: its ranking of real images is noise.
@@ -86,3 +194,109 @@ class EngineSettings:
                 f"model {real[0].name!r} ({real[0].source}); set clip_model = "
                 f'"{REAL_CLIP_MODEL}" (or another CLIP on the Hugging Face hub or in a folder)'
             )
+
+    def _validate_add_ons(self) -> None:
+        families = {spec.family for spec in self.models}
+        for kind, specs in (("loras", self.loras), ("controlnets", self.controlnets)):
+            names = [spec.name for spec in specs]
+            for name in names:
+                if not name.strip() or names.count(name) > 1:
+                    raise ValueError(f"{kind}.name: {name!r} is empty or given twice")
+            for spec in specs:
+                _check_family(kind, spec.name, spec.family)
+                if spec.family not in families:
+                    raise ValueError(
+                        f"{kind}.family: {spec.name!r} is for {spec.family} models, but no "
+                        f"configured model is {spec.family} (models: "
+                        + ", ".join(f"{m.name} ({m.family})" for m in self.models)
+                        + ")"
+                    )
+        for lora in self.loras:
+            if not 0.0 <= lora.default_weight <= MAX_LORA_WEIGHT:
+                raise ValueError(
+                    f"loras.default_weight: {lora.name!r} has {lora.default_weight:g}; "
+                    f"between 0 and {MAX_LORA_WEIGHT:g}"
+                )
+            if lora.source.lower().endswith(PICKLE_SUFFIXES):
+                raise ValueError(
+                    f"loras.source: {lora.name!r} is a pickled file ({lora.source}), which can run "
+                    "code when opened; convert it to .safetensors"
+                )
+            if _looks_local(lora.source):
+                _check_local_weights("loras.source", lora.name, Path(lora.source))
+        for controlnet in self.controlnets:
+            if not isinstance(controlnet.preprocessor, Preprocessor):
+                raise ValueError(
+                    f"controlnets.preprocessor: {controlnet.name!r} has "
+                    f"{controlnet.preprocessor!r}; one of "
+                    + ", ".join(p.value for p in Preprocessor)
+                )
+            if _looks_local(controlnet.source):
+                _check_local_weights("controlnets.source", controlnet.name, Path(controlnet.source))
+
+
+def _check_family(kind: str, name: str, family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"{kind}.family: {name!r} has {family!r}; one of {', '.join(FAMILIES)}")
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub id: hub ids are `owner/name` and never start like a path."""
+    return source.startswith(("/", ".", "~")) or source.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def _check_single_file(spec: ModelSpec) -> None:
+    path = Path(spec.source).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
+        raise ValueError(
+            f"models.source: model {spec.name!r} is a pickled checkpoint ({path.name}): opening "
+            "one can run any code it carries. Convert it to .safetensors, or set "
+            "allow_pickle = true for this model if you trust where it came from"
+        )
+    _check_local_weights("models.source", spec.name, path)
+    if not spec.config:
+        raise ValueError(
+            f"models.config: model {spec.name!r} is a single file ({path.name}) and needs "
+            "`config`, a local diffusers folder of its family (configs, tokenizers and "
+            "scheduler; weights are not needed), so that nothing is fetched from the hub"
+        )
+    config = Path(spec.config).expanduser()
+    if not (config / "model_index.json").is_file():
+        raise ValueError(
+            f"models.config: model {spec.name!r}: {config} is not a diffusers folder "
+            "(no model_index.json in it)"
+        )
+
+
+def _check_local_weights(key: str, name: str, path: Path) -> None:
+    """The file exists and, for .safetensors, its header reads (a truncated download or an HTML
+    error page saved under the name fails here, at start-up, instead of on a member's job)."""
+    path = path.expanduser()
+    if not path.exists():
+        raise ValueError(f"{key}: {name!r}: {path} does not exist")
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
+        return
+    reason = safetensors_problem(path)
+    if reason:
+        raise ValueError(f"{key}: {name!r}: {path.name} is not a usable safetensors file: {reason}")
+
+
+def safetensors_problem(path: Path) -> str:
+    """Why `path` is not a readable safetensors file, or "" when its header reads."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(8)
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            (length,) = struct.unpack("<Q", head)
+            size = path.stat().st_size
+            if length > size - 8 or length > 100_000_000:
+                return f"the header claims {length} bytes but the file has {size}"
+            header = json.loads(file.read(length))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except (ValueError, UnicodeDecodeError):
+        return "its header is not JSON (truncated or not a safetensors file)"
+    if not isinstance(header, dict) or not any(k != "__metadata__" for k in header):
+        return "it holds no tensors"
+    return ""
