@@ -119,6 +119,17 @@ class ImagineOptions:
 
 
 @dataclass(frozen=True)
+class PromptDefaults:
+    """A member's saved settings (/settings). Each applies only where neither the prompt's
+    flags nor the slash options say anything, so it can never conflict with what was typed."""
+
+    aspect: str | None = None  # "W:H"
+    model: str | None = None
+    sampler: str | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
 class ParsedPrompt:
     request: GenerationRequest
     # Short lines the reply can show: what was ignored, mapped or moved.
@@ -479,13 +490,14 @@ def parse_prompt(
     model: str | None = None,
     options: ImagineOptions | None = None,
     seed_source: Callable[[], int] = _random_seed,
+    defaults: PromptDefaults | None = None,
 ) -> ParsedPrompt:
     """Parse a /imagine prompt with its options into an IMAGINE request, or raise PromptError.
 
     `seed_source` is called only when neither the prompt nor the options give a seed. Braces
     are prompt text here; `parse_jobs` is what expands permutations and repeats.
     """
-    return _parse(text, settings, model, options, seed_source)[0]
+    return _parse(text, settings, model, options, seed_source, defaults)[0]
 
 
 def _parse(
@@ -494,6 +506,7 @@ def _parse(
     model: str | None,
     options: ImagineOptions | None,
     seed_source: Callable[[], int],
+    defaults: PromptDefaults | None = None,
 ) -> tuple[ParsedPrompt, _Inline]:
     options = options or ImagineOptions()
     if len(text) > MAX_INPUT_CHARS:
@@ -544,6 +557,7 @@ def _parse(
             prompt_text = f"{prompt_text.rstrip(_EDGE_JUNK)}, {moved}"
             notes.append(f"{_short(moved)!r} after {flag.typed} was kept as prompt text")
     _legacy_aspect(inline, notes)
+    options, model = _with_defaults(defaults, options, model, inline)
 
     prompt_text = _strip_image_prompts(prompt_text, notes)
     parts = _parse_weights(prompt_text)
@@ -586,6 +600,26 @@ def _parse(
         notes.append(f"{inline.typed['stop']} {percent} → denoising stops at {percent} %")
     repeat = cast(int, inline.values.get("repeat", 1))
     return ParsedPrompt(request=request, notes=tuple(notes), repeat=repeat), inline
+
+
+def _with_defaults(
+    defaults: PromptDefaults | None, options: ImagineOptions, model: str | None, inline: _Inline
+) -> tuple[ImagineOptions, str | None]:
+    """The member's defaults as if given as options, but only where nothing was typed: a
+    default is never compared with a flag, so it can't make a prompt conflict."""
+    if defaults is None:
+        return options, model
+    changes: dict[str, Any] = {}
+    if defaults.aspect is not None and options.aspect is None and "ar" not in inline.values:
+        changes["aspect"] = defaults.aspect
+    typed_steps = {"steps", "quality"} & inline.values.keys()
+    if defaults.steps is not None and options.steps is None and not typed_steps:
+        changes["steps"] = defaults.steps
+    if defaults.sampler is not None and options.sampler is None and "sampler" not in inline.values:
+        changes["sampler"] = defaults.sampler
+    if defaults.model is not None and model is None and "model" not in inline.values:
+        model = defaults.model
+    return replace(options, **changes), model
 
 
 def _check_value(flag: _RawFlag, spec: FlagSpec, value: str, settings: EngineSettings) -> object:
@@ -807,6 +841,7 @@ def parse_jobs(
     options: ImagineOptions | None = None,
     max_jobs: int = MAX_JOBS,
     seed_source: Callable[[], int] = _random_seed,
+    defaults: PromptDefaults | None = None,
 ) -> list[ParsedPrompt]:
     """Every job a /imagine prompt asks for, each fully parsed, or PromptError for the whole.
 
@@ -842,7 +877,7 @@ def parse_jobs(
     repeat_typed: list[str] = []
     for index, prompt in enumerate(prompts, start=1):
         try:
-            job, inline = _parse(prompt, settings, model, options, shared_seed)
+            job, inline = _parse(prompt, settings, model, options, shared_seed, defaults)
             parsed.append(job)
             repeat_typed.append(inline.typed.get("repeat", "--repeat"))
         except PromptError as exc:

@@ -24,7 +24,7 @@ T = TypeVar("T")
 # Positional (`?`) or named (`:name`) statement parameters.
 Params = Sequence[Any] | Mapping[str, Any]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Migration n brings a database from version n-1 to n. Never edit a released step: append one.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -141,6 +141,31 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: (
         "ALTER TABLE jobs ADD COLUMN images_expired_at TEXT",
         "CREATE INDEX jobs_finished ON jobs(finished_at) WHERE images_expired_at IS NULL",
+    ),
+    # Per-member settings (/settings, /prefer): defaults for new prompts, previews, remix.
+    4: (
+        """
+        CREATE TABLE member_settings (
+            user_id INTEGER PRIMARY KEY,
+            aspect TEXT,
+            model TEXT,
+            sampler TEXT,
+            steps INTEGER CHECK (steps IS NULL OR steps >= 1),
+            previews INTEGER NOT NULL DEFAULT 1,
+            remix INTEGER NOT NULL DEFAULT 0,
+            suffix TEXT NOT NULL DEFAULT '',
+            updated_at TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE member_options (
+            user_id INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (user_id, name)
+        )
+        """,
     ),
 }
 
