@@ -19,11 +19,19 @@ from typing import Any
 
 from bot import render
 from bot.config import Config
-from bot.core.models import ImageExpired, Job, JobKind, JobState, Owner, Refused
+from bot.core.clock import system_clock
+from bot.core.models import ActiveJob, Balance, ImageExpired, Job, JobKind, JobState, Owner, Refused
+from bot.core.preferences import Preferences, PreferenceStore
 from bot.core.service import Core
 from bot.moderation import PromptFilter, audit_refusal, make_output_check
 from generation.contract import MAX_SEED, GenerationRequest, upscale_request, variation_request
-from generation.prompt import ImagineOptions, ParsedPrompt, PromptError, parse_jobs
+from generation.prompt import (
+    ImagineOptions,
+    ParsedPrompt,
+    PromptDefaults,
+    PromptError,
+    parse_jobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,15 @@ class Actor:
 
 
 @dataclass(frozen=True)
+class MemberInfo:
+    """What /info shows a member about themselves."""
+
+    balance: Balance
+    jobs: tuple[ActiveJob, ...]
+    preferences: Preferences
+
+
+@dataclass(frozen=True)
 class Submitted:
     job: Job
     notes: tuple[str, ...] = ()
@@ -106,11 +123,16 @@ class ImagineApp:
         self._seed_source = seed_source
         self._monotonic = monotonic
         self._last_submit: dict[int, float] = {}
+        self.preferences = PreferenceStore(core.db, config.engine, system_clock)
 
     # ----- creating jobs ---------------------------------------------------------------------
 
     def parse_jobs(
-        self, text: str, options: ImagineOptions | None = None, model: str | None = None
+        self,
+        text: str,
+        options: ImagineOptions | None = None,
+        model: str | None = None,
+        defaults: PromptDefaults | None = None,
     ) -> list[ParsedPrompt]:
         """Every job a prompt asks for ({…} permutations, --repeat), parsed without queueing
         anything (pure; raises UserError for the whole prompt)."""
@@ -122,6 +144,7 @@ class ImagineApp:
                 options=options,
                 max_jobs=self.config.scheduler.max_jobs_per_prompt,
                 seed_source=self._seed_source,
+                defaults=defaults,
             )
         except PromptError as exc:
             raise UserError(str(exc)) from None
@@ -136,7 +159,11 @@ class ImagineApp:
         """Queue every job the prompt asks for, all or none; one for a plain prompt. Several
         jobs each carry a note saying which of how many they are (the first: at what cost)."""
         self._check_cooldown(actor)
-        parsed = self.parse_jobs(text, options, model)
+        # The member's /prefer shortcuts and suffix, and their /settings defaults under
+        # whatever was typed.
+        prefs = await self.preferences.get(actor.user_id)
+        defaults = prefs.prompt_defaults(self.config.engine)
+        parsed = self.parse_jobs(prefs.expand(text), options, model, defaults)
         # Only what is asked for is filtered: "--no gore" steers away from what it names.
         for prompt in dict.fromkeys(job.request.prompt for job in parsed):
             await self._check_prompt(actor, text, prompt)
@@ -177,7 +204,21 @@ class ImagineApp:
             return False
         return job.result.width * job.result.height * 4 <= self.config.engine.max_pixels
 
+    async def check_delete(self, actor: Actor, job_id: int) -> Job:
+        """The job whose result message `actor` wants deleted: their own, or anyone's for an
+        admin. Only the message goes; the files follow the retention rules, because other
+        jobs' buttons may still work from them."""
+        job = await self._job_for(actor, job_id)
+        if not job.state.terminal:
+            raise UserError(f"Job {job.id} is still {job.state.value}; use its Cancel button.")
+        return job
+
     # ----- reading ---------------------------------------------------------------------------
+
+    async def info(self, actor: Actor) -> MemberInfo:
+        balance = await self.core.credits.balance(actor.user_id, actor.role_ids)
+        jobs = await self.core.scheduler.user_jobs(actor.user_id)
+        return MemberInfo(balance, tuple(jobs), await self.preferences.get(actor.user_id))
 
     async def job(self, actor: Actor, job_id: int) -> Job:
         return await self._job_for(actor, job_id, must_own=False)
