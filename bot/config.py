@@ -6,14 +6,26 @@ A bad value raises `ConfigError` naming the key, so start-up can print one clear
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from generation.contract import Sampler
+from generation.contract import MAX_LORA_WEIGHT, Sampler
 from generation.prompt import MAX_JOBS
-from generation.settings import DTYPES, EngineSettings, ModelSpec
+from generation.settings import (
+    DTYPES,
+    FAMILIES,
+    SINGLE_FILE_SUFFIXES,
+    TINY_SOURCES,
+    ControlNetSpec,
+    EngineSettings,
+    LoraSpec,
+    ModelSpec,
+    Preprocessor,
+)
 
 
 class ConfigError(ValueError):
@@ -93,6 +105,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    # Members' pictures (image prompts, /blend, /describe, --sref/--oref/--cref links) are
+    # fetched over https from these hosts only; by default Discord's attachment hosts. Private,
+    # loopback and link-local addresses are refused whatever the list says.
+    allowed_hosts: tuple[str, ...] = ("cdn.discordapp.com", "media.discordapp.net")
+    max_bytes: int = 10 * 1024 * 1024
+    # Checked from the file's header before decoding: decompression bombs never get decoded.
+    max_pixels: int = 40_000_000
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("data")
     log_level: str = "INFO"
@@ -103,6 +127,7 @@ class Config:
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     @property
     def database_path(self) -> Path:
@@ -135,30 +160,34 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     config = Config(
         data_dir=data_dir,
         log_level=log_level,
-        engine=_engine(reader.section("generation"), data_dir),
+        engine=_engine(reader.section("generation"), data_dir, base_dir),
         scheduler=_scheduler(reader.section("scheduler")),
         credits=_credits(reader.section("credits")),
         discord=_discord(reader.section("discord")),
         moderation=_moderation(reader.section("moderation")),
         storage=_storage(reader.section("storage")),
         metrics=_metrics(reader.section("metrics")),
+        images=_images(reader.section("images")),
     )
     reader.reject_unknown()
     return config
 
 
-def _engine(section: _Reader, data_dir: Path) -> EngineSettings:
+def _engine(section: _Reader, data_dir: Path, base_dir: Path) -> EngineSettings:
     defaults = EngineSettings()
     models = []
     for index, raw_model in enumerate(section.get("models", list, [])):
         model = _Reader(raw_model, f"{section.prefix}models[{index}].")
         spec = ModelSpec(
             name=model.get("name", str),
-            source=model.get("source", str),
+            source=_weights_path(model.get("source", str), base_dir),
             base_resolution=model.get("base_resolution", int, 512),
             family=model.get("family", str, "sd"),
             vae=model.get("vae", str, ""),
             dtype=model.choice("dtype", ("", *DTYPES), ""),
+            config=_weights_path(model.get("config", str, ""), base_dir),
+            allow_pickle=model.get("allow_pickle", bool, False),
+            description=_description(model),
         )
         if spec.base_resolution % 64 or not 64 <= spec.base_resolution <= 2048:
             raise ConfigError(f"{model.prefix}base_resolution: a multiple of 64 in 64..2048")
@@ -203,6 +232,8 @@ def _engine(section: _Reader, data_dir: Path) -> EngineSettings:
         cpu_offload=section.get("cpu_offload", bool, defaults.cpu_offload),
         vae_tiling=section.get("vae_tiling", bool, defaults.vae_tiling),
         max_loaded_models=section.positive("max_loaded_models", int, defaults.max_loaded_models),
+        loras=_loras(section, base_dir),
+        controlnets=_controlnets(section, base_dir),
     )
     try:
         settings.validate()
@@ -221,6 +252,108 @@ def _engine(section: _Reader, data_dir: Path) -> EngineSettings:
             raise ConfigError(f"{section.prefix}{name}: must be in (0, 1]")
     section.reject_unknown()
     return settings
+
+
+# A LoRA or ControlNet name is typed after --lora/--cn, where commas and spaces separate several
+# and a colon starts the weight; Discord shows at most 100 characters of a choice.
+_ADD_ON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,39}")
+_MAX_DESCRIPTION_CHARS = 200
+
+
+def _loras(section: _Reader, base_dir: Path) -> tuple[LoraSpec, ...]:
+    specs: list[LoraSpec] = []
+    for index, raw in enumerate(section.get("loras", list, [])):
+        table = _Reader(raw, f"{section.prefix}loras[{index}].")
+        spec = LoraSpec(
+            name=_add_on_name(table, specs),
+            source=_weights_path(table.get("source", str), base_dir),
+            family=table.choice("family", FAMILIES, "sd"),
+            default_weight=table.get("default_weight", float, 1.0),
+            trigger_words=_trigger_words(table),
+            description=_description(table),
+        )
+        if not 0.0 <= spec.default_weight <= MAX_LORA_WEIGHT:
+            raise ConfigError(
+                f"{table.prefix}default_weight: must be between 0 and {MAX_LORA_WEIGHT:g}, "
+                f"got {spec.default_weight:g}"
+            )
+        table.reject_unknown()
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _controlnets(section: _Reader, base_dir: Path) -> tuple[ControlNetSpec, ...]:
+    specs: list[ControlNetSpec] = []
+    for index, raw in enumerate(section.get("controlnets", list, [])):
+        table = _Reader(raw, f"{section.prefix}controlnets[{index}].")
+        name = _add_on_name(table, specs)
+        source = _weights_path(table.get("source", str), base_dir)
+        family = table.choice("family", FAMILIES, "sd")
+        # Required: a ControlNet fed the wrong kind of map draws nonsense without any error.
+        kinds = tuple(p.value for p in Preprocessor)
+        wanted = table.get("preprocessor", str)
+        if wanted not in kinds:
+            raise ConfigError(f"{table.prefix}preprocessor: must be one of {', '.join(kinds)}")
+        preprocessor = Preprocessor(wanted)
+        depth_model = table.get("preprocessor_model", str, "")
+        if depth_model and preprocessor is not Preprocessor.DEPTH:
+            raise ConfigError(
+                f"{table.prefix}preprocessor_model: only a depth preprocessor uses a model"
+            )
+        specs.append(
+            ControlNetSpec(
+                name=name,
+                source=source,
+                family=family,
+                preprocessor=preprocessor,
+                description=_description(table),
+                preprocessor_model=_weights_path(depth_model, base_dir),
+            )
+        )
+        table.reject_unknown()
+    return tuple(specs)
+
+
+def _add_on_name(table: _Reader, earlier: Sequence[LoraSpec | ControlNetSpec]) -> str:
+    name: str = table.get("name", str)
+    if not _ADD_ON_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{table.prefix}name: letters, digits and _ . + - only (no spaces, commas or "
+            f"colons: they separate names and weights after --lora), at most 40; got {name!r}"
+        )
+    if any(spec.name.casefold() == name.casefold() for spec in earlier):
+        # Members type names in any case, so two that differ only by case would be ambiguous.
+        raise ConfigError(f"{table.prefix}name: {name!r} is given twice")
+    return name
+
+
+def _trigger_words(table: _Reader) -> tuple[str, ...]:
+    words = table.get("trigger_words", list, [])
+    if not all(isinstance(word, str) and word.strip() for word in words):
+        raise ConfigError(f"{table.prefix}trigger_words: must be a list of non-empty strings")
+    return tuple(word.strip() for word in words)
+
+
+def _description(table: _Reader) -> str:
+    text: str = " ".join(table.get("description", str, "").split())
+    if len(text) > _MAX_DESCRIPTION_CHARS:
+        raise ConfigError(
+            f"{table.prefix}description: at most {_MAX_DESCRIPTION_CHARS} characters, "
+            f"got {len(text)}"
+        )
+    return text
+
+
+def _weights_path(value: str, base_dir: Path) -> str:
+    """A weights file, or a folder written as ./x or ../x, relative to the config file (as
+    data_dir is); anything else is a hub id or a folder name left as written."""
+    if not value or value in TINY_SOURCES:
+        return value
+    path = Path(value).expanduser()
+    relative = value.startswith(("./", "../")) or value.lower().endswith(SINGLE_FILE_SUFFIXES)
+    if path.is_absolute() or not relative:
+        return str(path) if value.startswith("~") else value
+    return str(base_dir / path)
 
 
 def _storage(section: _Reader) -> StorageConfig:
@@ -242,6 +375,25 @@ def _metrics(section: _Reader) -> MetricsConfig:
         raise ConfigError(f"{section.prefix}host: must not be empty")
     if config.port > 65535:
         raise ConfigError(f"{section.prefix}port: must be at most 65535, got {config.port}")
+    section.reject_unknown()
+    return config
+
+
+def _images(section: _Reader) -> ImagesConfig:
+    defaults = ImagesConfig()
+    hosts = section.get("allowed_hosts", list, list(defaults.allowed_hosts))
+    for host in hosts:
+        if not isinstance(host, str) or not host.strip() or "/" in host or ":" in host:
+            raise ConfigError(
+                f"{section.prefix}allowed_hosts: host names only (no scheme, port or path), "
+                f"got {host!r}"
+            )
+    config = ImagesConfig(
+        allowed_hosts=tuple(host.strip().lower() for host in hosts),
+        max_bytes=section.positive("max_bytes", int, defaults.max_bytes),
+        max_pixels=section.positive("max_pixels", int, defaults.max_pixels),
+        timeout_s=section.positive("timeout_s", float, defaults.timeout_s),
+    )
     section.reject_unknown()
     return config
 
