@@ -85,6 +85,7 @@ from tests.fakediscord.model import (
     MessageState,
     Role,
     SnowflakeFactory,
+    Upload,
     User,
     Via,
     guess_content_type,
@@ -712,12 +713,17 @@ class FakeDiscord:
         )
 
     async def submit_modal(
-        self, interaction: FakeInteraction, values: dict[str, str]
+        self,
+        interaction: FakeInteraction,
+        values: dict[str, str | list[str] | Upload | list[Upload]],
     ) -> FakeInteraction:
-        """The user who got ``interaction``'s modal fills its text inputs and submits it."""
+        """The user who got ``interaction``'s modal fills it in and submits it: text inputs
+        take a string, string selects a list of option values, file uploads (type 19) an
+        ``Upload`` or a list of them (stored like attachments and resolved in the payload)."""
         modal = interaction.modal
         if modal is None:
             raise cmd.SchemaViolation(f"{interaction!r} did not answer with a modal")
+        resolved: dict[str, Any] = {}
 
         def fill(component: dict[str, Any]) -> dict[str, Any]:
             if component["type"] == 1:
@@ -725,18 +731,72 @@ class FakeDiscord:
             if component["type"] == 18:
                 return {"type": 18, "component": fill(component["component"])}
             custom_id = component.get("custom_id")
-            value = values.get(custom_id, "") if custom_id else ""
+            given = values.get(custom_id) if custom_id else None
+            if component["type"] == 3:
+                return pick(component, custom_id, given)
+            if component["type"] == 19:
+                return upload(component, custom_id, given)
+            value = given if isinstance(given, str) else ""
             if component.get("required", True) and component["type"] == 4 and not value:
                 raise cmd.SchemaViolation(f"modal input {custom_id!r} is required")
             return {"type": component["type"], "custom_id": custom_id, "value": value}
 
-        data = {
+        def pick(component: dict[str, Any], custom_id: str | None, given: Any) -> dict[str, Any]:
+            chosen = [given] if isinstance(given, str) else list(given or [])
+            allowed = [o["value"] for o in component.get("options", [])]
+            low = component.get("min_values", 1) if component.get("required", True) else 0
+            high = component.get("max_values", 1)
+            if not low <= len(chosen) <= high or any(v not in allowed for v in chosen):
+                raise cmd.SchemaViolation(f"{chosen} not allowed: {low}..{high} of {allowed}")
+            return {"type": 3, "custom_id": custom_id, "values": chosen}
+
+        def upload(component: dict[str, Any], custom_id: str | None, given: Any) -> dict[str, Any]:
+            files = [given] if isinstance(given, Upload) else list(given or [])
+            low = component.get("min_values", 1) if component.get("required", True) else 0
+            high = component.get("max_values", 1)
+            if not low <= len(files) <= high:
+                raise cmd.SchemaViolation(f"{len(files)} files for {custom_id!r}: {low}..{high}")
+            ids = []
+            for file in files:
+                attachment = self._store_attachment(
+                    interaction.channel, file.filename, file.data, file.content_type
+                )
+                resolved[str(attachment.id)] = attachment.payload()
+                ids.append(str(attachment.id))
+            return {"type": 19, "custom_id": custom_id, "values": ids}
+
+        data: dict[str, Any] = {
             "custom_id": modal["custom_id"],
             "components": [fill(c) for c in modal["components"]],
         }
+        if resolved:
+            data["resolved"] = {"attachments": resolved}
         return await self._dispatch_interaction(
             interaction.user, interaction.channel, MODAL_SUBMIT, data, message=interaction.message
         )
+
+    async def message_command(self, user: User, message: Message, name: str) -> FakeInteraction:
+        """``user`` picks ``name`` under Apps in ``message``'s context menu (a message
+        command, type 3): the interaction carries the target message in ``data.resolved``."""
+        channel = self._channel_of(self._component_message(user, message))
+        sources = [self.synced_global] + ([] if channel.kind == "dm" else [self.synced_guild])
+        found = [c for commands in sources for c in commands if c.get("type") == 3]
+        command = next((c for c in reversed(found) if c["name"] == name), None)
+        if command is None:
+            synced = ", ".join(sorted(c["name"] for c in found)) or "-"
+            raise cmd.SchemaViolation(f"{name!r} is not a synced message command ({synced})")
+        if self.enforce_default_permissions and channel.kind != "dm":
+            cmd.check_permissions(command, self.permissions_of(user), name)
+        data: dict[str, Any] = {
+            "id": command["id"],
+            "name": command["name"],
+            "type": 3,
+            "target_id": str(message.id),
+            "resolved": {"messages": {str(message.id): message.payload(self.users)}},
+        }
+        if command.get("guild_id") is not None:
+            data["guild_id"] = command["guild_id"]
+        return await self._dispatch_interaction(user, channel, APPLICATION_COMMAND, data)
 
     async def say(self, user: User, content: str, *, channel: Channel | None = None) -> Message:
         """``user`` posts a plain message (MESSAGE_CREATE reaches bots with the intent)."""
