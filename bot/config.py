@@ -117,6 +117,23 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class WorkersConfig:
+    # "local": worker processes on this box ([scheduler] workers). "ray": one actor per GPU of
+    # a Ray cluster, created as GPU nodes join and dropped as they leave (bot/core/ray_workers).
+    backend: Literal["local", "ray"] = "local"
+    # "auto": the cluster `ray start --head` runs on this box; "host:6379" its GCS address;
+    # "ray://host:10001" a Ray client connection; "local": a private one-box cluster started
+    # by the bot (to try the backend out).
+    ray_address: str = "auto"
+    # The cluster resource that stands for one GPU; each unit gets one actor.
+    ray_gpu_resource: str = "GPU"
+    # How often the cluster's nodes are looked at.
+    ray_watch_interval_s: float = 5.0
+    # Where the GPU boxes keep model files; empty: the [generation] cache_dir path.
+    ray_cache_dir: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("data")
     log_level: str = "INFO"
@@ -127,6 +144,7 @@ class Config:
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
 
     @property
@@ -167,6 +185,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         moderation=_moderation(reader.section("moderation")),
         storage=_storage(reader.section("storage")),
         metrics=_metrics(reader.section("metrics")),
+        workers=_workers_backend(reader.section("workers")),
         images=_images(reader.section("images")),
     )
     reader.reject_unknown()
@@ -394,6 +413,30 @@ def _images(section: _Reader) -> ImagesConfig:
         max_pixels=section.positive("max_pixels", int, defaults.max_pixels),
         timeout_s=section.positive("timeout_s", float, defaults.timeout_s),
     )
+    section.reject_unknown()
+    return config
+
+
+_RAY_ADDRESS = re.compile(r"^(?:ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+
+
+def _workers_backend(section: _Reader) -> WorkersConfig:
+    backend = section.choice("backend", ("local", "ray"), "local")
+    address = section.get("ray_address", str, "auto").strip()
+    config = WorkersConfig(
+        backend="ray" if backend == "ray" else "local",
+        ray_address=address,
+        ray_gpu_resource=section.get("ray_gpu_resource", str, "GPU").strip(),
+        ray_watch_interval_s=section.positive("ray_watch_interval_s", float, 5.0),
+        ray_cache_dir=section.get("ray_cache_dir", str, ""),
+    )
+    if address not in ("auto", "local") and not _RAY_ADDRESS.match(address):
+        raise ConfigError(
+            f'{section.prefix}ray_address: must be "auto", "local", "host:port" or '
+            f'"ray://host:port", got {address!r}'
+        )
+    if not config.ray_gpu_resource:
+        raise ConfigError(f"{section.prefix}ray_gpu_resource: must not be empty")
     section.reject_unknown()
     return config
 
