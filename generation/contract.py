@@ -7,8 +7,9 @@ Everything here is a frozen dataclass or a `str` enum so a request can cross a p
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Protocol
@@ -21,12 +22,65 @@ MAX_STEPS = 150
 MAX_CANDIDATES = 16
 MAX_PIXELS = 2048 * 2048
 MAX_PROMPT_CHARS = 2000
+# Zoom Out shrinks the image by at most this factor (Midjourney's Custom Zoom range is 1-2).
+MAX_ZOOM = 2.0
 
 
 class JobKind(StrEnum):
     IMAGINE = "imagine"
     VARIATION = "variation"
     UPSCALE = "upscale"
+    # Outpaint/inpaint edits of a parent image (generation.outpaint): a new grid each.
+    ZOOM = "zoom"
+    PAN = "pan"
+    SQUARE = "square"
+    REGION = "region"
+    # Four prompt suggestions for a picture (generation.describe); no images are made.
+    DESCRIBE = "describe"
+
+    @property
+    def is_edit(self) -> bool:
+        """Repaints part of a canvas around or inside its source image, at full strength."""
+        return self in (JobKind.ZOOM, JobKind.PAN, JobKind.SQUARE, JobKind.REGION)
+
+
+class PanDirection(StrEnum):
+    LEFT = "left"
+    RIGHT = "right"
+    UP = "up"
+    DOWN = "down"
+
+
+class Region(StrEnum):
+    """Vary (Region)'s preset areas: halves, the centre, and the cells of a 3x3 grid."""
+
+    LEFT = "left"
+    RIGHT = "right"
+    TOP = "top"
+    BOTTOM = "bottom"
+    CENTRE = "centre"  # the middle half of each side
+    TOP_LEFT = "top_left"
+    TOP_CENTRE = "top_centre"
+    TOP_RIGHT = "top_right"
+    MIDDLE_LEFT = "middle_left"
+    MIDDLE_CENTRE = "middle_centre"
+    MIDDLE_RIGHT = "middle_right"
+    BOTTOM_LEFT = "bottom_left"
+    BOTTOM_CENTRE = "bottom_centre"
+    BOTTOM_RIGHT = "bottom_right"
+
+    @property
+    def label(self) -> str:
+        if self is Region.CENTRE:
+            return "centre"
+        if "_" in self.value:
+            return self.value.replace("_", " ") + " cell"
+        return self.value + " half"
+
+
+class UpscaleMode(StrEnum):
+    SUBTLE = "subtle"  # keeps detail: Real-ESRGAN when installed, else a low-strength hires fix
+    CREATIVE = "creative"  # a higher-strength hires fix that adds detail
 
 
 class Sampler(StrEnum):
@@ -216,6 +270,15 @@ class GenerationRequest:
     loras: tuple[LoraWeight, ...] = ()
     controlnet: str | None = None
     controlnet_weight: float = 1.0
+    # What an edit does to its source (generation.outpaint): ZOOM shrinks it by zoom_factor
+    # into the canvas, PAN grows the canvas towards pan_direction, REGION repaints the
+    # regions (or the MASK input).
+    zoom_factor: float = 1.0
+    pan_direction: PanDirection | None = None
+    regions: tuple[Region, ...] = ()
+    upscale_mode: UpscaleMode = UpscaleMode.SUBTLE
+    # Small preview images of the candidates ride along with the progress (generation.preview).
+    preview: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -227,7 +290,9 @@ class GenerationRequest:
             )
         if not isinstance(self.sampler, Sampler):
             raise ValueError(f"sampler: must be a Sampler, got {self.sampler!r}")
-        if not self.prompt.strip() and not self.prompt_parts:
+        # A /blend or an image prompt may come without words, and /describe reads a picture.
+        pictured = self.kind is JobKind.DESCRIBE or bool(self.inputs_for(InputRole.IMAGE_PROMPT))
+        if not self.prompt.strip() and not self.prompt_parts and not pictured:
             raise ValueError("prompt: must not be empty")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise ValueError(
@@ -256,7 +321,7 @@ class GenerationRequest:
                 f"num_kept: must be between 1 and num_candidates ({self.num_candidates}), "
                 f"got {self.num_kept}"
             )
-        if self.kind is JobKind.IMAGINE:
+        if self.kind in (JobKind.IMAGINE, JobKind.DESCRIBE):
             if self.init_image is not None or self.strength is not None:
                 raise ValueError("init_image/strength: only variation and upscale take an image")
         else:
@@ -268,6 +333,35 @@ class GenerationRequest:
             raise ValueError(f"chaos: must be between 0 and 100, got {self.chaos}")
         if not 10 <= self.stop_percent <= 100:
             raise ValueError(f"stop_percent: must be between 10 and 100, got {self.stop_percent}")
+        self._validate_edit()
+        _validate_pictures(self)
+
+    def _validate_edit(self) -> None:
+        if self.kind is JobKind.ZOOM:
+            if not 1.0 <= self.zoom_factor <= MAX_ZOOM:
+                raise ValueError(
+                    f"zoom_factor: must be between 1 and {MAX_ZOOM:g}, got {self.zoom_factor:g}"
+                )
+        elif self.zoom_factor != 1.0:
+            raise ValueError(f"zoom_factor: only a zoom takes one, not a {self.kind.value}")
+        if (self.kind is JobKind.PAN) != (self.pan_direction is not None):
+            raise ValueError("pan_direction: a pan needs one, and only a pan takes one")
+        if self.pan_direction is not None and not isinstance(self.pan_direction, PanDirection):
+            raise ValueError(f"pan_direction: must be a PanDirection, got {self.pan_direction!r}")
+        if any(not isinstance(r, Region) for r in self.regions):
+            raise ValueError(f"regions: must be Region values, got {self.regions!r}")
+        masks = self.inputs_for(InputRole.MASK)
+        if self.kind is JobKind.REGION:
+            if bool(self.regions) == bool(masks):
+                raise ValueError("regions: a region edit needs preset regions or a mask, not both")
+            if len(masks) > 1:
+                raise ValueError("inputs: a region edit takes one mask")
+        elif self.regions or masks:
+            raise ValueError(
+                f"regions: only a region edit takes regions or a mask, not a {self.kind.value}"
+            )
+        if self.kind.is_edit and self.strength != 1.0:
+            raise ValueError(f"strength: a {self.kind.value} repaints at full strength (1.0)")
         self._validate_add_ons()
 
     def _validate_add_ons(self) -> None:
@@ -308,6 +402,9 @@ class GenerationRequest:
         data["prompt_parts"] = [asdict(p) for p in self.prompt_parts]
         data["inputs"] = [i.to_json() for i in self.inputs]
         data["loras"] = [asdict(lora) for lora in self.loras]
+        data["pan_direction"] = self.pan_direction.value if self.pan_direction else None
+        data["regions"] = [r.value for r in self.regions]
+        data["upscale_mode"] = self.upscale_mode.value
         return data
 
     @classmethod
@@ -324,6 +421,10 @@ class GenerationRequest:
         values["sampler"] = Sampler(values["sampler"])
         values["prompt_parts"] = tuple(PromptPart(**p) for p in values.get("prompt_parts", ()))
         values["loras"] = tuple(LoraWeight(**lora) for lora in values.get("loras", ()))
+        if values.get("pan_direction") is not None:
+            values["pan_direction"] = PanDirection(values["pan_direction"])
+        values["regions"] = tuple(Region(r) for r in values.get("regions", ()))
+        values["upscale_mode"] = UpscaleMode(values.get("upscale_mode", UpscaleMode.SUBTLE))
         described = values.pop("inputs", ())
         if len(described) != len(input_images):
             raise ValueError(
@@ -336,6 +437,62 @@ class GenerationRequest:
 
     def inputs_for(self, role: InputRole) -> tuple[InputImage, ...]:
         return tuple(i for i in self.inputs if i.role is role)
+
+
+# Midjourney's ranges: --iw 0-3 for image prompts, --sw/--ow 0-1000 for style and object
+# references (--cw 0-100 fits inside the latter). generation.conditioning maps them.
+IMAGE_WEIGHT_RANGES = {
+    InputRole.IMAGE_PROMPT: (0.0, 3.0),
+    InputRole.STYLE: (0.0, 1000.0),
+    InputRole.OBJECT: (0.0, 1000.0),
+}
+# /blend takes 2-5 pictures; an image prompt up to as many. References: up to 5 each.
+MAX_IMAGES_PER_ROLE = 5
+
+
+def _validate_pictures(request: GenerationRequest) -> None:
+    """How many image prompts and references a job may carry and in what weight ranges."""
+    for role, (low, high) in IMAGE_WEIGHT_RANGES.items():
+        given = request.inputs_for(role)
+        if len(given) > MAX_IMAGES_PER_ROLE:
+            raise ValueError(
+                f"inputs: at most {MAX_IMAGES_PER_ROLE} {role.value} images, got {len(given)}"
+            )
+        for picture in given:
+            if not math.isfinite(picture.weight) or not low <= picture.weight <= high:
+                raise ValueError(
+                    f"weight: a {role.value} image takes a weight between {low:g} and {high:g}, "
+                    f"got {picture.weight:g} ({picture.source or 'unnamed'})"
+                )
+    if request.kind is JobKind.DESCRIBE:
+        prompts = request.inputs_for(InputRole.IMAGE_PROMPT)
+        if len(prompts) != 1 or len(request.inputs) != 1:
+            raise ValueError(
+                f"inputs: a describe reads exactly one picture, got {len(request.inputs)}"
+            )
+
+
+def describe_request(
+    image_input: InputImage, *, seed: int, model: str = "tiny", **changes: Any
+) -> GenerationRequest:
+    """A DESCRIBE of one picture: four prompt suggestions (generation.describe).
+
+    `seed` decides which well-matching phrases are picked, so a new seed (the 🔄 button) gives
+    other suggestions for the same picture. The picture is an IMAGE_PROMPT input.
+    """
+    if image_input.role is not InputRole.IMAGE_PROMPT:
+        raise ValueError(f"inputs: a describe reads an image_prompt, got {image_input.role.value}")
+    values: dict[str, Any] = {
+        "kind": JobKind.DESCRIBE,
+        "prompt": "",
+        "seed": seed,
+        "model": model,
+        "inputs": (image_input,),
+        "num_candidates": 1,
+        "num_kept": 1,
+    }
+    values.update(changes)
+    return GenerationRequest(**values)
 
 
 def variation_request(
@@ -353,6 +510,8 @@ def variation_request(
         seed=seed,
         width=image.width,
         height=image.height,
+        upscale_mode=UpscaleMode.SUBTLE,
+        **_no_edit(parent),
     )
 
 
@@ -363,10 +522,13 @@ def upscale_request(
     strength: float,
     seed: int,
     factor: int = 2,
+    mode: UpscaleMode = UpscaleMode.SUBTLE,
 ) -> GenerationRequest:
     """An UPSCALE of `image`: the output is `factor` x its size (width/height are the output).
 
     One candidate is made and kept: an upscale refines a picture the user already chose.
+    Subtle and creative upscales differ in `strength` (see EngineSettings) and in that only a
+    subtle one goes through Real-ESRGAN first.
     """
     if factor < 1:
         raise ValueError(f"factor: must be at least 1, got {factor}")
@@ -382,7 +544,135 @@ def upscale_request(
         num_kept=1,
         chaos=0,
         stop_percent=100,
+        upscale_mode=mode,
+        **_no_edit(parent),
     )
+
+
+# Edits: `image` is the source as the member sees it (a grid cell, or an upscale brought back
+# to its generation size); the request's width/height are the canvas painted on. The worker
+# gets the parent's stored image and places it on the canvas with generation.canvas, so the
+# geometry is always derived from the request, never stored twice.
+
+
+def zoom_request(
+    parent: GenerationRequest,
+    image: Image.Image,
+    *,
+    factor: float,
+    seed: int,
+    size: tuple[int, int] | None = None,
+    prompt: str | None = None,
+) -> GenerationRequest:
+    """Zoom Out: `image` shrunk by `factor` (1-2) into the middle of a canvas of `size` (default:
+    the image's own size; another shape is Custom Zoom's `--ar`), the border painted."""
+    from generation.canvas import placement
+
+    if not 1.0 <= factor <= MAX_ZOOM:
+        raise ValueError(f"factor: the zoom must be between 1 and {MAX_ZOOM:g}, got {factor:g}")
+    width, height = size or image.size
+    box = placement(image.size, (width, height), zoom_factor=factor)
+    if box == (0, 0, width, height):
+        raise ValueError(
+            f"factor: zooming {factor:g}x at the same shape leaves nothing to paint; "
+            "choose a larger factor or another --ar"
+        )
+    return _edit(parent, image, JobKind.ZOOM, seed, (width, height), prompt, zoom_factor=factor)
+
+
+def pan_request(
+    parent: GenerationRequest,
+    image: Image.Image,
+    *,
+    direction: PanDirection,
+    seed: int,
+    max_pixels: int,
+    prompt: str | None = None,
+) -> GenerationRequest:
+    """Pan: the canvas grows by half of the side facing `direction`, the old pixels stay where
+    they are and the new strip is painted. ValueError (naming `direction`) past `max_pixels`."""
+    from generation.canvas import pan_canvas
+
+    size = pan_canvas(image.size, PanDirection(direction), max_pixels)
+    return _edit(
+        parent, image, JobKind.PAN, seed, size, prompt, pan_direction=PanDirection(direction)
+    )
+
+
+def square_request(
+    parent: GenerationRequest, image: Image.Image, *, seed: int, max_pixels: int
+) -> GenerationRequest:
+    """Make Square: a non-square image outpainted to 1:1 along its short side."""
+    from generation.canvas import square_canvas
+
+    return _edit(parent, image, JobKind.SQUARE, seed, square_canvas(image.size, max_pixels), None)
+
+
+def region_request(
+    parent: GenerationRequest,
+    image: Image.Image,
+    *,
+    seed: int,
+    regions: Iterable[Region] = frozenset(),
+    mask: InputImage | None = None,
+    prompt: str | None = None,
+) -> GenerationRequest:
+    """Vary (Region): only `regions` (presets) or the white of `mask` (a MASK input, checked
+    against the image with generation.canvas.check_mask) is repainted."""
+    from generation.canvas import check_mask, region_mask
+
+    chosen = tuple(r for r in Region if r in {Region(r) for r in regions})
+    if chosen and mask is not None:
+        raise ValueError("regions: give preset regions or a mask, not both")
+    if not chosen and mask is None:
+        raise ValueError("regions: choose at least one region, or attach a mask")
+    inputs = tuple(i for i in parent.inputs if i.role is not InputRole.MASK)
+    if mask is not None:
+        if mask.role is not InputRole.MASK:
+            raise ValueError(f"mask: must be an input of role mask, got {mask.role.value}")
+        mask = replace(mask, image=check_mask(mask.image, image.size))
+        inputs = (*inputs, mask)
+    else:
+        region_mask(chosen, image.size)  # refuses regions that cover the whole image
+    request = _edit(parent, image, JobKind.REGION, seed, image.size, prompt, regions=chosen)
+    return replace(request, inputs=inputs)
+
+
+def _no_edit(parent: GenerationRequest) -> dict[str, Any]:
+    """What a parent's own edit must not pass on to the job made from its image."""
+    return {
+        "zoom_factor": 1.0,
+        "pan_direction": None,
+        "regions": (),
+        "inputs": tuple(i for i in parent.inputs if i.role is not InputRole.MASK),
+    }
+
+
+def _edit(
+    parent: GenerationRequest,
+    image: Image.Image,
+    kind: JobKind,
+    seed: int,
+    size: tuple[int, int],
+    prompt: str | None,
+    **changes: Any,
+) -> GenerationRequest:
+    values: dict[str, Any] = {
+        **_no_edit(parent),
+        "kind": kind,
+        "init_image": image,
+        "strength": 1.0,
+        "seed": seed,
+        "width": size[0],
+        "height": size[1],
+        "upscale_mode": UpscaleMode.SUBTLE,
+        # Wrap-around padding would make the painted border continue the opposite edge.
+        "tile": False,
+        **changes,
+    }
+    if prompt is not None:
+        values.update(prompt=prompt, prompt_parts=())
+    return replace(parent, **values)
 
 
 @dataclass(frozen=True)
@@ -397,12 +687,16 @@ class GenerationResult:
     candidate_indices: tuple[int, ...] = ()
     # The preprocessed ControlNet input (edges, depth …) the job was conditioned on, to show.
     control_map: Image.Image | None = field(default=None, repr=False, compare=False)
+    # Text a job produces instead of images: a DESCRIBE's four prompt suggestions.
+    texts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Progress:
     step: int
     total: int
+    # A small PNG of the candidates as they stand (only when the request asked for previews).
+    preview_png: bytes | None = field(default=None, repr=False)
 
     @property
     def fraction(self) -> float:

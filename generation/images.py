@@ -24,7 +24,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from generation.contract import GenerationRequest, JobKind
+from generation.contract import GenerationRequest, InputRole, JobKind
+from generation.lora import a1111_lora_tags
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ def a1111_parameters(
     `width`/`height` default to the request's size; pass the image's real size when it differs.
     """
     lines = [request.prompt.strip()]
+    if request.loras:
+        # A1111 keeps LoRAs in the prompt itself, where its PNG Info reads them back.
+        lines[0] = f"{lines[0]} {a1111_lora_tags(request.loras)}".strip()
     if request.negative_prompt.strip():
         lines.append(f"Negative prompt: {request.negative_prompt.strip()}")
     fields: list[tuple[str, object]] = [
@@ -112,8 +116,34 @@ def a1111_parameters(
         fields.append(("Denoising strength", f"{request.strength:g}"))
     if request.tile:
         fields.append(("Tiling", "True"))
+    fields.extend(edit_fields(request))
+    if request.controlnet is not None:
+        # The shape of the A1111 ControlNet extension's own entry.
+        control = f"Model: {request.controlnet}, Weight: {request.controlnet_weight:g}"
+        fields.append(("ControlNet 0", control))
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
     return "\n".join(lines)
+
+
+def edit_fields(request: GenerationRequest) -> list[tuple[str, object]]:
+    """What a post-grid edit did to its source, for the metadata (none for other kinds)."""
+    kind = request.kind
+    if kind is JobKind.ZOOM:
+        return [("Zoom out", f"{request.zoom_factor:g}")]
+    if kind is JobKind.PAN and request.pan_direction is not None:
+        return [("Pan", request.pan_direction.value)]
+    if kind is JobKind.SQUARE:
+        return [("Outpaint", "square")]
+    if kind is JobKind.REGION:
+        masks = request.inputs_for(InputRole.MASK)
+        if masks:
+            mask = masks[0]
+            shown = mask.source or "uploaded mask"
+            return [("Vary region", f"mask {shown}"), ("Mask hash", mask.sha256[:12] or "-")]
+        return [("Vary region", " + ".join(r.value for r in request.regions))]
+    if kind is JobKind.UPSCALE:
+        return [("Upscale", request.upscale_mode.value)]
+    return []
 
 
 def parse_a1111_parameters(text: str) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -50,6 +51,10 @@ class ModelSpec:
     vae: str = ""
     # This model's dtype, overriding the engine's ("" = the engine's).
     dtype: str = ""
+    # A dedicated inpainting checkpoint (hub id or diffusers folder; "tiny-inpaint" offline)
+    # whose 9-channel UNet paints zooms, pans and regions; "" = masked latent blending on the
+    # model's own UNet. Only its UNet is loaded: text encoder and VAE are the model's.
+    inpaint_source: str = ""
     # For a single-file `source` (.safetensors): a local diffusers folder of the same family
     # whose configs, tokenizers and scheduler describe the checkpoint (its weights, if any, are
     # not read), so loading never asks the hub for them.
@@ -90,6 +95,48 @@ class ControlNetSpec:
     preprocessor_model: str = ""
 
 
+# Per-layer IP-Adapter scales that carry style and little content ("InstantStyle"), as
+# (layer, scale per attention layer) with layers named like diffusers' set_ip_adapter_scale:
+# "down.block_2", "mid", "up.block_0". SDXL: the second attention of the first up block; SD 1.x
+# has no layer that clean, and the whole second up block (the first with attention) is used.
+StyleLayers = tuple[tuple[str, tuple[float, ...]], ...]
+DEFAULT_STYLE_LAYERS: dict[str, StyleLayers] = {
+    "sd": (("up.block_1", (1.0, 1.0, 1.0)),),
+    "sdxl": (("up.block_0", (0.0, 1.0, 0.0)),),
+}
+# The tiny models (generation.tiny) have attention in their first up block, three layers.
+TINY_STYLE_LAYERS: StyleLayers = (("up.block_0", (0.0, 1.0, 0.0)),)
+
+
+@dataclass(frozen=True)
+class IPAdapterSpec:
+    """The image adapter (IP-Adapter) for one model family: its weights and image encoder,
+    loaded with diffusers' `load_ip_adapter`. It gives image prompts, /blend, --sref and
+    --oref/--cref to every model of that family (generation.conditioning).
+
+    `source = "tiny"` is a random-weight adapter built for the tiny models; it applies to
+    them only (a real model of the family then has no adapter)."""
+
+    family: str = "sd"
+    # A hub id (h94/IP-Adapter) or a local folder laid out like it.
+    source: str = TINY
+    subfolder: str = "models"
+    weight_name: str = "ip-adapter_sd15.safetensors"
+    # Relative to `source` when it contains a "/", else to `subfolder` (diffusers' rule).
+    image_encoder_folder: str = "models/image_encoder"
+    # () = DEFAULT_STYLE_LAYERS of the family (TINY_STYLE_LAYERS for the tiny adapter).
+    style_layers: StyleLayers = ()
+
+    @property
+    def tiny(self) -> bool:
+        return self.source == TINY
+
+    def style(self) -> StyleLayers:
+        if self.style_layers:
+            return self.style_layers
+        return TINY_STYLE_LAYERS if self.tiny else DEFAULT_STYLE_LAYERS[self.family]
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     models: tuple[ModelSpec, ...] = (ModelSpec(name=TINY, source=TINY, base_resolution=128),)
@@ -108,6 +155,8 @@ class EngineSettings:
     variation_strength_subtle: float = 0.35
     variation_strength_strong: float = 0.7
     upscale_strength: float = 0.3
+    # Upscale (Creative): a hires fix strong enough to add detail.
+    upscale_strength_creative: float = 0.55
     upscaler: str = "auto"  # auto | hires | realesrgan
     local_files_only: bool = False
     # Small cards: keep only the module that is running on the GPU (CUDA only; slower per job).
@@ -116,8 +165,15 @@ class EngineSettings:
     vae_tiling: bool = False
     # Loaded models beyond this many are unloaded, least recently used first.
     max_loaded_models: int = 2
+    # Live previews of a job that asks for them: at most one per this many seconds.
+    preview_interval_s: float = 2.0
     loras: tuple[LoraSpec, ...] = ()
     controlnets: tuple[ControlNetSpec, ...] = ()
+    # Image adapters per model family; the tiny ones serve only the tiny models.
+    ip_adapters: tuple[IPAdapterSpec, ...] = (
+        IPAdapterSpec(family="sd"),
+        IPAdapterSpec(family="sdxl"),
+    )
     extra: dict[str, str] = field(default_factory=dict)
 
     def model(self, name: str | None = None) -> ModelSpec:
@@ -172,8 +228,23 @@ class EngineSettings:
                     f"but model {model.name!r} is {model.family}"
                 )
 
+    def ip_adapter_for(self, model: str | None = None) -> IPAdapterSpec | None:
+        """The image adapter `model` uses, or None: then image prompts fall back to img2img and
+        style/object references are refused (generation.conditioning.check_inputs). Cheap."""
+        spec = self.model(model)
+        tiny_model = spec.source in TINY_SOURCES
+        for adapter in self.ip_adapters:
+            if adapter.family == spec.family and adapter.tiny == tiny_model:
+                return adapter
+        return None
+
     def validate(self) -> None:
         """Refuse settings that would start but give wrong results; ValueError names the key."""
+        _validate_ip_adapters(self.ip_adapters)
+        if self.preview_interval_s < 0:
+            raise ValueError(
+                f"preview_interval_s: must be at least 0, got {self.preview_interval_s}"
+            )
         if self.max_loaded_models < 1:
             raise ValueError(f"max_loaded_models: must be at least 1, got {self.max_loaded_models}")
         for spec in self.models:
@@ -233,6 +304,27 @@ class EngineSettings:
                 )
             if _looks_local(controlnet.source):
                 _check_local_weights("controlnets.source", controlnet.name, Path(controlnet.source))
+
+
+def _validate_ip_adapters(adapters: tuple[IPAdapterSpec, ...]) -> None:
+    seen: set[tuple[str, bool]] = set()
+    for adapter in adapters:
+        _check_family("ip_adapters", adapter.source, adapter.family)
+        key = (adapter.family, adapter.tiny)
+        if key in seen:
+            raise ValueError(f"ip_adapters.family: two adapters for {adapter.family} models")
+        seen.add(key)
+        if not adapter.tiny and not adapter.weight_name.strip():
+            raise ValueError(f"ip_adapters.weight_name: {adapter.source!r} needs one")
+        for layer, scales in adapter.style_layers:
+            if not _STYLE_LAYER.fullmatch(layer) or not scales:
+                raise ValueError(
+                    f"ip_adapters.style_layers: {layer!r} should be like 'up.block_0', "
+                    "'down.block_2' or 'mid', with a list of scales"
+                )
+
+
+_STYLE_LAYER = re.compile(r"(up|down)\.block_\d+|mid")
 
 
 def _check_family(kind: str, name: str, family: str) -> None:

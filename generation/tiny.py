@@ -28,6 +28,9 @@ TINY_CLIP_DIR = "tiny-clip"
 TINY_SDXL_DIR = "tiny-sdxl"
 # Model source that resolves to the tiny SDXL-shaped pipeline (for SDXL code paths offline).
 TINY_SDXL = "tiny-sdxl"
+# An inpainting checkpoint folder (a `unet/` with 9 input channels) matching the tiny SD model.
+TINY_INPAINT_DIR = "tiny-inpaint"
+TINY_INPAINT = "tiny-inpaint"
 # Bump when the architecture or seed changes so stale caches are rebuilt rather than reused.
 TINY_VERSION = 1
 _MARKER = "imagine-bot-tiny.json"
@@ -340,3 +343,207 @@ def ensure_tiny_clip(cache_dir: Path) -> Path:
 def ensure_tiny_sdxl(cache_dir: Path) -> Path:
     """Folder of the tiny SDXL-shaped pipeline under `cache_dir`, built on first use."""
     return ensure_built(cache_dir, TINY_SDXL_DIR, build_tiny_sdxl)
+
+
+def build_tiny_inpaint_unet(folder: Path, seed: int = TINY_SEED) -> None:
+    """A tiny 9-channel inpainting UNet for the tiny SD model, saved as `folder/unet`, the layout
+    of a real inpainting checkpoint (stable-diffusion-inpainting) whose UNet the engine loads.
+
+    Its inputs are the 4 noisy latent channels, the mask (1) and the masked image's latents (4).
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed + 20)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_BASE_RESOLUTION // 8,
+        in_channels=9,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+
+
+def ensure_tiny_inpaint(cache_dir: Path) -> Path:
+    """Folder of the tiny inpainting checkpoint under `cache_dir`, built on first use."""
+    return ensure_built(cache_dir, TINY_INPAINT_DIR, build_tiny_inpaint_unet)
+
+
+# The tiny image adapter (IP-Adapter) for each tiny model, in h94/IP-Adapter's folder layout.
+TINY_IP_ADAPTER_DIRS = {"sd": "tiny-ip-adapter", "sdxl": "tiny-ip-adapter-sdxl"}
+TINY_IP_ADAPTER_SUBFOLDER = "models"
+TINY_IP_ADAPTER_WEIGHTS = "ip-adapter_tiny.safetensors"
+TINY_IP_ADAPTER_ENCODER = "models/image_encoder"
+
+
+def build_tiny_ip_adapter(folder: Path, unet_folder: Path, seed: int = TINY_SEED) -> None:
+    """Random IP-Adapter weights shaped for the UNet in `unet_folder`, and a tiny CLIP image
+    encoder, saved the way h94/IP-Adapter lays them out so `load_ip_adapter` reads them.
+
+    Shapes follow diffusers' loader: an `image_proj` (the encoder's projection to 4 tokens of
+    the UNet's cross-attention width) and, for every cross-attention layer in the order of
+    `unet.attn_processors`, `to_k_ip`/`to_v_ip` keyed 1, 3, 5, … as the original checkpoints.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed + 20)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_folder))
+    cross_dim = int(unet.config.cross_attention_dim)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        )
+    )
+    tokens = 4
+    projection = torch.nn.Linear(encoder.config.projection_dim, tokens * cross_dim)
+    norm = torch.nn.LayerNorm(cross_dim)
+    weights = {
+        "image_proj.proj.weight": projection.weight.detach(),
+        "image_proj.proj.bias": projection.bias.detach(),
+        "image_proj.norm.weight": norm.weight.detach(),
+        "image_proj.norm.bias": norm.bias.detach(),
+    }
+    channels = list(unet.config.block_out_channels)
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = channels[int(name[len("down_blocks.")])]
+        for which in ("to_k_ip", "to_v_ip"):
+            layer = torch.nn.Linear(cross_dim, hidden, bias=False)
+            weights[f"ip_adapter.{key}.{which}.weight"] = layer.weight.detach()
+        key += 2
+    models = folder / TINY_IP_ADAPTER_SUBFOLDER
+    models.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, models / TINY_IP_ADAPTER_WEIGHTS)
+    encoder.save_pretrained(folder / TINY_IP_ADAPTER_ENCODER, safe_serialization=True)
+
+
+def ensure_tiny_ip_adapter(cache_dir: Path, family: str = "sd") -> Path:
+    """Folder of the tiny image adapter for the tiny model of `family`, built on first use."""
+    model = ensure_tiny_sdxl(cache_dir) if family == "sdxl" else ensure_tiny_sd(cache_dir)
+
+    def build(folder: Path) -> None:
+        build_tiny_ip_adapter(folder, model / "unet")
+
+    return ensure_built(cache_dir, TINY_IP_ADAPTER_DIRS[family], build)
+
+
+def build_tiny_lora(file: Path, model_folder: Path, seed: int = TINY_SEED, rank: int = 4) -> Path:
+    """A random-weight LoRA for the tiny model in `model_folder`, saved as one .safetensors file
+    the way training scripts save theirs (peft adapters over the UNet's attention and every
+    text encoder, written by the pipeline's `save_lora_weights`).
+
+    Both LoRA matrices are random (peft's default init leaves B at zero, a LoRA that changes
+    nothing), so the LoRA visibly changes the model's images.
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+
+    pipe = DiffusionPipeline.from_pretrained(model_folder)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            init_lora_weights=False,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+    layers = {"unet_lora_layers": _lora_state(pipe.unet)}
+    encoder_config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+    )
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            encoder.add_adapter(encoder_config)
+            layers[f"{name}_lora_layers"] = _lora_state(encoder)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(file.parent, weight_name=file.name, **layers)
+    return file
+
+
+def _lora_state(module: object) -> dict[str, object]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+
+
+def build_tiny_controlnet(folder: Path, model_folder: Path, seed: int = TINY_SEED) -> Path:
+    """A ControlNet for the tiny model in `model_folder` (its UNet's encoder copied, as
+    ControlNet training starts), saved as a diffusers folder.
+
+    Training starts the ControlNet's output convolutions at zero, which would make it change
+    nothing; here they get random weights so the control image visibly steers the output.
+    """
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_folder, subfolder="unet")
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(16, 32, 32, 32)
+    )
+    torch.manual_seed(seed + 20)
+    zero_convs = [
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ]
+    with torch.no_grad():
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.2)
+            torch.nn.init.normal_(conv.bias, std=0.05)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_depth(folder: Path, seed: int = TINY_SEED) -> Path:
+    """A random-weight DPT depth estimator with its (PIL) image processor, in the layout of
+    Intel/dpt-large, for the depth preprocessor."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessorPil
+
+    torch.manual_seed(seed + 30)
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=64,
+        patch_size=16,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+    )
+    DPTForDepthEstimation(config).save_pretrained(folder, safe_serialization=True)
+    processor = DPTImageProcessorPil(
+        size={"height": 64, "width": 64}, keep_aspect_ratio=False, ensure_multiple_of=16
+    )
+    processor.save_pretrained(folder)
+    return folder

@@ -1,0 +1,154 @@
+"""The one inpaint/outpaint routine behind Zoom Out, Pan, Make Square and Vary (Region).
+
+Every edit is the same three moves on a canvas (the request's width x height):
+
+1. `prepare`: the source goes where `generation.canvas.placement` says; a new area around it
+   is pre-filled so the model has context (the source's edges stretched outwards, blurred, with
+   seeded noise on top); the mask is white where the model paints.
+2. The engine runs an inpainting pipeline at full strength inside the mask, on all candidates
+   in one batch (`pipeline_kwargs`). With the model's own 4-channel UNet that is diffusers'
+   masked latent blending (`AutoPipelineForInpainting.from_pipe`); a model with an
+   `inpaint_source` gets that checkpoint's 9-channel UNet instead (`inpaint_pipeline`), sharing
+   the text encoder and VAE.
+3. `composite`: the painted pixels are laid over the canvas through the mask with a feathered
+   edge that lies wholly inside the painted area, so every pixel the member kept is kept
+   exactly, and the seam fades into the pre-fill rather than cutting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from generation.canvas import (
+    check_mask,
+    outpaint_mask,
+    place,
+    placement,
+    region_mask,
+)
+from generation.contract import GenerationRequest, InputRole, JobKind
+
+__all__ = [
+    "Canvas",
+    "check_mask",
+    "composite",
+    "inpaint_pipeline",
+    "pipeline_kwargs",
+    "prepare",
+    "region_mask",
+]
+
+# Noise on the pre-fill, in 0-255 steps: enough to give the model texture to work from.
+PREFILL_NOISE = 12.0
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """What one edit paints on: the pre-filled canvas and the mask (white = paint)."""
+
+    image: Image.Image
+    mask: Image.Image
+    # Where the source sits (left, top, width, height); the whole canvas for a region edit.
+    box: tuple[int, int, int, int]
+    feather_px: int
+
+
+def prepare(request: GenerationRequest) -> Canvas:
+    """The canvas of an edit request (its init_image is the parent's stored image)."""
+    if not request.kind.is_edit:
+        raise ValueError(f"kind: {request.kind.value} is not an edit")
+    source = request.init_image
+    if source is None:
+        raise ValueError(f"init_image: a {request.kind.value} needs a source image")
+    size = (request.width, request.height)
+    box = placement(
+        source.size,
+        size,
+        zoom_factor=request.zoom_factor,
+        pan_direction=request.pan_direction,
+    )
+    kept = place(source, box)
+    feather = max(2, min(size) // 48)
+    if request.kind is JobKind.REGION:
+        # The source fills the canvas; only the mask says what changes.
+        return Canvas(kept, _region_mask(request, size), box, feather)
+    mask = outpaint_mask(size, box)
+    return Canvas(_prefill(kept, box, size, request.seed), mask, box, feather)
+
+
+def _region_mask(request: GenerationRequest, size: tuple[int, int]) -> Image.Image:
+    masks = request.inputs_for(InputRole.MASK)
+    if masks:
+        # Checked against the image the member saw; the canvas may be that image resized.
+        return check_mask(masks[0].image, size)
+    return region_mask(request.regions, size)
+
+
+def _prefill(kept: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int], seed: int):
+    """The canvas with the source in its box and the new area filled from the source's edges.
+
+    Each new pixel takes the colour of the nearest source pixel (the edges stretched out),
+    blurred so no stripes survive, plus seeded noise; inside the box the source is untouched.
+    """
+    left, top, box_w, box_h = box
+    source = np.asarray(kept, dtype=np.float32)
+    columns = np.clip(np.arange(size[0]) - left, 0, box_w - 1)
+    rows = np.clip(np.arange(size[1]) - top, 0, box_h - 1)
+    stretched = Image.fromarray(source[rows][:, columns].astype(np.uint8))
+    radius = max(2, min(size) // 16)
+    blurred = np.asarray(stretched.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
+    noise = np.random.default_rng(seed).normal(0.0, PREFILL_NOISE, blurred.shape)
+    filled = Image.fromarray(np.clip(blurred + noise, 0, 255).astype(np.uint8))
+    filled.paste(kept, (left, top))
+    return filled
+
+
+def composite(canvas: Canvas, painted: Image.Image) -> Image.Image:
+    """`painted` over the canvas through the mask, feathered inside the painted area only."""
+    mask = canvas.mask
+    feather = canvas.feather_px
+    # Shrink the mask by the feather, then blur it back out: the soft edge ends at the mask's
+    # own edge, and pixels outside the mask get exactly zero.
+    alpha = mask.filter(ImageFilter.MinFilter(2 * feather + 1))
+    alpha = alpha.filter(ImageFilter.GaussianBlur(feather / 2))
+    alpha_values = np.asarray(alpha, dtype=np.uint8) * (np.asarray(mask) > 0)
+    # The blur never reaches deep inside a large painted area's core at full strength: clamp.
+    core = np.asarray(mask.filter(ImageFilter.MinFilter(4 * feather + 1))) > 0
+    alpha_values = np.where(core, 255, alpha_values).astype(np.uint8)
+    painted = painted.convert("RGB")
+    if painted.size != canvas.image.size:
+        painted = painted.resize(canvas.image.size, Image.Resampling.LANCZOS)
+    return Image.composite(painted, canvas.image, Image.fromarray(alpha_values))
+
+
+def pipeline_kwargs(canvas: Canvas, count: int) -> dict[str, Any]:
+    """Inpainting pipeline arguments for `count` candidates (the list form, one per generator)."""
+    return {
+        "image": [canvas.image] * count,
+        "mask_image": [canvas.mask] * count,
+        "width": canvas.image.width,
+        "height": canvas.image.height,
+        # Full strength: the painted area starts from pure noise; the kept latents are blended
+        # back (4-channel UNet) or given to the UNet as its masked-image input (9-channel).
+        "strength": 1.0,
+    }
+
+
+def inpaint_pipeline(text2img: Any, unet: Any = None) -> Any:
+    """An inpainting pipeline sharing `text2img`'s modules; `unet` replaces its UNet (a dedicated
+    9-channel inpainting checkpoint's), else masked latent blending on the 4-channel one."""
+    from diffusers import AutoPipelineForInpainting
+
+    if unet is not None:
+        channels = unet.config.in_channels
+        if channels not in (4, 9):
+            raise ValueError(f"inpaint_source: its UNet takes {channels} channels, not 4 or 9")
+        pipe = AutoPipelineForInpainting.from_pipe(text2img, unet=unet)
+    else:
+        pipe = AutoPipelineForInpainting.from_pipe(text2img)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
