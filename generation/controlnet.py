@@ -1,0 +1,121 @@
+"""ControlNet: structure from a member's picture (edges, depth …) steering a job.
+
+A ControlNet pipeline is made from a model's loaded pipeline with `from_pipe(..., controlnet=)`:
+it shares the UNet, VAE and text encoders (and so any LoRA loaded into them), adding only the
+ControlNet's own weights. The Auto pipelines pick the class: StableDiffusion(XL)ControlNet for
+text-to-image, its Img2Img sibling for variations and upscales. ControlNet weights are loaded
+once per engine; the pipelines built on a model live with that model and go when it is unloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from generation.contract import GenerationRequest, InputRole
+from generation.preprocess import Preprocessors
+from generation.settings import ControlNetSpec, EngineSettings
+
+log = logging.getLogger(__name__)
+
+# (class, source, dtype) -> a loaded model: the engine's loader (fp16 variants, cache folder).
+Loader = Callable[[Any, str, Any], Any]
+
+
+@dataclass
+class ControlJob:
+    """One job's ControlNet: the model, the control map at the output size, and its weight."""
+
+    spec: ControlNetSpec
+    model: Any
+    control_map: Image.Image
+    weight: float
+    # The model's ControlNet pipelines, kept with the model's other pipelines.
+    pipes: dict[tuple[str, bool], Any]
+
+    def pipeline(self, base: Any, img2img: bool) -> Any:
+        """The ControlNet pipeline over `base`'s modules (built on first use, then kept)."""
+        key = (self.spec.name, img2img)
+        pipe = self.pipes.get(key)
+        if pipe is None:
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+
+            auto = AutoPipelineForImage2Image if img2img else AutoPipelineForText2Image
+            pipe = auto.from_pipe(base, controlnet=self.model)
+            pipe.set_progress_bar_config(disable=True)
+            self.pipes[key] = pipe
+        return pipe
+
+    def call_kwargs(self, img2img: bool, count: int) -> dict[str, Any]:
+        """Pipeline arguments: text-to-image takes the map as `image`; img2img, whose `image`
+        is the picture being varied, as `control_image`, one per candidate (its list form)."""
+        if img2img:
+            return {
+                "control_image": [self.control_map] * count,
+                "controlnet_conditioning_scale": self.weight,
+            }
+        return {"image": self.control_map, "controlnet_conditioning_scale": self.weight}
+
+
+class ControlNets:
+    """Loads ControlNets and preprocessors once; prepares each job's `ControlJob`."""
+
+    def __init__(self, settings: EngineSettings, device: str, dtype: Any, loader: Loader) -> None:
+        self.settings = settings
+        self.device = device
+        self.dtype = dtype
+        self._loader = loader
+        self.preprocessors = Preprocessors(
+            device, settings.cache_dir, settings.local_files_only, dtype
+        )
+        self._models: dict[str, Any] = {}
+
+    def prepare(
+        self,
+        request: GenerationRequest,
+        pipes: dict[tuple[str, bool], Any],
+        dtype: Any,
+    ) -> ControlJob | None:
+        """The job's ControlNet with its control map, or None when the job has none."""
+        if request.controlnet is None:
+            return None
+        spec = self.settings.controlnet(request.controlnet)
+        (control,) = request.inputs_for(InputRole.CONTROL)
+        control_map = self.preprocessors.control_map(
+            control.image, spec, (request.width, request.height)
+        )
+        return ControlJob(
+            spec=spec,
+            model=self.model(spec, dtype),
+            control_map=control_map,
+            weight=request.controlnet_weight,
+            pipes=pipes,
+        )
+
+    def model(self, spec: ControlNetSpec, dtype: Any) -> Any:
+        key = f"{spec.name}:{dtype}"
+        model = self._models.get(key)
+        if model is None:
+            from diffusers import ControlNetModel
+
+            started = time.perf_counter()
+            try:
+                model = self._loader(ControlNetModel, spec.source, dtype)
+            except OSError as exc:
+                raise RuntimeError(
+                    f"controlnet: cannot load {spec.name!r} from {spec.source!r} ({exc}); use "
+                    "a diffusers ControlNet folder (config.json inside) or a Hugging Face id"
+                ) from exc
+            model.to(self.device)
+            self._models[key] = model
+            log.info("loaded ControlNet %s in %.2fs", spec.name, time.perf_counter() - started)
+        return model
+
+    def close(self) -> None:
+        self._models.clear()
+        self.preprocessors.close()

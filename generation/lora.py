@@ -1,0 +1,155 @@
+"""LoRAs: loaded once per model through diffusers' `load_lora_weights` (peft), switched per job.
+
+A model's pipelines share one UNet and text encoder(s) (img2img and ControlNet pipelines come
+from `from_pipe`), so a LoRA loaded into the text-to-image pipeline is there for all of them.
+Loaded adapters stay in memory with their model; a job turns on exactly its own with
+`set_adapters` and turns them all off again when it ends, so the next job, with other LoRAs or
+none, never sees them. Every candidate of a job runs in the same pipeline call with the same
+adapters, so batching is unchanged.
+
+Trigger words (the words a LoRA was trained to answer to) are appended to the prompt; the
+A1111 `<lora:name:weight>` tags for PNG metadata come from `a1111_lora_tags`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from generation.contract import GenerationRequest, LoraWeight, PromptPart
+from generation.settings import EngineSettings, LoraSpec
+
+log = logging.getLogger(__name__)
+
+
+class LoraSet:
+    """The LoRAs loaded into one model's pipelines, by configured name."""
+
+    def __init__(self, pipe: Any, cache_dir: Path, local_files_only: bool) -> None:
+        self.pipe = pipe
+        self.cache_dir = cache_dir
+        self.local_files_only = local_files_only
+        # Configured name -> peft adapter name (peft wants identifier-like names).
+        self._adapters: dict[str, str] = {}
+        self._counter = 0
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        return tuple(self._adapters)
+
+    def ensure(self, spec: LoraSpec) -> str:
+        """Load `spec` unless it is loaded; its adapter name. Loaded adapters start turned off."""
+        adapter = self._adapters.get(spec.name)
+        if adapter is not None:
+            return adapter
+        self._counter += 1
+        adapter = f"lora{self._counter}_{re.sub(r'[^0-9A-Za-z_]', '_', spec.name)}"
+        started = time.perf_counter()
+        path = Path(spec.source).expanduser()
+        try:
+            if path.is_file():
+                self.pipe.load_lora_weights(
+                    str(path.parent), weight_name=path.name, adapter_name=adapter
+                )
+            else:
+                self.pipe.load_lora_weights(
+                    spec.source,
+                    adapter_name=adapter,
+                    cache_dir=str(self.cache_dir / "hub"),
+                    local_files_only=self.local_files_only,
+                )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            # A half-loaded adapter would be active in every later job.
+            with contextlib.suppress(Exception):
+                self.pipe.delete_adapters(adapter)
+            raise ValueError(f"lora: cannot load {spec.name!r} from {spec.source} ({exc})") from exc
+        self._adapters[spec.name] = adapter
+        # load_lora_weights leaves the new adapter active; jobs that do not ask for it must not
+        # get it.
+        self.pipe.disable_lora()
+        log.info("loaded LoRA %s in %.2fs", spec.name, time.perf_counter() - started)
+        return adapter
+
+    def unload(self, name: str) -> None:
+        """Drop one LoRA's weights from the model (the model's own weights are untouched)."""
+        adapter = self._adapters.pop(name, None)
+        if adapter is None:
+            return
+        if self._adapters:
+            self.pipe.delete_adapters(adapter)
+        else:
+            # The last one: peft's wrapper layers go too and the model is its plain self again.
+            self.pipe.unload_lora_weights()
+
+    @contextlib.contextmanager
+    def active(self, loras: Sequence[tuple[LoraSpec, float]]) -> Iterator[None]:
+        """Exactly `loras` at their weights for the duration; all of them off afterwards."""
+        if not loras:
+            yield
+            return
+        adapters = [self.ensure(spec) for spec, _ in loras]
+        weights = [float(weight) for _, weight in loras]
+        try:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(adapters, adapter_weights=weights)
+            yield
+        finally:
+            self.pipe.disable_lora()
+
+
+def requested_loras(
+    settings: EngineSettings, loras: Sequence[LoraWeight]
+) -> list[tuple[LoraSpec, float]]:
+    return [(settings.lora(wanted.name), wanted.weight) for wanted in loras]
+
+
+def with_trigger_words(prompt: str, specs: Sequence[LoraSpec]) -> str:
+    """`prompt` with each LoRA's trigger words appended, skipping those it already has (so this
+    may be applied twice, by the bot and by the engine)."""
+    lowered = prompt.lower()
+    missing: list[str] = []
+    for spec in specs:
+        for word in spec.trigger_words:
+            word = word.strip()
+            if word and word.lower() not in lowered and word not in missing:
+                missing.append(word)
+    if not missing:
+        return prompt
+    base = prompt.rstrip().rstrip(",")
+    return ", ".join([base, *missing]) if base else ", ".join(missing)
+
+
+def apply_trigger_words(request: GenerationRequest, settings: EngineSettings) -> GenerationRequest:
+    """The request with its LoRAs' trigger words in the prompt (cheap: no torch).
+
+    The bot may call it when it builds a request, so that the stored prompt, the reply and the
+    PNG metadata show the words; the engine calls it again, which then changes nothing. A
+    weighted multi-prompt gets them in its first positive part, whose weight is the prompt's.
+    """
+    if not request.loras:
+        return request
+    specs = [settings.lora(wanted.name) for wanted in request.loras if wanted.weight > 0]
+    changes: dict[str, Any] = {}
+    if request.prompt.strip():
+        changes["prompt"] = with_trigger_words(request.prompt, specs)
+    parts = list(request.prompt_parts)
+    for index, part in enumerate(parts):
+        if part.weight > 0:
+            text = with_trigger_words(part.text, specs)
+            if text != part.text:
+                parts[index] = PromptPart(text, part.weight)
+                changes["prompt_parts"] = tuple(parts)
+            break
+    changed = {k: v for k, v in changes.items() if v != getattr(request, k)}
+    return replace(request, **changed) if changed else request
+
+
+def a1111_lora_tags(loras: Sequence[LoraWeight]) -> str:
+    """AUTOMATIC1111's prompt syntax for the LoRAs of a job: `<lora:name:0.8>`, space-separated."""
+    return " ".join(f"<lora:{lora.name}:{lora.weight:g}>" for lora in loras)

@@ -1,0 +1,117 @@
+"""Control maps: a member's picture turned into what a ControlNet was trained on.
+
+Canny edges come from OpenCV; depth from a transformers depth-estimation model (DPT), loaded
+once and kept. The map is made at the output size, so edge widths and depth detail match the
+image being generated, and is returned to the bot to show beside the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from generation.settings import DEFAULT_DEPTH_MODEL, ControlNetSpec, Preprocessor
+
+log = logging.getLogger(__name__)
+
+# OpenCV's usual pair for photos (the thresholds the ControlNet canny model card uses).
+CANNY_LOW = 100
+CANNY_HIGH = 200
+
+
+def canny(image: Image.Image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Image.Image:
+    """White edges on black, as an RGB image of the same size."""
+    import cv2
+    import numpy as np
+
+    if not 0 <= low < high:
+        raise ValueError(f"canny: thresholds must satisfy 0 <= low < high, got {low}, {high}")
+    gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    edges = cv2.Canny(gray, low, high)
+    return Image.fromarray(edges).convert("RGB")
+
+
+class Preprocessors:
+    """Makes control maps; holds the model-based preprocessors once loaded."""
+
+    def __init__(
+        self, device: str, cache_dir: Path, local_files_only: bool, dtype: Any = None
+    ) -> None:
+        self.device = device
+        self.cache_dir = cache_dir
+        self.local_files_only = local_files_only
+        self.dtype = dtype
+        self._depth: dict[str, tuple[Any, Any]] = {}
+
+    def control_map(
+        self, image: Image.Image, spec: ControlNetSpec, size: tuple[int, int]
+    ) -> Image.Image:
+        """`image` as `spec`'s ControlNet expects it, `size` (width, height), RGB."""
+        image = image.convert("RGB")
+        if image.size != size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        preprocessor = spec.preprocessor
+        if preprocessor is Preprocessor.CANNY:
+            return canny(image)
+        if preprocessor is Preprocessor.DEPTH:
+            return self.depth(image, spec.preprocessor_model or DEFAULT_DEPTH_MODEL)
+        if preprocessor is Preprocessor.NONE:
+            return image
+        accepted = ", ".join(p.value for p in Preprocessor)
+        raise ValueError(
+            f"preprocessor: ControlNet {spec.name!r} asks for unknown preprocessor "
+            f"{preprocessor!r}; accepted: {accepted}"
+        )
+
+    def depth(self, image: Image.Image, source: str) -> Image.Image:
+        """Relative depth (near is bright), normalised to 0–255, as RGB at `image`'s size."""
+        import numpy as np
+        import torch
+
+        model, processor = self._depth_model(source)
+        inputs = processor(images=image, return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.device, model.dtype)
+        with torch.inference_mode():
+            predicted = model(pixel_values=pixel_values).predicted_depth
+        depth = torch.nn.functional.interpolate(
+            predicted.unsqueeze(1).float(),
+            size=(image.height, image.width),
+            mode="bicubic",
+            align_corners=False,
+        )[0, 0]
+        low, high = float(depth.min()), float(depth.max())
+        # A flat prediction has no relative depth to show: all mid-grey rather than a
+        # division by zero.
+        scaled = (depth - low) / (high - low) if high > low else torch.full_like(depth, 0.5)
+        array = (scaled.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+
+    def _depth_model(self, source: str) -> tuple[Any, Any]:
+        loaded = self._depth.get(source)
+        if loaded is not None:
+            return loaded
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        started = time.perf_counter()
+        kwargs: dict[str, Any] = {"local_files_only": self.local_files_only}
+        if not Path(source).is_dir():
+            kwargs["cache_dir"] = str(self.cache_dir / "hub")
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+            model = AutoModelForDepthEstimation.from_pretrained(source, **kwargs)
+        except OSError as exc:
+            raise RuntimeError(f"preprocessor: cannot load depth model {source!r} ({exc})") from exc
+        model.to(self.device)
+        if self.dtype is not None:
+            model.to(self.dtype)
+        model.eval()
+        log.info("loaded depth model %s in %.2fs", source, time.perf_counter() - started)
+        self._depth[source] = (model, processor)
+        return model, processor
+
+    def close(self) -> None:
+        self._depth.clear()
