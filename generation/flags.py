@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
-from generation.contract import MAX_SEED, Sampler
+from generation.contract import MAX_CONTROLNET_WEIGHT, MAX_SEED, Sampler
 
 # Beyond 4:1 Stable Diffusion models tile their subject; the corpus never goes past 1:2.
 MAX_ASPECT = 4
@@ -208,6 +208,31 @@ FLAGS: tuple[FlagSpec, ...] = (
     # REST so that AUTOMATIC1111 spellings with spaces ("DPM++ 2M Karras") work.
     FlagSpec(("sampler",), Treatment.HONOURED, Arity.REST, "sampler", "NAME", sampler_value),
     FlagSpec(("model",), Treatment.HONOURED, Arity.REST, "model", "NAME", any_word),
+    # LoRAs and ControlNets are checked against the configuration (generation.addons).
+    FlagSpec(
+        ("lora",),
+        Treatment.HONOURED,
+        Arity.REST,
+        "LoRAs from /models, each at its default weight or NAME:W (0-2); several allowed",
+        "NAME[:W]",
+        any_word,
+    ),
+    FlagSpec(
+        ("cn", "controlnet"),
+        Treatment.HONOURED,
+        Arity.ONE,
+        "a ControlNet from /models, following the control_image you attach",
+        "NAME",
+        any_word,
+    ),
+    FlagSpec(
+        ("cnw",),
+        Treatment.HONOURED,
+        Arity.ONE,
+        "how strongly the ControlNet is followed",
+        "0-2",
+        number_in(0, MAX_CONTROLNET_WEIGHT),
+    ),
     FlagSpec(
         ("repeat", "r"),
         Treatment.HONOURED,

@@ -5,7 +5,8 @@ Midjourney's syntax: `--flags` at the end, `::` multi-prompt weights, phone-type
 Flags fall into three groups (see `generation.flags.FLAGS`), in any capitalisation
 (`--AR`, `--Wallpaper`):
 
-* honoured: `--ar`, `--seed`, `--no`, `--steps`, `--cfg`, `--sampler`, `--model`, `--repeat`;
+* honoured: `--ar`, `--seed`, `--no`, `--steps`, `--cfg`, `--sampler`, `--model`, `--repeat`,
+  and the configured LoRAs and ControlNets, `--lora`, `--cn`, `--cnw` (see `generation.addons`);
 * mapped to an honest Stable Diffusion equivalent: `--q` (steps multiplier), `--chaos`
   (a more varied set of kept candidates), `--tile` (seamless tiling), `--stop` (stop early),
   and v1-v3's `--w W --h H` (the aspect ratio W:H; `--w` alone is v5's `--weird`);
@@ -61,6 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
+from generation.addons import AddOns, LoraAsk, choose_add_ons, lora_value
 from generation.contract import (
     MAX_CANDIDATES,
     MAX_PIXELS,
@@ -68,6 +70,7 @@ from generation.contract import (
     MAX_SEED,
     MAX_STEPS,
     GenerationRequest,
+    InputImage,
     JobKind,
     PromptPart,
     Sampler,
@@ -116,6 +119,9 @@ class ImagineOptions:
     steps: int | None = None
     guidance: float | None = None
     sampler: str | None = None
+    lora: str | None = None  # "name" or "name:0.8, other", as after --lora
+    # The picture a --cn ControlNet follows, already fetched (role CONTROL).
+    control_image: InputImage | None = None
 
 
 @dataclass(frozen=True)
@@ -537,6 +543,11 @@ def _parse(
             note = f"{f'{flag.typed} {_short(shown)}'.strip()} ignored ({spec.meaning})"
             if note not in notes:
                 notes.append(note)
+        elif spec.name == "lora":
+            # Several --lora flags add up; generation.addons checks names and weights.
+            earlier_loras = cast(tuple[LoraAsk, ...], inline.values.get("lora", ()))
+            inline.values["lora"] = (*earlier_loras, *cast(tuple[LoraAsk, ...], value))
+            inline.typed.setdefault("lora", flag.typed)
         elif spec.name in inline.values:
             # Pasted prompts repeat flags ("--v 5.1 … --v 5.1"), which is harmless; two
             # different values leave no way to know which one was meant.
@@ -573,6 +584,7 @@ def _parse(
     prompt_parts = parts if len(parts) > 1 else ()
 
     model_spec = _model(settings, model, inline)
+    add_ons = _add_ons(settings, model_spec, options, inline)
     width, height = _size(settings, model_spec.base_resolution, options, inline, notes)
     steps = _steps(settings, options, inline, notes)
     request = GenerationRequest(
@@ -592,6 +604,10 @@ def _parse(
         chaos=math.floor(cast(float, inline.values.get("chaos", 0)) + 0.5),
         tile="tile" in inline.values,
         stop_percent=cast(int, inline.values.get("stop", 100)),
+        loras=add_ons.loras,
+        controlnet=add_ons.controlnet,
+        controlnet_weight=add_ons.controlnet_weight,
+        inputs=add_ons.inputs,
     )
     if request.chaos:
         notes.append(f"{inline.typed['chaos']} {request.chaos} → a more varied grid")
@@ -625,10 +641,33 @@ def _with_defaults(
 def _check_value(flag: _RawFlag, spec: FlagSpec, value: str, settings: EngineSettings) -> object:
     if spec.name == "steps":
         return int_in(1, _max_steps(settings))(flag.typed, value)
+    if spec.name == "lora":
+        return lora_value(flag.typed, value)
     if spec.name == "model" and not value:
         raise _unknown_model(flag.typed, value, settings)
     assert spec.check is not None
     return spec.check(flag.typed, value)
+
+
+def _add_ons(
+    settings: EngineSettings, model: ModelSpec, options: ImagineOptions, inline: _Inline
+) -> AddOns:
+    """The LoRAs (the lora option's, then the flags') and the ControlNet with its picture."""
+    loras = lora_value("lora", options.lora) if options.lora is not None else ()
+    loras += cast(tuple[LoraAsk, ...], inline.values.get("lora", ()))
+    controlnet = weight = None
+    if "cn" in inline.values:
+        controlnet = (inline.typed["cn"], cast(str, inline.values["cn"]))
+    if "cnw" in inline.values:
+        weight = (inline.typed["cnw"], cast(float, inline.values["cnw"]))
+    return choose_add_ons(
+        settings,
+        model,
+        loras=loras,
+        controlnet=controlnet,
+        controlnet_weight=weight,
+        control_image=options.control_image,
+    )
 
 
 def _legacy_aspect(inline: _Inline, notes: list[str]) -> None:

@@ -414,7 +414,10 @@ def test_flag_table_is_consistent() -> None:
         if spec.arity is not Arity.NONE and spec.name != "steps":
             assert spec.check is not None, spec.name
     honoured = {spec.name for spec in FLAGS if spec.treatment is Treatment.HONOURED}
-    assert honoured == {"ar", "seed", "no", "steps", "cfg", "sampler", "model", "repeat"}
+    assert honoured == {
+        *("ar", "seed", "no", "steps", "cfg", "sampler", "model", "repeat"),
+        *("lora", "cn", "cnw"),
+    }
     mapped = {spec.name for spec in FLAGS if spec.treatment is Treatment.MAPPED}
     assert mapped == {"quality", "chaos", "tile", "stop", "h"}
 
