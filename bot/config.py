@@ -63,6 +63,13 @@ class CreditsConfig:
     cost_imagine: int = 4
     cost_variation: int = 2
     cost_upscale: int = 3
+    # Post-grid edits, each for a 512x512 canvas, 30 steps, 8 candidates (scaled like imagine).
+    cost_zoom: int = 4
+    cost_pan: int = 4
+    cost_square: int = 4
+    cost_region: int = 3
+    # Upscale (Creative), for a 2x upscale to 1024x1024 (scaled like cost_upscale).
+    cost_upscale_creative: int = 4
     role_allowances: dict[int, int] = field(default_factory=dict)
 
 
@@ -204,6 +211,7 @@ def _engine(section: _Reader, data_dir: Path, base_dir: Path) -> EngineSettings:
             family=model.get("family", str, "sd"),
             vae=model.get("vae", str, ""),
             dtype=model.choice("dtype", ("", *DTYPES), ""),
+            inpaint_source=_weights_path(model.get("inpaint_source", str, ""), base_dir),
             config=_weights_path(model.get("config", str, ""), base_dir),
             allow_pickle=model.get("allow_pickle", bool, False),
             description=_description(model),
@@ -246,6 +254,10 @@ def _engine(section: _Reader, data_dir: Path, base_dir: Path) -> EngineSettings:
             "variation_strength_strong", float, defaults.variation_strength_strong
         ),
         upscale_strength=section.get("upscale_strength", float, defaults.upscale_strength),
+        upscale_strength_creative=section.get(
+            "upscale_strength_creative", float, defaults.upscale_strength_creative
+        ),
+        preview_interval_s=section.get("preview_interval_s", float, defaults.preview_interval_s),
         upscaler=section.choice("upscaler", ("auto", "hires", "realesrgan"), defaults.upscaler),
         local_files_only=section.get("local_files_only", bool, defaults.local_files_only),
         cpu_offload=section.get("cpu_offload", bool, defaults.cpu_offload),
@@ -266,7 +278,13 @@ def _engine(section: _Reader, data_dir: Path, base_dir: Path) -> EngineSettings:
         )
     if not 64 * 64 <= settings.max_pixels <= 2048 * 2048:
         raise ConfigError(f"{section.prefix}max_pixels: must be between 4096 and 4194304")
-    for name in ("variation_strength_subtle", "variation_strength_strong", "upscale_strength"):
+    strengths = (
+        "variation_strength_subtle",
+        "variation_strength_strong",
+        "upscale_strength",
+        "upscale_strength_creative",
+    )
+    for name in strengths:
         if not 0.0 < getattr(settings, name) <= 1.0:
             raise ConfigError(f"{section.prefix}{name}: must be in (0, 1]")
     section.reject_unknown()
@@ -483,6 +501,11 @@ def _credits(section: _Reader) -> CreditsConfig:
         cost_imagine=section.non_negative("cost_imagine", 4),
         cost_variation=section.non_negative("cost_variation", 2),
         cost_upscale=section.non_negative("cost_upscale", 3),
+        cost_zoom=section.non_negative("cost_zoom", 4),
+        cost_pan=section.non_negative("cost_pan", 4),
+        cost_square=section.non_negative("cost_square", 4),
+        cost_region=section.non_negative("cost_region", 3),
+        cost_upscale_creative=section.non_negative("cost_upscale_creative", 4),
         role_allowances=section.id_map("role_allowances"),
     )
     section.reject_unknown()

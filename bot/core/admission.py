@@ -33,6 +33,10 @@ _KIND_FOR = {
     JobKind.IMAGINE: GenerationKind.IMAGINE,
     JobKind.VARIATION: GenerationKind.VARIATION,
     JobKind.UPSCALE: GenerationKind.UPSCALE,
+    JobKind.ZOOM: GenerationKind.ZOOM,
+    JobKind.PAN: GenerationKind.PAN,
+    JobKind.SQUARE: GenerationKind.SQUARE,
+    JobKind.REGION: GenerationKind.REGION,
 }
 
 

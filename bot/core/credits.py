@@ -30,14 +30,17 @@ Costs (all integers, rounded up, at least 1 when the configured base cost is abo
 * variation (and its reroll):    cost_variation x pixels/512² x candidates/8 x calls
   (calls: 2 for samplers that evaluate the model twice a step, Heun, DPM2 and DPM++ SDE; else 1)
 * upscale:                       cost_upscale x output pixels/1024² (a 2x upscale of 512²
-                                 costs cost_upscale; width/height of an upscale are its output)
+                                 costs cost_upscale; width/height of an upscale are its output);
+                                 a creative upscale the same with cost_upscale_creative
+* zoom, pan, square, region:     cost_zoom / cost_pan / cost_square / cost_region, scaled like
+                                 imagine by the canvas (width x height of the edit's output)
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from fractions import Fraction
 from typing import Any
@@ -54,7 +57,7 @@ from bot.core.models import (
     RefusalCode,
     Refused,
 )
-from generation.contract import GenerationRequest
+from generation.contract import GenerationRequest, UpscaleMode
 from generation.contract import JobKind as GenerationKind
 
 log = logging.getLogger(__name__)
@@ -71,19 +74,28 @@ BASE_STEPS = 30
 BASE_CANDIDATES = 8
 
 
+_EDIT_COSTS: dict[GenerationKind, Callable[[CreditsConfig], int]] = {
+    GenerationKind.ZOOM: lambda config: config.cost_zoom,
+    GenerationKind.PAN: lambda config: config.cost_pan,
+    GenerationKind.SQUARE: lambda config: config.cost_square,
+    GenerationKind.REGION: lambda config: config.cost_region,
+}
+
+
 def job_cost(request: GenerationRequest, config: CreditsConfig) -> int:
     """Credits a request costs; see the module docstring for the formulas."""
     pixels = Fraction(request.width * request.height, BASE_PIXELS)
     candidates = Fraction(request.num_candidates, BASE_CANDIDATES)
     model_calls = request.sampler.model_calls_per_step
-    if request.kind is GenerationKind.IMAGINE:
-        base = config.cost_imagine
+    if request.kind is GenerationKind.IMAGINE or request.kind.is_edit:
+        base = _EDIT_COSTS[request.kind](config) if request.kind.is_edit else config.cost_imagine
         scaled = base * pixels * Fraction(request.steps, BASE_STEPS) * candidates * model_calls
     elif request.kind is GenerationKind.VARIATION:
         base = config.cost_variation
         scaled = base * pixels * candidates * model_calls
     else:
-        base = config.cost_upscale
+        creative = request.upscale_mode is UpscaleMode.CREATIVE
+        base = config.cost_upscale_creative if creative else config.cost_upscale
         scaled = base * Fraction(request.width * request.height, UPSCALE_BASE_PIXELS)
     if base <= 0:
         return 0

@@ -12,7 +12,7 @@ from typing import Any
 
 from bot.config import SchedulerConfig
 from bot.core.clock import Clock
-from bot.core.events import EventHub
+from bot.core.events import EventHub, with_last_preview
 from bot.core.execute import JobError, WorkItem, WorkOutcome
 from bot.core.jobs import output_dir_for
 from bot.core.lifecycle import Ending, Lifecycle
@@ -42,6 +42,12 @@ class WorkerStatus:
     gpu_memory_bytes: int | None
     # The models it reported holding after its last job.
     models: tuple[str, ...] = ()
+    # Where it runs: the machine (host name or cluster node) and the device it is pinned to
+    # ("" when it sees whatever the machine shows), as the worker reports them.
+    node: str = ""
+    device: str = ""
+    # The jobs it runs now.
+    jobs: tuple[int, ...] = ()
 
 
 class Dispatcher:
@@ -81,9 +87,36 @@ class Dispatcher:
             self._start_in_background(worker)
         self._loop_task = asyncio.create_task(self._dispatch_loop(), name="dispatcher")
 
+    def add_worker(self, worker: Worker) -> None:
+        """A worker that joined while the bot runs (a GPU of a Ray node that came up)."""
+        if self._has(worker):
+            return
+        self.workers.append(worker)
+        self._state.running.add_worker(worker)
+        if self._loop_task is not None and not self._state.closing:
+            self._start_in_background(worker)
+
+    async def remove_worker(self, worker: Worker) -> None:
+        """A worker that left (its node is gone): no job is given to it any more, and it is
+        closed. A job it was running ends the way its worker reports (a crash re-queues it)."""
+        if not self._has(worker):
+            return
+        self.workers = [w for w in self.workers if w is not worker]
+        self._ready.discard(id(worker))
+        self._models.pop(id(worker), None)
+        self._gpu_memory.pop(id(worker), None)
+        self._state.running.remove_worker(worker)
+        try:
+            await worker.close()
+        except Exception:
+            log.exception("worker %s did not close cleanly", worker.name)
+
+    def _has(self, worker: Worker) -> bool:
+        return any(w is worker for w in self.workers)
+
     def _start_in_background(self, worker: Worker) -> None:
         self._ready.discard(id(worker))
-        if id(worker) in self._starting:
+        if id(worker) in self._starting or not self._has(worker):
             return
         self._starting.add(id(worker))
         task = asyncio.create_task(self._start_worker(worker), name=f"start-{worker.name}")
@@ -100,18 +133,21 @@ class Dispatcher:
         # a worker that cannot start is retried with a growing pause (a crashed child's GPU
         # memory may take a moment to come free), with the error in the log for the admin.
         delay_s = min(FIRST_RETRY_S, self._worker_retry_s)
-        while not self._state.closing:
+        while not self._state.closing and self._has(worker):
             try:
                 await worker.start()
             except Exception as exc:
+                if not self._has(worker):
+                    return
                 log.error(
                     "worker %s failed to start (%s); retrying in %g s", worker.name, exc, delay_s
                 )
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, self._worker_retry_s)
                 continue
-            self._ready.add(id(worker))
-            self._state.wake.set()
+            if self._has(worker):
+                self._ready.add(id(worker))
+                self._state.wake.set()
             return
 
     async def close(self, drain_timeout_s: float) -> None:
@@ -150,6 +186,9 @@ class Dispatcher:
                 busy=self._state.running.busy(worker),
                 gpu_memory_bytes=self._gpu_memory.get(id(worker)),
                 models=tuple(sorted(self._models.get(id(worker), ()))),
+                node=str(getattr(worker, "node", "")),
+                device=str(getattr(worker, "device", "")),
+                jobs=tuple(self._state.running.jobs_on(worker)),
             )
             for worker in self.workers
         ]
@@ -255,7 +294,7 @@ class Dispatcher:
             )
             outcome = await record.worker.run(
                 item,
-                lambda step, total: self._progress(record, step, total),
+                lambda step, total, preview=None: self._progress(record, step, total, preview),
                 self._config.job_timeout_s,
             )
             if outcome.gpu_memory_bytes is not None:
@@ -286,6 +325,7 @@ class Dispatcher:
             candidate_indices=outcome.candidate_indices,
             width=outcome.width,
             height=outcome.height,
+            texts=outcome.texts,
         )
         if verdict:
             return Ending(JobState.REFUSED, error=verdict, result=result)
@@ -328,9 +368,13 @@ class Dispatcher:
             log.exception("job %d: output check failed; refusing the result", job.id)
             return "the result could not be checked"
 
-    def _progress(self, record: RunningJob, step: int, total: int) -> None:
-        record.progress = ProgressUpdate(record.job_id, step, total)
-        self._events.emit(record.progress)
+    def _progress(
+        self, record: RunningJob, step: int, total: int, preview_png: bytes | None = None
+    ) -> None:
+        update = ProgressUpdate(record.job_id, step, total, preview_png)
+        self._events.emit(update)
+        # Whoever subscribes mid-run gets the latest preview with the latest step.
+        record.progress = with_last_preview(update, record.progress)
 
     # ----- cancelling ---------------------------------------------------------------------------
 

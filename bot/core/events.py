@@ -6,6 +6,8 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
+from dataclasses import replace
+from typing import TypeVar
 
 from bot.core.clock import Clock
 from bot.core.jobs import JobStore
@@ -15,6 +17,7 @@ from bot.core.state import QueueState
 log = logging.getLogger(__name__)
 
 Listener = Callable[[JobEvent], None]
+JobEventT = TypeVar("JobEventT", bound=JobEvent)
 
 POSITION_PUBLISH_DELAY_S = 0.2
 
@@ -43,7 +46,8 @@ class Subscription:
             and type(self._pending[-1]) is type(event)
             and isinstance(event, ProgressUpdate | Queued)
         ):
-            self._pending[-1] = event
+            # A preview not yet read survives a later update that has none.
+            self._pending[-1] = with_last_preview(event, self._pending[-1])
         else:
             self._pending.append(event)
         self._wake.set()
@@ -85,6 +89,18 @@ class Subscription:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def with_last_preview(event: JobEventT, previous: JobEvent | None) -> JobEventT:
+    """`event`, carrying `previous`'s preview image when it is a progress update without one."""
+    if (
+        isinstance(event, ProgressUpdate)
+        and event.preview_png is None
+        and isinstance(previous, ProgressUpdate)
+        and previous.preview_png is not None
+    ):
+        return replace(event, preview_png=previous.preview_png)
+    return event
 
 
 class EventHub:

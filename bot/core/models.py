@@ -20,6 +20,11 @@ class JobKind(StrEnum):
     UPSCALE = "upscale"
     # Same settings as the parent job with a new seed; the request says what is generated.
     REROLL = "reroll"
+    # Post-grid edits of one image (generation.outpaint): each a new grid.
+    ZOOM = "zoom"
+    PAN = "pan"
+    SQUARE = "square"
+    REGION = "region"
 
 
 class JobState(StrEnum):
@@ -105,9 +110,12 @@ class JobResult:
     candidate_indices: tuple[int, ...] = ()
     width: int = 0
     height: int = 0
+    # A describe's prompt suggestions (it has no images).
+    texts: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "texts": list(self.texts),
             "image_paths": list(self.image_paths),
             "grid_path": self.grid_path,
             "seeds": list(self.seeds),
@@ -129,6 +137,7 @@ class JobResult:
             candidate_indices=tuple(data.get("candidate_indices", ())),
             width=int(data.get("width", 0)),
             height=int(data.get("height", 0)),
+            texts=tuple(str(t) for t in data.get("texts", ())),
         )
 
 
@@ -294,6 +303,9 @@ class ProgressUpdate:
     job_id: int
     step: int
     total: int
+    # A small PNG of the candidates so far, when the job asked for previews; an update without
+    # one leaves the last preview standing.
+    preview_png: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def fraction(self) -> float:

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,14 @@ from generation.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
-ProgressSink = Callable[[int, int], None]
+
+
+class ProgressSink(Protocol):
+    """Where a worker reports a job's steps: `(step, total)`, plus the preview image's PNG bytes
+    when the engine made one (only then is the third argument passed)."""
+
+    def __call__(self, step: int, total: int, preview_png: bytes | None = ..., /) -> None: ...
+
 
 
 class WorkerCrashed(Exception):
@@ -101,6 +109,9 @@ class InProcessWorker:
     ) -> None:
         self.name = name
         self.capacity = capacity
+        # Where it runs, for /admin workers: this machine, whatever device the engine picks.
+        self.node = socket.gethostname()
+        self.device = ""
         self._settings = settings
         self._data_dir = data_dir
         self._factory = engine_factory
@@ -129,8 +140,11 @@ class InProcessWorker:
         self._cancels[item.job_id] = cancel
 
         def progress(update: Progress) -> None:
+            arguments: tuple[Any, ...] = (update.step, update.total)
+            if update.preview_png is not None:
+                arguments += (update.preview_png,)
             with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
-                loop.call_soon_threadsafe(on_progress, update.step, update.total)
+                loop.call_soon_threadsafe(on_progress, *arguments)
 
         future = loop.run_in_executor(
             self._executor, run_job, self._engine, item, self._data_dir, progress, cancel
@@ -193,6 +207,9 @@ class ProcessWorker:
         self._startup_timeout_s = startup_timeout_s
         self._log_level = log_level if log_level is not None else logging.getLogger().level
         self.environment = dict(environment or {})
+        self.node = socket.gethostname()
+        pinned = self.environment.get("CUDA_VISIBLE_DEVICES")
+        self.device = f"cuda:{pinned}" if pinned else ""
         self._child: _Child | None = None
         self._starting: asyncio.Task[_Child] | None = None
         self._current: int | None = None
@@ -340,7 +357,9 @@ class ProcessWorker:
                     raise WorkerCrashed(f"the worker process died (exit code {code})")
                 if message[1] != item.job_id:
                     continue  # a late message about an earlier job
-                if tag == "progress":
+                if tag == "progress" and len(message) > 4 and message[4] is not None:
+                    on_progress(message[2], message[3], message[4])
+                elif tag == "progress":
                     on_progress(message[2], message[3])
                 elif tag == "done":
                     return message[2]
@@ -524,7 +543,7 @@ def child_main(
                 event.set()
 
         def progress(update: Progress, job_id: int = item.job_id) -> None:
-            conn.send(("progress", job_id, update.step, update.total))
+            conn.send(("progress", job_id, update.step, update.total, update.preview_png))
 
         try:
             outcome = run_job(engine, item, root, progress, event)
