@@ -44,13 +44,11 @@ from generation.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 
-
 class ProgressSink(Protocol):
     """Where a worker reports a job's steps: `(step, total)`, plus the preview image's PNG bytes
     when the engine made one (only then is the third argument passed)."""
 
     def __call__(self, step: int, total: int, preview_png: bytes | None = ..., /) -> None: ...
-
 
 
 class WorkerCrashed(Exception):
