@@ -1,23 +1,42 @@
-"""The buttons under job messages. Their custom_id carries the job id, so they keep working
-after a restart: `imagine:U:<job_id>:<index>` is resolved from SQLite, never from memory."""
+"""The buttons under job messages. Their custom_id carries the job id (and the image's
+index), so they keep working after a restart: `imagine:U:<job_id>:<index>` is resolved from
+SQLite, never from memory.
+
+`imagine:<action>:…` buttons are the app's `Action`s; `imagine-ui:<what>:…` buttons are the
+Discord layer's own (Custom Zoom and Vary (Region) open a form, Delete removes the message).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import discord
 
 from bot.app import Action
-from bot.core.models import Job, JobKind
+from bot.core.models import Job
 
+# Longest first, so that "VS" is never read as "V" followed by junk.
+_ACTIONS = "|".join(sorted((re.escape(a.value) for a in Action), key=len, reverse=True))
 _TEMPLATE = re.compile(
-    r"imagine:(?P<action>U|V|R|VS|VX|UP|X):(?P<job>[0-9]{1,19})(?::(?P<index>[1-9]))?"
+    rf"imagine:(?P<action>{_ACTIONS}):(?P<job>[0-9]{{1,19}})(?::(?P<index>[1-9]))?"
 )
+
+# Whether the button for an action on image `index` (1-based) of a job fits the server's
+# limits (max_pixels, a pan that can still grow); a button that can't work is not shown.
+Fits = Callable[[Action, int], bool]
 
 
 def custom_id(action: Action, job_id: int, index: int = 0) -> str:
-    return f"imagine:{action.value}:{job_id}" + (f":{index}" if action.needs_index else "")
+    shown = action.needs_index or index > 0
+    return f"imagine:{action.value}:{job_id}" + (f":{index}" if shown else "")
+
+
+def _action(name: str) -> Action | None:
+    """An action by member name, or None where the app has no such action."""
+    return Action.__members__.get(name)
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_TEMPLATE):
@@ -59,6 +78,56 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_TEMPLA
         await interaction.client.on_job_button(interaction, self.action, self.job_id, self.index)
 
 
+class UiAction(StrEnum):
+    """Buttons the Discord layer answers itself rather than with a job."""
+
+    CUSTOM_ZOOM = "CZ"  # a form: prompt and zoom factor
+    VARY_REGION = "VR"  # a form: regions or a mask, and the region's prompt
+    DELETE = "DEL"
+
+
+_UI_TEMPLATE = re.compile(r"imagine-ui:(?P<what>CZ|VR|DEL):(?P<job>[0-9]{1,19}):(?P<index>[1-9])")
+
+
+class UiButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_UI_TEMPLATE):
+    def __init__(
+        self,
+        what: UiAction,
+        job_id: int,
+        index: int,
+        *,
+        label: str | None = None,
+        emoji: str | None = None,
+        style: discord.ButtonStyle = discord.ButtonStyle.secondary,
+        row: int | None = None,
+    ) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=label,
+                emoji=emoji,
+                style=style,
+                row=row,
+                custom_id=f"imagine-ui:{what.value}:{job_id}:{index}",
+            )
+        )
+        self.what = what
+        self.job_id = job_id
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+        /,
+    ) -> UiButton:
+        return cls(UiAction(match["what"]), int(match["job"]), int(match["index"]))
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        await interaction.client.on_ui_button(interaction, self.what, self.job_id, self.index)
+
+
 def cancel_view(job_id: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(
@@ -67,13 +136,13 @@ def cancel_view(job_id: int) -> discord.ui.View:
     return view
 
 
-def grid_view(job: Job, can_upscale: bool = True) -> discord.ui.View:
-    """U1–U4 on the first row (only where a 2x upscale fits the server's pixel budget), V1–V4
-    on the second, 🔄 on the third."""
+def grid_view(job: Job) -> discord.ui.View:
+    """U1–U4 (separate an image: free, the candidates are already full size) on the first
+    row, V1–V4 on the second, 🔄 on the third."""
     assert job.result is not None
     count = len(job.result.image_paths)
     view = discord.ui.View(timeout=None)
-    for index in range(1, count + 1 if can_upscale else 1):
+    for index in range(1, count + 1):
         view.add_item(JobButton(Action.UPSCALE, job.id, index, label=f"U{index}", row=0))
     for index in range(1, count + 1):
         view.add_item(JobButton(Action.VARY, job.id, index, label=f"V{index}", row=1))
@@ -81,16 +150,50 @@ def grid_view(job: Job, can_upscale: bool = True) -> discord.ui.View:
     return view
 
 
-def upscale_view(job: Job, can_upscale: bool) -> discord.ui.View:
+# (action name, label, emoji, row) of the buttons under one image, in Midjourney's order.
+_IMAGE_BUTTONS: tuple[tuple[str, str | None, str | None, int], ...] = (
+    ("UPSCALE_SUBTLE", "Upscale (Subtle)", "🔍", 0),
+    ("UPSCALE_CREATIVE", "Upscale (Creative)", "🔍", 0),
+    ("VARY_SUBTLE", "Vary (Subtle)", "🪄", 0),
+    ("VARY_STRONG", "Vary (Strong)", "🪄", 0),
+    ("ZOOM_OUT_2", "Zoom Out 2x", "🔎", 1),
+    ("ZOOM_OUT_1_5", "Zoom Out 1.5x", "🔎", 1),
+    ("MAKE_SQUARE", "Make Square", "↔️", 1),
+    ("PAN_LEFT", None, "⬅️", 2),
+    ("PAN_RIGHT", None, "➡️", 2),
+    ("PAN_UP", None, "⬆️", 2),
+    ("PAN_DOWN", None, "⬇️", 2),
+)
+
+
+def image_view(job: Job, index: int, fits: Fits) -> discord.ui.View:
+    """The buttons under one image (a separated U1–U4 or an upscale): upscale and vary it,
+    Vary (Region), zoom out, make it square, pan, delete. A button whose operation can't fit
+    the server's limits (or that this server doesn't offer) is left out."""
     view = discord.ui.View(timeout=None)
-    view.add_item(JobButton(Action.VARY_SUBTLE, job.id, label="Vary (Subtle)", emoji="🪄"))
-    view.add_item(JobButton(Action.VARY_STRONG, job.id, label="Vary (Strong)", emoji="🪄"))
-    if can_upscale:
-        view.add_item(JobButton(Action.UPSCALE_AGAIN, job.id, label="Upscale (2x)", emoji="🔍"))
+    for name, label, emoji, row in _IMAGE_BUTTONS:
+        action = _action(name)
+        if action is not None and fits(action, index):
+            view.add_item(JobButton(action, job.id, index, label=label, emoji=emoji, row=row))
+        if name == "VARY_STRONG":
+            view.add_item(
+                UiButton(
+                    UiAction.VARY_REGION, job.id, index, label="Vary (Region)", emoji="🖌️", row=0
+                )
+            )
+        if name == "ZOOM_OUT_1_5":
+            view.add_item(
+                UiButton(
+                    UiAction.CUSTOM_ZOOM, job.id, index, label="Custom Zoom", emoji="🔎", row=1
+                )
+            )
+    view.add_item(UiButton(UiAction.DELETE, job.id, index, emoji="🗑️", row=2))
     return view
 
 
-def result_view(job: Job, can_upscale: bool) -> discord.ui.View:
-    if job.kind is JobKind.UPSCALE:
-        return upscale_view(job, can_upscale)
-    return grid_view(job, can_upscale)
+def result_view(job: Job, fits: Fits) -> discord.ui.View:
+    """A grid for jobs of several images, the single-image row for one (an upscale)."""
+    assert job.result is not None
+    if len(job.result.image_paths) == 1:
+        return image_view(job, 1, fits)
+    return grid_view(job)

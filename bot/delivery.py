@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot import render
-from bot.buttons import result_view
+from bot.buttons import Fits, result_view
 from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started
 from generation.images import encode_for_upload
 
@@ -105,7 +105,7 @@ class Delivery:
         message_at: MessageAt,
         own_user_id: Callable[[], int | None],
         is_flagged: Callable[[Job], Awaitable[bool]],
-        can_upscale: Callable[[Job], bool],
+        fits_for: Callable[[Job], Fits],
         position_edit_interval_s: float = POSITION_EDIT_INTERVAL_S,
     ) -> None:
         """`find_channel` returns None for a channel that is gone or hidden from the bot (and
@@ -121,7 +121,7 @@ class Delivery:
         self._message_at = message_at
         self._own_user_id = own_user_id
         self._is_flagged = is_flagged
-        self._can_upscale = can_upscale
+        self._fits_for = fits_for
         self.tasks: set[asyncio.Task[None]] = set()
         self._delivering: set[int] = set()
 
@@ -175,7 +175,8 @@ class Delivery:
             log.exception("delivering job %s failed", target.job.id)
 
     async def _follow_events(self, target: JobMessage) -> None:
-        pending: tuple[str, int | None] | None = None
+        # (text, queue position, preview PNG) of the edit waiting for its turn.
+        pending: tuple[str, int | None, bytes | None] | None = None
         due = 0.0
         async with self.scheduler.subscribe(target.job.id) as events:
             iterator = aiter(events)
@@ -198,8 +199,10 @@ class Delivery:
                     pending = None
                     continue
                 # Discord rate-limits edits: the newest text waits for its turn, and replaces
-                # any older one still waiting.
-                pending = (self._status_text(target, event), position)
+                # any older one still waiting (keeping a preview image it carried: previews
+                # come a few times per job, text at every step).
+                preview = getattr(event, "preview_png", None) or (pending and pending[2])
+                pending = (self._status_text(target, event), position, preview or None)
                 due = target.last_edit + self._spacing_s(position)
                 if time.monotonic() >= due:
                     await self._edit_status(target, *pending)
@@ -220,12 +223,18 @@ class Delivery:
             target.job, 0, int(target.job.request_data["steps"]), target.notes
         )
 
-    async def _edit_status(self, target: JobMessage, content: str, position: int | None) -> None:
+    async def _edit_status(
+        self, target: JobMessage, content: str, position: int | None, preview: bytes | None
+    ) -> None:
         target.last_edit = time.monotonic()
         if target.broken:
             return
+        options: dict[str, Any] = {"content": content}
+        if preview is not None:
+            # Replaces the previous preview; text-only edits leave the last one showing.
+            options["attachments"] = [discord.File(io.BytesIO(preview), filename="preview.png")]
         try:
-            await self._edit(target, content=content)
+            await self._edit(target, **options)
         except (discord.HTTPException, StatusMessageGone) as exc:
             # Progress is cosmetic: a failed edit is skipped, the next one may work.
             self._count_error(exc)
@@ -325,7 +334,7 @@ class Delivery:
         )
         # A refused job may have images on disk (withheld by the safety check): never post them.
         succeeded = job.state is JobState.SUCCEEDED and job.result is not None
-        view = result_view(job, self._can_upscale(job)) if succeeded else None
+        view = result_view(job, self._fits_for(job)) if succeeded else None
 
         if target is not None and not target.broken:
             try:
@@ -423,7 +432,7 @@ class Delivery:
             return None
         if own_id is None:
             return None
-        result_ids = {f"imagine:U:{job.id}:1", f"imagine:VS:{job.id}"}
+        result_ids = {f"imagine:U:{job.id}:1", f"imagine:VS:{job.id}", f"imagine:VS:{job.id}:1"}
         marker = render.finished_marker(job)
         try:
             async for message in channel.history(limit=RECOVERY_HISTORY_LIMIT):
@@ -440,6 +449,19 @@ class Delivery:
         except discord.HTTPException as exc:
             log.info("job %s: channel history unavailable (%s)", job.id, exc)
         return None
+
+    async def image_file(self, job: Job, index: int, limit_bytes: int | None) -> discord.File:
+        """Kept image `index` (0-based) of a finished job as an upload (a separated U1–U4),
+        behind a spoiler where the job's images are. Raises ImageExpired after retention."""
+        path = job.image_path(self.data_dir, index)
+        spoiler = await self._is_flagged(job)
+        data, name = await asyncio.to_thread(
+            _upload_bytes,
+            path,
+            limit_bytes or discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES,
+            f"job-{job.id}-{index + 1}",
+        )
+        return discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)
 
     async def _files(self, job: Job, limit_bytes: int | None) -> list[discord.File]:
         if job.state is not JobState.SUCCEEDED or job.result is None:

@@ -18,15 +18,17 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import render
+from bot import after_grid, render
 from bot.app import Action, Actor, ImagineApp, Submitted, UserError, open_core
-from bot.buttons import JobButton, cancel_view
+from bot.buttons import Fits, JobButton, UiAction, UiButton, cancel_view
+from bot.catalog_commands import add_catalog_commands, control_input
 from bot.config import Config
 from bot.core.clock import Clock, system_clock
 from bot.core.models import Job
 from bot.core.service import Core
 from bot.delivery import Delivery, JobMessage
 from bot.health import HealthServer, start_health_server
+from bot.member_commands import add_member_commands
 from bot.moderation import flagged_indices
 from bot.permissions import missing_for_delivery, refusal_text
 from generation.contract import MAX_SEED, Sampler
@@ -87,15 +89,16 @@ class ImagineBot(commands.AutoShardedBot):
             message_at=self.message_at,
             own_user_id=lambda: self.user.id if self.user is not None else None,
             is_flagged=self.flagged,
-            can_upscale=self.app.can_upscale,
+            fits_for=self.fits_for,
         )
         self.health = await start_health_server(
             self.config.metrics, self.core, {"gateway": self.gateway_check}
         )
         snapshot = await self.core.scheduler.snapshot()
         self._recovered = [active.job for active in (*snapshot.running, *snapshot.queued)]
-        self.add_dynamic_items(JobButton)
+        self.add_dynamic_items(JobButton, UiButton)
         add_commands(self)
+        add_member_commands(self)
         await self.sync_commands()
 
     async def sync_commands(self) -> None:
@@ -191,6 +194,10 @@ class ImagineBot(commands.AutoShardedBot):
         channel = self.get_partial_messageable(channel_id, guild_id=guild_id)
         return channel.get_partial_message(message_id)
 
+    def fits_for(self, job: Job) -> Fits:
+        """Which buttons under this job's images can work on this server."""
+        return after_grid.fits_for(self.app)(job)
+
     async def flagged(self, job: Job) -> bool:
         """Whether the job's images are to be posted behind a spoiler (safety filter)."""
         return bool(await flagged_indices(self.config.data_dir, job))
@@ -201,11 +208,31 @@ class ImagineBot(commands.AutoShardedBot):
         self, interaction: discord.Interaction[Any], action: Action, job_id: int, index: int
     ) -> None:
         try:
+            if action is Action.UPSCALE:
+                # U1–U4 separate an image: free, no job (the candidates are full size).
+                await after_grid.separate(self, interaction, job_id, index)
+                return
+            if await after_grid.wants_remix(self, interaction.user.id, action):
+                # A form must be the first answer; the member's settings are in memory.
+                await after_grid.open_form(self, interaction, action, job_id, index)
+                return
             # Acknowledged before any database read, image decoding or transaction: Discord
             # allows 3 seconds, which a busy bot may need for those. The grid is left as it
             # is; refusals come as private follow-ups, the new job gets its own message.
             await interaction.response.defer()
             await self._job_button(interaction, action, job_id, index)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+    async def on_ui_button(
+        self, interaction: discord.Interaction[Any], what: UiAction, job_id: int, index: int
+    ) -> None:
+        try:
+            if what is UiAction.DELETE:
+                await interaction.response.defer()
+                await after_grid.delete_result(self, interaction, interaction.message)
+            else:
+                await after_grid.open_form(self, interaction, what, job_id, index)
         except Exception as exc:
             await report_error(interaction, exc)
 
@@ -220,7 +247,13 @@ class ImagineBot(commands.AutoShardedBot):
         missing = missing_for_delivery(interaction)
         if missing:
             raise UserError(refusal_text(missing))
-        submitted = await self.app.press(actor, job_id, action, index)
+        await self.post_status(interaction, await self.app.press(actor, job_id, action, index))
+
+    async def post_status(
+        self, interaction: discord.Interaction[Any], submitted: Submitted
+    ) -> None:
+        """The status message of a job started from a button or a form: a reply to the
+        message it was pressed on, edited until the result lands in it."""
         job = submitted.job
         channel = interaction.channel
         message: discord.Message | None = None
@@ -339,7 +372,6 @@ def add_commands(bot: ImagineBot) -> None:
     tree = bot.tree
     tree.on_error = report_error  # type: ignore[method-assign]
     config = bot.config
-    model_choices = [app_commands.Choice(name=m.name, value=m.name) for m in config.engine.models]
 
     @tree.command(name="imagine", description="Make images from a text prompt")
     @app_commands.describe(
@@ -350,12 +382,13 @@ def add_commands(bot: ImagineBot) -> None:
         steps="Denoising steps: more is slower and finer (same as --steps)",
         guidance="How closely to follow the prompt, CFG scale (same as --cfg)",
         sampler="Sampling method (same as --sampler)",
-        model="Which model to use",
+        model="Which model to use (see /models; same as --model)",
+        lora="LoRAs to add: NAME or NAME:0.8, several with commas (same as --lora; see /models)",
+        control_image="The picture a --cn ControlNet follows (its edges, depth …)",
     )
     @app_commands.choices(
         aspect=[app_commands.Choice(name=a, value=a) for a in ASPECT_CHOICES],
         sampler=[app_commands.Choice(name=s.a1111_name, value=s.value) for s in Sampler],
-        model=model_choices,
     )
     # The server's configured maximum, so Discord's client refuses more before anyone waits.
     @_annotate(steps=app_commands.Range[int, 1, config.engine.max_steps] | None)
@@ -369,11 +402,14 @@ def add_commands(bot: ImagineBot) -> None:
         guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
         sampler: str | None = None,
         model: str | None = None,
+        lora: app_commands.Range[str, 1, 200] | None = None,
+        control_image: discord.Attachment | None = None,
     ) -> None:
         missing = missing_for_delivery(interaction)
         if missing:
             raise UserError(refusal_text(missing))
-        options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler)
+        control = await control_input(bot, interaction, control_image)
+        options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler, lora, control)
         actor = bot.actor(interaction)
         batch = await bot.app.imagine(actor, prompt, options, model)
         first = batch[0]
@@ -432,6 +468,7 @@ def add_commands(bot: ImagineBot) -> None:
         await interaction.response.send_message(embeds=embeds[:10], ephemeral=True)
 
     tree.add_command(AdminCommands(bot))
+    add_catalog_commands(bot, imagine)
 
 
 def _annotate(**annotations: Any) -> Callable[[F], F]:

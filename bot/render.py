@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
+from bot.catalog import add_ons_text
 from bot.config import Config
 from bot.core.credits import describe_wait
 from bot.core.models import (
@@ -24,6 +26,11 @@ from bot.core.models import (
 )
 from generation.contract import Sampler
 from generation.flags import FLAGS, FlagSpec, Treatment
+from generation.settings import EngineSettings
+
+if TYPE_CHECKING:
+    from bot.app import MemberInfo
+    from bot.core.preferences import Preferences
 
 _BAR_CELLS = 12
 _PROMPT_PREVIEW_CHARS = 300
@@ -44,12 +51,17 @@ def progress_bar(fraction: float) -> str:
 
 
 def job_title(job: Job) -> str:
-    what = {
+    titles = {
         JobKind.IMAGINE: "Imagine",
         JobKind.REROLL: "Reroll",
         JobKind.VARIATION: "Variations",
         JobKind.UPSCALE: "Upscale",
-    }[job.kind]
+        "zoom": "Zoom Out",
+        "pan": "Pan",
+        "square": "Make Square",
+        "region": "Vary (Region)",
+    }
+    what = titles.get(job.kind, job.kind.value.replace("_", " ").capitalize())
     if job.parent_job_id is not None and job.parent_index is not None:
         what += f" of image {job.parent_index + 1} from job {job.parent_job_id}"
     elif job.parent_job_id is not None:
@@ -69,9 +81,10 @@ def settings_line(job: Job) -> str:
         sampler,
         f"CFG {data.get('guidance')}",
         f"model {data.get('model')}",
+        add_ons_text(data),  # LoRAs and ControlNet with their weights, if any
         f"cost {job.cost} credit{'s' if job.cost != 1 else ''}",
     ]
-    return " · ".join(str(p) for p in parts)
+    return " · ".join(str(p) for p in parts if p)
 
 
 def queued_text(job: Job, position: int | None, notes: Sequence[str] = ()) -> str:
@@ -119,6 +132,11 @@ def result_text(job: Job, mention: str = "", notes: Sequence[str] = ()) -> str:
         lines.append(f"Best {kept} of {candidates} by CLIP (scores {scores}; seeds {seeds})")
     lines += [f"ℹ️ {note}" for note in notes]
     return "\n".join(lines)
+
+
+def separated_text(job: Job, index: int, mention: str) -> str:
+    """The caption of one image of a grid posted on its own (U1–U4)."""
+    return f"**Image #{index}** of job {job.id} — {quote_prompt(job.prompt)} — {mention}"
 
 
 def finished_marker(job: Job) -> str:
@@ -173,6 +191,46 @@ def balance_text(balance: Balance, entries: Sequence[LedgerEntry], now: datetime
         lines.append("Recent activity:")
         lines += [ledger_line(entry) for entry in entries]
     return "\n".join(lines)
+
+
+def settings_text(prefs: Preferences, engine: EngineSettings) -> str:
+    """A member's settings as /settings and /info show them."""
+
+    def shown(value: object, default: object) -> str:
+        return f"**{value}**" if value is not None else f"server default ({default})"
+
+    sampler = Sampler(prefs.sampler).a1111_name if prefs.sampler else None
+    lines = [
+        f"• Aspect: {shown(prefs.aspect, '1:1')}",
+        f"• Model: {shown(prefs.model, engine.model(None).name)}",
+        f"• Sampler: {shown(sampler, engine.default_sampler.a1111_name)}",
+        f"• Steps: {shown(prefs.steps, engine.default_steps)}",
+        f"• Previews while a job runs: **{'on' if prefs.previews else 'off'}**",
+        f"• Remix (edit the prompt before V, Vary, Zoom and Pan): "
+        f"**{'on' if prefs.remix else 'off'}**",
+        f"• Suffix: {quote_prompt(prefs.suffix) if prefs.suffix else 'none'} (/prefer suffix)",
+        f"• Shortcuts: {', '.join(f'`--{n}`' for n in prefs.options) or 'none'} (/prefer option)",
+    ]
+    head = "**Your settings** — typed flags always win over these defaults."
+    return "\n".join([head, *lines])
+
+
+def options_text(prefs: Preferences) -> str:
+    if not prefs.options:
+        return "You have no shortcuts. Make one with `/prefer option set mystyle --ar 3:2 …`."
+    lines = [f"• `--{name}` → {quote_prompt(value)}" for name, value in prefs.options.items()]
+    return "**Your shortcuts**\n" + "\n".join(lines)
+
+
+def info_text(info: MemberInfo, engine: EngineSettings, now: datetime) -> str:
+    """/info: balance and allowance, queued and running jobs with positions, settings."""
+    return "\n\n".join(
+        [
+            balance_text(info.balance, (), now),
+            "**Your jobs**\n" + jobs_text(info.jobs),
+            settings_text(info.preferences, engine),
+        ]
+    )
 
 
 def ledger_line(entry: LedgerEntry) -> str:

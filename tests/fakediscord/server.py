@@ -1574,6 +1574,9 @@ class FakeDiscord:
                 "application_id": str(self.application_id),
                 "version": str(self.snowflake()),
                 "default_member_permissions": command.get("default_member_permissions"),
+                # User and message commands (types 2, 3) have no description; Discord
+                # answers with an empty one, which discord.py reads.
+                "description": command.get("description", ""),
             }
             if guild_id is not None:
                 stored["guild_id"] = str(guild_id)

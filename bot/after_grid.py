@@ -1,0 +1,374 @@
+"""What a member does with a finished image on Discord: U1–U4 separate it (free), Remix and
+Custom Zoom edit the prompt in a form first, Vary (Region) picks regions or takes a mask, and
+Delete removes a result message.
+
+The jobs themselves are the app's (`ImagineApp.press`, `custom_zoom`, `vary_region`); this
+module only turns buttons and forms into those calls and renders what comes back. A form
+(modal) must be Discord's first answer to a press, so the checks before it (whose job, is Remix
+on) read only what is quick: the member's settings come from memory, the job from one row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import discord
+from PIL import Image, UnidentifiedImageError
+
+from bot import render
+from bot.app import Action, Actor, ImagineApp, UserError
+from bot.buttons import Fits, UiAction, image_view
+from bot.core.models import ImageExpired, Job
+from bot.permissions import missing_for_delivery, refusal_text
+from generation.contract import MAX_ZOOM, PanDirection, Region, UpscaleMode
+from generation.prompt import MAX_INPUT_CHARS
+
+if TYPE_CHECKING:
+    from bot.discord_bot import ImagineBot
+
+log = logging.getLogger(__name__)
+
+# Presses that open the Remix form first when the member has Remix on.
+REMIX_ACTIONS = frozenset(
+    {
+        "VARY",
+        "VARY_SUBTLE",
+        "VARY_STRONG",
+        "ZOOM_OUT_2",
+        "ZOOM_OUT_1_5",
+        "PAN_LEFT",
+        "PAN_RIGHT",
+        "PAN_UP",
+        "PAN_DOWN",
+    }
+)
+_PANS = {
+    "PAN_LEFT": PanDirection.LEFT,
+    "PAN_RIGHT": PanDirection.RIGHT,
+    "PAN_UP": PanDirection.UP,
+    "PAN_DOWN": PanDirection.DOWN,
+}
+NOT_YOURS = "This isn't your job — use /imagine to start your own."
+# A text input holds at most 4000 characters; a prompt with flags is shorter still.
+PROMPT_INPUT_CHARS = min(MAX_INPUT_CHARS, 4000)
+# An uploaded mask: black and white, so a few MB is plenty; larger is refused before decoding.
+MAX_MASK_BYTES = 8 * 1024 * 1024
+MAX_MASK_PIXELS = 4096 * 4096
+_JOB_IN_CUSTOM_ID = re.compile(r"^imagine(?:-ui)?:\w+:([0-9]{1,19})")
+
+
+# ----- which buttons fit -----------------------------------------------------------------------
+
+
+def fits_for(app: ImagineApp) -> Callable[[Job], Fits]:
+    """`job -> Fits`: whether each button under a job's image can work on this server."""
+
+    def for_job(job: Job) -> Fits:
+        def fits(action: Action, index: int) -> bool:
+            return action_fits(app, job, action, index)
+
+        return fits
+
+    return for_job
+
+
+def action_fits(app: ImagineApp, job: Job, action: Action, index: int) -> bool:
+    result = job.result
+    if result is None:
+        return False
+    name = action.name
+    if name in ("UPSCALE_SUBTLE", "UPSCALE_CREATIVE"):
+        mode = UpscaleMode.SUBTLE if name == "UPSCALE_SUBTLE" else UpscaleMode.CREATIVE
+        can_upscale: Any = app.can_upscale
+        try:
+            return bool(can_upscale(job, mode))
+        except TypeError:  # an app whose upscale has no modes
+            return bool(can_upscale(job))
+    if name in _PANS:
+        can_pan = getattr(app, "can_pan", None)
+        return True if can_pan is None else bool(can_pan(job, index, _PANS[name]))
+    if name == "MAKE_SQUARE":
+        return result.width != result.height
+    return True
+
+
+# ----- U1–U4: separate an image -------------------------------------------------------------
+
+
+async def owned_job(app: ImagineApp, actor: Actor, job_id: int) -> Job:
+    job = await app.job(actor, job_id)
+    if job.owner.user_id != actor.user_id and not actor.is_admin:
+        raise UserError(NOT_YOURS)
+    return job
+
+
+async def separate(
+    bot: ImagineBot, interaction: discord.Interaction[Any], job_id: int, index: int
+) -> None:
+    """Post image `index` of a grid as its own reply with the next row of buttons: no job,
+    no charge (the candidates are already full size)."""
+    await interaction.response.defer()
+    actor = bot.actor(interaction)
+    missing = missing_for_delivery(interaction)
+    if missing:
+        raise UserError(refusal_text(missing))
+    job = await owned_job(bot.app, actor, job_id)
+    if job.result is None or not 1 <= index <= len(job.result.image_paths):
+        raise UserError(f"Image {index} doesn't exist in job {job_id}.")
+    try:
+        file = await bot.delivery.image_file(job, index - 1, interaction.filesize_limit)
+    except ImageExpired as exc:
+        raise UserError(exc.reason) from None
+    channel = interaction.channel
+    assert channel is not None and interaction.message is not None
+    await channel.send(  # type: ignore[union-attr]
+        render.separated_text(job, index, f"<@{actor.user_id}>"),
+        file=file,
+        view=image_view(job, index, bot.fits_for(job)),
+        reference=interaction.message.to_reference(fail_if_not_exists=False),
+    )
+
+
+# ----- forms -----------------------------------------------------------------------------------
+
+
+class _JobForm(discord.ui.Modal):
+    """A form about image `index` of job `job_id`; errors become the usual private replies."""
+
+    def __init__(self, bot: ImagineBot, title: str, job_id: int, index: int) -> None:
+        super().__init__(title=title, timeout=900)
+        self.bot = bot
+        self.job_id = job_id
+        self.index = index
+
+    async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
+        await interaction.response.defer()
+        missing = missing_for_delivery(interaction)
+        if missing:
+            raise UserError(refusal_text(missing))
+        await self.bot.post_status(interaction, await self.submit(interaction))
+
+    async def submit(self, interaction: discord.Interaction[Any]) -> Any:
+        raise NotImplementedError
+
+    async def on_error(  # type: ignore[override]
+        self, interaction: discord.Interaction[Any], error: Exception, /
+    ) -> None:
+        from bot.discord_bot import report_error
+
+        await report_error(interaction, error)
+
+
+def _prompt_input(prompt: str, label: str = "Prompt") -> discord.ui.TextInput[Any]:
+    return discord.ui.TextInput(
+        label=label,
+        style=discord.TextStyle.paragraph,
+        default=prompt[:PROMPT_INPUT_CHARS],
+        max_length=PROMPT_INPUT_CHARS,
+        required=True,
+    )
+
+
+class RemixForm(_JobForm):
+    """Remix: the member edits the prompt before a variation, zoom or pan."""
+
+    def __init__(self, bot: ImagineBot, action: Action, job: Job, index: int) -> None:
+        super().__init__(bot, "Remix: edit the prompt", job.id, index)
+        self.action = action
+        self.prompt: discord.ui.TextInput[Any] = _prompt_input(job.prompt)
+        self.add_item(self.prompt)
+
+    async def submit(self, interaction: discord.Interaction[Any]) -> Any:
+        press: Any = self.bot.app.press
+        actor = self.bot.actor(interaction)
+        return await press(actor, self.job_id, self.action, self.index, prompt=self.prompt.value)
+
+
+def parse_factor(text: str) -> float:
+    """The Custom Zoom factor as typed ("1.5", "1,5", "2x")."""
+    refusal = UserError(f"factor: expected a number from 1.0 to {MAX_ZOOM:g}, got {text.strip()!r}")
+    cleaned = text.strip().lower().removesuffix("x").replace(",", ".").strip()
+    try:
+        factor = float(cleaned)
+    except ValueError:
+        raise refusal from None
+    if not math.isfinite(factor) or not 1.0 <= factor <= MAX_ZOOM:
+        raise refusal
+    return factor
+
+
+class CustomZoomForm(_JobForm):
+    """Custom Zoom: the prompt (an `--ar` in it changes the canvas shape) and a factor."""
+
+    def __init__(self, bot: ImagineBot, job: Job, index: int) -> None:
+        super().__init__(bot, "Custom Zoom", job.id, index)
+        self.prompt: discord.ui.TextInput[Any] = _prompt_input(job.prompt)
+        self.factor: discord.ui.TextInput[Any] = discord.ui.TextInput(
+            label=f"Zoom out by (1.0 to {MAX_ZOOM:g})",
+            default="2",
+            max_length=8,
+            required=True,
+        )
+        self.add_item(self.prompt)
+        self.add_item(self.factor)
+
+    async def submit(self, interaction: discord.Interaction[Any]) -> Any:
+        factor = parse_factor(self.factor.value)
+        custom_zoom: Any = self.bot.app.custom_zoom  # type: ignore[attr-defined]
+        actor = self.bot.actor(interaction)
+        return await custom_zoom(
+            actor, self.job_id, self.index, prompt=self.prompt.value, factor=factor
+        )
+
+
+def region_options() -> list[discord.SelectOption]:
+    return [discord.SelectOption(label=region.label, value=region.value) for region in Region]
+
+
+class VaryRegionForm(_JobForm):
+    """Vary (Region): Discord has no brush, so the member picks regions (halves, the centre,
+    the cells of a 3x3 grid; several at once) or uploads a black-and-white mask (white is
+    repainted), and writes the prompt for that region."""
+
+    def __init__(self, bot: ImagineBot, job: Job, index: int) -> None:
+        super().__init__(bot, "Vary (Region)", job.id, index)
+        options = region_options()
+        self.regions: discord.ui.Select[Any] = discord.ui.Select(
+            placeholder="Pick one or more regions",
+            options=options,
+            min_values=0,
+            max_values=len(options),
+            required=False,
+        )
+        self.mask: discord.ui.FileUpload[Any] = discord.ui.FileUpload(
+            required=False, min_values=0, max_values=1
+        )
+        self.prompt: discord.ui.TextInput[Any] = _prompt_input(job.prompt)
+        self.add_item(discord.ui.Label(text="Regions to repaint", component=self.regions))
+        self.add_item(
+            discord.ui.Label(
+                text="…or a mask",
+                description="A black-and-white picture: white is repainted",
+                component=self.mask,
+            )
+        )
+        self.add_item(discord.ui.Label(text="Prompt for the region", component=self.prompt))
+
+    async def submit(self, interaction: discord.Interaction[Any]) -> Any:
+        regions = frozenset(Region(value) for value in self.regions.values)
+        uploads = self.mask.values
+        if not regions and not uploads:
+            raise UserError("regions: pick at least one region, or attach a mask")
+        if regions and uploads:
+            raise UserError("mask: pick regions or attach a mask, not both")
+        mask = await read_mask(uploads[0]) if uploads else None
+        vary_region: Any = self.bot.app.vary_region  # type: ignore[attr-defined]
+        actor = self.bot.actor(interaction)
+        return await vary_region(
+            actor, self.job_id, self.index, prompt=self.prompt.value, regions=regions, mask=mask
+        )
+
+
+async def read_mask(attachment: discord.Attachment) -> Image.Image:
+    """The uploaded mask, decoded off the event loop; refused by name when it is too large or
+    not a picture. Whether it is black and white and fits the image is the app's check."""
+    name = render.quote_prompt(attachment.filename, 60)
+    if attachment.size > MAX_MASK_BYTES:
+        raise UserError(
+            f"mask: {name} is {attachment.size / 1e6:.1f} MB; at most "
+            f"{MAX_MASK_BYTES // (1024 * 1024)} MB"
+        )
+    data = await attachment.read()
+    return await asyncio.to_thread(decode_mask, data, name)
+
+
+def decode_mask(data: bytes, name: str) -> Image.Image:
+    if len(data) > MAX_MASK_BYTES:  # the size Discord reported may not be what came
+        raise UserError(f"mask: {name} is larger than {MAX_MASK_BYTES // (1024 * 1024)} MB")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # The header gives the size: a huge picture is refused before it is decoded.
+            width, height = image.size
+            if width * height > MAX_MASK_PIXELS:
+                raise UserError(
+                    f"mask: {name} is {width}x{height}; at most "
+                    f"{MAX_MASK_PIXELS // 4096}x4096 pixels"
+                )
+            image.load()
+            return image.convert("L")
+    except Image.DecompressionBombError:
+        raise UserError(f"mask: {name} is far too large to be a mask") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise UserError(f"mask: {name} is not a picture (use a PNG, JPEG or WebP)") from None
+
+
+# ----- opening forms from buttons ---------------------------------------------------------
+
+
+async def open_form(
+    bot: ImagineBot,
+    interaction: discord.Interaction[Any],
+    what: UiAction | Action,
+    job_id: int,
+    index: int,
+) -> None:
+    """Answer a press with a form about the owner's image (others are told privately)."""
+    actor = bot.actor(interaction)
+    job = await owned_job(bot.app, actor, job_id)
+    if job.result is None:
+        raise UserError(f"Job {job.id} has no images to work from ({job.state.value}).")
+    form: discord.ui.Modal
+    if what is UiAction.CUSTOM_ZOOM:
+        form = CustomZoomForm(bot, job, index or 1)
+    elif what is UiAction.VARY_REGION:
+        form = VaryRegionForm(bot, job, index or 1)
+    else:
+        assert isinstance(what, Action)
+        form = RemixForm(bot, what, job, index)
+    await interaction.response.send_modal(form)
+
+
+async def wants_remix(bot: ImagineBot, user_id: int, action: Action) -> bool:
+    if action.name not in REMIX_ACTIONS:
+        return False
+    return (await bot.app.preferences.get(user_id)).remix
+
+
+# ----- Delete --------------------------------------------------------------------------------
+
+
+def job_of_message(message: discord.Message, own_user_id: int | None) -> int | None:
+    """The job a message of the bot's is about, from its buttons' custom_ids."""
+    if own_user_id is None or message.author.id != own_user_id:
+        return None
+    for row in message.components:
+        for child in getattr(row, "children", ()):
+            match = _JOB_IN_CUSTOM_ID.match(getattr(child, "custom_id", None) or "")
+            if match:
+                return int(match[1])
+    return None
+
+
+async def delete_result(
+    bot: ImagineBot, interaction: discord.Interaction[Any], message: discord.Message | None
+) -> None:
+    """Delete a job's result message for its owner or an admin. The files stay until the
+    retention rules remove them: other results' buttons may still work from them."""
+    own_id = bot.user.id if bot.user is not None else None
+    job_id = job_of_message(message, own_id) if message is not None else None
+    if message is None or job_id is None:
+        raise UserError("Only this bot's image messages can be deleted this way.")
+    job = await bot.app.check_delete(bot.actor(interaction), job_id)
+    try:
+        await message.delete()
+    except discord.NotFound:
+        pass  # already gone: what was asked for
+    from bot.discord_bot import reply
+
+    await reply(interaction, f"Deleted the message of job {job.id}.")
