@@ -22,6 +22,7 @@ from generation.settings import (
     TINY_SOURCES,
     ControlNetSpec,
     EngineSettings,
+    IPAdapterSpec,
     LoraSpec,
     ModelSpec,
     Preprocessor,
@@ -70,6 +71,8 @@ class CreditsConfig:
     cost_region: int = 3
     # Upscale (Creative), for a 2x upscale to 1024x1024 (scaled like cost_upscale).
     cost_upscale_creative: int = 4
+    # /describe: one CLIP pass over the picture and the phrase vocabulary, whatever its size.
+    cost_describe: int = 1
     role_allowances: dict[int, int] = field(default_factory=dict)
 
 
@@ -265,6 +268,7 @@ def _engine(section: _Reader, data_dir: Path, base_dir: Path) -> EngineSettings:
         max_loaded_models=section.positive("max_loaded_models", int, defaults.max_loaded_models),
         loras=_loras(section, base_dir),
         controlnets=_controlnets(section, base_dir),
+        ip_adapters=_ip_adapters(section, base_dir, defaults.ip_adapters),
     )
     try:
         settings.validate()
@@ -316,6 +320,44 @@ def _loras(section: _Reader, base_dir: Path) -> tuple[LoraSpec, ...]:
             )
         table.reject_unknown()
         specs.append(spec)
+    return tuple(specs)
+
+
+def _ip_adapters(
+    section: _Reader, base_dir: Path, defaults: tuple[IPAdapterSpec, ...]
+) -> tuple[IPAdapterSpec, ...]:
+    """[[generation.ip_adapters]]: one image adapter per family; the tiny ones stay for the
+    tiny models unless a table replaces them."""
+    specs: list[IPAdapterSpec] = []
+    for index, raw in enumerate(section.get("ip_adapters", list, [])):
+        table = _Reader(raw, f"{section.prefix}ip_adapters[{index}].")
+        base = IPAdapterSpec()
+        layers = table.get("style_layers", dict, {})
+        style: list[tuple[str, tuple[float, ...]]] = []
+        for layer, scales in layers.items():
+            values = scales if isinstance(scales, list) else [scales]
+            if not values or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in values
+            ):
+                raise ConfigError(
+                    f"{table.prefix}style_layers: {layer!r} needs a number or a list of numbers"
+                )
+            style.append((str(layer), tuple(float(v) for v in values)))
+        specs.append(
+            IPAdapterSpec(
+                family=table.choice("family", FAMILIES, "sd"),
+                source=_weights_path(table.get("source", str), base_dir),
+                subfolder=table.get("subfolder", str, base.subfolder),
+                weight_name=table.get("weight_name", str, base.weight_name),
+                image_encoder_folder=table.get(
+                    "image_encoder_folder", str, base.image_encoder_folder
+                ),
+                style_layers=tuple(style),
+            )
+        )
+        table.reject_unknown()
+    given = {(spec.family, spec.tiny) for spec in specs}
+    specs += [spec for spec in defaults if (spec.family, spec.tiny) not in given]
     return tuple(specs)
 
 
@@ -506,6 +548,7 @@ def _credits(section: _Reader) -> CreditsConfig:
         cost_square=section.non_negative("cost_square", 4),
         cost_region=section.non_negative("cost_region", 3),
         cost_upscale_creative=section.non_negative("cost_upscale_creative", 4),
+        cost_describe=section.non_negative("cost_describe", 1),
         role_allowances=section.id_map("role_allowances"),
     )
     section.reject_unknown()

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from generation import outpaint
+from generation.conditioning import check_inputs, plan_conditioning, ranking_references
 from generation.contract import (
     MAX_PIXELS,
     MAX_SEED,
@@ -40,7 +41,6 @@ from generation.contract import (
     Sampler,
     UpscaleMode,
 )
-from generation.conditioning import check_inputs, plan_conditioning, ranking_references
 from generation.controlnet import ControlJob, ControlNets
 from generation.decoding import decode_latents, kept_dtype
 from generation.describe import describe_picture
@@ -50,6 +50,7 @@ from generation.lora import LoraSet, apply_trigger_words, requested_loras
 from generation.preview import Previewer
 from generation.ranking import ClipRanker, resolve_clip_source, select_candidates
 from generation.settings import TINY, EngineSettings, ModelSpec
+from generation.single_file import load_single_file
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ class DiffusersEngine:
             raise ValueError(
                 f"steps: at most {self.settings.max_steps} on this server, got {request.steps}"
             )
-        if request.kind is not JobKind.IMAGINE:
+        if request.kind not in (JobKind.IMAGINE, JobKind.DESCRIBE):
             assert request.strength is not None and request.init_image is not None
             if int(request.steps * request.strength) < 1:
                 raise ValueError(
@@ -800,7 +801,10 @@ class DiffusersEngine:
         try:
             if spec.vae:
                 kwargs["vae"] = self._from_pretrained(AutoencoderKL, spec.vae, dtype)
-            text2img = self._from_pretrained(AutoPipelineForText2Image, source, dtype, **kwargs)
+            if spec.single_file:
+                text2img = load_single_file(spec, dtype, **kwargs)
+            else:
+                text2img = self._from_pretrained(AutoPipelineForText2Image, source, dtype, **kwargs)
         except OSError as exc:
             raise RuntimeError(
                 f"model {spec.name!r}: cannot load {source!r} ({exc}). Use a Hugging Face id "
@@ -865,11 +869,6 @@ class DiffusersEngine:
             from generation.tiny import ensure_tiny_sdxl
 
             return str(ensure_tiny_sdxl(self.settings.cache_dir))
-        if spec.source.endswith((".safetensors", ".ckpt")):
-            raise ValueError(
-                f"model: {spec.name!r} points at a single checkpoint file; give a diffusers "
-                "folder or a Hugging Face id instead"
-            )
         return spec.source
 
     def _tune_for_cuda(self, pipe: Any) -> None:

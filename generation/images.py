@@ -121,8 +121,31 @@ def a1111_parameters(
         # The shape of the A1111 ControlNet extension's own entry.
         control = f"Model: {request.controlnet}, Weight: {request.controlnet_weight:g}"
         fields.append(("ControlNet 0", control))
+    fields.extend(input_fields(request))
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
     return "\n".join(lines)
+
+
+_INPUT_LABELS = {
+    InputRole.IMAGE_PROMPT: "Image prompt",
+    InputRole.STYLE: "Style reference",
+    InputRole.OBJECT: "Object reference",
+    InputRole.MASK: "Mask",
+    InputRole.CONTROL: "Control image",
+}
+
+
+def input_fields(request: GenerationRequest) -> list[tuple[str, object]]:
+    """Every picture the member gave the job, numbered per role: its weight, the sha256 of
+    the fetched bytes and where it came from (a link or `attachment:<name>`)."""
+    fields: list[tuple[str, object]] = []
+    counts: dict[InputRole, int] = {}
+    for picture in request.inputs:
+        counts[picture.role] = counts.get(picture.role, 0) + 1
+        label = f"{_INPUT_LABELS[picture.role]} {counts[picture.role]}"
+        value = f"Weight: {picture.weight:g}, Hash: {picture.sha256 or '-'}, "
+        fields.append((label, value + f"Source: {picture.source or '-'}"))
+    return fields
 
 
 def edit_fields(request: GenerationRequest) -> list[tuple[str, object]]:

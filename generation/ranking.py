@@ -143,6 +143,53 @@ class ClipRanker:
             image_embeds=vision.cpu().double().numpy(),
         )
 
+    def score_against_images(
+        self, references: Sequence[Image.Image], images: Sequence[Image.Image]
+    ) -> Scored:
+        """Like `score`, against the mean embedding of `references` instead of a prompt: how a
+        /blend (pictures, no words) ranks its candidates."""
+        if not references:
+            raise ValueError("references: need at least one picture to score against")
+        wanted = self.image_embeddings(references).mean(axis=0)
+        wanted = wanted / max(float(np.linalg.norm(wanted)), 1e-12)
+        vision = self.image_embeddings(images)
+        return Scored(scores=vision @ wanted * 100.0, image_embeds=vision)
+
+    def image_embeddings(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Unit CLIP image embeddings, (n, d) float64."""
+        import torch
+
+        if not images:
+            raise ValueError("images: need at least one image to embed")
+        inputs = self.processor.image_processor(
+            images=[image.convert("RGB") for image in images], return_tensors="pt"
+        )
+        pixels = inputs["pixel_values"].to(self.device, self.dtype)
+        with torch.inference_mode():
+            vision = _as_tensor(self.model.get_image_features(pixel_values=pixels)).float()
+        vision = vision / vision.norm(dim=-1, keepdim=True)
+        return vision.cpu().double().numpy()
+
+    def text_embeddings(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Unit CLIP text embeddings, (n, d) float64, encoded `batch_size` texts at a time."""
+        import torch
+
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            inputs = self.processor.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=_CLIP_MAX_TOKENS,
+                return_tensors="pt",
+            ).to(self.device)
+            with torch.inference_mode():
+                text = _as_tensor(self.model.get_text_features(**inputs)).float()
+            chunks.append((text / text.norm(dim=-1, keepdim=True)).cpu().double().numpy())
+        if not chunks:
+            raise ValueError("texts: need at least one text to embed")
+        return np.concatenate(chunks)
+
 
 def _as_tensor(output: Any) -> Any:
     # transformers 5 may return a model output object from get_*_features; take the projection.

@@ -185,11 +185,13 @@ def build_tiny_sd(folder: Path, seed: int = TINY_SEED) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
 
 
-def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED) -> None:
+def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED, text_encoder_2_width: int = 32) -> None:
     """A tiny SDXL-shaped pipeline: two text encoders, pooled + size conditioning ("text_time").
 
     It exists so the SDXL code paths (Auto pipeline selection, pooled prompt embeddings) are
-    exercised offline; SD 1.x's tiny model stays the default.
+    exercised offline; SD 1.x's tiny model stays the default. `text_encoder_2_width` other than
+    the first encoder's 32 makes the encoders tell apart by shape, as real SDXL's (768 and
+    1280) do: diffusers' single-file loader tells them apart that way.
     """
     import torch
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -210,7 +212,12 @@ def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED) -> None:
     torch.manual_seed(seed + 10)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     torch.manual_seed(seed + 11)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            **{**text_config, "hidden_size": text_encoder_2_width},
+            projection_dim=text_encoder_2_width,
+        )
+    )
     torch.manual_seed(seed + 12)
     unet = UNet2DConditionModel(
         sample_size=TINY_BASE_RESOLUTION // 8,
@@ -223,10 +230,10 @@ def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED) -> None:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        # 6 size/crop numbers x 8 + the pooled text embedding (32).
-        projection_class_embeddings_input_dim=6 * 8 + 32,
+        # 6 size/crop numbers x 8 + the pooled text embedding.
+        projection_class_embeddings_input_dim=6 * 8 + text_encoder_2_width,
         # Both encoders' hidden states side by side.
-        cross_attention_dim=64,
+        cross_attention_dim=32 + text_encoder_2_width,
     )
     torch.manual_seed(seed + 13)
     vae = AutoencoderKL(
@@ -367,7 +374,7 @@ def build_tiny_inpaint_unet(folder: Path, seed: int = TINY_SEED) -> None:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)  # type: ignore[attr-defined]
 
 
 def ensure_tiny_inpaint(cache_dir: Path) -> Path:

@@ -37,6 +37,7 @@ _KIND_FOR = {
     JobKind.PAN: GenerationKind.PAN,
     JobKind.SQUARE: GenerationKind.SQUARE,
     JobKind.REGION: GenerationKind.REGION,
+    JobKind.DESCRIBE: GenerationKind.DESCRIBE,
 }
 
 

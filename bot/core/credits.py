@@ -34,6 +34,7 @@ Costs (all integers, rounded up, at least 1 when the configured base cost is abo
                                  a creative upscale the same with cost_upscale_creative
 * zoom, pan, square, region:     cost_zoom / cost_pan / cost_square / cost_region, scaled like
                                  imagine by the canvas (width x height of the edit's output)
+* describe (and its 🔄):          cost_describe, flat (no diffusion, one CLIP pass)
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def job_cost(request: GenerationRequest, config: CreditsConfig) -> int:
     pixels = Fraction(request.width * request.height, BASE_PIXELS)
     candidates = Fraction(request.num_candidates, BASE_CANDIDATES)
     model_calls = request.sampler.model_calls_per_step
+    if request.kind is GenerationKind.DESCRIBE:
+        return max(0, config.cost_describe)
     if request.kind is GenerationKind.IMAGINE or request.kind.is_edit:
         base = _EDIT_COSTS[request.kind](config) if request.kind.is_edit else config.cost_imagine
         scaled = base * pixels * Fraction(request.steps, BASE_STEPS) * candidates * model_calls

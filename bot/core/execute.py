@@ -7,6 +7,7 @@ first and then renamed, so a crash never leaves a half-written PNG where a resul
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -63,6 +64,19 @@ class WorkOutcome:
     gpu_memory_bytes: int | None = None
     # Models the engine holds after the job, so the next job for one of them comes here.
     loaded_models: tuple[str, ...] = ()
+    # What a job answers in words (a describe's prompt suggestions); it may have no images.
+    texts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RenderedJob:
+    """A job's result before it is written: PNG bytes by file name inside the job's output
+    folder, and the outcome that names them. Plain data, so a worker on another machine can
+    send it back and the bot writes it into its own data folder (`write_result`)."""
+
+    output_dir: str
+    files: tuple[tuple[str, bytes], ...]
+    outcome: WorkOutcome
 
 
 class JobError(Exception):
@@ -94,6 +108,17 @@ def load_request(data_dir: Path, item: WorkItem) -> GenerationRequest:
 def input_paths(request_data: Mapping[str, Any]) -> list[str]:
     """The stored files of a job's own pictures (image prompts, references, masks …)."""
     return [str(i["path"]) for i in request_data.get("inputs", ()) if i.get("path")]
+
+
+def item_files(item: WorkItem) -> list[str]:
+    """Every stored file a job reads (its source image and its own pictures), relative to the
+    data folder: what `load_request` opens, and what travels to a worker on another machine."""
+    source = [item.init_image_path] if item.init_image_path is not None else []
+    return [*source, *input_paths(item.request_data)]
+
+
+def read_inputs(data_dir: Path, item: WorkItem) -> dict[str, bytes]:
+    return {relative: safe_path(data_dir, relative).read_bytes() for relative in item_files(item)}
 
 
 def load_request_images(
@@ -131,10 +156,26 @@ def run_job(
     cancel: threading.Event,
 ) -> WorkOutcome:
     """Generate and save; raises GenerationCancelled, or JobError for a failure to report."""
+    request = prepare_request(data_dir, item)
+    return write_result(render_job(engine, item, request, progress, cancel), data_dir)
+
+
+def prepare_request(data_dir: Path, item: WorkItem) -> GenerationRequest:
+    """`load_request`, with a stored request that cannot be read as the job's failure."""
     try:
-        request = load_request(data_dir, item)
+        return load_request(data_dir, item)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise JobError(f"invalid request: {exc}", "invalid") from exc
+
+
+def render_job(
+    engine: Engine,
+    item: WorkItem,
+    request: GenerationRequest,
+    progress: Callable[[Progress], None] | None,
+    cancel: threading.Event,
+) -> RenderedJob:
+    """Generate and encode the PNGs without writing them; raises like `run_job`."""
     started = time.perf_counter()
     try:
         result = engine.generate(request, progress=progress, cancel=cancel)
@@ -150,17 +191,18 @@ def run_job(
         log.exception("job %d: engine failed", item.job_id)
         raise JobError(f"the generator failed ({type(exc).__name__})", "engine") from exc
     generate_s = time.perf_counter() - started
-    outcome = save_result(result, request, item, data_dir)
-    timings = dict(outcome.timings_s)
+    rendered = encode_result(result, request, item)
+    timings = dict(rendered.outcome.timings_s)
     timings.setdefault("generate_s", generate_s)
-    return WorkOutcome(
+    outcome = WorkOutcome(
         **{
-            **outcome.__dict__,
+            **rendered.outcome.__dict__,
             "timings_s": timings,
             "gpu_memory_bytes": cuda_memory_bytes(),
             "loaded_models": loaded_models(engine, request),
         }
     )
+    return RenderedJob(rendered.output_dir, rendered.files, outcome)
 
 
 def loaded_models(engine: Engine, request: GenerationRequest) -> tuple[str, ...]:
@@ -201,38 +243,47 @@ def out_of_memory_message() -> str:
 def save_result(
     result: GenerationResult, request: GenerationRequest, item: WorkItem, data_dir: Path
 ) -> WorkOutcome:
-    from generation.images import a1111_parameters, make_grid, save_png
+    return write_result(encode_result(result, request, item), data_dir)
+
+
+def encode_result(
+    result: GenerationResult, request: GenerationRequest, item: WorkItem
+) -> RenderedJob:
+    from generation.images import a1111_parameters, make_grid, png_bytes
 
     if not result.images:
+        if result.texts:
+            # A describe answers in words only.
+            outcome = WorkOutcome(
+                image_paths=(),
+                grid_path=None,
+                seeds=tuple(int(s) for s in result.seeds),
+                clip_scores=(),
+                timings_s={k: float(v) for k, v in result.timings_s.items()},
+                texts=tuple(str(t) for t in result.texts),
+            )
+            return RenderedJob(item.output_dir, (), outcome)
         raise JobError("the generator returned no images", "engine")
     started = time.perf_counter()
-    out_dir = safe_path(data_dir, item.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     first = result.images[0]
 
     def parameters(seed: int, image: Image.Image) -> str:
         return a1111_parameters(request, seed, request.model, image.width, image.height)
 
-    def write(path: Path, image: Image.Image, seed: int) -> None:
-        _atomic(path, lambda temporary: save_png(image, temporary, parameters(seed, image)))
-
-    paths = []
-    for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-        name = f"{index}.png"
-        write(out_dir / name, image, seed)
-        paths.append(f"{item.output_dir}/{name}")
+    files = [
+        (f"{index}.png", png_bytes(image, parameters(seed, image)))
+        for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True))
+    ]
+    paths = [f"{item.output_dir}/{name}" for name, _ in files]
     grid_path = paths[0]
     if len(result.images) > 1:
         # The grid carries the best image's parameters, which reproduce its first cell.
         grid = make_grid(list(result.images))
-        _atomic(
-            out_dir / "grid.png",
-            lambda temporary: save_png(grid, temporary, parameters(result.seeds[0], first)),
-        )
+        files.append(("grid.png", png_bytes(grid, parameters(result.seeds[0], first))))
         grid_path = f"{item.output_dir}/grid.png"
     timings = {k: float(v) for k, v in result.timings_s.items()}
     timings["save_s"] = time.perf_counter() - started
-    return WorkOutcome(
+    outcome = WorkOutcome(
         image_paths=tuple(paths),
         grid_path=grid_path,
         seeds=tuple(int(s) for s in result.seeds),
@@ -242,6 +293,27 @@ def save_result(
         width=first.width,
         height=first.height,
     )
+    return RenderedJob(item.output_dir, tuple(files), outcome)
+
+
+def write_result(rendered: RenderedJob, data_dir: Path) -> WorkOutcome:
+    """Write a job's PNGs into the data folder, whichever machine rendered them; each file
+    appears whole or not at all. `save_s` becomes encoding plus writing."""
+    started = time.perf_counter()
+    out_dir = safe_path(data_dir, rendered.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in rendered.files:
+        # The names may come from another machine: plain file names only.
+        if name != Path(name).name or name.startswith("."):
+            raise ValueError(f"files: {name!r} is not a plain file name")
+        _atomic(out_dir / name, functools.partial(_write_bytes, data))
+    timings = dict(rendered.outcome.timings_s)
+    timings["save_s"] = timings.get("save_s", 0.0) + time.perf_counter() - started
+    return WorkOutcome(**{**rendered.outcome.__dict__, "timings_s": timings})
+
+
+def _write_bytes(data: bytes, path: Path) -> None:
+    path.write_bytes(data)
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:

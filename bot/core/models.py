@@ -25,6 +25,8 @@ class JobKind(StrEnum):
     PAN = "pan"
     SQUARE = "square"
     REGION = "region"
+    # Prompt suggestions for a member's picture; the result has texts and no images.
+    DESCRIBE = "describe"
 
 
 class JobState(StrEnum):
