@@ -18,7 +18,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import after_grid, render
+from bot import after_grid, pictures, render
 from bot.app import Action, Actor, ImagineApp, Submitted, UserError, open_core
 from bot.buttons import Fits, JobButton, UiAction, UiButton, cancel_view
 from bot.catalog_commands import add_catalog_commands, control_input
@@ -27,6 +27,7 @@ from bot.core.clock import Clock, system_clock
 from bot.core.models import Job
 from bot.core.service import Core
 from bot.delivery import Delivery, JobMessage
+from bot.fetch import FetchPolicy, policy_from_config
 from bot.health import HealthServer, start_health_server
 from bot.member_commands import add_member_commands
 from bot.moderation import flagged_indices
@@ -52,6 +53,7 @@ class ImagineBot(commands.AutoShardedBot):
         *,
         clock: Clock = system_clock,
         core_options: dict[str, Any] | None = None,
+        fetch_policy: FetchPolicy | None = None,
         **options: Any,
     ) -> None:
         super().__init__(
@@ -65,6 +67,8 @@ class ImagineBot(commands.AutoShardedBot):
         self.config = config
         self.clock = clock
         self.core_options = core_options or {}
+        # Where members' pictures may come from; tests pass one that allows the fake's CDN.
+        self.fetch_policy = fetch_policy or policy_from_config(config.images)
         self.nsfw_channels: set[int] = set()
         self._recovered: list[Job] = []
         self.core: Core
@@ -78,7 +82,9 @@ class ImagineBot(commands.AutoShardedBot):
         self.core = await open_core(
             self.config, self.is_nsfw_channel, clock=self.clock, **self.core_options
         )
-        self.app = ImagineApp(self.config, self.core)
+        self.app = ImagineApp(
+            self.config, self.core, pictures=pictures.picture_inputs(self, self.fetch_policy)
+        )
         self.delivery = Delivery(
             self.core.scheduler,
             self.core.jobs,
@@ -385,6 +391,8 @@ def add_commands(bot: ImagineBot) -> None:
         model="Which model to use (see /models; same as --model)",
         lora="LoRAs to add: NAME or NAME:0.8, several with commas (same as --lora; see /models)",
         control_image="The picture a --cn ControlNet follows (its edges, depth …)",
+        image="A picture to start from (an image prompt; --iw 0-3 sets how strongly it steers)",
+        image2="A second image prompt",
     )
     @app_commands.choices(
         aspect=[app_commands.Choice(name=a, value=a) for a in ASPECT_CHOICES],
@@ -404,12 +412,22 @@ def add_commands(bot: ImagineBot) -> None:
         model: str | None = None,
         lora: app_commands.Range[str, 1, 200] | None = None,
         control_image: discord.Attachment | None = None,
+        image: discord.Attachment | None = None,
+        image2: discord.Attachment | None = None,
     ) -> None:
         missing = missing_for_delivery(interaction)
         if missing:
             raise UserError(refusal_text(missing))
+        if pictures.wants_pictures(prompt, image, image2, control_image):
+            # Fetching may outlast Discord's 3 s: acknowledged first, privately (bot/pictures.py).
+            await interaction.response.defer(ephemeral=True, thinking=True)
         control = await control_input(bot, interaction, control_image)
         options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler, lora, control)
+        if interaction.response.is_done():
+            await pictures.imagine_with_pictures(
+                bot, interaction, prompt, options, model, (image, image2)
+            )
+            return
         actor = bot.actor(interaction)
         batch = await bot.app.imagine(actor, prompt, options, model)
         first = batch[0]
@@ -468,6 +486,7 @@ def add_commands(bot: ImagineBot) -> None:
         await interaction.response.send_message(embeds=embeds[:10], ephemeral=True)
 
     tree.add_command(AdminCommands(bot))
+    pictures.add_picture_commands(bot)
     add_catalog_commands(bot, imagine)
 
 

@@ -188,6 +188,13 @@ def sampler_value(flag: str, value: str) -> Sampler:
 _VERSION = number_in(1, 10, "a Midjourney version number such as 5.2, 6 or 7")
 
 
+def _reference(flag: str, value: str) -> tuple[str, ...]:
+    # Imported here: generation.references builds on this module's PromptError.
+    from generation.references import reference_value
+
+    return reference_value(flag, value)
+
+
 # ---------------------------------------------------------------------------------------------
 # The flag table, which /help can render as well.
 
@@ -260,6 +267,64 @@ FLAGS: tuple[FlagSpec, ...] = (
         number_in(0, 100),
     ),
     FlagSpec(("tile",), Treatment.MAPPED, Arity.NONE, "seamless tiling"),
+    # Pictures (generation.references): image prompts are links at the start of the prompt.
+    FlagSpec(
+        ("iw",),
+        Treatment.MAPPED,
+        Arity.ONE,
+        "how strongly image prompts steer (default 1)",
+        "0-3",
+        number_in(0, 3),
+    ),
+    FlagSpec(
+        ("sref",),
+        Treatment.MAPPED,
+        Arity.REST,
+        "style reference: the style, not the content, of the linked image (Midjourney's "
+        "numeric style codes are ignored)",
+        "LINK",
+        _reference,
+    ),
+    FlagSpec(
+        ("sw",),
+        Treatment.MAPPED,
+        Arity.ONE,
+        "style reference weight (default 100)",
+        "0-1000",
+        number_in(0, 1000),
+    ),
+    FlagSpec(
+        ("oref",),
+        Treatment.MAPPED,
+        Arity.ONE,
+        "object reference: keep the subject of the linked image",
+        "LINK",
+        _reference,
+    ),
+    FlagSpec(
+        ("ow",),
+        Treatment.MAPPED,
+        Arity.ONE,
+        "object reference weight (default 100)",
+        "1-1000",
+        number_in(1, 1000),
+    ),
+    FlagSpec(
+        ("cref",),
+        Treatment.MAPPED,
+        Arity.REST,
+        "character reference: keep the character of the linked image(s)",
+        "LINK",
+        _reference,
+    ),
+    FlagSpec(
+        ("cw",),
+        Treatment.MAPPED,
+        Arity.ONE,
+        "character reference weight (default 100)",
+        "0-100",
+        number_in(0, 100),
+    ),
     # Midjourney v1-v3 took a size in pixels; with --w it becomes the aspect ratio. (--w alone
     # is --weird from v5 on.)
     FlagSpec(
@@ -296,20 +361,7 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec(
         ("exp",), Treatment.IGNORED, Arity.ONE, "Midjourney aesthetics", "", number_in(0, 100)
     ),
-    FlagSpec(("iw",), Treatment.IGNORED, Arity.ONE, "image prompt weight", "", number_in(0, 3)),
-    FlagSpec(("sref",), Treatment.IGNORED, Arity.REST, "style reference", "", any_word),
-    FlagSpec(
-        ("sw",), Treatment.IGNORED, Arity.ONE, "style reference weight", "", number_in(0, 1000)
-    ),
     FlagSpec(("sv",), Treatment.IGNORED, Arity.ONE, "style reference version", "", _VERSION),
-    FlagSpec(("cref",), Treatment.IGNORED, Arity.REST, "character reference", "", any_word),
-    FlagSpec(
-        ("cw",), Treatment.IGNORED, Arity.ONE, "character reference weight", "", number_in(0, 100)
-    ),
-    FlagSpec(("oref",), Treatment.IGNORED, Arity.ONE, "omni reference", "", any_word),
-    FlagSpec(
-        ("ow",), Treatment.IGNORED, Arity.ONE, "omni reference weight", "", number_in(1, 1000)
-    ),
     FlagSpec(
         ("personalize", "p", "profile"),
         Treatment.IGNORED,

@@ -40,7 +40,10 @@ Other choices made here:
   `-- ar` with a space is read only for a known flag name, so prose dashes stay text.
 * Words left after a one-value flag (`--ar 9:16, pixel art`) are kept as prompt text, with a
   note, rather than lost or refused.
-* Image links (Midjourney image prompts) are dropped with a note: there are no image prompts.
+* Image links at the start of the prompt are image prompts, as in Midjourney; with /imagine's
+  attachment options and --sref/--oref/--cref they become `ParsedPrompt.image_refs` (see
+  `generation.references`), which the bot fetches. A link later in the prompt is dropped with
+  a note.
 * `::` weights lie in -100..100, at most 16 parts, and must add up to more than 0; the plain
   `request.prompt` keeps only the positively weighted parts, because CLIP ranks against it.
 * `parse_jobs` is the /imagine entry point: it expands `{a, b}` permutations (see
@@ -92,6 +95,7 @@ from generation.flags import (
     show_value,
 )
 from generation.permutations import PermutationError, expand_permutations
+from generation.references import REFERENCE_FLAGS, ImageRef, image_references
 from generation.settings import EngineSettings, ModelSpec
 
 # Discord caps a slash-command string option at 6000 characters; anything longer came from
@@ -122,6 +126,8 @@ class ImagineOptions:
     lora: str | None = None  # "name" or "name:0.8, other", as after --lora
     # The picture a --cn ControlNet follows, already fetched (role CONTROL).
     control_image: InputImage | None = None
+    # Image prompts attached to the command, as "attachment:<filename>" (fetched by the bot).
+    images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,8 @@ class ParsedPrompt:
     notes: tuple[str, ...] = ()
     # How many jobs `--repeat` asks for; `parse_jobs` makes them, each with its own seeds.
     repeat: int = 1
+    # Pictures to fetch and attach as `request.inputs` (image prompts and references).
+    image_refs: tuple[ImageRef, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +556,11 @@ def _parse(
             earlier_loras = cast(tuple[LoraAsk, ...], inline.values.get("lora", ()))
             inline.values["lora"] = (*earlier_loras, *cast(tuple[LoraAsk, ...], value))
             inline.typed.setdefault("lora", flag.typed)
+        elif spec.name in REFERENCE_FLAGS:
+            # Several --sref/--cref links (or flags) add up, as in Midjourney.
+            earlier_refs = cast(tuple[str, ...], inline.values.get(spec.name, ()))
+            inline.values[spec.name] = (*earlier_refs, *cast(tuple[str, ...], value))
+            inline.typed.setdefault(spec.name, flag.typed)
         elif spec.name in inline.values:
             # Pasted prompts repeat flags ("--v 5.1 … --v 5.1"), which is harmless; two
             # different values leave no way to know which one was meant.
@@ -570,7 +583,10 @@ def _parse(
     _legacy_aspect(inline, notes)
     options, model = _with_defaults(defaults, options, model, inline)
 
-    prompt_text = _strip_image_prompts(prompt_text, notes)
+    prompt_text, leading_links = _take_image_prompts(prompt_text, notes)
+    image_refs = image_references(
+        inline.values, inline.typed, leading_links, options.images, notes
+    )
     parts = _parse_weights(prompt_text)
     if not parts:
         raise PromptError("prompt", "prompt: nothing to draw once the flags are taken out")
@@ -615,7 +631,8 @@ def _parse(
         percent = request.stop_percent
         notes.append(f"{inline.typed['stop']} {percent} → denoising stops at {percent} %")
     repeat = cast(int, inline.values.get("repeat", 1))
-    return ParsedPrompt(request=request, notes=tuple(notes), repeat=repeat), inline
+    parsed = ParsedPrompt(request=request, notes=tuple(notes), repeat=repeat, image_refs=image_refs)
+    return parsed, inline
 
 
 def _with_defaults(
@@ -699,13 +716,23 @@ def _short(value: str, limit: int = 24) -> str:
     return value if len(value) <= limit else value[:limit] + "…"
 
 
-def _strip_image_prompts(text: str, notes: list[str]) -> str:
-    def drop(match: re.Match[str]) -> str:
+def _take_image_prompts(text: str, notes: list[str]) -> tuple[str, list[str]]:
+    """The prompt without its links, and the links at its start: Midjourney's image prompts.
+    A link after the first words is dropped with a note (Midjourney wants them first)."""
+    leading: list[str] = []
+    kept: list[str] = []
+    position = 0
+    for match in _URL.finditer(text):
+        before = text[position : match.start()]
+        position = match.end()
         link = match[0].strip("<>").replace(" ", "")
-        notes.append(f"image prompt {_short(link, 32)} ignored (image prompts are not supported)")
-        return " "
-
-    return " ".join(_URL.sub(drop, text).split())
+        kept.append(before)
+        if not kept or all(_is_blank(piece) for piece in kept):
+            leading.append(link)
+            continue
+        notes.append(f"link {_short(link, 32)} ignored (image prompts go at the start)")
+    kept.append(text[position:])
+    return " ".join(" ".join(kept).split()), leading
 
 
 def _max_steps(settings: EngineSettings) -> int:

@@ -344,16 +344,13 @@ def test_version_note_reads_as_in_the_brief() -> None:
         "--weird 3000",
         "--w 250.5",
         "--exp 25",
-        "--iw 2",
+        "--iw 2",  # with no image prompt
         "--iw 0.5",
-        "--sref https://example.com/style.png",
-        "--sref 1234 5678",
+        "--sref 1234",  # a Midjourney style code; links are references (test_references.py)
         "--sref random",
-        "--sw 100",
+        "--sw 100",  # with no style reference
         "--sv 4",
-        "--cref https://example.com/face.png",
         "--cw 0",
-        "--oref https://example.com/thing.png",
         "--ow 400",
         "--p",
         "--p abc123",
@@ -419,7 +416,9 @@ def test_flag_table_is_consistent() -> None:
         *("lora", "cn", "cnw"),
     }
     mapped = {spec.name for spec in FLAGS if spec.treatment is Treatment.MAPPED}
-    assert mapped == {"quality", "chaos", "tile", "stop", "h"}
+    assert mapped == {"quality", "chaos", "tile", "stop", "h"} | {
+        *("iw", "sref", "sw", "oref", "ow", "cref", "cw")
+    }
 
 
 # --- unknown and duplicate flags ------------------------------------------------------------------
@@ -836,10 +835,17 @@ def test_text_clean_up(text: str, prompt: str) -> None:
         "a cat in a hat http://example.com/ref.jpg",
     ],
 )
-def test_image_prompt_links_are_dropped_with_a_note(text: str) -> None:
+def test_image_prompt_links_are_taken_out_of_the_prompt(text: str) -> None:
     parsed = parse(text)
     assert parsed.request.prompt == "a cat in a hat"
-    assert any(note.startswith("image prompt") for note in parsed.notes)
+    if text.startswith(("http", "<")):
+        # At the start: an image prompt, fetched by the bot (generation.references).
+        (ref,) = parsed.image_refs
+        assert ref.source.startswith("https://") and " " not in ref.source
+        assert not parsed.notes
+    else:
+        assert not parsed.image_refs
+        assert any("image prompts go at the start" in note for note in parsed.notes)
 
 
 @pytest.mark.parametrize(

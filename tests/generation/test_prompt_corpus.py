@@ -67,8 +67,11 @@ _ALIASES = {
 }
 # The Midjourney parameters, of any version, that have no Stable Diffusion equivalent here
 # (and --w, which is --weird unless --h comes with it).
-IGNORED = {"v", "niji", "style", "raw", "s", "w", "iw", "exp", "sref", "sw", "sv", "cref", "cw"}
-IGNORED |= {"oref", "ow", "p", "sameseed", "zoom", "draft", "fast", "relax", "turbo"}
+IGNORED = {"v", "niji", "style", "raw", "s", "w", "exp", "sv"}
+IGNORED |= {"p", "sameseed", "zoom", "draft", "fast", "relax", "turbo"}
+# Pictures and their weights (generation.references): links become image_refs, Midjourney's
+# numeric style codes and weights without a picture are ignored with a note.
+REFERENCES = {"iw", "sref", "sw", "oref", "ow", "cref", "cw"}
 IGNORED |= {"video", "motion", "loop", "end", "bs", "stealth", "public"}
 IGNORED |= {"hd", "test", "testp", "beta", "creative", "uplight", "upbeta", "upanime"}
 IGNORED |= {"wallpaper", "vibe"}
@@ -140,7 +143,11 @@ def test_every_corpus_prompt_parses(number: int, line: str) -> None:
     names = {name for name, _ in flags}
     legacy_size = {"w", "h"} <= names
     for name, value in flags:
-        assert name in IGNORED | USED | {"h"}, f"{name}: classify it in this test"
+        assert name in IGNORED | USED | REFERENCES | {"h"}, f"{name}: classify it in this test"
+        if name in {"sref", "oref", "cref"} and value.startswith("http"):
+            assert any(ref.source == value for ref in parsed.image_refs), (name, value)
+        elif name == "sref":
+            assert any(_names_flag(note, name) for note in parsed.notes), (name, parsed.notes)
         if name in IGNORED and not (name == "w" and legacy_size):
             typed = [n for n in parsed.notes if "ignored" in n]
             assert any(_names_flag(note, name) for note in typed), (name, parsed.notes)
@@ -258,7 +265,13 @@ def test_corpus_image_links() -> None:
         parsed = parse(_line_containing(fragment))
         assert fragment not in parsed.request.prompt
         assert "mj." not in parsed.request.prompt and "https" not in parsed.request.prompt
-        assert any(note.startswith("image prompt") and fragment in note for note in parsed.notes)
+    # Line 211 starts with its link (an image prompt); line 280 has it after the text, where
+    # Midjourney would not read it as one either.
+    (ref,) = parse(_line_containing("qEPRlfloqJU")).image_refs
+    assert ref.source == "https://s.mj.run/qEPRlfloqJU"
+    late = parse(_line_containing("Bwnek0Apxlg"))
+    assert not late.image_refs
+    assert any("Bwnek0Apxlg" in note and "go at the start" in note for note in late.notes)
 
 
 def test_corpus_flag_glued_to_a_sentence() -> None:

@@ -1,0 +1,196 @@
+"""Members' pictures as job inputs: fetched, checked, and attached to requests.
+
+A prompt's `image_refs` (image links, /imagine's attachment options, --sref/--oref/--cref) and
+the pictures of /blend and /describe all come through here, whatever the front end:
+
+* links are fetched once each per command under the fetch policy (bot/fetch.py), attachments
+  arrive already fetched by the front end through the same policy;
+* every picture is scored by the image safety classifier (bot/moderation.py's `ImageSafety`)
+  under the channel's policy: anything goes in an age-restricted channel; elsewhere a flagged
+  picture is refused and audited, whatever `nsfw_policy` says (an input can't be posted behind
+  a spoiler: it steers every image of the job);
+* each becomes an `InputImage` with the role and weight the prompt asked for, its source and
+  the sha256 of the bytes fetched.
+
+Refusals are `FetchRefused` naming the picture and the reason; nothing here charges anyone.
+No discord imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from enum import StrEnum
+
+from bot.config import ModerationConfig
+from bot.core.audit import AuditLog
+from bot.core.models import Owner
+from bot.fetch import FetchedImage, FetchPolicy, FetchRefused, fetch_image
+from bot.moderation import ImageSafety
+from generation.contract import MAX_PIXELS, GenerationRequest, InputImage, InputRole, JobKind
+from generation.prompt import ParsedPrompt, size_for_aspect
+from generation.references import DEFAULT_IMAGE_WEIGHT
+from generation.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+AUDIT_INPUT_FLAG = "input_flagged"
+
+Fetch = Callable[[str, FetchPolicy], Awaitable[FetchedImage]]
+
+
+class InputScreen:
+    """The image safety check of members' pictures, before anything is queued or charged."""
+
+    def __init__(
+        self,
+        config: ModerationConfig,
+        is_nsfw_channel: Callable[[int | None], bool],
+        audit: AuditLog | None = None,
+        safety: ImageSafety | None = None,
+    ) -> None:
+        self.config = config
+        self.is_nsfw_channel = is_nsfw_channel
+        self.audit = audit
+        self.safety = safety if safety is not None else ImageSafety()
+
+    async def check(self, owner: Owner, pictures: Sequence[FetchedImage]) -> None:
+        if not pictures or not self.config.nsfw_check or self.is_nsfw_channel(owner.channel_id):
+            return
+        scores = await self.safety.ascore([picture.image for picture in pictures])
+        threshold = self.config.nsfw_threshold
+        for picture, score in zip(pictures, scores, strict=True):
+            if score < threshold:
+                continue
+            if self.audit is not None:
+                await self.audit.record(
+                    AUDIT_INPUT_FLAG,
+                    f"{picture.source} scored {score:.3f} (threshold {threshold:g}); refused",
+                    user_id=owner.user_id,
+                    guild_id=owner.guild_id,
+                    channel_id=owner.channel_id,
+                    prompt=picture.source,
+                )
+            raise FetchRefused(
+                f"{shown_source(picture.source)}: the safety filter flagged this picture; "
+                "pictures like it are only taken in age-restricted channels"
+            )
+
+
+class PictureInputs:
+    """Fetches, screens and attaches the pictures of one command's jobs."""
+
+    def __init__(self, policy: FetchPolicy, screen: InputScreen, fetch: Fetch = fetch_image):
+        self.policy = policy
+        self.screen = screen
+        self._fetch = fetch
+
+    async def fetch_links(self, links: Sequence[str]) -> dict[str, FetchedImage]:
+        """Each link once, all at the same time; the first refusal (in the given order) wins."""
+        unique = list(dict.fromkeys(links))
+        results = await asyncio.gather(
+            *(self._fetch(link, self.policy) for link in unique), return_exceptions=True
+        )
+        fetched: dict[str, FetchedImage] = {}
+        for link, result in zip(unique, results, strict=True):
+            if isinstance(result, FetchRefused):
+                raise FetchRefused(f"{shown_source(link)}: {result.reason}")
+            if isinstance(result, BaseException):
+                raise result
+            fetched[link] = result
+        return fetched
+
+    async def attach(
+        self,
+        owner: Owner,
+        parsed: Sequence[ParsedPrompt],
+        attachments: Mapping[str, FetchedImage] = {},
+    ) -> list[ParsedPrompt]:
+        """The parsed jobs with their pictures appended to `request.inputs`."""
+        wanted = [ref for job in parsed for ref in job.image_refs]
+        if not wanted:
+            return list(parsed)
+        links = [ref.source for ref in wanted if ref.is_link and ref.source not in attachments]
+        pictures = {**attachments, **await self.fetch_links(links)}
+        missing = [ref.source for ref in wanted if ref.source not in pictures]
+        if missing:
+            raise FetchRefused(f"{shown_source(missing[0])}: that picture was not received")
+        sources = dict.fromkeys(ref.source for ref in wanted)
+        await self.screen.check(owner, [pictures[source] for source in sources])
+        attached = []
+        for job in parsed:
+            mine = tuple(
+                as_input(pictures[ref.source], ref.role, ref.weight) for ref in job.image_refs
+            )
+            request = job.request.with_changes(inputs=(*job.request.inputs, *mine))
+            attached.append(replace(job, request=request))
+        return attached
+
+
+class BlendShape(StrEnum):
+    """/blend's shape option (Midjourney's dimensions)."""
+
+    PORTRAIT = "portrait"
+    SQUARE = "square"
+    LANDSCAPE = "landscape"
+
+    @property
+    def ratio(self) -> tuple[int, int]:
+        return {"portrait": (2, 3), "square": (1, 1), "landscape": (3, 2)}[self.value]
+
+
+MIN_BLEND = 2
+MAX_BLEND = 5
+
+
+def blend_request(
+    settings: EngineSettings,
+    pictures: Sequence[FetchedImage],
+    shape: BlendShape,
+    seed: int,
+    model: str | None = None,
+) -> GenerationRequest:
+    """An IMAGINE with no text whose image prompts are the pictures, each at weight 1, at the
+    shape's size for the model's base resolution. ValueError names what is wrong."""
+    if not MIN_BLEND <= len(pictures) <= MAX_BLEND:
+        raise ValueError(
+            f"images: /blend takes {MIN_BLEND} to {MAX_BLEND} images, got {len(pictures)}"
+        )
+    spec = settings.model(model)
+    width, height = size_for_aspect(
+        *shape.ratio, spec.base_resolution, min(settings.max_pixels, MAX_PIXELS)
+    )
+    return GenerationRequest(
+        kind=JobKind.IMAGINE,
+        prompt="",
+        width=width,
+        height=height,
+        steps=settings.default_steps,
+        guidance=settings.default_guidance,
+        sampler=settings.default_sampler,
+        seed=seed,
+        num_candidates=settings.num_candidates,
+        num_kept=settings.num_kept,
+        model=spec.name,
+        inputs=tuple(
+            as_input(picture, InputRole.IMAGE_PROMPT, DEFAULT_IMAGE_WEIGHT) for picture in pictures
+        ),
+    )
+
+
+def as_input(picture: FetchedImage, role: InputRole, weight: float) -> InputImage:
+    return InputImage(
+        role=role,
+        image=picture.image,
+        weight=weight,
+        source=picture.source,
+        sha256=picture.sha256,
+    )
+
+
+def shown_source(source: str, limit: int = 60) -> str:
+    """A picture's source for a message: the attachment's name, or the link cut short."""
+    text = source.removeprefix("attachment:")
+    return text if len(text) <= limit else text[:limit] + "…"

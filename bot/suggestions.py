@@ -1,0 +1,96 @@
+"""The /describe result: four prompt suggestions with buttons 1–4 (imagine that suggestion, an
+ordinary paid job) and 🔄 (describe the same picture again, with other phrases).
+
+The buttons carry the job id (`describe:I:<job>:<n>`, `describe:R:<job>`) and are resolved from
+SQLite, so they keep working after a restart, like the grid's buttons.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any
+
+import discord
+
+from bot import render
+from bot.core.models import Job
+
+_TEMPLATE = re.compile(r"describe:(?P<action>I|R):(?P<job>[0-9]{1,19})(?::(?P<index>[1-4]))?")
+
+
+class DescribeAction(StrEnum):
+    IMAGINE = "I"  # 1–4: imagine that suggestion
+    AGAIN = "R"  # 🔄: describe again
+
+
+def custom_id(action: DescribeAction, job_id: int, index: int = 0) -> str:
+    suffix = f":{index}" if action is DescribeAction.IMAGINE else ""
+    return f"describe:{action.value}:{job_id}{suffix}"
+
+
+class DescribeButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_TEMPLATE):
+    def __init__(
+        self,
+        action: DescribeAction,
+        job_id: int,
+        index: int = 0,
+        *,
+        label: str | None = None,
+        emoji: str | None = None,
+    ) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=label,
+                emoji=emoji,
+                style=discord.ButtonStyle.secondary,
+                custom_id=custom_id(action, job_id, index),
+            )
+        )
+        self.action = action
+        self.job_id = job_id
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+        /,
+    ) -> DescribeButton:
+        return cls(DescribeAction(match["action"]), int(match["job"]), int(match["index"] or 0))
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        # Imported here: bot.pictures builds on bot.delivery, which shows this module's view.
+        from bot.pictures import describe_pressed
+
+        await describe_pressed(interaction, self.action, self.job_id, self.index)
+
+
+def suggestions_of(job: Job) -> tuple[str, ...]:
+    return job.result.texts if job.result is not None else ()
+
+
+def describe_view(job: Job) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for index in range(1, len(suggestions_of(job)) + 1):
+        view.add_item(DescribeButton(DescribeAction.IMAGINE, job.id, index, label=str(index)))
+    view.add_item(DescribeButton(DescribeAction.AGAIN, job.id, emoji="🔄"))
+    return view
+
+
+def describe_text(job: Job, notes: Sequence[str] = ()) -> str:
+    lines = [f"**{render.job_title(job)}**"]
+    suggestions = suggestions_of(job)
+    lines += [f"**{n}.** {render.quote_prompt(text)}" for n, text in enumerate(suggestions, 1)]
+    if not suggestions:
+        lines.append("No suggestions came out of this picture.")
+    lines.append(
+        f"Press 1–{len(suggestions)} to imagine a suggestion (an ordinary job, charged as "
+        f"/imagine), 🔄 for other suggestions. Job {job.id}, cost {job.cost} "
+        f"credit{'s' if job.cost != 1 else ''}."
+    )
+    lines += [f"ℹ️ {note}" for note in notes]
+    return "\n".join(lines)
