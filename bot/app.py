@@ -12,19 +12,45 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
-from bot import render
+from PIL import Image
+
+from bot import edits, render
 from bot.config import Config
 from bot.core.clock import system_clock
-from bot.core.models import ActiveJob, Balance, ImageExpired, Job, JobKind, JobState, Owner, Refused
+from bot.core.models import (
+    EXPIRED_MESSAGE,
+    ActiveJob,
+    Balance,
+    ImageExpired,
+    Job,
+    JobKind,
+    JobState,
+    Owner,
+    Refused,
+)
 from bot.core.preferences import Preferences, PreferenceStore
 from bot.core.service import Core
+from bot.fetch import FetchedImage, FetchRefused, policy_from_config
+from bot.inputs import BlendShape, InputScreen, PictureInputs, as_input, blend_request
 from bot.moderation import PromptFilter, audit_refusal, make_output_check
-from generation.contract import MAX_SEED, GenerationRequest, upscale_request, variation_request
+from generation.conditioning import check_inputs
+from generation.contract import (
+    MAX_SEED,
+    GenerationRequest,
+    InputRole,
+    PanDirection,
+    Region,
+    UpscaleMode,
+    describe_request,
+    variation_request,
+)
+from generation.contract import JobKind as GenerationKind
 from generation.prompt import (
     ImagineOptions,
     ParsedPrompt,
@@ -53,10 +79,61 @@ class Action(StrEnum):
     VARY_STRONG = "VX"  # on an upscaled image
     UPSCALE_AGAIN = "UP"  # "Upscale (2x)" on an upscaled image
     CANCEL = "X"  # while a job waits or runs
+    # Under one image (a separated grid image, or an upscale's), with that image's index:
+    UPSCALE_SUBTLE = "US"
+    UPSCALE_CREATIVE = "UC"
+    ZOOM_OUT_2 = "Z2"
+    ZOOM_OUT_1_5 = "Z15"
+    PAN_LEFT = "PL"
+    PAN_RIGHT = "PR"
+    PAN_UP = "PU"
+    PAN_DOWN = "PD"
+    MAKE_SQUARE = "SQ"
 
     @property
     def needs_index(self) -> bool:
         return self in (Action.UPSCALE, Action.VARY)
+
+    @property
+    def takes_prompt(self) -> bool:
+        """Remix mode: whether a press may come with an edited prompt."""
+        return self in _REMIXABLE
+
+
+_REMIXABLE = frozenset(
+    {
+        Action.VARY,
+        Action.VARY_SUBTLE,
+        Action.VARY_STRONG,
+        Action.REROLL,
+        Action.ZOOM_OUT_2,
+        Action.ZOOM_OUT_1_5,
+        Action.PAN_LEFT,
+        Action.PAN_RIGHT,
+        Action.PAN_UP,
+        Action.PAN_DOWN,
+    }
+)
+_ZOOMS = {Action.ZOOM_OUT_2: 2.0, Action.ZOOM_OUT_1_5: 1.5}
+_PANS = {
+    Action.PAN_LEFT: PanDirection.LEFT,
+    Action.PAN_RIGHT: PanDirection.RIGHT,
+    Action.PAN_UP: PanDirection.UP,
+    Action.PAN_DOWN: PanDirection.DOWN,
+}
+_UPSCALES = {
+    Action.UPSCALE: UpscaleMode.SUBTLE,
+    Action.UPSCALE_AGAIN: UpscaleMode.SUBTLE,
+    Action.UPSCALE_SUBTLE: UpscaleMode.SUBTLE,
+    Action.UPSCALE_CREATIVE: UpscaleMode.CREATIVE,
+}
+# The core's job kind of each edit's request kind.
+_EDIT_KINDS = {
+    GenerationKind.ZOOM: JobKind.ZOOM,
+    GenerationKind.PAN: JobKind.PAN,
+    GenerationKind.SQUARE: JobKind.SQUARE,
+    GenerationKind.REGION: JobKind.REGION,
+}
 
 
 @dataclass(frozen=True)
@@ -116,9 +193,15 @@ class ImagineApp:
         *,
         seed_source: Callable[[], int] = random_seed,
         monotonic: Callable[[], float] = time.monotonic,
+        pictures: PictureInputs | None = None,
     ) -> None:
         self.config = config
         self.core = core
+        # Members' pictures; a front end that knows age-restricted channels passes its own.
+        self.pictures = pictures or PictureInputs(
+            policy_from_config(config.images),
+            InputScreen(config.moderation, lambda _channel: False, core.audit),
+        )
         self.prompt_filter = PromptFilter(config.moderation)
         self._seed_source = seed_source
         self._monotonic = monotonic
@@ -155,9 +238,11 @@ class ImagineApp:
         text: str,
         options: ImagineOptions | None = None,
         model: str | None = None,
+        attachments: Mapping[str, FetchedImage] = {},
     ) -> list[Submitted]:
         """Queue every job the prompt asks for, all or none; one for a plain prompt. Several
-        jobs each carry a note saying which of how many they are (the first: at what cost)."""
+        jobs each carry a note saying which of how many they are (the first: at what cost).
+        `attachments` are the command's image options, fetched, by `attachment:<name>`."""
         self._check_cooldown(actor)
         # The member's /prefer shortcuts and suffix, and their /settings defaults under
         # whatever was typed.
@@ -167,6 +252,7 @@ class ImagineApp:
         # Only what is asked for is filtered: "--no gore" steers away from what it names.
         for prompt in dict.fromkeys(job.request.prompt for job in parsed):
             await self._check_prompt(actor, text, prompt)
+        parsed = await self._attach_pictures(actor, parsed, attachments)
         jobs = await self._submit(actor, [job.request for job in parsed], JobKind.IMAGINE, None)
         return [
             Submitted(
@@ -177,17 +263,234 @@ class ImagineApp:
             for index, (job, parsed_job) in enumerate(zip(jobs, parsed, strict=True))
         ]
 
-    async def press(self, actor: Actor, job_id: int, action: Action, index: int = 0) -> Submitted:
-        """A button press on job `job_id`; `index` is 1-based for U#/V#."""
+    # ----- pictures: image prompts, /blend, /describe (bot/inputs.py) -----------------------
+
+    async def blend(
+        self,
+        actor: Actor,
+        pictures: Sequence[FetchedImage],
+        shape: BlendShape = BlendShape.SQUARE,
+        model: str | None = None,
+    ) -> Submitted:
+        """One grid mixing 2–5 pictures (an IMAGINE with image prompts and no text)."""
+        self._check_cooldown(actor)
+        try:
+            request = blend_request(self.config.engine, pictures, shape, self._seed_source(), model)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        await self._screen(actor, pictures)
+        self._check_inputs(request)
+        (job,) = await self._submit(actor, [request], JobKind.IMAGINE, None)
+        return Submitted(job, (), self.core.scheduler.queue_position(job.id))
+
+    async def describe(self, actor: Actor, picture: FetchedImage) -> Submitted:
+        """Four prompt suggestions for a picture (a DESCRIBE job, run by the worker's CLIP)."""
+        self._check_cooldown(actor)
+        await self._screen(actor, [picture])
+        request = describe_request(
+            as_input(picture, InputRole.IMAGE_PROMPT, 1.0),
+            seed=self._seed_source(),
+            model=self.config.engine.default_model,
+        )
+        (job,) = await self._submit(actor, [request], JobKind.DESCRIBE, None, cooled=True)
+        return Submitted(job, (), self.core.scheduler.queue_position(job.id))
+
+    async def describe_again(self, actor: Actor, job_id: int) -> Submitted:
+        """🔄 under a /describe: the same picture with a new seed, so other phrases."""
+        job = await self._job_for(actor, job_id)
+        if job.kind is not JobKind.DESCRIBE:
+            raise UserError(f"Job {job.id} is not a /describe.")
+        try:
+            parent = await self.core.jobs.request(job)
+        except ImageExpired as exc:
+            raise UserError(str(exc)) from None
+        request = parent.with_changes(seed=self._seed_source())
+        (again,) = await self._submit(
+            actor, [request], JobKind.DESCRIBE, (job.id, None), cooled=False
+        )
+        return Submitted(again, (), self.core.scheduler.queue_position(again.id))
+
+    async def imagine_suggestion(self, actor: Actor, job_id: int, index: int) -> list[Submitted]:
+        """Buttons 1–4 under a /describe: that suggestion as an ordinary (paid) /imagine."""
+        job = await self._job_for(actor, job_id)
+        texts = job.result.texts if job.result is not None else ()
+        if job.kind is not JobKind.DESCRIBE or job.state is not JobState.SUCCEEDED or not texts:
+            raise UserError(f"Job {job.id} has no suggestions to imagine.")
+        if not 1 <= index <= len(texts):
+            raise UserError(f"Suggestion {index} doesn't exist in job {job.id}.")
+        return await self.imagine(actor, texts[index - 1])
+
+    async def _attach_pictures(
+        self,
+        actor: Actor,
+        parsed: list[ParsedPrompt],
+        attachments: Mapping[str, FetchedImage],
+    ) -> list[ParsedPrompt]:
+        if not any(job.image_refs for job in parsed):
+            if attachments:
+                raise UserError("image: these pictures were not used by the prompt.")
+            return parsed
+        try:
+            attached = await self.pictures.attach(actor.owner, parsed, attachments)
+        except FetchRefused as exc:
+            raise UserError(f"Picture not used — {exc.reason}") from None
+        for job in attached:
+            self._check_inputs(job.request)
+        return attached
+
+    async def _screen(self, actor: Actor, pictures: Sequence[FetchedImage]) -> None:
+        try:
+            await self.pictures.screen.check(actor.owner, pictures)
+        except FetchRefused as exc:
+            raise UserError(f"Picture not used — {exc.reason}") from None
+
+    def _check_inputs(self, request: GenerationRequest) -> None:
+        """What the model can do with pictures (a reference needs an image adapter), checked
+        before anything is charged."""
+        try:
+            check_inputs(self.config.engine, request)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    async def press(
+        self,
+        actor: Actor,
+        job_id: int,
+        action: Action,
+        index: int = 0,
+        prompt: str | None = None,
+    ) -> Submitted:
+        """A button press on job `job_id`; `index` is 1-based for U#/V# and for the buttons under
+        one image (0 there: the job's only image). `prompt` is Remix mode's edited prompt, for
+        the actions that take one (`Action.takes_prompt`)."""
         job = await self._job_for(actor, job_id)
         if action is Action.CANCEL:
             raise ValueError("action: use cancel() for the cancel button")
+        if prompt is not None and not action.takes_prompt:
+            raise UserError("prompt: this button doesn't take a new prompt.")
         if job.state is not JobState.SUCCEEDED or job.result is None:
             raise UserError(f"Job {job.id} has no images to work from ({job.state.value}).")
         try:
-            request, kind, parent = await self._derived_request(job, action, index)
+            request, kind, parent = await self._derived_request(job, action, index, prompt)
         except ImageExpired as exc:  # deleted by the [storage] retention policy
             raise UserError(str(exc)) from None
+        except ValueError as exc:  # the edit doesn't fit, or the edited prompt is wrong
+            raise UserError(str(exc)) from None
+        if prompt is not None:
+            await self._check_prompt(actor, prompt, request.prompt)
+        return await self._submit_one(actor, request, kind, parent)
+
+    async def custom_zoom(
+        self, actor: Actor, job_id: int, index: int, *, prompt: str, factor: float | str
+    ) -> Submitted:
+        """Custom Zoom: image `index` (1-based; 0 = the only one) shrunk by `factor` (1.0–2.0,
+        as typed in the modal) into a canvas the shape of the prompt's `--ar`, or its own."""
+        try:
+            zoom = edits.zoom_factor(factor)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        job, position, parent, image = await self._edit_source(actor, job_id, index)
+        try:
+            remix = edits.parse_remix(prompt, parent, image.size, self.config.engine)
+            request = edits.zoom(
+                parent,
+                image,
+                factor=zoom,
+                seed=self._seed_source(),
+                settings=self.config.engine,
+                remix=remix,
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        await self._check_prompt(actor, prompt, request.prompt)
+        return await self._submit_one(actor, request, JobKind.ZOOM, (job.id, position))
+
+    async def vary_region(
+        self,
+        actor: Actor,
+        job_id: int,
+        index: int,
+        *,
+        prompt: str | None = None,
+        regions: Iterable[Region | str] = (),
+        mask: Image.Image | bytes | None = None,
+        mask_name: str = "",
+    ) -> Submitted:
+        """Vary (Region): repaint the chosen preset `regions` (select-menu values) or the white
+        of an uploaded black-and-white `mask` (its bytes, or an image) of image `index`, with
+        the region's `prompt` (None keeps the job's)."""
+        try:
+            chosen = edits.regions_from(regions)
+            mask_input = None if mask is None else edits.mask_input(mask, mask_name)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        job, position, parent, image = await self._edit_source(actor, job_id, index)
+        try:
+            remix = None
+            if prompt is not None:
+                remix = edits.parse_remix(prompt, parent, image.size, self.config.engine)
+            request = edits.region(
+                parent,
+                image,
+                seed=self._seed_source(),
+                settings=self.config.engine,
+                regions=chosen,
+                mask=mask_input,
+                remix=remix,
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if prompt is not None:
+            await self._check_prompt(actor, prompt, request.prompt)
+        return await self._submit_one(actor, request, JobKind.REGION, (job.id, position))
+
+    async def separate(self, actor: Actor, job_id: int, index: int) -> Path:
+        """U1–U4: the file of image `index` (1-based) at full size, to post as it is. No job, no
+        GPU, nothing charged: the candidates are already full size."""
+        job = await self._job_for(actor, job_id)
+        if job.state is not JobState.SUCCEEDED or job.result is None:
+            raise UserError(f"Job {job.id} has no images to work from ({job.state.value}).")
+        position = self._position(job, index, required=True)
+        try:
+            path = job.image_path(self.core.jobs.data_dir, position)
+        except ImageExpired as exc:
+            raise UserError(str(exc)) from None
+        if not await asyncio.to_thread(path.is_file):
+            raise UserError(EXPIRED_MESSAGE)
+        return path
+
+    async def _edit_source(
+        self, actor: Actor, job_id: int, index: int
+    ) -> tuple[Job, int, GenerationRequest, Image.Image]:
+        """The job, the 0-based position, the request and the image an edit starts from."""
+        job = await self._job_for(actor, job_id)
+        if job.state is not JobState.SUCCEEDED or job.result is None:
+            raise UserError(f"Job {job.id} has no images to work from ({job.state.value}).")
+        position = self._position(job, index)
+        try:
+            parent = await self.core.jobs.request(job)
+            image = await self.core.jobs.image(job.id, position)
+        except ImageExpired as exc:
+            raise UserError(str(exc)) from None
+        return job, position, parent, image
+
+    def _position(self, job: Job, index: int, required: bool = False) -> int:
+        """The 0-based position of image `index` (1-based; 0 means a one-image job's image)."""
+        assert job.result is not None
+        count = len(job.result.image_paths)
+        if index == 0 and count == 1 and not required:
+            return 0
+        if not 1 <= index <= count:
+            raise UserError(f"Image {index} doesn't exist in job {job.id}.")
+        return index - 1
+
+    async def _submit_one(
+        self,
+        actor: Actor,
+        request: GenerationRequest,
+        kind: JobKind,
+        parent: tuple[int, int | None],
+    ) -> Submitted:
         (submitted,) = await self._submit(actor, [request], kind, parent)
         return Submitted(submitted, (), self.core.scheduler.queue_position(submitted.id))
 
@@ -198,11 +501,33 @@ class ImagineApp:
         await self.core.scheduler.cancel(job.id, actor.user_id)
         return await self.core.jobs.require(job.id)
 
-    def can_upscale(self, job: Job) -> bool:
-        """Whether a 2x upscale of this job's images stays inside the pixel budget."""
+    def can_upscale(self, job: Job, mode: UpscaleMode = UpscaleMode.SUBTLE) -> bool:
+        """Whether a 2x upscale (subtle or creative) of this job's images stays inside the pixel
+        budget."""
         if job.result is None:
             return False
         return job.result.width * job.result.height * 4 <= self.config.engine.max_pixels
+
+    def can_pan(self, job: Job, index: int, direction: PanDirection) -> bool:
+        """Whether image `index` can pan that way inside the pixel budget (all images of a job
+        share one size, so `index` only says which button row asks)."""
+        size = self._edit_size(job)
+        return size is not None and edits.can_pan(size, direction, self.config.engine)
+
+    def can_make_square(self, job: Job, index: int) -> bool:
+        """Whether Make Square applies (the image is not square) and fits."""
+        size = self._edit_size(job)
+        return size is not None and edits.can_make_square(size, self.config.engine)
+
+    def can_zoom(self, job: Job, index: int) -> bool:
+        """Zoom Out keeps the canvas size, so it fits whenever the job has images."""
+        return self._edit_size(job) is not None
+
+    def _edit_size(self, job: Job) -> tuple[int, int] | None:
+        if job.result is None or not job.result.width:
+            return None
+        size = (job.result.width, job.result.height)
+        return edits.working_size(GenerationKind(job.request_data["kind"]), size)
 
     async def check_delete(self, actor: Actor, job_id: int) -> Job:
         """The job whose result message `actor` wants deleted: their own, or anyone's for an
@@ -262,18 +587,23 @@ class ImagineApp:
         requests: list[GenerationRequest],
         kind: JobKind,
         parent: tuple[int, int | None] | None,
+        cooled: bool | None = None,
     ) -> list[Job]:
-        # The cooldown is for /imagine only: pressing U1–U4 of a grid one after the other is
+        # The cooldown is for commands only: pressing U1–U4 of a grid one after the other is
         # the normal way to work. One /imagine counts once, however many jobs it makes. It is
         # taken before the first await so that two commands sent at the same moment can't both
         # pass the check; a refusal gives it back, so fixing a typo or topping up credits is
-        # never held back.
-        cooled = kind is JobKind.IMAGINE
+        # never held back. `cooled` says it for kinds that are both (a /describe and its 🔄).
+        cooled = kind is JobKind.IMAGINE if cooled is None else cooled
         previous = self._last_submit.get(actor.user_id)
         if cooled:
             self._check_cooldown(actor)
             self._last_submit[actor.user_id] = self._monotonic()
         try:
+            # Live previews as the member has them in /settings now (a press or a reroll
+            # follows today's setting, not the parent job's).
+            show = (await self.preferences.get(actor.user_id)).previews
+            requests = [r if r.preview is show else r.with_changes(preview=show) for r in requests]
             return await self.core.scheduler.submit_many(actor.owner, requests, kind, parent)
         except BaseException as exc:
             if cooled and previous is None:
@@ -285,8 +615,9 @@ class ImagineApp:
             raise
 
     async def _derived_request(
-        self, job: Job, action: Action, index: int
+        self, job: Job, action: Action, index: int, prompt: str | None = None
     ) -> tuple[GenerationRequest, JobKind, tuple[int, int | None]]:
+        """The request a press makes; ValueError (written for the member) when it can't."""
         assert job.result is not None
         settings = self.config.engine
         parent = await self.core.jobs.request(job)
@@ -300,26 +631,44 @@ class ImagineApp:
             )
             parent = parent.with_changes(steps=max(parent.steps, math.ceil(1 / weakest)))
         if action is Action.REROLL:
-            return parent.with_changes(seed=self._seed_source()), JobKind.REROLL, (job.id, None)
+            request = parent.with_changes(seed=self._seed_source())
+            if prompt is not None:
+                size = (job.result.width, job.result.height)
+                request = edits.parse_remix(prompt, parent, size, settings).apply(request)
+            return request, JobKind.REROLL, (job.id, None)
 
         if action.needs_index:
-            if not 1 <= index <= len(job.result.image_paths):
-                raise UserError(f"Image {index} doesn't exist in job {job.id}.")
-            position = index - 1
+            position = self._position(job, index, required=True)
+        elif action in (Action.VARY_SUBTLE, Action.VARY_STRONG, Action.UPSCALE_AGAIN):
+            # Under an upscale (one image) or, since U1–U4 separate, a grid image.
+            position = self._position(job, index) if index else 0
         else:
-            position = 0
+            position = self._position(job, index)
         image = await self.core.jobs.image(job.id, position)
+        remix = None if prompt is None else edits.parse_remix(prompt, parent, image.size, settings)
 
-        if action in (Action.UPSCALE, Action.UPSCALE_AGAIN):
-            if image.width * image.height * 4 > settings.max_pixels:
-                raise UserError("This image is already as large as this server allows.")
-            request = upscale_request(
-                parent,
-                image,
-                strength=settings.upscale_strength,
-                seed=job.result.seeds[position],
+        if action in _UPSCALES:
+            seed = job.result.seeds[position]
+            request = edits.upscale(
+                parent, image, mode=_UPSCALES[action], seed=seed, settings=settings
             )
             return request, JobKind.UPSCALE, (job.id, position)
+        if action in _ZOOMS or action in _PANS or action is Action.MAKE_SQUARE:
+            seed = self._seed_source()
+            if action in _ZOOMS:
+                request = edits.zoom(
+                    parent, image, factor=_ZOOMS[action], seed=seed, settings=settings, remix=remix
+                )
+            elif action in _PANS:
+                direction = _PANS[action]
+                request = edits.pan(
+                    parent, image, direction=direction, seed=seed, settings=settings, remix=remix
+                )
+            else:
+                request = edits.square(parent, image, seed=seed, settings=settings)
+            return request, _EDIT_KINDS[request.kind], (job.id, position)
+        if remix is not None:
+            parent = remix.apply(parent)
 
         strength = (
             settings.variation_strength_subtle

@@ -1,0 +1,252 @@
+"""The requests behind the post-grid buttons and modals: Zoom Out, Custom Zoom, Pan, Make
+Square, Vary (Region), Upscale (Subtle/Creative), and Remix's edited prompt.
+
+Pure functions over a parent job's request and image (no Discord, no database): the app loads
+what they need, calls them, and turns their ValueErrors into private messages before anything
+is queued or charged. The geometry itself is generation.canvas's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from PIL import Image
+
+from generation.canvas import check_mask, pan_canvas, read_mask, square_canvas
+from generation.contract import (
+    MAX_ZOOM,
+    GenerationRequest,
+    InputImage,
+    InputRole,
+    JobKind,
+    PanDirection,
+    PromptPart,
+    Region,
+    UpscaleMode,
+    pan_request,
+    region_request,
+    square_request,
+    upscale_request,
+    zoom_request,
+)
+from generation.prompt import PromptDefaults, PromptError, parse_prompt
+from generation.settings import EngineSettings
+
+# An upscale doubles each side; its source was made at half the size.
+UPSCALE_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class Remix:
+    """A member's edited prompt for a press (Remix mode, Custom Zoom, Vary (Region))."""
+
+    prompt: str
+    prompt_parts: tuple[PromptPart, ...]
+    negative_prompt: str
+    # The canvas the prompt's --ar asks for; None when it keeps the image's shape.
+    size: tuple[int, int] | None = None
+
+    def apply(self, request: GenerationRequest) -> GenerationRequest:
+        return request.with_changes(
+            prompt=self.prompt,
+            prompt_parts=self.prompt_parts,
+            negative_prompt=self.negative_prompt or request.negative_prompt,
+        )
+
+
+def parse_remix(
+    text: str, parent: GenerationRequest, image_size: tuple[int, int], settings: EngineSettings
+) -> Remix:
+    """The edited prompt read like an /imagine prompt for the parent's model; ValueError naming
+    the flag when it is not one. Without `--ar` the canvas keeps the image's shape."""
+    ratio_w, ratio_h = _ratio(image_size)
+    try:
+        parsed = parse_prompt(
+            text,
+            settings,
+            model=parent.model,
+            seed_source=lambda: parent.seed,
+            defaults=PromptDefaults(aspect=f"{ratio_w}:{ratio_h}"),
+        )
+    except PromptError as exc:
+        raise ValueError(str(exc)) from None
+    request = parsed.request
+    size = (request.width, request.height)
+    same_shape = abs(math.log(size[0] / size[1] * image_size[1] / image_size[0])) < math.log(1.05)
+    return Remix(
+        prompt=request.prompt,
+        prompt_parts=request.prompt_parts,
+        negative_prompt=request.negative_prompt,
+        size=None if same_shape else size,
+    )
+
+
+def _ratio(size: tuple[int, int]) -> tuple[int, int]:
+    divisor = math.gcd(*size)
+    return size[0] // divisor, size[1] // divisor
+
+
+def working_size(kind: JobKind, size: tuple[int, int]) -> tuple[int, int]:
+    """The size an edit of an image works at: an upscale goes back to the size it was generated
+    at (editing at 2x would cost four times as much), anything else stays."""
+    if kind is JobKind.UPSCALE:
+        return size[0] // UPSCALE_FACTOR, size[1] // UPSCALE_FACTOR
+    return size
+
+
+def working_image(parent: GenerationRequest, image: Image.Image) -> Image.Image:
+    size = working_size(parent.kind, image.size)
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+def zoom_factor(value: float | str) -> float:
+    """A Custom Zoom factor as typed ("1.5", "2", "1,5"), or ValueError naming it."""
+    try:
+        factor = float(str(value).strip().replace(",", ".").rstrip("x"))
+    except ValueError:
+        raise ValueError(f"zoom factor: expected a number from 1.0 to 2.0, got {value!r}") from None
+    if not math.isfinite(factor) or not 1.0 <= factor <= MAX_ZOOM:
+        raise ValueError(f"zoom factor: must be from 1.0 to {MAX_ZOOM:.1f}, got {value}")
+    return factor
+
+
+def for_grid(parent: GenerationRequest, settings: EngineSettings) -> GenerationRequest:
+    """The parent's request made ready to produce a new grid (an upscale made one image)."""
+    return parent.with_changes(num_candidates=settings.num_candidates, num_kept=settings.num_kept)
+
+
+def zoom(
+    parent: GenerationRequest,
+    image: Image.Image,
+    *,
+    factor: float,
+    seed: int,
+    settings: EngineSettings,
+    remix: Remix | None = None,
+) -> GenerationRequest:
+    base = for_grid(remix.apply(parent) if remix else parent, settings)
+    size = remix.size if remix else None
+    return zoom_request(base, working_image(parent, image), factor=factor, seed=seed, size=size)
+
+
+def pan(
+    parent: GenerationRequest,
+    image: Image.Image,
+    *,
+    direction: PanDirection,
+    seed: int,
+    settings: EngineSettings,
+    remix: Remix | None = None,
+) -> GenerationRequest:
+    base = for_grid(remix.apply(parent) if remix else parent, settings)
+    return pan_request(
+        base,
+        working_image(parent, image),
+        direction=direction,
+        seed=seed,
+        max_pixels=settings.max_pixels,
+    )
+
+
+def square(
+    parent: GenerationRequest, image: Image.Image, *, seed: int, settings: EngineSettings
+) -> GenerationRequest:
+    return square_request(
+        for_grid(parent, settings),
+        working_image(parent, image),
+        seed=seed,
+        max_pixels=settings.max_pixels,
+    )
+
+
+def regions_from(values: Iterable[Region | str]) -> frozenset[Region]:
+    """Select-menu values as regions; ValueError naming `regions` for an unknown one."""
+    chosen = set()
+    for value in values:
+        try:
+            chosen.add(Region(value))
+        except ValueError:
+            known = ", ".join(r.value for r in Region)
+            raise ValueError(f"regions: unknown region {value!r}; known: {known}") from None
+    return frozenset(chosen)
+
+
+def mask_input(mask: Image.Image | bytes, name: str = "") -> InputImage:
+    """An uploaded mask as the job's MASK input (bytes are decoded and checked as an image)."""
+    if isinstance(mask, bytes | bytearray):
+        data = bytes(mask)
+        image = read_mask(data)
+    else:
+        image = mask
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    return InputImage(
+        role=InputRole.MASK,
+        image=image,
+        source=name or "uploaded mask",
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def region(
+    parent: GenerationRequest,
+    image: Image.Image,
+    *,
+    seed: int,
+    settings: EngineSettings,
+    regions: frozenset[Region] = frozenset(),
+    mask: InputImage | None = None,
+    remix: Remix | None = None,
+) -> GenerationRequest:
+    """Vary (Region). A mask is checked against the image the member saw (`image`), before it
+    is brought to the working size with it."""
+    base = for_grid(remix.apply(parent) if remix else parent, settings)
+    if mask is not None:
+        checked = check_mask(mask.image, image.size)
+        size = working_size(parent.kind, image.size)
+        mask = InputImage(
+            role=InputRole.MASK,
+            image=checked.resize(size, Image.Resampling.NEAREST),
+            source=mask.source,
+            sha256=mask.sha256,
+        )
+    return region_request(base, working_image(parent, image), seed=seed, regions=regions, mask=mask)
+
+
+def upscale(
+    parent: GenerationRequest,
+    image: Image.Image,
+    *,
+    mode: UpscaleMode,
+    seed: int,
+    settings: EngineSettings,
+) -> GenerationRequest:
+    if image.width * image.height * UPSCALE_FACTOR**2 > settings.max_pixels:
+        raise ValueError("image: it is already as large as this server allows")
+    strength = (
+        settings.upscale_strength_creative
+        if mode is UpscaleMode.CREATIVE
+        else settings.upscale_strength
+    )
+    return upscale_request(parent, image, strength=strength, seed=seed, mode=mode)
+
+
+def can_pan(size: tuple[int, int], direction: PanDirection, settings: EngineSettings) -> bool:
+    try:
+        pan_canvas(size, direction, settings.max_pixels)
+    except ValueError:
+        return False
+    return True
+
+
+def can_make_square(size: tuple[int, int], settings: EngineSettings) -> bool:
+    try:
+        square_canvas(size, settings.max_pixels)
+    except ValueError:
+        return False
+    return True
