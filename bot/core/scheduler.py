@@ -56,8 +56,11 @@ class Scheduler:
         output_check: OutputCheck | None = None,
         cancel_grace_s: float = 15.0,
         worker_retry_s: float = 30.0,
+        workers_join_later: bool = False,
     ) -> None:
-        if not workers:
+        """`workers_join_later`: start with no worker; they come and go through `add_worker`
+        and `remove_worker` (the Ray backend), and jobs wait in the queue meanwhile."""
+        if not workers and not workers_join_later:
             raise ValueError("workers: the scheduler needs at least one worker")
         self._db = db
         self.credits = credits
@@ -262,6 +265,14 @@ class Scheduler:
     @property
     def dispatch_count(self) -> int:
         return self._dispatcher.dispatch_count
+
+    def add_worker(self, worker: Worker) -> None:
+        """Start a worker that joined while the bot runs; jobs go to it once it is ready."""
+        self._dispatcher.add_worker(worker)
+
+    async def remove_worker(self, worker: Worker) -> None:
+        """Stop giving jobs to a worker that left, and close it."""
+        await self._dispatcher.remove_worker(worker)
 
     def worker_states(self) -> list[WorkerStatus]:
         """Each worker's name, readiness, running jobs and last reported GPU memory."""

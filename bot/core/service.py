@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.config import Config
 from bot.core.audit import AuditLog
@@ -23,11 +23,22 @@ from bot.core.devices import visible_cuda_devices
 from bot.core.execute import DEFAULT_ENGINE_FACTORY
 from bot.core.jobs import JobStore, remove_stale_temporaries
 from bot.core.models import AuditEntry, Balance, LedgerEntry, QueueSnapshot
-from bot.core.scheduler import OutputCheck, Scheduler
+from bot.core.scheduler import OutputCheck, Scheduler, WorkerStatus
 from bot.core.storage import DataFolderLock, Retention
 from bot.core.workers import ProcessWorker, Worker
 
+if TYPE_CHECKING:
+    from bot.core.ray_workers import RayPool
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkersView:
+    """What `/admin workers` shows: a line about the backend, and every worker."""
+
+    backend: str
+    workers: tuple[WorkerStatus, ...]
 
 
 class AdminService:
@@ -35,12 +46,23 @@ class AdminService:
     every method validates its arguments and raises ValueError naming the bad one."""
 
     def __init__(
-        self, db: Database, credits: CreditsService, scheduler: Scheduler, audit: AuditLog
+        self,
+        db: Database,
+        credits: CreditsService,
+        scheduler: Scheduler,
+        audit: AuditLog,
+        ray_pool: RayPool | None = None,
     ) -> None:
         self._db = db
         self._credits = credits
         self._scheduler = scheduler
         self._audit = audit
+        self._ray_pool = ray_pool
+
+    def workers(self) -> WorkersView:
+        """Each worker with its node, device, loaded models and current job."""
+        backend = self._ray_pool.status if self._ray_pool else "local worker processes"
+        return WorkersView(backend, tuple(self._scheduler.worker_states()))
 
     async def grant(
         self, user_id: int, amount: int, actor_id: int | None, reason: str = ""
@@ -167,6 +189,8 @@ class Core:
     admin: AdminService
     retention: Retention | None = None
     lock: DataFolderLock | None = None
+    # The Ray cluster's workers ([workers] backend = "ray"); None for local workers.
+    ray_pool: RayPool | None = None
 
     @classmethod
     async def open(
@@ -215,7 +239,15 @@ class Core:
             await credits.load()
             jobs = JobStore(db, data_dir, clock)
             audit = AuditLog(db, clock)
-            if workers is None:
+            pool = None
+            if workers is None and config.workers.backend == "ray":
+                # Imported here: the default install has no Ray (raises RayNotInstalled).
+                from bot.core.ray_workers import RayPool
+
+                pool = RayPool(config, engine_factory)
+                workers = []
+                scheduler_options["workers_join_later"] = True
+            elif workers is None:
                 workers = await asyncio.to_thread(local_workers, config, engine_factory)
             scheduler_options.setdefault("cancel_grace_s", config.scheduler.cancel_grace_s)
             scheduler = Scheduler(
@@ -230,16 +262,23 @@ class Core:
                 **scheduler_options,
             )
             await scheduler.start()
+            if pool is not None:
+                try:
+                    await pool.start(scheduler)
+                except BaseException:
+                    await scheduler.close(0.0)
+                    await pool.disconnect()
+                    raise
         except BaseException:
             await db.close()
             raise
-        admin = AdminService(db, credits, scheduler, audit)
+        admin = AdminService(db, credits, scheduler, audit, pool)
         storage = config.storage
         retention = Retention(
             db, data_dir, clock, storage.image_retention_days, storage.prune_interval_s
         )
         await retention.start()
-        return cls(config, db, credits, jobs, audit, scheduler, admin, retention, lock)
+        return cls(config, db, credits, jobs, audit, scheduler, admin, retention, lock, pool)
 
     async def close(self, drain_timeout_s: float | None = None) -> None:
         """Drained shutdown (call it on SIGTERM): running jobs get `drain_timeout_s` (default
@@ -249,7 +288,11 @@ class Core:
         try:
             if self.retention is not None:
                 await self.retention.close()
+            if self.ray_pool is not None:
+                await self.ray_pool.stop_watching()
             await self.scheduler.close(drain_timeout_s)
+            if self.ray_pool is not None:
+                await self.ray_pool.disconnect()
         finally:
             await self.db.close()
             if self.lock is not None:

@@ -42,6 +42,8 @@ class RunningTable:
         self._records: dict[int, RunningJob] = {}
         self._per_user: collections.Counter[int] = collections.Counter()
         self._busy: dict[int, int] = {id(w): 0 for w in workers}
+        # Workers that left while running a job: their count goes when that job is released.
+        self._leaving: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -60,6 +62,19 @@ class RunningTable:
 
     def busy_counts(self) -> list[int]:
         return list(self._busy.values())
+
+    def jobs_on(self, worker: Worker) -> list[int]:
+        return [r.job_id for r in self._records.values() if r.worker is worker]
+
+    def add_worker(self, worker: Worker) -> None:
+        self._busy.setdefault(id(worker), 0)
+        self._leaving.discard(id(worker))
+
+    def remove_worker(self, worker: Worker) -> None:
+        if self._busy.get(id(worker)):
+            self._leaving.add(id(worker))
+        else:
+            self._busy.pop(id(worker), None)
 
     def running_for(self, user_id: int) -> int:
         return self._per_user[user_id]
@@ -87,7 +102,11 @@ class RunningTable:
         self._per_user[record.user_id] -= 1
         if self._per_user[record.user_id] <= 0:
             del self._per_user[record.user_id]
-        self._busy[id(record.worker)] -= 1
+        key = id(record.worker)
+        self._busy[key] -= 1
+        if key in self._leaving and not self._busy[key]:
+            self._leaving.discard(key)
+            del self._busy[key]
         return True
 
 

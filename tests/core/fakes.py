@@ -134,3 +134,25 @@ def create_engine_recording_its_device(settings: EngineSettings) -> FakeEngine:
     device = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
     (marker_dir / f"device-{os.getpid()}").write_text(device)
     return FakeEngine(settings)
+
+
+class JobRecordingEngine(FakeEngine):
+    """Appends "<pid> <prompt>" to `fake_marker_dir`/jobs for every job it finishes: which
+    process (actor) produced each result, and how many times."""
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        result = super().generate(request, progress, cancel)
+        assert self.marker_dir is not None
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        with (self.marker_dir / "jobs").open("a", encoding="utf-8") as log:
+            log.write(f"{os.getpid()} {request.prompt}\n")
+        return result
+
+
+def create_engine_recording_its_jobs(settings: EngineSettings) -> JobRecordingEngine:
+    return JobRecordingEngine(settings)

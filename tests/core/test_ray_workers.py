@@ -1,0 +1,217 @@
+"""The Ray backend on a real local Ray cluster (`ray.cluster_utils.Cluster`: a head node and a
+node whose "GPUs" are a custom resource), with the real scheduler, SQLite and data folder.
+
+One cluster serves the whole module (starting it takes a few seconds); each test opens its own
+core, whose pool connects to the cluster's address and makes its own actors. The last test
+removes the GPU node and adds another, so it runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from PIL import Image
+from ray.cluster_utils import Cluster
+
+from bot.config import Config, WorkersConfig
+from bot.core import Core, JobKind, JobState, Owner, ProgressUpdate
+from bot.core.models import Finished, LedgerKind
+from bot.core.ray_workers import RayWorker
+from generation.contract import variation_request
+from generation.images import parse_a1111_parameters, read_parameters
+from tests.core.conftest import assert_consistent, finished, make_config, request
+
+FAKE_GPU = "fake_gpu"
+RECORDING = "tests.core.fakes:create_engine_recording_its_jobs"
+ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
+BOB = Owner(user_id=202, guild_id=1, channel_id=2)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    environment = {
+        # A throwaway cluster: no token file in the home folder, no usage report.
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    started = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir},
+    )
+    try:
+        started.add_node(num_cpus=1, resources={FAKE_GPU: 2})
+        started.wait_for_nodes()
+        yield started
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        started.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def ray_config(tmp_path: Path, cluster: Cluster, **options: Any) -> Config:
+    config = make_config(tmp_path, **options)
+    workers = WorkersConfig(
+        backend="ray",
+        ray_address=cluster.address,
+        ray_gpu_resource=FAKE_GPU,
+        ray_watch_interval_s=0.2,
+    )
+    return dataclasses.replace(config, workers=workers)
+
+
+async def ready_workers(core: Core, count: int, timeout_s: float = 60.0) -> None:
+    """Until exactly `count` workers exist and all are ready (the pool changes them as it
+    watches the cluster, with no event to wait on)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            states = core.scheduler.worker_states()
+            if len(states) == count and all(s.ready for s in states):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_jobs_run_in_ray_actors_on_the_real_tiny_engine(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    config = ray_config(tmp_path, cluster)
+    config = dataclasses.replace(
+        config, engine=dataclasses.replace(config.engine, device="cpu", extra={})
+    )
+    core = await Core.open(config)
+    try:
+        await ready_workers(core, 2, timeout_s=180)
+        view = core.admin.workers()
+        assert view.backend.endswith(f"2 {FAKE_GPU} on 1 node(s)")
+        assert sorted(w.device for w in view.workers) == [f"{FAKE_GPU} #0", f"{FAKE_GPU} #1"]
+        assert all(w.node and w.name.startswith("ray-") for w in view.workers)
+
+        job = await core.scheduler.submit(
+            ALICE, request("a lighthouse at dusk", steps=3, num_candidates=2, num_kept=2, seed=5)
+        )
+        done = await finished(core, job.id, timeout_s=120)
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.result is not None and sorted(done.result.seeds) == [5, 6]
+        # Written by the bot into its own data folder, with the engine's PNG metadata.
+        with Image.open(done.image_path(config.data_dir, 0)) as image:
+            assert image.size == (64, 64)
+            parameters = parse_a1111_parameters(read_parameters(image) or "")
+        assert parameters["Prompt"] == "a lighthouse at dusk"
+        assert parameters["Seed"] == str(done.result.seeds[0])
+        assert (config.data_dir / f"images/{job.id}/grid.png").is_file()
+        ran_on = [w for w in core.admin.workers().workers if w.models]
+        assert [w.models for w in ran_on] == [("tiny",)]
+
+        # A variation's source image travels to the actor with the job.
+        source = await core.jobs.image(job.id, 0)
+        variation = variation_request(
+            await core.jobs.request(job.id), source, strength=0.7, seed=11
+        )
+        child = await core.scheduler.submit(ALICE, variation, JobKind.VARIATION, (job.id, 0))
+        varied = await finished(core, child.id, timeout_s=120)
+        assert varied.state is JobState.SUCCEEDED, varied.error
+        assert varied.result is not None and len(varied.result.image_paths) == 2
+
+        balance = await core.credits.balance(ALICE.user_id)
+        assert balance.held == 0
+        assert balance.available == 20 - done.cost - varied.cost
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=5.0)
+
+
+async def test_a_killed_actor_costs_one_attempt_and_the_job_completes_on_another(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    config = ray_config(tmp_path, cluster, step_s=0.05)
+    core = await Core.open(config, engine_factory=RECORDING)
+    finishes: list[Finished] = []
+    core.scheduler.add_listener(lambda e: finishes.append(e) if isinstance(e, Finished) else None)
+    try:
+        await ready_workers(core, 2)
+        assert core.ray_pool is not None
+        job = await core.scheduler.submit(ALICE, request("a fox in the snow", steps=20))
+        killed_pid = None
+        async with core.scheduler.subscribe(job.id) as events:
+            async for event in events:
+                if isinstance(event, ProgressUpdate) and killed_pid is None:
+                    (worker,) = [w for w in core.ray_pool.workers if job.id in _jobs_of(core, w)]
+                    killed_pid = worker.pid
+                    ray.kill(worker.actor)
+                if isinstance(event, Finished):
+                    done = event.job
+                    break
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.attempts == 2
+        # The result came from one run only, in another process than the one killed.
+        runs = (tmp_path / "markers" / "jobs").read_text().splitlines()
+        assert [line.split(" ", 1)[1] for line in runs] == ["a fox in the snow"]
+        assert killed_pid is not None and runs[0].split()[0] != str(killed_pid)
+        assert [f.job.id for f in finishes] == [job.id]
+
+        entries = await core.credits.ledger(ALICE.user_id, 20)
+        kinds = sorted(e.kind for e in entries if e.job_id == job.id)
+        assert kinds == sorted([LedgerKind.HOLD, LedgerKind.SETTLE])
+        balance = await core.credits.balance(ALICE.user_id)
+        assert balance.held == 0 and balance.available == 20 - done.cost
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=5.0)
+
+
+def _jobs_of(core: Core, worker: RayWorker) -> tuple[int, ...]:
+    for state in core.scheduler.worker_states():
+        if state.name == worker.name:
+            return state.jobs
+    return ()
+
+
+async def test_jobs_wait_while_no_gpu_node_is_up_and_run_when_one_joins(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    config = ray_config(tmp_path, cluster)
+    core = await Core.open(config, engine_factory=RECORDING)
+    try:
+        await ready_workers(core, 2)
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node)
+        await ready_workers(core, 0)
+        assert core.admin.workers().backend.endswith(f"0 {FAKE_GPU} on 0 node(s)")
+
+        jobs = [
+            await core.scheduler.submit(ALICE, request("a red fox")),
+            await core.scheduler.submit(BOB, request("a blue owl")),
+        ]
+        await asyncio.sleep(1.0)
+        for job in jobs:
+            assert (await core.jobs.require(job.id)).state is JobState.QUEUED
+        assert not (tmp_path / "markers" / "jobs").exists()
+
+        cluster.add_node(num_cpus=1, resources={FAKE_GPU: 1})
+        for job in jobs:
+            done = await finished(core, job.id, timeout_s=60)
+            assert done.state is JobState.SUCCEEDED, done.error
+            assert done.attempts == 1
+        (worker,) = core.admin.workers().workers
+        assert worker.device == f"{FAKE_GPU} #0"
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=5.0)
