@@ -39,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imagine-bot: bad config: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if config.workers.backend == "ray":
+        from bot.core.ray_workers import RayNotInstalled, import_ray
+
+        try:
+            import_ray(config.workers.ray_address)
+        except RayNotInstalled as exc:
+            print(f"imagine-bot: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     token = os.environ.get("DISCORD_TOKEN", "").strip()
     setup_logging(config.log_level, secrets=[token])
 

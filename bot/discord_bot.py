@@ -672,6 +672,12 @@ class AdminCommands(app_commands.Group):
         await self.admin.resume(interaction.user.id)
         await reply(interaction, "The queue is running again.")
 
+    @app_commands.command(
+        name="workers", description="Workers: node, GPU, loaded models and current job"
+    )
+    async def workers(self, interaction: discord.Interaction[Any]) -> None:
+        await reply(interaction, render.workers_text(self.admin.workers()))
+
 
 async def run_discord(config: Config, token: str) -> None:
     bot = ImagineBot(config)

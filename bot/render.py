@@ -31,6 +31,7 @@ from generation.settings import EngineSettings
 if TYPE_CHECKING:
     from bot.app import MemberInfo
     from bot.core.preferences import Preferences
+    from bot.core.service import WorkersView
 
 _BAR_CELLS = 12
 _PROMPT_PREVIEW_CHARS = 300
@@ -66,7 +67,35 @@ def job_title(job: Job) -> str:
         what += f" of image {job.parent_index + 1} from job {job.parent_job_id}"
     elif job.parent_job_id is not None:
         what += f" of job {job.parent_job_id}"
+    if not job.prompt.strip() and job.request_data.get("inputs"):
+        # A /blend or a /describe: the pictures are what it is about.
+        return f"{what} — {len(job.request_data['inputs'])} picture(s)"
     return f"{what} — {quote_prompt(job.prompt)}"
+
+
+# How each picture role is shown, with the flag that set its weight.
+_PICTURE_LABELS = {
+    "image_prompt": ("image", "--iw"),
+    "style": ("style", "--sw"),
+    "object": ("object", "weight"),
+}
+
+
+def pictures_line(job: Job) -> str:
+    """The member's pictures with their weights ("" when there are none). Links are wrapped
+    in <> so Discord shows no preview of them."""
+    parts = []
+    for picture in job.request_data.get("inputs", ()):
+        label = _PICTURE_LABELS.get(str(picture.get("role")))
+        if label is None:
+            continue
+        source = str(picture.get("source", ""))
+        if source.startswith("attachment:"):
+            shown = "`" + source.removeprefix("attachment:").replace("`", "ˋ")[:60] + "`"
+        else:
+            shown = "<" + source.replace(">", "%3E")[:300] + ">"
+        parts.append(f"{label[0]} {shown} ({label[1]} {float(picture.get('weight', 1)):g})")
+    return "🖼️ " + " · ".join(parts) if parts else ""
 
 
 def settings_line(job: Job) -> str:
@@ -90,6 +119,7 @@ def settings_line(job: Job) -> str:
 def queued_text(job: Job, position: int | None, notes: Sequence[str] = ()) -> str:
     where = f"position {position} in the queue" if position else "waiting for a free GPU"
     lines = [f"**{job_title(job)}**", f"⏳ Queued — {where}. Job {job.id}, {settings_line(job)}"]
+    lines += [line for line in (pictures_line(job),) if line]
     lines += [f"ℹ️ {note}" for note in notes]
     return "\n".join(lines)
 
@@ -130,6 +160,7 @@ def result_text(job: Job, mention: str = "", notes: Sequence[str] = ()) -> str:
         seeds = ", ".join(str(s) for s in result.seeds)
         kept = len(result.image_paths)
         lines.append(f"Best {kept} of {candidates} by CLIP (scores {scores}; seeds {seeds})")
+    lines += [line for line in (pictures_line(job),) if line]
     lines += [f"ℹ️ {note}" for note in notes]
     return "\n".join(lines)
 
@@ -263,6 +294,25 @@ def queue_text(snapshot: QueueSnapshot) -> str:
             f"• {where} job {item.job.id} by <@{item.job.owner.user_id}> "
             f"({item.job.kind.value}, {item.job.cost} cr)"
         )
+    return "\n".join(lines)
+
+
+def workers_text(view: WorkersView) -> str:
+    """`/admin workers`: where each worker runs, what it holds and what it is doing."""
+    lines = [f"{view.backend}; {len(view.workers)} worker(s)."]
+    if not view.workers:
+        lines.append("No worker: jobs wait in the queue until one is ready.")
+    for worker in view.workers[:25]:
+        where = worker.node + (f" · {worker.device}" if worker.device else "")
+        doing = ", ".join(f"job {job_id}" for job_id in worker.jobs) or "idle"
+        state = doing if worker.ready else f"starting ({doing})" if worker.jobs else "starting"
+        models = ", ".join(worker.models) or "none yet"
+        memory = (
+            f" · {worker.gpu_memory_bytes / 2**30:.1f} GiB"
+            if worker.gpu_memory_bytes is not None
+            else ""
+        )
+        lines.append(f"• `{worker.name}` on {where}: {state} · models: {models}{memory}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ credits as the Discord bot (in the spirit of Hubot's shell adapter).
     /imagine a {red, blue} fox --r 2 several jobs (permutations, --repeat), all or none
     U2  V3  🔄 (or reroll)            press a button of the last finished job
     U2 17                            …or of job 17
-    /balance  /jobs  /help  /cancel [job]  /grant N  /quit
+    /balance  /jobs  /help  /cancel [job]  /grant N  /workers  /quit
 
 The console user is the machine's owner, so they are an admin. Image paths are printed; the
 files live under the data folder. Commands may also come from a pipe; at the end of input the
@@ -88,6 +88,8 @@ class Shell:
             amount = int(rest) if rest.strip().isdigit() else 0
             balance = await self.core.admin.grant(SHELL_USER_ID, amount, SHELL_USER_ID, "shell")
             self.say(f"Granted {amount}; granted balance now {balance.granted}.")
+        elif command == "/workers":
+            self.say(render.workers_text(self.core.admin.workers()))
         elif command == "/cancel":
             job = await self.app.cancel(self.actor, await self._job_id_now(rest))
             self.say(f"Cancelling job {job.id}.")
