@@ -147,11 +147,11 @@ def test_without_an_adapter_references_are_refused(plain_engine) -> None:
     settings = plain_engine.settings
     assert supported_roles(settings, "tiny") == {InputRole.IMAGE_PROMPT}
     style = imagine(inputs=(picture(RED, 100.0, InputRole.STYLE),))
-    with pytest.raises(ValueError, match="^sref: .*image adapter"):
+    with pytest.raises(ValueError, match=r"^sref: .*image adapter"):
         check_inputs(settings, style)
-    with pytest.raises(ValueError, match="^sref: "):
+    with pytest.raises(ValueError, match=r"^sref: "):
         plain_engine.generate(style)
-    with pytest.raises(ValueError, match="^oref: .*--cref"):
+    with pytest.raises(ValueError, match=r"^oref: .*--cref"):
         check_inputs(settings, imagine(inputs=(picture(RED, 100.0, InputRole.OBJECT),)))
 
 
@@ -176,7 +176,7 @@ def test_the_tiny_adapter_serves_only_tiny_models(settings: EngineSettings) -> N
 
 def test_an_iw_that_leaves_no_step_is_refused(plain_engine) -> None:
     request = imagine(steps=2, inputs=(picture(RED, 3.0),))
-    with pytest.raises(ValueError, match="^iw: "):
+    with pytest.raises(ValueError, match=r"^iw: "):
         check_inputs(plain_engine.settings, request)
 
 
@@ -193,9 +193,9 @@ def test_blend_pictures_crops_and_weights() -> None:
 def test_a_blend_may_have_no_prompt_but_a_text_job_may_not() -> None:
     blend = imagine(prompt="", inputs=(picture(RED), picture(BLUE)))
     assert blend.prompt == ""
-    with pytest.raises(ValueError, match="^prompt: "):
+    with pytest.raises(ValueError, match=r"^prompt: "):
         imagine(prompt="")
-    with pytest.raises(ValueError, match="^prompt: "):
+    with pytest.raises(ValueError, match=r"^prompt: "):
         imagine(prompt="", inputs=(picture(RED, 100.0, InputRole.STYLE),))
 
 
@@ -204,12 +204,12 @@ def test_a_blend_may_have_no_prompt_but_a_text_job_may_not() -> None:
     [(InputRole.IMAGE_PROMPT, 9.0), (InputRole.STYLE, 1001.0), (InputRole.OBJECT, -1.0)],
 )
 def test_weights_outside_their_range_are_refused(role: InputRole, weight: float) -> None:
-    with pytest.raises(ValueError, match=f"^weight: a {role.value} image"):
+    with pytest.raises(ValueError, match=rf"^weight: a {role.value} image"):
         imagine(inputs=(picture(RED, weight, role),))
 
 
 def test_six_pictures_are_refused() -> None:
-    with pytest.raises(ValueError, match="^inputs: at most 5 image_prompt"):
+    with pytest.raises(ValueError, match=r"^inputs: at most 5 image_prompt"):
         imagine(prompt="", inputs=tuple(picture(RED) for _ in range(6)))
 
 

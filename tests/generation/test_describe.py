@@ -101,7 +101,7 @@ def test_the_vocabulary_is_the_projects_own_and_sizeable() -> None:
 def test_a_describe_reads_exactly_one_picture() -> None:
     request = describe_request(pictured(), seed=1)
     assert request.kind is JobKind.DESCRIBE and request.prompt == ""
-    with pytest.raises(ValueError, match="^inputs: a describe reads exactly one picture"):
+    with pytest.raises(ValueError, match=r"^inputs: a describe reads exactly one picture"):
         request.with_changes(inputs=(pictured(), pictured()))
-    with pytest.raises(ValueError, match="^inputs: a describe reads an image_prompt"):
+    with pytest.raises(ValueError, match=r"^inputs: a describe reads an image_prompt"):
         describe_request(InputImage(InputRole.STYLE, PICTURE, weight=100), seed=1)
