@@ -71,7 +71,8 @@ async def control_input(
         picture = await attachment_image(attachment, pictures.policy)
         await pictures.screen.check(bot.actor(interaction).owner, [picture])
     except FetchRefused as exc:
-        raise UserError(f"control_image: {exc.reason}") from None
+        reason = exc.reason.removeprefix(f"{attachment.filename}: ")
+        raise UserError(f"control_image {attachment.filename}: {reason}") from None
     return InputImage(
         InputRole.CONTROL, picture.image, source=picture.source, sha256=picture.sha256
     )
