@@ -634,8 +634,9 @@ def region_request(
         inputs = (*inputs, mask)
     else:
         region_mask(chosen, image.size)  # refuses regions that cover the whole image
-    request = _edit(parent, image, JobKind.REGION, seed, image.size, prompt, regions=chosen)
-    return replace(request, inputs=inputs)
+    return _edit(
+        parent, image, JobKind.REGION, seed, image.size, prompt, regions=chosen, inputs=inputs
+    )
 
 
 def _no_edit(parent: GenerationRequest) -> dict[str, Any]:
