@@ -523,8 +523,14 @@ def build_tiny_controlnet(folder: Path, model_folder: Path, seed: int = TINY_SEE
         controlnet.controlnet_cond_embedding.conv_out,
     ]
     with torch.no_grad():
+        # PyTorch's default init shrinks a signal at every layer; through the eight convs of
+        # the conditioning embedding the control image would all but vanish. He init keeps it.
+        for layer in controlnet.controlnet_cond_embedding.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                torch.nn.init.zeros_(layer.bias)
         for conv in zero_convs:
-            torch.nn.init.normal_(conv.weight, std=0.2)
+            torch.nn.init.normal_(conv.weight, std=0.5)
             torch.nn.init.normal_(conv.bias, std=0.05)
     controlnet.save_pretrained(folder, safe_serialization=True)
     return folder
