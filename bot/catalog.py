@@ -7,10 +7,14 @@ Discord commands that show it are in `bot.catalog_commands`.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
+
+from PIL import Image
 
 from bot.config import Config
 from bot.core.credits import job_cost
@@ -203,6 +207,22 @@ def _clip(text: str) -> str:
 
 
 # ----- a job's add-ons -----------------------------------------------------------------------
+
+# The control map is shown small: it only has to say what the ControlNet followed.
+CONTROL_THUMBNAIL_SIDE = 256
+
+
+def control_thumbnail(path: Path) -> bytes | None:
+    """The control map a job followed as a small PNG for its reply; None once it is gone
+    (retention deletes it with the job's images)."""
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((CONTROL_THUMBNAIL_SIDE, CONTROL_THUMBNAIL_SIDE))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+    except FileNotFoundError:
+        return None
+    return buffer.getvalue()
 
 
 def add_ons_text(request_data: Mapping[str, Any]) -> str:

@@ -26,6 +26,7 @@ import discord
 
 from bot import render
 from bot.buttons import Fits, result_view
+from bot.catalog import control_thumbnail
 from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started
 from generation.images import encode_for_upload
 
@@ -475,7 +476,15 @@ class Delivery:
             limit_bytes or discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES,
             f"job-{job.id}",
         )
-        return [discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)]
+        files = [discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)]
+        if job.result.control_map_path is not None:
+            # What a ControlNet followed, small beside the grid (bot/catalog.py).
+            path = self.data_dir / job.result.control_map_path
+            thumbnail = await asyncio.to_thread(control_thumbnail, path)
+            if thumbnail is not None:
+                name = f"job-{job.id}-control.png"
+                files.append(discord.File(io.BytesIO(thumbnail), filename=name, spoiler=spoiler))
+        return files
 
 
 def _upload_limit(target: JobMessage) -> int | None:

@@ -326,6 +326,7 @@ class Dispatcher:
             width=outcome.width,
             height=outcome.height,
             texts=outcome.texts,
+            control_map_path=outcome.control_map_path,
         )
         if verdict:
             return Ending(JobState.REFUSED, error=verdict, result=result)

@@ -66,6 +66,8 @@ class WorkOutcome:
     loaded_models: tuple[str, ...] = ()
     # What a job answers in words (a describe's prompt suggestions); it may have no images.
     texts: tuple[str, ...] = ()
+    # The map a ControlNet followed (edges, depth …), shown beside the result.
+    control_map_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,10 @@ def encode_result(
         grid = make_grid(list(result.images))
         files.append(("grid.png", png_bytes(grid, parameters(result.seeds[0], first))))
         grid_path = f"{item.output_dir}/grid.png"
+    control_map_path = None
+    if result.control_map is not None:
+        files.append(("control.png", png_bytes(result.control_map)))
+        control_map_path = f"{item.output_dir}/control.png"
     timings = {k: float(v) for k, v in result.timings_s.items()}
     timings["save_s"] = time.perf_counter() - started
     outcome = WorkOutcome(
@@ -292,6 +298,7 @@ def encode_result(
         candidate_indices=tuple(int(i) for i in result.candidate_indices),
         width=first.width,
         height=first.height,
+        control_map_path=control_map_path,
     )
     return RenderedJob(item.output_dir, tuple(files), outcome)
 

@@ -114,10 +114,13 @@ class JobResult:
     height: int = 0
     # A describe's prompt suggestions (it has no images).
     texts: tuple[str, ...] = ()
+    # The map a ControlNet followed (edges, depth …), shown beside the result.
+    control_map_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "texts": list(self.texts),
+            "control_map_path": self.control_map_path,
             "image_paths": list(self.image_paths),
             "grid_path": self.grid_path,
             "seeds": list(self.seeds),
@@ -140,6 +143,7 @@ class JobResult:
             width=int(data.get("width", 0)),
             height=int(data.get("height", 0)),
             texts=tuple(str(t) for t in data.get("texts", ())),
+            control_map_path=data.get("control_map_path"),
         )
 
 

@@ -205,8 +205,17 @@ async def test_lora_and_controlnet_with_an_attached_picture(
             assert (data["controlnet"], data["controlnet_weight"]) == ("canny", 1.5)
             control = [i for i in data["inputs"] if i["role"] == "control"]
             assert len(control) == 1 and control[0]["source"] == "attachment:edges.png"
-            # The reply names the LoRA and the ControlNet with the weights used.
+            # The reply names the LoRA and the ControlNet with the weights used, and shows the
+            # control map beside the grid: Canny's edges, white lines on black.
             assert "LoRA ink 0.6 · ControlNet canny 1.5" in status.content
+            control_map = status.attachments[1]
+            assert len(status.attachments) == 2
+            assert control_map.filename == f"job-{job_id}-control.png"
+            edges = Image.open(io.BytesIO(control_map.data)).convert("L")
+            assert max(edges.size) <= 256
+            histogram = edges.histogram()
+            dark, bright = sum(histogram[:32]), sum(histogram[224:])
+            assert dark > 0.8 * edges.width * edges.height and bright > 0
             # The engine ran with the LoRA: A1111's tag is in the image's metadata.
             assert stored.result is not None
             with Image.open(bot.config.data_dir / stored.result.image_paths[0]) as image:
