@@ -50,7 +50,10 @@ def core_checks(core: Core) -> dict[str, ReadinessCheck]:
         states = core.scheduler.worker_states()
         if any(state.ready for state in states):
             return None
-        return f"no worker is ready (0 of {len(states)})"
+        reason = f"no worker is ready (0 of {len(states)})"
+        if core.ray_pool is not None:
+            reason += f"; {core.ray_pool.status}"
+        return reason
 
     return {"database": database, "workers": workers}
 

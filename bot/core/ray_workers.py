@@ -382,6 +382,10 @@ class RayWorker:
                 inputs = await asyncio.to_thread(read_inputs, self._data_dir, item)
             except (OSError, ValueError) as exc:
                 raise JobError(f"invalid request: {exc}", "invalid") from exc
+            if self._actor is None and self._starting is not None and not self._starting.done():
+                # Its actor is being replaced after a crash: handed back, the job runs on
+                # another free worker now instead of waiting for this one's models to load.
+                raise WorkerUnavailable(f"worker {self.name}: its actor is being replaced")
             try:
                 actor = await self._ensure_actor()
             except WorkerStartFailed as exc:
