@@ -19,9 +19,10 @@ TINY = {"name": "tiny", "source": "tiny", "base_resolution": 128}
 TINY_XL = {"name": "tiny-xl", "source": "tiny-sdxl", "base_resolution": 128, "family": "sdxl"}
 
 
-def safetensors(path: Path) -> Path:
+def safetensors(path: Path, tensor: str = "unet.to_q.lora_A.weight") -> Path:
     """A small but well-formed safetensors file (one 2x2 float32 tensor)."""
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    entry = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+    header = json.dumps({tensor: entry}).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     return path
 
@@ -212,7 +213,7 @@ def test_single_file_checkpoints_need_a_local_config_and_pickles_need_consent(tm
     folder = tmp_path / "sd15-config"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
-    checkpoint = safetensors(tmp_path / "dreambooth.safetensors")
+    checkpoint = safetensors(tmp_path / "dreambooth.safetensors", "model.diffusion_model.w")
     model = {"name": "mine", "source": str(checkpoint)}
     real_clip = {"clip_model": "openai/clip-vit-large-patch14"}
 
