@@ -353,10 +353,18 @@ def _check_single_file(spec: ModelSpec) -> None:
             "scheduler; weights are not needed), so that nothing is fetched from the hub"
         )
     config = Path(spec.config).expanduser()
-    if not (config / "model_index.json").is_file():
+    try:
+        index = json.loads((config / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise ValueError(
             f"models.config: model {spec.name!r}: {config} is not a diffusers folder "
-            "(no model_index.json in it)"
+            f"(model_index.json: {exc})"
+        ) from exc
+    family = "sdxl" if "XL" in str(index.get("_class_name", "")) else "sd"
+    if family != spec.family:
+        raise ValueError(
+            f"models.config: model {spec.name!r} is family {spec.family!r} but its config "
+            f"{config} is an {family} pipeline ({index.get('_class_name')})"
         )
 
 
@@ -368,13 +376,14 @@ def _check_local_weights(key: str, name: str, path: Path) -> None:
         raise ValueError(f"{key}: {name!r}: {path} does not exist")
     if path.is_dir() or path.suffix.lower() != ".safetensors":
         return
-    reason = safetensors_problem(path)
+    reason = safetensors_problem(path, lora=key.startswith("loras"))
     if reason:
         raise ValueError(f"{key}: {name!r}: {path.name} is not a usable safetensors file: {reason}")
 
 
-def safetensors_problem(path: Path) -> str:
-    """Why `path` is not a readable safetensors file, or "" when its header reads."""
+def safetensors_problem(path: Path, lora: bool = False) -> str:
+    """Why `path` is not a readable safetensors file (or, `lora`, holds no LoRA weights), or ""
+    when its header reads."""
     try:
         with path.open("rb") as file:
             head = file.read(8)
@@ -391,4 +400,6 @@ def safetensors_problem(path: Path) -> str:
         return "its header is not JSON (truncated or not a safetensors file)"
     if not isinstance(header, dict) or not any(k != "__metadata__" for k in header):
         return "it holds no tensors"
+    if lora and not any("lora" in k.lower() for k in header):
+        return "it holds no LoRA weights (no lora_ tensors; a full checkpoint is a model)"
     return ""
