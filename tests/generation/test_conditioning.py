@@ -21,7 +21,13 @@ from generation.conditioning import (
     reference_scale,
     supported_roles,
 )
-from generation.contract import GenerationRequest, InputImage, InputRole, JobKind
+from generation.contract import (
+    GenerationRequest,
+    InputImage,
+    InputRole,
+    JobKind,
+    variation_request,
+)
 from generation.images import a1111_parameters, parse_a1111_parameters
 from generation.settings import EngineSettings
 from tests.generation.helpers import imagine, max_diff, pixels
@@ -243,3 +249,32 @@ def test_every_input_is_in_the_png_metadata() -> None:
     )
     assert parsed["Image prompt 2"] == "Weight: 1.5, Hash: bb, Source: attachment:b.png"
     assert parsed["Style reference 1"].startswith("Weight: 250, Hash: cc, Source: https://")
+
+
+def test_a_variation_keeps_its_pictures(engine, red_prompt) -> None:
+    # The img2img list form: one row of picture embeddings per candidate.
+    parent = imagine(inputs=(picture(RED, 2.0),))
+    plain = variation_request(imagine(), red_prompt.images[0], strength=0.7, seed=5)
+    pictured = variation_request(parent, red_prompt.images[0], strength=0.7, seed=5)
+    assert max_diff(engine.generate(plain).images[0], engine.generate(pictured).images[0]) > 2
+
+
+def test_sdxl_takes_image_prompts_and_styles(tiny_cache: Path) -> None:
+    from generation.engine import create_engine
+    from generation.settings import ModelSpec
+
+    xl = create_engine(
+        EngineSettings(
+            models=(ModelSpec("xl", "tiny-sdxl", base_resolution=128, family="sdxl"),),
+            default_model="xl",
+            cache_dir=tiny_cache,
+            device="cpu",
+            local_files_only=True,
+        )
+    )
+    base = xl.generate(imagine(model="xl"))
+    prompted = xl.generate(imagine(model="xl", inputs=(picture(RED),)))
+    styled = xl.generate(imagine(model="xl", inputs=(picture(RED, 100.0, InputRole.STYLE),)))
+    assert max_diff(base.images[0], prompted.images[0]) > 2
+    assert max_diff(base.images[0], styled.images[0]) > 2
+    assert max_diff(prompted.images[0], styled.images[0]) > 2
