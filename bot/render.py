@@ -346,7 +346,8 @@ def help_text(config: Config) -> str:
             f"{engine.num_candidates} candidates, ranks them with CLIP against your prompt and "
             f"shows the best {engine.num_kept} in a grid.",
             "**Commands**: `/imagine prompt` (options: negative, aspect, seed, steps, guidance, "
-            "sampler, model), `/balance`, `/jobs`, `/help`.",
+            "sampler, model, lora, control_image), `/models` (the models, LoRAs and ControlNets "
+            "offered here), `/balance`, `/jobs`, `/help`.",
             "**Buttons**: U1–U4 upscale an image 2x · V1–V4 make variations · 🔄 rerolls with a "
             "new seed · Cancel stops a waiting or running job (refunded).",
             "**Flags you can type in the prompt**:",
