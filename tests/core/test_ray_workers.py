@@ -26,6 +26,7 @@ from bot.config import Config, WorkersConfig
 from bot.core import Core, JobKind, JobState, Owner, ProgressUpdate
 from bot.core.models import Finished, LedgerKind
 from bot.core.ray_workers import RayWorker
+from bot.health import core_checks
 from generation.contract import variation_request
 from generation.images import parse_a1111_parameters, read_parameters
 from tests.core.conftest import assert_consistent, finished, make_config, request
@@ -195,6 +196,8 @@ async def test_jobs_wait_while_no_gpu_node_is_up_and_run_when_one_joins(
             cluster.remove_node(node)
         await ready_workers(core, 0)
         assert core.admin.workers().backend.endswith(f"0 {FAKE_GPU} on 0 node(s)")
+        reason = await core_checks(core)["workers"]()
+        assert reason is not None and reason.endswith(f"0 {FAKE_GPU} on 0 node(s)")
 
         jobs = [
             await core.scheduler.submit(ALICE, request("a red fox")),
