@@ -526,7 +526,7 @@ def build_tiny_controlnet(folder: Path, model_folder: Path, seed: int = TINY_SEE
         # PyTorch's default init shrinks a signal at every layer; through the eight convs of
         # the conditioning embedding the control image would all but vanish. He init keeps it.
         for layer in controlnet.controlnet_cond_embedding.modules():
-            if isinstance(layer, torch.nn.Conv2d):
+            if isinstance(layer, torch.nn.Conv2d) and layer.bias is not None:
                 torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                 torch.nn.init.zeros_(layer.bias)
         for conv in zero_convs:

@@ -131,7 +131,9 @@ def test_bad_single_files_are_named_with_the_reason(
     config = str(checkpoints["sd-config"])
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"<html>rate limited</html>")
-    with pytest.raises(ValueError, match=r"^models.source: 'b': broken.safetensors is not a usable"):
+    with pytest.raises(
+        ValueError, match=r"^models.source: 'b': broken.safetensors is not a usable"
+    ):
         _engine(tiny_cache, ModelSpec("b", str(broken), config=config))
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(ValueError, match=r"^models.source: 'm': .*missing.safetensors does not"):
