@@ -5,7 +5,7 @@ credits as the Discord bot (in the spirit of Hubot's shell adapter).
     /imagine a {red, blue} fox --r 2 several jobs (permutations, --repeat), all or none
     U2  V3  🔄 (or reroll)            press a button of the last finished job
     U2 17                            …or of job 17
-    /balance  /jobs  /help  /cancel [job]  /grant N  /workers  /quit
+    /balance  /jobs  /help  /models  /cancel [job]  /grant N  /workers  /quit
 
 The console user is the machine's owner, so they are an admin. Image paths are printed; the
 files live under the data folder. Commands may also come from a pipe; at the end of input the
@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Any, TextIO
 
-from bot import render
+from bot import catalog, render
 from bot.app import Action, Actor, ImagineApp, UserError, open_core
 from bot.config import Config
 from bot.core.clock import system_clock
@@ -84,6 +84,9 @@ class Shell:
             self.say(render.jobs_text(await self.core.scheduler.user_jobs(SHELL_USER_ID)))
         elif command == "/help":
             self.say(render.help_text(self.config))
+        elif command == "/models":
+            sections = catalog.catalog_sections(self.config)
+            self.say("\n".join(f"**{title}**\n{text}" for title, text in sections))
         elif command == "/grant":
             amount = int(rest) if rest.strip().isdigit() else 0
             balance = await self.core.admin.grant(SHELL_USER_ID, amount, SHELL_USER_ID, "shell")

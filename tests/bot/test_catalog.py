@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from bot import catalog
 from bot.config import parse_config
 from bot.render import help_text
+from bot.shell import run_shell
+from tests.bot.conftest import bot_config, in_process_workers
 
 CONFIG = parse_config(
     {
@@ -94,3 +97,20 @@ def test_control_thumbnail_is_small_and_gone_with_its_file(tmp_path: Path):
 def test_help_mentions_models_and_the_add_on_flags():
     text = help_text(CONFIG)
     assert "`/models`" in text and "`--lora NAME[:W]`" in text and "`--cn NAME`" in text
+
+
+async def test_the_console_lists_the_catalog_too(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    config = bot_config(tmp_path / "data", bot_engine_settings)
+    out = io.StringIO()
+    code = await run_shell(
+        config,
+        stdin=io.StringIO("/models\n"),
+        out=out,
+        core_options={"workers": in_process_workers(config, shared_engine)},
+    )
+    text = out.getvalue()
+    assert code == 0
+    assert "**Models**\n• `tiny` (default) — SD 1.x, 128px" in text
+    assert "This server offers no LoRAs." in text and "This server offers no ControlNets." in text
