@@ -41,6 +41,7 @@ from bot.inputs import BlendShape, InputScreen, PictureInputs, as_input, blend_r
 from bot.moderation import PromptFilter, audit_refusal, make_output_check
 from generation.conditioning import check_inputs
 from generation.contract import (
+    MAX_PIXELS,
     MAX_SEED,
     GenerationRequest,
     InputRole,
@@ -57,6 +58,7 @@ from generation.prompt import (
     PromptDefaults,
     PromptError,
     parse_jobs,
+    size_for_aspect,
 )
 
 log = logging.getLogger(__name__)
@@ -287,10 +289,21 @@ class ImagineApp:
         """Four prompt suggestions for a picture (a DESCRIBE job, run by the worker's CLIP)."""
         self._check_cooldown(actor)
         await self._screen(actor, [picture])
+        settings = self.config.engine
+        # The picture's shape at the model's size: what the settings line shows (the cost of a
+        # describe is flat).
+        width, height = size_for_aspect(
+            picture.image.width,
+            picture.image.height,
+            settings.model(None).base_resolution,
+            min(settings.max_pixels, MAX_PIXELS),
+        )
         request = describe_request(
             as_input(picture, InputRole.IMAGE_PROMPT, 1.0),
             seed=self._seed_source(),
-            model=self.config.engine.default_model,
+            model=settings.default_model,
+            width=width,
+            height=height,
         )
         (job,) = await self._submit(actor, [request], JobKind.DESCRIBE, None, cooled=True)
         return Submitted(job, (), self.core.scheduler.queue_position(job.id))

@@ -27,7 +27,9 @@ import discord
 from bot import render
 from bot.buttons import Fits, result_view
 from bot.catalog import control_thumbnail
-from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started
+from bot.core.models import Finished, Job, JobKind, JobState, ProgressUpdate, Queued, Started
+from bot.suggestions import DescribeAction, describe_text, describe_view
+from bot.suggestions import custom_id as suggestion_id
 from generation.images import encode_for_upload
 
 if TYPE_CHECKING:
@@ -336,6 +338,9 @@ class Delivery:
         # A refused job may have images on disk (withheld by the safety check): never post them.
         succeeded = job.state is JobState.SUCCEEDED and job.result is not None
         view = result_view(job, self._fits_for(job)) if succeeded else None
+        if succeeded and job.kind is JobKind.DESCRIBE:
+            # Text, not images: the suggestions with their buttons (bot/suggestions.py).
+            content, view = describe_text(job, notes), describe_view(job)
 
         if target is not None and not target.broken:
             try:
@@ -434,6 +439,7 @@ class Delivery:
         if own_id is None:
             return None
         result_ids = {f"imagine:U:{job.id}:1", f"imagine:VS:{job.id}", f"imagine:VS:{job.id}:1"}
+        result_ids.add(suggestion_id(DescribeAction.AGAIN, job.id))
         marker = render.finished_marker(job)
         try:
             async for message in channel.history(limit=RECOVERY_HISTORY_LIMIT):
@@ -465,7 +471,7 @@ class Delivery:
         return discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)
 
     async def _files(self, job: Job, limit_bytes: int | None) -> list[discord.File]:
-        if job.state is not JobState.SUCCEEDED or job.result is None:
+        if job.state is not JobState.SUCCEEDED or job.result is None or not job.result.image_paths:
             return []
         path = job.grid_file(self.data_dir) if len(job.result.image_paths) > 1 else None
         path = path or job.image_path(self.data_dir, 0)

@@ -123,9 +123,9 @@ async def attachment_image(attachment: Any, policy: FetchPolicy) -> FetchedImage
         )
     try:
         data = await fetch_bytes(str(attachment.url), policy)
+        return await asyncio.to_thread(decode_image, data, source, policy)
     except FetchRefused as exc:
         raise FetchRefused(f"{name}: {exc.reason}") from None
-    return await asyncio.to_thread(decode_image, data, source, policy)
 
 
 # ----- the download -----------------------------------------------------------------------------

@@ -360,7 +360,8 @@ class Attached:
 
 async def test_attachments_go_through_the_same_policy() -> None:
     data = png()
-    async with serve({"/cdn/cat.png": body(data)}) as server:
+    routes = {"/cdn/cat.png": body(data), "/cdn/notes.txt": body(b"some words\n", "text/plain")}
+    async with serve(routes) as server:
         fetched = await attachment_image(
             Attached(server.url("/cdn/cat.png"), "cat.png", len(data)), local()
         )
@@ -374,7 +375,12 @@ async def test_attachments_go_through_the_same_policy() -> None:
                 Attached(server.url("/cdn/cat.png"), "cat.png", 10), FetchPolicy()
             )
         assert caught.value.reason.startswith("cat.png: only https links")
-        assert server.hits == ["/cdn/cat.png"]
+        with pytest.raises(FetchRefused) as caught:
+            await attachment_image(Attached(server.url("/cdn/notes.txt"), "notes.txt", 9), local())
+        assert caught.value.reason == (
+            "notes.txt: that is not an image (PNG, JPEG, WebP or GIF are taken)"
+        )
+        assert server.hits == ["/cdn/cat.png", "/cdn/notes.txt"]
 
 
 def test_the_configured_policy_is_https_and_public_only() -> None:

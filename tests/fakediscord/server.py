@@ -957,6 +957,11 @@ class FakeDiscord:
             metadata=self._interaction_metadata(interaction, original),
         )
 
+    def host_file(self, filename: str, data: bytes, channel: Channel | None = None) -> str:
+        """Put a file on the fake's CDN, as if posted earlier in ``channel`` (``general``), and
+        return its URL: what a member copies into a prompt as an image link."""
+        return self._store_attachment(channel or self.general, filename, data, None).url
+
     # -- internals: messages -------------------------------------------------------------------
     def _store_attachment(
         self,
