@@ -167,6 +167,7 @@ class _JobForm(discord.ui.Modal):
 
 def _prompt_input(prompt: str, label: str = "Prompt") -> discord.ui.TextInput[Any]:
     return discord.ui.TextInput(
+        custom_id="prompt",
         label=label,
         style=discord.TextStyle.paragraph,
         default=prompt[:PROMPT_INPUT_CHARS],
@@ -210,6 +211,7 @@ class CustomZoomForm(_JobForm):
         super().__init__(bot, "Custom Zoom", job.id, index)
         self.prompt: discord.ui.TextInput[Any] = _prompt_input(job.prompt)
         self.factor: discord.ui.TextInput[Any] = discord.ui.TextInput(
+            custom_id="factor",
             label=f"Zoom out by (1.0 to {MAX_ZOOM:g})",
             default="2",
             max_length=8,
@@ -240,6 +242,7 @@ class VaryRegionForm(_JobForm):
         super().__init__(bot, "Vary (Region)", job.id, index)
         options = region_options()
         self.regions: discord.ui.Select[Any] = discord.ui.Select(
+            custom_id="regions",
             placeholder="Pick one or more regions",
             options=options,
             min_values=0,
@@ -247,7 +250,7 @@ class VaryRegionForm(_JobForm):
             required=False,
         )
         self.mask: discord.ui.FileUpload[Any] = discord.ui.FileUpload(
-            required=False, min_values=0, max_values=1
+            custom_id="mask", required=False, min_values=0, max_values=1
         )
         self.prompt: discord.ui.TextInput[Any] = _prompt_input(job.prompt)
         self.add_item(discord.ui.Label(text="Regions to repaint", component=self.regions))
