@@ -24,6 +24,7 @@ from bot.core.models import (
     LedgerEntry,
     QueueSnapshot,
 )
+from generation.conditioning import WEIGHT_HELP
 from generation.contract import Sampler
 from generation.flags import FLAGS, FlagSpec, Treatment
 from generation.settings import EngineSettings
@@ -361,6 +362,13 @@ def help_text(config: Config) -> str:
             f"{config.scheduler.max_jobs_per_prompt} jobs per prompt, and no more than your "
             f"queue has room for ({config.scheduler.max_queued_per_user}). Each job gets its own "
             "message, grid and buttons; all of them are charged together, or none is.",
+            "**Pictures**: image links at the start of the prompt, or /imagine's `image` and "
+            "`image2`, are image prompts; `/blend` mixes 2–5 pictures (shape portrait, square "
+            "or landscape); `/describe` suggests four prompts for a picture (buttons 1–4 "
+            "imagine one, 🔄 suggests others). Pictures come as Discord attachments or links to "
+            f"them ({', '.join(config.images.allowed_hosts)}), at most "
+            f"{config.images.max_bytes // (1024 * 1024)} MB, PNG, JPEG, WebP or GIF.",
+            *[f"• {line}" for line in WEIGHT_HELP.splitlines()],
             "**Accepted and ignored** (no equivalent here): "
             + ", ".join(f"`--{spec.name}`" for spec in ignored),
             f"**Models**: {models}. Samplers: " + ", ".join(f"`{s.value}`" for s in Sampler),
