@@ -584,9 +584,7 @@ def _parse(
     options, model = _with_defaults(defaults, options, model, inline)
 
     prompt_text, leading_links = _take_image_prompts(prompt_text, notes)
-    image_refs = image_references(
-        inline.values, inline.typed, leading_links, options.images, notes
-    )
+    image_refs = image_references(inline.values, inline.typed, leading_links, options.images, notes)
     parts = _parse_weights(prompt_text)
     if not parts:
         raise PromptError("prompt", "prompt: nothing to draw once the flags are taken out")
