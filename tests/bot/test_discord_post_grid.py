@@ -324,8 +324,8 @@ async def test_previews_ride_in_progress_edits_unless_turned_off(
         async with fake.run_bot(bot):
             await bot.app.preferences.update(bob.id, previews=False)
             shown = await fake.slash(alice, "imagine", prompt="a red fox", steps=6)
-            hidden = await fake.slash(bob, "imagine", prompt="a red fox", steps=6)
             with_previews = await shown.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            hidden = await fake.slash(bob, "imagine", prompt="a red fox", steps=6)
             without = await hidden.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
 
             def preview_states(message: Message) -> list[Any]:
