@@ -222,9 +222,8 @@ class CustomZoomForm(_JobForm):
 
     async def submit(self, interaction: discord.Interaction[Any]) -> Any:
         factor = parse_factor(self.factor.value)
-        custom_zoom: Any = self.bot.app.custom_zoom  # type: ignore[attr-defined]
         actor = self.bot.actor(interaction)
-        return await custom_zoom(
+        return await self.bot.app.custom_zoom(
             actor, self.job_id, self.index, prompt=self.prompt.value, factor=factor
         )
 
@@ -271,9 +270,8 @@ class VaryRegionForm(_JobForm):
         if regions and uploads:
             raise UserError("mask: pick regions or attach a mask, not both")
         mask = await read_mask(uploads[0]) if uploads else None
-        vary_region: Any = self.bot.app.vary_region  # type: ignore[attr-defined]
         actor = self.bot.actor(interaction)
-        return await vary_region(
+        return await self.bot.app.vary_region(
             actor, self.job_id, self.index, prompt=self.prompt.value, regions=regions, mask=mask
         )
 
