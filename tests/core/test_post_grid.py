@@ -1,0 +1,126 @@
+"""The core's side of the post-grid edits: their costs, and live previews carried from the
+real engine in a real worker process through the pipe to the core's progress events."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.config import CreditsConfig
+from bot.core import ProcessWorker, ProgressUpdate
+from bot.core.credits import job_cost
+from bot.core.events import with_last_preview
+from bot.core.models import JobState, Owner, Queued
+from generation.contract import (
+    JobKind,
+    PanDirection,
+    Region,
+    UpscaleMode,
+    pan_request,
+    region_request,
+    square_request,
+    upscale_request,
+    zoom_request,
+)
+from generation.settings import EngineSettings, ModelSpec
+from tests.core.conftest import finished, make_config, open_core, request
+
+ALICE = Owner(user_id=31)
+REAL_ENGINE = "generation.engine:create_engine"
+
+
+def test_edit_costs_have_their_own_base_and_scale_with_the_canvas() -> None:
+    credits = CreditsConfig(
+        cost_zoom=5, cost_pan=6, cost_square=7, cost_region=3, cost_upscale_creative=9
+    )
+    grid = request(width=512, height=512, steps=30, num_candidates=8, num_kept=4)
+    image = Image.new("RGB", (512, 512))
+    wide_image = Image.new("RGB", (1024, 512))
+    costs = {
+        "zoom": job_cost(zoom_request(grid, image, factor=2, seed=1), credits),
+        "pan": job_cost(
+            pan_request(grid, image, direction=PanDirection.UP, seed=1, max_pixels=2**20),
+            credits,
+        ),
+        "square": job_cost(square_request(grid, wide_image, seed=1, max_pixels=2**20), credits),
+        "region": job_cost(region_request(grid, image, seed=1, regions={Region.LEFT}), credits),
+        "creative": job_cost(
+            upscale_request(grid, image, strength=0.5, seed=1, mode=UpscaleMode.CREATIVE),
+            credits,
+        ),
+    }
+    # A pan's canvas is 1.5x the pixels, the square of a 1024x512 image 4x, an upscale to
+    # 1024² 1x.
+    assert costs == {"zoom": 5, "pan": 9, "square": 28, "region": 3, "creative": 9}
+    # Fewer steps and candidates cost less, like /imagine.
+    cheap = zoom_request(grid.with_changes(steps=15, num_candidates=4), image, factor=2, seed=1)
+    assert job_cost(cheap, credits) == 2  # 5 x 1/2 x 1/2, rounded up
+    free = dataclasses.replace(credits, cost_zoom=0)
+    assert job_cost(zoom_request(grid, image, factor=2, seed=1), free) == 0
+
+
+def test_a_coalesced_progress_update_keeps_the_last_preview() -> None:
+    shown = ProgressUpdate(1, 2, 10, b"png")
+    later = ProgressUpdate(1, 3, 10)
+    assert with_last_preview(later, shown) == ProgressUpdate(1, 3, 10)
+    assert with_last_preview(later, shown).preview_png == b"png"
+    assert with_last_preview(ProgressUpdate(1, 4, 10, b"new"), shown).preview_png == b"new"
+    assert with_last_preview(Queued(1, 2), shown) == Queued(1, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
+    from generation.tiny import ensure_tiny_clip, ensure_tiny_sd
+
+    cache = tmp_path_factory.mktemp("preview-models")
+    ensure_tiny_sd(cache)
+    ensure_tiny_clip(cache)
+    return EngineSettings(
+        models=(ModelSpec(name="tiny", source="tiny", base_resolution=64),),
+        cache_dir=cache,
+        device="cpu",
+        local_files_only=True,
+        preview_interval_s=0.0,
+    )
+
+
+async def test_previews_cross_a_process_worker_into_the_progress_events(
+    tmp_path: Path, tiny_engine: EngineSettings
+) -> None:
+    config = dataclasses.replace(make_config(tmp_path), engine=tiny_engine)
+    worker = ProcessWorker(config.engine, config.data_dir, REAL_ENGINE, startup_timeout_s=300)
+    core = await open_core(config, workers=[worker])
+    try:
+        previews: dict[bool, list[bytes | None]] = {}
+        for wanted in (True, False):
+            job = await core.scheduler.submit(
+                ALICE, request(steps=4, num_candidates=2, num_kept=2, preview=wanted)
+            )
+            seen: list[bytes | None] = []
+            async with asyncio.timeout(300):
+                async with core.scheduler.subscribe(job.id) as events:
+                    async for event in events:
+                        if isinstance(event, ProgressUpdate):
+                            seen.append(event.preview_png)
+            assert (await finished(core, job.id)).state is JobState.SUCCEEDED
+            previews[wanted] = seen
+        shown = [p for p in previews[True] if p is not None]
+        assert shown, previews[True]
+        grid = Image.open(io.BytesIO(shown[-1]))
+        # Two 64x64 candidates: two 8x8 latents, doubled, side by side.
+        assert (grid.format, grid.size) == ("PNG", (32, 16))
+        assert previews[False] and all(p is None for p in previews[False])
+    finally:
+        await core.close(5.0)
+
+
+def test_every_edit_kind_has_a_core_kind() -> None:
+    from bot.core.models import JobKind as CoreKind
+
+    for kind in (JobKind.ZOOM, JobKind.PAN, JobKind.SQUARE, JobKind.REGION):
+        assert CoreKind(kind.value).value == kind.value
