@@ -84,6 +84,14 @@ class ControlNets:
         """The job's ControlNet with its control map, or None when the job has none."""
         if request.controlnet is None:
             return None
+        if request.kind.is_edit:
+            # Zoom, pan and region edits repaint with an inpainting UNet, which a ControlNet
+            # made for the base UNet does not fit; an edit inherits its parent's ControlNet
+            # without the member asking for one again, so it runs without it.
+            log.info(
+                "%s job: ControlNet %s not applied to an edit", request.kind, request.controlnet
+            )
+            return None
         spec = self.settings.controlnet(request.controlnet)
         (control,) = request.inputs_for(InputRole.CONTROL)
         control_map = self.preprocessors.control_map(

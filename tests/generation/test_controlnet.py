@@ -159,3 +159,16 @@ def test_controlnet_needs_exactly_one_control_image() -> None:
 def test_png_parameters_name_the_controlnet() -> None:
     text = a1111_parameters(_controlled("canny", _shapes(), weight=0.6), 1, "tiny")
     assert parse_a1111_parameters(text)["ControlNet 0"] == "Model: canny, Weight: 0.6"
+
+
+def test_an_edit_of_a_controlnet_job_runs_without_the_controlnet(
+    control_engine: DiffusersEngine,
+) -> None:
+    from generation.contract import zoom_request
+
+    parent = _controlled("canny", _shapes())
+    zoomed = control_engine.generate(
+        zoom_request(parent, _shapes().resize((64, 64)), factor=1.5, seed=3)
+    )
+    assert zoomed.control_map is None
+    assert zoomed.images[0].size == (64, 64)
