@@ -9,24 +9,25 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from bot.core import JobState, ManualClock, Owner, Refused
+from bot.core import JobKind, JobState, ManualClock, Owner, Refused
 from bot.core.execute import WorkItem, input_paths, load_request
-from generation.contract import InputImage, InputRole
+from generation.contract import InputImage, InputRole, region_request
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
 
 
-def pictures() -> tuple[InputImage, InputImage]:
+def photo_prompt() -> InputImage:
     photo = Image.new("RGB", (48, 32), (200, 30, 10))
     photo.putpixel((3, 4), (1, 2, 3))
+    digest = hashlib.sha256(photo.tobytes()).hexdigest()
+    return InputImage(InputRole.IMAGE_PROMPT, photo, weight=1.5, source="photo.png", sha256=digest)
+
+
+def left_half_mask() -> InputImage:
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    digest = hashlib.sha256(photo.tobytes()).hexdigest()
-    return (
-        InputImage(InputRole.IMAGE_PROMPT, photo, weight=1.5, source="photo.png", sha256=digest),
-        InputImage(InputRole.MASK, mask, source="mask.png"),
-    )
+    return InputImage(InputRole.MASK, mask, source="mask.png")
 
 
 def same_pixels(a: Image.Image, b: Image.Image) -> bool:
@@ -39,25 +40,35 @@ async def test_pictures_reach_the_worker_and_read_back_unchanged(
     config = make_config(tmp_path)
     core = await open_core(config, clock)
     try:
-        given = pictures()
-        job = await core.scheduler.submit(ALICE, request(inputs=given))
-        assert (await finished(core, job.id)).state is JobState.SUCCEEDED
-        stored = (await core.jobs.require(job.id)).request_data
-        paths = input_paths(stored)
-        assert len(paths) == 2 and all((config.data_dir / p).is_file() for p in paths)
+        photo, mask = photo_prompt(), left_half_mask()
+        parent = await core.scheduler.submit(ALICE, request(inputs=(photo,)))
+        assert (await finished(core, parent.id)).state is JobState.SUCCEEDED
+        edit = region_request(
+            await core.jobs.request(parent.id),
+            await core.jobs.image(parent.id, 0),
+            seed=5,
+            mask=mask,
+        )
+        child = await core.scheduler.submit(ALICE, edit, JobKind.REGION, parent=(parent.id, 0))
+        assert (await finished(core, child.id)).state is JobState.SUCCEEDED
 
-        item = WorkItem(job.id, 1, stored, None, f"images/{job.id}")
-        for loaded in (await core.jobs.request(job.id), load_request(config.data_dir, item)):
+        child_job = await core.jobs.require(child.id)
+        stored = child_job.request_data
+        paths = input_paths(stored) + input_paths((await core.jobs.require(parent.id)).request_data)
+        assert len(paths) == 3 and all((config.data_dir / p).is_file() for p in paths)
+        assert len(set(paths)) == 3  # each job owns its own copies
+
+        item = WorkItem(child.id, 1, stored, child_job.init_image_path, f"images/{child.id}")
+        for loaded in (await core.jobs.request(child.id), load_request(config.data_dir, item)):
             assert [i.role for i in loaded.inputs] == [InputRole.IMAGE_PROMPT, InputRole.MASK]
             assert loaded.inputs[0].weight == 1.5 and loaded.inputs[0].source == "photo.png"
-            assert loaded.inputs[0].sha256 == given[0].sha256
-            for back, original in zip(loaded.inputs, given, strict=True):
-                assert same_pixels(back.image, original.image)
-            assert loaded.inputs_for(InputRole.MASK)[0].image.mode == "L"
+            assert loaded.inputs[0].sha256 == photo.sha256
+            assert same_pixels(loaded.inputs[0].image, photo.image)
+            assert same_pixels(loaded.inputs[1].image, mask.image)  # a mask stays one channel
 
         clock.advance(days=40)
         assert core.retention is not None
-        assert await core.retention.prune() == [job.id]
+        assert sorted(await core.retention.prune()) == [parent.id, child.id]
         assert not any((config.data_dir / p).exists() for p in paths)
         await assert_consistent(core)
     finally:
@@ -69,7 +80,7 @@ async def test_a_refused_job_leaves_no_picture_behind(tmp_path: Path) -> None:
     core = await open_core(config)
     try:
         with pytest.raises(Refused):
-            await core.scheduler.submit(ALICE, request(inputs=pictures()))
+            await core.scheduler.submit(ALICE, request(inputs=(photo_prompt(),)))
         inputs = config.data_dir / "images" / "inputs"
         assert not inputs.exists() or not any(inputs.iterdir())
     finally:
@@ -77,6 +88,6 @@ async def test_a_refused_job_leaves_no_picture_behind(tmp_path: Path) -> None:
 
 
 def test_described_and_given_pictures_must_match() -> None:
-    data = request(inputs=pictures()).to_json()
-    with pytest.raises(ValueError, match="inputs: 2 described but 1 images given"):
-        type(request()).from_json(data, input_images=[Image.new("RGB", (8, 8))])
+    data = request(inputs=(photo_prompt(),)).to_json()
+    with pytest.raises(ValueError, match="inputs: 1 described but 2 images given"):
+        type(request()).from_json(data, input_images=[Image.new("RGB", (8, 8))] * 2)
