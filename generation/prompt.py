@@ -94,6 +94,7 @@ from generation.flags import (
     sampler_value,
     show_value,
 )
+from generation.lora import apply_trigger_words
 from generation.permutations import PermutationError, expand_permutations
 from generation.references import REFERENCE_FLAGS, ImageRef, image_references
 from generation.settings import EngineSettings, ModelSpec
@@ -623,6 +624,9 @@ def _parse(
         controlnet_weight=add_ons.controlnet_weight,
         inputs=add_ons.inputs,
     )
+    # The stored prompt (shown in the reply and written to the PNG) carries the LoRAs' trigger
+    # words, so pasting it into AUTOMATIC1111 reproduces what the engine ran.
+    request = apply_trigger_words(request, settings)
     if request.chaos:
         notes.append(f"{inline.typed['chaos']} {request.chaos} → a more varied grid")
     if request.stop_percent < 100:

@@ -51,7 +51,10 @@ def test_lora_takes_its_default_weight_or_the_one_given():
     # The configured default (0.7) when no weight is typed; names match in any case and are
     # stored as configured.
     assert request.loras == (LoraWeight("ink", 0.7), LoraWeight("Pixel-Art", 1.5))
-    assert request.prompt == "a cat"  # trigger words are the engine's to add, not the parser's
+    # The stored prompt carries the trigger words (reply, PNG metadata), once.
+    assert request.prompt == "a cat, inkstyle"
+    again = parse_prompt("a cat, inkstyle --lora ink", SETTINGS).request
+    assert again.prompt == "a cat, inkstyle"
 
 
 def test_several_loras_in_one_flag_and_in_the_option():
@@ -147,7 +150,7 @@ def test_every_job_of_a_permutation_carries_the_add_ons():
         options=ImagineOptions(control_image=control()),
         seed_source=lambda: 5,
     )
-    assert [job.request.prompt for job in jobs] == ["a cat", "a dog"]
+    assert [job.request.prompt for job in jobs] == ["a cat, inkstyle", "a dog, inkstyle"]
     assert all(job.request.loras == (LoraWeight("ink", 0.7),) for job in jobs)
     assert all(job.request.controlnet == "canny" for job in jobs)
     assert all(len(job.request.inputs_for(InputRole.CONTROL)) == 1 for job in jobs)
