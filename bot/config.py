@@ -199,6 +199,12 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         images=_images(reader.section("images")),
     )
     reader.reject_unknown()
+    if config.workers.backend == "ray" and "workers" in reader.section("scheduler").table:
+        # Silently ignoring it would leave an owner wondering why their count has no effect.
+        raise ConfigError(
+            'scheduler.workers: not used with [workers] backend = "ray", which runs one actor '
+            "per GPU of the cluster; remove it"
+        )
     return config
 
 

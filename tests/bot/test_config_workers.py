@@ -49,6 +49,12 @@ def test_bad_workers_settings_name_the_key(table: dict[str, object], error: str)
         parse_config({"workers": table})
 
 
+def test_a_worker_count_beside_the_ray_backend_is_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError, match=r'scheduler.workers: not used with .*backend = "ray"'):
+        parse_config({"workers": {"backend": "ray"}, "scheduler": {"workers": 2}})
+    assert parse_config({"scheduler": {"workers": 2}}).scheduler.workers == 2
+
+
 def test_asking_for_ray_without_ray_installed_is_one_clear_line(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[workers]\nbackend = "ray"\n')
