@@ -343,6 +343,26 @@ def _split_flags(text: str) -> tuple[str, list[_RawFlag]]:
     return text[: starts[0][0].start()], flags
 
 
+def with_suffix(prompt: str, suffix: str) -> str:
+    """`prompt` with a member's /prefer suffix added, as Midjourney does, but with the suffix's
+    flags as defaults: a flag the prompt already sets (under any of its names) is left out, so
+    what was typed wins instead of conflicting. The suffix's words go before the prompt's flags,
+    where they are prompt text rather than the last flag's value."""
+    suffix_text, suffix_flags = _split_flags(suffix)
+    if not suffix_text.strip() and not suffix_flags:
+        return prompt
+    prompt_text, typed_flags = _split_flags(prompt)
+    typed = {flag.spec.name for flag in typed_flags if flag.spec is not None}
+    kept = [
+        " ".join([flag.typed, *flag.words])
+        for flag in suffix_flags
+        if flag.spec is None or flag.spec.name not in typed
+    ]
+    flags_part = prompt[len(prompt_text) :].strip()
+    pieces = [prompt_text.strip(), suffix_text.strip(), flags_part, *kept]
+    return " ".join(piece for piece in pieces if piece)
+
+
 def _check_unknown_flag(name: str, words: list[str]) -> None:
     """Refuse an unknown flag unless it looks like a Midjourney parameter newer than this table.
 

@@ -26,7 +26,7 @@ from bot.core.clock import Clock, to_db
 from bot.core.db import Database, Transaction
 from generation.contract import Sampler
 from generation.flags import FLAGS_BY_NAME, aspect_option, sampler_value
-from generation.prompt import PromptDefaults
+from generation.prompt import PromptDefaults, with_suffix
 from generation.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Preferences:
 
     def expand(self, text: str) -> str:
         """The prompt with the member's `--shortcut`s replaced by what they stand for and the
-        suffix appended (flags in the suffix then read like typed ones)."""
+        suffix added (its flags give way to the prompt's own, see `with_suffix`)."""
         for name, value in self.options.items():
             text = re.sub(
                 _OPTION_USE.format(name=re.escape(name)),
@@ -75,9 +75,7 @@ class Preferences:
                 text,
                 flags=re.IGNORECASE,
             )
-        if self.suffix:
-            text = f"{text.rstrip()} {self.suffix}"
-        return text
+        return with_suffix(text, self.suffix) if self.suffix else text
 
 
 class PreferenceStore:

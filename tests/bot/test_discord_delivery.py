@@ -137,10 +137,10 @@ def _job_ids_in(text: str) -> list[int]:
     return [int(x) for x in re.findall(r"\(job (\d+)\)", text)]
 
 
-async def test_upscale_buttons_pressed_in_a_row_are_not_held_by_the_cooldown(
+async def test_variation_buttons_pressed_in_a_row_are_not_held_by_the_cooldown(
     tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
 ) -> None:
-    """U1–U4 pressed one after the other, as Midjourney users do: the /imagine cooldown holds
+    """V1–V4 pressed one after the other, as Midjourney users do: the /imagine cooldown holds
     none of them; with the GPU busy, the fourth meets the queue limit and is told the count."""
     engine = GatedEngine(shared_engine)
     engine.gate.set()
@@ -164,7 +164,7 @@ async def test_upscale_buttons_pressed_in_a_row_are_not_held_by_the_cooldown(
             await busy.wait_acked()
             await asyncio.to_thread(engine.entered.wait, 10)
 
-            presses = [await fake.click(alice, grid, label=f"U{i}") for i in range(1, 5)]
+            presses = [await fake.click(alice, grid, label=f"V{i}") for i in range(1, 5)]
             for press in presses:
                 assert await press.wait_acked() == 6
             refusal = await presses[3].wait_followup(lambda m: m.ephemeral)
@@ -172,17 +172,17 @@ async def test_upscale_buttons_pressed_in_a_row_are_not_held_by_the_cooldown(
             await fake.wait_for(
                 lambda: len([m for m in fake.messages if has_cancel(m) and m.referenced]) == 3
             )
-            assert all(not press.followups for press in presses[:3]), "U1–U3 were accepted"
+            assert all(not press.followups for press in presses[:3]), "V1–V3 were accepted"
             jobs = await bot.core.jobs.for_user(alice.id)
-            upscales = [j for j in jobs if j.kind is JobKind.UPSCALE]
-            assert sorted(j.parent_index for j in upscales) == [0, 1, 2]
+            variations = [j for j in jobs if j.kind is JobKind.VARIATION]
+            assert sorted(j.parent_index for j in variations) == [0, 1, 2]
 
             # /imagine itself still has its cooldown.
             again = await fake.slash(alice, "imagine", prompt="a fifth fox")
             assert await again.wait_acked() == 4
             assert "Slow down" in again.original.content
-            for upscale in upscales:
-                await bot.core.scheduler.cancel(upscale.id, alice.id)
+            for variation in variations:
+                await bot.core.scheduler.cancel(variation.id, alice.id)
             engine.gate.set()
 
 

@@ -109,11 +109,11 @@ async def test_imagine_with_options_and_flags_fills_one_message(
             assert stored.request_data["seed"] == 7
             assert stored.request_data["sampler"] == "euler_a"
             assert "fog" in stored.request_data["negative_prompt"]
-            # A 2x upscale of these images can never fit the server's max_pixels (256²), so
-            # there are no U buttons; square 128² grids elsewhere keep all nine buttons.
+            # U1–U4 only separate an image (no GPU job), so they are there even when a 2x
+            # upscale of these images could never fit the server's max_pixels (256²).
             assert 4 * width * height > bot.config.engine.max_pixels
             labels = [b.get("label") or b["emoji"]["name"] for b in grid.buttons]
-            assert labels == ["V1", "V2", "V3", "V4", "🔄"]
+            assert labels == ["U1", "U2", "U3", "U4", "V1", "V2", "V3", "V4", "🔄"]
 
             # One message edited in place: queued, then the result with seed and cost.
             assert any("Queued" in content for content in grid.contents[:-1])

@@ -81,11 +81,10 @@ async def test_a_permutation_prompt_makes_a_message_grid_and_buttons_per_job(
                 ("a blue bird", True),
             ]
             assert all(j.state is JobState.SUCCEEDED for j in stored)
-            # Every grid carries its own job's buttons: V1–V4 and 🔄 (U1–U4 where a 2x
-            # upscale fits the server's pixel budget, the square ones).
+            # Every grid carries its own job's buttons: U1–U4, V1–V4 and 🔄.
             for grid, job_id in zip(grids, ids, strict=True):
                 assert {c.split(":")[2] for c in grid.custom_ids} == {str(job_id)}
-            assert [len(grid.buttons) for grid in grids] == [9, 5, 9, 5]
+            assert [len(grid.buttons) for grid in grids] == [9, 9, 9, 9]
             total = sum(j.cost for j in stored)
             assert f"this prompt made 4 jobs (jobs {ids[0]}–{ids[-1]}), {total} credits" in (
                 first.content

@@ -115,18 +115,36 @@ async def test_shortcuts_and_suffix_expand_into_the_prompt(tmp_path: Path) -> No
     try:
         await store.set_option(1, "mystyle", "watercolour --ar 3:2 --no people")
         prefs = await store.set_suffix(1, "soft light")
+        # The suffix's words join the prompt text, not the last flag's value.
         assert prefs.expand("a harbour --mystyle") == (
-            "a harbour watercolour --ar 3:2 --no people soft light"
+            "a harbour watercolour soft light --ar 3:2 --no people"
         )
         parsed = parse("a harbour --MYSTYLE", prefs)
         assert "watercolour" in str(parsed["prompt"]) and "people" in str(parsed["negative"])
         width, height = parsed["size"]  # type: ignore[misc]
         assert width > height
         # Only the whole flag is replaced.
-        assert prefs.expand("a --mystyles b") == "a --mystyles b soft light"
+        assert prefs.expand("a --mystyles b") == "a soft light --mystyles b"
         # A flag both typed and in a shortcut with another value is refused, naming it.
         with pytest.raises(PromptError, match="--ar"):
             parse("a harbour --mystyle --ar 1:1", prefs)
+    finally:
+        await db.close()
+
+
+async def test_flags_in_the_suffix_give_way_to_typed_ones(tmp_path: Path) -> None:
+    db, store = await open_store(tmp_path / "bot.db")
+    try:
+        prefs = await store.set_suffix(1, "film grain --ar 16:9 --no text")
+        wide = parse("a fox", prefs)
+        assert "film grain" in str(wide["prompt"]) and "text" in str(wide["negative"])
+        width, height = wide["size"]  # type: ignore[misc]
+        assert width > height
+        # Typed under another name (--aspect is --ar): the typed one wins, no conflict.
+        typed = parse("a fox --aspect 2:3 --no blur", prefs)
+        width, height = typed["size"]  # type: ignore[misc]
+        assert width < height
+        assert "blur" in str(typed["negative"]) and "text" not in str(typed["negative"])
     finally:
         await db.close()
 
