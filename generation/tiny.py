@@ -120,21 +120,14 @@ def sdxl_scheduler():  # -> EulerDiscreteScheduler
     )
 
 
-def build_tiny_sd(folder: Path, seed: int = TINY_SEED) -> None:
-    """Build the tiny SD 1.x-shaped pipeline and save it (diffusers layout) into `folder`."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_sd_unet(in_channels: int):  # -> UNet2DConditionModel
+    """The tiny SD 1.x UNet, random weights from torch's current seed; `in_channels` is 4 for
+    text-to-image, 9 for an inpainting checkpoint's UNet."""
+    from diffusers import UNet2DConditionModel
 
-    tokenizer = _tiny_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=TINY_BASE_RESOLUTION // 8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=2,
@@ -144,6 +137,20 @@ def build_tiny_sd(folder: Path, seed: int = TINY_SEED) -> None:
         attention_head_dim=8,
         norm_num_groups=32,
     )
+
+
+def build_tiny_sd(folder: Path, seed: int = TINY_SEED) -> None:
+    """Build the tiny SD 1.x-shaped pipeline and save it (diffusers layout) into `folder`."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionPipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = _tiny_sd_unet(in_channels=4)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         in_channels=3,
@@ -359,22 +366,10 @@ def build_tiny_inpaint_unet(folder: Path, seed: int = TINY_SEED) -> None:
     Its inputs are the 4 noisy latent channels, the mask (1) and the masked image's latents (4).
     """
     import torch
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed + 20)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_BASE_RESOLUTION // 8,
-        in_channels=9,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    unet.save_pretrained(folder / "unet", safe_serialization=True)  # type: ignore[attr-defined]
+    unet = _tiny_sd_unet(in_channels=9)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
 
 
 def ensure_tiny_inpaint(cache_dir: Path) -> Path:
