@@ -20,6 +20,10 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from generation.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +361,24 @@ def ensure_tiny_clip(cache_dir: Path) -> Path:
 def ensure_tiny_sdxl(cache_dir: Path) -> Path:
     """Folder of the tiny SDXL-shaped pipeline under `cache_dir`, built on first use."""
     return ensure_built(cache_dir, TINY_SDXL_DIR, build_tiny_sdxl)
+
+
+def tiny_engine_settings(
+    cache_dir: Path, base_resolution: int = TINY_BASE_RESOLUTION, **changes: Any
+) -> EngineSettings:
+    """Settings that serve the tiny SD model, ranked by the tiny CLIP, both built in `cache_dir`
+    on first use: on the CPU and never asking a hub. `changes` are other EngineSettings fields."""
+    from generation.settings import TINY, EngineSettings, ModelSpec
+
+    ensure_tiny_sd(cache_dir)
+    ensure_tiny_clip(cache_dir)
+    return EngineSettings(
+        models=(ModelSpec(name=TINY, source=TINY, base_resolution=base_resolution),),
+        cache_dir=cache_dir,
+        device="cpu",
+        local_files_only=True,
+        **changes,
+    )
 
 
 def build_tiny_inpaint_unet(folder: Path, seed: int = TINY_SEED) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from bot.config import Config, parse_config
 from bot.core import InProcessWorker
-from generation.settings import EngineSettings, ModelSpec
+from generation.settings import EngineSettings
 from tests.fakediscord import fake_discord  # noqa: F401
 
 BASE_RESOLUTION = 128
@@ -20,16 +20,11 @@ BASE_RESOLUTION = 128
 
 @pytest.fixture(scope="session")
 def bot_engine_settings(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
-    from generation.tiny import ensure_tiny_clip, ensure_tiny_sd
+    from generation.tiny import tiny_engine_settings
 
-    cache = tmp_path_factory.mktemp("bot-models")
-    ensure_tiny_sd(cache)
-    ensure_tiny_clip(cache)
-    return EngineSettings(
-        models=(ModelSpec(name="tiny", source="tiny", base_resolution=BASE_RESOLUTION),),
-        cache_dir=cache,
-        device="cpu",
-        local_files_only=True,
+    return tiny_engine_settings(
+        tmp_path_factory.mktemp("bot-models"),
+        BASE_RESOLUTION,
         default_steps=4,
         max_pixels=256 * 256,
     )

@@ -21,7 +21,7 @@ from bot.core import InProcessWorker, Job, JobKind, JobState
 from bot.core.credits import job_cost
 from generation.contract import PanDirection, Region, UpscaleMode, upscale_request
 from generation.images import parse_a1111_parameters, read_parameters
-from generation.settings import EngineSettings, ModelSpec
+from generation.settings import EngineSettings
 
 ALICE = Actor(user_id=21, guild_id=1, channel_id=2)
 BOB = Actor(user_id=22, guild_id=1, channel_id=2)
@@ -31,16 +31,11 @@ MAX_PIXELS = 128 * 64
 
 @pytest.fixture(scope="module")
 def engine_settings(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
-    from generation.tiny import ensure_tiny_clip, ensure_tiny_sd
+    from generation.tiny import tiny_engine_settings
 
-    cache = tmp_path_factory.mktemp("post-grid-models")
-    ensure_tiny_sd(cache)
-    ensure_tiny_clip(cache)
-    return EngineSettings(
-        models=(ModelSpec(name="tiny", source="tiny", base_resolution=64),),
-        cache_dir=cache,
-        device="cpu",
-        local_files_only=True,
+    return tiny_engine_settings(
+        tmp_path_factory.mktemp("post-grid-models"),
+        64,
         default_steps=2,
         num_candidates=2,
         num_kept=2,

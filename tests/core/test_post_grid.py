@@ -27,7 +27,7 @@ from generation.contract import (
     upscale_request,
     zoom_request,
 )
-from generation.settings import EngineSettings, ModelSpec
+from generation.settings import EngineSettings
 from tests.core.conftest import finished, make_config, open_core, request
 
 ALICE = Owner(user_id=31)
@@ -75,17 +75,10 @@ def test_a_coalesced_progress_update_keeps_the_last_preview() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
-    from generation.tiny import ensure_tiny_clip, ensure_tiny_sd
+    from generation.tiny import tiny_engine_settings
 
-    cache = tmp_path_factory.mktemp("preview-models")
-    ensure_tiny_sd(cache)
-    ensure_tiny_clip(cache)
-    return EngineSettings(
-        models=(ModelSpec(name="tiny", source="tiny", base_resolution=64),),
-        cache_dir=cache,
-        device="cpu",
-        local_files_only=True,
-        preview_interval_s=0.0,
+    return tiny_engine_settings(
+        tmp_path_factory.mktemp("preview-models"), 64, preview_interval_s=0.0
     )
 
 
