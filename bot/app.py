@@ -252,7 +252,8 @@ class ImagineApp:
         defaults = prefs.prompt_defaults(self.config.engine)
         parsed = self.parse_jobs(prefs.expand(text), options, model, defaults)
         # Only what is asked for is filtered: "--no gore" steers away from what it names.
-        for prompt in dict.fromkeys(job.request.prompt for job in parsed):
+        # (A blend's placeholder, in a prompt of pictures only, is not the member's.)
+        for prompt in dict.fromkeys(job.request.prompt for job in parsed if not job.wordless):
             await self._check_prompt(actor, text, prompt)
         parsed = await self._attach_pictures(actor, parsed, attachments)
         jobs = await self._submit(actor, [job.request for job in parsed], JobKind.IMAGINE, None)

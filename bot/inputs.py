@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
 from enum import StrEnum
 
 from bot.config import ModerationConfig
@@ -119,14 +118,12 @@ class PictureInputs:
             raise FetchRefused(f"{shown_source(missing[0])}: that picture was not received")
         sources = dict.fromkeys(ref.source for ref in wanted)
         await self.screen.check(owner, [pictures[source] for source in sources])
-        attached = []
-        for job in parsed:
-            mine = tuple(
-                as_input(pictures[ref.source], ref.role, ref.weight) for ref in job.image_refs
+        return [
+            job.with_pictures(
+                tuple(as_input(pictures[r.source], r.role, r.weight) for r in job.image_refs)
             )
-            request = job.request.with_changes(inputs=(*job.request.inputs, *mine))
-            attached.append(replace(job, request=request))
-        return attached
+            for job in parsed
+        ]
 
 
 class BlendShape(StrEnum):

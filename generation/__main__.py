@@ -242,6 +242,11 @@ def _run(args: argparse.Namespace) -> int:
         from generation.prompt import parse_prompt
 
         parsed = parse_prompt(args.prompt, settings, model=args.model)
+        if parsed.image_refs:
+            # Links are untrusted: only the bot fetches them, through its fetch policy.
+            raise ValueError(
+                "prompt: pictures (image links, --sref, --oref, --cref) are taken by the bot only"
+            )
         request = parsed.request
         extra = {"prompt": args.prompt, "notes": list(parsed.notes)}
         for note in parsed.notes:

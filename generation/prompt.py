@@ -43,7 +43,7 @@ Other choices made here:
 * Image links at the start of the prompt are image prompts, as in Midjourney; with /imagine's
   attachment options and --sref/--oref/--cref they become `ParsedPrompt.image_refs` (see
   `generation.references`), which the bot fetches. A link later in the prompt is dropped with
-  a note.
+  a note. Two or more image prompts need no words (a blend); a single one does.
 * `::` weights lie in -100..100, at most 16 parts, and must add up to more than 0; the plain
   `request.prompt` keeps only the positively weighted parts, because CLIP ranks against it.
 * `parse_jobs` is the /imagine entry point: it expands `{a, b}` permutations (see
@@ -74,6 +74,7 @@ from generation.contract import (
     MAX_STEPS,
     GenerationRequest,
     InputImage,
+    InputRole,
     JobKind,
     PromptPart,
     Sampler,
@@ -151,6 +152,17 @@ class ParsedPrompt:
     repeat: int = 1
     # Pictures to fetch and attach as `request.inputs` (image prompts and references).
     image_refs: tuple[ImageRef, ...] = ()
+    # Pictures only, no words (a blend): until the pictures are attached the request's prompt
+    # is a placeholder, since a request needs words or image prompts.
+    wordless: bool = False
+
+    def with_pictures(self, inputs: tuple[InputImage, ...]) -> ParsedPrompt:
+        """This job with its fetched pictures appended to `request.inputs` (a wordless job's
+        placeholder prompt goes: the pictures are what it is about)."""
+        changes: dict[str, Any] = {"inputs": (*self.request.inputs, *inputs)}
+        if self.wordless:
+            changes |= {"prompt": "", "prompt_parts": ()}
+        return replace(self, request=self.request.with_changes(**changes), wordless=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,8 +619,13 @@ def _parse(
     prompt_text, leading_links = _take_image_prompts(prompt_text, notes)
     image_refs = image_references(inline.values, inline.typed, leading_links, options.images, notes)
     parts = _parse_weights(prompt_text)
-    if not parts:
-        raise PromptError("prompt", "prompt: nothing to draw once the flags are taken out")
+    wordless = not parts
+    if wordless:
+        _check_wordless(image_refs)
+        # Two or more pictures and no words: a blend, as in Midjourney. A request needs words
+        # until its image prompts are attached, so it holds a placeholder till then
+        # (`ParsedPrompt.with_pictures` empties it).
+        parts = (PromptPart(f"a blend of {len(image_refs)} pictures", 1.0),)
     # What CLIP ranks against and what the metadata shows: the parts the user wants to see.
     prompt = ", ".join(part.text for part in parts if part.weight > 0)
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -653,8 +670,28 @@ def _parse(
         percent = request.stop_percent
         notes.append(f"{inline.typed['stop']} {percent} → denoising stops at {percent} %")
     repeat = cast(int, inline.values.get("repeat", 1))
-    parsed = ParsedPrompt(request=request, notes=tuple(notes), repeat=repeat, image_refs=image_refs)
+    parsed = ParsedPrompt(
+        request=request,
+        notes=tuple(notes),
+        repeat=repeat,
+        image_refs=image_refs,
+        wordless=wordless,
+    )
     return parsed, inline
+
+
+def _check_wordless(image_refs: tuple[ImageRef, ...]) -> None:
+    """A prompt without words is a blend of its image prompts: Midjourney takes two or more
+    pictures alone, and wants words beside a single one."""
+    count = sum(ref.role is InputRole.IMAGE_PROMPT for ref in image_refs)
+    if count == 0:
+        raise PromptError("prompt", "prompt: nothing to draw once the flags are taken out")
+    if count == 1:
+        raise PromptError(
+            "prompt",
+            "prompt: one image prompt needs words beside it (two to five pictures without "
+            "words are blended)",
+        )
 
 
 def _with_defaults(

@@ -124,6 +124,8 @@ def test_vary_and_upscale_start_from_a_rendered_png(tmp_path: Path, tiny_cache: 
         (["render", "a cat", "--candidates", "2", "--kept", "3"], "--kept"),
         (["render", "a cat --steps 500"], "--steps"),
         (["vary", "missing.png"], "image"),
+        # Links are fetched by the bot only (its fetch policy), never by the command line.
+        (["render", "https://cdn.discordapp.com/a.png a cat"], "taken by the bot only"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(

@@ -97,3 +97,38 @@ def test_a_permutation_of_links_gives_each_job_its_picture() -> None:
     jobs = parse_jobs(f"{{{A}, {B}}} a fox", SETTINGS, seed_source=lambda: 7)
     assert [job.image_refs[0].source for job in jobs] == [A, B]
     assert {job.request.prompt for job in jobs} == {"a fox"}
+
+
+def test_two_pictures_without_words_are_a_blend_once_attached() -> None:
+    from PIL import Image
+
+    from generation.contract import InputImage
+
+    parsed = parse(f"{A} {B} --ar 3:2", images=("attachment:c.png",))
+    assert parsed.wordless and len(parsed.image_refs) == 3
+    pictures = tuple(
+        InputImage(ref.role, Image.new("RGB", (8, 8)), ref.weight, ref.source, "0" * 64)
+        for ref in parsed.image_refs
+    )
+    attached = parsed.with_pictures(pictures).request
+    assert attached.prompt == "" and attached.prompt_parts == ()
+    assert [i.source for i in attached.inputs] == ["attachment:c.png", A, B]
+    assert attached.width > attached.height
+    # Words keep their prompt when the pictures come.
+    worded = parse(f"{A} {B} a fox")
+    assert not worded.wordless
+    assert worded.with_pictures(pictures[1:]).request.prompt == "a fox"
+
+
+@pytest.mark.parametrize(
+    ("text", "images", "expected"),
+    [
+        (f"{A}", (), "one image prompt needs words beside it"),
+        ("--ar 3:2", ("attachment:c.png",), "one image prompt needs words beside it"),
+        (f"{A} --sref {B}", (), "one image prompt needs words beside it"),
+        (f"--sref {A} --cref {B}", (), "nothing to draw"),
+    ],
+)
+def test_a_single_picture_needs_words(text: str, images: tuple[str, ...], expected: str) -> None:
+    error = refused(text, images=images)
+    assert error.flag == "prompt" and expected in str(error), str(error)
