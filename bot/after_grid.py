@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import re
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,14 @@ PROMPT_INPUT_CHARS = min(MAX_INPUT_CHARS, 4000)
 MAX_MASK_BYTES = 8 * 1024 * 1024
 MAX_MASK_PIXELS = 4096 * 4096
 _JOB_IN_CUSTOM_ID = re.compile(r"^imagine(?:-ui)?:\w+:([0-9]{1,19})")
+# A form's custom_id names what it is for (Custom Zoom, Vary (Region), or Remix before an
+# action), the job and the image, so a form opened before a restart can still be submitted.
+FORM_PREFIX = "imagine-form:"
+_FORM_ID = re.compile(
+    rf"{FORM_PREFIX}(?P<what>CZ|VR|RX-(?P<action>[A-Z0-9]{{1,4}})):(?P<job>[0-9]{{1,19}}):"
+    r"(?P<index>[0-9])"
+)
+FORM_EXPIRED = "This form has expired — press the button under the image again."
 
 
 # ----- which buttons fit -----------------------------------------------------------------------
@@ -138,14 +147,27 @@ async def separate(
 # ----- forms -----------------------------------------------------------------------------------
 
 
+# Each bot's open forms by custom_id: a submit discord.py has no live form for (the bot restarted
+# since the form was opened, or the form timed out) is answered from the custom_id instead.
+_open_forms: weakref.WeakKeyDictionary[Any, weakref.WeakValueDictionary[str, discord.ui.Modal]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def form_custom_id(what: str, job_id: int, index: int) -> str:
+    return f"{FORM_PREFIX}{what}:{job_id}:{index}"
+
+
 class _JobForm(discord.ui.Modal):
     """A form about image `index` of job `job_id`; errors become the usual private replies."""
 
-    def __init__(self, bot: ImagineBot, title: str, job_id: int, index: int) -> None:
-        super().__init__(title=title, timeout=900)
+    def __init__(self, bot: ImagineBot, title: str, what: str, job_id: int, index: int) -> None:
+        custom_id = form_custom_id(what, job_id, index)
+        super().__init__(title=title, timeout=900, custom_id=custom_id)
         self.bot = bot
         self.job_id = job_id
         self.index = index
+        _open_forms.setdefault(bot, weakref.WeakValueDictionary())[custom_id] = self
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
         await interaction.response.defer()
@@ -179,10 +201,12 @@ def _prompt_input(prompt: str, label: str = "Prompt") -> discord.ui.TextInput[An
 class RemixForm(_JobForm):
     """Remix: the member edits the prompt before a variation, zoom or pan."""
 
-    def __init__(self, bot: ImagineBot, action: Action, job: Job, index: int) -> None:
-        super().__init__(bot, "Remix: edit the prompt", job.id, index)
+    def __init__(
+        self, bot: ImagineBot, action: Action, job_id: int, index: int, prompt: str = ""
+    ) -> None:
+        super().__init__(bot, "Remix: edit the prompt", f"RX-{action.value}", job_id, index)
         self.action = action
-        self.prompt: discord.ui.TextInput[Any] = _prompt_input(job.prompt)
+        self.prompt: discord.ui.TextInput[Any] = _prompt_input(prompt)
         self.add_item(self.prompt)
 
     async def submit(self, interaction: discord.Interaction[Any]) -> Any:
@@ -207,9 +231,9 @@ def parse_factor(text: str) -> float:
 class CustomZoomForm(_JobForm):
     """Custom Zoom: the prompt (an `--ar` in it changes the canvas shape) and a factor."""
 
-    def __init__(self, bot: ImagineBot, job: Job, index: int) -> None:
-        super().__init__(bot, "Custom Zoom", job.id, index)
-        self.prompt: discord.ui.TextInput[Any] = _prompt_input(job.prompt)
+    def __init__(self, bot: ImagineBot, job_id: int, index: int, prompt: str = "") -> None:
+        super().__init__(bot, "Custom Zoom", UiAction.CUSTOM_ZOOM.value, job_id, index)
+        self.prompt: discord.ui.TextInput[Any] = _prompt_input(prompt)
         self.factor: discord.ui.TextInput[Any] = discord.ui.TextInput(
             custom_id="factor",
             label=f"Zoom out by (1.0 to {MAX_ZOOM:g})",
@@ -237,8 +261,8 @@ class VaryRegionForm(_JobForm):
     the cells of a 3x3 grid; several at once) or uploads a black-and-white mask (white is
     repainted), and writes the prompt for that region."""
 
-    def __init__(self, bot: ImagineBot, job: Job, index: int) -> None:
-        super().__init__(bot, "Vary (Region)", job.id, index)
+    def __init__(self, bot: ImagineBot, job_id: int, index: int, prompt: str = "") -> None:
+        super().__init__(bot, "Vary (Region)", UiAction.VARY_REGION.value, job_id, index)
         options = region_options()
         self.regions: discord.ui.Select[Any] = discord.ui.Select(
             custom_id="regions",
@@ -251,7 +275,7 @@ class VaryRegionForm(_JobForm):
         self.mask: discord.ui.FileUpload[Any] = discord.ui.FileUpload(
             custom_id="mask", required=False, min_values=0, max_values=1
         )
-        self.prompt: discord.ui.TextInput[Any] = _prompt_input(job.prompt)
+        self.prompt: discord.ui.TextInput[Any] = _prompt_input(prompt)
         self.add_item(discord.ui.Label(text="Regions to repaint", component=self.regions))
         self.add_item(
             discord.ui.Label(
@@ -326,13 +350,55 @@ async def open_form(
         raise UserError(f"Job {job.id} has no images to work from ({job.state.value}).")
     form: discord.ui.Modal
     if what is UiAction.CUSTOM_ZOOM:
-        form = CustomZoomForm(bot, job, index or 1)
+        form = CustomZoomForm(bot, job.id, index or 1, job.prompt)
     elif what is UiAction.VARY_REGION:
-        form = VaryRegionForm(bot, job, index or 1)
+        form = VaryRegionForm(bot, job.id, index or 1, job.prompt)
     else:
         assert isinstance(what, Action)
-        form = RemixForm(bot, what, job, index)
+        form = RemixForm(bot, what, job.id, index, job.prompt)
     await interaction.response.send_modal(form)
+
+
+def form_from_custom_id(bot: ImagineBot, custom_id: str) -> _JobForm | None:
+    """The form a custom_id of ours names, rebuilt empty (its values come with the submit)."""
+    match = _FORM_ID.fullmatch(custom_id)
+    if match is None:
+        return None
+    job_id, index = int(match["job"]), int(match["index"])
+    if match["what"] == UiAction.CUSTOM_ZOOM.value:
+        return CustomZoomForm(bot, job_id, index)
+    if match["what"] == UiAction.VARY_REGION.value:
+        return VaryRegionForm(bot, job_id, index)
+    action = Action._value2member_map_.get(match["action"])
+    return RemixForm(bot, action, job_id, index) if isinstance(action, Action) else None
+
+
+async def submit_orphan_form(bot: ImagineBot, interaction: discord.Interaction[Any]) -> None:
+    """A form of ours submitted with no live form behind it in this process (opened before a
+    restart, or left open past its timeout): rebuilt from its custom_id and run like the live
+    one, so nothing the member typed is lost; a form that can't be rebuilt is answered with a
+    private note instead of Discord's bare "interaction failed"."""
+    if interaction.type is not discord.InteractionType.modal_submit or interaction.data is None:
+        return
+    custom_id = str(interaction.data.get("custom_id", ""))
+    if not custom_id.startswith(FORM_PREFIX):
+        return
+    live = _open_forms.get(bot, {}).get(custom_id)
+    if live is not None and not live.is_finished():
+        return  # discord.py has handed the submit to it already
+    form = form_from_custom_id(bot, custom_id)
+    # discord.py hands a submit only to a form it created in this process; its own dispatch
+    # (the values parsed into the items, uploads resolved, errors to on_error) is reused.
+    dispatch = getattr(form, "_dispatch_submit", None)
+    if form is None or dispatch is None:
+        log.info("form %s submitted after it expired; asked to press again", custom_id)
+        from bot.discord_bot import reply
+
+        await reply(interaction, FORM_EXPIRED)
+        return
+    data: Any = interaction.data
+    await dispatch(interaction, data.get("components", []), data.get("resolved", {}))
+    form.stop()
 
 
 async def wants_remix(bot: ImagineBot, user_id: int, action: Action) -> bool:

@@ -242,6 +242,13 @@ class ImagineBot(commands.AutoShardedBot):
         except Exception as exc:
             await report_error(interaction, exc)
 
+    async def on_interaction(self, interaction: discord.Interaction[Any]) -> None:
+        # A form opened before a restart has no live Modal behind it; it is still answered.
+        try:
+            await after_grid.submit_orphan_form(self, interaction)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
     async def _job_button(
         self, interaction: discord.Interaction[Any], action: Action, job_id: int, index: int
     ) -> None:

@@ -5,6 +5,7 @@ is refused privately with nothing charged."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import Any
 from PIL import Image
 
 from tests.bot.conftest import GatedEngine
-from tests.bot.test_discord_e2e import (
+from tests.bot.helpers import (
     ALLOWANCE,
     JOB_TIMEOUT_S,
     assert_ledger_consistent,
+    available,
     decode,
+    imagined_grid,
     is_grid,
     job_id_of,
     make_bot,
@@ -34,10 +37,6 @@ def png(size: tuple[int, int], colour: int = 255) -> bytes:
     out = io.BytesIO()
     Image.new("L", size, colour).save(out, format="PNG")
     return out.getvalue()
-
-
-async def available(bot: Any, user_id: int) -> int:
-    return (await bot.core.credits.balance(user_id)).available
 
 
 async def separated(fake: FakeDiscord, user: Any, grid: Message, index: int) -> Message:
@@ -58,8 +57,7 @@ async def test_separate_is_free_owner_only_and_survives_a_restart(
         bob = fake.add_user("bob")
         data = tmp_path / "data"
         async with fake.run_bot(make_bot(fake, data, bot_engine_settings, shared_engine)) as bot:
-            job = await fake.slash(alice, "imagine", prompt="a red fox", seed=3)
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a red fox", seed=3)
             cell = decode(grid).size[0] // 2
             paid = await available(bot, alice.id)
 
@@ -109,8 +107,7 @@ async def test_delete_from_the_message_menu_owner_or_admin(
         bob = fake.add_user("bob")
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
-            job = await fake.slash(alice, "imagine", prompt="a lighthouse")
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a lighthouse")
 
             chatter = await fake.say(bob, "nice")
             wrong = await fake.message_command(alice, chatter, "Delete image")
@@ -173,8 +170,7 @@ async def test_settings_prefer_and_info_round_trip(
             )
 
             # Defaults under typed flags: the aspect default applies, the typed --steps wins.
-            made = await fake.slash(alice, "imagine", prompt="a harbour --mystyle --steps 3")
-            grid = await made.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a harbour --mystyle --steps 3")
             stored = await bot.core.jobs.require(job_id_of(grid))
             data = stored.request_data
             assert data["width"] > data["height"] and data["steps"] == 3
@@ -198,8 +194,7 @@ async def test_bad_form_input_is_refused_privately_and_costs_nothing(
         alice = fake.add_user("alice")
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
-            job = await fake.slash(alice, "imagine", prompt="a quiet bay", seed=5)
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a quiet bay", seed=5)
             image = await separated(fake, alice, grid, 1)
             before = await available(bot, alice.id)
 
@@ -244,8 +239,7 @@ async def test_zoom_pan_region_and_remix_make_paid_jobs(
         engine.gate.set()
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, engine)
         async with fake.run_bot(bot):
-            job = await fake.slash(alice, "imagine", prompt="a red fox", seed=3)
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a red fox", seed=3)
             parent = await bot.core.jobs.require(job_id_of(grid))
             image = await separated(fake, alice, grid, 2)
             seen: set[int] = set()
@@ -345,3 +339,97 @@ async def test_previews_ride_in_progress_edits_unless_turned_off(
             route = f"/webhooks/*/{shown.token}/messages/@original"
             times = [r.at for r in fake.requests_matching("PATCH", route)][:-1]
             assert all(b - a >= interval_s * 0.9 for a, b in itertools.pairwise(times)), times
+
+
+async def test_forms_opened_before_a_restart_are_still_answered(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    """A form's custom_id names its job, image and action: submitted after the bot restarted
+    (no live form behind it any more) it still makes its job, or a refusal, never silence."""
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        data = tmp_path / "data"
+        async with fake.run_bot(make_bot(fake, data, bot_engine_settings, shared_engine)) as bot:
+            job = await fake.slash(alice, "imagine", prompt="a red fox", seed=3)
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            image = await separated(fake, alice, grid, 2)
+            zoom_form = await fake.click(alice, image, label="Custom Zoom")
+            bad_form = await fake.click(alice, image, label="Custom Zoom")
+            await bot.app.preferences.update(alice.id, remix=True)
+            remix_form = await fake.click(alice, image, label="⬅️")
+            for form in (zoom_form, bad_form, remix_form):
+                assert await form.wait_acked() == 9
+            assert remix_form.modal is not None
+            assert remix_form.modal["custom_id"] == f"imagine-form:RX-PL:{grid_id(grid)}:2"
+
+        async with fake.run_bot(make_bot(fake, data, bot_engine_settings, shared_engine)) as bot:
+            before = await available(bot, alice.id)
+            refused = await fake.submit_modal(bad_form, {"prompt": "a fox", "factor": "7"})
+            note = await refused.wait_followup(lambda m: m.ephemeral)
+            assert "factor: expected a number from 1.0 to 2" in note.content
+
+            seen: set[int] = set()
+            await fake.submit_modal(zoom_form, {"prompt": "a red fox, far away", "factor": "1.5"})
+            zoom = await bot.core.jobs.require(job_id_of(await finished_reply(fake, image, seen)))
+            assert zoom.kind.value == "zoom" and zoom.request_data["zoom_factor"] == 1.5
+            assert zoom.request_data["prompt"] == "a red fox, far away"
+            assert (zoom.parent_job_id, zoom.parent_index) == (grid_id(grid), 1)
+
+            await fake.submit_modal(remix_form, {"prompt": "a red fox in snow"})
+            pan = await bot.core.jobs.require(job_id_of(await finished_reply(fake, image, seen)))
+            assert pan.kind.value == "pan" and pan.request_data["pan_direction"] == "left"
+            assert pan.request_data["prompt"] == "a red fox in snow"
+            assert await available(bot, alice.id) == before - zoom.cost - pan.cost
+            await assert_ledger_consistent(bot)
+
+
+def grid_id(grid: Message) -> int:
+    return job_id_of(grid)
+
+
+async def test_an_edit_the_engine_fails_is_refunded_exactly(
+    tmp_path: Path, bot_engine_settings: Any
+) -> None:
+    """A zoom whose inpainting checkpoint can't be loaded fails in the real engine: its credits
+    were held while it ran and come back to the credit, with the ledger adding up."""
+    from generation.engine import create_engine
+
+    broken = dataclasses.replace(
+        bot_engine_settings,
+        models=tuple(
+            dataclasses.replace(m, inpaint_source=str(tmp_path / "no-such-inpainting-model"))
+            for m in bot_engine_settings.models
+        ),
+    )
+    engine = GatedEngine(create_engine(broken))
+    engine.gate.set()
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", broken, engine)
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "imagine", prompt="a red fox", seed=3)
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            image = await separated(fake, alice, grid, 1)
+            before = await available(bot, alice.id)
+
+            engine.gate.clear()
+            engine.entered.clear()
+            zoom = await fake.click(alice, image, label="Zoom Out 2x")
+            status = await fake.wait_for_message(
+                lambda m: (
+                    m.referenced is image and any(c.startswith("imagine:X:") for c in m.custom_ids)
+                )
+            )
+            held = await bot.core.jobs.require(job_id_of(status))
+            assert held.kind.value == "zoom" and held.cost > 0
+            await fake.wait_for(lambda: engine.entered.is_set() or None)
+            assert await available(bot, alice.id) == before - held.cost
+            engine.gate.set()
+
+            await fake.wait_for(lambda: "refunded" in status.content or None, timeout=JOB_TIMEOUT_S)
+            assert f"your {held.cost} credit" in status.content
+            failed = await bot.core.jobs.require(held.id)
+            assert failed.state.value == "failed"
+            assert await available(bot, alice.id) == before
+            assert await zoom.wait_acked() == 6
+            await assert_ledger_consistent(bot)
