@@ -383,7 +383,8 @@ async def submit_orphan_form(bot: ImagineBot, interaction: discord.Interaction[A
     custom_id = str(interaction.data.get("custom_id", ""))
     if not custom_id.startswith(FORM_PREFIX):
         return
-    live = _open_forms.get(bot, {}).get(custom_id)
+    forms = _open_forms.get(bot)
+    live = forms.get(custom_id) if forms is not None else None
     if live is not None and not live.is_finished():
         return  # discord.py has handed the submit to it already
     form = form_from_custom_id(bot, custom_id)
