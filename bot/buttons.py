@@ -39,6 +39,17 @@ def _action(name: str) -> Action | None:
     return Action.__members__.get(name)
 
 
+def _button(
+    button_id: str,
+    label: str | None,
+    emoji: str | None,
+    style: discord.ButtonStyle,
+    row: int | None,
+) -> discord.ui.Button[Any]:
+    """The discord.py button a persistent (custom_id-addressed) item wraps."""
+    return discord.ui.Button(label=label, emoji=emoji, style=style, row=row, custom_id=button_id)
+
+
 class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_TEMPLATE):
     def __init__(
         self,
@@ -51,15 +62,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_TEMPLA
         style: discord.ButtonStyle = discord.ButtonStyle.secondary,
         row: int | None = None,
     ) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label=label,
-                emoji=emoji,
-                style=style,
-                row=row,
-                custom_id=custom_id(action, job_id, index),
-            )
-        )
+        super().__init__(_button(custom_id(action, job_id, index), label, emoji, style, row))
         self.action = action
         self.job_id = job_id
         self.index = index
@@ -102,13 +105,7 @@ class UiButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_UI_TEMP
         row: int | None = None,
     ) -> None:
         super().__init__(
-            discord.ui.Button(
-                label=label,
-                emoji=emoji,
-                style=style,
-                row=row,
-                custom_id=f"imagine-ui:{what.value}:{job_id}:{index}",
-            )
+            _button(f"imagine-ui:{what.value}:{job_id}:{index}", label, emoji, style, row)
         )
         self.what = what
         self.job_id = job_id

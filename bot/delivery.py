@@ -461,12 +461,16 @@ class Delivery:
         """Kept image `index` (0-based) of a finished job as an upload (a separated U1–U4),
         behind a spoiler where the job's images are. Raises ImageExpired after retention."""
         path = job.image_path(self.data_dir, index)
+        return await self._upload(job, path, limit_bytes, f"job-{job.id}-{index + 1}")
+
+    async def _upload(
+        self, job: Job, path: Path, limit_bytes: int | None, stem: str
+    ) -> discord.File:
+        """The image at `path` as an upload named after `stem` that fits the limit (Discord's
+        default without one), behind a spoiler where the job's images are."""
         spoiler = await self._is_flagged(job)
         data, name = await asyncio.to_thread(
-            _upload_bytes,
-            path,
-            limit_bytes or discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES,
-            f"job-{job.id}-{index + 1}",
+            _upload_bytes, path, limit_bytes or discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES, stem
         )
         return discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)
 
@@ -475,21 +479,17 @@ class Delivery:
             return []
         path = job.grid_file(self.data_dir) if len(job.result.image_paths) > 1 else None
         path = path or job.image_path(self.data_dir, 0)
-        spoiler = await self._is_flagged(job)
-        data, name = await asyncio.to_thread(
-            _upload_bytes,
-            path,
-            limit_bytes or discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES,
-            f"job-{job.id}",
-        )
-        files = [discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)]
+        grid = await self._upload(job, path, limit_bytes, f"job-{job.id}")
+        files = [grid]
         if job.result.control_map_path is not None:
             # What a ControlNet followed, small beside the grid (bot/catalog.py).
             path = self.data_dir / job.result.control_map_path
             thumbnail = await asyncio.to_thread(control_thumbnail, path)
             if thumbnail is not None:
                 name = f"job-{job.id}-control.png"
-                files.append(discord.File(io.BytesIO(thumbnail), filename=name, spoiler=spoiler))
+                files.append(
+                    discord.File(io.BytesIO(thumbnail), filename=name, spoiler=grid.spoiler)
+                )
         return files
 
 
