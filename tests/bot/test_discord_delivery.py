@@ -16,14 +16,14 @@ import pytest
 
 from bot.core.models import JobKind
 from tests.bot.conftest import GatedEngine
-from tests.bot.test_discord_e2e import (
+from tests.bot.helpers import (
     ALLOWANCE,
     JOB_TIMEOUT_S,
     assert_ledger_consistent,
     delivery_state,
     eventually,
     has_cancel,
-    is_grid,
+    imagined_grid,
     job_id_of,
     make_bot,
 )
@@ -43,8 +43,7 @@ async def test_imagine_and_buttons_refused_where_results_cannot_be_posted(
         thread = fake.add_thread("ideas", parent=quiet)
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
-            job = await fake.slash(alice, "imagine", prompt="a red fox", seed=5)
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a red fox", seed=5)
             spent = (await bot.core.credits.balance(alice.id)).available
 
             fake.deny_bot(fake.general, ATTACH_FILES)
@@ -156,8 +155,7 @@ async def test_variation_buttons_pressed_in_a_row_are_not_held_by_the_cooldown(
             scheduler={"max_queued_per_user": 3},
         )
         async with fake.run_bot(bot):
-            job = await fake.slash(alice, "imagine", prompt="four foxes", seed=9)
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "four foxes", seed=9)
             engine.gate.clear()
             engine.entered.clear()
             busy = await fake.slash(bob, "imagine", prompt="keeps the GPU busy")
@@ -195,8 +193,7 @@ async def test_buttons_are_acknowledged_before_any_database_work(
         alice = fake.add_user("alice")
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
-            job = await fake.slash(alice, "imagine", prompt="a fox", seed=2)
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a fox", seed=2)
 
             release = asyncio.Event()
             entered = asyncio.Event()
@@ -283,8 +280,7 @@ async def test_an_edit_error_that_is_not_about_the_token_keeps_the_route(
             "PATCH", "/webhooks/*/messages/@original", status=400, with_files=True
         )
         async with fake.run_bot(bot):
-            job = await fake.slash(alice, "imagine", prompt="a red fox")
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a red fox")
             assert refused.hits == 1 and grid.state.via == "interaction"
             ping = await fake.wait_for_message(lambda m: m.pings.users == {alice.id})
             assert ping.referenced is grid

@@ -7,9 +7,7 @@ expired tokens, rate limits) and checks what users see, and what the ledger says
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,69 +15,22 @@ from PIL import Image
 
 from bot.core.models import JobState
 from bot.discord_bot import ImagineBot
-from tests.bot.conftest import GatedEngine, bot_config, in_process_workers
+from tests.bot.conftest import GatedEngine
+from tests.bot.helpers import (
+    ALLOWANCE,
+    JOB_TIMEOUT_S,
+    assert_ledger_consistent,
+    decode,
+    delivery_state,
+    eventually,
+    has_cancel,
+    has_variations,
+    imagined_grid,
+    is_grid,
+    job_id_of,
+    make_bot,
+)
 from tests.fakediscord import FakeDiscord
-from tests.fakediscord.model import Message
-
-JOB_TIMEOUT_S = 60.0
-ALLOWANCE = 100
-
-
-def make_bot(
-    fake: FakeDiscord, data_dir: Path, settings: Any, engine: Any, **sections: Any
-) -> ImagineBot:
-    """The bot as `python -m bot` builds it, with the engine in a thread of this process."""
-    config = bot_config(data_dir, settings, fake.guild_id, **sections)
-    return ImagineBot(
-        config,
-        core_options={"workers": in_process_workers(config, engine)},
-        guild_ready_timeout=0.05,
-    )
-
-
-def is_grid(message: Message) -> bool:
-    return bool(message.attachments) and len(message.buttons) == 9
-
-
-def has_variations(message: Message) -> bool:
-    return bool(message.attachments) and "V1" in [b.get("label") for b in message.buttons]
-
-
-def has_cancel(message: Message) -> bool:
-    return any(c.startswith("imagine:X:") for c in message.custom_ids)
-
-
-def decode(message: Message) -> Image.Image:
-    image = Image.open(io.BytesIO(message.attachments[0].data))
-    image.load()
-    return image
-
-
-def job_id_of(message: Message) -> int:
-    match = re.search(r"imagine:\w+:(\d+)", " ".join(message.custom_ids))
-    assert match, message.custom_ids
-    return int(match[1])
-
-
-async def eventually(read: Any, expected: Any, timeout_s: float = 10.0) -> bool:
-    """Whether the awaited `read()` returns `expected` within the timeout (the bot records
-    some things just after the message a test waits for)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        if await read() == expected:
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
-async def delivery_state(bot: ImagineBot, job_id: int) -> str | None:
-    record = (await bot.core.jobs.deliveries(job_id)).get("result")
-    return record.state if record else None
-
-
-async def assert_ledger_consistent(bot: ImagineBot) -> None:
-    report = await bot.core.credits.check_consistency()
-    assert report.ok, str(report)
 
 
 async def test_imagine_with_options_and_flags_fills_one_message(
@@ -265,8 +216,7 @@ async def test_buttons_work_after_a_restart(
         data_dir = tmp_path / "data"
         first_bot = make_bot(fake, data_dir, bot_engine_settings, shared_engine)
         async with fake.run_bot(first_bot):
-            job = await fake.slash(alice, "imagine", prompt="a castle", seed=11)
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a castle", seed=11)
 
         second_bot = make_bot(fake, data_dir, bot_engine_settings, shared_engine)
         async with fake.run_bot(second_bot):
@@ -318,8 +268,7 @@ async def test_upload_rate_limited_is_retried(
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         fake.rate_limit_next("PATCH", "/webhooks/*/messages/@original", with_files=True)
         async with fake.run_bot(bot):
-            job = await fake.slash(alice, "imagine", prompt="a red fox")
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a red fox")
             assert decode(grid).format == "PNG"
         assert fake.count("PATCH", "/webhooks/*/messages/@original", status=429) == 1
 
@@ -390,8 +339,7 @@ async def test_grid_over_the_upload_limit_is_reencoded_not_failed(
         alice = fake.add_user("alice")
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
-            job = await fake.slash(alice, "imagine", prompt="a noisy texture", seed=1)
-            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "a noisy texture", seed=1)
             stored = await bot.core.jobs.require(job_id_of(grid))
             on_disk = stored.grid_file(bot.config.data_dir)
             assert on_disk is not None and on_disk.stat().st_size > limit_bytes
@@ -428,8 +376,7 @@ async def test_flagged_images_are_spoilered_or_withheld_by_channel_policy(
         alice = fake.add_user("alice")
         bot = make_bot(fake, tmp_path / "spoiler", bot_engine_settings, engine)
         async with fake.run_bot(bot):
-            public = await fake.slash(alice, "imagine", prompt="an abstract mosaic")
-            grid = await public.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "an abstract mosaic")
             assert grid.attachments[0].spoiler
 
             private = await fake.slash(
@@ -519,8 +466,7 @@ async def test_a_restart_settles_interrupted_deliveries_without_posting_twice(
         alice = fake.add_user("alice")
         first = make_bot(fake, data_dir, bot_engine_settings, shared_engine)
         async with fake.run_bot(first):
-            posted = await fake.slash(alice, "imagine", prompt="posted before the crash")
-            grid = await posted.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            grid = await imagined_grid(fake, alice, "posted before the crash")
             posted_id = job_id_of(grid)
             assert await eventually(lambda: delivery_state(first, posted_id), "done")
             # A second job that finishes while its delivery can't happen: its claim stays.

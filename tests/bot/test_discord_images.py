@@ -15,7 +15,13 @@ from bot.core.models import JobKind, JobState
 from bot.discord_bot import ImagineBot
 from bot.fetch import FetchPolicy
 from tests.bot.conftest import bot_config, in_process_workers
-from tests.bot.test_discord_e2e import ALLOWANCE, JOB_TIMEOUT_S, assert_ledger_consistent, job_id_of
+from tests.bot.helpers import (
+    ALLOWANCE,
+    JOB_TIMEOUT_S,
+    assert_ledger_consistent,
+    available,
+    job_id_of,
+)
 from tests.bot.test_moderation import mosaic
 from tests.fakediscord import FakeDiscord, Upload
 from tests.fakediscord.model import Message
@@ -47,10 +53,6 @@ def is_result(message: Message) -> bool:
     """The finished grid: images with buttons, no longer a progress preview with Cancel."""
     cancel = any(c.startswith("imagine:X:") for c in message.custom_ids)
     return bool(message.attachments) and bool(message.buttons) and not cancel
-
-
-async def balance(bot: ImagineBot, user_id: int) -> int:
-    return (await bot.core.credits.balance(user_id)).available
 
 
 async def test_image_options_and_a_link_in_the_prompt_are_image_prompts(
@@ -117,7 +119,7 @@ async def test_blend_two_pictures_landscape_and_one_is_refused(
             ]
             assert "2 picture(s)" in grid.content
             charged = ALLOWANCE - stored.cost
-            assert await balance(bot, alice.id) == charged
+            assert await available(bot, alice.id) == charged
             await assert_ledger_consistent(bot)
 
 
@@ -196,7 +198,7 @@ async def test_bad_pictures_are_refused_privately_and_cost_nothing(
                 refusal = await job.wait_message(lambda m: m.ephemeral and bool(m.content.strip()))
                 assert expected in refusal.content, (options, refusal.content)
             assert not [m for m in fake.messages if not m.ephemeral]
-            assert await balance(bot, alice.id) == ALLOWANCE
+            assert await available(bot, alice.id) == ALLOWANCE
             assert not await bot.core.scheduler.user_jobs(alice.id)
 
             # In an age-restricted channel the same picture is taken.

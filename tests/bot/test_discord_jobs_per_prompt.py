@@ -10,7 +10,7 @@ from typing import Any
 
 from bot.core.models import JobState, LedgerKind
 from tests.bot.conftest import GatedEngine
-from tests.bot.test_discord_e2e import (
+from tests.bot.helpers import (
     ALLOWANCE,
     JOB_TIMEOUT_S,
     assert_ledger_consistent,
