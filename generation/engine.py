@@ -75,6 +75,8 @@ class _Loaded:
     controlnet_pipes: dict[tuple[str, bool], Any] = field(default_factory=dict)
     # The inpainting pipeline edits use (generation.outpaint), built on first use.
     inpaint: Any = None
+    # With cpu_offload, the hook that moves an inpaint_source UNet back to the CPU.
+    inpaint_offload: Any = None
     # The image adapter (generation.ip_adapter), loaded by the first job with pictures.
     image_adapter: Any = None
 
@@ -394,6 +396,9 @@ class DiffusersEngine:
             loaded.loras = LoraSet(
                 loaded.text2img, self.settings.cache_dir, self.settings.local_files_only
             )
+        if request.kind.is_edit and spec.inpaint_source:
+            # An edit paints with the model's own inpainting UNet: the LoRAs go there too.
+            loaded.loras.add_unet(self._inpaint_pipeline(loaded).unet)
         with loaded.loras.active(requested_loras(self.settings, request.loras)):
             yield apply_trigger_words(request, self.settings)
 
@@ -693,14 +698,18 @@ class DiffusersEngine:
         )
 
         modules = (pipe.unet, pipe.vae) if request.tile else ()
-        with (
-            conditioning.applied(pipe),
-            seamless_tiling(*modules),
-            kept_dtype(pipe.vae),
-            torch.inference_mode(),
-        ):
-            latents = pipe(**kwargs).images
-            return self._decode(loaded.spec, pipe, latents, tiled)
+        try:
+            with (
+                conditioning.applied(pipe),
+                seamless_tiling(*modules),
+                kept_dtype(pipe.vae),
+                torch.inference_mode(),
+            ):
+                latents = pipe(**kwargs).images
+                return self._decode(loaded.spec, pipe, latents, tiled)
+        finally:
+            if edit is not None and loaded.inpaint_offload is not None:
+                loaded.inpaint_offload.offload()
 
     def _inpaint_pipeline(self, loaded: _Loaded) -> Any:
         """The model's inpainting pipeline: its own modules, with the 9-channel UNet of its
@@ -716,8 +725,22 @@ class DiffusersEngine:
 
                     source = str(ensure_tiny_inpaint(self.settings.cache_dir))
                 dtype = self.model_dtype(loaded.spec)
-                unet = self._from_pretrained(UNet2DConditionModel, source, dtype, subfolder="unet")
-                if not self.cpu_offload:
+                try:
+                    unet = self._from_pretrained(
+                        UNet2DConditionModel, source, dtype, subfolder="unet"
+                    )
+                except OSError as exc:
+                    raise RuntimeError(
+                        f"model {loaded.spec.name!r}: cannot load its inpaint_source "
+                        f"{loaded.spec.inpaint_source!r} ({exc})"
+                    ) from exc
+                if self.cpu_offload:
+                    # The model's offload hooks cover its own modules only: this UNet gets its
+                    # own, and goes back to the CPU after each edit (_call_pipeline).
+                    loaded.inpaint_offload = outpaint.offload_unet(
+                        unet, loaded.text2img, self.device
+                    )
+                else:
                     unet.to(self.device)
             loaded.inpaint = outpaint.inpaint_pipeline(loaded.text2img, unet)
         return loaded.inpaint
@@ -817,7 +840,7 @@ class DiffusersEngine:
             )
             spec = replace(spec, family=family)
         if self.cpu_offload:
-            text2img.enable_model_cpu_offload()
+            text2img.enable_model_cpu_offload(device=self.device)
         else:
             text2img.to(self.device)
         if self.device == "cuda":

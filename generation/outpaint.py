@@ -37,6 +37,7 @@ __all__ = [
     "check_mask",
     "composite",
     "inpaint_pipeline",
+    "offload_unet",
     "pipeline_kwargs",
     "prepare",
     "region_mask",
@@ -152,3 +153,19 @@ def inpaint_pipeline(text2img: Any, unet: Any = None) -> Any:
         pipe = AutoPipelineForInpainting.from_pipe(text2img)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def offload_unet(unet: Any, text2img: Any, device: Any) -> Any:
+    """Model CPU offload for an `inpaint_source` UNet beside a pipeline whose own modules are
+    offloaded: the UNet moves to `device` when it runs, sending the text encoder that ran
+    before it back to the CPU, as the pipeline's own UNet does. Returns the hook; its
+    `offload()` puts the UNet back on the CPU after the edit (no pipeline chain does)."""
+    from accelerate.hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
+
+    # The last text encoder runs just before the UNet (SDXL has two).
+    encoder = getattr(text2img, "text_encoder_2", None) or text2img.text_encoder
+    before = UserCpuOffloadHook(encoder, CpuOffload(execution_device=device))
+    unet.to("cpu")
+    hook = CpuOffload(execution_device=device, prev_module_hook=before)
+    add_hook_to_module(unet, hook, append=True)
+    return UserCpuOffloadHook(unet, hook)

@@ -246,6 +246,30 @@ def test_the_dedicated_inpainting_unet_has_nine_channels_and_loads_with_from_pre
     assert channels == {PLAIN: 4, DEDICATED: 9}
 
 
+def test_cpu_offload_hooks_the_dedicated_inpainting_unet_too(
+    edit_engine: Any, tiny_cache: Path
+) -> None:
+    """With cpu_offload the model's hooks cover only its own modules: the separately loaded
+    9-channel UNet gets one of its own (moved to the device when it runs, the text encoder
+    sent back before it) and paints exactly what it paints without offloading. No GPU here, so
+    the CPU stands in as the device offloading moves modules to."""
+    from generation.engine import create_engine
+
+    engine = create_engine(edit_engine.settings)
+    engine.cpu_offload = True
+    request = zoom_request(parent(DEDICATED), source_image(), factor=2.0, seed=3)
+    offloaded = engine.generate(request)
+    plain = edit_engine.generate(request)
+    loaded = engine._loaded[DEDICATED]
+    unet = loaded.inpaint.unet
+    assert unet.config.in_channels == 9
+    assert loaded.inpaint_offload is not None and loaded.inpaint_offload.model is unet
+    hook = unet._hf_hook
+    assert str(hook.execution_device) == "cpu"
+    assert hook.prev_module_hook.model is loaded.text2img.text_encoder
+    assert np.array_equal(pixels(offloaded.images[0]), pixels(plain.images[0]))
+
+
 @pytest.mark.parametrize("region", list(Region))
 def test_every_preset_region_masks_its_part(region: Region) -> None:
     size = (96, 60)
