@@ -28,6 +28,7 @@ from bot import render
 from bot.buttons import Fits, result_view
 from bot.catalog import control_thumbnail
 from bot.core.models import Finished, Job, JobKind, JobState, ProgressUpdate, Queued, Started
+from bot.inputs import pictures_thumbnail
 from bot.suggestions import DescribeAction, describe_text, describe_view
 from bot.suggestions import custom_id as suggestion_id
 from generation.images import encode_for_upload
@@ -475,12 +476,15 @@ class Delivery:
         return discord.File(io.BytesIO(data), filename=name, spoiler=spoiler)
 
     async def _files(self, job: Job, limit_bytes: int | None) -> list[discord.File]:
-        if job.state is not JobState.SUCCEEDED or job.result is None or not job.result.image_paths:
+        if job.state is not JobState.SUCCEEDED or job.result is None:
             return []
+        if not job.result.image_paths:
+            # A /describe: the picture it read is shown with the suggestions.
+            return await self._pictures_file(job, spoiler=False)
         path = job.grid_file(self.data_dir) if len(job.result.image_paths) > 1 else None
         path = path or job.image_path(self.data_dir, 0)
         grid = await self._upload(job, path, limit_bytes, f"job-{job.id}")
-        files = [grid]
+        files = [grid, *await self._pictures_file(job, spoiler=grid.spoiler)]
         if job.result.control_map_path is not None:
             # What a ControlNet followed, small beside the grid (bot/catalog.py).
             path = self.data_dir / job.result.control_map_path
@@ -491,6 +495,15 @@ class Delivery:
                     discord.File(io.BytesIO(thumbnail), filename=name, spoiler=grid.spoiler)
                 )
         return files
+
+    async def _pictures_file(self, job: Job, *, spoiler: bool) -> list[discord.File]:
+        """The member's pictures (image prompts, /blend, references, the described picture),
+        small beside the result, so every input is shown with it (bot/inputs.py)."""
+        strip = await asyncio.to_thread(pictures_thumbnail, self.data_dir, job.request_data)
+        if strip is None:
+            return []
+        name = f"job-{job.id}-pictures.png"
+        return [discord.File(io.BytesIO(strip), filename=name, spoiler=spoiler)]
 
 
 def _upload_limit(target: JobMessage) -> int | None:

