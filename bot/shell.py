@@ -7,6 +7,13 @@ credits as the Discord bot (in the spirit of Hubot's shell adapter).
     U2 17                            …or of job 17
     /balance  /jobs  /help  /models  /cancel [job]  /grant N  /workers  /quit
 
+U1–U4 pick an image (free, no job: its path is printed) and make it the current image, as does
+a finished upscale; what is under an image on Discord then works on it:
+
+    upscale [subtle|creative]        vary subtle|strong
+    zoom 2 | zoom 1.5 | zoom 1.2 [new prompt]    pan left|right|up|down    square
+    region centre,top_left [new prompt]          (regions as in Vary (Region))
+
 The console user is the machine's owner, so they are an admin. Image paths are printed; the
 files live under the data folder. Commands may also come from a pipe; at the end of input the
 shell waits for queued jobs to finish before it exits.
@@ -22,11 +29,12 @@ import sys
 from typing import Any, TextIO
 
 from bot import catalog, render
-from bot.app import Action, Actor, ImagineApp, UserError, open_core
+from bot.app import Action, Actor, ImagineApp, Submitted, UserError, open_core
 from bot.config import Config
 from bot.core.clock import system_clock
 from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started
 from bot.core.service import Core
+from generation.contract import Region
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,15 @@ _BUTTON = re.compile(
     r"^(?:(?P<action>[UV])(?P<index>[1-4])|(?P<reroll>🔄|reroll|r))(?:\s+(?P<job>\d+))?$", re.I
 )
 _VARY = {"subtle": Action.VARY_SUBTLE, "strong": Action.VARY_STRONG}
+_UPSCALE = {"subtle": Action.UPSCALE_SUBTLE, "creative": Action.UPSCALE_CREATIVE}
+_ZOOM = {"2": Action.ZOOM_OUT_2, "1.5": Action.ZOOM_OUT_1_5}
+_PAN = {
+    "left": Action.PAN_LEFT,
+    "right": Action.PAN_RIGHT,
+    "up": Action.PAN_UP,
+    "down": Action.PAN_DOWN,
+}
+NO_IMAGE = "No image picked — pick one with U1–U4 first."
 
 
 class Shell:
@@ -48,6 +65,8 @@ class Shell:
         self.following: set[asyncio.Task[None]] = set()
         self.newest: asyncio.Task[None] | None = None
         self.newest_id: int | None = None
+        # The image the edit commands work on: (job, 1-based index; 0 = a one-image job's).
+        self.image: tuple[int, int] | None = None
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -97,19 +116,80 @@ class Shell:
             job = await self.app.cancel(self.actor, await self._job_id_now(rest))
             self.say(f"Cancelling job {job.id}.")
         elif command == "vary" and rest.split()[0:1] and rest.split()[0].lower() in _VARY:
-            words = rest.split()
-            await self._press(_VARY[words[0].lower()], 0, words[1] if len(words) > 1 else "")
+            await self._on_image(_VARY[rest.split()[0].lower()])
         elif command in ("upscale", "up"):
-            await self._press(Action.UPSCALE_AGAIN, 0, rest)
+            mode = rest.strip().lower() or "subtle"
+            if mode not in _UPSCALE:
+                raise UserError(f"mode: expected subtle or creative, got {mode!r}")
+            await self._on_image(_UPSCALE[mode])
+        elif command == "zoom":
+            await self._zoom(rest)
+        elif command == "pan":
+            direction = rest.strip().lower()
+            if direction not in _PAN:
+                raise UserError(f"direction: expected left, right, up or down, got {direction!r}")
+            await self._on_image(_PAN[direction])
+        elif command == "square":
+            await self._on_image(Action.MAKE_SQUARE)
+        elif command == "region":
+            await self._region(rest)
         elif match := _BUTTON.match(line):
             if match["reroll"]:
                 await self._press(Action.REROLL, 0, match["job"] or "")
+            elif match["action"].upper() == "U":
+                await self._separate(int(match["index"]), match["job"] or "")
             else:
-                action = Action(match["action"].upper())
-                await self._press(action, int(match["index"]), match["job"] or "")
+                await self._press(Action.VARY, int(match["index"]), match["job"] or "")
         else:
-            self.say(f"✖ Unknown command {command!r}. Try /help, /imagine …, U1–U4, V1–V4, 🔄.")
+            self.say(
+                f"✖ Unknown command {command!r}. Try /help, /imagine …, U1–U4, V1–V4, 🔄, "
+                "upscale, vary, zoom, pan, square, region."
+            )
         return True
+
+    async def _separate(self, index: int, job_text: str) -> None:
+        """U1–U4: no job, nothing charged; the image becomes the one the edits work on."""
+        job_id = await self._job_id(job_text)
+        path = await self.app.separate(self.actor, job_id, index)
+        self.image = (job_id, index)
+        self.say(f"Image #{index} of job {job_id}: {path}")
+        self.say("  next: upscale · vary · zoom · pan · square · region")
+
+    async def _current_image(self) -> tuple[int, int]:
+        if self.newest is not None:  # an upscale still running becomes the current image
+            await asyncio.gather(self.newest, return_exceptions=True)
+        if self.image is None:
+            raise UserError(NO_IMAGE)
+        return self.image
+
+    async def _on_image(self, action: Action) -> None:
+        job_id, index = await self._current_image()
+        self._queued(await self.app.press(self.actor, job_id, action, index))
+
+    async def _zoom(self, rest: str) -> None:
+        factor, _, prompt = rest.strip().partition(" ")
+        if factor in _ZOOM and not prompt:
+            await self._on_image(_ZOOM[factor])
+            return
+        job_id, index = await self._current_image()
+        if not prompt:
+            prompt = (await self.app.job(self.actor, job_id)).prompt
+        self._queued(
+            await self.app.custom_zoom(self.actor, job_id, index, prompt=prompt, factor=factor)
+        )
+
+    async def _region(self, rest: str) -> None:
+        names, _, prompt = rest.strip().partition(" ")
+        if not names:
+            known = ", ".join(r.value for r in Region)
+            raise UserError(f"regions: name one or more, comma-separated ({known})")
+        job_id, index = await self._current_image()
+        regions = [name.strip().lower() for name in names.split(",") if name.strip()]
+        self._queued(
+            await self.app.vary_region(
+                self.actor, job_id, index, prompt=prompt.strip() or None, regions=regions
+            )
+        )
 
     async def _job_id(self, text: str) -> int:
         text = text.strip()
@@ -126,7 +206,9 @@ class Shell:
         return self.last_job
 
     async def _press(self, action: Action, index: int, job_text: str) -> None:
-        submitted = await self.app.press(self.actor, await self._job_id(job_text), action, index)
+        self._queued(await self.app.press(self.actor, await self._job_id(job_text), action, index))
+
+    def _queued(self, submitted: Submitted) -> None:
         self.say(render.queued_text(submitted.job, submitted.position))
         self._follow(submitted.job)
 
@@ -180,9 +262,10 @@ class Shell:
         for index in range(len(job.result.image_paths)):
             self.say(f"  image {index + 1}: {job.image_path(data_dir, index)}")
         if len(job.result.image_paths) > 1:
-            self.say("  next: U1–U4 upscale · V1–V4 vary · 🔄 reroll")
+            self.say("  next: U1–U4 pick an image · V1–V4 vary · 🔄 reroll")
         else:
-            self.say("  next: vary subtle · vary strong · upscale")
+            self.image = (job.id, 0)
+            self.say("  next: upscale · vary · zoom · pan · square · region")
 
     async def wait_for_jobs(self) -> None:
         while self.following:

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from bot.shell import run_shell
+from bot.app import open_core
+from bot.shell import SHELL_USER_ID, run_shell
 from tests.bot.conftest import bot_config, in_process_workers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,13 +70,16 @@ def test_shell_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
     text = re.sub(r"candidates = \d+", "candidates = 4", text)
     text = re.sub(r"command_cooldown_s = [\d.]+", "command_cooldown_s = 0.0", text)
     config.write_text(text)
-    commands = "/imagine a red fox --ar 3:2 --seed 5 --v 6\n/balance\nU2\n"
+    commands = "/imagine a red fox --ar 3:2 --seed 5 --v 6\n/balance\nU2\nupscale subtle\n"
     result = run_bot("--shell", "--config", str(config), input=commands)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "--v 6" in out or "--v" in out  # the ignored flag is noted
     paths = re.findall(r"(?:grid|image \d): (\S+\.png)", out)
     assert len(paths) == 6, out  # the grid, four kept images, then the upscale
+    # U2 picks the image (free, its own file); the upscale is the job that works on it.
+    separated = re.findall(r"Image #2 of job 1: (\S+\.png)", out)
+    assert separated == [paths[2]], out
     assert "Upscale of image 2 from job 1" in out
     for path in paths:
         assert Path(path).is_file() and Path(path).is_relative_to(tmp_path / "data")
@@ -88,7 +92,7 @@ async def test_shell_commands_in_process(
     config = bot_config(tmp_path / "data", bot_engine_settings)
     stdin = io.StringIO(
         "/imagine a blue bird --seed 9\n/jobs\nV1\n/imagine\n/imagine x --stepz 3\nnonsense\n"
-        "vary subtle\n/help\n"
+        "vary subtle\nU2\nvary subtle\nzoom 1.5\npan sideways\nregion centre a nest\n/help\n"
     )
     out = io.StringIO()
     code = await run_shell(
@@ -104,6 +108,19 @@ async def test_shell_commands_in_process(
     assert "Vary" not in text.split("Variations of image 1")[0]
     assert "✖ prompt" in text  # the empty /imagine
     assert "✖ --stepz" in text and "Unknown command 'nonsense'" in text
-    # "vary subtle" applies to the newest job, the variation grid: a grid is not an upscale,
-    # so it is varied like V1 and the run still ends cleanly.
-    assert text.count("Best 4 of 8 by CLIP") >= 2
+    # The edits work on a picked image: none yet, then image 2 of the variation grid.
+    assert "✖ No image picked" in text
+    assert "Image #2 of job 2: " in text and "✖ direction: expected left" in text
+    workers = in_process_workers(config, shared_engine)
+    core = await open_core(config, lambda _channel: False, workers=workers)
+    try:
+        jobs = list(reversed(await core.jobs.for_user(SHELL_USER_ID)))
+    finally:
+        await core.close()
+    assert [(job.kind.value, job.parent_job_id, job.parent_index) for job in jobs[2:]] == [
+        ("variation", 2, 1),
+        ("zoom", 2, 1),
+        ("region", 2, 1),
+    ]
+    assert jobs[-1].request_data["regions"] == ["centre"]
+    assert "a nest" in jobs[-1].request_data["prompt"]
