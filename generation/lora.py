@@ -2,6 +2,9 @@
 
 A model's pipelines share one UNet and text encoder(s) (img2img and ControlNet pipelines come
 from `from_pipe`), so a LoRA loaded into the text-to-image pipeline is there for all of them.
+The one exception is a model's dedicated 9-channel inpainting UNet (`inpaint_source`), which
+zooms, pans and region edits paint with: it gets the LoRA's UNet weights loaded into it as well
+(`add_unet`), under the same adapter name, so an edit of a LoRA job keeps the LoRA's look.
 Loaded adapters stay in memory with their model; a job turns on exactly its own with
 `set_adapters` and turns them all off again when it ends, so the next job, with other LoRAs or
 none, never sees them. Every candidate of a job runs in the same pipeline call with the same
@@ -37,6 +40,10 @@ class LoraSet:
         self.local_files_only = local_files_only
         # Configured name -> peft adapter name (peft wants identifier-like names).
         self._adapters: dict[str, str] = {}
+        # Configured name -> where its weights came from, to load them into further UNets.
+        self._specs: dict[str, LoraSpec] = {}
+        # UNets of this model that are not the pipeline's own (the inpainting UNet).
+        self._unets: list[Any] = []
         self._counter = 0
 
     @property
@@ -64,28 +71,82 @@ class LoraSet:
                     cache_dir=str(self.cache_dir / "hub"),
                     local_files_only=self.local_files_only,
                 )
+            for unet in self._unets:
+                self._load_into_unet(unet, spec, adapter)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             # A half-loaded adapter would be active in every later job.
             with contextlib.suppress(Exception):
                 self.pipe.delete_adapters(adapter)
+            for unet in self._unets:
+                with contextlib.suppress(Exception):
+                    unet.delete_adapters(adapter)
             raise ValueError(f"lora: cannot load {spec.name!r} from {spec.source} ({exc})") from exc
         self._adapters[spec.name] = adapter
+        self._specs[spec.name] = spec
         # load_lora_weights leaves the new adapter active; jobs that do not ask for it must not
         # get it.
         self.pipe.disable_lora()
+        for unet in self._unets:
+            unet.disable_lora()
         log.info("loaded LoRA %s in %.2fs", spec.name, time.perf_counter() - started)
         return adapter
+
+    def add_unet(self, unet: Any) -> None:
+        """Give `unet` (another UNet of the same model, e.g. its 9-channel inpainting UNet)
+        every LoRA loaded so far and every one loaded later; it is switched with the others."""
+        if unet is self.pipe.unet or any(unet is known for known in self._unets):
+            return
+        present = getattr(unet, "peft_config", {})
+        for name, adapter in self._adapters.items():
+            if adapter in present:
+                continue
+            try:
+                self._load_into_unet(unet, self._specs[name], adapter)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                with contextlib.suppress(Exception):
+                    unet.unload_lora()
+                raise ValueError(
+                    f"lora: {name!r} does not fit the inpainting UNet of this model ({exc})"
+                ) from exc
+        if self._adapters:
+            # Loaded adapters start turned off, as in `ensure`.
+            unet.disable_lora()
+        self._unets.append(unet)
+
+    def _load_into_unet(self, unet: Any, spec: LoraSpec, adapter: str) -> None:
+        """The UNet half of `spec` into `unet` (its text-encoder half is already in the shared
+        text encoder)."""
+        path = Path(spec.source).expanduser()
+        if path.is_file():
+            source, kwargs = str(path.parent), {"weight_name": path.name}
+        else:
+            source = spec.source
+            kwargs = {
+                "cache_dir": str(self.cache_dir / "hub"),
+                "local_files_only": self.local_files_only,
+            }
+        state_dict, alphas, metadata = self.pipe.lora_state_dict(
+            source, return_lora_metadata=True, **kwargs
+        )
+        type(self.pipe).load_lora_into_unet(
+            state_dict, alphas, unet=unet, adapter_name=adapter, metadata=metadata
+        )
 
     def unload(self, name: str) -> None:
         """Drop one LoRA's weights from the model (the model's own weights are untouched)."""
         adapter = self._adapters.pop(name, None)
+        self._specs.pop(name, None)
         if adapter is None:
             return
         if self._adapters:
             self.pipe.delete_adapters(adapter)
+            for unet in self._unets:
+                unet.delete_adapters(adapter)
         else:
             # The last one: peft's wrapper layers go too and the model is its plain self again.
             self.pipe.unload_lora_weights()
+            for unet in self._unets:
+                unet.unload_lora()
 
     @contextlib.contextmanager
     def active(self, loras: Sequence[tuple[LoraSpec, float]]) -> Iterator[None]:
@@ -98,9 +159,14 @@ class LoraSet:
         try:
             self.pipe.enable_lora()
             self.pipe.set_adapters(adapters, adapter_weights=weights)
+            for unet in self._unets:
+                unet.enable_lora()
+                unet.set_adapters(adapters, weights=weights)
             yield
         finally:
             self.pipe.disable_lora()
+            for unet in self._unets:
+                unet.disable_lora()
 
 
 def requested_loras(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
 from generation.contract import GenerationRequest, JobKind
+from generation.settings import EngineSettings, ModelSpec
 
 
 def imagine(**changes: object) -> GenerationRequest:
@@ -22,6 +25,18 @@ def imagine(**changes: object) -> GenerationRequest:
     }
     values.update(changes)
     return GenerationRequest(**values)  # type: ignore[arg-type]
+
+
+def tiny_settings(tiny_cache: Path, *models: ModelSpec, **changes: object) -> EngineSettings:
+    """Offline settings on the CPU over the tiny model (or `models`), with `changes`."""
+    values: dict[str, object] = {
+        "models": models or (ModelSpec("tiny", "tiny", base_resolution=128),),
+        "cache_dir": tiny_cache,
+        "device": "cpu",
+        "local_files_only": True,
+        **changes,
+    }
+    return EngineSettings(**values)  # type: ignore[arg-type]
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -13,9 +13,9 @@ from generation.contract import InputImage, InputRole, variation_request
 from generation.engine import DiffusersEngine, create_engine
 from generation.images import a1111_parameters, parse_a1111_parameters
 from generation.preprocess import Preprocessors, canny
-from generation.settings import ControlNetSpec, EngineSettings, ModelSpec, Preprocessor
+from generation.settings import ControlNetSpec, EngineSettings, Preprocessor
 from generation.tiny import TINY_SD_DIR, build_tiny_controlnet, build_tiny_depth
-from tests.generation.helpers import imagine, max_diff, pixels
+from tests.generation.helpers import imagine, max_diff, pixels, tiny_settings
 
 
 def _shapes() -> Image.Image:
@@ -31,11 +31,8 @@ def control_settings(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("controlnets")
     controlnet = build_tiny_controlnet(root / "cn", tiny_cache / TINY_SD_DIR)
     depth_model = build_tiny_depth(root / "dpt")
-    return EngineSettings(
-        models=(ModelSpec("tiny", "tiny", base_resolution=128),),
-        cache_dir=tiny_cache,
-        device="cpu",
-        local_files_only=True,
+    return tiny_settings(
+        tiny_cache,
         controlnets=(
             ControlNetSpec("canny", str(controlnet), preprocessor=Preprocessor.CANNY),
             ControlNetSpec(

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from generation.contract import LoraWeight, PromptPart
+from generation.contract import LoraWeight, PromptPart, zoom_request
 from generation.engine import DiffusersEngine, create_engine
 from generation.images import a1111_parameters, parse_a1111_parameters
 from generation.lora import apply_trigger_words
 from generation.settings import EngineSettings, LoraSpec, ModelSpec
 from generation.tiny import TINY_SD_DIR, build_tiny_lora
-from tests.generation.helpers import imagine, max_diff
+from tests.generation.helpers import imagine, max_diff, tiny_settings
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +22,11 @@ def lora_settings(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
     folder = tmp_path_factory.mktemp("loras")
     ink = build_tiny_lora(folder / "ink.safetensors", tiny_cache / TINY_SD_DIR, seed=1)
     paper = build_tiny_lora(folder / "paper.safetensors", tiny_cache / TINY_SD_DIR, seed=2)
-    return EngineSettings(
-        models=(ModelSpec("tiny", "tiny", base_resolution=128),),
-        cache_dir=tiny_cache,
-        device="cpu",
-        local_files_only=True,
+    return tiny_settings(
+        tiny_cache,
+        ModelSpec("tiny", "tiny", base_resolution=128),
+        # Edits of this one paint with the tiny 9-channel inpainting UNet.
+        ModelSpec("tiny-inpainting", "tiny", base_resolution=128, inpaint_source="tiny-inpaint"),
         loras=(
             LoraSpec("ink", str(ink), trigger_words=("inkstyle",), description="ink wash"),
             LoraSpec("paper", str(paper), default_weight=0.8),
@@ -147,3 +147,35 @@ def test_lora_dtype_follows_the_model(lora_engine: DiffusersEngine) -> None:
     unet = lora_engine.pipelines("tiny")[0].unet
     lora_params = [p for name, p in unet.named_parameters() if "lora_" in name]
     assert lora_params and all(p.dtype == torch.float32 for p in lora_params)
+
+
+def test_an_edit_on_a_dedicated_inpainting_unet_keeps_the_loras(
+    lora_engine: DiffusersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _image(lora_engine, model="tiny-inpainting", seed=5)
+
+    def zoomed(*loras: LoraWeight):
+        parent = imagine(model="tiny-inpainting", num_candidates=1, num_kept=1, loras=loras)
+        request = zoom_request(parent, source, factor=2.0, seed=13)
+        return lora_engine.generate(request).images[0]
+
+    base = zoomed()
+    inked = zoomed(LoraWeight("ink", 1.0))
+    assert max_diff(base, inked) > 10
+    # The inpainting UNet holds the LoRA too (not only the shared text encoder), switched off
+    # again for the next edit, which equals the first.
+    inpaint_unet = lora_engine._loaded["tiny-inpainting"].inpaint.unet
+    assert inpaint_unet is not lora_engine.pipelines("tiny-inpainting")[0].unet
+    assert inpaint_unet.config.in_channels == 9
+    assert any("lora_A" in name for name, _ in inpaint_unet.named_modules())
+    assert max_diff(base, zoomed()) <= 1
+    # Its UNet half matters: the same edit with the LoRA left switched off in that UNet (only
+    # the shared text encoder's half on) differs from the full LoRA edit.
+    loras = lora_engine._loaded["tiny-inpainting"].loras
+    assert loras is not None
+    with monkeypatch.context() as patch:
+        patch.setattr(loras, "_unets", [])
+        patch.setattr(loras, "add_unet", lambda unet: None)
+        text_only = zoomed(LoraWeight("ink", 1.0))
+    assert max_diff(text_only, inked) > 5
+    assert max_diff(inked, zoomed(LoraWeight("ink", 1.0))) <= 1
