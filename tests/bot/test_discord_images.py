@@ -267,3 +267,30 @@ async def test_bad_pictures_are_refused_privately_and_cost_nothing(
                 image=Upload("art.png", flagged.getvalue()),
             )
             await job.wait_original(lambda m: "Queued: job" in m.content, timeout=JOB_TIMEOUT_S)
+
+
+async def test_a_control_image_is_fetched_only_after_the_command_is_acknowledged(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    """A slow link must not miss Discord's 3 s: the ControlNet's picture, like an image
+    prompt, is fetched after the private "thinking…" (bot/catalog_commands.py)."""
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(bot):
+            job = await fake.slash(
+                alice,
+                "imagine",
+                prompt="a house",
+                control_image=Upload("edges.png", png((0, 0, 0))),
+            )
+            assert await job.wait_acked() == 5 and job.ephemeral
+            refusal = await job.wait_message(lambda m: m.ephemeral and "control_image" in m.content)
+            assert "--cn" in refusal.content
+            order = [
+                (r.method, r.path.split("/")[1])
+                for r in fake.requests
+                if r.path.startswith(("/cdn/", "/interactions/"))
+            ]
+            assert order.index(("POST", "interactions")) < order.index(("GET", "cdn")), order
+            assert await available(bot, alice.id) == ALLOWANCE
