@@ -30,6 +30,7 @@ FAMILY_NAMES = {"sd": "SD 1.x", "sdxl": "SDXL"}
 PREPROCESSOR_NAMES = {
     "canny": "edges (Canny)",
     "depth": "depth map",
+    "lineart": "line art (the lines of your picture)",
     "none": "your picture as the map",
 }
 # What was typed before the LoRA being completed: `ink:0.5, pix` completes `pix`.

@@ -117,6 +117,7 @@ class LoraSet:
         """The UNet half of `spec` into `unet` (its text-encoder half is already in the shared
         text encoder)."""
         path = Path(spec.source).expanduser()
+        kwargs: dict[str, Any]
         if path.is_file():
             source, kwargs = str(path.parent), {"weight_name": path.name}
         else:

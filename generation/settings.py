@@ -29,7 +29,12 @@ class Preprocessor(StrEnum):
 
     CANNY = "canny"  # edges, with OpenCV
     DEPTH = "depth"  # a depth map from a transformers depth model (DPT)
-    NONE = "none"  # the picture already is a control map (a pose skeleton, line art …)
+    # The picture's drawn lines, white on black, found with OpenCV: a classical stand-in for
+    # the model-based line-art annotator the line-art ControlNets were trained with.
+    LINEART = "lineart"
+    # The picture already is a control map: a pose skeleton (OpenPose-style, made elsewhere),
+    # a scribble, line art drawn by hand …
+    NONE = "none"
 
 
 # The depth model a DEPTH ControlNet uses unless it names one (the one diffusers' ControlNet

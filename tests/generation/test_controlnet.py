@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from generation.contract import InputImage, InputRole, variation_request
 from generation.engine import DiffusersEngine, create_engine
 from generation.images import a1111_parameters, parse_a1111_parameters
-from generation.preprocess import Preprocessors, canny
+from generation.preprocess import Preprocessors, canny, lineart
 from generation.settings import ControlNetSpec, EngineSettings, Preprocessor
 from generation.tiny import TINY_SD_DIR, build_tiny_controlnet, build_tiny_depth
 from tests.generation.helpers import imagine, max_diff, pixels, tiny_settings
@@ -169,3 +169,41 @@ def test_an_edit_of_a_controlnet_job_runs_without_the_controlnet(
     )
     assert zoomed.control_map is None
     assert zoomed.images[0].size == (64, 64)
+
+
+def test_lineart_draws_the_dark_lines_white_on_black() -> None:
+    drawing = Image.new("RGB", (128, 128), (235, 235, 235))
+    draw = ImageDraw.Draw(drawing)
+    draw.line((10, 20, 118, 20), fill=(30, 30, 30), width=2)
+    draw.rectangle((60, 60, 120, 120), fill=(90, 90, 90))
+    lines = pixels(lineart(drawing))
+    assert lines.shape == (128, 128, 3)
+    assert (lines[..., 0] == lines[..., 2]).all()
+    # The stroke is a bright line; the flat paper and the inside of the flat grey box are black,
+    # whatever their shade, and the box's border is a line on its darker side.
+    assert lines[20:22, 15:110].min() >= 200
+    assert lines[5:12, :].max() == 0 and lines[90, 90].max() == 0
+    assert lines[90, 60].max() > 100
+    assert pixels(lineart(Image.new("RGB", (64, 64), "grey"))).max() == 0
+    # Soft, not Canny's two levels: some pixels are on the way to white.
+    assert len(np.unique(lines)) > 3
+
+
+def test_a_lineart_controlnet_follows_the_line_art_map(
+    control_settings: EngineSettings, tiny_cache: Path
+) -> None:
+    import dataclasses
+
+    canny_spec = control_settings.controlnet("canny")
+    settings = dataclasses.replace(
+        control_settings,
+        controlnets=(
+            dataclasses.replace(canny_spec, name="lines", preprocessor=Preprocessor.LINEART),
+        ),
+    )
+    settings.validate()
+    engine = create_engine(settings)
+    result = engine.generate(_controlled("lines", _shapes()))
+    expected = lineart(_shapes().resize((64, 64), Image.Resampling.LANCZOS))
+    assert result.control_map is not None
+    assert max_diff(result.control_map, expected) == 0
