@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
 import discord
 
@@ -39,18 +39,41 @@ def _action(name: str) -> Action | None:
     return Action.__members__.get(name)
 
 
-def _button(
-    button_id: str,
-    label: str | None,
-    emoji: str | None,
-    style: discord.ButtonStyle,
-    row: int | None,
-) -> discord.ui.Button[Any]:
-    """The discord.py button a persistent (custom_id-addressed) item wraps."""
-    return discord.ui.Button(label=label, emoji=emoji, style=style, row=row, custom_id=button_id)
+class PersistentButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"(?!)"):
+    """A button whose custom_id carries everything a press needs (the job id, the image …), so
+    it works after a restart: discord.py rebuilds it from the id with `from_match`. Subclasses
+    give their own `template` (this base's matches nothing, so it is never dispatched)."""
+
+    def __init__(
+        self,
+        button_id: str,
+        *,
+        label: str | None = None,
+        emoji: str | None = None,
+        style: discord.ButtonStyle = discord.ButtonStyle.secondary,
+        row: int | None = None,
+    ) -> None:
+        super().__init__(
+            discord.ui.Button(label=label, emoji=emoji, style=style, row=row, custom_id=button_id)
+        )
+
+    @classmethod
+    def from_match(cls, match: re.Match[str]) -> Self:
+        """The button a custom_id that matched the template names."""
+        raise NotImplementedError
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+        /,
+    ) -> Self:
+        return cls.from_match(match)
 
 
-class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_TEMPLATE):
+class JobButton(PersistentButton, template=_TEMPLATE):
     def __init__(
         self,
         action: Action,
@@ -62,19 +85,14 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_TEMPLA
         style: discord.ButtonStyle = discord.ButtonStyle.secondary,
         row: int | None = None,
     ) -> None:
-        super().__init__(_button(custom_id(action, job_id, index), label, emoji, style, row))
+        button_id = custom_id(action, job_id, index)
+        super().__init__(button_id, label=label, emoji=emoji, style=style, row=row)
         self.action = action
         self.job_id = job_id
         self.index = index
 
     @classmethod
-    async def from_custom_id(
-        cls,
-        interaction: discord.Interaction[Any],
-        item: discord.ui.Item[Any],
-        match: re.Match[str],
-        /,
-    ) -> JobButton:
+    def from_match(cls, match: re.Match[str]) -> Self:
         return cls(Action(match["action"]), int(match["job"]), int(match["index"] or 0))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
@@ -92,7 +110,7 @@ class UiAction(StrEnum):
 _UI_TEMPLATE = re.compile(r"imagine-ui:(?P<what>CZ|VR|DEL):(?P<job>[0-9]{1,19}):(?P<index>[1-9])")
 
 
-class UiButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_UI_TEMPLATE):
+class UiButton(PersistentButton, template=_UI_TEMPLATE):
     def __init__(
         self,
         what: UiAction,
@@ -104,21 +122,14 @@ class UiButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_UI_TEMP
         style: discord.ButtonStyle = discord.ButtonStyle.secondary,
         row: int | None = None,
     ) -> None:
-        super().__init__(
-            _button(f"imagine-ui:{what.value}:{job_id}:{index}", label, emoji, style, row)
-        )
+        button_id = f"imagine-ui:{what.value}:{job_id}:{index}"
+        super().__init__(button_id, label=label, emoji=emoji, style=style, row=row)
         self.what = what
         self.job_id = job_id
         self.index = index
 
     @classmethod
-    async def from_custom_id(
-        cls,
-        interaction: discord.Interaction[Any],
-        item: discord.ui.Item[Any],
-        match: re.Match[str],
-        /,
-    ) -> UiButton:
+    def from_match(cls, match: re.Match[str]) -> Self:
         return cls(UiAction(match["what"]), int(match["job"]), int(match["index"]))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
 import discord
 
 from bot import render
+from bot.buttons import PersistentButton
 from bot.core.models import Job
 
 _TEMPLATE = re.compile(r"describe:(?P<action>I|R):(?P<job>[0-9]{1,19})(?::(?P<index>[1-4]))?")
@@ -30,7 +31,7 @@ def custom_id(action: DescribeAction, job_id: int, index: int = 0) -> str:
     return f"describe:{action.value}:{job_id}{suffix}"
 
 
-class DescribeButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_TEMPLATE):
+class DescribeButton(PersistentButton, template=_TEMPLATE):
     def __init__(
         self,
         action: DescribeAction,
@@ -40,26 +41,13 @@ class DescribeButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=_T
         label: str | None = None,
         emoji: str | None = None,
     ) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label=label,
-                emoji=emoji,
-                style=discord.ButtonStyle.secondary,
-                custom_id=custom_id(action, job_id, index),
-            )
-        )
+        super().__init__(custom_id(action, job_id, index), label=label, emoji=emoji)
         self.action = action
         self.job_id = job_id
         self.index = index
 
     @classmethod
-    async def from_custom_id(
-        cls,
-        interaction: discord.Interaction[Any],
-        item: discord.ui.Item[Any],
-        match: re.Match[str],
-        /,
-    ) -> DescribeButton:
+    def from_match(cls, match: re.Match[str]) -> Self:
         return cls(DescribeAction(match["action"]), int(match["job"]), int(match["index"] or 0))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
