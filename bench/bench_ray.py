@@ -44,10 +44,11 @@ from bench._common import percentile, small_request
 from bot.config import Config, CreditsConfig, SchedulerConfig, WorkersConfig
 from bot.core import Core, Finished, JobEvent, Owner, ProcessWorker, ProgressUpdate, Started
 from bot.core.execute import WorkItem
-from bot.core.ray_workers import RayPool, RayWorker
+from bot.core.ray_workers import NAMESPACE, RayPool, RayWorker
 from bot.core.workers import Worker
 from generation.contract import GenerationRequest
 from generation.settings import EngineSettings
+from tests.core.conftest import ready_workers
 
 NOOP = "tests.core.fakes:create_fake_engine"
 ACTOR_COUNTS = (1, 2, 4)
@@ -64,6 +65,8 @@ def local_cluster() -> Iterator[Cluster]:
     try:
         cluster.add_node(num_cpus=1, resources={f"g{n}": n for n in ACTOR_COUNTS})
         cluster.wait_for_nodes()
+        # This script's own driver, to kill actors from outside the bot.
+        ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
     finally:
         if ray.is_initialized():
@@ -157,14 +160,6 @@ class _Collect:
         self.workers = [w for w in self.workers if w is not worker]
 
 
-async def wait_ready(core: Core, count: int) -> None:
-    while True:
-        states = core.scheduler.worker_states()
-        if len(states) == count and all(s.ready for s in states):
-            return
-        await asyncio.sleep(0.05)
-
-
 async def jobs_per_second(
     cluster: Cluster, actors: int, jobs: int, steps: int, step_s: float
 ) -> float:
@@ -172,7 +167,7 @@ async def jobs_per_second(
         config = bench_config(Path(tmp), cluster, f"g{actors}", step_s)
         core = await Core.open(config, engine_factory=NOOP)
         try:
-            await asyncio.wait_for(wait_ready(core, actors), 120)
+            await ready_workers(core, actors, 120)
             done = asyncio.Event()
             left = {"n": jobs}
 
@@ -214,7 +209,7 @@ async def failover(cluster: Cluster, rounds: int) -> None:
         assert core.ray_pool is not None
         try:
             for index in range(rounds):
-                await asyncio.wait_for(wait_ready(core, 2), 120)
+                await ready_workers(core, 2, 120)
                 job = await core.scheduler.submit(Owner(user_id=1), noop_request(index, 150))
                 killed_at = None
                 redispatched = None
@@ -224,7 +219,8 @@ async def failover(cluster: Cluster, rounds: int) -> None:
                             running = {s.name for s in core.scheduler.worker_states() if s.jobs}
                             (worker,) = [w for w in core.ray_pool.workers if w.name in running]
                             killed_at = time.perf_counter()
-                            ray.kill(worker.actor)
+                            assert worker.actor_name is not None
+                            ray.kill(ray.get_actor(worker.actor_name, namespace=NAMESPACE))
                         elif isinstance(event, Started) and killed_at is not None:
                             # The last start counts: the killed worker hands the job back
                             # while its actor is replaced, and another worker takes it.

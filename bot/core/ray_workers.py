@@ -1,11 +1,12 @@
 """Workers on a Ray cluster (`[workers] backend = "ray"`): one long-lived actor per GPU.
 
 The scheduler, the fair queue and the credits ledger stay in the bot process; Ray only places
-and runs the GPU work. `RayPool` watches the cluster's nodes (`ray.nodes()`, off the event
-loop) and keeps one `RayWorker` per unit of the GPU resource of every live node: a node that
-joins gets workers, one that leaves loses them. Each `RayWorker` is an ordinary `Worker` to the
-scheduler and owns one `EngineActor`, pinned to its node, which builds the engine once and
-runs job after job.
+and runs the GPU work. The bot never calls Ray itself: a `RayBridge` process holds the
+connection (see bot/core/ray_bridge.py for why). `RayPool` looks at the cluster's nodes every
+`ray_watch_interval_s` and keeps one `RayWorker` per unit of the GPU resource of every live
+node: a node that joins gets workers, one that leaves loses them. Each `RayWorker` is an
+ordinary `Worker` to the scheduler and owns one `EngineActor`, pinned to its node, which builds
+the engine once and runs job after job.
 
 Nothing crosses a shared filesystem: the bot reads a job's input files and sends their bytes
 with the job, the actor sends the PNGs back as bytes, and the bot writes them into its own
@@ -14,7 +15,7 @@ data folder with the same code the local worker process uses (`execute.write_res
 Failures keep their local meaning: an actor (or its node) that dies under a job is a
 `WorkerCrashed` (re-queued at most `max_attempts` times), a timeout kills the actor, and an
 unreachable cluster leaves every job queued, with one log line and a status for
-`/admin workers`, until it answers again.
+`/admin workers` and `/readyz`, until it answers again (through a fresh bridge).
 
 Ray is optional: nothing imports it until the Ray backend is asked for.
 """
@@ -25,15 +26,16 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib.util
+import itertools
 import logging
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from bot.config import Config
 from bot.core.execute import (
@@ -49,6 +51,7 @@ from bot.core.execute import (
     safe_path,
     write_result,
 )
+from bot.core.ray_bridge import BridgeError, BridgeLost, RayBridge
 from bot.core.workers import (
     JobTimeout,
     ProgressSink,
@@ -62,12 +65,14 @@ from generation.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 NAMESPACE = "imagine-bot"
-# Connecting, listing nodes, killing an actor: a cluster that does not answer in this long is
-# treated as unreachable (the call may go on hanging in its daemon thread; nobody waits for it).
+# Creating or killing an actor: a call that does not answer in this long has failed (it may go
+# on hanging in the bridge process; nobody waits for it).
 CALL_TIMEOUT_S = 30.0
+# Connecting to the cluster (the bridge process starts, imports Ray and joins).
+CONNECT_TIMEOUT_S = 30.0
+# One look at the cluster's nodes.
+LOOK_TIMEOUT_S = 15.0
 # How long one progress call waits in the actor for the next step.
 PROGRESS_POLL_S = 1.0
 # Threads of an actor: the job, its progress poll, a cancel, and room for a describe.
@@ -102,41 +107,6 @@ class WorkerHost(Protocol):
     def add_worker(self, worker: Worker) -> None: ...
 
     async def remove_worker(self, worker: Worker) -> None: ...
-
-
-async def in_daemon_thread(call: Callable[[], T], timeout_s: float) -> T:
-    """Run a Ray call that may block, or hang against a cluster that went away, in a daemon
-    thread: it never holds up the event loop, and a hung one never holds up the bot's exit
-    (the default executor's threads are joined at exit)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def target() -> None:
-        try:
-            result = call()
-        except BaseException as exc:
-            outcome: tuple[T | None, BaseException | None] = (None, exc)
-        else:
-            outcome = (result, None)
-        with contextlib.suppress(RuntimeError):  # the loop has closed
-            loop.call_soon_threadsafe(settle, *outcome)
-
-    threading.Thread(target=target, name="ray-call", daemon=True).start()
-    return await asyncio.wait_for(future, timeout_s)
-
-
-def _short(exc: BaseException) -> str:
-    """One line about a Ray error (whose text may hold a whole remote traceback)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
 # ----- the actor: runs in a Ray worker process on a GPU node ----------------------------------
@@ -245,14 +215,28 @@ class ActorSpec:
     log_level: int
 
 
+def actor_options(gpu_resource: str) -> dict[str, Any]:
+    """Ray's options for one actor that takes one unit of `gpu_resource`."""
+    options: dict[str, Any] = {
+        "num_cpus": 0,
+        "max_concurrency": ACTOR_CONCURRENCY,
+        "max_restarts": 0,
+    }
+    if gpu_resource == "GPU":
+        # Ray gives the actor one GPU of its node and sets CUDA_VISIBLE_DEVICES to it.
+        options["num_gpus"] = 1
+    else:
+        options["resources"] = {gpu_resource: 1}
+    return options
+
+
 class RayWorker:
     """One GPU unit of one node, as a `Worker` (capacity 1). The actor is created on start;
     after a crash or a timeout a new one is created in the background, on the same node."""
 
     def __init__(
         self,
-        ray: ModuleType,
-        actor_class: Any,
+        bridge: RayBridge,
         spec: ActorSpec,
         data_dir: Path,
         node_id: str,
@@ -267,24 +251,26 @@ class RayWorker:
         self.slot = slot
         self.restarts = 0
         self.pid: int | None = None
-        self._ray = ray
-        self._actor_class = actor_class
+        self._bridge = bridge
         self._spec = spec
         self._data_dir = data_dir.resolve()
-        self._actor: Any = None
-        self._starting: asyncio.Task[Any] | None = None
+        # Actor names are unique in the namespace: this bot (its bridge), this worker, a count.
+        self._name_prefix = f"{self.name}-{bridge.pid}"
+        self._names = itertools.count()
+        self._actor: str | None = None
+        self._starting: asyncio.Task[str] | None = None
         self._current: int | None = None
         self._closed = False
 
     @property
-    def actor(self) -> Any:
-        """The live actor's handle, None between actors."""
+    def actor_name(self) -> str | None:
+        """The live actor's name in the `imagine-bot` namespace, None between actors."""
         return self._actor
 
     async def start(self) -> None:
         await self._ensure_actor()
 
-    async def _ensure_actor(self) -> Any:
+    async def _ensure_actor(self) -> str:
         if self._closed:
             raise WorkerStartFailed(f"worker {self.name} is closed")
         if self._actor is not None:
@@ -298,27 +284,22 @@ class RayWorker:
             if task.done() and self._starting is task:
                 self._starting = None
 
-    async def _spawn(self) -> Any:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    async def _spawn(self) -> str:
         spec = self._spec
-        options: dict[str, Any] = {
-            "num_cpus": 0,
-            "max_concurrency": ACTOR_CONCURRENCY,
-            "max_restarts": 0,
-            # Pinned: this worker stands for a GPU of this node, and leaves with it.
-            "scheduling_strategy": NodeAffinitySchedulingStrategy(self.node_id, soft=False),
-        }
-        if spec.gpu_resource == "GPU":
-            options["num_gpus"] = 1  # Ray sets CUDA_VISIBLE_DEVICES in the actor
-        else:
-            options["resources"] = {spec.gpu_resource: 1}
-        actor = self._actor_class.options(**options).remote(
-            spec.factory, spec.settings, spec.log_level
-        )
+        actor = f"{self._name_prefix}-{next(self._names)}"
         try:
-            info = await asyncio.wait_for(
-                asyncio.wrap_future(actor.describe.remote().future()), spec.startup_timeout_s
+            await self._bridge.call(
+                "create",
+                actor,
+                self.node_id,
+                actor_options(spec.gpu_resource),
+                spec.factory,
+                spec.settings,
+                spec.log_level,
+                timeout_s=CALL_TIMEOUT_S,
+            )
+            info = await self._bridge.call(
+                "method", actor, "describe", (), timeout_s=spec.startup_timeout_s
             )
         except BaseException as exc:
             self._kill_later(actor)
@@ -327,7 +308,7 @@ class RayWorker:
             reason = (
                 f"no answer in {spec.startup_timeout_s:g} s"
                 if isinstance(exc, TimeoutError)
-                else _short(exc)
+                else str(exc)
             )
             raise WorkerStartFailed(f"worker {self.name}: engine did not start: {reason}") from exc
         if self._closed:
@@ -348,7 +329,7 @@ class RayWorker:
         self._starting = asyncio.create_task(self._spawn(), name=f"{self.name}-respawn")
         self._starting.add_done_callback(self._restarted)
 
-    def _restarted(self, task: asyncio.Task[Any]) -> None:
+    def _restarted(self, task: asyncio.Task[str]) -> None:
         if task.cancelled():
             return
         if task.exception() is not None:
@@ -357,18 +338,18 @@ class RayWorker:
         elif self._starting is task:
             self._starting = None
 
-    def _lost(self, actor: Any, kill: bool) -> None:
-        if self._actor is actor:
+    def _lost(self, actor: str, kill: bool) -> None:
+        if self._actor == actor:
             self._actor = None
         if kill:
             self._kill_later(actor)
         self.restarts += 1
         self._restart_soon()
 
-    def _kill_later(self, actor: Any) -> None:
+    def _kill_later(self, actor: str) -> None:
         async def kill() -> None:
             with contextlib.suppress(Exception):
-                await in_daemon_thread(lambda: self._ray.kill(actor), CALL_TIMEOUT_S)
+                await self._bridge.call("kill", actor, timeout_s=CALL_TIMEOUT_S)
 
         task = asyncio.get_running_loop().create_task(kill())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -407,18 +388,16 @@ class RayWorker:
 
     async def _run_on(
         self,
-        actor: Any,
+        actor: str,
         item: WorkItem,
         inputs: Mapping[str, bytes],
         on_progress: ProgressSink,
         timeout_s: float,
     ) -> tuple[Any, ...]:
-        exceptions = self._ray.exceptions
         follower = asyncio.create_task(self._follow(actor, item.job_id, on_progress))
         try:
-            reference = actor.run.remote(item, dict(inputs))
-            reply: tuple[Any, ...] = await asyncio.wait_for(
-                asyncio.wrap_future(reference.future()), timeout_s
+            reply: tuple[Any, ...] = await self._bridge.call(
+                "method", actor, "run", (item, dict(inputs)), timeout_s=timeout_s
             )
             return reply
         except TimeoutError:
@@ -430,22 +409,29 @@ class RayWorker:
             # have a free GPU.
             self._lost(actor, kill=True)
             raise
-        except exceptions.RayTaskError as exc:
-            # `run` returns its errors; one that escapes it is a bug of the worker's.
-            log.error("worker %s: job %d: %s", self.name, item.job_id, exc)
-            raise JobError("the worker failed", "worker") from exc
-        except (exceptions.RayError, ConnectionError) as exc:
+        except BridgeError as exc:
+            if exc.kind == "task":
+                # `run` returns its errors; one that escapes it is a bug of the worker's.
+                log.error("worker %s: job %d: %s", self.name, item.job_id, exc)
+                raise JobError("the worker failed", "worker") from exc
             self._lost(actor, kill=False)
-            raise WorkerCrashed(f"the Ray actor of worker {self.name} died: {_short(exc)}") from exc
+            raise WorkerCrashed(f"the Ray actor of worker {self.name} died: {exc}") from exc
+        except BridgeLost as exc:
+            self._lost(actor, kill=False)
+            raise WorkerCrashed(f"worker {self.name} lost its Ray cluster: {exc}") from exc
         finally:
             follower.cancel()
 
-    async def _follow(self, actor: Any, job_id: int, on_progress: ProgressSink) -> None:
+    async def _follow(self, actor: str, job_id: int, on_progress: ProgressSink) -> None:
         step = 0
         while True:
             try:
-                update = await asyncio.wrap_future(
-                    actor.progress.remote(job_id, step, PROGRESS_POLL_S).future()
+                update = await self._bridge.call(
+                    "method",
+                    actor,
+                    "progress",
+                    (job_id, step, PROGRESS_POLL_S),
+                    timeout_s=PROGRESS_POLL_S + CALL_TIMEOUT_S,
                 )
             except Exception:
                 return  # the actor is gone: the job's own call says how
@@ -460,7 +446,7 @@ class RayWorker:
         actor = self._actor
         if actor is not None and self._current == job_id:
             with contextlib.suppress(Exception):
-                actor.cancel.remote(job_id)
+                await self._bridge.call("method", actor, "cancel", (job_id,), timeout_s=5.0)
 
     async def close(self) -> None:
         self._closed = True
@@ -471,14 +457,15 @@ class RayWorker:
         actor, self._actor = self._actor, None
         if actor is not None:
             with contextlib.suppress(Exception):
-                await in_daemon_thread(lambda: self._ray.kill(actor), CALL_TIMEOUT_S)
+                await self._bridge.call("kill", actor, timeout_s=CALL_TIMEOUT_S)
 
 
 # ----- the pool: one worker per GPU of every live node ----------------------------------------
 
 
 class RayPool:
-    """Connects to the cluster and keeps the host's Ray workers in step with its GPU nodes."""
+    """Connects to the cluster (through a `RayBridge`) and keeps the host's Ray workers in step
+    with its GPU nodes; throws the bridge away when the cluster stops answering."""
 
     def __init__(
         self,
@@ -500,19 +487,23 @@ class RayPool:
             startup_timeout_s=config.scheduler.worker_startup_timeout_s,
             log_level=log_level if log_level is not None else logging.getLogger().level,
         )
-        self._ray = import_ray(self._address)
-        self._actor_class: Any = self._ray.remote(EngineActor)
+        # Fails now, with the line to print, when Ray is not installed.
+        import_ray(self._address)
         self._host: WorkerHost | None = None
+        self._bridge: RayBridge | None = None
         self._workers: dict[tuple[str, int], RayWorker] = {}
         self._task: asyncio.Task[None] | None = None
-        self._probe: asyncio.Future[dict[tuple[str, int], str]] | None = None
-        self._owns_connection = False
         self._down_since: float | None = None
         self.status = f"connecting to the Ray cluster at {self._address}"
 
     @property
     def workers(self) -> list[RayWorker]:
         return list(self._workers.values())
+
+    @property
+    def bridge_pid(self) -> int | None:
+        """The process that holds the Ray connection now (None while disconnected)."""
+        return self._bridge.pid if self._bridge is not None else None
 
     async def start(self, host: WorkerHost) -> None:
         """Look at the cluster now, then every `ray_watch_interval_s`."""
@@ -532,7 +523,10 @@ class RayPool:
         """One look at the cluster: add workers for new GPUs, drop those of gone nodes."""
         assert self._host is not None
         try:
-            slots = await self._look()
+            bridge = await self._connected()
+            slots: dict[tuple[str, int], str] = await bridge.call(
+                "slots", self._spec.gpu_resource, timeout_s=LOOK_TIMEOUT_S
+            )
         except Exception as exc:
             await self._unreachable(exc)
             return
@@ -550,9 +544,7 @@ class RayPool:
         for key, node_ip in slots.items():
             if key not in self._workers:
                 node_id, slot = key
-                worker = RayWorker(
-                    self._ray, self._actor_class, self._spec, self._data_dir, node_id, node_ip, slot
-                )
+                worker = RayWorker(bridge, self._spec, self._data_dir, node_id, node_ip, slot)
                 self._workers[key] = worker
                 log.info("worker %s joined on Ray node %s", worker.name, node_ip)
                 self._host.add_worker(worker)
@@ -562,42 +554,17 @@ class RayPool:
             f"on {nodes} node(s)"
         )
 
-    async def _look(self) -> dict[tuple[str, int], str]:
-        # One probe at a time: against a cluster that hangs, later looks wait for the same one
-        # instead of piling up threads.
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.ensure_future(in_daemon_thread(self._gpu_slots, 1e9))
-        return await asyncio.wait_for(asyncio.shield(self._probe), CALL_TIMEOUT_S)
-
-    def _gpu_slots(self) -> dict[tuple[str, int], str]:
-        """(node id, unit) -> node address for every unit of the GPU resource of live nodes.
-        Blocking: runs in a daemon thread."""
-        ray = self._ray
-        if not ray.is_initialized():
-            self._connect()
-        resource = self._spec.gpu_resource
-        slots: dict[tuple[str, int], str] = {}
-        for node in ray.nodes():
-            if not node.get("Alive"):
-                continue
-            units = int(node.get("Resources", {}).get(resource, 0))
-            for slot in range(units):
-                slots[(node["NodeID"], slot)] = str(node.get("NodeManagerAddress", "?"))
-        return slots
-
-    def _connect(self) -> None:
-        ray = self._ray
-        options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": True}
-        if self._address == "local":
-            ray.init(include_dashboard=False, **options)
-        else:
-            ray.init(address=self._address, **options)
-        self._owns_connection = True
-        log.info("connected to the Ray cluster at %s", self._address)
+    async def _connected(self) -> RayBridge:
+        if self._bridge is None:
+            bridge = RayBridge(self._address, NAMESPACE, self._spec.log_level)
+            # Bounded: `ray.init` against an address where nothing answers retries for minutes.
+            await bridge.start(CONNECT_TIMEOUT_S)
+            self._bridge = bridge
+        return self._bridge
 
     async def _unreachable(self, exc: BaseException) -> None:
         assert self._host is not None
-        reason = "no answer" if isinstance(exc, TimeoutError) else _short(exc)
+        reason = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.error(
@@ -607,12 +574,13 @@ class RayPool:
             )
         since = time.strftime("%H:%M:%S", time.localtime(time.time()))
         self.status = f"Ray cluster at {self._address} unreachable (since {since}): {reason}"
+        # First, so the workers' calls fail at once instead of waiting on a dead cluster; a
+        # fresh bridge next time, as Ray's driver does not survive a restarted head.
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            await bridge.discard()
         for key in list(self._workers):
             await self._host.remove_worker(self._workers.pop(key))
-        if self._owns_connection and (self._probe is None or self._probe.done()):
-            # A fresh connection next time (a dropped client connection stays "initialized").
-            with contextlib.suppress(Exception):
-                await in_daemon_thread(self._ray.shutdown, CALL_TIMEOUT_S)
 
     async def stop_watching(self) -> None:
         task, self._task = self._task, None
@@ -622,9 +590,8 @@ class RayPool:
                 await task
 
     async def disconnect(self) -> None:
-        """After the scheduler closed the workers: leave the cluster if we joined it."""
+        """After the scheduler closed the workers: leave the cluster."""
         self._workers.clear()
-        if self._owns_connection:
-            self._owns_connection = False
-            with contextlib.suppress(Exception):
-                await in_daemon_thread(self._ray.shutdown, CALL_TIMEOUT_S)
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            await bridge.close()

@@ -73,6 +73,17 @@ async def finished(core: Core, job_id: int, timeout_s: float = 20.0) -> Job:
     raise AssertionError(f"job {job_id}: events ended without Finished")
 
 
+async def ready_workers(core: Core, count: int, timeout_s: float = 60.0) -> None:
+    """Until exactly `count` workers exist and all are ready (a Ray pool changes them as it
+    watches its cluster, with no event to wait on)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            states = core.scheduler.worker_states()
+            if len(states) == count and all(s.ready for s in states):
+                return
+            await asyncio.sleep(0.05)
+
+
 async def queue_behind_its_back(config: Config, user_id: int, count: int) -> None:
     """Insert queued job rows with a second connection, as another process would: the core's
     in-memory state does not see them, only a check inside a transaction does."""

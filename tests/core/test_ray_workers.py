@@ -25,14 +25,21 @@ from ray.cluster_utils import Cluster
 from bot.config import Config, WorkersConfig
 from bot.core import Core, JobKind, JobState, Owner, ProgressUpdate
 from bot.core.models import Finished, LedgerKind
-from bot.core.ray_workers import RayWorker
+from bot.core.ray_workers import NAMESPACE, RayWorker, actor_options
 from bot.health import core_checks
 from generation.contract import variation_request
 from generation.images import parse_a1111_parameters, read_parameters
-from tests.core.conftest import assert_consistent, finished, make_config, request
+from tests.core.conftest import (
+    assert_consistent,
+    finished,
+    make_config,
+    ready_workers,
+    request,
+)
 
 FAKE_GPU = "fake_gpu"
 RECORDING = "tests.core.fakes:create_engine_recording_its_jobs"
+DEVICE_RECORDING = "tests.core.fakes:create_engine_recording_its_device"
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
 BOB = Owner(user_id=202, guild_id=1, channel_id=2)
 
@@ -55,6 +62,8 @@ def cluster() -> Iterator[Cluster]:
     try:
         started.add_node(num_cpus=1, resources={FAKE_GPU: 2})
         started.wait_for_nodes()
+        # The tests' own driver, to kill actors from outside the bot as Ray or an operator would.
+        ray.init(address=started.address, log_to_driver=False)
         yield started
     finally:
         if ray.is_initialized():
@@ -68,26 +77,17 @@ def cluster() -> Iterator[Cluster]:
                 os.environ[key] = value
 
 
-def ray_config(tmp_path: Path, cluster: Cluster, **options: Any) -> Config:
+def ray_config(
+    tmp_path: Path, cluster: Cluster, resource: str = FAKE_GPU, **options: Any
+) -> Config:
     config = make_config(tmp_path, **options)
     workers = WorkersConfig(
         backend="ray",
         ray_address=cluster.address,
-        ray_gpu_resource=FAKE_GPU,
+        ray_gpu_resource=resource,
         ray_watch_interval_s=0.2,
     )
     return dataclasses.replace(config, workers=workers)
-
-
-async def ready_workers(core: Core, count: int, timeout_s: float = 60.0) -> None:
-    """Until exactly `count` workers exist and all are ready (the pool changes them as it
-    watches the cluster, with no event to wait on)."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            states = core.scheduler.worker_states()
-            if len(states) == count and all(s.ready for s in states):
-                return
-            await asyncio.sleep(0.05)
 
 
 async def test_jobs_run_in_ray_actors_on_the_real_tiny_engine(
@@ -156,7 +156,8 @@ async def test_a_killed_actor_costs_one_attempt_and_the_job_completes_on_another
                 if isinstance(event, ProgressUpdate) and killed_pid is None:
                     (worker,) = [w for w in core.ray_pool.workers if job.id in _jobs_of(core, w)]
                     killed_pid = worker.pid
-                    ray.kill(worker.actor)
+                    assert worker.actor_name is not None
+                    ray.kill(ray.get_actor(worker.actor_name, namespace=NAMESPACE))
                 if isinstance(event, Finished):
                     done = event.job
                     break
@@ -176,6 +177,39 @@ async def test_a_killed_actor_costs_one_attempt_and_the_job_completes_on_another
         await assert_consistent(core)
     finally:
         await core.close(drain_timeout_s=5.0)
+
+
+def test_the_gpu_resource_asks_ray_for_a_whole_gpu_and_any_other_for_one_unit() -> None:
+    gpu = actor_options("GPU")
+    assert gpu["num_gpus"] == 1 and "resources" not in gpu
+    custom = actor_options(FAKE_GPU)
+    assert custom["resources"] == {FAKE_GPU: 1} and "num_gpus" not in custom
+    # The actor's threads need no CPU of the node: the GPU is what it holds.
+    assert gpu["num_cpus"] == custom["num_cpus"] == 0
+
+
+async def test_with_ray_gpus_each_actor_is_pinned_to_its_own_gpu(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    # A node that declares two GPUs: Ray hands each actor one and sets its CUDA_VISIBLE_DEVICES
+    # (no CUDA is needed for that; the fake engine records what its process was given).
+    node = cluster.add_node(num_cpus=0, num_gpus=2)
+    try:
+        config = ray_config(tmp_path, cluster, resource="GPU")
+        core = await Core.open(config, engine_factory=DEVICE_RECORDING)
+        try:
+            await ready_workers(core, 2)
+            view = core.admin.workers()
+            assert view.backend.endswith("2 GPU on 1 node(s)")
+            assert sorted(w.device for w in view.workers) == ["GPU 0", "GPU 1"]
+            job = await core.scheduler.submit(ALICE, request("a red fox"))
+            assert (await finished(core, job.id, timeout_s=60)).state is JobState.SUCCEEDED
+        finally:
+            await core.close(drain_timeout_s=5.0)
+        seen = sorted(p.read_text() for p in (tmp_path / "markers").glob("device-*"))
+        assert seen == ["0", "1"]
+    finally:
+        cluster.remove_node(node)
 
 
 def _jobs_of(core: Core, worker: RayWorker) -> tuple[int, ...]:

@@ -1,0 +1,310 @@
+"""The Ray driver in a process of its own (`RayBridge`), so the bot outlives its cluster.
+
+Ray's driver (what `ray.init` connects) runs in C++ inside the process that calls it, and it
+does not survive its cluster going away: after 60 s without the head's GCS it ends the whole
+process, and once a head is restarted on the same address the next call fails a fatal check
+("WrongClusterID"), again ending the process. Both would take the bot down with its cluster.
+So the bot never calls Ray itself: a child process holds the connection and the actor handles,
+and the bot sends it calls over a pipe. When the cluster stops answering the bridge is thrown
+away (Ray ends the actors of a driver that leaves), and a fresh one connects when the cluster
+answers again.
+
+Every call has a deadline on the bot's side, so a cluster that hangs (an address where nothing
+answers, where `ray.init` retries for minutes) costs a timeout, never a stuck bot; a hung call
+stays behind in the child, which is killed with the bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# A GCS that does not take a TCP connection in this long is down; checked before each look at
+# the nodes, because a Ray call against a dead GCS hangs instead of failing.
+GCS_PROBE_TIMEOUT_S = 2.0
+
+
+class BridgeError(Exception):
+    """A call failed in the bridge. `kind`: "actor" (the actor or its node died, or is
+    unknown), "task" (the actor's method raised) or "cluster" (anything else)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class BridgeLost(ConnectionError):
+    """The bridge process is gone (it died, or was discarded): no call reaches the cluster."""
+
+
+def short_error(exc: BaseException) -> str:
+    """One line about a Ray error (whose text may hold a whole remote traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+class RayBridge:
+    """The bot's side of one bridge process: start it (it connects), call it, close it."""
+
+    def __init__(self, address: str, namespace: str, log_level: int) -> None:
+        self.address = address
+        self._namespace = namespace
+        self._log_level = log_level
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._lost = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def start(self, timeout_s: float) -> None:
+        """Start the process and connect it to the cluster; raises (and leaves nothing
+        running) when the cluster does not answer within `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")
+        parent_conn, child_conn = context.Pipe(duplex=True)
+        process = context.Process(
+            target=bridge_main,
+            args=(child_conn, self._namespace, self._log_level),
+            name="imagine-bot-ray-bridge",
+            daemon=True,
+        )
+        await asyncio.to_thread(process.start)
+        # Our copy of the child's end must go, or we would never see EOF when the child dies.
+        child_conn.close()
+        self._process, self._conn = process, parent_conn
+        reader = threading.Thread(
+            target=self._read, args=(parent_conn, loop), name="ray-bridge-reader", daemon=True
+        )
+        reader.start()
+        try:
+            await self.call("connect", self.address, timeout_s=timeout_s)
+        except BaseException:
+            await self.discard()
+            raise
+
+    async def call(self, op: str, *args: Any, timeout_s: float) -> Any:
+        """Run `op` in the bridge. Raises BridgeError, BridgeLost or TimeoutError (the call
+        may go on in the bridge; its late answer is dropped)."""
+        if self._lost or self._conn is None:
+            raise BridgeLost("the Ray bridge process is gone")
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            with self._send_lock:
+                self._conn.send(("call", call_id, op, args))
+        except (OSError, ValueError) as exc:
+            self._pending.pop(call_id, None)
+            raise BridgeLost(f"the Ray bridge process is gone ({exc})") from exc
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._pending.pop(call_id, None)
+
+    def _read(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:
+                log.exception("Ray bridge: unreadable message")
+                break
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(self._settle, message)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._gone)
+
+    def _settle(self, message: tuple[Any, ...]) -> None:
+        future = self._pending.get(message[1])
+        if future is None or future.done():
+            return  # an answer nobody waits for any more
+        if message[0] == "ok":
+            future.set_result(message[2])
+        else:
+            future.set_exception(BridgeError(message[2], message[3]))
+
+    def _gone(self) -> None:
+        self._lost = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(BridgeLost("the Ray bridge process ended"))
+        self._pending.clear()
+
+    async def discard(self) -> None:
+        """End the bridge at once (its cluster went away, or never answered)."""
+        self._lost = True
+        process = self._process
+        if process is not None and process.is_alive():
+            with contextlib.suppress(OSError):
+                process.kill()
+        await self._reap(10.0)
+
+    async def close(self, timeout_s: float = 15.0) -> None:
+        """Leave the cluster cleanly (a cluster the bridge started itself stops with it)."""
+        if self._conn is not None and not self._lost:
+            with contextlib.suppress(OSError, ValueError), self._send_lock:
+                self._conn.send(("shutdown",))
+        self._lost = True
+        if await self._reap(timeout_s) is None:
+            await self.discard()
+
+    async def _reap(self, timeout_s: float) -> int | None:
+        process = self._process
+        if process is None:
+            return 0
+        await asyncio.to_thread(process.join, timeout_s)
+        code = process.exitcode
+        if code is not None and self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+        return code
+
+
+# ----- the bridge process ---------------------------------------------------------------------
+
+
+def bridge_main(conn: Connection, namespace: str, log_level: int) -> None:
+    """Entry point of the bridge process: answer calls, each in its own thread (a job's run
+    blocks for minutes while its progress is polled), until told to stop or the bot is gone."""
+    logging.basicConfig(level=log_level, format="%(asctime)s ray-bridge %(levelname)s %(message)s")
+    # Ctrl-C reaches the whole process group; leaving the cluster is the bot's decision.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    calls = _Calls(namespace)
+    send_lock = threading.Lock()
+
+    def answer(call_id: int, op: str, args: tuple[Any, ...]) -> None:
+        try:
+            reply: tuple[Any, ...] = ("ok", call_id, calls.run(op, args))
+        except BaseException as exc:
+            reply = ("error", call_id, calls.kind_of(exc), short_error(exc))
+        with contextlib.suppress(OSError), send_lock:
+            conn.send(reply)
+
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            # The bot is gone (even SIGKILLed): nobody is waiting for our answers.
+            os._exit(0)
+        if message[0] == "shutdown":
+            calls.shutdown()
+            os._exit(0)
+        _tag, call_id, op, args = message
+        threading.Thread(
+            target=answer, args=(call_id, op, args), name=f"call-{op}", daemon=True
+        ).start()
+
+
+def _probe(address: tuple[str, int]) -> None:
+    """Raises ConnectionError naming the address unless it takes a TCP connection."""
+    try:
+        with socket.create_connection(address, timeout=GCS_PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"{address[0]}:{address[1]}: {exc.strerror or exc}") from None
+
+
+class _Calls:
+    """What the bridge can do, on the Ray driver of this process."""
+
+    def __init__(self, namespace: str) -> None:
+        import ray
+
+        self._ray = ray
+        self._namespace = namespace
+        self._actors: dict[str, Any] = {}
+        self._actor_class: Any = None
+        self._gcs: tuple[str, int] | None = None
+        self._ops: dict[str, Callable[..., Any]] = {
+            "connect": self.connect,
+            "slots": self.slots,
+            "create": self.create,
+            "method": self.method,
+            "kill": self.kill,
+        }
+
+    def run(self, op: str, args: tuple[Any, ...]) -> Any:
+        return self._ops[op](*args)
+
+    def kind_of(self, exc: BaseException) -> str:
+        exceptions = self._ray.exceptions
+        if isinstance(exc, exceptions.RayTaskError):
+            return "task"
+        if isinstance(exc, exceptions.RayActorError | KeyError):
+            return "actor"
+        return "cluster"
+
+    def connect(self, address: str) -> None:
+        from bot.core.ray_workers import EngineActor
+
+        host, _, port = address.rpartition(":")
+        if host and port.isdigit():
+            # Fails in milliseconds when nothing listens there, where ray.init retries for
+            # minutes.
+            _probe((host, int(port)))
+        options: dict[str, Any] = {"namespace": self._namespace, "log_to_driver": True}
+        if address == "local":
+            self._ray.init(include_dashboard=False, **options)
+        else:
+            self._ray.init(address=address, **options)
+        host, _, port = self._ray.get_runtime_context().gcs_address.rpartition(":")
+        self._gcs = (host, int(port))
+        self._actor_class = self._ray.remote(EngineActor)
+        logging.getLogger(__name__).info("connected to the Ray cluster at %s", address)
+
+    def slots(self, resource: str) -> dict[tuple[str, int], str]:
+        """(node id, unit) -> node address for every unit of `resource` on live nodes."""
+        if self._gcs is not None:
+            # Fails in milliseconds when the head is down, where ray.nodes() would hang.
+            _probe(self._gcs)
+        slots: dict[tuple[str, int], str] = {}
+        for node in self._ray.nodes():
+            if not node.get("Alive"):
+                continue
+            units = int(node.get("Resources", {}).get(resource, 0))
+            for unit in range(units):
+                slots[(node["NodeID"], unit)] = str(node.get("NodeManagerAddress", "?"))
+        return slots
+
+    def create(self, key: str, node_id: str, options: dict[str, Any], *args: Any) -> None:
+        """An actor pinned to `node_id` (it stands for a GPU of that node, and leaves with
+        it), named `key` in the namespace so an operator can find it (`ray list actors`)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        handle = self._actor_class.options(
+            name=key, scheduling_strategy=strategy, **options
+        ).remote(*args)
+        self._actors[key] = handle
+
+    def method(self, key: str, name: str, args: tuple[Any, ...]) -> Any:
+        handle = self._actors[key]
+        return self._ray.get(getattr(handle, name).remote(*args))
+
+    def kill(self, key: str) -> None:
+        handle = self._actors.pop(key, None)
+        if handle is not None:
+            self._ray.kill(handle)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self._ray.shutdown()

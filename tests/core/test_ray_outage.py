@@ -1,0 +1,162 @@
+"""A Ray cluster that goes away and comes back: a real head started the way an operator starts
+one (`ray start --head`, a process of its own), killed, and started again on the same port."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.config import Config, WorkersConfig
+from bot.core import Core, JobState, Owner
+from bot.health import core_checks
+from tests.core.conftest import (
+    assert_consistent,
+    finished,
+    make_config,
+    ready_workers,
+    request,
+)
+from tests.core.fakes import FACTORY
+
+pytest.importorskip("ray")
+
+FAKE_GPU = "fake_gpu"
+ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
+BOB = Owner(user_id=202, guild_id=1, channel_id=2)
+
+
+class Head:
+    """`ray start --head --block` on a fixed port; `kill` ends it and everything it started at
+    once, as a crashed box would."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._temp_dir = temp_dir
+        self._process: subprocess.Popen[bytes] | None = None
+        self._environment = {
+            **os.environ,
+            # A throwaway cluster: no token, no usage report.
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+
+    def start(self) -> None:
+        ray = Path(sys.executable).parent / "ray"
+        command = [
+            str(ray),
+            "start",
+            "--head",
+            "--block",
+            f"--port={self.port}",
+            "--num-cpus=1",
+            f"--resources={json.dumps({FAKE_GPU: 1})}",
+            "--include-dashboard=false",
+            f"--temp-dir={self._temp_dir}",
+        ]
+        with (self._temp_dir / "head.log").open("ab") as output:
+            self._process = subprocess.Popen(
+                command,
+                env=self._environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: killed as one below
+            )
+
+    def kill(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(30)
+
+
+@pytest.fixture
+def head() -> Iterator[Head]:
+    # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    started = Head(temp_dir)
+    try:
+        yield started
+    finally:
+        started.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def head_config(tmp_path: Path, head: Head) -> Config:
+    config = make_config(tmp_path)
+    workers = WorkersConfig(
+        backend="ray",
+        ray_address=f"127.0.0.1:{head.port}",
+        ray_gpu_resource=FAKE_GPU,
+        ray_watch_interval_s=0.5,
+    )
+    return dataclasses.replace(config, workers=workers)
+
+
+async def test_jobs_stay_queued_while_the_cluster_is_down_and_run_when_it_returns(
+    tmp_path: Path, head: Head, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bot.core.ray_workers")
+    head.start()
+    config = head_config(tmp_path, head)
+    core = await Core.open(config, engine_factory=FACTORY)
+    try:
+        # The head takes a few seconds to come up; until then the pool reports it unreachable.
+        await ready_workers(core, 1, timeout_s=90)
+        first = await core.scheduler.submit(ALICE, request("a red fox"))
+        assert (await finished(core, first.id, timeout_s=60)).state is JobState.SUCCEEDED
+        assert core.ray_pool is not None
+        bridge_before = core.ray_pool.bridge_pid
+        caplog.clear()
+
+        head.kill()
+        await ready_workers(core, 0, timeout_s=20)
+        status = core.admin.workers().backend
+        assert f"Ray cluster at 127.0.0.1:{head.port} unreachable" in status
+        reason = await core_checks(core)["workers"]()
+        assert reason is not None and "unreachable" in reason
+
+        jobs = [
+            await core.scheduler.submit(ALICE, request("a blue owl")),
+            await core.scheduler.submit(BOB, request("a green frog")),
+        ]
+        for job in jobs:
+            assert (await core.jobs.require(job.id)).state is JobState.QUEUED
+        down = [r.getMessage() for r in caplog.records if "is unreachable" in r.getMessage()]
+        # One line when it goes away, not one per look.
+        assert len(down) == 1 and "jobs stay queued until it answers" in down[0]
+
+        head.start()
+        for job in jobs:
+            done = await finished(core, job.id, timeout_s=90)
+            assert done.state is JobState.SUCCEEDED, done.error
+            assert done.attempts == 1
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+        # A new connection: Ray's driver does not outlive the head it joined.
+        assert core.ray_pool.bridge_pid not in (None, bridge_before)
+        assert core.admin.workers().backend.endswith(f"1 {FAKE_GPU} on 1 node(s)")
+
+        costs = [(await core.jobs.require(j.id)).cost for j in (first, *jobs)]
+        alice = await core.credits.balance(ALICE.user_id)
+        assert alice.held == 0 and alice.available == 20 - costs[0] - costs[1]
+        bob = await core.credits.balance(BOB.user_id)
+        assert bob.held == 0 and bob.available == 20 - costs[2]
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=5.0)
