@@ -273,7 +273,7 @@ class ImagineBot(commands.AutoShardedBot):
         try:
             assert channel is not None and interaction.message is not None
             message = await channel.send(  # type: ignore[union-attr]
-                render.queued_text(job, submitted.position),
+                render.queued_text(job, submitted.position, submitted.notes),
                 view=cancel_view(job.id),
                 reference=interaction.message.to_reference(fail_if_not_exists=False),
             )
@@ -282,7 +282,7 @@ class ImagineBot(commands.AutoShardedBot):
             # goes to the channel when it is ready.
             log.info("job %s: status message not posted (%s)", job.id, exc)
         shown = submitted.position if message is not None else None
-        target = JobMessage(job, message=message, shown_position=shown)
+        target = JobMessage(job, submitted.notes, message=message, shown_position=shown)
         target.last_edit = time.monotonic()
         await self.delivery.remember(target)
         self.delivery.track(target)

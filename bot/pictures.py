@@ -11,7 +11,6 @@ are fetched through the same policy as links (bot/fetch.py).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -19,9 +18,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from bot import render
 from bot.app import Submitted, UserError
-from bot.buttons import cancel_view
 from bot.delivery import JobMessage
 from bot.fetch import FetchedImage, FetchPolicy, FetchRefused, attachment_image, fetch_image
 from bot.inputs import BlendShape, InputScreen, PictureInputs
@@ -128,36 +125,10 @@ async def describe_pressed(
         else:
             batch = await bot.app.imagine_suggestion(actor, job_id, index)
         for submitted in batch:
-            await _status_reply(bot, interaction, submitted)
+            # A reply to the pressed message, as a grid button's job gets.
+            await bot.post_status(interaction, submitted)
     except Exception as exc:
         await report_error(interaction, exc)
-
-
-async def _status_reply(
-    bot: ImagineBot, interaction: discord.Interaction[Any], submitted: Submitted
-) -> None:
-    """The new job's status message: a channel reply to the pressed message."""
-    job = submitted.job
-    message: discord.Message | None = None
-    try:
-        assert interaction.channel is not None and interaction.message is not None
-        message = await interaction.channel.send(  # type: ignore[union-attr]
-            render.queued_text(job, submitted.position, submitted.notes),
-            view=cancel_view(job.id),
-            reference=interaction.message.to_reference(fail_if_not_exists=False),
-        )
-    except discord.HTTPException as exc:
-        # Accepted and paid for: without a status message the result goes to the channel.
-        log.info("job %s: status message not posted (%s)", job.id, exc)
-    target = JobMessage(
-        job,
-        submitted.notes,
-        message=message,
-        shown_position=submitted.position if message is not None else None,
-    )
-    target.last_edit = time.monotonic()
-    await bot.delivery.remember(target)
-    bot.delivery.track(target)
 
 
 def add_picture_commands(bot: ImagineBot) -> None:

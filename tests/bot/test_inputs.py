@@ -6,12 +6,18 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from bot.app import ImagineApp, UserError
 from bot.config import ModerationConfig
 from bot.core.jobs import save_input_image
+from bot.fetch import FetchedImage
 from bot.inputs import THUMBNAIL_HEIGHT, InputScreen, pictures_thumbnail
 from bot.moderation import make_output_check, shared_image_safety
+from tests.bot.test_bad_input import ALICE, ALLOWANCE, app
+
+__all__ = ["app"]  # the fixture: an app over a real core with a fake engine
 
 
 def test_the_input_screen_and_the_output_check_share_one_classifier(tmp_path: Path) -> None:
@@ -50,3 +56,16 @@ def test_no_strip_without_pictures_or_once_they_are_deleted(tmp_path: Path) -> N
     (tmp_path / path).unlink()
     gone = [{"role": "image_prompt", "source": "attachment:a.png", "path": path}]
     assert pictures_thumbnail(tmp_path, {"inputs": gone}) is None
+
+
+@pytest.mark.parametrize("count", [1, 6])
+async def test_a_blend_of_one_or_six_pictures_is_refused_free(app: ImagineApp, count: int) -> None:
+    """Discord's /blend offers five picture options; the app refuses other counts itself."""
+    pictures = [
+        FetchedImage(Image.new("RGB", (32, 32), (n, 0, 0)), f"attachment:{n}.png", "ab" * 32, "PNG")
+        for n in range(count)
+    ]
+    with pytest.raises(UserError, match=rf"^images: /blend takes 2 to 5 images, got {count}$"):
+        await app.blend(ALICE, pictures)
+    assert (await app.core.credits.balance(ALICE.user_id)).available == ALLOWANCE
+    assert not await app.core.scheduler.user_jobs(ALICE.user_id)
