@@ -13,9 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.config import ConfigError, MetricsConfig, parse_config
-from bot.core import Core, InProcessWorker, JobState, Owner
+from bot.core import Core, Finished, InProcessWorker, Job, JobKind, JobState, Owner
+from bot.core.execute import WorkOutcome
 from bot.discord_bot import ImagineBot
 from bot.health import HealthServer, start_health_server
+from generation.contract import InputImage, InputRole, describe_request, zoom_request
 from generation.settings import EngineSettings
 from tests.bot.conftest import bot_config, in_process_workers
 from tests.core.conftest import finished, make_config, open_core, request
@@ -95,6 +97,68 @@ async def test_metrics_count_the_jobs_that_ran_by_kind_and_outcome(tmp_path: Pat
     # On a CPU nobody reports GPU memory, and no metric is ever split by user.
     assert not [key for key in found if key[0] == "imagine_worker_gpu_memory_bytes"]
     assert not [key for key in found if any(name.startswith("user") for name, _ in key[1])]
+
+
+async def test_metrics_count_every_kind_and_every_way_a_job_ends(tmp_path: Path) -> None:
+    async def refuse_marked(job: Job, _outcome: WorkOutcome) -> str | None:
+        return "withheld" if "[refuse]" in job.prompt else None
+
+    core = await open_core(make_config(tmp_path), output_check=refuse_marked)
+    server = await start_health_server(LOCAL, core)
+    assert server is not None
+    ended: list[Job] = []
+    core.scheduler.add_listener(lambda e: ended.append(e.job) if isinstance(e, Finished) else None)
+    try:
+        parent = await finished(core, (await core.scheduler.submit(ALICE, request())).id)
+        source = await core.jobs.image(parent.id, 0)
+        parent_request = await core.jobs.request(parent.id)
+        zoom = zoom_request(parent_request, source, factor=2.0, seed=3)
+        await core.scheduler.submit(ALICE, zoom, JobKind.ZOOM, (parent.id, 0))
+        picture = InputImage(InputRole.IMAGE_PROMPT, source, source="attachment:a.png")
+        await core.scheduler.submit(BOB, describe_request(picture, seed=4), JobKind.DESCRIBE)
+        await core.scheduler.submit(BOB, request("a cat [refuse]"))
+        await core.scheduler.submit(BOB, request("a dog [raise]"))
+        await until(lambda: _true(len(ended) == 5))
+        # A result that can never be posted is refunded after it succeeded.
+        undelivered = await core.scheduler.refund_undelivered(parent.id, "no permission")
+        status, text = await get(server, "/metrics")
+    finally:
+        await server.close()
+        await core.close(drain_timeout_s=2.0)
+
+    assert status == 200 and undelivered == parent.cost > 0
+    found = samples(text)
+    outcomes = {(job.kind.value, job.state.value) for job in ended}
+    assert outcomes == {
+        ("imagine", "succeeded"),
+        ("zoom", "succeeded"),
+        ("describe", "succeeded"),
+        ("imagine", "refused"),
+        ("imagine", "failed"),
+    }
+    counted = {
+        (dict(labels)["kind"], dict(labels)["outcome"]): value
+        for (name, labels), value in found.items()
+        if name == "imagine_jobs_total"
+    }
+    assert counted == {
+        ("imagine", "succeeded"): 1,
+        ("zoom", "succeeded"): 1,
+        ("describe", "succeeded"): 1,
+        ("imagine", "refused"): 1,
+        ("imagine", "failed"): 1,
+    }
+    for kind in ("zoom", "describe"):
+        assert found[("imagine_job_run_seconds_count", (("kind", kind),))] == 1
+    succeeded = sum(job.cost for job in ended if job.state is JobState.SUCCEEDED)
+    not_succeeded = sum(job.cost for job in ended if job.state is not JobState.SUCCEEDED)
+    assert found[("imagine_credits_held_total", ())] == succeeded + not_succeeded
+    assert found[("imagine_credits_settled_total", ())] == succeeded
+    assert found[("imagine_credits_refunded_total", ())] == not_succeeded + parent.cost
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_gauges_show_the_queue_and_busy_workers_while_jobs_run(tmp_path: Path) -> None:
