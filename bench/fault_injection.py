@@ -5,7 +5,9 @@
 Two phases, each on its own data folder and fake Discord, then an audit of each:
 
 1. kill: `python -m bot` in its own process with the tiny model. Each round users submit
-   /imagine and press U/V/🔄/Cancel, Discord faults are armed, and the bot is SIGKILLed at an
+   /imagine and press V/🔄/Cancel on grids, U to pick an image (free, no job) and, under a
+   picked image, the buttons that run GPU jobs (Upscale (Subtle)/(Creative), Vary (Strong),
+   Zoom Out 2x, ⬅️ pan); Discord faults are armed, and the bot is SIGKILLed at an
    aimed moment, in turn: a job running, a result being delivered (its delivery claimed in
    SQLite), a random moment once the worker is up, and right after the submissions (jobs
    queued, models still loading). Then it is started again. A last start with no faults lets
@@ -109,6 +111,9 @@ ENGINE_WEIGHTS = {
     "[crash-once]": 1,
 }
 GRID_BUTTONS = ("U1", "U2", "V1", "V3", "🔄")
+# Under an image picked with U1–U4 (U itself is free and runs no job): GPU jobs, inpainting
+# ones (zoom, pan) among them.
+IMAGE_BUTTONS = ("Upscale (Subtle)", "Upscale (Creative)", "Vary (Strong)", "Zoom Out 2x", "⬅️")
 
 
 @dataclass
@@ -154,6 +159,7 @@ class Users:
         for user in self.people:
             choice = self.rng.random()
             grids = [m for m in self._owned(user, owners) if _is_grid(m)]
+            images = [m for m in self._owned(user, owners) if _is_image(m)]
             cancels = [
                 m
                 for m in self._owned(user, owners)
@@ -161,9 +167,13 @@ class Users:
             ]
             if choice < 0.15 and cancels:
                 await self._click(user, self.rng.choice(cancels), "Cancel", "cancel")
-            elif choice < 0.45 and grids:
-                label = self.rng.choice(GRID_BUTTONS)
-                await self._click(user, self.rng.choice(grids), label, f"button {label}")
+            elif choice < 0.45 and (grids or images):
+                # Half the presses under picked images, once there are some.
+                if images and (not grids or self.rng.random() < 0.5):
+                    target, label = self.rng.choice(images), self.rng.choice(IMAGE_BUTTONS)
+                else:
+                    target, label = self.rng.choice(grids), self.rng.choice(GRID_BUTTONS)
+                await self._click(user, target, label, f"button {label}")
             else:
                 options: dict[str, Any] = {"prompt": prompt(), "steps": steps()}
                 interaction = await self.fake.slash(user, "imagine", **options)
@@ -210,6 +220,18 @@ def _job_id(message: Message) -> int | None:
 
 def _is_grid(message: Message) -> bool:
     return bool(message.attachments) and any(b.get("label") == "U1" for b in message.buttons)
+
+
+def _kinds(view: DataView) -> str:
+    rows = view.query("SELECT kind, COUNT(*) FROM jobs GROUP BY 1 ORDER BY 2 DESC")
+    return ", ".join(f"{kind} {count}" for kind, count in rows)
+
+
+def _is_image(message: Message) -> bool:
+    """A picked image (U1–U4's reply) or an upscale: one image with the edit buttons."""
+    return bool(message.attachments) and any(
+        b.get("label") == "Vary (Strong)" for b in message.buttons
+    )
 
 
 def _has_cancel(message: Message) -> bool:
@@ -320,6 +342,7 @@ async def kill_phase(args: argparse.Namespace, root: Path, rng: random.Random) -
         totals.update({f"SIGKILL at {k}": n for k, n in kills.items()})
         notes = [
             ("bot starts", bot.starts),
+            ("jobs by kind", _kinds(view)),
             ("in flight at the kills", dict(in_flight)),
             ("kill rounds took", f"{kill_s:.0f} s"),
             ("settled after recovery", settled),
@@ -420,6 +443,7 @@ async def engine_phase(args: argparse.Namespace, root: Path, rng: random.Random)
             for m, c in outcomes.items()
         ]
         notes += [
+            ("jobs by kind", _kinds(view)),
             ("phase took", f"{engine_s:.0f} s"),
             ("settled without a restart", settled),
             ("fresh /imagine answered", how),

@@ -11,22 +11,21 @@ on) read only what is quick: the member's settings come from memory, the job fro
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import math
 import re
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import discord
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from bot import render
 from bot.app import Action, Actor, ImagineApp, UserError
 from bot.buttons import Fits, UiAction, image_view
 from bot.core.models import ImageExpired, Job
 from bot.permissions import missing_for_delivery, refusal_text
+from generation import canvas
 from generation.contract import MAX_ZOOM, PanDirection, Region, UpscaleMode
 from generation.prompt import MAX_INPUT_CHARS
 
@@ -58,9 +57,9 @@ _PANS = {
 NOT_YOURS = "This isn't your job — use /imagine to start your own."
 # A text input holds at most 4000 characters; a prompt with flags is shorter still.
 PROMPT_INPUT_CHARS = min(MAX_INPUT_CHARS, 4000)
-# An uploaded mask: black and white, so a few MB is plenty; larger is refused before decoding.
+# An uploaded mask: black and white, so a few MB is plenty; larger is refused before it is
+# downloaded. Its pixel limit is generation.canvas's.
 MAX_MASK_BYTES = 8 * 1024 * 1024
-MAX_MASK_PIXELS = 4096 * 4096
 _JOB_IN_CUSTOM_ID = re.compile(r"^imagine(?:-ui)?:\w+:([0-9]{1,19})")
 # A form's custom_id names what it is for (Custom Zoom, Vary (Region), or Remix before an
 # action), the job and the image, so a form opened before a restart can still be submitted.
@@ -215,19 +214,6 @@ class RemixForm(_JobForm):
         return await press(actor, self.job_id, self.action, self.index, prompt=self.prompt.value)
 
 
-def parse_factor(text: str) -> float:
-    """The Custom Zoom factor as typed ("1.5", "1,5", "2x")."""
-    refusal = UserError(f"factor: expected a number from 1.0 to {MAX_ZOOM:g}, got {text.strip()!r}")
-    cleaned = text.strip().lower().removesuffix("x").replace(",", ".").strip()
-    try:
-        factor = float(cleaned)
-    except ValueError:
-        raise refusal from None
-    if not math.isfinite(factor) or not 1.0 <= factor <= MAX_ZOOM:
-        raise refusal
-    return factor
-
-
 class CustomZoomForm(_JobForm):
     """Custom Zoom: the prompt (an `--ar` in it changes the canvas shape) and a factor."""
 
@@ -245,10 +231,9 @@ class CustomZoomForm(_JobForm):
         self.add_item(self.factor)
 
     async def submit(self, interaction: discord.Interaction[Any]) -> Any:
-        factor = parse_factor(self.factor.value)
         actor = self.bot.actor(interaction)
         return await self.bot.app.custom_zoom(
-            actor, self.job_id, self.index, prompt=self.prompt.value, factor=factor
+            actor, self.job_id, self.index, prompt=self.prompt.value, factor=self.factor.value
         )
 
 
@@ -317,20 +302,9 @@ def decode_mask(data: bytes, name: str) -> Image.Image:
     if len(data) > MAX_MASK_BYTES:  # the size Discord reported may not be what came
         raise UserError(f"mask: {name} is larger than {MAX_MASK_BYTES // (1024 * 1024)} MB")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            # The header gives the size: a huge picture is refused before it is decoded.
-            width, height = image.size
-            if width * height > MAX_MASK_PIXELS:
-                raise UserError(
-                    f"mask: {name} is {width}x{height}; at most "
-                    f"{MAX_MASK_PIXELS // 4096}x4096 pixels"
-                )
-            image.load()
-            return image.convert("L")
-    except Image.DecompressionBombError:
-        raise UserError(f"mask: {name} is far too large to be a mask") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise UserError(f"mask: {name} is not a picture (use a PNG, JPEG or WebP)") from None
+        return canvas.read_mask(data, name)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 # ----- opening forms from buttons ---------------------------------------------------------

@@ -104,13 +104,16 @@ def working_image(parent: GenerationRequest, image: Image.Image) -> Image.Image:
 
 
 def zoom_factor(value: float | str) -> float:
-    """A Custom Zoom factor as typed ("1.5", "2", "1,5"), or ValueError naming it."""
+    """A Custom Zoom factor as typed in its form ("1.5", "1,5", "2x"), or ValueError naming
+    `factor` (the form's field)."""
+    text = str(value).strip()
+    refusal = ValueError(f"factor: expected a number from 1.0 to {MAX_ZOOM:g}, got {text!r}")
     try:
-        factor = float(str(value).strip().replace(",", ".").rstrip("x"))
+        factor = float(text.lower().removesuffix("x").replace(",", ".").strip())
     except ValueError:
-        raise ValueError(f"zoom factor: expected a number from 1.0 to 2.0, got {value!r}") from None
+        raise refusal from None
     if not math.isfinite(factor) or not 1.0 <= factor <= MAX_ZOOM:
-        raise ValueError(f"zoom factor: must be from 1.0 to {MAX_ZOOM:.1f}, got {value}")
+        raise refusal
     return factor
 
 
@@ -179,7 +182,7 @@ def mask_input(mask: Image.Image | bytes, name: str = "") -> InputImage:
     """An uploaded mask as the job's MASK input (bytes are decoded and checked as an image)."""
     if isinstance(mask, bytes | bytearray):
         data = bytes(mask)
-        image = read_mask(data)
+        image = read_mask(data, name)
     else:
         image = mask
         buffer = io.BytesIO()

@@ -146,21 +146,22 @@ def region_mask(regions: Iterable[Region], size: tuple[int, int]) -> Image.Image
     return mask
 
 
-def read_mask(data: bytes) -> Image.Image:
-    """Decode an uploaded mask, refusing what is not an image or is too large to be one."""
+def read_mask(data: bytes, name: str = "") -> Image.Image:
+    """Decode an uploaded mask (`name`: how the member knows the file), refusing what is not an
+    image, and a huge one from its header, before it is decoded."""
+    label = name or "it"
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
             if width * height > MAX_MASK_PIXELS:
-                raise ValueError(
-                    f"mask: {width}x{height} is too large; at most {MAX_MASK_PIXELS} pixels"
-                )
+                side = math.isqrt(MAX_MASK_PIXELS)
+                raise ValueError(f"mask: {label} is {width}x{height}; at most {side}x{side} pixels")
             probe.load()
             return probe.copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
-        raise ValueError(
-            "mask: is not an image this bot can read (use a black-and-white PNG)"
-        ) from exc
+    except Image.DecompressionBombError:
+        raise ValueError(f"mask: {label} is far too large to be a mask") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"mask: {label} is not a picture (use a PNG, JPEG or WebP)") from exc
 
 
 def check_mask(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -11,22 +11,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bot import edits
 from bot.config import CreditsConfig
 from bot.core import ProcessWorker, ProgressUpdate
 from bot.core.credits import job_cost
 from bot.core.events import with_last_preview
 from bot.core.models import JobState, Owner, Queued
-from generation.contract import (
-    JobKind,
-    PanDirection,
-    Region,
-    UpscaleMode,
-    pan_request,
-    region_request,
-    square_request,
-    upscale_request,
-    zoom_request,
-)
+from generation.contract import JobKind, PanDirection, Region, UpscaleMode
 from generation.settings import EngineSettings
 from tests.core.conftest import finished, make_config, open_core, request
 
@@ -35,33 +26,35 @@ REAL_ENGINE = "generation.engine:create_engine"
 
 
 def test_edit_costs_have_their_own_base_and_scale_with_the_canvas() -> None:
+    """The requests the app makes for each button (bot.edits), priced by the core."""
     credits = CreditsConfig(
         cost_zoom=5, cost_pan=6, cost_square=7, cost_region=3, cost_upscale_creative=9
     )
+    settings = EngineSettings(max_pixels=2**20)  # 8 candidates, 4 kept, like the grid
     grid = request(width=512, height=512, steps=30, num_candidates=8, num_kept=4)
     image = Image.new("RGB", (512, 512))
     wide_image = Image.new("RGB", (1024, 512))
-    costs = {
-        "zoom": job_cost(zoom_request(grid, image, factor=2, seed=1), credits),
-        "pan": job_cost(
-            pan_request(grid, image, direction=PanDirection.UP, seed=1, max_pixels=2**20),
-            credits,
+    built = {
+        "zoom": edits.zoom(grid, image, factor=2, seed=1, settings=settings),
+        "pan": edits.pan(grid, image, direction=PanDirection.UP, seed=1, settings=settings),
+        "square": edits.square(grid, wide_image, seed=1, settings=settings),
+        "region": edits.region(
+            grid, image, seed=1, settings=settings, regions=frozenset({Region.LEFT})
         ),
-        "square": job_cost(square_request(grid, wide_image, seed=1, max_pixels=2**20), credits),
-        "region": job_cost(region_request(grid, image, seed=1, regions={Region.LEFT}), credits),
-        "creative": job_cost(
-            upscale_request(grid, image, strength=0.5, seed=1, mode=UpscaleMode.CREATIVE),
-            credits,
+        "creative": edits.upscale(
+            grid, image, mode=UpscaleMode.CREATIVE, seed=1, settings=settings
         ),
     }
+    costs = {name: job_cost(edit, credits) for name, edit in built.items()}
     # A pan's canvas is 1.5x the pixels, the square of a 1024x512 image 4x, an upscale to
     # 1024² 1x.
     assert costs == {"zoom": 5, "pan": 9, "square": 28, "region": 3, "creative": 9}
     # Fewer steps and candidates cost less, like /imagine.
-    cheap = zoom_request(grid.with_changes(steps=15, num_candidates=4), image, factor=2, seed=1)
+    fewer = EngineSettings(max_pixels=2**20, num_candidates=4)
+    cheap = edits.zoom(grid.with_changes(steps=15), image, factor=2, seed=1, settings=fewer)
     assert job_cost(cheap, credits) == 2  # 5 x 1/2 x 1/2, rounded up
     free = dataclasses.replace(credits, cost_zoom=0)
-    assert job_cost(zoom_request(grid, image, factor=2, seed=1), free) == 0
+    assert job_cost(built["zoom"], free) == 0
 
 
 def test_a_coalesced_progress_update_keeps_the_last_preview() -> None:
