@@ -351,8 +351,9 @@ def help_text(config: Config) -> str:
             f"{engine.num_candidates} candidates, ranks them with CLIP against your prompt and "
             f"shows the best {engine.num_kept} in a grid.",
             "**Commands**: `/imagine prompt` (options: negative, aspect, seed, steps, guidance, "
-            "sampler, model, lora, control_image), `/models` (the models, LoRAs and ControlNets "
-            "offered here), `/balance`, `/jobs`, `/help`.",
+            "sampler, model, lora, control_image, image, image2), `/blend`, `/describe`, "
+            "`/models` (the models, LoRAs and ControlNets offered here), `/balance`, `/jobs`, "
+            "`/help`.",
             "**Buttons**: U1–U4 upscale an image 2x · V1–V4 make variations · 🔄 rerolls with a "
             "new seed · Cancel stops a waiting or running job (refunded).",
             "**Flags you can type in the prompt**:",
@@ -367,7 +368,8 @@ def help_text(config: Config) -> str:
             f"queue has room for ({config.scheduler.max_queued_per_user}). Each job gets its own "
             "message, grid and buttons; all of them are charged together, or none is.",
             "**Pictures**: image links at the start of the prompt, or /imagine's `image` and "
-            "`image2`, are image prompts; `/blend` mixes 2–5 pictures (shape portrait, square "
+            "`image2`, are image prompts (one needs words beside it; two or more alone are "
+            "blended); `/blend` mixes 2–5 pictures (shape portrait, square "
             "or landscape); `/describe` suggests four prompts for a picture (buttons 1–4 "
             "imagine one, 🔄 suggests others). Pictures come as Discord attachments or links to "
             f"them ({', '.join(config.images.allowed_hosts)}), at most "

@@ -40,7 +40,7 @@ WEIGHT_HELP = (
     "pictures are averaged first.\n"
     "--sw 0-1000 (default 100): style reference strength, applied only in the adapter's "
     "style layers at scale 2*sw/(sw+100) (0 -> off, 100 -> 1.0, 1000 -> 1.8).\n"
-    "--ow 0-1000 / --cw 0-100 (default 100): object or character reference strength, the "
+    "--ow 1-1000 / --cw 0-100 (default 100): object or character reference strength, the "
     "whole adapter at scale 2*w/(w+100) (100 -> 1.0; --cw 0 turns the reference off: Stable "
     "Diffusion cannot keep only a face).\n"
     "Style and object references need a model with an image adapter."

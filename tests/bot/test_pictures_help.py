@@ -17,3 +17,4 @@ def test_help_explains_pictures_and_the_weight_mapping() -> None:
     for line in WEIGHT_HELP.splitlines():
         assert line in text
     assert "`--iw 0-3`" in text and "`--sref LINK`" in text
+    assert "one needs words beside it; two or more alone are blended" in text
