@@ -20,6 +20,7 @@ from tests.bot.helpers import (
     ALLOWANCE,
     JOB_TIMEOUT_S,
     assert_ledger_consistent,
+    available,
     delivery_state,
     eventually,
     has_cancel,
@@ -44,7 +45,7 @@ async def test_imagine_and_buttons_refused_where_results_cannot_be_posted(
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
             grid = await imagined_grid(fake, alice, "a red fox", seed=5)
-            spent = (await bot.core.credits.balance(alice.id)).available
+            spent = await available(bot, alice.id)
 
             fake.deny_bot(fake.general, ATTACH_FILES)
             await fake.wait_for(lambda: _bot_sees_denied(bot, fake.general.id, "attach_files"))
@@ -63,7 +64,7 @@ async def test_imagine_and_buttons_refused_where_results_cannot_be_posted(
             assert "**Send Messages in Threads**" in in_thread.original.content
 
             assert len(await bot.core.jobs.for_user(alice.id)) == 1
-            assert (await bot.core.credits.balance(alice.id)).available == spent
+            assert await available(bot, alice.id) == spent
 
 
 def _bot_sees_denied(bot: Any, channel_id: int, flag: str) -> bool:
@@ -111,7 +112,7 @@ async def test_a_result_the_bot_may_not_post_is_refunded_once_and_never_retried(
             assert len(job_ids) == 2
             for job_id in job_ids:
                 assert await eventually(lambda j=job_id: delivery_state(bot, j), "undelivered")
-            assert (await bot.core.credits.balance(alice.id)).available == ALLOWANCE
+            assert await available(bot, alice.id) == ALLOWANCE
             assert await bot.core.jobs.undelivered() == []
             refusals = fake.count("*", "/channels/*", status=403)
             # Past the first retry delay a transient error would have been tried again.

@@ -20,6 +20,7 @@ from tests.bot.helpers import (
     ALLOWANCE,
     JOB_TIMEOUT_S,
     assert_ledger_consistent,
+    available,
     decode,
     delivery_state,
     eventually,
@@ -100,7 +101,7 @@ async def test_buttons_upscale_vary_reroll_and_ownership(
             assert await intruder.wait_acked() == 6
             refusal = await intruder.wait_followup(lambda m: m.ephemeral)
             assert "isn't your job" in refusal.content
-            assert (await bot.core.credits.balance(bob.id)).available == ALLOWANCE
+            assert await available(bot, bob.id) == ALLOWANCE
 
             upscale = await fake.click(alice, grid, label="U2")
             assert await upscale.wait_acked() == 6
@@ -161,7 +162,7 @@ async def test_cancel_refunds_a_waiting_job(
             assert "Cancelling" in notice.content
             final = await waiting.wait_original(lambda m: "Cancelled" in m.content)
             assert not final.attachments and not final.custom_ids
-            assert (await bot.core.credits.balance(bob.id)).available == ALLOWANCE
+            assert await available(bot, bob.id) == ALLOWANCE
             cancelled = await bot.core.jobs.require(job_id)
             assert cancelled.state is JobState.CANCELLED
 
@@ -297,7 +298,7 @@ async def test_help_balance_and_jobs_are_ephemeral(
             bad = await fake.slash(alice, "imagine", prompt="a fox --ar 0:1")
             await bad.wait_acked()
             assert bad.ephemeral and "--ar" in bad.original.content
-            assert (await bot.core.credits.balance(alice.id)).available == ALLOWANCE
+            assert await available(bot, alice.id) == ALLOWANCE
 
 
 async def test_hostile_prompts_through_discord_get_ephemeral_errors(
@@ -324,7 +325,7 @@ async def test_hostile_prompts_through_discord_get_ephemeral_errors(
                 bad = await fake.slash(mallory, "imagine", prompt=prompt)
                 assert await bad.wait_acked() == 4, prompt
                 assert bad.ephemeral and 0 < len(bad.original.content) <= 400, prompt
-            assert (await bot.core.credits.balance(mallory.id)).available == ALLOWANCE
+            assert await available(bot, mallory.id) == ALLOWANCE
             assert await bot.core.jobs.for_user(mallory.id) == []
             # Everyone else is still served.
             fine = await fake.slash(alice, "imagine", prompt="a quiet harbour")
@@ -402,7 +403,7 @@ async def test_flagged_images_are_spoilered_or_withheld_by_channel_policy(
                 lambda m: "refunded" in m.content, timeout=JOB_TIMEOUT_S
             )
             assert not final.attachments and not final.custom_ids
-            assert (await strict.core.credits.balance(alice.id)).available == ALLOWANCE
+            assert await available(strict, alice.id) == ALLOWANCE
             await assert_ledger_consistent(strict)
 
 
@@ -452,7 +453,7 @@ async def test_an_unacknowledged_imagine_is_cancelled_and_refunded(
                 return (await bot.core.jobs.require(jobs[0].id)).state
 
             assert await eventually(state, JobState.CANCELLED)
-            assert (await bot.core.credits.balance(alice.id)).available == ALLOWANCE
+            assert await available(bot, alice.id) == ALLOWANCE
             await assert_ledger_consistent(bot)
 
 
