@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from bot import edits, render
+from bot import catalog, edits, render
 from bot.config import Config
 from bot.core.clock import system_clock
 from bot.core.models import (
@@ -392,7 +392,8 @@ class ImagineApp:
             raise UserError(str(exc)) from None
         if prompt is not None:
             await self._check_prompt(actor, prompt, request.prompt)
-        return await self._submit_one(actor, request, kind, parent)
+        notes = catalog.edit_notes(job.request_data, request)
+        return await self._submit_one(actor, request, kind, parent, notes)
 
     async def custom_zoom(
         self, actor: Actor, job_id: int, index: int, *, prompt: str, factor: float | str
@@ -417,7 +418,8 @@ class ImagineApp:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         await self._check_prompt(actor, prompt, request.prompt)
-        return await self._submit_one(actor, request, JobKind.ZOOM, (job.id, position))
+        notes = catalog.edit_notes(job.request_data, request)
+        return await self._submit_one(actor, request, JobKind.ZOOM, (job.id, position), notes)
 
     async def vary_region(
         self,
@@ -456,7 +458,8 @@ class ImagineApp:
             raise UserError(str(exc)) from None
         if prompt is not None:
             await self._check_prompt(actor, prompt, request.prompt)
-        return await self._submit_one(actor, request, JobKind.REGION, (job.id, position))
+        notes = catalog.edit_notes(job.request_data, request)
+        return await self._submit_one(actor, request, JobKind.REGION, (job.id, position), notes)
 
     async def separate(self, actor: Actor, job_id: int, index: int) -> Path:
         """U1–U4: the file of image `index` (1-based) at full size, to post as it is. No job, no
@@ -504,9 +507,10 @@ class ImagineApp:
         request: GenerationRequest,
         kind: JobKind,
         parent: tuple[int, int | None],
+        notes: tuple[str, ...] = (),
     ) -> Submitted:
         (submitted,) = await self._submit(actor, [request], kind, parent)
-        return Submitted(submitted, (), self.core.scheduler.queue_position(submitted.id))
+        return Submitted(submitted, notes, self.core.scheduler.queue_position(submitted.id))
 
     async def cancel(self, actor: Actor, job_id: int) -> Job:
         job = await self._job_for(actor, job_id)

@@ -114,9 +114,16 @@ def controlnets_section(config: Config) -> str:
         return "This server offers no ControlNets."
     lines = [_controlnet_line(config, controlnet) for controlnet in controlnets]
     lines.append(
-        "Use one with `--cn NAME` and a picture in the `control_image` option; `--cnw 0–2` "
-        "sets how closely it is followed (default 1)."
+        "Use one with `--cn NAME` and a picture in the `control_image` option (or "
+        "`--cn NAME https://…` with a link); `--cnw 0–2` sets how closely it is followed "
+        "(default 1)."
     )
+    extra = config.credits.cost_controlnet_percent
+    if extra:
+        lines.append(
+            f"A job with a ControlNet costs {extra} % more (it runs beside the model at every "
+            "step); LoRAs cost nothing extra."
+        )
     return "\n".join(lines)
 
 
@@ -224,6 +231,18 @@ def control_thumbnail(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     return buffer.getvalue()
+
+
+def edit_notes(parent_data: Mapping[str, Any], request: GenerationRequest) -> tuple[str, ...]:
+    """What an edit (zoom, pan, square, region) of a ControlNet job leaves out, for its reply:
+    the ControlNet, whose map no longer fits the changed canvas (the LoRAs are kept)."""
+    controlnet = parent_data.get("controlnet")
+    if not controlnet or request.controlnet is not None or not request.kind.is_edit:
+        return ()
+    return (
+        f"ControlNet {controlnet} left out: a {request.kind.value} paints a changed canvas "
+        "that its control map no longer fits",
+    )
 
 
 def add_ons_text(request_data: Mapping[str, Any]) -> str:

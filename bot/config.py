@@ -73,6 +73,9 @@ class CreditsConfig:
     cost_upscale_creative: int = 4
     # /describe: one CLIP pass over the picture and the phrase vocabulary, whatever its size.
     cost_describe: int = 1
+    # A job steered by a ControlNet costs this many percent more: the ControlNet runs beside
+    # the UNet at every step (about half a UNet's work again). LoRAs cost nothing extra.
+    cost_controlnet_percent: int = 50
     role_allowances: dict[int, int] = field(default_factory=dict)
 
 
@@ -555,6 +558,7 @@ def _credits(section: _Reader) -> CreditsConfig:
         cost_region=section.non_negative("cost_region", 3),
         cost_upscale_creative=section.non_negative("cost_upscale_creative", 4),
         cost_describe=section.non_negative("cost_describe", 1),
+        cost_controlnet_percent=section.non_negative("cost_controlnet_percent", 50),
         role_allowances=section.id_map("role_allowances"),
     )
     section.reject_unknown()

@@ -91,11 +91,14 @@ def choose_add_ons(
     controlnet: tuple[str, str] | None = None,
     controlnet_weight: tuple[str, float] | None = None,
     control_image: InputImage | None = None,
+    control_link: str | None = None,
 ) -> AddOns:
     """The configured LoRAs and ControlNet the job uses, or a PromptError naming what is wrong.
 
     `controlnet` and `controlnet_weight` are (as typed, value) pairs of `--cn` and `--cnw`;
-    `control_image` is the picture the ControlNet follows (the `control_image` option).
+    `control_image` is the picture the ControlNet follows (the `control_image` option, or the
+    picture at `control_link`, the link typed after `--cn NAME`, which the bot fetched with
+    the link as its source).
     """
     chosen = _loras(settings, model, loras)
     if controlnet is None:
@@ -126,11 +129,25 @@ def choose_add_ons(
             f"{model.name} is {_family(model.family)} "
             f"({_offered(settings.controlnets, model, 'ControlNets')})",
         )
+    if control_link is not None and control_image is None:
+        raise PromptError(
+            typed,
+            f"{typed} {spec.name} {_short(control_link)}: the linked picture can't be fetched "
+            "here; use /imagine, or attach it with the control_image option",
+        )
+    if control_link is not None and control_image is not None:
+        if control_image.source != control_link:
+            raise PromptError(
+                typed,
+                f"{typed} {spec.name} {_short(control_link)}: the control_image option gives a "
+                "picture to follow too; use one or the other",
+            )
     if control_image is None:
         raise PromptError(
             typed,
-            f"{typed} {spec.name}: attach the picture to follow with the control_image option "
-            f"(it is turned into a {spec.preprocessor} map first)",
+            f"{typed} {spec.name}: attach the picture to follow with the control_image option, "
+            f"or put its link after the name (it is turned into a {spec.preprocessor} map "
+            "first)",
         )
     if control_image.role is not InputRole.CONTROL:
         raise ValueError(f"control_image: role must be {InputRole.CONTROL.value}")

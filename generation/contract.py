@@ -673,6 +673,13 @@ def _edit(
     }
     if prompt is not None:
         values.update(prompt=prompt, prompt_parts=())
+    # The parent's ControlNet stays behind: its map no longer lines up with the changed canvas,
+    # and an inpainting UNet is not the one the ControlNet was trained beside.
+    values.update(
+        controlnet=None,
+        controlnet_weight=1.0,
+        inputs=tuple(i for i in values["inputs"] if i.role is not InputRole.CONTROL),
+    )
     return replace(parent, **values)
 
 

@@ -85,9 +85,10 @@ class ControlNets:
         if request.controlnet is None:
             return None
         if request.kind.is_edit:
-            # Zoom, pan and region edits repaint with an inpainting UNet, which a ControlNet
-            # made for the base UNet does not fit; an edit inherits its parent's ControlNet
-            # without the member asking for one again, so it runs without it.
+            # Zoom, pan and region edits repaint a changed canvas with an inpainting UNet, which
+            # neither the map nor the ControlNet fits; the edit builders leave it out
+            # (generation.contract._edit) and the bot tells the member. This catches a request
+            # made some other way.
             log.info(
                 "%s job: ControlNet %s not applied to an edit", request.kind, request.controlnet
             )

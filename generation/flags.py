@@ -228,8 +228,9 @@ FLAGS: tuple[FlagSpec, ...] = (
         ("cn", "controlnet"),
         Treatment.HONOURED,
         Arity.ONE,
-        "a ControlNet from /models, following the control_image you attach",
-        "NAME",
+        "a ControlNet from /models, following the control_image you attach or the picture "
+        "linked after its name",
+        "NAME [LINK]",
         any_word,
     ),
     FlagSpec(

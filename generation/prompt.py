@@ -97,7 +97,7 @@ from generation.flags import (
 )
 from generation.lora import apply_trigger_words
 from generation.permutations import PermutationError, expand_permutations
-from generation.references import REFERENCE_FLAGS, ImageRef, image_references
+from generation.references import LINK, REFERENCE_FLAGS, ImageRef, image_references
 from generation.settings import EngineSettings, ModelSpec
 
 # Discord caps a slash-command string option at 6000 characters; anything longer came from
@@ -523,6 +523,8 @@ class _Inline:
     values: dict[str, object] = field(default_factory=dict)
     typed: dict[str, str] = field(default_factory=dict)
     shown: dict[str, str] = field(default_factory=dict)
+    # `--cn NAME https://…`: the picture the ControlNet follows, fetched by the bot beforehand.
+    control_link: str | None = None
 
 
 def _random_seed() -> int:
@@ -608,6 +610,9 @@ def _parse(
             inline.values[spec.name] = value
             inline.typed[spec.name] = flag.typed
             inline.shown[spec.name] = shown
+        if spec.name == "cn" and _cn_link(leftover):
+            inline.control_link = _cn_link(leftover)
+            leftover = leftover[1:]
         moved = " ".join(leftover).strip(_EDGE_JUNK)
         if not _is_blank(moved):
             # Midjourney wants flags last; rather than lose the words, keep them as prompt text.
@@ -743,7 +748,28 @@ def _add_ons(
         controlnet=controlnet,
         controlnet_weight=weight,
         control_image=options.control_image,
+        control_link=inline.control_link,
     )
+
+
+def _cn_link(words: list[str]) -> str | None:
+    """The link right after `--cn NAME`, if that is what follows the name."""
+    if words and LINK.fullmatch(words[0].strip("<>")):
+        return words[0].strip("<>")
+    return None
+
+
+def control_link(text: str) -> str | None:
+    """The picture link after `--cn NAME` in a prompt (`--cn canny https://…`), or None. The bot
+    fetches it before parsing, as it does the `control_image` option, and passes it as
+    `ImagineOptions.control_image` with the link as its source."""
+    _, flags = _split_flags(_unquote(_IMAGINE_PREFIX.sub("", _unquote(_clean(text)))))
+    for flag in flags:
+        if flag.spec is not None and flag.spec.name == "cn":
+            link = _cn_link(_take_values(flag.words, flag.spec)[1])
+            if link is not None:
+                return link
+    return None
 
 
 def _legacy_aspect(inline: _Inline, notes: list[str]) -> None:

@@ -35,6 +35,9 @@ Costs (all integers, rounded up, at least 1 when the configured base cost is abo
 * zoom, pan, square, region:     cost_zoom / cost_pan / cost_square / cost_region, scaled like
                                  imagine by the canvas (width x height of the edit's output)
 * describe (and its 🔄):          cost_describe, flat (no diffusion, one CLIP pass)
+* a ControlNet (imagine, variation, upscale) adds cost_controlnet_percent to the scaled cost
+  before rounding: it runs beside the UNet at every step. LoRAs add nothing (a few small
+  matrices beside layers the job runs anyway). Edits never carry a ControlNet.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def job_cost(request: GenerationRequest, config: CreditsConfig) -> int:
         creative = request.upscale_mode is UpscaleMode.CREATIVE
         base = config.cost_upscale_creative if creative else config.cost_upscale
         scaled = base * Fraction(request.width * request.height, UPSCALE_BASE_PIXELS)
+    if request.controlnet is not None:
+        scaled *= 1 + Fraction(config.cost_controlnet_percent, 100)
     if base <= 0:
         return 0
     return max(1, math.ceil(scaled))

@@ -96,7 +96,7 @@ def test_control_thumbnail_is_small_and_gone_with_its_file(tmp_path: Path):
 
 def test_help_mentions_models_and_the_add_on_flags():
     text = help_text(CONFIG)
-    assert "`/models`" in text and "`--lora NAME[:W]`" in text and "`--cn NAME`" in text
+    assert "`/models`" in text and "`--lora NAME[:W]`" in text and "`--cn NAME [LINK]`" in text
 
 
 async def test_the_console_lists_the_catalog_too(

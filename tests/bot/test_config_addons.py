@@ -153,7 +153,7 @@ def test_shipped_config_offers_no_add_ons_but_documents_them():
         (
             {"controlnets": [{"name": "canny", "source": "a/b", "preprocessor": "scribble"}]},
             "generation.controlnets[0].preprocessor",
-            "one of canny, depth, none",
+            "one of canny, depth, lineart, none",
         ),
         (
             {
@@ -237,6 +237,16 @@ def test_single_file_checkpoints_need_a_local_config_and_pickles_need_consent(tm
 
     with pytest.raises(ConfigError, match=r"^generation\.models\[0\]\.allow_pickle: must be bool"):
         parse_config({"generation": {"models": [{**pickled, "allow_pickle": "yes"}]}})
+
+
+def test_a_controlnet_job_costs_a_configured_percentage_more():
+    assert parse_config({}).credits.cost_controlnet_percent == 50
+    config = parse_config({"credits": {"cost_controlnet_percent": 0}})
+    assert config.credits.cost_controlnet_percent == 0
+    with pytest.raises(ConfigError, match=r"^credits\.cost_controlnet_percent: must be >= 0"):
+        parse_config({"credits": {"cost_controlnet_percent": -10}})
+    shipped = load_config(REPO / "config.toml")
+    assert shipped.credits.cost_controlnet_percent == 50
 
 
 def test_relative_weight_files_are_relative_to_the_config_file(tmp_path: Path):

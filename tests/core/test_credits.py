@@ -62,6 +62,31 @@ def test_variation_and_upscale_costs() -> None:
     assert job_cost(variation, CreditsConfig(cost_variation=0)) == 0
 
 
+def test_a_controlnet_adds_its_percentage_and_loras_nothing() -> None:
+    from PIL import Image
+
+    from generation.contract import InputImage, InputRole, LoraWeight
+
+    config = CreditsConfig(cost_imagine=4, cost_variation=2, cost_upscale=3)
+    base = request(width=512, height=512, steps=30, num_candidates=8, num_kept=4)
+    control = InputImage(InputRole.CONTROL, Image.new("RGB", (8, 8)), source="map.png")
+    steered = base.with_changes(controlnet="canny", inputs=(control,))
+    assert job_cost(steered, config) == 6  # 4 x 1.5
+    assert job_cost(steered, CreditsConfig(cost_controlnet_percent=0)) == 4
+    assert job_cost(steered, CreditsConfig(cost_controlnet_percent=100)) == 8
+    # Applied before rounding up: 4 x 31/30 x 1.5 = 6.2 → 7 (not 5 x 1.5 = 7.5 → 8).
+    assert job_cost(steered.with_changes(steps=31), config) == 7
+    assert job_cost(base.with_changes(loras=(LoraWeight("ink", 2.0),)), config) == 4
+    variation = steered.with_changes(
+        kind=GenerationKind.VARIATION, init_image=Image.new("RGB", (512, 512)), strength=0.7
+    )
+    assert job_cost(variation, config) == 3
+    upscale = variation.with_changes(
+        kind=GenerationKind.UPSCALE, width=1024, height=1024, num_candidates=1, num_kept=1
+    )
+    assert job_cost(upscale, config) == 5  # 3 x 1.5 = 4.5 → 5
+
+
 # ----- hold: atomic, never negative ----------------------------------------------------------
 
 

@@ -164,11 +164,15 @@ def test_an_edit_of_a_controlnet_job_runs_without_the_controlnet(
     from generation.contract import zoom_request
 
     parent = _controlled("canny", _shapes())
-    zoomed = control_engine.generate(
-        zoom_request(parent, _shapes().resize((64, 64)), factor=1.5, seed=3)
-    )
+    request = zoom_request(parent, _shapes().resize((64, 64)), factor=1.5, seed=3)
+    # The edit's request leaves the ControlNet and its picture behind (the bot says so) …
+    assert request.controlnet is None and not request.inputs_for(InputRole.CONTROL)
+    zoomed = control_engine.generate(request)
     assert zoomed.control_map is None
     assert zoomed.images[0].size == (64, 64)
+    # … and one made some other way still runs without it.
+    kept = request.with_changes(controlnet="canny", inputs=parent.inputs)
+    assert control_engine.generate(kept).control_map is None
 
 
 def test_lineart_draws_the_dark_lines_white_on_black() -> None:

@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 from generation.contract import InputImage, InputRole, LoraWeight
-from generation.prompt import ImagineOptions, PromptError, parse_jobs, parse_prompt
+from generation.prompt import (
+    ImagineOptions,
+    PromptError,
+    control_link,
+    parse_jobs,
+    parse_prompt,
+)
 from generation.settings import ControlNetSpec, EngineSettings, LoraSpec, ModelSpec, Preprocessor
 
 SETTINGS = EngineSettings(
@@ -133,6 +139,27 @@ def test_controlnet_with_its_picture_and_weight():
     assert request.inputs_for(InputRole.CONTROL) == (picture,)
     default_weight = parse("a house --cn depth", control_image=picture).request  # type: ignore[attr-defined]
     assert (default_weight.controlnet, default_weight.controlnet_weight) == ("depth", 1.0)
+
+
+def test_a_linked_control_picture_after_the_name():
+    link = "https://cdn.example/edges.png"
+    text = f"a house --cn canny <{link}> on a hill --cnw 0.5"
+    # The bot finds the link before parsing and fetches it …
+    assert control_link(text) == link
+    assert control_link("a house --cn canny on a hill") is None
+    assert control_link(f"{link} a house --sref {link}") is None
+    # … and the parser takes it as the picture to follow (not an image prompt, not text).
+    fetched = InputImage(InputRole.CONTROL, Image.new("RGB", (64, 64)), source=link)
+    parsed = parse(text, control_image=fetched)
+    request = parsed.request  # type: ignore[attr-defined]
+    assert (request.controlnet, request.controlnet_weight) == ("canny", 0.5)
+    assert request.inputs == (fetched,) and parsed.image_refs == ()  # type: ignore[attr-defined]
+    assert request.prompt == "a house, on a hill"
+    # Not fetched (a front end that can't), or a second picture in the option: refused.
+    missing = error(text)
+    assert missing.flag == "--cn" and "the linked picture can't be fetched here" in str(missing)
+    both = error(text, control_image=control())
+    assert both.flag == "--cn" and "the control_image option gives a picture" in str(both)
 
 
 def test_a_control_image_without_a_controlnet_is_refused():
