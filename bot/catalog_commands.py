@@ -14,8 +14,10 @@ from discord import app_commands
 
 from bot import catalog
 from bot.app import UserError
-from bot.fetch import FetchRefused, attachment_image
+from bot.fetch import FetchRefused, attachment_image, fetch_image
+from bot.inputs import shown_source
 from generation.contract import InputImage, InputRole
+from generation.prompt import control_link
 
 if TYPE_CHECKING:
     from bot.discord_bot import ImagineBot
@@ -60,19 +62,30 @@ def add_catalog_commands(bot: ImagineBot, imagine: app_commands.Command[Any, ...
 
 
 async def control_input(
-    bot: ImagineBot, interaction: discord.Interaction[Any], attachment: discord.Attachment | None
+    bot: ImagineBot,
+    interaction: discord.Interaction[Any],
+    attachment: discord.Attachment | None,
+    prompt: str = "",
 ) -> InputImage | None:
-    """The `control_image` option fetched and screened like every member's picture, or a
-    UserError naming the option; nothing is queued or charged before this returns."""
-    if attachment is None:
-        return None
+    """The picture a --cn ControlNet follows: the `control_image` option, else the link after
+    `--cn NAME` in the prompt, fetched and screened like every member's picture, or a UserError
+    naming the option or the link; nothing is queued or charged before this returns. (With
+    both, the option is taken and the parser refuses the pair.)"""
     pictures = bot.app.pictures
+    link = control_link(prompt)
     try:
-        picture = await attachment_image(attachment, pictures.policy)
+        if attachment is not None:
+            where = f"control_image {attachment.filename}"
+            picture = await attachment_image(attachment, pictures.policy)
+        elif link is not None:
+            where = f"--cn {shown_source(link)}"
+            picture = await fetch_image(link, pictures.policy)
+        else:
+            return None
         await pictures.screen.check(bot.actor(interaction).owner, [picture])
     except FetchRefused as exc:
-        reason = exc.reason.removeprefix(f"{attachment.filename}: ")
-        raise UserError(f"control_image {attachment.filename}: {reason}") from None
+        reason = exc.reason.removeprefix(f"{attachment.filename}: " if attachment else "")
+        raise UserError(f"{where}: {reason}") from None
     return InputImage(
         InputRole.CONTROL, picture.image, source=picture.source, sha256=picture.sha256
     )

@@ -428,7 +428,7 @@ def add_commands(bot: ImagineBot) -> None:
         if pictures.wants_pictures(prompt, image, image2, control_image):
             # Fetching may outlast Discord's 3 s: acknowledged first, privately (bot/pictures.py).
             await interaction.response.defer(ephemeral=True, thinking=True)
-        control = await control_input(bot, interaction, control_image)
+        control = await control_input(bot, interaction, control_image, prompt)
         options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler, lora, control)
         if interaction.response.is_done():
             await pictures.imagine_with_pictures(

@@ -13,6 +13,7 @@ import io
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
@@ -23,6 +24,7 @@ from generation.contract import (
     InputImage,
     InputRole,
     JobKind,
+    LoraWeight,
     PanDirection,
     PromptPart,
     Region,
@@ -33,7 +35,14 @@ from generation.contract import (
     upscale_request,
     zoom_request,
 )
-from generation.prompt import PromptDefaults, PromptError, parse_prompt
+from generation.prompt import (
+    ImagineOptions,
+    PromptDefaults,
+    PromptError,
+    control_link,
+    parse_prompt,
+    typed_flags,
+)
 from generation.settings import EngineSettings
 
 # An upscale doubles each side; its source was made at half the size.
@@ -49,12 +58,24 @@ class Remix:
     negative_prompt: str
     # The canvas the prompt's --ar asks for; None when it keeps the image's shape.
     size: tuple[int, int] | None = None
+    # The parent's LoRAs, or the ones the edited prompt's --lora names instead.
+    loras: tuple[LoraWeight, ...] = ()
+    # Set when the edited prompt names a ControlNet (`--cn NAME`, following the parent's
+    # control picture); None keeps the parent's ControlNet as it was.
+    controlnet: tuple[str, float, InputImage] | None = None
 
     def apply(self, request: GenerationRequest) -> GenerationRequest:
+        changes: dict[str, Any] = {}
+        if self.controlnet is not None:
+            name, weight, picture = self.controlnet
+            others = tuple(i for i in request.inputs if i.role is not InputRole.CONTROL)
+            changes.update(controlnet=name, controlnet_weight=weight, inputs=(*others, picture))
         return request.with_changes(
             prompt=self.prompt,
             prompt_parts=self.prompt_parts,
             negative_prompt=self.negative_prompt or request.negative_prompt,
+            loras=self.loras,
+            **changes,
         )
 
 
@@ -62,13 +83,31 @@ def parse_remix(
     text: str, parent: GenerationRequest, image_size: tuple[int, int], settings: EngineSettings
 ) -> Remix:
     """The edited prompt read like an /imagine prompt for the parent's model; ValueError naming
-    the flag when it is not one. Without `--ar` the canvas keeps the image's shape."""
+    the flag when it is not one. Without `--ar` the canvas keeps the image's shape.
+
+    The parent's LoRAs and ControlNet (with its picture) are kept; `--lora` replaces the LoRAs
+    and `--cn NAME [--cnw W]` follows the parent's control picture with that ControlNet (a
+    remix has no way to take a new picture)."""
     ratio_w, ratio_h = _ratio(image_size)
+    flags = typed_flags(text)
+    controls = parent.inputs_for(InputRole.CONTROL)
+    if "cn" in flags and (not controls or control_link(text) is not None):
+        raise ValueError(
+            "--cn: a remix can only follow the control picture of the job it comes from "
+            f"({'this one has none' if not controls else 'not a new one'}); start a new "
+            "/imagine with --cn and a control_image for another picture"
+        )
+    kept_loras = ", ".join(f"{lora.name}:{lora.weight:g}" for lora in parent.loras)
+    options = ImagineOptions(
+        lora=(kept_loras or None) if "lora" not in flags else None,
+        control_image=controls[0] if "cn" in flags else None,
+    )
     try:
         parsed = parse_prompt(
             text,
             settings,
             model=parent.model,
+            options=options,
             seed_source=lambda: parent.seed,
             defaults=PromptDefaults(aspect=f"{ratio_w}:{ratio_h}"),
         )
@@ -77,11 +116,17 @@ def parse_remix(
     request = parsed.request
     size = (request.width, request.height)
     same_shape = abs(math.log(size[0] / size[1] * image_size[1] / image_size[0])) < math.log(1.05)
+    controlnet = None
+    if request.controlnet is not None:
+        (picture,) = request.inputs_for(InputRole.CONTROL)
+        controlnet = (request.controlnet, request.controlnet_weight, picture)
     return Remix(
         prompt=request.prompt,
         prompt_parts=request.prompt_parts,
         negative_prompt=request.negative_prompt,
         size=None if same_shape else size,
+        loras=request.loras,
+        controlnet=controlnet,
     )
 
 

@@ -759,6 +759,12 @@ def _cn_link(words: list[str]) -> str | None:
     return None
 
 
+def typed_flags(text: str) -> frozenset[str]:
+    """The canonical names of the known flags in a prompt (`--controlnet` counts as "cn")."""
+    _, flags = _split_flags(_unquote(_IMAGINE_PREFIX.sub("", _unquote(_clean(text)))))
+    return frozenset(flag.spec.name for flag in flags if flag.spec is not None)
+
+
 def control_link(text: str) -> str | None:
     """The picture link after `--cn NAME` in a prompt (`--cn canny https://…`), or None. The bot
     fetches it before parsing, as it does the `control_image` option, and passes it as
