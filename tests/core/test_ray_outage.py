@@ -3,6 +3,7 @@ one (`ray start --head`, a process of its own), killed, and started again on the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 
 from bot.config import Config, WorkersConfig
 from bot.core import Core, JobState, Owner
+from bot.core.ray_workers import CONNECT_TIMEOUT_S
 from bot.health import core_checks
 from tests.core.conftest import (
     assert_consistent,
@@ -160,3 +163,27 @@ async def test_jobs_stay_queued_while_the_cluster_is_down_and_run_when_it_return
         await assert_consistent(core)
     finally:
         await core.close(drain_timeout_s=5.0)
+
+
+async def test_an_address_where_nothing_listens_is_reported_unreachable_at_once(
+    tmp_path: Path, head: Head, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `head` is never started: its port takes no connection (where `ray.init` would retry for
+    # minutes).
+    caplog.set_level(logging.INFO, logger="bot.core.ray_workers")
+    started = time.monotonic()
+    core = await Core.open(head_config(tmp_path, head), engine_factory=FACTORY)
+    try:
+        assert time.monotonic() - started < CONNECT_TIMEOUT_S
+        status = core.admin.workers().backend
+        assert status.startswith(f"Ray cluster at 127.0.0.1:{head.port} unreachable")
+        assert "Connection refused" in status
+        reason = await core_checks(core)["workers"]()
+        assert reason is not None and "unreachable" in reason
+        job = await core.scheduler.submit(ALICE, request("a red fox"))
+        await asyncio.sleep(1.5)  # three more looks
+        assert (await core.jobs.require(job.id)).state is JobState.QUEUED
+        down = [r for r in caplog.records if "is unreachable" in r.getMessage()]
+        assert len(down) == 1
+    finally:
+        await core.close(drain_timeout_s=2.0)
