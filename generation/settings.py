@@ -60,6 +60,10 @@ class ModelSpec:
     # whose 9-channel UNet paints zooms, pans and regions; "" = masked latent blending on the
     # model's own UNet. Only its UNet is loaded: text encoder and VAE are the model's.
     inpaint_source: str = ""
+    # A tiny VAE decoder for live previews (diffusers AutoencoderTiny: "madebyollin/taesd" for
+    # SD 1.x, "madebyollin/taesdxl" for SDXL, or a folder): truer colours and detail than the
+    # linear latent-to-RGB map used when this is "", for a few milliseconds a preview on a GPU.
+    preview_decoder: str = ""
     # For a single-file `source` (.safetensors): a local diffusers folder of the same family
     # whose configs, tokenizers and scheduler describe the checkpoint (its weights, if any, are
     # not read), so loading never asks the hub for them.
@@ -147,6 +151,9 @@ class EngineSettings:
     models: tuple[ModelSpec, ...] = (ModelSpec(name=TINY, source=TINY, base_resolution=128),)
     default_model: str = TINY
     clip_model: str = TINY
+    # A BLIP captioner whose caption leads /describe's suggestions (generation/caption.py): a
+    # hub id or folder, "tiny" (random weights, for tests), "" for none.
+    caption_model: str = ""
     cache_dir: Path = Path("data/models")
     device: str = "auto"  # auto | cuda | cpu | mps
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
@@ -342,7 +349,17 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
-def _check_single_file(spec: ModelSpec) -> None:
+# Where an owner gets a single-file model's `config` folder: the configs, tokenizers and
+# scheduler of the family's base model, without its weights (a few hundred kilobytes).
+CONFIG_REPOS = {
+    "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+
+
+def check_single_file_safety(spec: ModelSpec) -> None:
+    """The refusals a single-file model meets before anything opens it (ValueError naming the
+    key): a pickle without `allow_pickle`, and no local `config` folder to describe it."""
     path = Path(spec.source).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
         raise ValueError(
@@ -350,13 +367,21 @@ def _check_single_file(spec: ModelSpec) -> None:
             "one can run any code it carries. Convert it to .safetensors, or set "
             "allow_pickle = true for this model if you trust where it came from"
         )
-    _check_local_weights("models.source", spec.name, path)
     if not spec.config:
+        repo = CONFIG_REPOS.get(spec.family, CONFIG_REPOS["sd"])
         raise ValueError(
             f"models.config: model {spec.name!r} is a single file ({path.name}) and needs "
-            "`config`, a local diffusers folder of its family (configs, tokenizers and "
-            "scheduler; weights are not needed), so that nothing is fetched from the hub"
+            f"`config`, a local diffusers folder of its family ({spec.family}: its "
+            "model_index.json, component configs, tokenizers and scheduler; no weights), so "
+            "that nothing is fetched from the hub. On a machine with internet: hf download "
+            f"{repo} --include '*.json' --include '*.txt' --local-dir {spec.family}-config, "
+            "then copy that folder here and set config to its path"
         )
+
+
+def _check_single_file(spec: ModelSpec) -> None:
+    check_single_file_safety(spec)
+    _check_local_weights("models.source", spec.name, Path(spec.source))
     config = Path(spec.config).expanduser()
     try:
         index = json.loads((config / "model_index.json").read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from generation.settings import PICKLE_SUFFIXES, ModelSpec
+from generation.settings import ModelSpec, check_single_file_safety
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,4 @@ def load_single_file(spec: ModelSpec, dtype: Any, **kwargs: Any) -> Any:
 
 def check_loadable(spec: ModelSpec) -> None:
     """The refusals that must hold even if settings were never validated (ValueError)."""
-    path = Path(spec.source).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
-        raise ValueError(
-            f"model: {spec.name!r} is a pickled checkpoint ({path.name}), which can run code "
-            "when opened; convert it to .safetensors or set allow_pickle = true for it"
-        )
-    if not spec.config:
-        raise ValueError(
-            f"model: {spec.name!r} is a single file ({path.name}) without `config`, the local "
-            "diffusers folder that describes it"
-        )
+    check_single_file_safety(spec)

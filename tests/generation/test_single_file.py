@@ -13,6 +13,7 @@ import torch
 from generation.checkpoint_layout import original_state_dict, save_single_file
 from generation.engine import DiffusersEngine, create_engine
 from generation.settings import EngineSettings, ModelSpec
+from generation.single_file import check_loadable
 from generation.tiny import TINY_SD_DIR, build_tiny_sdxl
 from tests.generation.helpers import imagine, max_diff
 
@@ -139,8 +140,19 @@ def test_bad_single_files_are_named_with_the_reason(
     with pytest.raises(ValueError, match=r"^models.source: 'm': .*missing.safetensors does not"):
         _engine(tiny_cache, ModelSpec("m", str(missing), config=config))
     file = str(checkpoints["sd-file"])
-    with pytest.raises(ValueError, match=r"^models.config: model 'n' is a single file"):
+    with pytest.raises(ValueError, match=r"^models.config: model 'n' is a single file") as caught:
         _engine(tiny_cache, ModelSpec("n", file))
+    # The message says what to provide and how to get it on a connected machine.
+    assert "tokenizers and scheduler; no weights" in str(caught.value)
+    assert (
+        "hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include '*.json' "
+        "--include '*.txt'"
+    ) in str(caught.value)
+    # The loader itself refuses the same, should settings reach it unvalidated.
+    with pytest.raises(ValueError, match=r"^models.config: model 'n' is a single file"):
+        check_loadable(ModelSpec("n", file))
+    with pytest.raises(ValueError, match=r"^models.source: model 'p' is a pickled checkpoint"):
+        check_loadable(ModelSpec("p", str(tmp_path / "p.ckpt"), config=config))
     with pytest.raises(ValueError, match=r"^models.config: model 'x' is family 'sdxl' but"):
         _engine(tiny_cache, ModelSpec("x", file, family="sdxl", config=config))
     with pytest.raises(ValueError, match=r"^models.config: model 'w': .* is not a diffusers"):
