@@ -209,6 +209,10 @@ def bridge_main(conn: Connection, namespace: str, log_level: int) -> None:
             calls.shutdown()
             os._exit(0)
         _tag, call_id, op, args = message
+        if op == "connect":
+            # On the main thread, where Ray sets its signal handlers; nothing else runs yet.
+            answer(call_id, op, args)
+            continue
         threading.Thread(
             target=answer, args=(call_id, op, args), name=f"call-{op}", daemon=True
         ).start()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import Config, WorkersConfig
-from bot.core import Core, JobState, Owner
+from bot.core import Core, JobState, Owner, ProgressUpdate
 from bot.core.ray_workers import CONNECT_TIMEOUT_S
 from bot.health import core_checks
 from tests.core.conftest import (
@@ -101,8 +101,8 @@ def head() -> Iterator[Head]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def head_config(tmp_path: Path, head: Head) -> Config:
-    config = make_config(tmp_path)
+def head_config(tmp_path: Path, head: Head, step_s: float = 0.002) -> Config:
+    config = make_config(tmp_path, step_s=step_s)
     workers = WorkersConfig(
         backend="ray",
         ray_address=f"127.0.0.1:{head.port}",
@@ -117,7 +117,7 @@ async def test_jobs_stay_queued_while_the_cluster_is_down_and_run_when_it_return
 ) -> None:
     caplog.set_level(logging.INFO, logger="bot.core.ray_workers")
     head.start()
-    config = head_config(tmp_path, head)
+    config = head_config(tmp_path, head, step_s=0.02)
     core = await Core.open(config, engine_factory=FACTORY)
     try:
         # The head takes a few seconds to come up; until then the pool reports it unreachable.
@@ -128,6 +128,12 @@ async def test_jobs_stay_queued_while_the_cluster_is_down_and_run_when_it_return
         bridge_before = core.ray_pool.bridge_pid
         caplog.clear()
 
+        # The head goes down under a running job (its actor goes with it): a worker crash.
+        slow = await core.scheduler.submit(BOB, request("a slow snail", steps=150))
+        async with core.scheduler.subscribe(slow.id) as events:
+            async for event in events:
+                if isinstance(event, ProgressUpdate):
+                    break
         head.kill()
         await ready_workers(core, 0, timeout_s=20)
         status = core.admin.workers().backend
@@ -139,7 +145,7 @@ async def test_jobs_stay_queued_while_the_cluster_is_down_and_run_when_it_return
             await core.scheduler.submit(ALICE, request("a blue owl")),
             await core.scheduler.submit(BOB, request("a green frog")),
         ]
-        for job in jobs:
+        for job in (slow, *jobs):
             assert (await core.jobs.require(job.id)).state is JobState.QUEUED
         down = [r.getMessage() for r in caplog.records if "is unreachable" in r.getMessage()]
         # One line when it goes away, not one per look.
@@ -150,6 +156,9 @@ async def test_jobs_stay_queued_while_the_cluster_is_down_and_run_when_it_return
             done = await finished(core, job.id, timeout_s=90)
             assert done.state is JobState.SUCCEEDED, done.error
             assert done.attempts == 1
+        rerun = await finished(core, slow.id, timeout_s=60)
+        assert rerun.state is JobState.SUCCEEDED, rerun.error
+        assert rerun.attempts == 2  # the run the head took down, and this one
         assert any("answers again" in r.getMessage() for r in caplog.records)
         # A new connection: Ray's driver does not outlive the head it joined.
         assert core.ray_pool.bridge_pid not in (None, bridge_before)
@@ -159,7 +168,7 @@ async def test_jobs_stay_queued_while_the_cluster_is_down_and_run_when_it_return
         alice = await core.credits.balance(ALICE.user_id)
         assert alice.held == 0 and alice.available == 20 - costs[0] - costs[1]
         bob = await core.credits.balance(BOB.user_id)
-        assert bob.held == 0 and bob.available == 20 - costs[2]
+        assert bob.held == 0 and bob.available == 20 - costs[2] - rerun.cost
         await assert_consistent(core)
     finally:
         await core.close(drain_timeout_s=5.0)
