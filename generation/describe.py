@@ -7,7 +7,8 @@ against the picture. Each suggestion takes one phrase per part, drawn among the 
 few of that part; the four suggestions never share a phrase of any part. The seed decides the
 draw (Gumbel top-k over the CLIP scores), so the same picture and seed give the same
 suggestions and a new seed (the 🔄 button) gives others. Every suggestion ends with `--ar W:H`,
-the picture's shape as a simple ratio.
+the picture's shape as a simple ratio. Where `[generation] caption_model` is set, a caption
+of the picture (generation/caption.py) leads every suggestion.
 """
 
 from __future__ import annotations
@@ -67,12 +68,18 @@ _indexes: weakref.WeakKeyDictionary[Any, _PhraseIndex] = weakref.WeakKeyDictiona
 
 
 def describe_picture(
-    ranker: Any, image: Image.Image, *, seed: int, count: int = SUGGESTIONS
+    ranker: Any,
+    image: Image.Image,
+    *,
+    seed: int,
+    count: int = SUGGESTIONS,
+    caption: str = "",
 ) -> tuple[str, ...]:
     """`count` prompt suggestions for `image`, each ending with `--ar W:H`.
 
     `ranker` is a generation.ranking.ClipRanker (anything with `image_embeddings` and
-    `text_embeddings` returning unit vectors).
+    `text_embeddings` returning unit vectors). A `caption` (generation.caption) leads every
+    suggestion; the phrases then say how it looks.
     """
     words = vocabulary()
     if not 1 <= count <= TOP_PHRASES:
@@ -92,6 +99,8 @@ def describe_picture(
     for i in range(count):
         extra = set(rng.choice(optional, size=_EXTRA_PARTS, replace=False).tolist())
         phrases = [drawn[part][i] for part in PARTS if part in _ALWAYS or part in extra]
+        if caption.strip():
+            phrases.insert(0, caption.strip())
         suggestions.append(f"{', '.join(phrases)} --ar {aspect}")
     return tuple(suggestions)
 
