@@ -84,6 +84,36 @@ def test_add_ons_text_lists_loras_and_the_controlnet_with_their_weights():
     assert catalog.add_ons_text({"loras": [], "controlnet": None}) == ""
 
 
+def test_controlnets_section_names_the_preprocessor_and_the_extra_cost():
+    import dataclasses
+
+    from generation.settings import ControlNetSpec, Preprocessor
+
+    lines = ControlNetSpec("lines", "a/lines", preprocessor=Preprocessor.LINEART)
+    engine = dataclasses.replace(CONFIG.engine, controlnets=(lines,))
+    config = dataclasses.replace(CONFIG, engine=engine)
+    text = catalog.controlnets_section(config)
+    assert "• `lines` — for SD 1.x models (`tiny`), follows line art" in text
+    assert "`--cn NAME https://…`" in text
+    assert "A job with a ControlNet costs 50 % more" in text
+    free = dataclasses.replace(
+        config, credits=dataclasses.replace(config.credits, cost_controlnet_percent=0)
+    )
+    assert "more" not in catalog.controlnets_section(free)
+
+
+def test_edit_notes_say_the_controlnet_was_left_out():
+    from generation.contract import GenerationRequest, JobKind, zoom_request
+
+    plain = GenerationRequest(kind=JobKind.IMAGINE, prompt="a cat")
+    parent = {"controlnet": "canny", "controlnet_weight": 1.0}
+    assert catalog.edit_notes(parent, plain) == ()  # not an edit
+    edit = zoom_request(plain, Image.new("RGB", (64, 64)), factor=2.0, seed=1)
+    (note,) = catalog.edit_notes(parent, edit)
+    assert note.startswith("ControlNet canny left out: a zoom paints a changed canvas")
+    assert catalog.edit_notes({"controlnet": None}, edit) == ()
+
+
 def test_control_thumbnail_is_small_and_gone_with_its_file(tmp_path: Path):
     path = tmp_path / "control.png"
     Image.new("L", (1024, 512), 255).save(path)
