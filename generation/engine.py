@@ -27,6 +27,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from generation import outpaint
+from generation.caption import Captioner, resolve_caption_source
 from generation.conditioning import check_inputs, plan_conditioning, ranking_references
 from generation.contract import (
     MAX_PIXELS,
@@ -259,6 +260,7 @@ class DiffusersEngine:
             log.warning("cpu_offload is set but the engine runs on %s: ignored", self.device)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self._ranker: ClipRanker | None = None
+        self._caption_model: Captioner | None = None
         # Pipelines, their schedulers and conv padding are shared state: one job at a time.
         self._lock = threading.Lock()
         # Largest batch that fit in memory, per output pixel count, learned from OOM retries.
@@ -514,7 +516,11 @@ class DiffusersEngine:
         started = time.perf_counter()
         ranker = self._clip()
         _check_cancel(cancel)
-        texts = describe_picture(ranker, request.inputs[0].image, seed=request.seed)
+        picture = request.inputs[0].image
+        captioner = self._captioner()
+        caption = captioner.caption(picture) if captioner is not None else ""
+        _check_cancel(cancel)
+        texts = describe_picture(ranker, picture, seed=request.seed, caption=caption)
         return GenerationResult(
             images=(),
             seeds=(request.seed,),
@@ -921,6 +927,23 @@ class DiffusersEngine:
             )
             log.info("loaded CLIP %s in %.2fs", source, time.perf_counter() - started)
         return self._ranker
+
+    def _captioner(self) -> Captioner | None:
+        """The [generation] caption_model, loaded on the first /describe; None without one."""
+        if not self.settings.caption_model:
+            return None
+        if self._caption_model is None:
+            started = time.perf_counter()
+            source = resolve_caption_source(self.settings.caption_model, self.settings.cache_dir)
+            self._caption_model = Captioner(
+                source,
+                device=self.device,
+                dtype=self.dtype,
+                cache_dir=self.settings.cache_dir / "hub",
+                local_files_only=self.settings.local_files_only,
+            )
+            log.info("loaded captioner %s in %.2fs", source, time.perf_counter() - started)
+        return self._caption_model
 
     def _free_cuda(self) -> None:
         import gc

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TINY_SD_DIR = "tiny-sd"
 TINY_CLIP_DIR = "tiny-clip"
+TINY_CAPTION_DIR = "tiny-blip"
 TINY_SDXL_DIR = "tiny-sdxl"
 # Model source that resolves to the tiny SDXL-shaped pipeline (for SDXL code paths offline).
 TINY_SDXL = "tiny-sdxl"
@@ -307,6 +308,64 @@ def build_tiny_clip(folder: Path, seed: int = TINY_SEED) -> None:
     processor.save_pretrained(folder)
 
 
+# The tiny captioner's words: its random weights string some of them together, so its captions
+# read as words (a real BLIP's vocabulary is BERT's 30522 pieces).
+_CAPTION_WORDS = (
+    "a photo painting drawing of the with on in and red blue green golden dark bright cat dog "
+    "house tree river mountain city sky woman man bird flower boat street forest"
+).split()
+
+
+def build_tiny_captioner(folder: Path, seed: int = TINY_SEED) -> None:
+    """Build a tiny BLIP captioning model (BlipForConditionalGeneration) with its processor and
+    a word-level BERT tokenizer, and save them into `folder`: the layout of
+    Salesforce/blip-image-captioning-base, loaded the same way."""
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join([*special, *_CAPTION_WORDS]) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(vocab), bos_token="[CLS]")
+    torch.manual_seed(seed + 30)
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    model = BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    )
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+
 def ensure_built(cache_dir: Path, name: str, builder: Callable[[Path], None]) -> Path:
     """`cache_dir/name`, built by `builder(folder)` unless a finished build is already there."""
     target = Path(cache_dir) / name
@@ -356,6 +415,11 @@ def ensure_tiny_sd(cache_dir: Path) -> Path:
 def ensure_tiny_clip(cache_dir: Path) -> Path:
     """Folder of the tiny CLIP model under `cache_dir`, built on first use."""
     return ensure_built(cache_dir, TINY_CLIP_DIR, build_tiny_clip)
+
+
+def ensure_tiny_captioner(cache_dir: Path) -> Path:
+    """Folder of the tiny BLIP captioner under `cache_dir`, built on first use."""
+    return ensure_built(cache_dir, TINY_CAPTION_DIR, build_tiny_captioner)
 
 
 def ensure_tiny_sdxl(cache_dir: Path) -> Path:

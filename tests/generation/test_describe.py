@@ -3,6 +3,8 @@ CLIP model, four suggestions, seeded, each with the picture's --ar."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -105,3 +107,19 @@ def test_a_describe_reads_exactly_one_picture() -> None:
         request.with_changes(inputs=(pictured(), pictured()))
     with pytest.raises(ValueError, match=r"^inputs: a describe reads an image_prompt"):
         describe_request(InputImage(InputRole.STYLE, PICTURE, weight=100), seed=1)
+
+
+def test_a_configured_caption_model_leads_every_suggestion(settings, described) -> None:
+    """`caption_model = "tiny"`: a random-weight BLIP built from a config, saved and loaded
+    with from_pretrained like a real one; its caption comes first, then the same phrases."""
+    from generation.caption import Captioner
+    from generation.engine import create_engine
+    from generation.tiny import ensure_tiny_captioner
+
+    captioned = create_engine(dataclasses.replace(settings, caption_model="tiny"))
+    texts = captioned.generate(describe_request(pictured(), seed=3)).texts
+    caption = Captioner(str(ensure_tiny_captioner(settings.cache_dir))).caption(PICTURE)
+    words = caption.split()
+    assert words and all(word.isalpha() for word in words), caption
+    assert [text.removeprefix(f"{caption}, ") for text in texts] == list(described.texts)
+    assert all(text.startswith(f"{caption}, ") for text in texts)
