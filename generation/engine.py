@@ -78,6 +78,9 @@ class _Loaded:
     inpaint: Any = None
     # With cpu_offload, the hook that moves an inpaint_source UNet back to the CPU.
     inpaint_offload: Any = None
+    # The model's preview_decoder (AutoencoderTiny), loaded by the first job with previews;
+    # False when it could not be loaded (previews fall back to the linear map).
+    preview_decoder: Any = None
     # The image adapter (generation.ip_adapter), loaded by the first job with pictures.
     image_adapter: Any = None
 
@@ -597,7 +600,11 @@ class DiffusersEngine:
         images: list[Image.Image] = []
         previewer = None
         if request.preview and progress is not None:
-            previewer = Previewer(loaded.spec.family, self.settings.preview_interval_s)
+            previewer = Previewer(
+                loaded.spec.family,
+                self.settings.preview_interval_s,
+                decoder=self._preview_decoder(loaded),
+            )
         while len(images) < count:
             size = min(chunk, count - len(images))
             chunk_seeds = seeds[len(images) : len(images) + size]
@@ -716,6 +723,32 @@ class DiffusersEngine:
         finally:
             if edit is not None and loaded.inpaint_offload is not None:
                 loaded.inpaint_offload.offload()
+
+    def _preview_decoder(self, loaded: _Loaded) -> Any:
+        """The model's tiny preview decoder, or None for the linear map. A decoder that can't be
+        loaded costs the member nothing: it is logged and previews go on without it."""
+        source = loaded.spec.preview_decoder
+        if not source or loaded.preview_decoder is False:
+            return None
+        if loaded.preview_decoder is None:
+            from diffusers import AutoencoderTiny
+
+            try:
+                decoder = self._from_pretrained(
+                    AutoencoderTiny, source, self.model_dtype(loaded.spec)
+                )
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "model %s: preview_decoder %r not loaded (%s); previews use the linear map",
+                    loaded.spec.name,
+                    source,
+                    exc,
+                )
+                loaded.preview_decoder = False
+                return None
+            # A few MB: it stays on the device, with cpu_offload too.
+            loaded.preview_decoder = decoder.to(self.device).eval()
+        return loaded.preview_decoder
 
     def _inpaint_pipeline(self, loaded: _Loaded) -> Any:
         """The model's inpainting pipeline: its own modules, with the 9-channel UNet of its

@@ -641,3 +641,27 @@ def build_tiny_depth(folder: Path, seed: int = TINY_SEED) -> Path:
     )
     processor.save_pretrained(folder)
     return folder
+
+
+TINY_TAESD_DIR = "tiny-taesd"
+
+
+def build_tiny_taesd(folder: Path, seed: int = TINY_SEED) -> None:
+    """A tiny random-weight AutoencoderTiny (TAESD's architecture, 8 channels a block): the
+    live-preview decoder of tests and benches, in place of madebyollin/taesd."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    decoder: Any = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    )
+    decoder.save_pretrained(folder, safe_serialization=True)
+
+
+def ensure_tiny_taesd(cache_dir: Path) -> Path:
+    """Folder of the tiny preview decoder under `cache_dir`, built on first use."""
+    return ensure_built(cache_dir, TINY_TAESD_DIR, build_tiny_taesd)

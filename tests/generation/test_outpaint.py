@@ -345,6 +345,36 @@ def test_previews_come_with_the_progress_only_when_asked(edit_engine: Any) -> No
     assert updates and all(u.preview_png is None for u in updates)
 
 
+def test_a_preview_decoder_replaces_the_linear_map(edit_engine: Any, tiny_cache: Path) -> None:
+    """A model naming a tiny VAE decoder (AutoencoderTiny, built with random weights and
+    loaded with from_pretrained) previews through it: full-size decodes shrunk to a cell, not
+    latent-sized cells. One that can't be loaded leaves the linear map, and the job runs."""
+    from generation.engine import create_engine
+    from generation.tiny import ensure_tiny_taesd
+
+    def previews_of(preview_decoder: str) -> list[bytes]:
+        spec = ModelSpec(
+            name=PLAIN, source="tiny", base_resolution=128, preview_decoder=preview_decoder
+        )
+        engine = create_engine(dataclasses.replace(edit_engine.settings, models=(spec,)))
+        updates: list[Progress] = []
+        request = imagine(model=PLAIN, width=64, height=64, steps=3, seed=4, preview=True)
+        result = engine.generate(request.with_changes(num_candidates=2, num_kept=2), updates.append)
+        assert len(result.images) == 2
+        return [u.preview_png for u in updates if u.preview_png is not None]
+
+    decoded = previews_of(str(ensure_tiny_taesd(tiny_cache)))
+    assert len(decoded) == 2  # every step but the last
+    grid = Image.open(io.BytesIO(decoded[0]))
+    # Two 64x64 candidates decoded at full size, side by side (the linear map: 2 x 16x16).
+    assert grid.size == (2 * 64, 64)
+    # The decoder sees the latents change from step to step.
+    assert np.asarray(grid).std() > 0 and decoded[0] != decoded[1]
+    linear = previews_of(str(tiny_cache / "no-such-decoder"))
+    assert len(linear) == 2
+    assert Image.open(io.BytesIO(linear[0])).size == (2 * 16, 16)
+
+
 def test_previews_are_throttled_and_follow_the_latent_family() -> None:
     import torch
 
