@@ -759,9 +759,23 @@ def _cn_link(words: list[str]) -> str | None:
     return None
 
 
+def _known_flags(text: str) -> list[_RawFlag] | None:
+    """The prompt's flags, or None when it has one the parser refuses (a /prefer option such as
+    `--mystyle` is only expanded by the bot later; parsing reports anything else)."""
+    try:
+        return _split_flags(_unquote(_IMAGINE_PREFIX.sub("", _unquote(_clean(text)))))[1]
+    except PromptError:
+        return None
+
+
+# `--cn NAME LINK` found without the flag splitter, for prompts it refuses as they stand.
+_CN_LINK = re.compile(r"(?:^|\s)--(?:cn|controlnet)\s+\S+\s+<?(https?://[^\s<>]+)>?", re.IGNORECASE)
+
+
 def typed_flags(text: str) -> frozenset[str]:
-    """The canonical names of the known flags in a prompt (`--controlnet` counts as "cn")."""
-    _, flags = _split_flags(_unquote(_IMAGINE_PREFIX.sub("", _unquote(_clean(text)))))
+    """The canonical names of the known flags in a prompt (`--controlnet` counts as "cn");
+    a prompt the parser would refuse has none here (parsing it says why)."""
+    flags = _known_flags(text) or []
     return frozenset(flag.spec.name for flag in flags if flag.spec is not None)
 
 
@@ -769,7 +783,10 @@ def control_link(text: str) -> str | None:
     """The picture link after `--cn NAME` in a prompt (`--cn canny https://…`), or None. The bot
     fetches it before parsing, as it does the `control_image` option, and passes it as
     `ImagineOptions.control_image` with the link as its source."""
-    _, flags = _split_flags(_unquote(_IMAGINE_PREFIX.sub("", _unquote(_clean(text)))))
+    flags = _known_flags(text)
+    if flags is None:
+        match = _CN_LINK.search(text)
+        return match[1] if match else None
     for flag in flags:
         if flag.spec is not None and flag.spec.name == "cn":
             link = _cn_link(_take_values(flag.words, flag.spec)[1])

@@ -148,6 +148,9 @@ def test_a_linked_control_picture_after_the_name():
     assert control_link(text) == link
     assert control_link("a house --cn canny on a hill") is None
     assert control_link(f"{link} a house --sref {link}") is None
+    # A flag only the bot knows yet (a /prefer option) doesn't make finding the link fail.
+    assert control_link(f"a house --mystyle --cn canny <{link}>") == link
+    assert control_link("a house --mystyle --cn canny") is None
     # … and the parser takes it as the picture to follow (not an image prompt, not text).
     fetched = InputImage(InputRole.CONTROL, Image.new("RGB", (64, 64)), source=link)
     parsed = parse(text, control_image=fetched)
