@@ -222,3 +222,24 @@ async def test_separate_is_free_and_upscales_have_modes(app: ImagineApp) -> None
     credits = app.config.credits
     assert job_cost(subtle, credits) == credits.cost_upscale
     assert job_cost(creative, credits) == credits.cost_upscale_creative
+
+
+def test_a_model_names_its_inpainting_checkpoint_and_preview_decoder(tmp_path: Path) -> None:
+    raw = {
+        "generation": {
+            "models": [
+                {
+                    "name": "sd15",
+                    "source": "tiny",
+                    "inpaint_source": "./models/inpainting",
+                    "preview_decoder": "madebyollin/taesd",
+                },
+                {"name": "plain", "source": "tiny"},
+            ]
+        }
+    }
+    sd15, plain = parse_config(raw, base_dir=tmp_path).engine.models
+    # A ./folder is the config file's neighbour; a hub id is left as written.
+    assert sd15.inpaint_source == str(tmp_path / "models" / "inpainting")
+    assert sd15.preview_decoder == "madebyollin/taesd"
+    assert (plain.inpaint_source, plain.preview_decoder) == ("", "")
