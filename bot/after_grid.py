@@ -87,22 +87,16 @@ def fits_for(app: ImagineApp) -> Callable[[Job], Fits]:
 
 
 def action_fits(app: ImagineApp, job: Job, action: Action, index: int) -> bool:
-    result = job.result
-    if result is None:
+    if job.result is None:
         return False
-    name = action.name
-    if name in ("UPSCALE_SUBTLE", "UPSCALE_CREATIVE"):
-        mode = UpscaleMode.SUBTLE if name == "UPSCALE_SUBTLE" else UpscaleMode.CREATIVE
-        can_upscale: Any = app.can_upscale
-        try:
-            return bool(can_upscale(job, mode))
-        except TypeError:  # an app whose upscale has no modes
-            return bool(can_upscale(job))
-    if name in _PANS:
-        can_pan = getattr(app, "can_pan", None)
-        return True if can_pan is None else bool(can_pan(job, index, _PANS[name]))
-    if name == "MAKE_SQUARE":
-        return result.width != result.height
+    if action is Action.UPSCALE_SUBTLE:
+        return app.can_upscale(job, UpscaleMode.SUBTLE)
+    if action is Action.UPSCALE_CREATIVE:
+        return app.can_upscale(job, UpscaleMode.CREATIVE)
+    if action.name in _PANS:
+        return app.can_pan(job, index, _PANS[action.name])
+    if action is Action.MAKE_SQUARE:
+        return app.can_make_square(job, index)
     return True
 
 
@@ -209,9 +203,10 @@ class RemixForm(_JobForm):
         self.add_item(self.prompt)
 
     async def submit(self, interaction: discord.Interaction[Any]) -> Any:
-        press: Any = self.bot.app.press
         actor = self.bot.actor(interaction)
-        return await press(actor, self.job_id, self.action, self.index, prompt=self.prompt.value)
+        return await self.bot.app.press(
+            actor, self.job_id, self.action, self.index, prompt=self.prompt.value
+        )
 
 
 class CustomZoomForm(_JobForm):
