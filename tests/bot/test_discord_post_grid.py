@@ -20,6 +20,7 @@ from tests.bot.helpers import (
     assert_ledger_consistent,
     available,
     decode,
+    has_cancel,
     imagined_grid,
     is_grid,
     job_id_of,
@@ -432,4 +433,87 @@ async def test_an_edit_the_engine_fails_is_refunded_exactly(
             assert failed.state.value == "failed"
             assert await available(bot, alice.id) == before
             assert await zoom.wait_acked() == 6
+            await assert_ledger_consistent(bot)
+
+
+async def test_every_button_under_an_image_makes_its_job(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    """Upscale (Subtle)/(Creative), Vary (Subtle)/(Strong), Zoom Out 1.5x, the pans and, on the
+    wide image a pan made, Make Square: each press makes its kind of job on that image."""
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(
+            fake,
+            tmp_path / "data",
+            bot_engine_settings,
+            shared_engine,
+            scheduler={"max_queued_per_user": 10},
+        )
+        async with fake.run_bot(bot):
+            job = await fake.slash(alice, "imagine", prompt="a red fox", seed=3)
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            image = await separated(fake, alice, grid, 1)
+            size = decode(image).size
+            buttons = [
+                "Upscale (Subtle)",
+                "Upscale (Creative)",
+                "Vary (Subtle)",
+                "Vary (Strong)",
+                "Zoom Out 1.5x",
+                "⬅️",
+                "⬆️",
+                "⬇️",
+            ]
+            seen: set[int] = set()
+            made: dict[str, Any] = {}
+            for label in buttons:
+                press = await fake.click(alice, image, label=label)
+                assert await press.wait_acked() == 6, label
+                reply = await fake.wait_for_message(
+                    lambda m: m.referenced is image and m.id not in seen and m.custom_ids != []
+                )
+                seen.add(reply.id)
+                # Done: the result's picture in place of the progress and Cancel button.
+                await fake.wait_for(
+                    lambda r=reply: (r.attachments and not has_cancel(r)) or None,
+                    timeout=JOB_TIMEOUT_S,
+                )
+                made[label] = (await bot.core.jobs.require(job_id_of(reply)), decode(reply).size)
+            kinds = {label: (job.kind.value, job.parent_index) for label, (job, _) in made.items()}
+            assert kinds == {
+                "Upscale (Subtle)": ("upscale", 0),
+                "Upscale (Creative)": ("upscale", 0),
+                "Vary (Subtle)": ("variation", 0),
+                "Vary (Strong)": ("variation", 0),
+                "Zoom Out 1.5x": ("zoom", 0),
+                "⬅️": ("pan", 0),
+                "⬆️": ("pan", 0),
+                "⬇️": ("pan", 0),
+            }
+            data = {label: job.request_data for label, (job, _) in made.items()}
+            assert data["Upscale (Subtle)"]["upscale_mode"] == "subtle"
+            assert data["Upscale (Creative)"]["upscale_mode"] == "creative"
+            assert data["Vary (Strong)"]["strength"] > data["Vary (Subtle)"]["strength"]
+            assert data["Zoom Out 1.5x"]["zoom_factor"] == 1.5
+            assert [data[p]["pan_direction"] for p in ("⬅️", "⬆️", "⬇️")] == ["left", "up", "down"]
+            assert made["Upscale (Subtle)"][1] == (2 * size[0], 2 * size[1])  # one image, 2x
+            wide_grid = made["⬅️"][1]
+            assert wide_grid[0] > wide_grid[1]
+
+            # Make Square: only under a picture that is not square, and it paints it out to 1:1.
+            wide_message = next(
+                m
+                for m in fake.messages
+                if m.id in seen and job_id_of(m) == made["⬅️"][0].id and m.attachments
+            )
+            wide = await separated(fake, alice, wide_message, 1)
+            assert "Make Square" in labels(wide)
+            square = await fake.click(alice, wide, label="Make Square")
+            assert await square.wait_acked() == 6
+            squared = await finished_reply(fake, wide, seen)
+            squared_job = await bot.core.jobs.require(job_id_of(squared))
+            assert squared_job.kind.value == "square"
+            cell = decode(squared).size
+            assert cell[0] == cell[1]
             await assert_ledger_consistent(bot)
