@@ -33,13 +33,23 @@ STEP_CHOICES = [10, 15, 20, 25, 30, 40, 50, 75, 100]
 DELETE_COMMAND = "Delete image"
 
 
+# Discord's limit on a select menu's options.
+MAX_SELECT_OPTIONS = 25
+
+
 def _options(
     current: str | None, choices: list[tuple[str, str]], default_label: str
 ) -> list[discord.SelectOption]:
+    """The default, then the choices; a server with more models than a menu holds shows the
+    first ones and the member's current choice (the others are still typed with --model)."""
+    room = MAX_SELECT_OPTIONS - 1
+    shown = choices[:room]
+    if current is not None and all(value != current for _, value in shown):
+        shown = shown[: room - 1] + [c for c in choices if c[1] == current][:1]
     options = [discord.SelectOption(label=default_label, value=DEFAULT, default=current is None)]
     options += [
         discord.SelectOption(label=label, value=value, default=value == current)
-        for label, value in choices
+        for label, value in shown
     ]
     return options
 

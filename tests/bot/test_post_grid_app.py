@@ -243,3 +243,18 @@ def test_a_model_names_its_inpainting_checkpoint_and_preview_decoder(tmp_path: P
     assert sd15.inpaint_source == str(tmp_path / "models" / "inpainting")
     assert sd15.preview_decoder == "madebyollin/taesd"
     assert (plain.inpaint_source, plain.preview_decoder) == ("", "")
+
+
+def test_a_settings_menu_holds_at_most_25_options_and_the_current_choice() -> None:
+    from bot.member_commands import MAX_SELECT_OPTIONS, _options
+
+    models = [(f"model {n}", f"m{n}") for n in range(30)]
+    options = _options("m29", models, "Model: server default")
+    assert len(options) == MAX_SELECT_OPTIONS
+    assert [o.value for o in options if o.default] == ["m29"]
+    assert [o.value for o in _options(None, models[:3], "Model: default")] == [
+        "default",
+        "m0",
+        "m1",
+        "m2",
+    ]
