@@ -129,12 +129,19 @@ async def separate(
         raise UserError(exc.reason) from None
     channel = interaction.channel
     assert channel is not None and interaction.message is not None
-    await channel.send(  # type: ignore[union-attr]
-        render.separated_text(job, index, f"<@{actor.user_id}>"),
-        file=file,
-        view=image_view(job, index, bot.fits_for(job)),
-        reference=interaction.message.to_reference(fail_if_not_exists=False),
-    )
+    try:
+        await channel.send(  # type: ignore[union-attr]
+            render.separated_text(job, index, f"<@{actor.user_id}>"),
+            file=file,
+            view=image_view(job, index, bot.fits_for(job)),
+            reference=interaction.message.to_reference(fail_if_not_exists=False),
+        )
+    except discord.HTTPException as exc:
+        if exc.status < 500 and exc.status != 429:
+            raise
+        # Nothing was charged and nothing is lost: the image is still on file.
+        log.info("job %s: image %d not posted (%s)", job.id, index, exc)
+        raise UserError(f"Discord didn't take the image just now; press U{index} again.") from None
 
 
 # ----- forms -----------------------------------------------------------------------------------

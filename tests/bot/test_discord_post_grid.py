@@ -66,6 +66,11 @@ async def test_separate_is_free_owner_only_and_survives_a_restart(
             refusal = await intruder.wait_followup(lambda m: m.ephemeral)
             assert "isn't your job" in refusal.content
 
+            # Discord refusing the post (a 503) is said privately; pressing again works.
+            fake.inject("POST", "/channels/*/messages", status=503, with_files=True, times=1)
+            failed = await fake.click(alice, grid, label="U3")
+            note = await failed.wait_followup(lambda m: m.ephemeral)
+            assert "press U3 again" in note.content
             image = await separated(fake, alice, grid, 3)
             # The stored candidate itself, full size, and nothing was queued or charged.
             assert decode(image).size == (cell, cell)
