@@ -381,6 +381,13 @@ async def test_forms_opened_before_a_restart_are_still_answered(
             assert zoom.request_data["prompt"] == "a red fox, far away"
             assert (zoom.parent_job_id, zoom.parent_index) == (grid_id(grid), 1)
 
+            # A form of a button this version no longer has: a private note, not silence.
+            assert bad_form.modal is not None
+            bad_form.modal["custom_id"] = f"imagine-form:RX-ZZ:{grid_id(grid)}:2"
+            stale = await fake.submit_modal(bad_form, {"prompt": "a fox", "factor": "2"})
+            note = await stale.wait_for(lambda i: i.original or None)
+            assert note.ephemeral and "This form has expired" in note.content
+
             await fake.submit_modal(remix_form, {"prompt": "a red fox in snow"})
             pan = await bot.core.jobs.require(job_id_of(await finished_reply(fake, image, seen)))
             assert pan.kind.value == "pan" and pan.request_data["pan_direction"] == "left"
