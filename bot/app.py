@@ -8,6 +8,7 @@ Nothing here imports discord.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import secrets
@@ -384,6 +385,8 @@ class ImagineApp:
             raise UserError("prompt: this button doesn't take a new prompt.")
         if job.state is not JobState.SUCCEEDED or job.result is None:
             raise UserError(f"Job {job.id} has no images to work from ({job.state.value}).")
+        if prompt is not None:
+            prompt = await self._edited_prompt(actor, prompt)
         try:
             request, kind, parent = await self._derived_request(job, action, index, prompt)
         except ImageExpired as exc:  # deleted by the [storage] retention policy
@@ -405,6 +408,7 @@ class ImagineApp:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         job, position, parent, image = await self._edit_source(actor, job_id, index)
+        prompt = await self._edited_prompt(actor, prompt)
         try:
             remix = edits.parse_remix(prompt, parent, image.size, self.config.engine)
             request = edits.zoom(
@@ -437,22 +441,29 @@ class ImagineApp:
         the region's `prompt` (None keeps the job's)."""
         try:
             chosen = edits.regions_from(regions)
-            mask_input = None if mask is None else edits.mask_input(mask, mask_name)
+            # Decoding, hashing and resizing a mask of up to 4096² is pixel work: off the loop.
+            mask_input = (
+                None if mask is None else await asyncio.to_thread(edits.mask_input, mask, mask_name)
+            )
         except ValueError as exc:
             raise UserError(str(exc)) from None
         job, position, parent, image = await self._edit_source(actor, job_id, index)
         try:
             remix = None
             if prompt is not None:
+                prompt = await self._edited_prompt(actor, prompt)
                 remix = edits.parse_remix(prompt, parent, image.size, self.config.engine)
-            request = edits.region(
-                parent,
-                image,
-                seed=self._seed_source(),
-                settings=self.config.engine,
-                regions=chosen,
-                mask=mask_input,
-                remix=remix,
+            request = await asyncio.to_thread(
+                functools.partial(
+                    edits.region,
+                    parent,
+                    image,
+                    seed=self._seed_source(),
+                    settings=self.config.engine,
+                    regions=chosen,
+                    mask=mask_input,
+                    remix=remix,
+                )
             )
         except ValueError as exc:
             raise UserError(str(exc)) from None
@@ -460,6 +471,11 @@ class ImagineApp:
             await self._check_prompt(actor, prompt, request.prompt)
         notes = catalog.edit_notes(job.request_data, request)
         return await self._submit_one(actor, request, JobKind.REGION, (job.id, position), notes)
+
+    async def _edited_prompt(self, actor: Actor, prompt: str) -> str:
+        """A prompt edited in a form with the member's /prefer shortcuts expanded, as /imagine
+        expands them (not the suffix: the form showed the job's prompt, which has it)."""
+        return (await self.preferences.get(actor.user_id)).expand_shortcuts(prompt)
 
     async def separate(self, actor: Actor, job_id: int, index: int) -> Path:
         """U1–U4: the file of image `index` (1-based) at full size, to post as it is. No job, no
