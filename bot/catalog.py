@@ -19,7 +19,7 @@ from PIL import Image
 from bot.config import Config
 from bot.core.credits import job_cost
 from generation.addons import WEIGHT_SEPARATOR
-from generation.contract import GenerationRequest, JobKind
+from generation.contract import GenerationRequest, InputRole, JobKind
 from generation.prompt import size_for_aspect
 from generation.settings import ControlNetSpec, LoraSpec, ModelSpec
 
@@ -233,16 +233,35 @@ def control_thumbnail(path: Path) -> bytes | None:
     return buffer.getvalue()
 
 
+# How an edit's reply names the member's pictures it does not use.
+_PICTURE_NAMES = {
+    InputRole.IMAGE_PROMPT: "image prompt",
+    InputRole.STYLE: "style reference",
+    InputRole.OBJECT: "object reference",
+}
+
+
 def edit_notes(parent_data: Mapping[str, Any], request: GenerationRequest) -> tuple[str, ...]:
-    """What an edit (zoom, pan, square, region) of a ControlNet job leaves out, for its reply:
-    the ControlNet, whose map no longer fits the changed canvas (the LoRAs are kept)."""
-    controlnet = parent_data.get("controlnet")
-    if not controlnet or request.controlnet is not None or not request.kind.is_edit:
+    """What an edit (zoom, pan, square, region) leaves out, for its reply: the ControlNet,
+    whose map no longer fits the changed canvas (the LoRAs are kept), and the member's
+    pictures, which an edit doesn't use (generation.conditioning) though the reply lists them:
+    they stay with the job, so variations of its images use them again."""
+    if not request.kind.is_edit:
         return ()
-    return (
-        f"ControlNet {controlnet} left out: a {request.kind.value} paints a changed canvas "
-        "that its control map no longer fits",
-    )
+    notes = []
+    controlnet = parent_data.get("controlnet")
+    if controlnet and request.controlnet is None:
+        notes.append(
+            f"ControlNet {controlnet} left out: a {request.kind.value} paints a changed canvas "
+            "that its control map no longer fits"
+        )
+    unused = [name for role, name in _PICTURE_NAMES.items() if request.inputs_for(role)]
+    if unused:
+        notes.append(
+            f"{' and '.join(unused)} not used by a {request.kind.value}: it repaints around an "
+            "image the pictures already shaped (variations of the result use them again)"
+        )
+    return tuple(notes)
 
 
 def add_ons_text(request_data: Mapping[str, Any]) -> str:

@@ -68,6 +68,13 @@ class Preferences:
     def expand(self, text: str) -> str:
         """The prompt with the member's `--shortcut`s replaced by what they stand for and the
         suffix added (its flags give way to the prompt's own, see `with_suffix`)."""
+        text = self.expand_shortcuts(text)
+        return with_suffix(text, self.suffix) if self.suffix else text
+
+    def expand_shortcuts(self, text: str) -> str:
+        """The prompt with the member's `--shortcut`s replaced, without the suffix: what a
+        prompt edited in a form (Remix, Custom Zoom, Vary (Region)) gets, since the form showed
+        the job's stored prompt, which has the suffix already."""
         for name, value in self.options.items():
             text = re.sub(
                 _OPTION_USE.format(name=re.escape(name)),
@@ -75,7 +82,7 @@ class Preferences:
                 text,
                 flags=re.IGNORECASE,
             )
-        return with_suffix(text, self.suffix) if self.suffix else text
+        return text
 
 
 class PreferenceStore:

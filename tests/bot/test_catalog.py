@@ -114,6 +114,29 @@ def test_edit_notes_say_the_controlnet_was_left_out():
     assert catalog.edit_notes({"controlnet": None}, edit) == ()
 
 
+def test_edit_notes_say_the_members_pictures_are_not_used_by_an_edit():
+    from generation.contract import (
+        GenerationRequest,
+        InputImage,
+        InputRole,
+        JobKind,
+        pan_request,
+        variation_request,
+    )
+
+    picture = Image.new("RGB", (64, 64))
+    inputs = (
+        InputImage(InputRole.IMAGE_PROMPT, picture, source="fox.png"),
+        InputImage(InputRole.STYLE, picture, source="style.png"),
+    )
+    parent = GenerationRequest(kind=JobKind.IMAGINE, prompt="a cat", inputs=inputs)
+    pan = pan_request(parent, picture, direction="left", seed=1, max_pixels=512 * 512)
+    (note,) = catalog.edit_notes({}, pan)
+    assert note.startswith("image prompt and style reference not used by a pan")
+    # A variation uses them: nothing to say.
+    assert catalog.edit_notes({}, variation_request(parent, picture, strength=0.7, seed=1)) == ()
+
+
 def test_control_thumbnail_is_small_and_gone_with_its_file(tmp_path: Path):
     path = tmp_path / "control.png"
     Image.new("L", (1024, 512), 255).save(path)

@@ -125,6 +125,11 @@ async def test_shortcuts_and_suffix_expand_into_the_prompt(tmp_path: Path) -> No
         assert width > height
         # Only the whole flag is replaced.
         assert prefs.expand("a --mystyles b") == "a soft light --mystyles b"
+        # A prompt edited in a form gets the shortcuts, not the suffix (the form showed the
+        # stored prompt, which has it already).
+        assert prefs.expand_shortcuts("a harbour, soft light --mystyle") == (
+            "a harbour, soft light watercolour --ar 3:2 --no people"
+        )
         # A flag both typed and in a shortcut with another value is refused, naming it.
         with pytest.raises(PromptError, match="--ar"):
             parse("a harbour --mystyle --ar 1:1", prefs)
