@@ -85,12 +85,21 @@ def parse_remix(
     """The edited prompt read like an /imagine prompt for the parent's model; ValueError naming
     the flag when it is not one. Without `--ar` the canvas keeps the image's shape.
 
-    The parent's LoRAs and ControlNet (with its picture) are kept; `--lora` replaces the LoRAs
-    and `--cn NAME [--cnw W]` follows the parent's control picture with that ControlNet (a
-    remix has no way to take a new picture)."""
+    The parent's LoRAs and ControlNet (with its picture) are kept; `--lora` replaces the LoRAs,
+    `--cn NAME [--cnw W]` follows the parent's control picture with that ControlNet (a remix
+    has no way to take a new picture) and `--cnw W` alone reweighs the parent's ControlNet."""
     ratio_w, ratio_h = _ratio(image_size)
     flags = typed_flags(text)
     controls = parent.inputs_for(InputRole.CONTROL)
+    if "cnw" in flags and "cn" not in flags:
+        if parent.controlnet is None:
+            raise ValueError(
+                "--cnw: the job this comes from follows no ControlNet, so there is no weight "
+                "to change"
+            )
+        # Parsed as if the member had named the parent's ControlNet beside the new weight.
+        text = f"{text} --cn {parent.controlnet}"
+        flags = typed_flags(text)
     if "cn" in flags and (not controls or control_link(text) is not None):
         raise ValueError(
             "--cn: a remix can only follow the control picture of the job it comes from "

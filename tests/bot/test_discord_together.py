@@ -33,6 +33,7 @@ from tests.bot.helpers import (
     job_id_of,
 )
 from tests.fakediscord import FakeDiscord, Upload
+from tests.fakediscord.commands import SchemaViolation
 from tests.fakediscord.model import Message, User
 
 # The fake's CDN is plain http on 127.0.0.1, which the configured policy refuses.
@@ -420,4 +421,127 @@ async def test_a_members_settings_and_pictures_carry_through_edits_and_variation
         for message in (zoomed_message, region_message, varied_message):
             assert preview_states(message), [s.content for s in message.states]
         assert await available(bot, alice.id) == ALLOWANCE - sum(costs)
+        await assert_ledger_consistent(bot)
+
+
+# ----- 5. --cnw alone in a remix ---------------------------------------------------------------
+
+
+async def test_cnw_alone_in_a_remix_reweighs_the_parents_controlnet(
+    tmp_path: Path, together_settings: EngineSettings, together_engine: Any
+) -> None:
+    async with serving(tmp_path / "data", together_settings, together_engine) as (
+        fake,
+        alice,
+        bot,
+    ):
+        link = fake.host_file("edges.png", shapes_png())
+        job = await fake.slash(
+            alice, "imagine", prompt=f"a house --cn canny {link} --cnw 1.5 --lora ink:0.6"
+        )
+        grid = await job.wait_message(is_result, timeout=JOB_TIMEOUT_S)
+        parent = await bot.core.jobs.require(job_id_of(grid))
+        assert parent.request_data["controlnet_weight"] == 1.5
+
+        await bot.app.preferences.update(alice.id, remix=True)
+        form = await fake.click(alice, grid, label="V1")
+        assert await form.wait_acked() == 9
+        await fake.submit_modal(form, {"prompt": "a barn --cnw 0.5"})
+        varied_message = await finished_reply(fake, grid, set())
+        varied = await bot.core.jobs.require(job_id_of(varied_message))
+        data = varied.request_data
+        assert varied.kind is JobKind.VARIATION and varied.state is JobState.SUCCEEDED
+        assert (data["controlnet"], data["controlnet_weight"]) == ("canny", 0.5)
+        (control,) = [i for i in data["inputs"] if i["role"] == "control"]
+        (parent_control,) = [i for i in parent.request_data["inputs"] if i["role"] == "control"]
+        assert (control["source"], control["sha256"]) == (link, parent_control["sha256"])
+        assert data["loras"] == [{"name": "ink", "weight": 0.6}]
+        assert data["prompt"] == "a barn, inkstyle"
+        assert "ControlNet canny 0.5" in varied_message.content
+        assert any(a.filename.endswith("-control.png") for a in varied_message.attachments)
+        spent = [await held_and_settled(bot, alice.id, j) for j in (parent.id, varied.id)]
+        assert await available(bot, alice.id) == ALLOWANCE - sum(spent)
+        await assert_ledger_consistent(bot)
+
+
+# ----- 6. someone else's presses and forms ----------------------------------------------------
+
+
+def retarget(form: Any, job_id: int) -> None:
+    """Point a form bob opened on his own image at another job, as a crafted client could."""
+    assert form.modal is not None
+    what, _job, index = form.modal["custom_id"].rsplit(":", 2)
+    form.modal["custom_id"] = f"{what}:{job_id}:{index}"
+
+
+async def test_others_presses_and_forms_on_new_messages_are_refused_and_change_nothing(
+    tmp_path: Path, together_settings: EngineSettings, together_engine: Any
+) -> None:
+    async with serving(
+        tmp_path / "data", together_settings, together_engine, scheduler={"max_queued_per_user": 5}
+    ) as (fake, alice, bot):
+        bob = fake.add_user("bob")
+        asked = await fake.slash(alice, "describe", image=Upload("sky.png", png((20, 40, 200))))
+        described = await asked.wait_followup(is_describe_result, timeout=JOB_TIMEOUT_S)
+        grid = await (await fake.slash(alice, "imagine", prompt="a red fox")).wait_original(
+            is_result, timeout=JOB_TIMEOUT_S
+        )
+        image = await separated(fake, alice, grid, 1)
+        bobs_grid = await (await fake.slash(bob, "imagine", prompt="a owl")).wait_original(
+            is_result, timeout=JOB_TIMEOUT_S
+        )
+        bobs_image = await separated(fake, bob, bobs_grid, 1)
+        alices_jobs = len(await bot.core.jobs.for_user(alice.id))
+        balances = (await available(bot, alice.id), await available(bot, bob.id))
+        messages = len(fake.messages)
+
+        # Every button under a /describe and under a separated image, Remix off then on.
+        presses = [(described, label) for label in labels(described)]
+        presses += [(image, label) for label in labels(image)]
+        assert {"Upscale (Subtle)", "Zoom Out 2x", "Vary (Region)", "Custom Zoom", "⬅️"} <= set(
+            label for _, label in presses
+        )
+        for remix in (False, True):
+            await bot.app.preferences.update(bob.id, remix=remix)
+            for message, label in presses:
+                press = await fake.click(bob, message, label=label)
+                assert NOT_YOURS in await private_note(press), (label, remix)
+                assert press.modal is None, label
+
+        # Forms bob opened on his own image, submitted for alice's job.
+        zoom_form = await fake.click(bob, bobs_image, label="Custom Zoom")
+        region_form = await fake.click(bob, bobs_image, label="Vary (Region)")
+        remix_form = await fake.click(bob, bobs_image, label="Zoom Out 2x")  # Remix is on
+        for form in (zoom_form, region_form, remix_form):
+            assert await form.wait_acked() == 9
+        retarget(zoom_form, job_id_of(image))
+        retarget(region_form, job_id_of(image))
+        retarget(remix_form, job_id_of(image))
+        submits = [
+            await fake.submit_modal(zoom_form, {"prompt": "a fox", "factor": "1.5"}),
+            await fake.submit_modal(region_form, {"regions": ["left"], "prompt": "a fox"}),
+            await fake.submit_modal(remix_form, {"prompt": "a fox in snow"}),
+        ]
+        for submitted in submits:
+            assert NOT_YOURS in await private_note(submitted)
+
+        # The settings panel is private to its member: Discord delivers no one else's press, and
+        # a press on bob's own panel changes bob's settings only.
+        opened = await fake.slash(alice, "settings")
+        panel = await opened.wait_original()
+        assert panel.ephemeral
+        with pytest.raises(SchemaViolation):
+            await fake.click(bob, panel, "settings:previews")
+        own = await (await fake.slash(bob, "settings")).wait_original()
+        await (await fake.click(bob, own, "settings:previews")).wait_acked()
+        assert not (await bot.app.preferences.get(bob.id)).previews
+        alices = await bot.app.preferences.get(alice.id)
+        assert alices.previews and not alices.remix
+
+        # Nothing was queued, charged or posted for any of it.
+        assert len(await bot.core.jobs.for_user(alice.id)) == alices_jobs
+        assert len(await bot.core.jobs.for_user(bob.id)) == 1
+        assert (await available(bot, alice.id), await available(bot, bob.id)) == balances
+        assert not [m for m in fake.messages[messages:] if not m.ephemeral]
+        assert not described.deleted and not image.deleted
         await assert_ledger_consistent(bot)

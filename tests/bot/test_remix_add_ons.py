@@ -58,9 +58,18 @@ def test_lora_in_a_remix_replaces_the_loras_and_cn_follows_the_same_picture():
     assert switched.loras == (LoraWeight("ink", 0.6),)
 
 
+def test_cnw_alone_in_a_remix_reweighs_the_parents_controlnet():
+    request = remixed("a barn --cnw 0.5")
+    assert (request.controlnet, request.controlnet_weight) == ("canny", 0.5)
+    assert request.inputs_for(InputRole.CONTROL) == (PICTURE,)
+    assert request.loras == (LoraWeight("ink", 0.6),) and request.prompt == "a barn, inkstyle"
+
+
 @pytest.mark.parametrize(
     ("text", "parent", "expected"),
     [
+        ("a barn --cnw 0.5", imagine(prompt="a house"), "--cnw: the job this comes from follows"),
+        ("a barn --cnw 3", PARENT, "--cnw: expected a number between 0 and 2"),
         ("a barn --cn canny", imagine(prompt="a house"), "--cn: a remix can only follow"),
         ("a barn --cn canny https://cdn.example/new.png", PARENT, "(not a new one)"),
         ("a barn --lora ink:3", PARENT, "--lora ink:3: the weight after ':' must be"),
