@@ -122,6 +122,15 @@ def parse_remix(
         )
     except PromptError as exc:
         raise ValueError(str(exc)) from None
+    if parsed.image_refs:
+        # The pictures would never be fetched: the remix would silently run without them (and
+        # links alone would leave a blend's placeholder as the prompt).
+        asked = parsed.image_refs[0].asked_by
+        shown = "an image link" if asked == "prompt" else asked
+        raise ValueError(
+            f"{shown}: a remix keeps the pictures of the job it comes from and can't take new "
+            "ones; start a new /imagine with them"
+        )
     request = parsed.request
     size = (request.width, request.height)
     same_shape = abs(math.log(size[0] / size[1] * image_size[1] / image_size[0])) < math.log(1.05)

@@ -70,6 +70,12 @@ def test_cnw_alone_in_a_remix_reweighs_the_parents_controlnet():
     [
         ("a barn --cnw 0.5", imagine(prompt="a house"), "--cnw: the job this comes from follows"),
         ("a barn --cnw 3", PARENT, "--cnw: expected a number between 0 and 2"),
+        (
+            "https://cdn.example/a.png https://cdn.example/b.png",
+            PARENT,
+            "an image link: a remix keeps the pictures of the job it comes from",
+        ),
+        ("a barn --sref https://cdn.example/s.png", PARENT, "--sref: a remix keeps the pictures"),
         ("a barn --cn canny", imagine(prompt="a house"), "--cn: a remix can only follow"),
         ("a barn --cn canny https://cdn.example/new.png", PARENT, "(not a new one)"),
         ("a barn --lora ink:3", PARENT, "--lora ink:3: the weight after ':' must be"),
