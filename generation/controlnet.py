@@ -4,14 +4,15 @@ A ControlNet pipeline is made from a model's loaded pipeline with `from_pipe(...
 it shares the UNet, VAE and text encoders (and so any LoRA loaded into them), adding only the
 ControlNet's own weights. The Auto pipelines pick the class: StableDiffusion(XL)ControlNet for
 text-to-image, its Img2Img sibling for variations and upscales. ControlNet weights are loaded
-once per engine; the pipelines built on a model live with that model and go when it is unloaded.
+once and shared by the models that use them; the pipelines built on a model live with that model
+and go when it is unloaded, and a ControlNet no loaded model uses goes then too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,14 @@ class ControlNets:
             self._models[key] = model
             log.info("loaded ControlNet %s in %.2fs", spec.name, time.perf_counter() - started)
         return model
+
+    def release_unused(self, pipes: Iterable[dict[tuple[str, bool], Any]]) -> None:
+        """Drop the ControlNets none of `pipes` (the loaded models' ControlNet pipelines) use:
+        kept, they would hold the memory that unloading a model under max_loaded_models frees."""
+        in_use = {id(pipe.controlnet) for model_pipes in pipes for pipe in model_pipes.values()}
+        for key, model in list(self._models.items()):
+            if id(model) not in in_use:
+                del self._models[key]
 
     def close(self) -> None:
         self._models.clear()

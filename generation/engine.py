@@ -377,6 +377,7 @@ class DiffusersEngine:
         with self._lock:
             self._loaded.clear()
             self._ranker = None
+            self._caption_model = None
             self._controlnets.close()
             self._free_cuda()
 
@@ -509,6 +510,7 @@ class DiffusersEngine:
                 self.settings.cache_dir,
                 local_files_only=self.settings.local_files_only,
                 device=self.device,
+                offload=self.cpu_offload,
             )
         return prepare_conditioning(plan, loaded.image_adapter)
 
@@ -838,6 +840,9 @@ class DiffusersEngine:
             # Only the name is kept: holding the popped pipelines while freeing would keep them.
             name = next(iter(self._loaded))
             del self._loaded[name]
+            self._controlnets.release_unused(
+                [loaded.controlnet_pipes for loaded in self._loaded.values()]
+            )
             log.info("unloading model %s to make room for %s", name, spec.name)
             self._free_cuda()
         loaded = self._load(spec)

@@ -71,6 +71,7 @@ class ImageAdapter:
         *,
         local_files_only: bool,
         device: str,
+        offload: bool = False,
     ) -> None:
         from diffusers.models.embeddings import ImageProjection
         from transformers import CLIPImageProcessorPil
@@ -103,6 +104,15 @@ class ImageAdapter:
         self._hid_type = unet.config.encoder_hid_dim_type
         _share_slot_weights(self._processors.values(), self._projection)
         self.encoder = pipe.image_encoder
+        self._encoder_offload: Any = None
+        if offload:
+            # load_ip_adapter put the encoder where the offloaded pipeline's modules rest (the
+            # CPU) and outside their offload hooks, while pictures go to `device`: it gets a
+            # hook of its own, moving it there to embed and back after (`embed`).
+            from accelerate import cpu_offload_with_hook  # type: ignore[import-untyped]
+
+            self.encoder.to("cpu")
+            _, self._encoder_offload = cpu_offload_with_hook(self.encoder, execution_device=device)
         size = int(self.encoder.config.image_size)
         # The PIL processor with CLIP's own normalisation: the default one needs torchvision.
         self.preprocess = CLIPImageProcessorPil(
@@ -142,6 +152,8 @@ class ImageAdapter:
             else:
                 embeds = self.encoder(pixels).image_embeds
                 empty = torch.zeros_like(embeds[:1])
+        if self._encoder_offload is not None:
+            self._encoder_offload.offload()
         embeds = embeds.float()
         self._empty = empty.float().unsqueeze(1).to(dtype)
         total = float(sum(weights))
