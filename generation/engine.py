@@ -923,8 +923,10 @@ class DiffusersEngine:
                 return kind.from_pretrained(source, variant="fp16", **kwargs)
             except (OSError, ValueError) as exc:
                 # diffusers says ValueError for a pipeline without the variant, OSError for a
-                # single model; a real loading error comes back from the plain load below.
-                log.info("%s has no fp16 variant (%s); loading its full weights", source, exc)
+                # single model; a real loading error comes back from the plain load below. The
+                # message, not the exception, goes to the log: a kept log record would keep
+                # its traceback's frames, and with them the half-loaded model, alive.
+                log.info("%s has no fp16 variant (%s); loading its full weights", source, str(exc))
         return kind.from_pretrained(source, **kwargs)
 
     def _model_source(self, spec: ModelSpec) -> str:

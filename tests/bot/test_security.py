@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import dataclasses
+import functools
 import io
 import logging
 from pathlib import Path
@@ -21,9 +22,17 @@ REPO = Path(__file__).resolve().parents[2]
 TOKEN = "MTIzNDU2Nzg5.secret.token-value"
 
 
-def test_the_token_never_reaches_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_token_never_reaches_the_log(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     stream = io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)
+    # setup_logging configures the process's root logger: put it back for the tests after
+    # (setLevel, not the attribute, so the loggers' cached levels are cleared too).
+    root, discord_logger = logging.getLogger(), logging.getLogger("discord")
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    for logger in (root, discord_logger):
+        request.addfinalizer(functools.partial(logger.setLevel, logger.level))
     setup_logging("INFO", secrets=[TOKEN])
     log = logging.getLogger("imagine-bot.test")
     log.info("connecting with %s", TOKEN)
