@@ -5,7 +5,9 @@ it shares the UNet, VAE and text encoders (and so any LoRA loaded into them), ad
 ControlNet's own weights. The Auto pipelines pick the class: StableDiffusion(XL)ControlNet for
 text-to-image, its Img2Img sibling for variations and upscales. ControlNet weights are loaded
 once and shared by the models that use them; the pipelines built on a model live with that model
-and go when it is unloaded, and a ControlNet no loaded model uses goes then too.
+and go when it is unloaded, and a ControlNet no loaded model uses goes then too. With cpu_offload
+a ControlNet rests on the CPU like the model's own modules: it moves to the device when it runs
+and back after the job (`ControlJob.release`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from generation.contract import GenerationRequest, InputRole
+from generation.offload import offload_hook
 from generation.preprocess import Preprocessors
 from generation.settings import ControlNetSpec, EngineSettings
 
@@ -38,6 +41,8 @@ class ControlJob:
     weight: float
     # The model's ControlNet pipelines, kept with the model's other pipelines.
     pipes: dict[tuple[str, bool], Any]
+    # With cpu_offload, the hook that puts the ControlNet back on the CPU (`release`).
+    offload: Any = None
 
     def pipeline(self, base: Any, img2img: bool) -> Any:
         """The ControlNet pipeline over `base`'s modules (built on first use, then kept)."""
@@ -62,6 +67,12 @@ class ControlJob:
             }
         return {"image": self.control_map, "controlnet_conditioning_scale": self.weight}
 
+    def release(self) -> None:
+        """After the job: an offloaded ControlNet goes back to the CPU. Its hook brought it to
+        the device for the first step and nothing in the pipeline call sends it back."""
+        if self.offload is not None:
+            self.offload.offload()
+
 
 class ControlNets:
     """Loads ControlNets and preprocessors once; prepares each job's `ControlJob`."""
@@ -75,14 +86,20 @@ class ControlNets:
             device, settings.cache_dir, settings.local_files_only, dtype
         )
         self._models: dict[str, Any] = {}
+        # With cpu_offload, each loaded ControlNet's offload hook, by the same key.
+        self._offloads: dict[str, Any] = {}
 
     def prepare(
         self,
         request: GenerationRequest,
         pipes: dict[tuple[str, bool], Any],
         dtype: Any,
+        *,
+        offload: bool = False,
     ) -> ControlJob | None:
-        """The job's ControlNet with its control map, or None when the job has none."""
+        """The job's ControlNet with its control map, or None when the job has none. With
+        `offload` (the engine's cpu_offload) the ControlNet is loaded onto the CPU with an
+        offload hook; the caller calls the job's `release` when the pipeline call is over."""
         if request.controlnet is None:
             return None
         if request.kind.is_edit:
@@ -99,16 +116,22 @@ class ControlNets:
         control_map = self.preprocessors.control_map(
             control.image, spec, (request.width, request.height)
         )
+        model = self.model(spec, dtype, offload=offload)
         return ControlJob(
             spec=spec,
-            model=self.model(spec, dtype),
+            model=model,
             control_map=control_map,
             weight=request.controlnet_weight,
             pipes=pipes,
+            offload=self._offloads.get(self._key(spec, dtype)),
         )
 
-    def model(self, spec: ControlNetSpec, dtype: Any) -> Any:
-        key = f"{spec.name}:{dtype}"
+    @staticmethod
+    def _key(spec: ControlNetSpec, dtype: Any) -> str:
+        return f"{spec.name}:{dtype}"
+
+    def model(self, spec: ControlNetSpec, dtype: Any, *, offload: bool = False) -> Any:
+        key = self._key(spec, dtype)
         model = self._models.get(key)
         if model is None:
             from diffusers import ControlNetModel
@@ -121,7 +144,13 @@ class ControlNets:
                     f"controlnet: cannot load {spec.name!r} from {spec.source!r} ({exc}); use "
                     "a diffusers ControlNet folder (config.json inside) or a Hugging Face id"
                 ) from exc
-            model.to(self.device)
+            if offload:
+                # Not chained after a text encoder, as an inpaint_source UNet is: one ControlNet
+                # serves every model that uses it. diffusers' own offloaded ControlNet pipelines
+                # hook it the same way and offload it when the call ends.
+                self._offloads[key] = offload_hook(model, self.device)
+            else:
+                model.to(self.device)
             self._models[key] = model
             log.info("loaded ControlNet %s in %.2fs", spec.name, time.perf_counter() - started)
         return model
@@ -133,7 +162,9 @@ class ControlNets:
         for key, model in list(self._models.items()):
             if id(model) not in in_use:
                 del self._models[key]
+                self._offloads.pop(key, None)
 
     def close(self) -> None:
         self._models.clear()
+        self._offloads.clear()
         self.preprocessors.close()

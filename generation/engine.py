@@ -436,7 +436,10 @@ class DiffusersEngine:
             timings["prepare_s"] = time.perf_counter() - before
         before = time.perf_counter()
         control = self._controlnets.prepare(
-            request, loaded.controlnet_pipes, self.model_dtype(loaded.spec)
+            request,
+            loaded.controlnet_pipes,
+            self.model_dtype(loaded.spec),
+            offload=self.cpu_offload,
         )
         if control is not None:
             timings["control_s"] = time.perf_counter() - before
@@ -725,6 +728,8 @@ class DiffusersEngine:
         finally:
             if edit is not None and loaded.inpaint_offload is not None:
                 loaded.inpaint_offload.offload()
+            if control is not None:
+                control.release()
 
     def _preview_decoder(self, loaded: _Loaded) -> Any:
         """The model's tiny preview decoder, or None for the linear map. A decoder that can't be

@@ -30,6 +30,7 @@ from generation.conditioning import (
     ConditioningPlan,
     style_scales,
 )
+from generation.offload import offload_hook
 from generation.settings import IPAdapterSpec
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,7 @@ class ImageAdapter:
             # load_ip_adapter put the encoder where the offloaded pipeline's modules rest (the
             # CPU) and outside their offload hooks, while pictures go to `device`: it gets a
             # hook of its own, moving it there to embed and back after (`embed`).
-            from accelerate import cpu_offload_with_hook  # type: ignore[import-untyped]
-
-            self.encoder.to("cpu")
-            _, self._encoder_offload = cpu_offload_with_hook(self.encoder, execution_device=device)
+            self._encoder_offload = offload_hook(self.encoder, device)
         size = int(self.encoder.config.image_size)
         # The PIL processor with CLIP's own normalisation: the default one needs torchvision.
         self.preprocess = CLIPImageProcessorPil(

@@ -31,6 +31,7 @@ from generation.canvas import (
     region_mask,
 )
 from generation.contract import GenerationRequest, InputRole, JobKind
+from generation.offload import offload_hook
 
 __all__ = [
     "Canvas",
@@ -160,16 +161,6 @@ def offload_unet(unet: Any, text2img: Any, device: Any) -> Any:
     offloaded: the UNet moves to `device` when it runs, sending the text encoder that ran
     before it back to the CPU, as the pipeline's own UNet does. Returns the hook; its
     `offload()` puts the UNet back on the CPU after the edit (no pipeline chain does)."""
-    from accelerate.hooks import (  # type: ignore[import-untyped]
-        CpuOffload,
-        UserCpuOffloadHook,
-        add_hook_to_module,
-    )
-
     # The last text encoder runs just before the UNet (SDXL has two).
     encoder = getattr(text2img, "text_encoder_2", None) or text2img.text_encoder
-    before = UserCpuOffloadHook(encoder, CpuOffload(execution_device=device))
-    unet.to("cpu")
-    hook = CpuOffload(execution_device=device, prev_module_hook=before)
-    add_hook_to_module(unet, hook, append=True)
-    return UserCpuOffloadHook(unet, hook)
+    return offload_hook(unet, device, after=encoder)

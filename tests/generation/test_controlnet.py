@@ -211,3 +211,41 @@ def test_a_lineart_controlnet_follows_the_line_art_map(
     expected = lineart(_shapes().resize((64, 64), Image.Resampling.LANCZOS))
     assert result.control_map is not None
     assert max_diff(result.control_map, expected) == 0
+
+
+def test_cpu_offload_hooks_the_controlnet_and_sends_it_back_after_each_job(
+    control_engine: DiffusersEngine,
+    control_settings: EngineSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With cpu_offload the ControlNet, loaded beside the model's offloaded modules, gets an
+    offload hook of its own: it moves to the device when it runs and is sent back to the CPU
+    when each pipeline call ends (no pipeline call does that), painting exactly what it paints
+    without offloading. No GPU here, so the CPU stands in as the device offloading moves modules
+    to (as in test_outpaint)."""
+    from accelerate.hooks import UserCpuOffloadHook  # type: ignore[import-untyped]
+
+    offloaded_modules: list[object] = []
+    offload = UserCpuOffloadHook.offload
+
+    def observed(hook: UserCpuOffloadHook) -> None:
+        offloaded_modules.append(hook.model)
+        offload(hook)
+
+    monkeypatch.setattr(UserCpuOffloadHook, "offload", observed)
+    engine = create_engine(control_settings)
+    engine.cpu_offload = True
+    request = _controlled("canny", _shapes())
+    offloaded = engine.generate(request)
+    (controlnet,) = engine._controlnets._models.values()
+    hook = controlnet._hf_hook
+    assert str(hook.execution_device) == "cpu"
+    # Shared by every model that uses it, so not chained after one model's text encoder.
+    assert hook.prev_module_hook is None
+    assert [m for m in offloaded_modules if m is controlnet] == [controlnet]
+    varied = variation_request(request, _shapes().resize((64, 64)), strength=0.8, seed=5)
+    engine.generate(varied)
+    assert engine._loaded["tiny"].controlnet_pipes[("canny", True)].controlnet is controlnet
+    assert [m for m in offloaded_modules if m is controlnet] == [controlnet] * 2
+    plain = control_engine.generate(request)
+    assert np.array_equal(pixels(offloaded.images[0]), pixels(plain.images[0]))
