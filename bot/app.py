@@ -388,14 +388,16 @@ class ImagineApp:
         if prompt is not None:
             prompt = await self._edited_prompt(actor, prompt)
         try:
-            request, kind, parent = await self._derived_request(job, action, index, prompt)
+            request, kind, parent, remix_notes = await self._derived_request(
+                job, action, index, prompt
+            )
         except ImageExpired as exc:  # deleted by the [storage] retention policy
             raise UserError(str(exc)) from None
         except ValueError as exc:  # the edit doesn't fit, or the edited prompt is wrong
             raise UserError(str(exc)) from None
         if prompt is not None:
             await self._check_prompt(actor, prompt, request.prompt)
-        notes = catalog.edit_notes(job.request_data, request)
+        notes = (*remix_notes, *catalog.edit_notes(job.request_data, request))
         return await self._submit_one(actor, request, kind, parent, notes)
 
     async def custom_zoom(
@@ -422,7 +424,7 @@ class ImagineApp:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         await self._check_prompt(actor, prompt, request.prompt)
-        notes = catalog.edit_notes(job.request_data, request)
+        notes = (*remix.notes, *catalog.edit_notes(job.request_data, request))
         return await self._submit_one(actor, request, JobKind.ZOOM, (job.id, position), notes)
 
     async def vary_region(
@@ -469,7 +471,8 @@ class ImagineApp:
             raise UserError(str(exc)) from None
         if prompt is not None:
             await self._check_prompt(actor, prompt, request.prompt)
-        notes = catalog.edit_notes(job.request_data, request)
+        remix_notes = remix.notes if remix is not None else ()
+        notes = (*remix_notes, *catalog.edit_notes(job.request_data, request))
         return await self._submit_one(actor, request, JobKind.REGION, (job.id, position), notes)
 
     async def _edited_prompt(self, actor: Actor, prompt: str) -> str:
@@ -650,8 +653,9 @@ class ImagineApp:
 
     async def _derived_request(
         self, job: Job, action: Action, index: int, prompt: str | None = None
-    ) -> tuple[GenerationRequest, JobKind, tuple[int, int | None]]:
-        """The request a press makes; ValueError (written for the member) when it can't."""
+    ) -> tuple[GenerationRequest, JobKind, tuple[int, int | None], tuple[str, ...]]:
+        """The request a press makes, with the notes on its edited prompt for the reply;
+        ValueError (written for the member) when it can't."""
         assert job.result is not None
         settings = self.config.engine
         parent = await self.core.jobs.request(job)
@@ -666,10 +670,11 @@ class ImagineApp:
             parent = parent.with_changes(steps=max(parent.steps, math.ceil(1 / weakest)))
         if action is Action.REROLL:
             request = parent.with_changes(seed=self._seed_source())
-            if prompt is not None:
-                size = (job.result.width, job.result.height)
-                request = edits.parse_remix(prompt, parent, size, settings).apply(request)
-            return request, JobKind.REROLL, (job.id, None)
+            if prompt is None:
+                return request, JobKind.REROLL, (job.id, None), ()
+            size = (job.result.width, job.result.height)
+            reroll_remix = edits.parse_remix(prompt, parent, size, settings)
+            return reroll_remix.apply(request), JobKind.REROLL, (job.id, None), reroll_remix.notes
 
         if action.needs_index:
             position = self._position(job, index, required=True)
@@ -680,13 +685,14 @@ class ImagineApp:
             position = self._position(job, index)
         image = await self.core.jobs.image(job.id, position)
         remix = None if prompt is None else edits.parse_remix(prompt, parent, image.size, settings)
+        notes = remix.notes if remix is not None else ()
 
         if action in _UPSCALES:
             seed = job.result.seeds[position]
             request = edits.upscale(
                 parent, image, mode=_UPSCALES[action], seed=seed, settings=settings
             )
-            return request, JobKind.UPSCALE, (job.id, position)
+            return request, JobKind.UPSCALE, (job.id, position), notes
         if action in _ZOOMS or action in _PANS or action is Action.MAKE_SQUARE:
             seed = self._seed_source()
             if action in _ZOOMS:
@@ -700,7 +706,7 @@ class ImagineApp:
                 )
             else:
                 request = edits.square(parent, image, seed=seed, settings=settings)
-            return request, _EDIT_KINDS[request.kind], (job.id, position)
+            return request, _EDIT_KINDS[request.kind], (job.id, position), notes
         if remix is not None:
             parent = remix.apply(parent)
 
@@ -720,7 +726,7 @@ class ImagineApp:
                 num_candidates=settings.num_candidates, num_kept=settings.num_kept
             )
         request = variation_request(parent, image, strength=strength, seed=self._seed_source())
-        return request, JobKind.VARIATION, (job.id, position)
+        return request, JobKind.VARIATION, (job.id, position), notes
 
 
 def _past_tense(state: JobState) -> str:

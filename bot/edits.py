@@ -12,7 +12,7 @@ import hashlib
 import io
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image
@@ -43,6 +43,7 @@ from generation.prompt import (
     parse_prompt,
     typed_flags,
 )
+from generation.references import WEIGHT_ROLES
 from generation.settings import EngineSettings
 
 # An upscale doubles each side; its source was made at half the size.
@@ -63,12 +64,21 @@ class Remix:
     # Set when the edited prompt names a ControlNet (`--cn NAME`, following the parent's
     # control picture); None keeps the parent's ControlNet as it was.
     controlnet: tuple[str, float, InputImage] | None = None
+    # New weights for the kept pictures of a role (`--iw`, `--sw`, `--ow`/`--cw`): (role, flag
+    # as typed, weight).
+    weights: tuple[tuple[InputRole, str, float], ...] = ()
+    # The parser's notes (flags ignored, mapped or moved), for the job's reply as /imagine's.
+    notes: tuple[str, ...] = ()
 
     def apply(self, request: GenerationRequest) -> GenerationRequest:
-        changes: dict[str, Any] = {}
+        by_role = {role: weight for role, _, weight in self.weights}
+        inputs = tuple(
+            replace(i, weight=by_role[i.role]) if i.role in by_role else i for i in request.inputs
+        )
+        changes: dict[str, Any] = {"inputs": inputs}
         if self.controlnet is not None:
             name, weight, picture = self.controlnet
-            others = tuple(i for i in request.inputs if i.role is not InputRole.CONTROL)
+            others = tuple(i for i in inputs if i.role is not InputRole.CONTROL)
             changes.update(controlnet=name, controlnet_weight=weight, inputs=(*others, picture))
         return request.with_changes(
             prompt=self.prompt,
@@ -87,7 +97,9 @@ def parse_remix(
 
     The parent's LoRAs and ControlNet (with its picture) are kept; `--lora` replaces the LoRAs,
     `--cn NAME [--cnw W]` follows the parent's control picture with that ControlNet (a remix
-    has no way to take a new picture) and `--cnw W` alone reweighs the parent's ControlNet."""
+    has no way to take a new picture) and `--cnw W` alone reweighs the parent's ControlNet.
+    The parent's pictures are kept too; `--iw`, `--sw`, `--ow`/`--cw` reweigh those of their
+    role (a weight for pictures the parent has none of is noted as ignored, as in /imagine)."""
     ratio_w, ratio_h = _ratio(image_size)
     flags = typed_flags(text)
     controls = parent.inputs_for(InputRole.CONTROL)
@@ -110,6 +122,7 @@ def parse_remix(
     options = ImagineOptions(
         lora=(kept_loras or None) if "lora" not in flags else None,
         control_image=controls[0] if "cn" in flags else None,
+        kept=frozenset(i.role for i in parent.inputs if i.role in WEIGHT_ROLES.values()),
     )
     try:
         parsed = parse_prompt(
@@ -145,7 +158,27 @@ def parse_remix(
         size=None if same_shape else size,
         loras=request.loras,
         controlnet=controlnet,
+        weights=_one_weight_per_role(parsed.kept_weights),
+        notes=parsed.notes,
     )
+
+
+def _one_weight_per_role(
+    weights: tuple[tuple[InputRole, str, float], ...],
+) -> tuple[tuple[InputRole, str, float], ...]:
+    """`--ow` and `--cw` both weigh object references (the role --oref and --cref pictures
+    share): a stored job no longer says which flag brought each one, so two different weights
+    for them have no single meaning in a remix."""
+    chosen: dict[InputRole, tuple[InputRole, str, float]] = {}
+    for role, typed, weight in weights:
+        earlier = chosen.get(role)
+        if earlier is not None and earlier[2] != weight:
+            raise ValueError(
+                f"{typed}: {earlier[1]} and {typed} both weigh the object and character "
+                "references the remix keeps; give one weight"
+            )
+        chosen.setdefault(role, (role, typed, weight))
+    return tuple(chosen.values())
 
 
 def _ratio(size: tuple[int, int]) -> tuple[int, int]:
@@ -185,6 +218,24 @@ def for_grid(parent: GenerationRequest, settings: EngineSettings) -> GenerationR
     return parent.with_changes(num_candidates=settings.num_candidates, num_kept=settings.num_kept)
 
 
+def _edit_base(
+    parent: GenerationRequest, remix: Remix | None, edit: str, settings: EngineSettings
+) -> GenerationRequest:
+    """The request an edit starts from. An edit repaints without the job's pictures (they
+    already shaped the image; generation.conditioning), so a weight for them would change
+    nothing the member pays for: refused, naming the flag."""
+    if remix is None:
+        return for_grid(parent, settings)
+    if remix.weights:
+        _, typed, _ = remix.weights[0]
+        raise ValueError(
+            f"{typed}: {edit} repaints without the job's pictures (they already shaped the "
+            "image), so their weight would change nothing; remix a variation or a reroll to "
+            "reweigh them"
+        )
+    return for_grid(remix.apply(parent), settings)
+
+
 def zoom(
     parent: GenerationRequest,
     image: Image.Image,
@@ -194,7 +245,7 @@ def zoom(
     settings: EngineSettings,
     remix: Remix | None = None,
 ) -> GenerationRequest:
-    base = for_grid(remix.apply(parent) if remix else parent, settings)
+    base = _edit_base(parent, remix, "a zoom", settings)
     size = remix.size if remix else None
     return zoom_request(base, working_image(parent, image), factor=factor, seed=seed, size=size)
 
@@ -208,7 +259,7 @@ def pan(
     settings: EngineSettings,
     remix: Remix | None = None,
 ) -> GenerationRequest:
-    base = for_grid(remix.apply(parent) if remix else parent, settings)
+    base = _edit_base(parent, remix, "a pan", settings)
     return pan_request(
         base,
         working_image(parent, image),
@@ -271,7 +322,7 @@ def region(
 ) -> GenerationRequest:
     """Vary (Region). A mask is checked against the image the member saw (`image`), before it
     is brought to the working size with it."""
-    base = for_grid(remix.apply(parent) if remix else parent, settings)
+    base = _edit_base(parent, remix, "Vary (Region)", settings)
     if mask is not None:
         checked = check_mask(mask.image, image.size)
         size = working_size(parent.kind, image.size)

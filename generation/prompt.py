@@ -97,7 +97,13 @@ from generation.flags import (
 )
 from generation.lora import apply_trigger_words
 from generation.permutations import PermutationError, expand_permutations
-from generation.references import LINK, REFERENCE_FLAGS, ImageRef, image_references
+from generation.references import (
+    LINK,
+    REFERENCE_FLAGS,
+    WEIGHT_ROLES,
+    ImageRef,
+    image_references,
+)
 from generation.settings import EngineSettings, ModelSpec
 
 # Discord caps a slash-command string option at 6000 characters; anything longer came from
@@ -130,6 +136,9 @@ class ImagineOptions:
     control_image: InputImage | None = None
     # Image prompts attached to the command, as "attachment:<filename>" (fetched by the bot).
     images: tuple[str, ...] = ()
+    # The roles of pictures the job keeps from the one it comes from (a remix): weights typed
+    # for them are returned in `ParsedPrompt.kept_weights` rather than noted as ignored.
+    kept: frozenset[InputRole] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,8 @@ class ParsedPrompt:
     # Pictures only, no words (a blend): until the pictures are attached the request's prompt
     # is a placeholder, since a request needs words or image prompts.
     wordless: bool = False
+    # Weights typed for the roles in `ImagineOptions.kept`: (role, flag as typed, weight).
+    kept_weights: tuple[tuple[InputRole, str, float], ...] = ()
 
     def with_pictures(self, inputs: tuple[InputImage, ...]) -> ParsedPrompt:
         """This job with its fetched pictures appended to `request.inputs` (a wordless job's
@@ -622,7 +633,9 @@ def _parse(
     options, model = _with_defaults(defaults, options, model, inline)
 
     prompt_text, leading_links = _take_image_prompts(prompt_text, notes)
-    image_refs = image_references(inline.values, inline.typed, leading_links, options.images, notes)
+    image_refs = image_references(
+        inline.values, inline.typed, leading_links, options.images, notes, options.kept
+    )
     parts = _parse_weights(prompt_text)
     wordless = not parts
     if wordless:
@@ -675,12 +688,18 @@ def _parse(
         percent = request.stop_percent
         notes.append(f"{inline.typed['stop']} {percent} → denoising stops at {percent} %")
     repeat = cast(int, inline.values.get("repeat", 1))
+    kept_weights = tuple(
+        (role, inline.typed[name], cast(float, inline.values[name]))
+        for name, role in WEIGHT_ROLES.items()
+        if name in inline.values and role in options.kept
+    )
     parsed = ParsedPrompt(
         request=request,
         notes=tuple(notes),
         repeat=repeat,
         image_refs=image_refs,
         wordless=wordless,
+        kept_weights=kept_weights,
     )
     return parsed, inline
 

@@ -38,6 +38,13 @@ _STYLE_CODE = re.compile(r"[0-9]{1,20}|random", re.IGNORECASE)
 
 # Flags whose values are pictures; given several times, their links add up.
 REFERENCE_FLAGS = frozenset({"sref", "oref", "cref"})
+# The weight flags, and the role of the pictures each one weighs.
+WEIGHT_ROLES: Mapping[str, InputRole] = {
+    "iw": InputRole.IMAGE_PROMPT,
+    "sw": InputRole.STYLE,
+    "ow": InputRole.OBJECT,
+    "cw": InputRole.OBJECT,
+}
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,12 @@ def image_references(
     leading_links: Sequence[str],
     attachments: Sequence[str],
     notes: list[str],
+    kept: frozenset[InputRole] = frozenset(),
 ) -> tuple[ImageRef, ...]:
     """Every picture the prompt and options ask for, in order: attachments, prompt links,
     style, object and character references. `values`/`typed` are the parsed inline flags by
-    canonical name; notes say what was ignored."""
+    canonical name; notes say what was ignored. A weight for a role in `kept` (pictures the
+    job keeps from the one it comes from) is not ignored: the caller applies it to them."""
 
     def weight(name: str, default: float) -> float:
         return float(values[name]) if name in values else default  # type: ignore[arg-type]
@@ -89,7 +98,7 @@ def image_references(
         return values.get(name, ())  # type: ignore[return-value]
 
     def unused_weight(name: str, needs: str) -> None:
-        if name in values:
+        if name in values and WEIGHT_ROLES[name] not in kept:
             notes.append(f"{typed[name]} {values[name]:g} ignored (no {needs})")
 
     refs: list[ImageRef] = []

@@ -286,11 +286,13 @@ async def test_zoom_pan_region_and_remix_make_paid_jobs(
             await bot.app.preferences.update(alice.id, remix=True)
             pan = await fake.click(alice, image, label="➡️")
             assert await pan.wait_acked() == 9
-            await fake.submit_modal(pan, {"prompt": "a red fox by the sea"})
+            await fake.submit_modal(pan, {"prompt": "a red fox by the sea --v 6"})
             panned_message = await finished_reply(fake, image, seen)
             panned = await bot.core.jobs.require(job_id_of(panned_message))
             assert panned.kind.value == "pan" and panned.request_data["pan_direction"] == "right"
             assert panned.request_data["prompt"] == "a red fox by the sea"
+            # The edited prompt's notes reach the reply, as /imagine's do.
+            assert "ℹ️ --v 6 ignored (Midjourney model version)" in panned_message.content
             assert decode(panned_message).size[0] > decode(grid).size[0]
 
             # Held while queued, refunded when cancelled, like every job.
