@@ -343,9 +343,10 @@ def _naive_job(engine: Any, request: GenerationRequest, clock: _VaeClock) -> dic
     """The same job with one pipeline call per candidate, then the same ranking and grid."""
     import torch
 
-    from generation.engine import candidate_seeds, make_scheduler
+    from generation.engine import candidate_seeds
     from generation.images import make_grid
     from generation.ranking import select_candidates
+    from generation.samplers import make_scheduler
 
     text2img, _ = engine.pipelines(request.model)
     base_config = text2img.scheduler.config

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image
 
@@ -38,8 +38,6 @@ from generation.contract import (
     JobKind,
     Progress,
     ProgressCallback,
-    PromptPart,
-    Sampler,
     UpscaleMode,
 )
 from generation.controlnet import ControlJob, ControlNets
@@ -50,8 +48,11 @@ from generation.ip_adapter import prepare as prepare_conditioning
 from generation.lora import LoraSet, apply_trigger_words, requested_loras
 from generation.preview import Previewer
 from generation.ranking import ClipRanker, resolve_clip_source, select_candidates
+from generation.samplers import make_scheduler
 from generation.settings import TINY, EngineSettings, ModelSpec
 from generation.single_file import load_single_file
+from generation.tiling import seamless_tiling
+from generation.weighted_prompt import WeightedPromptEncoder, needs_weighted_prompt, weighted_parts
 
 log = logging.getLogger(__name__)
 
@@ -144,107 +145,9 @@ def resolve_dtype(setting: str, device: str) -> Any:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
 
 
-def make_scheduler(sampler: Sampler, base_config: Any) -> Any:
-    """A fresh diffusers scheduler for `sampler`, keeping the model's own noise schedule.
-
-    `from_config` keeps what the model was trained with (betas, prediction type, offsets), so
-    v-prediction SD 2.x models stay correct whatever the sampler. The mapping from AUTOMATIC1111
-    names follows the table in diffusers' scheduler documentation; "DPM++ SDE" is the
-    k-diffusion stochastic sampler A1111 runs (DPMSolverSDEScheduler, on torchsde).
-    """
-    import diffusers
-
-    name, options = _SCHEDULERS[sampler]
-    karras = sampler.value.endswith("_karras")
-    if karras:
-        options = {**options, "use_karras_sigmas": True}
-    return getattr(diffusers, name).from_config(base_config, **options)
-
-
-_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
-# Sampler -> (diffusers scheduler class, options); a "_karras" sampler adds Karras sigmas.
-_SCHEDULERS: dict[Sampler, tuple[str, dict[str, Any]]] = {
-    Sampler.DDIM: ("DDIMScheduler", {}),
-    Sampler.EULER: ("EulerDiscreteScheduler", {}),
-    Sampler.EULER_A: ("EulerAncestralDiscreteScheduler", {}),
-    Sampler.HEUN: ("HeunDiscreteScheduler", {}),
-    Sampler.LMS: ("LMSDiscreteScheduler", {}),
-    Sampler.LMS_KARRAS: ("LMSDiscreteScheduler", {}),
-    Sampler.DPM2: ("KDPM2DiscreteScheduler", {}),
-    Sampler.DPM2_KARRAS: ("KDPM2DiscreteScheduler", {}),
-    Sampler.DPM2_A: ("KDPM2AncestralDiscreteScheduler", {}),
-    Sampler.DPM2_A_KARRAS: ("KDPM2AncestralDiscreteScheduler", {}),
-    Sampler.DPMPP_2M: ("DPMSolverMultistepScheduler", _DPMPP_2M),
-    Sampler.DPMPP_2M_KARRAS: ("DPMSolverMultistepScheduler", _DPMPP_2M),
-    Sampler.DPMPP_2M_SDE: ("DPMSolverMultistepScheduler", _DPMPP_2M_SDE),
-    Sampler.DPMPP_2M_SDE_KARRAS: ("DPMSolverMultistepScheduler", _DPMPP_2M_SDE),
-    Sampler.DPMPP_SDE: ("DPMSolverSDEScheduler", {}),
-    Sampler.DPMPP_SDE_KARRAS: ("DPMSolverSDEScheduler", {}),
-    Sampler.UNIPC: ("UniPCMultistepScheduler", {}),
-}
-
-
 def candidate_seeds(seed: int, count: int) -> tuple[int, ...]:
     """seed, seed+1, … wrapping inside the valid seed range, so each one can be asked for alone."""
     return tuple((seed + i) % (MAX_SEED + 1) for i in range(count))
-
-
-def weighted_parts(parts: tuple[PromptPart, ...]) -> list[tuple[str, float]]:
-    """Midjourney multi-prompt weights, normalised so plain equal weights mean weight 1.
-
-    Midjourney normalises weights (`a::2 b::1` is `a::4 b::2`); dividing by the mean positive
-    weight does the same while leaving an unweighted multi-prompt unchanged. Negative weights
-    ("less of this") keep their sign and scale with the rest.
-    """
-    kept = [(p.text.strip(), float(p.weight)) for p in parts if p.text.strip() and p.weight != 0]
-    positive = [w for _, w in kept if w > 0]
-    if not positive:
-        raise ValueError("prompt_parts: at least one part needs a positive weight")
-    if sum(w for _, w in kept) <= 0:
-        raise ValueError("prompt_parts: the weights must add up to more than 0")
-    mean_positive = sum(positive) / len(positive)
-    return [(text, weight / mean_positive) for text, weight in kept]
-
-
-def needs_weighted_prompt(request: GenerationRequest) -> bool:
-    parts = request.prompt_parts
-    return len(parts) > 1 or any(p.weight != 1.0 for p in parts)
-
-
-PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
-
-
-@contextlib.contextmanager
-def seamless_tiling(*modules: Any) -> Iterator[None]:
-    """Circular padding on every padded Conv2d of `modules`, restored on exit.
-
-    With wrap-around padding the UNet and the VAE decoder treat the image as a torus, so its
-    left/right and top/bottom edges continue each other (Midjourney's `--tile`). Pipelines are
-    shared between jobs, so the original padding is always put back.
-    """
-    import torch
-
-    changed: list[tuple[torch.nn.Conv2d, PaddingMode]] = []
-    try:
-        for module in modules:
-            if module is None:
-                continue
-            for layer in module.modules():
-                if isinstance(layer, torch.nn.Conv2d) and any(p > 0 for p in _pads(layer)):
-                    changed.append((layer, layer.padding_mode))
-                    layer.padding_mode = "circular"
-        yield
-    finally:
-        for layer, mode in changed:
-            layer.padding_mode = mode
-
-
-def _pads(layer: Any) -> tuple[int, ...]:
-    padding = layer.padding
-    if isinstance(padding, str):
-        return (1,) if padding == "same" else (0,)
-    return tuple(padding)
 
 
 class DiffusersEngine:
@@ -826,7 +729,7 @@ class DiffusersEngine:
                 text = request.prompt_parts[0].text if request.prompt_parts else ""
             return {"prompt": text, "negative_prompt": request.negative_prompt or None}
         if loaded.prompt_encoder is None:
-            loaded.prompt_encoder = _WeightedPromptEncoder(loaded.text2img, loaded.spec.family)
+            loaded.prompt_encoder = WeightedPromptEncoder(loaded.text2img, loaded.spec.family)
         import torch
 
         with torch.inference_mode():
@@ -998,68 +901,6 @@ class DiffusersEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-class _WeightedPromptEncoder:
-    """Midjourney `a::2 b::1` multi-prompts as weighted prompt embeddings, through compel.
-
-    Each part is encoded on its own and scaled away from (weight > 1), towards (< 1) or through
-    (< 0) the empty prompt, and the parts are concatenated along the token axis: compel's
-    "conjunction". The prompt objects are built directly rather than from compel's string
-    syntax, so parentheses or `+`/`-` in a user's prompt are taken as plain text.
-    """
-
-    def __init__(self, pipe: Any, family: str) -> None:
-        from compel import Compel, ReturnedEmbeddingsType
-
-        self.family = family
-        if family == "sdxl":
-            penultimate = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
-            self.compels = [
-                Compel(
-                    tokenizer=pipe.tokenizer,
-                    text_encoder=pipe.text_encoder,
-                    returned_embeddings_type=penultimate,
-                    requires_pooled=False,
-                ),
-                # Pooled embeddings are taken from its provider directly (see `encode`):
-                # compel's own pooled mode cannot weight conjunction parts.
-                Compel(
-                    tokenizer=pipe.tokenizer_2,
-                    text_encoder=pipe.text_encoder_2,
-                    returned_embeddings_type=penultimate,
-                    requires_pooled=False,
-                ),
-            ]
-        else:
-            self.compels = [Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)]
-
-    def encode(self, parts: list[tuple[str, float]], negative: str, plain: str) -> dict[str, Any]:
-        import torch
-        from compel.prompt_parser import Conjunction, FlattenedPrompt, Fragment
-
-        positive_conj = Conjunction(
-            [FlattenedPrompt([Fragment(text, 1.0)]) for text, _ in parts],
-            [weight for _, weight in parts],
-        )
-        negative_conj = Conjunction([FlattenedPrompt([Fragment(negative.strip(), 1.0)])], [1.0])
-        positives, negatives = [], []
-        for compel in self.compels:
-            pos = compel.build_conditioning_tensor_for_conjunction(positive_conj)[0]
-            neg = compel.build_conditioning_tensor_for_conjunction(negative_conj)[0]
-            pos, neg = compel.pad_conditioning_tensors_to_same_length([pos, neg])
-            positives.append(pos)
-            negatives.append(neg)
-        result: dict[str, Any] = {
-            "prompt_embeds": torch.cat(positives, dim=-1),
-            "negative_prompt_embeds": torch.cat(negatives, dim=-1),
-        }
-        if self.family == "sdxl":
-            # The pooled vector conditions the whole image; the plain prompt text describes it.
-            provider = self.compels[1].conditioning_provider
-            result["pooled_prompt_embeds"] = provider.get_pooled_embeddings([plain or parts[0][0]])
-            result["negative_pooled_prompt_embeds"] = provider.get_pooled_embeddings([negative])
-        return result
 
 
 def _repeat_prompt(prompt_kwargs: dict[str, Any], count: int) -> dict[str, Any]:

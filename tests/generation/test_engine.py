@@ -20,13 +20,10 @@ from generation.contract import (
     upscale_request,
     variation_request,
 )
-from generation.engine import (
-    candidate_seeds,
-    create_engine,
-    seamless_tiling,
-    weighted_parts,
-)
+from generation.engine import candidate_seeds, create_engine
 from generation.settings import EngineSettings
+from generation.tiling import seamless_tiling
+from generation.weighted_prompt import weighted_parts
 from tests.generation.helpers import imagine, max_diff, pixels
 
 

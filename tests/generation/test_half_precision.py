@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from generation.contract import GenerationResult, Progress, Sampler, variation_request
-from generation.engine import DiffusersEngine, create_engine, make_scheduler
+from generation.engine import DiffusersEngine, create_engine
+from generation.samplers import make_scheduler
 from generation.settings import EngineSettings, ModelSpec
 from tests.generation.helpers import imagine, pixels
 

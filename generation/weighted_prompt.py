@@ -1,0 +1,91 @@
+"""Midjourney `a::2 b::1` multi-prompts: their weights, and their embeddings through compel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from generation.contract import GenerationRequest, PromptPart
+
+
+def weighted_parts(parts: tuple[PromptPart, ...]) -> list[tuple[str, float]]:
+    """Midjourney multi-prompt weights, normalised so plain equal weights mean weight 1.
+
+    Midjourney normalises weights (`a::2 b::1` is `a::4 b::2`); dividing by the mean positive
+    weight does the same while leaving an unweighted multi-prompt unchanged. Negative weights
+    ("less of this") keep their sign and scale with the rest.
+    """
+    kept = [(p.text.strip(), float(p.weight)) for p in parts if p.text.strip() and p.weight != 0]
+    positive = [w for _, w in kept if w > 0]
+    if not positive:
+        raise ValueError("prompt_parts: at least one part needs a positive weight")
+    if sum(w for _, w in kept) <= 0:
+        raise ValueError("prompt_parts: the weights must add up to more than 0")
+    mean_positive = sum(positive) / len(positive)
+    return [(text, weight / mean_positive) for text, weight in kept]
+
+
+def needs_weighted_prompt(request: GenerationRequest) -> bool:
+    parts = request.prompt_parts
+    return len(parts) > 1 or any(p.weight != 1.0 for p in parts)
+
+
+class WeightedPromptEncoder:
+    """Midjourney `a::2 b::1` multi-prompts as weighted prompt embeddings, through compel.
+
+    Each part is encoded on its own and scaled away from (weight > 1), towards (< 1) or through
+    (< 0) the empty prompt, and the parts are concatenated along the token axis: compel's
+    "conjunction". The prompt objects are built directly rather than from compel's string
+    syntax, so parentheses or `+`/`-` in a user's prompt are taken as plain text.
+    """
+
+    def __init__(self, pipe: Any, family: str) -> None:
+        from compel import Compel, ReturnedEmbeddingsType
+
+        self.family = family
+        if family == "sdxl":
+            penultimate = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+            self.compels = [
+                Compel(
+                    tokenizer=pipe.tokenizer,
+                    text_encoder=pipe.text_encoder,
+                    returned_embeddings_type=penultimate,
+                    requires_pooled=False,
+                ),
+                # Pooled embeddings are taken from its provider directly (see `encode`):
+                # compel's own pooled mode cannot weight conjunction parts.
+                Compel(
+                    tokenizer=pipe.tokenizer_2,
+                    text_encoder=pipe.text_encoder_2,
+                    returned_embeddings_type=penultimate,
+                    requires_pooled=False,
+                ),
+            ]
+        else:
+            self.compels = [Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)]
+
+    def encode(self, parts: list[tuple[str, float]], negative: str, plain: str) -> dict[str, Any]:
+        import torch
+        from compel.prompt_parser import Conjunction, FlattenedPrompt, Fragment
+
+        positive_conj = Conjunction(
+            [FlattenedPrompt([Fragment(text, 1.0)]) for text, _ in parts],
+            [weight for _, weight in parts],
+        )
+        negative_conj = Conjunction([FlattenedPrompt([Fragment(negative.strip(), 1.0)])], [1.0])
+        positives, negatives = [], []
+        for compel in self.compels:
+            pos = compel.build_conditioning_tensor_for_conjunction(positive_conj)[0]
+            neg = compel.build_conditioning_tensor_for_conjunction(negative_conj)[0]
+            pos, neg = compel.pad_conditioning_tensors_to_same_length([pos, neg])
+            positives.append(pos)
+            negatives.append(neg)
+        result: dict[str, Any] = {
+            "prompt_embeds": torch.cat(positives, dim=-1),
+            "negative_prompt_embeds": torch.cat(negatives, dim=-1),
+        }
+        if self.family == "sdxl":
+            # The pooled vector conditions the whole image; the plain prompt text describes it.
+            provider = self.compels[1].conditioning_provider
+            result["pooled_prompt_embeds"] = provider.get_pooled_embeddings([plain or parts[0][0]])
+            result["negative_pooled_prompt_embeds"] = provider.get_pooled_embeddings([negative])
+        return result
