@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from generation.ranking import load_with_processor
 from generation.settings import TINY
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,15 @@ class Captioner:
         self.source = source
         self.device = device
         self.dtype = dtype or torch.float32
-        kwargs: dict[str, Any] = {"local_files_only": local_files_only}
-        if cache_dir is not None and not Path(source).is_dir():
-            kwargs["cache_dir"] = str(cache_dir)
-        self.model = BlipForConditionalGeneration.from_pretrained(
-            source, dtype=self.dtype, **kwargs
+        self.model, self.processor = load_with_processor(
+            BlipForConditionalGeneration,
+            BlipProcessor,
+            source,
+            self.device,
+            self.dtype,
+            cache_dir,
+            local_files_only,
         )
-        # transformers types `to` through a decorator that loses the bound instance.
-        self.model.to(device).eval()  # type: ignore[arg-type]
-        self.processor = BlipProcessor.from_pretrained(source, **kwargs)
 
     def caption(self, image: Image.Image) -> str:
         """One sentence about the picture (greedy decoding: the same picture, the same words)."""

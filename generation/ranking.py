@@ -87,6 +87,25 @@ def select_candidates(
     return sorted(chosen, key=lambda i: (-values[i], i))
 
 
+def load_with_processor(
+    model_class: Any,
+    processor_class: Any,
+    source: str,
+    device: str,
+    dtype: Any,
+    cache_dir: Path | None,
+    local_files_only: bool,
+) -> tuple[Any, Any]:
+    """A transformers model (in eval mode on `device`) and its processor, from a hub id or a
+    folder; a hub id is cached under `cache_dir`."""
+    kwargs: dict[str, Any] = {"local_files_only": local_files_only}
+    if cache_dir is not None and not Path(source).is_dir():
+        kwargs["cache_dir"] = str(cache_dir)
+    model = model_class.from_pretrained(source, dtype=dtype, **kwargs)
+    model.to(device).eval()
+    return model, processor_class.from_pretrained(source, **kwargs)
+
+
 class ClipRanker:
     """A transformers CLIPModel with its processor, loaded once and reused across jobs."""
 
@@ -105,13 +124,9 @@ class ClipRanker:
         self.source = source
         self.device = device
         self.dtype = dtype or torch.float32
-        kwargs: dict[str, Any] = {"local_files_only": local_files_only}
-        if cache_dir is not None and not Path(source).is_dir():
-            kwargs["cache_dir"] = str(cache_dir)
-        self.model = CLIPModel.from_pretrained(source, dtype=self.dtype, **kwargs)
-        # transformers types `to` through a decorator that loses the bound instance.
-        self.model.to(device).eval()  # type: ignore[arg-type]
-        self.processor = CLIPProcessor.from_pretrained(source, **kwargs)
+        self.model, self.processor = load_with_processor(
+            CLIPModel, CLIPProcessor, source, self.device, self.dtype, cache_dir, local_files_only
+        )
 
     def score(self, prompt: str, images: Sequence[Image.Image]) -> Scored:
         """CLIP score of each image against the prompt, and unit image embeddings for MMR."""
