@@ -6,8 +6,9 @@ or decompress into gigabytes. So a fetch
 * takes only the schemes and hosts of its `FetchPolicy` (by default https from Discord's
   attachment hosts), with no user name in the link;
 * resolves the host itself, refuses private, loopback, link-local and other non-public
-  addresses, and then connects to exactly the address it checked, so a second DNS answer
-  (DNS rebinding) can't swap in another one;
+  addresses (an IPv6 address that carries an IPv4 one, as 6to4, Teredo, NAT64 and ISATAP
+  do, is judged by both), and then connects to exactly the address it checked, so a second
+  DNS answer (DNS rebinding) can't swap in another one;
 * follows redirects only on the same host, each one checked again, at most `max_redirects`;
 * stops reading at `max_bytes` and gives up after `timeout_s` in all;
 * trusts the bytes, not the headers: the type is sniffed (PNG, JPEG, WebP, GIF's first frame),
@@ -184,9 +185,53 @@ def _check_url(url: str, policy: FetchPolicy) -> str:
     return host
 
 
+# IPv6 ranges whose low 32 bits are an IPv4 address the packet ends up at: IPv4-compatible
+# (deprecated), IPv4-translated (SIIT) and NAT64's well-known prefix. IPv4-mapped, 6to4 (2002::/16)
+# and Teredo (2001::/32) have their own accessors in `ipaddress`.
+_LOW_32_EMBEDS = (
+    ipaddress.IPv6Network("::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+    ipaddress.IPv6Network("64:ff9b::/96"),
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# ISATAP interface identifiers (`::5efe:a.b.c.d`, `::200:5efe:a.b.c.d`) name the IPv4 tunnel end.
+_ISATAP_MARKERS = frozenset({0x00005EFE, 0x02005EFE})
+_LOW_32 = 0xFFFFFFFF
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 address carries (mapped, compatible, translated, NAT64, 6to4,
+    Teredo's server and client, ISATAP): a relay or a translator sends the request there."""
+    found: list[ipaddress.IPv4Address] = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    value = int(address)
+    low = ipaddress.IPv4Address(value & _LOW_32)
+    if any(address in network for network in _LOW_32_EMBEDS):
+        found.append(low)
+    elif (value >> 32) & _LOW_32 in _ISATAP_MARKERS:
+        found.append(low)
+    return found
+
+
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """A public unicast address, including every IPv4 address an IPv6 one embeds: 6to4 or
+    Teredo of 127.0.0.1, or NAT64 of 10.0.0.1, reaches the bot's own network as surely as the
+    plain IPv4 address would."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = embedded_ipv4(address)
+        if embedded and not all(_public(inner) for inner in embedded):
+            return False
+        if address.ipv4_mapped is not None or address in _NAT64:
+            # The IPv4 address is the destination; the IPv6 wrapper's own range (inside the
+            # reserved ::/8) says nothing more.
+            return bool(embedded)
+        if address.is_site_local:
+            return False
     return address.is_global and not (
         address.is_private
         or address.is_loopback

@@ -236,8 +236,29 @@ async def test_scheme_host_and_user_info_are_checked_before_any_request() -> Non
         ("fe80::1", False),
         ("fd00::5", False),
         ("::ffff:127.0.0.1", False),
+        # IPv6 forms that carry an IPv4 address the request would end up at.
+        ("::ffff:10.0.0.1", False),  # IPv4-mapped
+        ("::ffff:0:10.0.0.1", False),  # IPv4-translated (SIIT)
+        ("::127.0.0.1", False),  # IPv4-compatible (deprecated)
+        ("::8.8.8.8", False),  # deprecated whatever it carries
+        ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
+        ("2002:a00:1::1", False),  # 6to4 of 10.0.0.1
+        ("2002:a9fe:a9fe::1", False),  # 6to4 of the cloud metadata address
+        ("2002:c0a8:101::", False),  # 6to4 of 192.168.1.1
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False),  # Teredo, client 10.0.0.1
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo, client 192.0.2.45
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("64:ff9b::7f00:1", False),  # NAT64 of 127.0.0.1
+        ("64:ff9b:1::a00:1", False),  # NAT64 local-use prefix
+        ("2a00:1450::5efe:a00:1", False),  # ISATAP, tunnel end 10.0.0.1
+        ("2a00:1450::200:5efe:c0a8:101", False),  # ISATAP, tunnel end 192.168.1.1
+        ("fec0::1", False),  # site-local (deprecated)
+        ("2001:db8::1", False),  # documentation
         ("8.8.8.8", True),
         ("2606:4700:4700::1111", True),
+        ("::ffff:8.8.8.8", True),
+        ("2002:808:808::1", True),  # 6to4 of a public address
+        ("64:ff9b::808:808", True),  # NAT64 (DNS64 networks) of a public address
     ],
 )
 def test_address_classes(address: str, public: bool) -> None:
