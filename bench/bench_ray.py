@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from bot.core.workers import Worker
 from generation.contract import GenerationRequest
 from generation.settings import EngineSettings
 from tests.core.conftest import ready_workers
+from tests.core.ray_temp import private_ray_temp
 
 NOOP = "tests.core.fakes:create_fake_engine"
 ACTOR_COUNTS = (1, 2, 4)
@@ -57,22 +57,21 @@ ACTOR_COUNTS = (1, 2, 4)
 @contextmanager
 def local_cluster() -> Iterator[Cluster]:
     # One node offers g1=1, g2=2 and g4=4: a pool asking for resource gN gets N actors.
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir},
-    )
-    try:
-        cluster.add_node(num_cpus=1, resources={f"g{n}": n for n in ACTOR_COUNTS})
-        cluster.wait_for_nodes()
-        # This script's own driver, to kill actors from outside the bot.
-        ray.init(address=cluster.address, log_to_driver=False)
-        yield cluster
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with private_ray_temp() as temp_dir:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": str(temp_dir)},
+        )
+        try:
+            cluster.add_node(num_cpus=1, resources={f"g{n}": n for n in ACTOR_COUNTS})
+            cluster.wait_for_nodes()
+            # This script's own driver, to kill actors from outside the bot.
+            ray.init(address=cluster.address, log_to_driver=False)
+            yield cluster
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            cluster.shutdown()
 
 
 def bench_config(root: Path, cluster: Cluster, resource: str, step_s: float = 0.0) -> Config:

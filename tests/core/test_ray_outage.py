@@ -8,12 +8,10 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from tests.core.conftest import (
     request,
 )
 from tests.core.fakes import FACTORY
+from tests.core.ray_temp import private_ray_temp
 
 pytest.importorskip("ray")
 
@@ -50,12 +49,8 @@ class Head:
             self.port = probe.getsockname()[1]
         self._temp_dir = temp_dir
         self._process: subprocess.Popen[bytes] | None = None
-        self._environment = {
-            **os.environ,
-            # A throwaway cluster: no token, no usage report.
-            "RAY_AUTH_MODE": "disabled",
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
+        # Taken after private_ray_temp set it: RAY_TMPDIR and a throwaway cluster's settings.
+        self._environment = dict(os.environ)
 
     def start(self) -> None:
         ray = Path(sys.executable).parent / "ray"
@@ -91,14 +86,12 @@ class Head:
 
 @pytest.fixture
 def head() -> Iterator[Head]:
-    # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    started = Head(temp_dir)
-    try:
-        yield started
-    finally:
-        started.kill()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with private_ray_temp() as temp_dir:
+        started = Head(temp_dir)
+        try:
+            yield started
+        finally:
+            started.kill()
 
 
 def head_config(tmp_path: Path, head: Head, step_s: float = 0.002) -> Config:

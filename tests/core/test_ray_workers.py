@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ from tests.core.conftest import (
     ready_workers,
     request,
 )
+from tests.core.ray_temp import private_ray_temp
 
 FAKE_GPU = "fake_gpu"
 RECORDING = "tests.core.fakes:create_engine_recording_its_jobs"
@@ -46,35 +44,22 @@ BOB = Owner(user_id=202, guild_id=1, channel_id=2)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    environment = {
-        # A throwaway cluster: no token file in the home folder, no usage report.
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    saved = {key: os.environ.get(key) for key in environment}
-    os.environ.update(environment)
-    # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    started = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir},
-    )
-    try:
-        started.add_node(num_cpus=1, resources={FAKE_GPU: 2})
-        started.wait_for_nodes()
-        # The tests' own driver, to kill actors from outside the bot as Ray or an operator would.
-        ray.init(address=started.address, log_to_driver=False)
-        yield started
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        started.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with private_ray_temp() as temp_dir:
+        started = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": str(temp_dir)},
+        )
+        try:
+            started.add_node(num_cpus=1, resources={FAKE_GPU: 2})
+            started.wait_for_nodes()
+            # The tests' own driver, to kill actors from outside the bot as Ray or an operator
+            # would.
+            ray.init(address=started.address, log_to_driver=False)
+            yield started
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            started.shutdown()
 
 
 def ray_config(

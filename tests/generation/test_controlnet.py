@@ -15,7 +15,7 @@ from generation.images import a1111_parameters, parse_a1111_parameters
 from generation.preprocess import Preprocessors, canny, lineart
 from generation.settings import ControlNetSpec, EngineSettings, Preprocessor
 from generation.tiny import TINY_SD_DIR, build_tiny_controlnet, build_tiny_depth
-from tests.generation.helpers import imagine, max_diff, pixels, tiny_settings
+from tests.generation.helpers import assert_same_picture, imagine, max_diff, pixels, tiny_settings
 
 
 def _shapes() -> Image.Image:
@@ -248,4 +248,4 @@ def test_cpu_offload_hooks_the_controlnet_and_sends_it_back_after_each_job(
     assert engine._loaded["tiny"].controlnet_pipes[("canny", True)].controlnet is controlnet
     assert [m for m in offloaded_modules if m is controlnet] == [controlnet] * 2
     plain = control_engine.generate(request)
-    assert np.array_equal(pixels(offloaded.images[0]), pixels(plain.images[0]))
+    assert_same_picture(offloaded.images[0], plain.images[0])

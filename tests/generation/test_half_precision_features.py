@@ -49,7 +49,7 @@ from generation.tiny import (
     ensure_tiny_sdxl,
     ensure_tiny_taesd,
 )
-from tests.generation.helpers import imagine, pixels
+from tests.generation.helpers import assert_same_picture, imagine, pixels
 
 HALF = torch.float16
 # float16 rounding moves a pixel by a level or two; a broken component moves it by tens.
@@ -477,4 +477,4 @@ def test_the_image_encoder_is_offloaded_with_the_model(
     offloaded = engine.generate(request)
     assert hooked == ["cpu"]
     plain = create_engine(engine.settings).generate(request)
-    assert np.array_equal(pixels(offloaded.images[0]), pixels(plain.images[0]))
+    assert_same_picture(offloaded.images[0], plain.images[0])

@@ -37,7 +37,7 @@ from generation.contract import (
 from generation.images import a1111_parameters, parse_a1111_parameters
 from generation.preview import Previewer, latents_to_images
 from generation.settings import EngineSettings, ModelSpec
-from tests.generation.helpers import imagine, pixels
+from tests.generation.helpers import assert_same_picture, imagine, pixels
 
 PLAIN = "tiny"  # masked latent blending on the model's own 4-channel UNet
 DEDICATED = "tiny-inpainting"  # the tiny 9-channel inpainting checkpoint
@@ -264,7 +264,7 @@ def test_cpu_offload_hooks_the_dedicated_inpainting_unet_too(
     hook = unet._hf_hook
     assert str(hook.execution_device) == "cpu"
     assert hook.prev_module_hook.model is loaded.text2img.text_encoder
-    assert np.array_equal(pixels(offloaded.images[0]), pixels(plain.images[0]))
+    assert_same_picture(offloaded.images[0], plain.images[0])
 
 
 @pytest.mark.parametrize("region", list(Region))
