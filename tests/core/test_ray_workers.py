@@ -2,8 +2,8 @@
 node whose "GPUs" are a custom resource), with the real scheduler, SQLite and data folder.
 
 One cluster serves the whole module (starting it takes a few seconds); each test opens its own
-core, whose pool connects to the cluster's address and makes its own actors. The last test
-removes the GPU node and adds another, so it runs last.
+core, whose pool connects to the cluster's address and makes its own actors. A test that changes
+the cluster's nodes puts them back as they were, so the tests run in any order.
 """
 
 from __future__ import annotations
@@ -237,3 +237,8 @@ async def test_jobs_wait_while_no_gpu_node_is_up_and_run_when_one_joins(
         await assert_consistent(core)
     finally:
         await core.close(drain_timeout_s=5.0)
+        # The module's other tests, in whatever order they run, find the cluster as it was.
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node)
+        cluster.add_node(num_cpus=1, resources={FAKE_GPU: 2})
+        cluster.wait_for_nodes()

@@ -1,0 +1,58 @@
+"""The Ray tests pass on a new machine: one of them runs again in a process whose temp folder is
+private and empty, as on a machine where no earlier Ray run left `/tmp/ray` (Ray records a
+cluster's address under its default temp folder whatever `temp_dir` its nodes are given), and
+leaves nothing behind there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+REPO = Path(__file__).resolve().parents[2]
+# Starts and stops the module's cluster, and a node of its own on it.
+ONE_RAY_TEST = (
+    "tests/core/test_ray_workers.py::test_with_ray_gpus_each_actor_is_pinned_to_its_own_gpu"
+)
+
+
+def test_a_ray_test_passes_with_an_empty_private_temp_folder_and_leaves_it_empty() -> None:
+    # Short, not tmp_path: Ray's unix sockets live under it and their paths are limited.
+    private = Path(tempfile.mkdtemp(prefix="rt-"))
+    try:
+        environment = {**os.environ, "TMPDIR": str(private)}
+        environment.pop("RAY_TMPDIR", None)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:randomly",
+                "-p",
+                "no:cacheprovider",
+                "--basetemp",
+                str(private / "pytest"),
+                ONE_RAY_TEST,
+            ],
+            cwd=REPO,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        assert "1 passed" in result.stdout
+        left = sorted(p.name for p in private.iterdir() if p.name != "pytest")
+        # Torch's compile cache may settle there too; Ray's folders must not.
+        assert not [name for name in left if name.startswith("ray")], left
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
