@@ -31,7 +31,7 @@ from generation.conditioning import (
     style_scales,
 )
 from generation.offload import offload_hook
-from generation.settings import IPAdapterSpec
+from generation.settings import IPAdapterSpec, check_adapter_weight_name
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ def resolve_adapter_source(spec: IPAdapterSpec, cache_dir: Path) -> AdapterSourc
             tiny.TINY_IP_ADAPTER_WEIGHTS,
             tiny.TINY_IP_ADAPTER_ENCODER,
         )
+    # Checked at start-up too; settings made in code reach here without that.
+    check_adapter_weight_name(spec.weight_name)
     return AdapterSource(spec.source, spec.subfolder, spec.weight_name, spec.image_encoder_folder)
 
 

@@ -328,6 +328,8 @@ def _validate_ip_adapters(adapters: tuple[IPAdapterSpec, ...]) -> None:
         seen.add(key)
         if not adapter.tiny and not adapter.weight_name.strip():
             raise ValueError(f"ip_adapters.weight_name: {adapter.source!r} needs one")
+        if not adapter.tiny:
+            check_adapter_weight_name(adapter.weight_name)
         for layer, scales in adapter.style_layers:
             if not _STYLE_LAYER.fullmatch(layer) or not scales:
                 raise ValueError(
@@ -337,6 +339,17 @@ def _validate_ip_adapters(adapters: tuple[IPAdapterSpec, ...]) -> None:
 
 
 _STYLE_LAYER = re.compile(r"(up|down)\.block_\d+|mid")
+
+
+def check_adapter_weight_name(weight_name: str) -> None:
+    """diffusers unpickles an adapter file whatever its name unless it ends in .safetensors (a
+    .bin, .pt or .ckpt runs any code it carries when opened), so only those are loaded."""
+    if not weight_name.strip().lower().endswith(".safetensors"):
+        raise ValueError(
+            f"ip_adapters.weight_name: {weight_name!r} is not a .safetensors file; any other "
+            "file is loaded as a pickle, which can run code when opened; convert it to "
+            ".safetensors"
+        )
 
 
 def _check_family(kind: str, name: str, family: str) -> None:
