@@ -10,9 +10,13 @@ Every edit is the same three moves on a canvas (the request's width x height):
    masked latent blending (`AutoPipelineForInpainting.from_pipe`); a model with an
    `inpaint_source` gets that checkpoint's 9-channel UNet instead (`inpaint_pipeline`), sharing
    the text encoder and VAE.
-3. `composite`: the painted pixels are laid over the canvas through the mask with a feathered
-   edge that lies wholly inside the painted area, so every pixel the member kept is kept
-   exactly, and the seam fades into the pre-fill rather than cutting.
+3. `composite`: the painted pixels are pasted at full strength over the whole painted area,
+   and the feather reaches `feather_px` pixels into the kept side: there the model's own
+   repaint of the kept image (it paints the whole canvas, in the kept area from the kept
+   image) fades into the kept pixels, so no line shows where the two meet. Every kept pixel
+   farther than that from the painted area is the member's pixel exactly. (A feather inside
+   the painted area would show the pre-fill, a blurred stretch of the source's edge, right
+   beside the kept image: the model's painting would start only past it.)
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
     "pipeline_kwargs",
     "prepare",
     "region_mask",
+    "seam_alpha",
 ]
 
 # Noise on the pre-fill, in 0-255 steps: enough to give the model texture to work from.
@@ -74,7 +79,7 @@ def prepare(request: GenerationRequest) -> Canvas:
         pan_direction=request.pan_direction,
     )
     kept = place(source, box)
-    feather = max(2, min(size) // 48)
+    feather = seam_feather_px(size)
     if request.kind is JobKind.REGION:
         # The source fills the canvas; only the mask says what changes.
         return Canvas(kept, _region_mask(request, size), box, feather)
@@ -109,22 +114,38 @@ def _prefill(kept: Image.Image, box: tuple[int, int, int, int], size: tuple[int,
     return filled
 
 
+def seam_feather_px(size: tuple[int, int]) -> int:
+    """How far the seam's feather reaches into the kept side: a few pixels (2 at 256 px, 4 at
+    512, 8 at 1024), enough to hide a one-pixel step between the VAE's repaint of the kept
+    image and the kept pixels, little enough that the kept image stays the member's."""
+    return max(2, min(size) // 128)
+
+
+def seam_alpha(mask: Image.Image, feather_px: int) -> np.ndarray:
+    """How much of the painted image each pixel takes (float32, 0..1): 1 on the whole painted
+    area (white in `mask`), falling linearly to 0 over `feather_px` pixels into the kept side
+    (chessboard distance), 0 beyond."""
+    grown = mask.point(lambda v: 255 if v > 0 else 0)
+    reached = (np.asarray(grown) > 0).astype(np.float32)
+    for _ in range(feather_px):
+        # Each 3x3 maximum grows the area by one pixel: after k passes it holds every pixel
+        # within k of the mask, so the sum counts feather_px + 1 - distance.
+        grown = grown.filter(ImageFilter.MaxFilter(3))
+        reached += np.asarray(grown) > 0
+    return reached / (feather_px + 1)
+
+
 def composite(canvas: Canvas, painted: Image.Image) -> Image.Image:
-    """`painted` over the canvas through the mask, feathered inside the painted area only."""
-    mask = canvas.mask
-    feather = canvas.feather_px
-    # Shrink the mask by the feather, then blur it back out: the soft edge ends at the mask's
-    # own edge, and pixels outside the mask get exactly zero.
-    alpha = mask.filter(ImageFilter.MinFilter(2 * feather + 1))
-    alpha = alpha.filter(ImageFilter.GaussianBlur(feather / 2))
-    alpha_values = np.asarray(alpha, dtype=np.uint8) * (np.asarray(mask) > 0)
-    # The blur never reaches deep inside a large painted area's core at full strength: clamp.
-    core = np.asarray(mask.filter(ImageFilter.MinFilter(4 * feather + 1))) > 0
-    alpha_values = np.where(core, 255, alpha_values).astype(np.uint8)
+    """`painted` over the canvas: all of it on the painted area, feathered into the kept side
+    over `canvas.feather_px` pixels; the kept pixels beyond that stay exactly as they were."""
     painted = painted.convert("RGB")
     if painted.size != canvas.image.size:
         painted = painted.resize(canvas.image.size, Image.Resampling.LANCZOS)
-    return Image.composite(painted, canvas.image, Image.fromarray(alpha_values))
+    alpha = seam_alpha(canvas.mask, canvas.feather_px)[..., None]
+    under = np.asarray(canvas.image.convert("RGB"), dtype=np.float32)
+    over = np.asarray(painted, dtype=np.float32)
+    blended = np.rint(over * alpha + under * (1.0 - alpha))
+    return Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
 
 
 def pipeline_kwargs(canvas: Canvas, count: int) -> dict[str, Any]:
