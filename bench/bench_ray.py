@@ -1,9 +1,10 @@
 """Ray backend benchmarks (figures only, no assertions), on a local Ray cluster started here
 (`ray.cluster_utils.Cluster`: a head node and one node whose "GPUs" are custom resources).
 
-    python bench/bench_ray.py                    # all three
+    python bench/bench_ray.py                    # all four
     python bench/bench_ray.py overhead --jobs 300
     python bench/bench_ray.py throughput failover
+    python bench/bench_ray.py bridge --actors 1,8,50
 
 The engine is the tests' fake engine with 0 s steps (one 64x64 image a job): what is measured
 is the worker machinery, not generation.
@@ -14,6 +15,9 @@ is the worker machinery, not generation.
    and 4 actors, for no-op jobs and for jobs that take 200 ms in the actor.
 3. failover: an actor is killed (`ray.kill`) while its job runs; the time until the job is
    running again on another actor (dispatched, and its first progress step).
+4. bridge: the traffic between the bot and its bridge process while N simulated GPUs (actors of
+   the fake engine, 20 steps of 50 ms a job) run jobs back to back: bridge calls/s, messages/s
+   from the bridge, the bot's and the bridge's CPU per job, and the bridge's peak thread count.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import psutil
 import ray
 from ray.cluster_utils import Cluster
 
@@ -43,6 +48,7 @@ from bench._common import percentile, small_request
 from bot.config import Config, CreditsConfig, SchedulerConfig, WorkersConfig
 from bot.core import Core, Finished, JobEvent, Owner, ProcessWorker, ProgressUpdate, Started
 from bot.core.execute import WorkItem
+from bot.core.ray_bridge import RayBridge
 from bot.core.ray_workers import NAMESPACE, RayPool, RayWorker
 from bot.core.workers import Worker
 from generation.contract import GenerationRequest
@@ -52,6 +58,8 @@ from tests.core.ray_temp import private_ray_temp
 
 NOOP = "tests.core.fakes:create_fake_engine"
 ACTOR_COUNTS = (1, 2, 4)
+# The bridge bench's simulated GPUs: resource simN has N units on the node.
+SIMULATED = (1, 8, 50)
 
 
 @contextmanager
@@ -63,7 +71,9 @@ def local_cluster() -> Iterator[Cluster]:
             head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": str(temp_dir)},
         )
         try:
-            cluster.add_node(num_cpus=1, resources={f"g{n}": n for n in ACTOR_COUNTS})
+            resources = {f"g{n}": n for n in ACTOR_COUNTS}
+            resources.update({f"sim{n}": n for n in SIMULATED})
+            cluster.add_node(num_cpus=1, resources=resources)
             cluster.wait_for_nodes()
             # This script's own driver, to kill actors from outside the bot.
             ray.init(address=cluster.address, log_to_driver=False)
@@ -238,12 +248,118 @@ async def failover(cluster: Cluster, rounds: int) -> None:
     print(f"death -> first step on another actor: {describe(to_progress)}")
 
 
+class _BridgeTraffic:
+    """Counts what crosses the bot's end of every bridge: calls sent (`call`, and `stream` where
+    the bridge has it) and messages received, wrapped around the class so any version of the
+    bridge is measured the same way."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.messages = 0
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> _BridgeTraffic:
+        for name in ("call", "stream"):
+            original = getattr(RayBridge, name, None)
+            if original is None:
+                continue
+            self._saved[name] = original
+
+            def counted(bridge: RayBridge, *args: object, _original=original, **kw: object):
+                self.calls += 1
+                return _original(bridge, *args, **kw)
+
+            setattr(RayBridge, name, counted)
+        settle = RayBridge._settle
+        self._saved["_settle"] = settle
+
+        def settled(bridge: RayBridge, message: tuple[object, ...]) -> None:
+            self.messages += 1
+            settle(bridge, message)
+
+        RayBridge._settle = settled  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(RayBridge, name, original)
+
+
+async def bridge_load(cluster: Cluster, actors: int, jobs_per_actor: int) -> str:
+    steps, step_s = 20, 0.05
+    jobs = actors * jobs_per_actor
+    with tempfile.TemporaryDirectory() as tmp:
+        config = bench_config(Path(tmp), cluster, f"sim{actors}", step_s)
+        config = dataclasses.replace(
+            config,
+            scheduler=dataclasses.replace(config.scheduler, max_running_per_user=actors),
+        )
+        core = await Core.open(config, engine_factory=NOOP)
+        try:
+            await ready_workers(core, actors, 900)
+            assert core.ray_pool is not None and core.ray_pool.bridge_pid is not None
+            bridge = psutil.Process(core.ray_pool.bridge_pid)
+            done = asyncio.Event()
+            left = {"n": jobs}
+
+            def on_event(event: JobEvent) -> None:
+                if isinstance(event, Finished):
+                    left["n"] -= 1
+                    if left["n"] == 0:
+                        done.set()
+
+            core.scheduler.add_listener(on_event)
+            threads = [bridge.num_threads()]
+
+            async def sample_threads() -> None:
+                while True:
+                    await asyncio.sleep(0.2)
+                    threads.append(bridge.num_threads())
+
+            sampler = asyncio.create_task(sample_threads())
+            with _BridgeTraffic() as traffic:
+                bridge_cpu = sum(bridge.cpu_times()[:2])
+                bot_cpu = time.process_time()
+                started = time.perf_counter()
+                for index in range(jobs):
+                    owner = Owner(user_id=1000 + index % actors)
+                    await core.scheduler.submit(owner, noop_request(index, steps))
+                await asyncio.wait_for(done.wait(), 900)
+                elapsed = time.perf_counter() - started
+                bot_cpu = time.process_time() - bot_cpu
+                bridge_cpu = sum(bridge.cpu_times()[:2]) - bridge_cpu
+            sampler.cancel()
+            return (
+                f"{actors:>2} actor(s), {jobs} jobs in {elapsed:.1f} s: "
+                f"{traffic.calls / elapsed:.0f} bridge calls/s ({traffic.calls / jobs:.1f} a job), "
+                f"{traffic.messages / elapsed:.0f} messages/s from the bridge · "
+                f"CPU a job: bot {bot_cpu / jobs * 1000:.1f} ms, "
+                f"bridge {bridge_cpu / jobs * 1000:.1f} ms · "
+                f"bridge threads peak {max(threads)}"
+            )
+        finally:
+            await core.close(5.0)
+
+
+async def bridge(cluster: Cluster, counts: list[int], jobs_per_actor: int) -> None:
+    print(
+        f"\n== bot <-> bridge traffic, jobs of 20 steps x 50 ms back to back, "
+        f"{jobs_per_actor} jobs an actor =="
+    )
+    for actors in counts:
+        print(await bridge_load(cluster, actors, jobs_per_actor), flush=True)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    names = ("overhead", "throughput", "failover")
+    names = ("overhead", "throughput", "failover", "bridge")
     parser.add_argument("benches", nargs="*", help=f"any of {', '.join(names)} (default: all)")
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument(
+        "--actors", default="1,8,50", help="bridge: simulated GPU counts (each of 1, 8, 50)"
+    )
+    parser.add_argument("--jobs-per-actor", type=int, default=4)
     args = parser.parse_args()
     if unknown := set(args.benches) - set(names):
         parser.error(f"benches: unknown {', '.join(sorted(unknown))}")
@@ -257,6 +373,11 @@ async def main() -> None:
             await throughput(cluster, args.jobs)
         if "failover" in args.benches:
             await failover(cluster, args.kills)
+        if "bridge" in args.benches:
+            counts = [int(n) for n in args.actors.split(",")]
+            if unknown_counts := set(counts) - set(SIMULATED):
+                parser.error(f"--actors: {sorted(unknown_counts)} not among {SIMULATED}")
+            await bridge(cluster, counts, args.jobs_per_actor)
 
 
 if __name__ == "__main__":
