@@ -63,7 +63,9 @@ class JobTimeout(Exception):
 
 
 class WorkerStartFailed(Exception):
-    """The engine could not be created (bad model config, missing files, no GPU memory)."""
+    """The worker could not get ready: its process could not be started, its engine could not
+    be created (bad model config, missing files, no GPU memory), or it did not report ready
+    within the start-up timeout. Never the fault of a job that was waiting for it."""
 
 
 class WorkerUnavailable(Exception):
@@ -279,15 +281,28 @@ class ProcessWorker:
             name=f"imagine-bot-worker-{self.name}",
             daemon=True,
         )
-        await asyncio.to_thread(process.start)
+        try:
+            await asyncio.to_thread(process.start)
+        except Exception as exc:
+            # No process (fork refused, arguments that cannot be sent): a start failure like
+            # any other, so the scheduler keeps the jobs and retries the worker.
+            parent_conn.close()
+            child_conn.close()
+            raise WorkerStartFailed(
+                f"worker {self.name}: could not start its process: {type(exc).__name__}: {exc}"
+            ) from exc
         # Our copy of the child's end must go, or we would never see EOF when the child dies.
         child_conn.close()
         child = _Child(process, parent_conn, loop, self._exited)
         try:
             message = await asyncio.wait_for(child.inbox.get(), self._startup_timeout_s)
-        except BaseException:
+        except BaseException as exc:
             child.kill()
             await child.reap()
+            if isinstance(exc, TimeoutError):
+                raise WorkerStartFailed(
+                    f"worker {self.name}: engine did not start within {self._startup_timeout_s:g} s"
+                ) from None
             raise
         if message[0] == "ready":
             log.info("worker %s: engine ready in child pid %d", self.name, process.pid)

@@ -115,7 +115,8 @@ def create_fake_engine(settings: EngineSettings) -> FakeEngine:
 
 def create_engine_failing_on_spawns(settings: EngineSettings) -> FakeEngine:
     """Counts the worker processes that built it (in `fake_marker_dir`); the ones listed in
-    `fake_fail_spawns` (e.g. "2,3") fail to load like a GPU whose memory is not free yet."""
+    `fake_fail_spawns` (e.g. "2,3") fail to load like a GPU whose memory is not free yet, and
+    the ones in `fake_hang_spawns` never finish loading (a hung driver, a stuck download)."""
     marker_dir = Path(settings.extra["fake_marker_dir"])
     marker_dir.mkdir(parents=True, exist_ok=True)
     counter = marker_dir / "spawns"
@@ -123,6 +124,8 @@ def create_engine_failing_on_spawns(settings: EngineSettings) -> FakeEngine:
     counter.write_text(str(count))
     if str(count) in settings.extra.get("fake_fail_spawns", "").split(","):
         raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+    if str(count) in settings.extra.get("fake_hang_spawns", "").split(","):
+        time.sleep(3600)  # the parent kills it at its start-up timeout
     return FakeEngine(settings)
 
 

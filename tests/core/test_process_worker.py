@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import multiprocessing.util
 import os
 import signal
 from pathlib import Path
+
+import pytest
 
 from bot.config import Config
 from bot.core import Core, JobState, LedgerKind, Owner, ProcessWorker, ProgressUpdate, Worker
@@ -178,3 +182,75 @@ async def test_a_worker_that_cannot_restart_costs_no_attempt_and_comes_back(
         await assert_consistent(core)
     finally:
         await core.close(2.0)
+
+
+async def test_a_restart_that_times_out_fails_no_job(tmp_path: Path) -> None:
+    # Generous for a loaded machine: the first and third processes must start within it.
+    startup_timeout_s = 10.0
+    config = make_config(tmp_path, scheduler={"max_attempts": 1})
+    engine = dataclasses.replace(
+        config.engine, extra={**config.engine.extra, "fake_hang_spawns": "2"}
+    )
+    config = dataclasses.replace(config, engine=engine)
+    worker = ProcessWorker(
+        config.engine, config.data_dir, FAILING_SPAWNS, startup_timeout_s=startup_timeout_s
+    )
+    core = await open_core(config, workers=[worker], worker_retry_s=0.5)
+    try:
+        # The crash uses the job's one re-run; the restart after it never reports ready.
+        crashing = await core.scheduler.submit(ALICE, request("[crash-once] a fox"))
+        other = await core.scheduler.submit(BOB, request("a cat"))
+        done = await finished(core, crashing.id, timeout_s=90)
+        # The re-queued job waited for the hung start-up to time out: that was the worker's
+        # failure, not the job's, so it waited for the next start and then ran.
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.attempts == 2
+        other_done = await finished(core, other.id, timeout_s=60)
+        assert other_done.state is JobState.SUCCEEDED and other_done.attempts == 1
+        assert int((tmp_path / "markers" / "spawns").read_text()) == 3
+        await assert_consistent(core)
+    finally:
+        await core.close(2.0)
+
+
+async def test_a_restart_whose_process_cannot_start_fails_no_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(tmp_path, scheduler={"max_attempts": 1})
+    core, worker = await open_process_core(config, worker_retry_s=0.5)
+    refused: list[str] = []
+
+    def fork_refused(path: str, args: object, passfds: object) -> int:
+        # What the kernel answers when the process limit is reached.
+        refused.append(path)
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    try:
+        warm = await core.scheduler.submit(ALICE, request())
+        assert (await finished(core, warm.id, timeout_s=60)).state is JobState.SUCCEEDED
+        monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", fork_refused)
+        crashing = await core.scheduler.submit(ALICE, request("[crash-once] a fox"))
+        other = await core.scheduler.submit(BOB, request("a cat"))
+        # The restart after the crash and at least one retry are refused, and the jobs wait.
+        async with asyncio.timeout(30):
+            while True:
+                if len(refused) >= 2 and await _states(core, crashing.id, other.id) == {"queued"}:
+                    break
+                await asyncio.sleep(0.05)
+        assert core.scheduler.ready_workers == 0
+        monkeypatch.undo()
+
+        done = await finished(core, crashing.id, timeout_s=60)
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.attempts == 2
+        other_done = await finished(core, other.id, timeout_s=60)
+        assert other_done.state is JobState.SUCCEEDED and other_done.attempts == 1
+        assert worker.restarts == 1
+        await assert_consistent(core)
+    finally:
+        monkeypatch.undo()
+        await core.close(2.0)
+
+
+async def _states(core: Core, *job_ids: int) -> set[str]:
+    return {(await core.jobs.require(job_id)).state.value for job_id in job_ids}
