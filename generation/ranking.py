@@ -7,11 +7,16 @@ embeddings (`select_candidates`), so the choice can be tested without any model.
 `chaos` (Midjourney's `--chaos 0..100`) decides how different the kept images are from each
 other: 0 keeps the K best scores; above 0 the kept set is chosen by maximal marginal relevance
 (MMR) with lambda = 1 - chaos/100, trading a little prompt fit for variety.
+
+CLIP sees a square (its processor centre-crops to 224 px), so a wide or tall image is embedded
+as the mean of square tiles covering all of it (`square_tiles`): a `--ar 3:1` candidate is
+judged on its sides as well as its middle third.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,22 @@ log = logging.getLogger(__name__)
 
 # CLIP's text tower has a 77-token window; longer prompts are cut, as SD's own encoder does.
 _CLIP_MAX_TOKENS = 77
+
+
+def square_tiles(image: Image.Image) -> list[Image.Image]:
+    """Square crops, as tall (or wide) as the image's short side, that together cover all of
+    it: one for a square image, ceil(long / short) spread evenly from one end to the other
+    (overlapping where the sides do not divide) for any other."""
+    width, height = image.size
+    side = min(width, height)
+    length = max(width, height)
+    count = math.ceil(length / side)
+    if count <= 1:
+        return [image]
+    offsets = [round(i * (length - side) / (count - 1)) for i in range(count)]
+    if width >= height:
+        return [image.crop((o, 0, o + side, side)) for o in offsets]
+    return [image.crop((0, o, side, o + side)) for o in offsets]
 
 
 @dataclass(frozen=True)
@@ -141,22 +162,12 @@ class ClipRanker:
             max_length=_CLIP_MAX_TOKENS,
             return_tensors="pt",
         ).to(self.device)
-        image_inputs = self.processor.image_processor(
-            images=[image.convert("RGB") for image in images], return_tensors="pt"
-        )
-        pixels = image_inputs["pixel_values"].to(self.device, self.dtype)
         with torch.inference_mode():
-            text = self.model.get_text_features(**text_inputs)
-            vision = self.model.get_image_features(pixel_values=pixels)
-        text = _as_tensor(text).float()
-        vision = _as_tensor(vision).float()
+            text = _as_tensor(self.model.get_text_features(**text_inputs)).float()
         text = text / text.norm(dim=-1, keepdim=True)
-        vision = vision / vision.norm(dim=-1, keepdim=True)
-        scores = (vision @ text.T).squeeze(-1) * 100.0
-        return Scored(
-            scores=scores.cpu().double().numpy(),
-            image_embeds=vision.cpu().double().numpy(),
-        )
+        vision = self.image_embeddings(images)
+        scores = vision @ text.cpu().double().numpy()[0] * 100.0
+        return Scored(scores=scores, image_embeds=vision)
 
     def score_against_images(
         self, references: Sequence[Image.Image], images: Sequence[Image.Image]
@@ -171,19 +182,28 @@ class ClipRanker:
         return Scored(scores=vision @ wanted * 100.0, image_embeds=vision)
 
     def image_embeddings(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Unit CLIP image embeddings, (n, d) float64."""
+        """Unit CLIP image embeddings, (n, d) float64, of the whole of each image: the mean of
+        its square tiles' embeddings (`square_tiles`), all tiles in one batch."""
         import torch
 
         if not images:
             raise ValueError("images: need at least one image to embed")
+        tiles = [square_tiles(image.convert("RGB")) for image in images]
         inputs = self.processor.image_processor(
-            images=[image.convert("RGB") for image in images], return_tensors="pt"
+            images=[tile for image_tiles in tiles for tile in image_tiles], return_tensors="pt"
         )
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         with torch.inference_mode():
             vision = _as_tensor(self.model.get_image_features(pixel_values=pixels)).float()
         vision = vision / vision.norm(dim=-1, keepdim=True)
-        return vision.cpu().double().numpy()
+        per_tile = vision.cpu().double().numpy()
+        embeds = []
+        start = 0
+        for image_tiles in tiles:
+            mean = per_tile[start : start + len(image_tiles)].mean(axis=0)
+            embeds.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+            start += len(image_tiles)
+        return np.stack(embeds)
 
     def text_embeddings(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Unit CLIP text embeddings, (n, d) float64, encoded `batch_size` texts at a time."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation.ranking import ClipRanker, resolve_clip_source, select_candidates
+from generation.ranking import ClipRanker, resolve_clip_source, select_candidates, square_tiles
 from tests.generation.helpers import imagine
 
 
@@ -128,3 +128,64 @@ def test_engine_chaos_keeps_a_different_set(engine) -> None:
         return float(sim[np.triu_indices(len(unit), 1)].max())
 
     assert spread(embeds) <= spread(calm_embeds)
+
+
+def _wide(left: Image.Image, middle: Image.Image, right: Image.Image) -> Image.Image:
+    """Three squares side by side: a 3:1 picture."""
+    side = middle.width
+    wide = Image.new("RGB", (3 * side, side))
+    for index, part in enumerate((left, middle, right)):
+        wide.paste(part, (index * side, 0))
+    return wide
+
+
+def _squares(count: int, seed: int, side: int = 96) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    # Blocky noise: structure CLIP's 32 px patches see, unlike per-pixel noise it averages out.
+    cells = rng.integers(0, 256, (count, side // 16, side // 16, 3), dtype=np.uint8)
+    return [Image.fromarray(c).resize((side, side), Image.Resampling.NEAREST) for c in cells]
+
+
+def test_square_tiles_cover_the_whole_image() -> None:
+    assert [t.size for t in square_tiles(Image.new("RGB", (64, 64)))] == [(64, 64)]
+    wide = square_tiles(Image.new("RGB", (300, 100)))
+    assert [t.size for t in wide] == [(100, 100)] * 3
+    # 16:9: two squares, overlapping in the middle, reaching both ends.
+    marked = Image.new("RGB", (160, 90))
+    marked.putpixel((0, 45), (255, 0, 0))
+    marked.putpixel((159, 45), (0, 255, 0))
+    tiles = square_tiles(marked)
+    assert [t.size for t in tiles] == [(90, 90)] * 2
+    assert tiles[0].getpixel((0, 45)) == (255, 0, 0) and tiles[1].getpixel((89, 45)) == (0, 255, 0)
+    tall = square_tiles(Image.new("RGB", (90, 400)))
+    assert len(tall) == 5 and all(t.size == (90, 90) for t in tall)
+
+
+def test_candidates_that_differ_only_at_their_sides_rank_by_their_sides(tiny_cache: Path) -> None:
+    """Oracle: the reference a /blend ranks against is itself one of the candidates, so the
+    right ranking is known whatever the (random-weight) CLIP: that candidate is identical to
+    the reference (cosine 1, the top score) and the other shares only its middle third. A
+    ranker that looks at the centre square only scores the two alike, and the tie goes to the
+    earlier candidate, the wrong one."""
+    ranker = ClipRanker(resolve_clip_source("tiny", tiny_cache), local_files_only=True)
+    left, middle, right, other_left, other_right = _squares(5, seed=4)
+    reference = _wide(left, middle, right)
+    candidates = [_wide(other_left, middle, other_right), reference]
+    scored = ranker.score_against_images([reference], candidates)
+    assert scored.scores[1] == pytest.approx(100.0, abs=1e-3)
+    assert scored.scores[0] < scored.scores[1] - 0.1
+    assert select_candidates(scored.scores, scored.image_embeds, keep=2) == [1, 0]
+
+    # Against a prompt: the candidate whose sides are the squares CLIP scores highest for the
+    # prompt outranks the one whose sides it scores lowest (their middles are the same).
+    prompt = "a lighthouse at dusk"
+    squares = _squares(24, seed=9)
+    alone = ranker.score(prompt, squares).scores
+    best, worst = squares[int(np.argmax(alone))], squares[int(np.argmin(alone))]
+    centre = squares[int(np.argsort(alone)[len(alone) // 2])]
+    low_sides, high_sides = _wide(worst, centre, worst), _wide(best, centre, best)
+    scored = ranker.score(prompt, [low_sides, high_sides])
+    assert select_candidates(scored.scores, scored.image_embeds, keep=2) == [1, 0]
+    # Two of the three tiles are the sides: about two thirds of the squares' spread (0.58-0.68
+    # over other draws); a centre-crop ranker sees no difference at all.
+    assert scored.scores[1] - scored.scores[0] > 0.5 * (alone.max() - alone.min())
