@@ -22,7 +22,7 @@ from PIL import Image
 
 from bot import render
 from bot.app import Action, Actor, ImagineApp, UserError
-from bot.buttons import Fits, UiAction, image_view
+from bot.buttons import CustomIdError, Fits, UiAction, image_view
 from bot.core.models import ImageExpired, Job
 from bot.permissions import missing_for_delivery, refusal_text
 from generation import canvas
@@ -335,18 +335,33 @@ async def open_form(
     await interaction.response.send_modal(form)
 
 
-def form_from_custom_id(bot: ImagineBot, custom_id: str) -> _JobForm | None:
-    """The form a custom_id of ours names, rebuilt empty (its values come with the submit)."""
+def parse_form_id(custom_id: str) -> tuple[UiAction | Action, int, int]:
+    """(what the form is for: Custom Zoom, Vary (Region) or the Remix of an action; job id;
+    index) of a form's custom_id, or CustomIdError."""
     match = _FORM_ID.fullmatch(custom_id)
     if match is None:
-        return None
+        raise CustomIdError(f"not a form of ours: {custom_id[:100]!r}")
     job_id, index = int(match["job"]), int(match["index"])
-    if match["what"] == UiAction.CUSTOM_ZOOM.value:
-        return CustomZoomForm(bot, job_id, index)
-    if match["what"] == UiAction.VARY_REGION.value:
-        return VaryRegionForm(bot, job_id, index)
+    if match["action"] is None:
+        return UiAction(match["what"]), job_id, index
     action = Action._value2member_map_.get(match["action"])
-    return RemixForm(bot, action, job_id, index) if isinstance(action, Action) else None
+    if not isinstance(action, Action):
+        raise CustomIdError(f"no Remix form for {match['action']!r}")
+    return action, job_id, index
+
+
+def form_from_custom_id(bot: ImagineBot, custom_id: str) -> _JobForm | None:
+    """The form a custom_id of ours names, rebuilt empty (its values come with the submit)."""
+    try:
+        what, job_id, index = parse_form_id(custom_id)
+    except CustomIdError:
+        return None
+    if what is UiAction.CUSTOM_ZOOM:
+        return CustomZoomForm(bot, job_id, index)
+    if what is UiAction.VARY_REGION:
+        return VaryRegionForm(bot, job_id, index)
+    assert isinstance(what, Action)
+    return RemixForm(bot, what, job_id, index)
 
 
 async def submit_orphan_form(bot: ImagineBot, interaction: discord.Interaction[Any]) -> None:
@@ -393,10 +408,19 @@ def job_of_message(message: discord.Message, own_user_id: int | None) -> int | N
         return None
     for row in message.components:
         for child in getattr(row, "children", ()):
-            match = _JOB_IN_CUSTOM_ID.match(getattr(child, "custom_id", None) or "")
-            if match:
-                return int(match[1])
+            try:
+                return job_in_custom_id(getattr(child, "custom_id", None) or "")
+            except CustomIdError:
+                continue
     return None
+
+
+def job_in_custom_id(custom_id: str) -> int:
+    """The job id a job or image button's custom_id carries, or CustomIdError."""
+    match = _JOB_IN_CUSTOM_ID.match(custom_id)
+    if match is None:
+        raise CustomIdError(f"no job in {custom_id[:100]!r}")
+    return int(match[1])
 
 
 async def delete_result(

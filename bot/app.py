@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 # New seeds leave room for seed + i of every candidate.
 _SEED_LIMIT = MAX_SEED - 16
+# SQLite's INTEGER is 64-bit: a larger id (a forged button) names no job and can't be looked up.
+MAX_JOB_ID = 2**63 - 1
 
 
 class UserError(Exception):
@@ -588,6 +590,8 @@ class ImagineApp:
     # ----- internals -------------------------------------------------------------------------
 
     async def _job_for(self, actor: Actor, job_id: int, must_own: bool = True) -> Job:
+        if not 1 <= job_id <= MAX_JOB_ID:
+            raise UserError(f"Job {job_id} doesn't exist.")
         job = await self.core.jobs.get(job_id)
         if job is None:
             raise UserError(f"Job {job_id} doesn't exist (any more).")

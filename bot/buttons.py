@@ -29,6 +29,28 @@ _TEMPLATE = re.compile(
 Fits = Callable[[Action, int], bool]
 
 
+class CustomIdError(ValueError):
+    """A custom_id that none of the bot's components made (forged by a client, or another
+    bot's); the message is safe to log."""
+
+
+def parse_job_button(custom_id: str) -> tuple[Action, int, int]:
+    """(action, job id, index) of a job button's custom_id, or CustomIdError. The job id may
+    name no job (even one past what SQLite can hold): the app answers that it doesn't exist."""
+    match = _TEMPLATE.fullmatch(custom_id)
+    if match is None:
+        raise CustomIdError(f"not a job button: {custom_id[:100]!r}")
+    return Action(match["action"]), int(match["job"]), int(match["index"] or 0)
+
+
+def parse_ui_button(custom_id: str) -> tuple[UiAction, int, int]:
+    """(what, job id, index) of a form or Delete button's custom_id, or CustomIdError."""
+    match = _UI_TEMPLATE.fullmatch(custom_id)
+    if match is None:
+        raise CustomIdError(f"not a button of ours: {custom_id[:100]!r}")
+    return UiAction(match["what"]), int(match["job"]), int(match["index"])
+
+
 def custom_id(action: Action, job_id: int, index: int = 0) -> str:
     shown = action.needs_index or index > 0
     return f"imagine:{action.value}:{job_id}" + (f":{index}" if shown else "")
@@ -93,7 +115,7 @@ class JobButton(PersistentButton, template=_TEMPLATE):
 
     @classmethod
     def from_match(cls, match: re.Match[str]) -> Self:
-        return cls(Action(match["action"]), int(match["job"]), int(match["index"] or 0))
+        return cls(*parse_job_button(match.string))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         await interaction.client.on_job_button(interaction, self.action, self.job_id, self.index)
@@ -130,7 +152,7 @@ class UiButton(PersistentButton, template=_UI_TEMPLATE):
 
     @classmethod
     def from_match(cls, match: re.Match[str]) -> Self:
-        return cls(UiAction(match["what"]), int(match["job"]), int(match["index"]))
+        return cls(*parse_ui_button(match.string))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         await interaction.client.on_ui_button(interaction, self.what, self.job_id, self.index)

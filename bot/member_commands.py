@@ -106,7 +106,11 @@ class SettingsSelect(
         (value,) = self.item.values
         chosen: object = None if value == DEFAULT else value
         if self.field == "steps" and chosen is not None:
-            chosen = int(value)
+            # A forged value that is no small number goes to the store as it is, which
+            # refuses it by name like any wrong setting.
+            chosen = (
+                int(value) if value.isascii() and value.isdigit() and len(value) <= 6 else value
+            )
         await _change(interaction, **{self.field: chosen})
 
 

@@ -15,7 +15,7 @@ from typing import Any, Self
 import discord
 
 from bot import render
-from bot.buttons import PersistentButton
+from bot.buttons import CustomIdError, PersistentButton
 from bot.core.models import Job
 
 _TEMPLATE = re.compile(r"describe:(?P<action>I|R):(?P<job>[0-9]{1,19})(?::(?P<index>[1-4]))?")
@@ -24,6 +24,14 @@ _TEMPLATE = re.compile(r"describe:(?P<action>I|R):(?P<job>[0-9]{1,19})(?::(?P<in
 class DescribeAction(StrEnum):
     IMAGINE = "I"  # 1–4: imagine that suggestion
     AGAIN = "R"  # 🔄: describe again
+
+
+def parse_describe_button(custom_id: str) -> tuple[DescribeAction, int, int]:
+    """(action, job id, index) of a button under a /describe, or CustomIdError."""
+    match = _TEMPLATE.fullmatch(custom_id)
+    if match is None:
+        raise CustomIdError(f"not a /describe button: {custom_id[:100]!r}")
+    return DescribeAction(match["action"]), int(match["job"]), int(match["index"] or 0)
 
 
 def custom_id(action: DescribeAction, job_id: int, index: int = 0) -> str:
@@ -48,7 +56,7 @@ class DescribeButton(PersistentButton, template=_TEMPLATE):
 
     @classmethod
     def from_match(cls, match: re.Match[str]) -> Self:
-        return cls(DescribeAction(match["action"]), int(match["job"]), int(match["index"] or 0))
+        return cls(*parse_describe_button(match.string))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         # Imported here: bot.pictures builds on bot.delivery, which shows this module's view.

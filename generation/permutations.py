@@ -14,7 +14,8 @@ Rules, as Midjourney applies them:
 * Braces work anywhere, flag values included, so expansion comes before flag parsing.
 
 The number of combinations is worked out before any is built, so `{a,b}` repeated twenty times
-is refused at once rather than expanded into a million strings. Pure: no torch, no Discord.
+is refused at once rather than expanded into a million strings; braces nest at most
+`MAX_NESTING` deep. Pure: no torch, no Discord.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from dataclasses import dataclass
 
 # Midjourney's own limit on the jobs one permutation prompt may make.
 DEFAULT_MAX_PROMPTS = 40
+# Braces inside braces, at most this deep: counting and expanding recurse once per level, and
+# a few hundred levels (a prompt of nothing but braces) would exhaust Python's stack.
+MAX_NESTING = 8
 _ESCAPES = {",": ",", "{": "{", "}": "}"}
 
 
@@ -81,6 +85,11 @@ def _parse(text: str) -> _Sequence:
             index += 2
             continue
         if char == "{":
+            if len(stack) == MAX_NESTING:
+                raise PermutationError(
+                    f"{{}}: '{{' at character {index + 1} nests braces more than "
+                    f"{MAX_NESTING} deep (write \\{{ for a literal brace)"
+                )
             flush()
             stack.append(([], current, index))
             current = []

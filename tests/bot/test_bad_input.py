@@ -205,6 +205,11 @@ HOSTILE_PRESSES: list[tuple[int, Action, int]] = [
     (2, Action.CANCEL, 0),
     (3, Action.UPSCALE, 1),  # a failed job has no images
     (3, Action.CANCEL, 0),  # already finished
+    # 19 digits, as a forged custom_id may carry: past SQLite's 64-bit INTEGER.
+    (9_999_999_999_999_999_999, Action.VARY, 1),
+    (2**63, Action.UPSCALE, 1),
+    (2**63, Action.CANCEL, 0),
+    (2**63 - 1, Action.REROLL, 0),
 ]
 
 # --- admin commands: (method, kwargs) -----------------------------------------------------------
