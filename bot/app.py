@@ -253,7 +253,11 @@ class ImagineApp:
         # whatever was typed.
         prefs = await self.preferences.get(actor.user_id)
         defaults = prefs.prompt_defaults(self.config.engine)
-        parsed = self.parse_jobs(prefs.expand(text), options, model, defaults)
+        try:
+            expanded = prefs.expand(text)
+        except PromptError as exc:
+            raise UserError(str(exc)) from None
+        parsed = self.parse_jobs(expanded, options, model, defaults)
         # Only what is asked for is filtered: "--no gore" steers away from what it names.
         # (A blend's placeholder, in a prompt of pictures only, is not the member's.)
         for prompt in dict.fromkeys(job.request.prompt for job in parsed if not job.wordless):
@@ -480,7 +484,10 @@ class ImagineApp:
     async def _edited_prompt(self, actor: Actor, prompt: str) -> str:
         """A prompt edited in a form with the member's /prefer shortcuts expanded, as /imagine
         expands them (not the suffix: the form showed the job's prompt, which has it)."""
-        return (await self.preferences.get(actor.user_id)).expand_shortcuts(prompt)
+        try:
+            return (await self.preferences.get(actor.user_id)).expand_shortcuts(prompt)
+        except PromptError as exc:
+            raise UserError(str(exc)) from None
 
     async def separate(self, actor: Actor, job_id: int, index: int) -> Path:
         """U1–U4: the file of image `index` (1-based) at full size, to post as it is. No job, no

@@ -25,8 +25,8 @@ from typing import Any
 from bot.core.clock import Clock, to_db
 from bot.core.db import Database, Transaction
 from generation.contract import Sampler
-from generation.flags import FLAGS_BY_NAME, aspect_option, sampler_value
-from generation.prompt import PromptDefaults, with_suffix
+from generation.flags import FLAGS_BY_NAME, PromptError, aspect_option, sampler_value
+from generation.prompt import MAX_INPUT_CHARS, PromptDefaults, with_suffix
 from generation.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ MAX_SUFFIX_CHARS = 200
 MAX_OPTION_VALUE_CHARS = 200
 # Discord shows at most 25 choices in a list; more shortcuts than that help nobody.
 MAX_OPTIONS = 25
+# A prompt with its shortcuts expanded is a prompt: it gets the prompt's own limit.
+MAX_EXPANDED_CHARS = MAX_INPUT_CHARS
 OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # `--name` (or a phone's em dash) standing alone: not inside `--names` or `x--name`.
 _OPTION_USE = r"(?<![\w-])(?:--|—){name}(?![\w-])"
@@ -74,15 +76,29 @@ class Preferences:
     def expand_shortcuts(self, text: str) -> str:
         """The prompt with the member's `--shortcut`s replaced, without the suffix: what a
         prompt edited in a form (Remix, Custom Zoom, Vary (Region)) gets, since the form showed
-        the job's stored prompt, which has the suffix already."""
-        for name, value in self.options.items():
-            text = re.sub(
-                _OPTION_USE.format(name=re.escape(name)),
-                lambda _, value=value: value,  # type: ignore[misc]
-                text,
-                flags=re.IGNORECASE,
-            )
-        return text
+        the job's stored prompt, which has the suffix already.
+
+        One pass over the typed text: what a shortcut stands for is not searched for shortcuts
+        again (expanding values in turn let a chain of 25 shortcuts, each naming the next 40
+        times, grow a few characters into billions). The result is capped as it is built, at
+        the prompt's own limit, and PromptError names the cap."""
+        if not self.options:
+            return text
+        names = "|".join(re.escape(name) for name in sorted(self.options, key=len, reverse=True))
+        uses = re.compile(_OPTION_USE.format(name=f"({names})"), re.IGNORECASE)
+        pieces: list[str] = []
+        size = start = 0
+        for use in uses.finditer(text):
+            for piece in (text[start : use.start()], self.options[use[1].lower()]):
+                size += len(piece)
+                if size > MAX_EXPANDED_CHARS:
+                    raise _too_long()
+                pieces.append(piece)
+            start = use.end()
+        if size + len(text) - start > MAX_EXPANDED_CHARS and pieces:
+            raise _too_long()
+        pieces.append(text[start:])
+        return "".join(pieces)
 
 
 class PreferenceStore:
@@ -236,6 +252,14 @@ class PreferenceStore:
                 to_db(self._clock()),
             ),
         )
+
+
+def _too_long() -> PromptError:
+    return PromptError(
+        "prompt",
+        f"prompt: with your /prefer shortcuts expanded it is over {MAX_EXPANDED_CHARS} "
+        "characters (the limit); use fewer or shorter shortcuts",
+    )
 
 
 def normalise_option_name(name: str) -> str:

@@ -23,6 +23,7 @@ from generation.flags import FLAGS
 from generation.prompt import ImagineOptions
 from generation.settings import EngineSettings, ModelSpec
 from tests.core.fakes import create_fake_engine
+from tests.core.test_shortcut_expansion import NAMES, chain_values
 
 ALLOWANCE = 1_000_000  # so that only the input decides, never the balance
 HUGE = 10**30
@@ -353,6 +354,21 @@ async def test_forged_and_stale_button_presses(app: ImagineApp) -> None:
                 await app.press(ALICE, job_id, action, index)
         assert _is_clear(str(caught.value))
         assert await _available(app, ALICE) == before
+    await _assert_still_serving(app)
+
+
+async def test_a_chain_of_shortcuts_is_refused_by_its_cap_uncharged(app: ImagineApp) -> None:
+    # 25 /prefer shortcuts, each naming the next 40 times: once billions of characters.
+    for name, value in chain_values().items():
+        await app.preferences.set_option(ALICE.user_id, name, value)
+    before = await _available(app, ALICE)
+    head = f"--{NAMES[0]}"
+    with pytest.raises(UserError, match="over 6000 characters"):
+        await app.imagine(ALICE, " ".join([head] * 1500))
+    # Expanded once, the next shortcut's name stays and is refused as the unknown flag it is.
+    with pytest.raises(UserError, match=f"--{NAMES[1]}: unknown flag"):
+        await app.imagine(ALICE, f"a cat {head}")
+    assert await _available(app, ALICE) == before
     await _assert_still_serving(app)
 
 
