@@ -67,6 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if not config.discord.guild_ids:
+        # Serving every server would hand the bot to whoever invites it (README, Security).
+        print(
+            "imagine-bot: [discord] guild_ids is empty: list the ids of the servers this bot "
+            "serves in config.toml (it answers no other server)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
     import discord
 

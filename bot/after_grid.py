@@ -105,7 +105,7 @@ def action_fits(app: ImagineApp, job: Job, action: Action, index: int) -> bool:
 
 async def owned_job(app: ImagineApp, actor: Actor, job_id: int) -> Job:
     job = await app.job(actor, job_id)
-    if job.owner.user_id != actor.user_id and not actor.is_admin:
+    if not actor.may_manage(job.owner):
         raise UserError(NOT_YOURS)
     return job
 

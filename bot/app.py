@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from bot import catalog, edits, render
+from bot.access import AdminScope, may_manage
 from bot.config import Config
 from bot.core.clock import system_clock
 from bot.core.models import (
@@ -143,17 +144,32 @@ _EDIT_KINDS = {
 
 @dataclass(frozen=True)
 class Actor:
-    """Who is asking, as the front end knows them."""
+    """Who is asking, as the front end knows them. `is_admin`: an admin here (bot/access.py);
+    `is_owner`: one of the configured owners, whose rights reach every server."""
 
     user_id: int
     guild_id: int | None = None
     channel_id: int | None = None
     role_ids: tuple[int, ...] = ()
     is_admin: bool = False
+    is_owner: bool = False
 
     @property
     def owner(self) -> Owner:
         return Owner(self.user_id, self.guild_id, self.channel_id, self.role_ids)
+
+    @property
+    def admin_scope(self) -> AdminScope:
+        if self.is_owner:
+            return AdminScope.OWNER
+        return AdminScope.SERVER if self.is_admin else AdminScope.NONE
+
+    def may_manage(self, owner: Owner) -> bool:
+        """Whether this member may act on what `owner` made (press its buttons, cancel it,
+        delete it): their own, or as an admin whose rights reach its server."""
+        return owner.user_id == self.user_id or may_manage(
+            self.admin_scope, self.guild_id, owner.guild_id
+        )
 
 
 @dataclass(frozen=True)
@@ -602,7 +618,7 @@ class ImagineApp:
         job = await self.core.jobs.get(job_id)
         if job is None:
             raise UserError(f"Job {job_id} doesn't exist (any more).")
-        if must_own and job.owner.user_id != actor.user_id and not actor.is_admin:
+        if must_own and not actor.may_manage(job.owner):
             raise UserError("This isn't your job — use /imagine to start your own.")
         return job
 

@@ -81,12 +81,21 @@ class CreditsConfig:
 
 @dataclass(frozen=True)
 class DiscordConfig:
+    # The bot's owners: admins in every server it serves and in DMs, over every member's data.
     admin_user_ids: frozenset[int] = frozenset()
+    # Admins of the one server each role belongs to (as Manage Server is), over that server only.
     admin_role_ids: frozenset[int] = frozenset()
-    # Commands sync to these guilds instantly; with none, they sync globally (up to an hour).
+    # The servers the bot serves (bot/access.py): commands sync to them, and an interaction from
+    # any other server is refused. Empty: no server is served (`python -m bot` refuses to start).
     guild_ids: tuple[int, ...] = ()
+    # Leave a server that is not in guild_ids when the bot joins it or finds itself in it at start.
+    leave_other_guilds: bool = False
     progress_edit_interval_s: float = 2.0
     command_cooldown_s: float = 3.0
+    # A member refused this many times within refusal_window_s is cooled down: every further
+    # interaction is answered "slow down" (and counts again) until the window has room.
+    refusal_limit: int = 6
+    refusal_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -102,8 +111,14 @@ class ModerationConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     # Result images of finished jobs are deleted this many days after the job ended (0: keep
-    # them forever); jobs and the credits ledger are never pruned.
+    # them forever). The credits ledger is never pruned.
     image_retention_days: int = 30
+    # A finished job's prompt, request, result and delivery records are erased this many days
+    # after it ended (its images go too); the row keeps what the ledger needs (0: never).
+    job_retention_days: int = 90
+    # Audit rows (refusals, flags, bans) are deleted this many days after they were written,
+    # except the ban of a member who is still banned (0: never).
+    audit_retention_days: int = 90
     prune_interval_s: float = 3600.0
 
 
@@ -449,6 +464,8 @@ def _weights_path(value: str, base_dir: Path) -> str:
 def _storage(section: _Reader) -> StorageConfig:
     config = StorageConfig(
         image_retention_days=section.non_negative("image_retention_days", 30),
+        job_retention_days=section.non_negative("job_retention_days", 90),
+        audit_retention_days=section.non_negative("audit_retention_days", 90),
         prune_interval_s=section.positive("prune_interval_s", float, 3600.0),
     )
     section.reject_unknown()
@@ -571,9 +588,12 @@ def _discord(section: _Reader) -> DiscordConfig:
     config = DiscordConfig(
         admin_user_ids=frozenset(section.ids("admin_user_ids")),
         admin_role_ids=frozenset(section.ids("admin_role_ids")),
-        guild_ids=tuple(section.ids("guild_ids")),
+        guild_ids=tuple(dict.fromkeys(section.ids("guild_ids"))),
+        leave_other_guilds=section.get("leave_other_guilds", bool, False),
         progress_edit_interval_s=section.positive("progress_edit_interval_s", float, 2.0),
         command_cooldown_s=section.get("command_cooldown_s", float, 3.0),
+        refusal_limit=section.positive("refusal_limit", int, 6),
+        refusal_window_s=section.positive("refusal_window_s", float, 60.0),
     )
     if config.command_cooldown_s < 0:
         raise ConfigError(f"{section.prefix}command_cooldown_s: must be >= 0")

@@ -18,7 +18,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import after_grid, pictures, render
+from bot import access, after_grid, pictures, render
+from bot.access import AdminScope
+from bot.admin_commands import AdminCommands
 from bot.app import Action, Actor, ImagineApp, Submitted, UserError, open_core
 from bot.buttons import Fits, JobButton, UiAction, UiButton, cancel_view
 from bot.catalog_commands import add_catalog_commands, control_input
@@ -28,10 +30,12 @@ from bot.core.models import Job
 from bot.core.service import Core
 from bot.delivery import Delivery, JobMessage
 from bot.fetch import FetchPolicy, policy_from_config
+from bot.gate import InteractionGate, check_guilds
 from bot.health import HealthServer, start_health_server
 from bot.member_commands import add_member_commands
 from bot.moderation import flagged_indices
 from bot.permissions import missing_for_delivery, refusal_text
+from bot.refusals import RefusalLimiter
 from generation.contract import MAX_SEED, Sampler
 from generation.prompt import MAX_INPUT_CHARS, ImagineOptions
 
@@ -70,6 +74,15 @@ class ImagineBot(commands.AutoShardedBot):
         # Where members' pictures may come from; tests pass one that allows the fake's CDN.
         self.fetch_policy = fetch_policy or policy_from_config(config.images)
         self.nsfw_channels: set[int] = set()
+        # Every interaction passes the gate first: unlisted servers and cooled-down members
+        # are answered there and go no further (bot/gate.py).
+        self.refusals = RefusalLimiter(
+            config.discord.refusal_limit, config.discord.refusal_window_s
+        )
+        self.gate = InteractionGate(config.discord, self.refusals)
+        self.gate.install(self._connection)
+        # admin_user_ids, and the application's owner or team once setup_hook has asked.
+        self.owner_ids: frozenset[int] = config.discord.admin_user_ids
         self._recovered: list[Job] = []
         self.core: Core
         self.app: ImagineApp
@@ -79,6 +92,7 @@ class ImagineBot(commands.AutoShardedBot):
     # ----- start-up and shutdown -------------------------------------------------------------
 
     async def setup_hook(self) -> None:
+        await self.learn_owners()
         self.core = await open_core(
             self.config, self.is_nsfw_channel, clock=self.clock, **self.core_options
         )
@@ -107,17 +121,35 @@ class ImagineBot(commands.AutoShardedBot):
         add_member_commands(self)
         await self.sync_commands()
 
+    async def learn_owners(self) -> None:
+        """The application's owner (or its team's members) are owners too: they hold the
+        token and the developer portal anyway."""
+        try:
+            # Read at login; asked again only if that did not happen.
+            info = self.application or await self.application_info()
+        except discord.HTTPException as exc:
+            log.warning("could not read the application's owner (%s); owners: admin_user_ids", exc)
+            return
+        found = {m.id for m in info.team.members} if info.team else {info.owner.id}
+        self.owner_ids = self.config.discord.admin_user_ids | found
+        self.gate.owner_ids = self.owner_ids
+
     async def sync_commands(self) -> None:
         if self.config.discord.guild_ids:
             for guild_id in self.config.discord.guild_ids:
                 guild = discord.Object(guild_id)
                 self.tree.copy_global_to(guild=guild)
                 await self.tree.sync(guild=guild)
+            # Commands an older setup registered globally would still show in every server
+            # and in DMs (where the gate refuses them); the served servers have their copies.
+            self.tree.clear_commands(guild=None)
+            await self.tree.sync()
         else:
             await self.tree.sync()
 
     async def on_ready(self) -> None:
         log.info("connected as %s to %d guild(s)", self.user, len(self.guilds))
+        await check_guilds(self.config.discord, self.guilds)
         # Work left from before this start: results that finished while the bot was away (or
         # whose message was never sent), and jobs recovered into the queue. Their status
         # messages are edited with the bot token; a job without one gets a channel message.
@@ -126,6 +158,9 @@ class ImagineBot(commands.AutoShardedBot):
             await self.delivery.deliver(job, await self.delivery.recovered(job))
         for job in recovered:
             self.delivery.track(await self.delivery.recovered(job))
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        await check_guilds(self.config.discord, [guild])
 
     async def gateway_check(self) -> str | None:
         if self.is_closed() or not self.is_ready():
@@ -152,12 +187,14 @@ class ImagineBot(commands.AutoShardedBot):
         channel = interaction.channel
         if channel is not None and getattr(channel, "is_nsfw", lambda: False)():
             self.nsfw_channels.add(channel.id)
+        scope = self.admin_scope(interaction)
         return Actor(
             user_id=user.id,
             guild_id=interaction.guild_id,
             channel_id=interaction.channel_id,
             role_ids=roles,
-            is_admin=self.is_admin(interaction),
+            is_admin=scope is not AdminScope.NONE,
+            is_owner=scope is AdminScope.OWNER,
         )
 
     def is_nsfw_channel(self, channel_id: int | None) -> bool:
@@ -169,15 +206,21 @@ class ImagineBot(commands.AutoShardedBot):
             return bool(is_nsfw())
         return channel_id in self.nsfw_channels
 
+    def admin_scope(self, interaction: discord.Interaction[Any]) -> AdminScope:
+        """Checked here, in the bot: Discord's default_permissions can be overridden by a
+        server, and Manage Server counts only in a server the bot serves (bot/access.py)."""
+        guild_id = interaction.guild_id
+        return access.admin_scope(
+            self.config.discord,
+            user_id=interaction.user.id,
+            guild_id=guild_id,
+            role_ids=[role.id for role in getattr(interaction.user, "roles", ())],
+            manage_guild=guild_id is not None and interaction.permissions.manage_guild,
+            owner_ids=self.owner_ids,
+        )
+
     def is_admin(self, interaction: discord.Interaction[Any]) -> bool:
-        """Checked here, in the bot: Discord's default_permissions can be overridden by a server."""
-        settings = self.config.discord
-        if interaction.user.id in settings.admin_user_ids:
-            return True
-        roles = getattr(interaction.user, "roles", ())
-        if any(role.id in settings.admin_role_ids for role in roles):
-            return True
-        return interaction.guild is not None and interaction.permissions.manage_guild
+        return self.admin_scope(interaction) is not AdminScope.NONE
 
     async def find_channel(self, channel_id: int) -> discord.abc.Messageable | None:
         """A channel the bot can post to; None if it is gone or hidden from the bot. Other
@@ -339,6 +382,11 @@ async def report_error(interaction: discord.Interaction[Any], error: BaseExcepti
     core = getattr(interaction.client, "core", None)
     if isinstance(error, discord.HTTPException) and isinstance(core, Core):
         core.scheduler.metrics.discord_error(error.code)
+    refusals = getattr(interaction.client, "refusals", None)
+    if isinstance(refusals, RefusalLimiter) and isinstance(
+        error, UserError | app_commands.CheckFailure
+    ):
+        refusals.record(interaction.user.id)
     if isinstance(error, UserError):
         message = str(error)
     elif isinstance(error, app_commands.CheckFailure):
@@ -517,173 +565,6 @@ def _chunks(text: str, size: int) -> list[str]:
             current = ""
         current += line + "\n"
     return [*chunks, current] if current else chunks
-
-
-class NotAdmin(app_commands.CheckFailure):
-    def __init__(self) -> None:
-        super().__init__(
-            "Only server managers (Manage Server) or configured bot admins can use /admin."
-        )
-
-
-class AdminCommands(app_commands.Group):
-    """`/admin …`; every subcommand passes `interaction_check` first, in the bot."""
-
-    def __init__(self, bot: ImagineBot) -> None:
-        super().__init__(
-            name="admin",
-            description="Manage credits, quotas, bans and the queue",
-            default_permissions=discord.Permissions(manage_guild=True),
-            guild_only=True,
-        )
-        self.bot = bot
-
-    async def interaction_check(self, interaction: discord.Interaction[Any]) -> bool:
-        if not self.bot.is_admin(interaction):
-            raise NotAdmin()
-        return True
-
-    @property
-    def admin(self) -> Any:
-        return self.bot.core.admin
-
-    credits = app_commands.Group(name="credits", description="Granted credits of a member")
-    quota = app_commands.Group(name="quota", description="Daily free allowance")
-    queue = app_commands.Group(name="queue", description="The job queue")
-
-    @credits.command(name="grant", description="Add credits to a member's balance")
-    @app_commands.describe(
-        user="Who gets them", amount="How many credits", reason="Shown in the ledger"
-    )
-    async def credits_grant(
-        self,
-        interaction: discord.Interaction[Any],
-        user: discord.User,
-        amount: app_commands.Range[int, 1, 1_000_000],
-        reason: app_commands.Range[str, 0, 200] = "",
-    ) -> None:
-        balance = await self.admin.grant(user.id, amount, interaction.user.id, reason)
-        await reply(
-            interaction,
-            f"Granted {amount} credits to {user.mention}; granted balance now {balance.granted}.",
-        )
-
-    @credits.command(name="set", description="Set a member's granted balance")
-    @app_commands.describe(
-        user="Whose balance", amount="The new granted balance", reason="Shown in the ledger"
-    )
-    async def credits_set(
-        self,
-        interaction: discord.Interaction[Any],
-        user: discord.User,
-        amount: app_commands.Range[int, 0, 1_000_000],
-        reason: app_commands.Range[str, 0, 200] = "",
-    ) -> None:
-        balance = await self.admin.set_balance(user.id, amount, interaction.user.id, reason)
-        await reply(interaction, f"{user.mention}'s granted balance is now {balance.granted}.")
-
-    @credits.command(name="show", description="Show a member's balance")
-    @app_commands.describe(user="Whose balance")
-    async def credits_show(
-        self, interaction: discord.Interaction[Any], user: discord.Member
-    ) -> None:
-        roles = tuple(r.id for r in getattr(user, "roles", ()) if r.id != interaction.guild_id)
-        balance = await self.admin.balance(user.id, roles)
-        entries = await self.admin.ledger(user.id, 5)
-        await reply(
-            interaction,
-            f"{user.mention}:\n" + render.balance_text(balance, entries, self.bot.clock()),
-        )
-
-    @quota.command(name="user", description="Set a member's daily free allowance (empty = default)")
-    @app_commands.describe(user="Whose allowance", amount="Credits per UTC day; leave out to reset")
-    async def quota_user(
-        self,
-        interaction: discord.Interaction[Any],
-        user: discord.User,
-        amount: app_commands.Range[int, 0, 1_000_000] | None = None,
-    ) -> None:
-        await self.admin.set_user_allowance(user.id, amount, interaction.user.id)
-        what = f"{amount} credits a day" if amount is not None else "the default allowance"
-        await reply(interaction, f"{user.mention} now gets {what}.")
-
-    @quota.command(
-        name="role", description="Set the daily free allowance of a role (empty = remove)"
-    )
-    @app_commands.describe(role="Which role", amount="Credits per UTC day; leave out to remove")
-    async def quota_role(
-        self,
-        interaction: discord.Interaction[Any],
-        role: discord.Role,
-        amount: app_commands.Range[int, 0, 1_000_000] | None = None,
-    ) -> None:
-        await self.admin.set_role_allowance(role.id, amount, interaction.user.id)
-        what = f"{amount} credits a day" if amount is not None else "no role allowance"
-        await reply(interaction, f"Members with {role.mention} now get {what}.")
-
-    @app_commands.command(name="ban", description="Stop a member from using the bot")
-    @app_commands.describe(user="Who", reason="Why (kept in the audit log)")
-    async def ban(
-        self,
-        interaction: discord.Interaction[Any],
-        user: discord.User,
-        reason: app_commands.Range[str, 0, 200] = "",
-    ) -> None:
-        cancelled = await self.admin.ban(user.id, interaction.user.id, reason)
-        await reply(
-            interaction,
-            f"{user.mention} is banned; {cancelled} queued job(s) cancelled and refunded.",
-        )
-
-    @app_commands.command(name="unban", description="Let a banned member use the bot again")
-    @app_commands.describe(user="Who", reason="Why (kept in the audit log)")
-    async def unban(
-        self,
-        interaction: discord.Interaction[Any],
-        user: discord.User,
-        reason: app_commands.Range[str, 0, 200] = "",
-    ) -> None:
-        await self.admin.unban(user.id, interaction.user.id, reason)
-        await reply(interaction, f"{user.mention} may use the bot again.")
-
-    @app_commands.command(name="ledger", description="A member's recent credit movements")
-    @app_commands.describe(user="Whose ledger", limit="How many entries")
-    async def ledger(
-        self,
-        interaction: discord.Interaction[Any],
-        user: discord.User,
-        limit: app_commands.Range[int, 1, 25] = 10,
-    ) -> None:
-        entries = await self.admin.ledger(user.id, limit)
-        lines = [render.ledger_line(e) for e in entries] or ["No ledger entries."]
-        await reply(interaction, f"Ledger of {user.mention}:\n" + "\n".join(lines))
-
-    @app_commands.command(name="audit", description="Recent refusals and flagged images")
-    @app_commands.describe(limit="How many entries")
-    async def audit(
-        self, interaction: discord.Interaction[Any], limit: app_commands.Range[int, 1, 25] = 10
-    ) -> None:
-        await reply(interaction, render.audit_text(await self.admin.audit(limit)))
-
-    @queue.command(name="show", description="Show running and queued jobs")
-    async def queue_show(self, interaction: discord.Interaction[Any]) -> None:
-        await reply(interaction, render.queue_text(await self.admin.queue()))
-
-    @queue.command(name="pause", description="Stop starting new jobs (running ones finish)")
-    async def queue_pause(self, interaction: discord.Interaction[Any]) -> None:
-        await self.admin.pause(interaction.user.id)
-        await reply(interaction, "The queue is paused; new submissions are refused until resumed.")
-
-    @queue.command(name="resume", description="Start jobs again")
-    async def queue_resume(self, interaction: discord.Interaction[Any]) -> None:
-        await self.admin.resume(interaction.user.id)
-        await reply(interaction, "The queue is running again.")
-
-    @app_commands.command(
-        name="workers", description="Workers: node, GPU, loaded models and current job"
-    )
-    async def workers(self, interaction: discord.Interaction[Any]) -> None:
-        await reply(interaction, render.workers_text(self.admin.workers()))
 
 
 async def run_discord(config: Config, token: str) -> None:

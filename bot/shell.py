@@ -60,7 +60,7 @@ class Shell:
         self.core = core
         self.app = ImagineApp(config, core)
         self.out = out
-        self.actor = Actor(user_id=SHELL_USER_ID, is_admin=True)
+        self.actor = Actor(user_id=SHELL_USER_ID, is_admin=True, is_owner=True)
         self.last_job: int | None = None
         self.following: set[asyncio.Task[None]] = set()
         self.newest: asyncio.Task[None] | None = None

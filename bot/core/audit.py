@@ -72,15 +72,19 @@ class AuditLog:
             ),
         )
 
-    async def recent(self, limit: int = 20, user_id: int | None = None) -> list[AuditEntry]:
+    async def recent(
+        self, limit: int = 20, user_id: int | None = None, guild_id: int | None = None
+    ) -> list[AuditEntry]:
+        """The newest rows, of one member and/or of one server (a row of no server, such as a
+        ban, belongs to none) when those are given."""
         if not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise ValueError(f"limit: must be between 1 and 1000, got {limit!r}")
-        if user_id is None:
-            rows = await self._db.read("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
-        else:
-            rows = await self._db.read(
-                "SELECT * FROM audit WHERE user_id = ? ORDER BY id DESC LIMIT ?", (user_id, limit)
-            )
+        # NULL matches every row: "? IS NULL OR column = ?" keeps one constant statement.
+        rows = await self._db.read(
+            "SELECT * FROM audit WHERE (? IS NULL OR user_id = ?) AND (? IS NULL OR guild_id = ?) "
+            "ORDER BY id DESC LIMIT ?",
+            (user_id, user_id, guild_id, guild_id, limit),
+        )
         return [
             AuditEntry(
                 id=int(r["id"]),

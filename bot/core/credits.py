@@ -513,14 +513,26 @@ class CreditsService:
         row = await self._db.read_one("SELECT banned FROM balances WHERE user_id = ?", (user_id,))
         return bool(row and row[0])
 
-    async def ledger(self, user_id: int, limit: int = 20) -> list[LedgerEntry]:
-        """The user's most recent ledger rows, newest first."""
+    async def ledger(
+        self, user_id: int, limit: int = 20, guild_id: int | None = None
+    ) -> list[LedgerEntry]:
+        """The user's most recent ledger rows, newest first. With `guild_id`, only the rows of
+        jobs made in that server, and those of no job (grants, balances set)."""
         check_user_id(user_id)
         if not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise ValueError(f"limit: must be between 1 and 1000, got {limit!r}")
-        rows = await self._db.read(
-            "SELECT * FROM ledger WHERE user_id = ? ORDER BY id DESC LIMIT ?", (user_id, limit)
-        )
+        if guild_id is None:
+            rows = await self._db.read(
+                "SELECT * FROM ledger WHERE user_id = ? ORDER BY id DESC LIMIT ?",
+                (user_id, limit),
+            )
+        else:
+            rows = await self._db.read(
+                "SELECT l.* FROM ledger l LEFT JOIN jobs j ON j.id = l.job_id "
+                "WHERE l.user_id = ? AND (l.job_id IS NULL OR j.guild_id = ?) "
+                "ORDER BY l.id DESC LIMIT ?",
+                (user_id, guild_id, limit),
+            )
         return [
             LedgerEntry(
                 id=int(r["id"]),

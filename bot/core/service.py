@@ -9,6 +9,7 @@ await core.close()                           # drained shutdown
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,11 +121,24 @@ class AdminService:
 
         await self._db.transaction(work)
 
-    async def ledger(self, user_id: int, limit: int = 20) -> list[LedgerEntry]:
-        return await self._credits.ledger(user_id, limit)
+    async def ledger(
+        self, user_id: int, limit: int = 20, guild_id: int | None = None
+    ) -> list[LedgerEntry]:
+        """With `guild_id`: only that server's part of the member's ledger (a server admin's
+        view, bot/access.py)."""
+        return await self._credits.ledger(user_id, limit, guild_id)
 
-    async def queue(self) -> QueueSnapshot:
-        return await self._scheduler.snapshot()
+    async def queue(self, guild_id: int | None = None) -> QueueSnapshot:
+        """With `guild_id`: only that server's running and queued jobs (positions stay those
+        in the whole queue)."""
+        snapshot = await self._scheduler.snapshot()
+        if guild_id is None:
+            return snapshot
+        return dataclasses.replace(
+            snapshot,
+            running=tuple(a for a in snapshot.running if a.job.owner.guild_id == guild_id),
+            queued=tuple(a for a in snapshot.queued if a.job.owner.guild_id == guild_id),
+        )
 
     async def pause(self, actor_id: int | None = None) -> None:
         await self._scheduler.set_paused(True, actor_id)
@@ -132,8 +146,10 @@ class AdminService:
     async def resume(self, actor_id: int | None = None) -> None:
         await self._scheduler.set_paused(False, actor_id)
 
-    async def audit(self, limit: int = 20, user_id: int | None = None) -> list[AuditEntry]:
-        return await self._audit.recent(limit, user_id)
+    async def audit(
+        self, limit: int = 20, user_id: int | None = None, guild_id: int | None = None
+    ) -> list[AuditEntry]:
+        return await self._audit.recent(limit, user_id, guild_id)
 
     async def cancel(self, job_id: int, actor_id: int | None = None) -> bool:
         return await self._scheduler.cancel(job_id, actor_id)

@@ -47,7 +47,7 @@ def bot_config(
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     if guild_id is not None:
-        raw["discord"]["guild_ids"] = [guild_id]
+        raw["discord"].setdefault("guild_ids", [guild_id])
     config = parse_config(raw, base_dir=data_dir.parent)
     return dataclasses.replace(config, data_dir=data_dir, engine=engine)
 

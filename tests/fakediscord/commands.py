@@ -206,7 +206,9 @@ def check_permissions(command: dict[str, Any], member_permissions: int, path: st
 class Resolver:
     """How the fake turns test objects into resolved payloads for ``data.resolved``."""
 
-    member_permissions: Callable[[User], int]
+    # A user's permissions in the interaction's guild; None when they are not a member of it
+    # (then Discord resolves only the user, and discord.py gives a User, not a Member).
+    member_permissions: Callable[[User], int | None]
     channel_permissions: Callable[[Channel], int]
     new_attachment_id: Callable[[], int]
 
@@ -354,8 +356,10 @@ def _option_value(
         if not isinstance(value, User):
             raise bad(f"{value!r} is not a user (use fake.add_user)")
         resolved.setdefault("users", {})[str(value.id)] = value.payload()
-        member = value.member_payload(resolver.member_permissions(value), with_user=False)
-        resolved.setdefault("members", {})[str(value.id)] = member
+        permissions = resolver.member_permissions(value)
+        if permissions is not None:
+            member = value.member_payload(permissions, with_user=False)
+            resolved.setdefault("members", {})[str(value.id)] = member
         return str(value.id)
     if kind == ROLE or (kind == MENTIONABLE and isinstance(value, Role)):
         if not isinstance(value, Role):

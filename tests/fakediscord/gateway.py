@@ -197,7 +197,10 @@ class Gateway:
         ready = {
             "v": 10,
             "user": {**fake.bot_user.payload(), "verified": True, "mfa_enabled": False, "flags": 0},
-            "guilds": [{"id": str(fake.guild_id), "unavailable": True}],
+            "guilds": [
+                {"id": str(fake.guild_id if g is None else g.id), "unavailable": True}
+                for g in fake.live_guilds()
+            ],
             "session_id": session.id,
             # Without this a reconnect would go to the real gateway.
             "resume_gateway_url": fake.gateway_url,
@@ -208,7 +211,10 @@ class Gateway:
             "presences": [],
         }
         await self._send_event(session, "READY", ready)
-        await self._send_event(session, "GUILD_CREATE", fake.guild_payload(full=True))
+        for guild in fake.live_guilds():
+            await self._send_event(
+                session, "GUILD_CREATE", fake.guild_payload(full=True, guild=guild)
+            )
         fake.changes.notify()
 
     async def _resume(self, connection: Connection, data: dict[str, Any]) -> None:

@@ -142,6 +142,8 @@ class User:
     admin: bool = False
     bot: bool = False
     locale: str = "en-US"
+    # The guild the user is a member of (``None``: the fake's main guild).
+    guild_id: int | None = None
 
     @property
     def mention(self) -> str:
@@ -178,6 +180,21 @@ class User:
         if permissions is not None:
             data["permissions"] = str(permissions)
         return data
+
+
+@dataclass(eq=False)
+class Guild:
+    """A guild besides the fake's main one (``fake.add_guild``): its own @everyone, roles,
+    ``general`` channel and ``owner``; users added with ``guild=`` are its members only.
+    ``left`` is set once the bot leaves it."""
+
+    id: int
+    name: str
+    everyone: Role
+    roles: list[Role] = field(default_factory=list)
+    owner: User | None = None
+    general: Channel | None = None
+    left: bool = False
 
 
 ChannelKind = Literal["text", "dm", "thread"]

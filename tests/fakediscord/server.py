@@ -81,6 +81,7 @@ from tests.fakediscord.model import (
     Attachment,
     Channel,
     FakeClock,
+    Guild,
     Message,
     MessageState,
     Role,
@@ -192,7 +193,8 @@ class FakeDiscord:
         self.messages: list[Message] = []
         self.interactions: list[FakeInteraction] = []
         self.synced_global: list[dict[str, Any]] = []
-        self.synced_guild: list[dict[str, Any]] = []
+        # Guild commands by guild id (``synced_guild`` is the main guild's).
+        self.synced_guilds: dict[int, list[dict[str, Any]]] = {}
         self._interactions_by_id: dict[int, FakeInteraction] = {}
         self._interactions_by_token: dict[str, FakeInteraction] = {}
         self._messages_by_id: dict[int, Message] = {}
@@ -208,6 +210,8 @@ class FakeDiscord:
         self.guild_name = "Fake Guild"
         self.everyone = Role(id=self.guild_id, name="@everyone", permissions=EVERYONE_PERMISSIONS)
         self.roles: list[Role] = [self.everyone]
+        # Guilds besides the main one, by id (``add_guild``); the bot is a member of each.
+        self.guilds: dict[int, Guild] = {}
         # The bot user's id is the application id, as for every application created since 2019.
         self.bot_user = User(id=self.application_id, name=bot_name, bot=True)
         self._bot_role = self.add_role(bot_name, permissions=bot_permissions, managed=True)
@@ -217,6 +221,15 @@ class FakeDiscord:
         self.channels: list[Channel] = []
         self.general = self.add_channel("general")
         self.nsfw_channel = self.add_channel("nsfw", nsfw=True)
+
+    @property
+    def synced_guild(self) -> list[dict[str, Any]]:
+        """The commands synced to the main guild."""
+        return self.synced_guilds.get(self.guild_id, [])
+
+    @synced_guild.setter
+    def synced_guild(self, commands: list[dict[str, Any]]) -> None:
+        self.synced_guilds[self.guild_id] = commands
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -334,24 +347,71 @@ class FakeDiscord:
         return env
 
     # -- world building ------------------------------------------------------------------------
-    def add_role(self, name: str, permissions: int = 0, *, managed: bool = False) -> Role:
+    def add_role(
+        self,
+        name: str,
+        permissions: int = 0,
+        *,
+        managed: bool = False,
+        guild: Guild | None = None,
+    ) -> Role:
+        roles = self.roles if guild is None else guild.roles
         role = Role(
             id=self.snowflake(),
             name=name,
             permissions=permissions,
-            position=len(self.roles),
+            position=len(roles),
             managed=managed,
         )
-        self.roles.append(role)
-        self._announce(
-            "GUILD_ROLE_CREATE", {"guild_id": str(self.guild_id), "role": role.payload()}
-        )
+        roles.append(role)
+        self._announce("GUILD_ROLE_CREATE", {"role": role.payload()}, guild)
         return role
 
-    def _announce(self, event: str, data: dict[str, Any]) -> None:
+    def _announce(self, event: str, data: dict[str, Any], guild: Guild | None = None) -> None:
         # World changes made mid-test reach a connected bot, as on Discord.
         if self.gateway.wants(INTENT_GUILDS):
-            self.gateway.dispatch_soon(event, {"guild_id": str(self.guild_id), **data})
+            guild_id = self.guild_id if guild is None else guild.id
+            self.gateway.dispatch_soon(event, {"guild_id": str(guild_id), **data})
+
+    def add_guild(self, name: str) -> Guild:
+        """Another guild with the bot in it (as if someone invited the bot): its own
+        @everyone, a ``general`` channel and an ``owner`` (an admin there, and nowhere else).
+        A connected bot gets its GUILD_CREATE, as when it is added to a server."""
+        guild_id = self.snowflake()
+        everyone = Role(id=guild_id, name="@everyone", permissions=EVERYONE_PERMISSIONS)
+        guild = Guild(id=guild_id, name=name, everyone=everyone, roles=[everyone])
+        bot_role = Role(
+            id=self.snowflake(),
+            name=self.bot_user.name,
+            permissions=self.bot_permissions,
+            position=1,
+            managed=True,
+        )
+        guild.roles.append(bot_role)
+        self.guilds[guild_id] = guild
+        guild.owner = self.add_user(f"{name} owner", admin=True, guild=guild)
+        channel = Channel(
+            id=self.snowflake(), name="general", guild_id=guild_id, bot_id=self.bot_user.id
+        )
+        self.channels.append(channel)
+        guild.general = channel
+        if self.gateway.wants(INTENT_GUILDS):
+            # A join's GUILD_CREATE has no "unavailable" (one that has it is an outage ending).
+            payload = self.guild_payload(full=True, guild=guild)
+            del payload["unavailable"]
+            self.gateway.dispatch_soon("GUILD_CREATE", payload)
+        return guild
+
+    def guild_of(self, guild_id: int | None) -> Guild | None:
+        """Another guild by id; None for the main guild (and DMs)."""
+        return self.guilds.get(guild_id) if guild_id is not None else None
+
+    def is_member(self, user: User, guild_id: int | None) -> bool:
+        """Whether ``user`` is a member of the guild (the bot is a member of every guild)."""
+        if user is self.bot_user:
+            return True
+        home = self.guild_id if user.guild_id is None else user.guild_id
+        return guild_id == home
 
     def update_role(self, role: Role, *, permissions: int) -> None:
         """Change a role's permissions; a connected bot's role cache hears about it."""
@@ -369,12 +429,17 @@ class FakeDiscord:
         admin: bool = False,
         *,
         locale: str = "en-US",
+        guild: Guild | None = None,
     ) -> User:
-        """A guild member. Roles given by name are created (without permissions) if missing."""
+        """A member of the main guild, or of ``guild`` only. Roles given by name are created
+        (without permissions) in that guild if missing."""
+        known = self.roles if guild is None else guild.roles
         resolved = []
         for role in roles:
             if isinstance(role, str):
-                role = next((r for r in self.roles if r.name == role), None) or self.add_role(role)
+                role = next((r for r in known if r.name == role), None) or self.add_role(
+                    role, guild=guild
+                )
             resolved.append(role)
         user = User(
             id=self.snowflake(),
@@ -383,21 +448,22 @@ class FakeDiscord:
             permissions=permissions,
             admin=admin,
             locale=locale,
+            guild_id=None if guild is None else guild.id,
         )
         self.users[user.id] = user
         return user
 
-    def add_channel(self, name: str, *, nsfw: bool = False) -> Channel:
+    def add_channel(self, name: str, *, nsfw: bool = False, guild: Guild | None = None) -> Channel:
         channel = Channel(
             id=self.snowflake(),
             name=name,
-            guild_id=self.guild_id,
+            guild_id=self.guild_id if guild is None else guild.id,
             nsfw=nsfw,
             position=len(self.channels),
             bot_id=self.bot_user.id,
         )
         self.channels.append(channel)
-        self._announce("CHANNEL_CREATE", channel.payload())
+        self._announce("CHANNEL_CREATE", channel.payload(), guild)
         return channel
 
     def add_thread(self, name: str, *, parent: Channel | None = None) -> Channel:
@@ -407,14 +473,18 @@ class FakeDiscord:
         thread = Channel(
             id=self.snowflake(),
             name=name,
-            guild_id=self.guild_id,
+            guild_id=parent.guild_id,
             nsfw=parent.nsfw,
             kind="thread",
             parent=parent,
             bot_id=self.bot_user.id,
         )
         self.channels.append(thread)
-        self._announce("THREAD_CREATE", {**thread.payload(), "newly_created": True})
+        self._announce(
+            "THREAD_CREATE",
+            {**thread.payload(), "newly_created": True},
+            self.guild_of(parent.guild_id),
+        )
         return thread
 
     def deny_bot(self, channel: Channel, permissions: int) -> None:
@@ -424,7 +494,7 @@ class FakeDiscord:
         if channel.kind != "text":
             raise ValueError(f"overwrites live on text channels, not on a {channel.kind}")
         channel.bot_deny = permissions
-        self._announce("CHANNEL_UPDATE", channel.payload())
+        self._announce("CHANNEL_UPDATE", channel.payload(), self.guild_of(channel.guild_id))
 
     def bot_permissions_in(self, channel: Channel) -> int:
         """What the bot may do with its own token in ``channel``: @everyone's and its role's
@@ -432,7 +502,9 @@ class FakeDiscord:
         discord.py's ``channel.permissions_for(guild.me)`` repeats from its cache)."""
         if channel.kind == "dm":
             return VIEW_CHANNEL | SEND_MESSAGES | ATTACH_FILES | EMBED_LINKS | READ_MESSAGE_HISTORY
-        base = self.everyone.permissions | self.bot_permissions
+        guild = self.guild_of(channel.guild_id)
+        everyone = self.everyone if guild is None else guild.everyone
+        base = everyone.permissions | self.bot_permissions
         if base & ADMINISTRATOR:
             return ALL_PERMISSIONS
         source = channel.parent if channel.parent is not None else channel
@@ -459,7 +531,9 @@ class FakeDiscord:
         """Guild-level permissions (no channel overwrites are modelled)."""
         if user.admin:
             return ALL_PERMISSIONS
-        value = self.everyone.permissions | user.permissions
+        guild = self.guild_of(user.guild_id)
+        everyone = self.everyone if guild is None else guild.everyone
+        value = everyone.permissions | user.permissions
         for role in user.roles:
             value |= role.permissions
         return ALL_PERMISSIONS if value & ADMINISTRATOR else value
@@ -614,7 +688,7 @@ class FakeDiscord:
         if top.get("nsfw") and not channel.nsfw:
             raise cmd.SchemaViolation(f"/{path[0]} is age-restricted; #{channel.name} is not")
         resolver = cmd.Resolver(
-            member_permissions=self.permissions_of,
+            member_permissions=self._member_permissions_in(channel),
             channel_permissions=lambda _: permissions,
             new_attachment_id=self.snowflake,
         )
@@ -648,7 +722,7 @@ class FakeDiscord:
         if self.enforce_default_permissions and channel.kind != "dm":
             cmd.check_permissions(top, self.permissions_of(user), " ".join(path))
         resolver = cmd.Resolver(
-            member_permissions=self.permissions_of,
+            member_permissions=self._member_permissions_in(channel),
             channel_permissions=lambda _: self.permissions_of(user),
             new_attachment_id=self.snowflake,
         )
@@ -691,6 +765,19 @@ class FakeDiscord:
         data: dict[str, Any] = {"custom_id": custom_id, "component_type": 2}
         if "id" in component:
             data["id"] = component["id"]
+        return await self._dispatch_interaction(
+            user, self._channel_of(target), MESSAGE_COMPONENT, data, message=target
+        )
+
+    async def forge_click(self, user: User, message: Message, custom_id: str, /) -> FakeInteraction:
+        """``user`` sends a button press for ``custom_id`` on ``message`` although the
+        message has no such button: what a modified client would try (say, the Cancel
+        button of a job in another server, on a message of the bot in this one). Whether
+        Discord lets it through is not documented, so a bot must not count on it."""
+        target = self._component_message(user, message)
+        if target.author is not self.bot_user:
+            raise cmd.SchemaViolation("a button press needs a message of the bot")
+        data: dict[str, Any] = {"custom_id": custom_id, "component_type": 2}
         return await self._dispatch_interaction(
             user, self._channel_of(target), MESSAGE_COMPONENT, data, message=target
         )
@@ -779,7 +866,9 @@ class FakeDiscord:
         """``user`` picks ``name`` under Apps in ``message``'s context menu (a message
         command, type 3): the interaction carries the target message in ``data.resolved``."""
         channel = self._channel_of(self._component_message(user, message))
-        sources = [self.synced_global] + ([] if channel.kind == "dm" else [self.synced_guild])
+        sources = [self.synced_global]
+        if channel.kind != "dm":
+            sources.append(self.synced_guilds.get(channel.guild_id or 0, []))
         found = [c for commands in sources for c in commands if c.get("type") == 3]
         command = next((c for c in reversed(found) if c["name"] == name), None)
         if command is None:
@@ -817,12 +906,22 @@ class FakeDiscord:
         return message
 
     # -- internals: interactions ---------------------------------------------------------------
+    def _member_permissions_in(self, channel: Channel) -> Callable[[User], int | None]:
+        """A resolved user's permissions in ``channel``'s guild, None if not a member there."""
+
+        def permissions(user: User) -> int | None:
+            if channel.kind == "dm" or not self.is_member(user, channel.guild_id):
+                return None
+            return self.permissions_of(user)
+
+        return permissions
+
     def _visible_commands(self, channel: Channel) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         sources = (
             [self.synced_global]
             if channel.kind == "dm"
-            else [self.synced_global, self.synced_guild]
+            else [self.synced_global, self.synced_guilds.get(channel.guild_id or 0, [])]
         )
         for commands in sources:  # guild commands override global ones of the same name
             for command in commands:
@@ -889,13 +988,16 @@ class FakeDiscord:
             payload["context"] = 1
             payload["authorizing_integration_owners"] = {"0": str(self.guild_id)}
         else:
+            guild_id = channel.guild_id
+            if not self.is_member(user, guild_id):
+                raise cmd.SchemaViolation(f"{user.name} is not a member of #{channel.name}'s guild")
             payload.update(
-                guild_id=str(self.guild_id),
-                guild={"id": str(self.guild_id), "locale": "en-US", "features": []},
+                guild_id=str(guild_id),
+                guild={"id": str(guild_id), "locale": "en-US", "features": []},
                 guild_locale="en-US",
                 member=user.member_payload(permissions),
                 context=0,
-                authorizing_integration_owners={"0": str(self.guild_id)},
+                authorizing_integration_owners={"0": str(guild_id)},
             )
         if message is not None:
             payload["message"] = message.payload(self.users)
@@ -925,7 +1027,9 @@ class FakeDiscord:
             "id": str(interaction.id),
             "type": interaction.type,
             "user": interaction.user.payload(),
-            "authorizing_integration_owners": {"0": str(self.guild_id)},
+            "authorizing_integration_owners": {
+                "0": str(interaction.channel.guild_id or self.guild_id)
+            },
         }
         if original is not None:
             metadata["original_response_message_id"] = str(original.id)
@@ -1188,16 +1292,20 @@ class FakeDiscord:
         )
 
     # -- payloads ------------------------------------------------------------------------------
-    def guild_payload(self, *, full: bool) -> dict[str, Any]:
+    def guild_payload(self, *, full: bool, guild: Guild | None = None) -> dict[str, Any]:
+        """The main guild's payload, or ``guild``'s."""
+        guild_id = self.guild_id if guild is None else guild.id
+        owner = self.owner if guild is None else guild.owner
+        roles = self.roles if guild is None else guild.roles
         data: dict[str, Any] = {
-            "id": str(self.guild_id),
-            "name": self.guild_name,
+            "id": str(guild_id),
+            "name": self.guild_name if guild is None else guild.name,
             "icon": None,
             "splash": None,
             "discovery_splash": None,
             "banner": None,
             "description": None,
-            "owner_id": str(self.owner.id),
+            "owner_id": str(owner.id if owner is not None else self.bot_user.id),
             "afk_channel_id": None,
             "afk_timeout": 300,
             "verification_level": 0,
@@ -1216,19 +1324,21 @@ class FakeDiscord:
             "vanity_url_code": None,
             "max_members": 500000,
             "features": [],
-            "roles": [r.payload() for r in self.roles],
+            "roles": [r.payload() for r in roles],
             "emojis": [],
             "stickers": [],
         }
         if full:
+            members = [u for u in self.users.values() if self.is_member(u, guild_id)]
+            channels = [c for c in self.channels if c.guild_id == guild_id]
             data.update(
                 joined_at="2024-01-01T00:00:00+00:00",
                 large=False,
                 unavailable=False,
-                member_count=len(self.users),
-                members=[u.member_payload() for u in self.users.values()],
-                channels=[c.payload() for c in self.channels if c.kind == "text"],
-                threads=[c.payload() for c in self.channels if c.kind == "thread"],
+                member_count=len(members),
+                members=[self._member_payload_in(u, guild) for u in members],
+                channels=[c.payload() for c in channels if c.kind == "text"],
+                threads=[c.payload() for c in channels if c.kind == "thread"],
                 presences=[],
                 voice_states=[],
                 stage_instances=[],
@@ -1237,6 +1347,18 @@ class FakeDiscord:
             )
         return data
 
+    def _member_payload_in(self, user: User, guild: Guild | None) -> dict[str, Any]:
+        # The bot's own roles differ per guild: in another guild it has that guild's bot role.
+        if guild is not None and user is self.bot_user:
+            data = user.member_payload()
+            data["roles"] = [str(r.id) for r in guild.roles if r.managed]
+            return data
+        return user.member_payload()
+
+    def live_guilds(self) -> list[Guild | None]:
+        """Every guild the bot is in: None for the main guild, then the others not left."""
+        return [None, *(g for g in self.guilds.values() if not g.left)]
+
     # -- internals: HTTP -----------------------------------------------------------------------
     def _add_routes(self, router: web.UrlDispatcher) -> None:
         routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
@@ -1244,6 +1366,7 @@ class FakeDiscord:
             ("GET", "/cdn/attachments/{channel_id}/{attachment_id}/{filename}", self._cdn),
             ("GET", f"{API}/users/@me", self._get_me),
             ("POST", f"{API}/users/@me/channels", self._create_dm),
+            ("DELETE", f"{API}/users/@me/guilds/{{guild_id}}", self._leave_guild),
             ("GET", f"{API}/users/{{user_id}}", self._get_user),
             ("GET", f"{API}/oauth2/applications/@me", self._get_application),
             ("GET", f"{API}/gateway", self._get_gateway),
@@ -1441,9 +1564,15 @@ class FakeDiscord:
         if int(request.match_info["app_id"]) != self.application_id:
             raise FakeHTTPError(403, 50001, "Missing Access")
 
-    def _require_guild(self, request: web.Request) -> None:
-        if int(request.match_info["guild_id"]) != self.guild_id:
+    def _require_guild(self, request: web.Request) -> Guild | None:
+        """The guild of the route: None for the main one, else the other guild."""
+        guild_id = int(request.match_info["guild_id"])
+        if guild_id == self.guild_id:
+            return None
+        guild = self.guilds.get(guild_id)
+        if guild is None or guild.left:
             raise unknown("Guild", 10004)
+        return guild
 
     # -- handlers: login, gateway, users, guild --------------------------------------------------
     async def _unknown_route(self, request: web.Request) -> web.Response:
@@ -1508,28 +1637,45 @@ class FakeDiscord:
 
     async def _get_guild(self, request: web.Request) -> web.Response:
         self._require_bot(request)
-        self._require_guild(request)
-        data = self.guild_payload(full=False)
-        data.update(approximate_member_count=len(self.users), approximate_presence_count=0)
+        guild = self._require_guild(request)
+        data = self.guild_payload(full=False, guild=guild)
+        guild_id = self.guild_id if guild is None else guild.id
+        members = sum(self.is_member(u, guild_id) for u in self.users.values())
+        data.update(approximate_member_count=members, approximate_presence_count=0)
         return json_response(data)
 
     async def _get_guild_channels(self, request: web.Request) -> web.Response:
         self._require_bot(request)
-        self._require_guild(request)
-        return json_response([c.payload() for c in self.channels if c.kind == "text"])
+        guild = self._require_guild(request)
+        guild_id = self.guild_id if guild is None else guild.id
+        return json_response(
+            [c.payload() for c in self.channels if c.kind == "text" and c.guild_id == guild_id]
+        )
 
     async def _get_guild_roles(self, request: web.Request) -> web.Response:
         self._require_bot(request)
-        self._require_guild(request)
-        return json_response([r.payload() for r in self.roles])
+        guild = self._require_guild(request)
+        return json_response([r.payload() for r in (self.roles if guild is None else guild.roles)])
 
     async def _get_member(self, request: web.Request) -> web.Response:
         self._require_bot(request)
-        self._require_guild(request)
+        guild = self._require_guild(request)
         user = self.users.get(int(request.match_info["user_id"]))
-        if user is None:
+        guild_id = self.guild_id if guild is None else guild.id
+        if user is None or not self.is_member(user, guild_id):
             raise unknown("Member", 10007)
-        return json_response(user.member_payload())
+        return json_response(self._member_payload_in(user, guild))
+
+    async def _leave_guild(self, request: web.Request) -> web.Response:
+        """The bot leaves a guild (``Guild.leave()``); the main guild can't be left here."""
+        self._require_bot(request)
+        guild = self._require_guild(request)
+        if guild is None:
+            raise FakeHTTPError(400, 50055, "Invalid guild: the fake's main guild is not left")
+        guild.left = True
+        await self.gateway.dispatch("GUILD_DELETE", {"id": str(guild.id)})
+        self.changes.notify()
+        return web.Response(status=204)
 
     async def _cdn(self, request: web.Request) -> web.Response:
         attachment = self._attachments.get(int(request.match_info["attachment_id"]))
@@ -1548,7 +1694,7 @@ class FakeDiscord:
     async def _get_guild_commands(self, request: web.Request) -> web.Response:
         self._require_app(request)
         self._require_guild(request)
-        return json_response(self.synced_guild)
+        return json_response(self.synced_guilds.get(int(request.match_info["guild_id"]), []))
 
     async def _put_global_commands(self, request: web.Request) -> web.Response:
         self._require_app(request)
@@ -1558,8 +1704,12 @@ class FakeDiscord:
     async def _put_guild_commands(self, request: web.Request) -> web.Response:
         self._require_app(request)
         self._require_guild(request)
-        self.synced_guild = self._overwrite(request_json(request), self.synced_guild, self.guild_id)
-        return json_response(self.synced_guild)
+        guild_id = int(request.match_info["guild_id"])
+        commands = self._overwrite(
+            request_json(request), self.synced_guilds.get(guild_id, []), guild_id
+        )
+        self.synced_guilds[guild_id] = commands
+        return json_response(commands)
 
     def _overwrite(
         self, body: Any, previous: list[dict[str, Any]], guild_id: int | None
