@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import ipaddress
 import logging
 import socket
@@ -40,6 +39,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image, ImageOps
 
 from bot.config import ImagesConfig
+from generation.picture_formats import TAKEN, open_member_picture, other_format, sniff
 
 log = logging.getLogger(__name__)
 
@@ -334,24 +334,6 @@ def _too_big(policy: FetchPolicy) -> FetchRefused:
 
 # ----- the picture ------------------------------------------------------------------------------
 
-# Magic numbers of the formats taken, as PIL names them.
-_SIGNATURES: tuple[tuple[bytes, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-)
-
-
-def sniff(data: bytes) -> str | None:
-    """The image format the bytes really are (PNG, JPEG, WEBP, GIF), or None."""
-    for magic, name in _SIGNATURES:
-        if data.startswith(magic):
-            return name
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
 
 def decode_image(data: bytes, source: str, policy: FetchPolicy) -> FetchedImage:
     """Check and clean fetched bytes (blocking: call in a thread)."""
@@ -359,11 +341,14 @@ def decode_image(data: bytes, source: str, policy: FetchPolicy) -> FetchedImage:
         raise _too_big(policy)
     kind = sniff(data)
     if kind is None:
-        raise FetchRefused("that is not an image (PNG, JPEG, WebP or GIF are taken)")
+        found = other_format(data)
+        if found is not None:
+            raise FetchRefused(f"that is a picture in {found} format ({TAKEN} are taken)")
+        raise FetchRefused(f"that is not an image ({TAKEN} are taken)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[kind]) as opened:
+            with open_member_picture(data, source) as opened:
                 width, height = opened.size
                 if width * height > policy.max_pixels:
                     raise FetchRefused(

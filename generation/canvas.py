@@ -9,7 +9,6 @@ Refusals are ValueErrors naming the parameter (`direction`, `mask`, `regions`, `
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterable
 
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from generation.contract import MAX_PIXELS, PanDirection, Region
+from generation.picture_formats import PictureFormatError, open_member_picture
 
 # Canvas sides are multiples of this (the VAE works on 8x8 pixel cells).
 SIDE_STEP = 8
@@ -151,7 +151,9 @@ def read_mask(data: bytes, name: str = "") -> Image.Image:
     image, and a huge one from its header, before it is decoded."""
     label = name or "it"
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        # Only the plugin of a format taken from members ever sees the bytes (an EPS would
+        # run Ghostscript).
+        with open_member_picture(data, label) as probe:
             width, height = probe.size
             if width * height > MAX_MASK_PIXELS:
                 side = math.isqrt(MAX_MASK_PIXELS)
@@ -160,8 +162,10 @@ def read_mask(data: bytes, name: str = "") -> Image.Image:
             return probe.copy()
     except Image.DecompressionBombError:
         raise ValueError(f"mask: {label} is far too large to be a mask") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"mask: {label} is not a picture (use a PNG, JPEG or WebP)") from exc
+    except PictureFormatError as exc:
+        raise ValueError(f"mask: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as exc:
+        raise ValueError(f"mask: {label} is not a picture that can be read (damaged?)") from exc
 
 
 def check_mask(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -22,6 +22,7 @@ from bot.core.service import Core
 from generation.flags import FLAGS
 from generation.prompt import ImagineOptions
 from generation.settings import EngineSettings, ModelSpec
+from tests.bot.test_picture_formats import encoded
 from tests.core.fakes import create_fake_engine
 from tests.core.test_shortcut_expansion import NAMES, chain_values
 
@@ -368,6 +369,21 @@ async def test_a_chain_of_shortcuts_is_refused_by_its_cap_uncharged(app: Imagine
     # Expanded once, the next shortcut's name stays and is refused as the unknown flag it is.
     with pytest.raises(UserError, match=f"--{NAMES[1]}: unknown flag"):
         await app.imagine(ALICE, f"a cat {head}")
+    assert await _available(app, ALICE) == before
+    await _assert_still_serving(app)
+
+
+async def test_masks_in_formats_not_taken_are_refused_by_name_uncharged(app: ImagineApp) -> None:
+    (grid,) = await app.imagine(ALICE, "a red fox")
+    async with app.core.scheduler.subscribe(grid.job.id) as events:
+        async for _event in events:
+            pass
+    before = await _available(app, ALICE)
+    # EPS would run Ghostscript; the others are parsers few feed hostile files.
+    for fmt, name in (("EPS", "EPS"), ("TIFF", "TIFF"), ("SGI", "SGI"), ("DDS", "DDS")):
+        with pytest.raises(UserError) as caught:
+            await app.vary_region(ALICE, grid.job.id, 1, mask=encoded(fmt, (128, 128)))
+        assert str(caught.value).startswith("mask: ") and f"it is {name}" in str(caught.value)
     assert await _available(app, ALICE) == before
     await _assert_still_serving(app)
 
