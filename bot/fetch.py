@@ -39,6 +39,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image, ImageOps
 
 from bot.config import ImagesConfig
+from bot.logs import without_queries
 from generation.picture_formats import TAKEN, open_member_picture, other_format, sniff
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,8 @@ async def _get(
                     raise _too_big(policy)
             return response.status, None, bytes(body)
     except aiohttp.ClientError as exc:
-        log.info("fetch of %s failed: %s", url, exc)
+        # Without the query: a signed attachment link's query is what grants access.
+        log.info("fetch of %s failed: %s", without_queries(url), without_queries(str(exc)))
         raise FetchRefused("the link could not be fetched (connection failed)") from None
 
 
@@ -367,7 +369,7 @@ def decode_image(data: bytes, source: str, policy: FetchPolicy) -> FetchedImage:
             f"the image is too large; at most {policy.max_pixels / 1e6:g} megapixels are taken"
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        log.info("image from %s did not decode: %s", source, exc)
+        log.info("image from %s did not decode: %s", without_queries(source), exc)
         raise FetchRefused(f"the {kind} file is damaged and can't be read") from None
     if max(clean.size) > policy.max_side:
         clean.thumbnail((policy.max_side, policy.max_side), Image.Resampling.LANCZOS)

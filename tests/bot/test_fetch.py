@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import ssl
 import struct
 import subprocess
@@ -453,3 +454,24 @@ async def test_https_verifies_the_host_name_while_connecting_to_the_checked_addr
         untrusted = local(allowed_schemes=frozenset({"https"}))
         reason = await refused(server.url("/img.png", "localhost", "https"), untrusted)
         assert "could not be fetched" in reason
+
+
+# ----- logs --------------------------------------------------------------------------------------
+
+SIGNATURE = "ex=6650a1b2&is=664f5032&hm=5ec12e7d0b1c2a3f4e5d6c7b8a99"
+
+
+async def test_signed_links_are_logged_without_their_query(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A Discord attachment link's query is its signature: whoever reads it can fetch the file.
+    caplog.set_level(logging.INFO, logger="bot.fetch")
+    async with serve({"/cdn/broken.png": body(png(size=(64, 64))[:60])}) as server:
+        assert "damaged" in await refused(f"{server.url('/cdn/broken.png')}?{SIGNATURE}", local())
+        port = server.port
+    # The server is gone now: the connection fails, and that is logged too.
+    gone = f"http://127.0.0.1:{port}/cdn/gone.png?{SIGNATURE}#frag"
+    assert "could not be fetched" in await refused(gone, local())
+    text = caplog.text
+    assert "/cdn/broken.png" in text and "/cdn/gone.png" in text
+    assert "hm=" not in text and "ex=" not in text and "#frag" not in text
