@@ -620,6 +620,8 @@ class ImagineApp:
             raise UserError(f"Job {job_id} doesn't exist (any more).")
         if must_own and not actor.may_manage(job.owner):
             raise UserError("This isn't your job — use /imagine to start your own.")
+        if job.pruned_at is not None:  # its content was erased by the retention policy
+            raise UserError(EXPIRED_MESSAGE)
         return job
 
     def _check_cooldown(self, actor: Actor) -> None:

@@ -58,6 +58,7 @@ class ImagineBot(commands.AutoShardedBot):
         clock: Clock = system_clock,
         core_options: dict[str, Any] | None = None,
         fetch_policy: FetchPolicy | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
         **options: Any,
     ) -> None:
         super().__init__(
@@ -77,7 +78,7 @@ class ImagineBot(commands.AutoShardedBot):
         # Every interaction passes the gate first: unlisted servers and cooled-down members
         # are answered there and go no further (bot/gate.py).
         self.refusals = RefusalLimiter(
-            config.discord.refusal_limit, config.discord.refusal_window_s
+            config.discord.refusal_limit, config.discord.refusal_window_s, monotonic=monotonic
         )
         self.gate = InteractionGate(config.discord, self.refusals)
         self.gate.install(self._connection)

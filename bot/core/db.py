@@ -24,7 +24,7 @@ T = TypeVar("T")
 # Positional (`?`) or named (`:name`) statement parameters.
 Params = Sequence[Any] | Mapping[str, Any]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Migration n brings a database from version n-1 to n. Never edit a released step: append one.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -166,6 +166,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (user_id, name)
         )
         """,
+    ),
+    # Retention of jobs and the audit log: an old job's content is erased (the row stays for
+    # the ledger) and remembers when; old audit rows are deleted by age.
+    5: (
+        "ALTER TABLE jobs ADD COLUMN pruned_at TEXT",
+        "CREATE INDEX jobs_unpruned ON jobs(finished_at) WHERE pruned_at IS NULL",
+        "CREATE INDEX audit_created ON audit(created_at)",
     ),
 }
 

@@ -52,6 +52,7 @@ def row_to_job(row: aiosqlite.Row | Mapping[str, Any]) -> Job:
         finished_at=from_db(row["finished_at"]),
         result=JobResult.from_json(json.loads(result)) if result else None,
         images_expired_at=from_db(row["images_expired_at"]),
+        pruned_at=from_db(row["pruned_at"]),
     )
 
 
@@ -249,7 +250,9 @@ class JobStore:
         'claimed' record means a send may have been attempted; check `deliveries()` before
         sending again."""
         rows = await self._db.read(
-            "SELECT j.* FROM jobs j WHERE j.state NOT IN ('queued', 'running') AND NOT EXISTS "
+            "SELECT j.* FROM jobs j WHERE j.state NOT IN ('queued', 'running') "
+            # A pruned job's delivery records went with its content: it was delivered long ago.
+            "AND j.pruned_at IS NULL AND NOT EXISTS "
             "(SELECT 1 FROM deliveries d WHERE d.job_id = j.id AND d.key = ? "
             "AND d.state IN ('done', 'undelivered')) "
             "ORDER BY j.id LIMIT ?",

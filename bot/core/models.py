@@ -169,6 +169,9 @@ class Job:
     result: JobResult | None = None
     # When the retention policy deleted the job's image files (the row and result stay).
     images_expired_at: datetime | None = None
+    # When the retention policy erased the job's prompt, request and result (the row stays
+    # with what the ledger needs: owner, kind, state, cost and holds).
+    pruned_at: datetime | None = None
 
     @property
     def images_expired(self) -> bool:

@@ -289,10 +289,7 @@ class Core:
             await db.close()
             raise
         admin = AdminService(db, credits, scheduler, audit, pool)
-        storage = config.storage
-        retention = Retention(
-            db, data_dir, clock, storage.image_retention_days, storage.prune_interval_s
-        )
+        retention = Retention(db, data_dir, clock, config.storage)
         await retention.start()
         return cls(config, db, credits, jobs, audit, scheduler, admin, retention, lock, pool)
 

@@ -1,14 +1,23 @@
-"""The data folder: one bot process at a time, and images kept only as long as configured.
+"""The data folder: one bot process at a time, and what members leave kept only as long as
+configured.
 
 `DataFolderLock` is an exclusive `flock` on `<data_dir>/bot.lock`, held for the core's whole
 life: two processes writing one SQLite file and one image folder would each trust a queue and a
 running table that the other changes. The kernel drops the lock when the process dies, so a
 crash never leaves a stale lock behind.
 
-`prune_images` deletes the image files of jobs that finished more than `image_retention_days`
-ago and marks the jobs `images_expired_at`; the job rows, their results and the ledger stay.
-Files still referred to by a queued or running job (the parent image of a U/V press, or a shared
-source image) are kept until that job is done.
+Retention (`[storage]`), run at start and every `prune_interval_s`:
+- `prune_images` deletes the image files of jobs that finished more than `image_retention_days`
+  ago and marks the jobs `images_expired_at`; the job rows, their results and the ledger stay.
+  Files still referred to by a queued or running job (the parent image of a U/V press, or a
+  shared source image) are kept until that job is done.
+- `prune_jobs` erases what a member wrote and got from jobs that finished more than
+  `job_retention_days` ago (prompt and request, result, error) and deletes their delivery
+  records (message ids). The row itself stays, as does the append-only ledger: every ledger row
+  of a job names it, and the ledger check reads its owner, state, cost and holds. A job's images
+  go first (at the shorter of the two ages).
+- `prune_audit` deletes audit rows older than `audit_retention_days`, except the ban rows of a
+  member who is still banned (why they are).
 """
 
 from __future__ import annotations
@@ -20,10 +29,12 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO
 
+from bot.config import StorageConfig
 from bot.core.clock import Clock, to_db
 from bot.core.db import Database, Transaction
 from bot.core.execute import input_paths, safe_path
@@ -145,38 +156,116 @@ def _delete(data_dir: Path, relative_paths: list[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-class Retention:
-    """Runs `prune_images` now and then every `interval_s` while the core is open."""
+async def prune_jobs(db: Database, clock: Clock, retention_days: int) -> list[int]:
+    """Erase the content of jobs that finished over `retention_days` ago and whose images are
+    already gone, and delete their delivery records; returns their ids."""
+    if retention_days <= 0:
+        return []
+    cutoff = to_db(clock() - timedelta(days=retention_days))
+    pruned_at = to_db(clock())
+    pruned: list[int] = []
+    while True:
 
-    def __init__(
-        self, db: Database, data_dir: Path, clock: Clock, retention_days: int, interval_s: float
-    ) -> None:
+        async def work(txn: Transaction) -> list[int]:
+            rows = await txn.fetchall(
+                "SELECT id FROM jobs WHERE pruned_at IS NULL AND finished_at < ? "
+                "AND images_expired_at IS NOT NULL AND state NOT IN ('queued', 'running') "
+                "ORDER BY id LIMIT ?",
+                (cutoff, PRUNE_BATCH),
+            )
+            for row in rows:
+                await txn.execute(
+                    "UPDATE jobs SET request = ?, result = NULL, error = NULL, pruned_at = ? "
+                    "WHERE id = ?",
+                    (json.dumps({"pruned": True}), pruned_at, row["id"]),
+                )
+                await txn.execute("DELETE FROM deliveries WHERE job_id = ?", (row["id"],))
+            return [int(row["id"]) for row in rows]
+
+        batch = await db.transaction(work)
+        if not batch:
+            break
+        pruned += batch
+    if pruned:
+        log.info("retention: erased %d jobs over %d days old", len(pruned), retention_days)
+    return pruned
+
+
+async def prune_audit(db: Database, clock: Clock, retention_days: int) -> int:
+    """Delete audit rows over `retention_days` old (a still-banned member's ban rows stay);
+    returns how many."""
+    if retention_days <= 0:
+        return 0
+    cutoff = to_db(clock() - timedelta(days=retention_days))
+    deleted = 0
+    while True:
+
+        async def work(txn: Transaction) -> int:
+            return await txn.execute(
+                "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE created_at < ? "
+                "AND NOT (kind = 'ban' AND user_id IN (SELECT user_id FROM balances "
+                "WHERE banned = 1)) ORDER BY id LIMIT ?)",
+                (cutoff, PRUNE_BATCH),
+            )
+
+        count = await db.transaction(work)
+        deleted += count
+        if count < PRUNE_BATCH:
+            break
+    if deleted:
+        log.info("retention: deleted %d audit rows over %d days old", deleted, retention_days)
+    return deleted
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What one retention pass removed: jobs whose images went, jobs erased, audit rows."""
+
+    images: tuple[int, ...] = ()
+    jobs: tuple[int, ...] = ()
+    audit_rows: int = 0
+
+
+class Retention:
+    """Prunes images, jobs and audit rows now and then every `prune_interval_s` while the core
+    is open."""
+
+    def __init__(self, db: Database, data_dir: Path, clock: Clock, storage: StorageConfig) -> None:
         self._db = db
         self._data_dir = data_dir
         self._clock = clock
-        self._retention_days = retention_days
-        self._interval_s = interval_s
+        self._storage = storage
+        # A job's images go at the latest with the job: at the shorter of the two ages.
+        ages = [d for d in (storage.image_retention_days, storage.job_retention_days) if d > 0]
+        self._image_days = min(ages, default=0)
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def enabled(self) -> bool:
+        return self._image_days > 0 or self._storage.audit_retention_days > 0
+
     async def start(self) -> None:
-        """Prune once now (the core is not serving yet), then every `interval_s`."""
-        if self._retention_days <= 0:
+        """Prune once now (the core is not serving yet), then every `prune_interval_s`."""
+        if not self.enabled:
             return
         await self._prune_logged()
         self._task = asyncio.create_task(self._run(), name="retention")
 
-    async def prune(self) -> list[int]:
-        return await prune_images(self._db, self._data_dir, self._clock, self._retention_days)
+    async def prune(self) -> Pruned:
+        images = await prune_images(self._db, self._data_dir, self._clock, self._image_days)
+        jobs = await prune_jobs(self._db, self._clock, self._storage.job_retention_days)
+        audit = await prune_audit(self._db, self._clock, self._storage.audit_retention_days)
+        return Pruned(tuple(images), tuple(jobs), audit)
 
     async def _prune_logged(self) -> None:
         try:
             await self.prune()
         except Exception:
-            log.exception("retention: pruning old images failed; trying again later")
+            log.exception("retention: pruning failed; trying again later")
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._interval_s)
+            await asyncio.sleep(self._storage.prune_interval_s)
             await self._prune_logged()
 
     async def close(self) -> None:

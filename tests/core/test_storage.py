@@ -14,7 +14,7 @@ import pytest
 
 from bot.config import ConfigError, StorageConfig, parse_config
 from bot.core import Core, ImageExpired, JobKind, JobState, ManualClock, Owner, Refused
-from bot.core.storage import DataFolderInUse, prune_images
+from bot.core.storage import DataFolderInUse, Pruned, prune_images
 from generation.contract import variation_request
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 from tests.core.test_lifecycle import OUTCOME, GatedWorker
@@ -56,11 +56,12 @@ async def test_old_images_expire_and_everything_else_stays(
         clock.advance(days=11)  # the first three ended 31 days ago, `recent` 11 days ago
         assert core.retention is not None
         pruned = await core.retention.prune()
-        assert sorted(pruned) == sorted([parent.id, child.id, failed.id])
+        assert sorted(pruned.images) == sorted([parent.id, child.id, failed.id])
+        assert pruned.jobs == ()  # 31 days is under job_retention_days
         assert not (data_dir / "images" / str(parent.id)).exists()
         assert not (data_dir / "images" / str(child.id)).exists()
         assert (data_dir / "images" / str(recent.id) / "0.png").exists()
-        assert await core.retention.prune() == []
+        assert await core.retention.prune() == Pruned()
 
         # Rows, results and the ledger stay; the images answer that they expired.
         expired = await core.jobs.require(parent.id)
