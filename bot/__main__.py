@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from bot.config import ConfigError, load_config
+from bot.core.worker_env import forget_token
 from bot.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RayNotInstalled as exc:
             print(f"imagine-bot: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    token = os.environ.get("DISCORD_TOKEN", "").strip()
+    # Read once and taken out of the environment: nothing started from here on (worker
+    # processes, a local Ray cluster) inherits it.
+    token = forget_token()
     setup_logging(config.log_level, secrets=[token])
 
     from bot.core.storage import DataFolderInUse

@@ -52,6 +52,7 @@ from bot.core.execute import (
     write_result,
 )
 from bot.core.ray_bridge import BridgeError, BridgeLost, RayBridge
+from bot.core.worker_env import SECRETS
 from bot.core.workers import (
     JobTimeout,
     ProgressSink,
@@ -221,6 +222,9 @@ def actor_options(gpu_resource: str) -> dict[str, Any]:
         "num_cpus": 0,
         "max_concurrency": ACTOR_CONCURRENCY,
         "max_restarts": 0,
+        # An actor runs in its node's environment, which may hold the bot's token (a node
+        # started with `ray start` in the shell that exported it): blanked there.
+        "runtime_env": {"env_vars": {name: "" for name in sorted(SECRETS)}},
     }
     if gpu_resource == "GPU":
         # Ray gives the actor one GPU of its node and sets CUDA_VISIBLE_DEVICES to it.

@@ -38,6 +38,7 @@ from bot.core.execute import (
     resolve_factory,
     run_job,
 )
+from bot.core.worker_env import start_with_minimal_environment
 from generation.contract import Engine, GenerationCancelled, Progress
 from generation.settings import EngineSettings
 
@@ -282,7 +283,8 @@ class ProcessWorker:
             daemon=True,
         )
         try:
-            await asyncio.to_thread(process.start)
+            # Started with only what the engine needs: no DISCORD_TOKEN, nothing else of ours.
+            await asyncio.to_thread(start_with_minimal_environment, process.start)
         except Exception as exc:
             # No process (fork refused, arguments that cannot be sent): a start failure like
             # any other, so the scheduler keeps the jobs and retries the worker.
