@@ -1,12 +1,42 @@
-"""The audit table: refusals, flagged images and admin actions, newest first for `/admin audit`."""
+"""The audit table: refusals, flagged images and admin actions, newest first for `/admin audit`.
+
+Links are stored without their query string or fragment (`without_link_queries`): a Discord
+attachment link is signed there (`?ex=…&is=…&hm=…`), and a signed link lets whoever reads it
+fetch the picture until it expires; the path says which picture it was.
+"""
 
 from __future__ import annotations
+
+import re
 
 from bot.core.clock import Clock, from_db, to_db
 from bot.core.db import Database, Transaction
 from bot.core.models import AuditEntry
 
 MAX_PROMPT_CHARS = 4000
+_WORD = re.compile(r"\S+")
+_CLOSERS = ",;)]}>\"'"
+
+
+def without_link_queries(text: str) -> str:
+    """`text` with the query string and fragment cut from every link in it: from "?" or "#"
+    to the next whitespace, in every word with a scheme ("https://…") or a host and a path
+    ("cdn.discordapp.com/…") before it. Linear in the text, whatever a member typed."""
+    return _WORD.sub(_cut_tail, text)
+
+
+def _cut_tail(match: re.Match[str]) -> str:
+    word = match.group(0)
+    cut = min((i for i in (word.find("?"), word.find("#")) if i >= 0), default=-1)
+    if cut < 0:
+        return word
+    head = word[:cut]
+    host, slash, _path = head.partition("/")
+    if "://" not in head and not (slash and "." in host):
+        return word
+    # Punctuation closing the link ("…?a=1)" in markdown, "…?a=1," in a {…} list) stays.
+    tail = word[cut:]
+    return head + tail[len(tail.rstrip(_CLOSERS)) :]
 
 
 class AuditLog:
@@ -66,8 +96,8 @@ class AuditLog:
                 job_id,
                 guild_id,
                 channel_id,
-                reason,
-                None if prompt is None else prompt[:MAX_PROMPT_CHARS],
+                without_link_queries(reason),
+                None if prompt is None else without_link_queries(prompt)[:MAX_PROMPT_CHARS],
                 to_db(self._clock()),
             ),
         )
