@@ -130,6 +130,8 @@ class MetricsConfig:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9464
+    # /readyz answers from checks run this often in the background, never per request.
+    ready_refresh_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -477,6 +479,7 @@ def _metrics(section: _Reader) -> MetricsConfig:
         enabled=section.get("enabled", bool, False),
         host=section.get("host", str, "127.0.0.1"),
         port=section.non_negative("port", 9464),
+        ready_refresh_s=section.positive("ready_refresh_s", float, 10.0),
     )
     if not config.host.strip():
         raise ConfigError(f"{section.prefix}host: must not be empty")

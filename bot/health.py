@@ -7,13 +7,18 @@
   worker is ready, and (on Discord) the gateway is connected; otherwise 503 with a JSON body
   naming what is not ready.
 
-Each readiness check gets a short timeout, so a stuck database makes the probe fail rather
-than hang. Nothing here imports discord: the front end passes its own checks in.
+Readiness is worked out in the background every `ready_refresh_s` and `/readyz` answers from
+that, so a probe (or anyone hammering the port) costs nothing: no database write per request.
+Each check gets a short timeout, so a stuck database makes the probe fail rather than hang. The
+body says only which check failed and a fixed reason; an exception's text (paths, addresses)
+goes to the log, not to whoever can reach the port. Nothing here imports discord: the front end
+passes its own checks in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -33,6 +38,7 @@ ReadinessCheck = Callable[[], Awaitable[str | None]]
 
 CHECK_TIMEOUT_S = 3.0
 _PROBE_KEY = "health.probed_at"
+FAILED = "failed (see the bot's log)"
 
 
 def core_checks(core: Core) -> dict[str, ReadinessCheck]:
@@ -50,10 +56,8 @@ def core_checks(core: Core) -> dict[str, ReadinessCheck]:
         states = core.scheduler.worker_states()
         if any(state.ready for state in states):
             return None
-        reason = f"no worker is ready (0 of {len(states)})"
-        if core.ray_pool is not None:
-            reason += f"; {core.ray_pool.status}"
-        return reason
+        # The Ray pool's status names the cluster's address: it stays in /admin workers.
+        return f"no worker is ready (0 of {len(states)})"
 
     return {"database": database, "workers": workers}
 
@@ -69,9 +73,21 @@ class HealthServer:
         self._core = core
         self._checks = {**core_checks(core), **(extra_checks or {})}
         self._runner: web.AppRunner | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        # What /readyz answers: the last refresh's failing checks.
+        self._failing: dict[str, str] = {"readiness": "not checked yet"}
         self.port: int | None = None
 
     async def start(self) -> None:
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="readiness")
+        try:
+            await self._serve()
+        except BaseException:
+            await self._stop_refreshing()
+            raise
+
+    async def _serve(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
@@ -92,15 +108,40 @@ class HealthServer:
         log.info("metrics and health checks on http://%s:%s/", self._config.host, self.port)
 
     async def close(self) -> None:
+        await self._stop_refreshing()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
 
+    async def _stop_refreshing(self) -> None:
+        task, self._refresher = self._refresher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def not_ready(self) -> dict[str, str]:
-        """What is not ready, by check name; empty when everything is."""
+        """What is not ready, by check name, as of the last refresh; empty when ready."""
+        return dict(self._failing)
+
+    async def refresh(self) -> dict[str, str]:
+        """Run every check now and keep the result for /readyz."""
         names = list(self._checks)
         results = await asyncio.gather(*(self._run_check(name) for name in names))
-        return {name: reason for name, reason in zip(names, results, strict=True) if reason}
+        self._failing = {
+            name: reason for name, reason in zip(names, results, strict=True) if reason
+        }
+        return dict(self._failing)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            # The database check writes once a refresh: this many, not one per request.
+            await asyncio.sleep(self._config.ready_refresh_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("readiness: refreshing failed")
+                self._failing = {"readiness": FAILED}
 
     async def _run_check(self, name: str) -> str | None:
         try:
@@ -108,8 +149,8 @@ class HealthServer:
         except TimeoutError:
             return f"no answer within {CHECK_TIMEOUT_S:g} s"
         except Exception as exc:
-            log.warning("readiness check %s failed: %s", name, exc)
-            return f"{type(exc).__name__}: {exc}"
+            log.warning("readiness check %s failed: %s: %s", name, type(exc).__name__, exc)
+            return FAILED
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
@@ -121,7 +162,7 @@ class HealthServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _request: web.Request) -> web.Response:
-        failing = await self.not_ready()
+        failing = dict(self._failing)
         body: dict[str, Any] = {"status": "not ready" if failing else "ready"}
         if failing:
             body["not_ready"] = failing

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from bot.config import ConfigError, MetricsConfig, parse_config
 from bot.core import Core, Finished, InProcessWorker, Job, JobKind, JobState, Owner
 from bot.core.execute import WorkOutcome
 from bot.discord_bot import ImagineBot
-from bot.health import HealthServer, start_health_server
+from bot.health import FAILED, HealthServer, start_health_server
 from generation.contract import InputImage, InputRole, describe_request, zoom_request
 from generation.settings import EngineSettings
 from tests.bot.conftest import bot_config, in_process_workers
@@ -26,7 +28,8 @@ from tests.fakediscord import FakeDiscord
 
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
 BOB = Owner(user_id=202, guild_id=1, channel_id=2)
-LOCAL = MetricsConfig(enabled=True, host="127.0.0.1", port=0)
+# Readiness refreshed often, so the tests see a change soon after it happens.
+LOCAL = MetricsConfig(enabled=True, host="127.0.0.1", port=0, ready_refresh_s=0.05)
 
 
 async def get(server: HealthServer, path: str) -> tuple[int, str]:
@@ -222,6 +225,11 @@ async def test_readyz_fails_until_a_worker_is_ready(tmp_path: Path) -> None:
 
         await until(ready)
         gateway["reason"] = "not connected to the Discord gateway"
+
+        async def not_ready() -> bool:
+            return (await get(server, "/readyz"))[0] == 503
+
+        await until(not_ready)
         status, body = await get(server, "/readyz")
         assert status == 503 and "gateway" in body and "worker" not in body
     finally:
@@ -240,8 +248,13 @@ async def test_readyz_names_a_database_that_takes_no_writes(tmp_path: Path) -> N
 
         await until(worker_ready)
         await core.db.close()
+
+        async def not_ready() -> bool:
+            return (await get(server, "/readyz"))[0] == 503
+
+        await until(not_ready)
         status, body = await get(server, "/readyz")
-        assert status == 503 and '"database"' in body
+        assert status == 503 and json.loads(body)["not_ready"] == {"database": FAILED}
     finally:
         await server.close()
         core.retention = None
@@ -287,7 +300,7 @@ async def test_the_discord_bot_serves_its_probes_sharded_over_the_fake_gateway(
         tmp_path / "data",
         settings,
         moderation={"nsfw_check": False},
-        metrics={"enabled": True, "port": 0},
+        metrics={"enabled": True, "port": 0, "ready_refresh_s": 0.05},
     )
     async with FakeDiscord() as fake:
         fake.add_user("alice")
@@ -321,4 +334,41 @@ async def test_a_taken_port_is_named(tmp_path: Path) -> None:
             await start_health_server(taken, core)
     finally:
         await first.close()
+        await core.close(drain_timeout_s=2.0)
+
+
+async def test_readyz_answers_from_the_last_check_and_writes_nothing_per_request(
+    tmp_path: Path,
+) -> None:
+    core = await open_core(make_config(tmp_path))
+    secret = f"{tmp_path}/imagine-bot.sqlite3 is locked by pid 4242"
+    failing: dict[str, BaseException | None] = {"error": None}
+
+    async def flaky() -> str | None:
+        if failing["error"] is not None:
+            raise failing["error"]
+        return None
+
+    slow = dataclasses.replace(LOCAL, ready_refresh_s=3600)
+    server = await start_health_server(slow, core, {"storage": flaky})
+    assert server is not None
+    try:
+        # The database check writes a timestamp; one per refresh, none per request.
+        probed = await core.db.get_setting("health.probed_at")
+        assert probed is not None
+        for _ in range(30):
+            await get(server, "/readyz")
+        assert await core.db.get_setting("health.probed_at") == probed
+        await server.refresh()
+        assert await core.db.get_setting("health.probed_at") != probed
+
+        # A failing check is named, with a fixed reason: its exception's text is not shown.
+        failing["error"] = OSError(secret)
+        await server.refresh()
+        status, body = await get(server, "/readyz")
+        assert status == 503
+        assert json.loads(body) == {"status": "not ready", "not_ready": {"storage": FAILED}}
+        assert str(tmp_path) not in body and "4242" not in body
+    finally:
+        await server.close()
         await core.close(drain_timeout_s=2.0)
