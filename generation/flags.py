@@ -89,6 +89,24 @@ def show_value(value: str, limit: int = 40) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "…")
 
 
+# What Discord's Markdown acts on inside a line: emphasis, spoilers, code, masked links, mentions,
+# channel and emoji tags, escapes, and bare links (which it also previews).
+_MARKDOWN = re.compile(r"[`*_~|\[\]<>\\@#]|://|www\.", re.IGNORECASE)
+
+
+def shown_fragment(value: str, limit: int = 40, *, always_code: bool = False) -> str:
+    """A member's text for a note that is posted publicly with the job: as typed when Markdown
+    can't make anything of it ("--v 6"), else in a code span, where Discord renders no masked
+    link, mention, emphasis or link preview ("`--style [a](https://e.x)`"). Cut short; a
+    backtick would end the span early, so it becomes a look-alike."""
+    text = " ".join(value.split())
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    if text and not always_code and not _MARKDOWN.search(text):
+        return text
+    return "`" + text.replace("`", "ˋ") + "`" if text else "`(empty)`"
+
+
 def int_in(low: int, high: int) -> Check:
     def check(flag: str, value: str) -> int:
         if len(value) <= _MAX_NUMBER_CHARS and _INT.fullmatch(value):

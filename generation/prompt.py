@@ -94,6 +94,7 @@ from generation.flags import (
     int_in,
     sampler_value,
     show_value,
+    shown_fragment,
 )
 from generation.lora import apply_trigger_words
 from generation.permutations import PermutationError, expand_permutations
@@ -581,7 +582,7 @@ def _parse(
     inline = _Inline()
     for flag in raw_flags:
         if flag.spec is None:
-            shown = f"{flag.typed} {_short(' '.join(flag.words))}".strip()
+            shown = shown_fragment(f"{flag.typed} {_short(' '.join(flag.words))}".strip(), 60)
             notes.append(f"{shown} is not known here; ignored")
             continue
         spec = flag.spec
@@ -594,7 +595,8 @@ def _parse(
         if spec.treatment is Treatment.IGNORED:
             # Nothing is done with an ignored flag, so several values (v7 prompts carry several
             # --sref codes and --profile ids) cannot conflict; each is noted once.
-            note = f"{f'{flag.typed} {_short(shown)}'.strip()} ignored ({spec.meaning})"
+            typed = shown_fragment(f"{flag.typed} {_short(shown)}".strip(), 60)
+            note = f"{typed} ignored ({spec.meaning})"
             if note not in notes:
                 notes.append(note)
         elif spec.name == "lora":
@@ -628,7 +630,8 @@ def _parse(
         if not _is_blank(moved):
             # Midjourney wants flags last; rather than lose the words, keep them as prompt text.
             prompt_text = f"{prompt_text.rstrip(_EDGE_JUNK)}, {moved}"
-            notes.append(f"{_short(moved)!r} after {flag.typed} was kept as prompt text")
+            kept = shown_fragment(_short(moved), always_code=True)
+            notes.append(f"{kept} after {flag.typed} was kept as prompt text")
     _legacy_aspect(inline, notes)
     options, model = _with_defaults(defaults, options, model, inline)
 
@@ -857,7 +860,8 @@ def _take_image_prompts(text: str, notes: list[str]) -> tuple[str, list[str]]:
         if not kept or all(_is_blank(piece) for piece in kept):
             leading.append(link)
             continue
-        notes.append(f"link {_short(link, 32)} ignored (image prompts go at the start)")
+        shown = shown_fragment(_short(link, 32), always_code=True)
+        notes.append(f"link {shown} ignored (image prompts go at the start)")
     kept.append(text[position:])
     return " ".join(" ".join(kept).split()), leading
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from generation.contract import InputRole
-from generation.flags import PromptError, show_value
+from generation.flags import PromptError, show_value, shown_fragment
 
 DEFAULT_IMAGE_WEIGHT = 1.0
 DEFAULT_STYLE_WEIGHT = 100.0
@@ -115,8 +115,8 @@ def image_references(
     style_links = [word for word in words("sref") if LINK.fullmatch(word)]
     for code in dict.fromkeys(word for word in words("sref") if not LINK.fullmatch(word)):
         notes.append(
-            f"{typed['sref']} {code} ignored (a Midjourney style code: it can't be reproduced "
-            "here; give an image link instead)"
+            f"{typed['sref']} {shown_fragment(code)} ignored (a Midjourney style code: it can't "
+            "be reproduced here; give an image link instead)"
         )
     style_weight = weight("sw", DEFAULT_STYLE_WEIGHT)
     refs += [ImageRef(InputRole.STYLE, link, style_weight, typed["sref"]) for link in style_links]

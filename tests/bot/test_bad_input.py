@@ -9,12 +9,14 @@ not the pixels); a slice of the corpus also goes through the real bot and the fa
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bot import render
 from bot.app import Action, Actor, ImagineApp, UserError, open_core
 from bot.config import Config, parse_config
 from bot.core import InProcessWorker
@@ -150,6 +152,20 @@ HOSTILE_PROMPTS: list[str] = [
     "{{7*7}} ${7*7} <%= 7*7 %>",
     "\\" * 500,
     "a cat --no " + "dog, " * 400,
+    # Markdown in the text a public note repeats (an ignored flag's value, words moved from
+    # after a flag, a link dropped mid-prompt): a masked link, emphasis, spoilers, mentions.
+    "a cat --style [a](https://e.x)",
+    "a cat --foo [click here](https://evil.example/login) **now**",
+    "a cat --profile <@123> ||hidden|| <#456>",
+    "a cat --ar 3:2 [a](https://e.x) @everyone",
+    "a cat --v 6 `code` ~~strike~~ __under__",
+    "a cat [a](https://e.x) https://cdn.discordapp.com/x.png",
+    "a cat --personalize [a](https://e.x) --niji [b](https://f.x)",
+    "a cat --sref 1234 --stylize 100 # heading > quote",
+    "a cat --exp 5 www.evil.example",
+    "a cat --q 2 --steps 10 \\[x\\](https://e.x)",
+    "a cat --lumen [x](https://e.x)",
+    "a cat --w 300 --h 200 [a](https://e.x)",
 ]
 # Every flag the parser knows, with values that are wrong for almost all of them.
 HOSTILE_PROMPTS += [
@@ -315,6 +331,44 @@ async def test_hostile_prompts_refuse_clearly_or_run_safely(app: ImagineApp) -> 
             assert await _available(app, ALICE) == before - submitted.job.cost
     assert refused >= 60 and accepted >= 20, (refused, accepted)
     await _assert_still_serving(app)
+
+
+# Outside a code span or a <link> (which Discord shows as the link itself, without a preview),
+# what Discord's Markdown would act on in a public line.
+_QUOTED = re.compile(r"`[^`]*`|<https?://[^\s<>]*>")
+_ACTIVE = re.compile(r"[*_~|\[\]<>\\@#`]|https?://|www\.", re.IGNORECASE)
+
+
+def _active_markdown(line: str) -> list[str]:
+    return _ACTIVE.findall(_QUOTED.sub("", line))
+
+
+async def test_member_text_in_public_messages_is_escaped_or_quoted(app: ImagineApp) -> None:
+    # Every accepted hostile prompt: the lines of its public status message and caption that
+    # repeat what the member typed (the notes, the pictures, the title) carry it only inside
+    # a code span or <>, so it can't post a masked link, a ping or formatting as the bot.
+    checked = 0
+    for text in HOSTILE_PROMPTS:
+        try:
+            batch = await app.imagine(ALICE, text)
+        except UserError:
+            continue
+        for submitted in batch:
+            job = submitted.job
+            shown = render.queued_text(job, submitted.position, submitted.notes)
+            shown += "\n" + render.result_text(job, "<@11>", submitted.notes)
+            for line in shown.splitlines():
+                if line.startswith(("ℹ️", "🖼️")):
+                    assert not _active_markdown(line), (text[:60], line)
+                if line.startswith("**") and " — " in line:
+                    title = line.split(" — ", 1)[1].removesuffix(" — <@11>")
+                    assert not _active_markdown(title.rstrip("*")), (text[:60], line)
+            checked += 1
+        await app.core.scheduler.cancel_queued_for_user(ALICE.user_id, None, "checked")
+    assert checked >= 20
+    # The case that was reported: an ignored flag's value is a code span, not a masked link.
+    (job,) = await app.imagine(ALICE, "a cat --style [a](https://e.x)")
+    assert "`--style [a](https://e.x)` ignored (Midjourney style)" in job.notes
 
 
 async def test_hostile_options_refuse_clearly_or_run_safely(app: ImagineApp) -> None:

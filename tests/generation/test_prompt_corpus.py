@@ -188,7 +188,7 @@ def test_every_corpus_prompt_parses(number: int, line: str) -> None:
 
 
 def _names_flag(note: str, canonical: str) -> bool:
-    typed = note.split()[0].removeprefix("--")
+    typed = note.lstrip("`").split()[0].removeprefix("--")
     return _ALIASES.get(typed, typed) == canonical
 
 
