@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -56,10 +57,28 @@ def core_checks(core: Core) -> dict[str, ReadinessCheck]:
         states = core.scheduler.worker_states()
         if any(state.ready for state in states):
             return None
-        # The Ray pool's status names the cluster's address: it stays in /admin workers.
-        return f"no worker is ready (0 of {len(states)})"
+        reason = f"no worker is ready (0 of {len(states)})"
+        if core.ray_pool is not None:
+            reason += f"; {ray_summary(core.ray_pool.status)}"
+        return reason
 
     return {"database": database, "workers": workers}
+
+
+_RAY_UNITS = re.compile(r"(\d+ \S+ on \d+ node\(s\))$")
+
+
+def ray_summary(status: str) -> str:
+    """The Ray pool's state in fixed words: its full status (`/admin workers`) names the
+    cluster's address and the connection error, which are nobody else's business."""
+    if "unreachable" in status:
+        return "the Ray cluster is unreachable"
+    if "not answering" in status:
+        return "the Ray cluster is not answering"
+    if status.startswith("connecting"):
+        return "connecting to the Ray cluster"
+    units = _RAY_UNITS.search(status)
+    return f"Ray: {units.group(1)}" if units else "Ray: state unknown"
 
 
 class HealthServer:

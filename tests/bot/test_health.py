@@ -18,7 +18,7 @@ from bot.config import ConfigError, MetricsConfig, parse_config
 from bot.core import Core, Finished, InProcessWorker, Job, JobKind, JobState, Owner
 from bot.core.execute import WorkOutcome
 from bot.discord_bot import ImagineBot
-from bot.health import FAILED, HealthServer, start_health_server
+from bot.health import FAILED, HealthServer, ray_summary, start_health_server
 from generation.contract import InputImage, InputRole, describe_request, zoom_request
 from generation.settings import EngineSettings
 from tests.bot.conftest import bot_config, in_process_workers
@@ -372,3 +372,24 @@ async def test_readyz_answers_from_the_last_check_and_writes_nothing_per_request
     finally:
         await server.close()
         await core.close(drain_timeout_s=2.0)
+
+
+@pytest.mark.parametrize(
+    ("status", "summary"),
+    [
+        (
+            "Ray cluster at 10.0.0.5:6379 unreachable (since 12:00:00): Connection refused",
+            "the Ray cluster is unreachable",
+        ),
+        (
+            "Ray cluster at 10.0.0.5:6379 not answering for 9 s (3 failed look(s)): timeout",
+            "the Ray cluster is not answering",
+        ),
+        ("connecting to the Ray cluster at ray://10.0.0.5:10001", "connecting to the Ray cluster"),
+        ("Ray cluster at 10.0.0.5:6379: 3 GPU on 2 node(s)", "Ray: 3 GPU on 2 node(s)"),
+    ],
+)
+def test_readiness_names_the_ray_clusters_state_without_its_address(
+    status: str, summary: str
+) -> None:
+    assert ray_summary(status) == summary
