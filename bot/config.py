@@ -161,6 +161,14 @@ class WorkersConfig:
     ray_watch_interval_s: float = 5.0
     # Where the GPU boxes keep model files; empty: the [generation] cache_dir path.
     ray_cache_dir: str = ""
+    # How long looks at the cluster may fail (at least 3 in a row) before the bot gives up on
+    # its connection: running jobs are re-queued and every model reloads. At most 40 s: Ray's
+    # driver ends itself after 60 s without the head.
+    ray_outage_grace_s: float = 25.0
+    # CPUs each actor asks Ray for (at most its node's CPUs divided among its GPUs). Ray sets
+    # OMP_NUM_THREADS to this (1 below 1), so the CPU side of a job (PNG encoding, the
+    # captioner, anything offloaded) uses as many threads. 0: take no CPU of the node.
+    ray_actor_cpus: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -520,7 +528,18 @@ def _workers_backend(section: _Reader) -> WorkersConfig:
         ray_gpu_resource=section.get("ray_gpu_resource", str, "GPU").strip(),
         ray_watch_interval_s=section.positive("ray_watch_interval_s", float, 5.0),
         ray_cache_dir=section.get("ray_cache_dir", str, ""),
+        ray_outage_grace_s=section.positive("ray_outage_grace_s", float, 25.0),
+        ray_actor_cpus=section.get("ray_actor_cpus", float, 4.0),
     )
+    if config.ray_outage_grace_s > 40:
+        raise ConfigError(
+            f"{section.prefix}ray_outage_grace_s: must be at most 40 (Ray's driver gives up "
+            f"after 60 s without the head), got {config.ray_outage_grace_s:g}"
+        )
+    if config.ray_actor_cpus < 0:
+        raise ConfigError(
+            f"{section.prefix}ray_actor_cpus: must be >= 0, got {config.ray_actor_cpus:g}"
+        )
     if address not in ("auto", "local") and not _RAY_ADDRESS.match(address):
         raise ConfigError(
             f'{section.prefix}ray_address: must be "auto", "local", "host:port" or '

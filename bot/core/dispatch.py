@@ -355,6 +355,9 @@ class Dispatcher:
             return Ending(JobState.FAILED, error=exc.message)
         if isinstance(exc, WorkerCrashed):
             log.warning("job %d: %s", job.id, exc)
+            # Out of the ready set before the job is re-queued: it goes to another worker, or
+            # waits for this one's replacement, instead of bouncing off it while it restarts.
+            self._start_in_background(record.worker)
             return self._lifecycle.after_crash(job)
         log.error("job %d: unexpected failure", job.id, exc_info=exc)
         return Ending(JobState.FAILED, error="something went wrong")

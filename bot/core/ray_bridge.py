@@ -218,6 +218,15 @@ def bridge_main(conn: Connection, namespace: str, log_level: int) -> None:
         ).start()
 
 
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of an explicit cluster address ("host:6379" or "ray://host:10001"); None
+    for "auto" and "local", which name no port."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
 def _probe(address: tuple[str, int]) -> None:
     """Raises ConnectionError naming the address unless it takes a TCP connection."""
     try:
@@ -241,9 +250,11 @@ class _Calls:
         self._ops: dict[str, Callable[..., Any]] = {
             "connect": self.connect,
             "slots": self.slots,
+            "node_alive": self.node_alive,
             "create": self.create,
             "method": self.method,
             "kill": self.kill,
+            "held": self.held,
         }
 
     def run(self, op: str, args: tuple[Any, ...]) -> Any:
@@ -260,11 +271,11 @@ class _Calls:
     def connect(self, address: str) -> None:
         from bot.core.ray_workers import EngineActor
 
-        host, _, port = address.rpartition(":")
-        if host and port.isdigit():
+        target = host_port(address)
+        if target is not None:
             # Fails in milliseconds when nothing listens there, where ray.init retries for
             # minutes.
-            _probe((host, int(port)))
+            _probe(target)
         options: dict[str, Any] = {"namespace": self._namespace, "log_to_driver": True}
         if address == "local":
             self._ray.init(include_dashboard=False, **options)
@@ -275,19 +286,27 @@ class _Calls:
         self._actor_class = self._ray.remote(EngineActor)
         logging.getLogger(__name__).info("connected to the Ray cluster at %s", address)
 
-    def slots(self, resource: str) -> dict[tuple[str, int], str]:
-        """(node id, unit) -> node address for every unit of `resource` on live nodes."""
+    def slots(self, resource: str) -> dict[tuple[str, int], tuple[str, float, int]]:
+        """(node id, unit) -> (node address, the node's CPUs, its units of `resource`) for
+        every unit of `resource` on live nodes."""
         if self._gcs is not None:
             # Fails in milliseconds when the head is down, where ray.nodes() would hang.
             _probe(self._gcs)
-        slots: dict[tuple[str, int], str] = {}
+        slots: dict[tuple[str, int], tuple[str, float, int]] = {}
         for node in self._ray.nodes():
             if not node.get("Alive"):
                 continue
-            units = int(node.get("Resources", {}).get(resource, 0))
+            resources = node.get("Resources", {})
+            units = int(resources.get(resource, 0))
+            address = str(node.get("NodeManagerAddress", "?"))
             for unit in range(units):
-                slots[(node["NodeID"], unit)] = str(node.get("NodeManagerAddress", "?"))
+                slots[(node["NodeID"], unit)] = (address, float(resources.get("CPU", 0)), units)
         return slots
+
+    def node_alive(self, node_id: str) -> bool:
+        if self._gcs is not None:
+            _probe(self._gcs)
+        return any(n["NodeID"] == node_id and n.get("Alive") for n in self._ray.nodes())
 
     def create(self, key: str, node_id: str, options: dict[str, Any], *args: Any) -> None:
         """An actor pinned to `node_id` (it stands for a GPU of that node, and leaves with
@@ -305,9 +324,15 @@ class _Calls:
         return self._ray.get(getattr(handle, name).remote(*args))
 
     def kill(self, key: str) -> None:
+        # The handle goes first: an actor whose kill fails (it is already dead, or its node
+        # is unreachable) is not called again.
         handle = self._actors.pop(key, None)
         if handle is not None:
-            self._ray.kill(handle)
+            self._ray.kill(handle, no_restart=True)
+
+    def held(self) -> list[str]:
+        """The names of the actors this driver holds a handle on."""
+        return sorted(self._actors)
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):

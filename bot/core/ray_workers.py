@@ -51,7 +51,7 @@ from bot.core.execute import (
     safe_path,
     write_result,
 )
-from bot.core.ray_bridge import BridgeError, BridgeLost, RayBridge
+from bot.core.ray_bridge import BridgeError, BridgeLost, RayBridge, host_port
 from bot.core.worker_env import SECRETS
 from bot.core.workers import (
     JobTimeout,
@@ -73,7 +73,13 @@ CALL_TIMEOUT_S = 30.0
 # Connecting to the cluster (the bridge process starts, imports Ray and joins).
 CONNECT_TIMEOUT_S = 30.0
 # One look at the cluster's nodes.
-LOOK_TIMEOUT_S = 15.0
+LOOK_TIMEOUT_S = 10.0
+# Looks must fail this many times in a row, for `ray_outage_grace_s`, before the bot gives up on
+# its connection (which re-queues every running job and reloads every model).
+MIN_FAILED_LOOKS = 3
+# After a failed try at connecting, the next waits this long, doubling up to the limit.
+CONNECT_RETRY_FIRST_S = 2.0
+CONNECT_RETRY_MAX_S = 60.0
 # How long one progress call waits in the actor for the next step.
 PROGRESS_POLL_S = 1.0
 # Threads of an actor: the job, its progress poll, a cancel, and room for a describe.
@@ -139,6 +145,8 @@ class EngineActor:
             "pid": str(os.getpid()),
             "node_ip": ray.util.get_node_ip_address(),
             "gpus": gpus,
+            # What Ray set from the actor's CPUs (and torch read when it was imported).
+            "threads": os.environ.get("OMP_NUM_THREADS", ""),
         }
 
     def run(self, item: WorkItem, inputs: Mapping[str, bytes]) -> tuple[Any, ...]:
@@ -214,12 +222,24 @@ class ActorSpec:
     gpu_resource: str
     startup_timeout_s: float
     log_level: int
+    # At most this many CPUs an actor (`ray_actor_cpus`).
+    actor_cpus: float = 0.0
 
 
-def actor_options(gpu_resource: str) -> dict[str, Any]:
-    """Ray's options for one actor that takes one unit of `gpu_resource`."""
+def actor_cpus(wanted: float, node_cpus: float, node_units: int) -> float:
+    """An actor's CPUs: what is asked for, but never more than its share of the node's CPUs,
+    or some of its GPUs would get no actor."""
+    if wanted <= 0 or node_units <= 0:
+        return 0.0
+    # Rounded down to Ray's resource precision (1/10000 of a unit).
+    return min(wanted, int(node_cpus / node_units * 10_000) / 10_000)
+
+
+def actor_options(gpu_resource: str, cpus: float = 0.0) -> dict[str, Any]:
+    """Ray's options for one actor that takes one unit of `gpu_resource` and `cpus` CPUs (Ray
+    sets its OMP_NUM_THREADS to that, at least 1)."""
     options: dict[str, Any] = {
-        "num_cpus": 0,
+        "num_cpus": cpus,
         "max_concurrency": ACTOR_CONCURRENCY,
         "max_restarts": 0,
         # An actor runs in its node's environment, which may hold the bot's token (a node
@@ -246,6 +266,7 @@ class RayWorker:
         node_id: str,
         node_ip: str,
         slot: int,
+        cpus: float = 0.0,
     ) -> None:
         self.name = f"ray-{node_id[:8]}-{slot}"
         self.capacity = 1
@@ -253,6 +274,9 @@ class RayWorker:
         self.device = f"{spec.gpu_resource} #{slot}"
         self.node_id = node_id
         self.slot = slot
+        self.cpus = cpus
+        # The actor's OMP_NUM_THREADS, once it runs.
+        self.threads: str | None = None
         self.restarts = 0
         self.pid: int | None = None
         self._bridge = bridge
@@ -288,15 +312,32 @@ class RayWorker:
             if task.done() and self._starting is task:
                 self._starting = None
 
-    async def _spawn(self) -> str:
+    async def _spawn(self, replacing: str | None = None) -> str:
         spec = self._spec
+        if replacing is not None:
+            # Killed (and its handle dropped in the bridge) before anything takes its place: an
+            # actor that failed a call may still be alive, holding its GPU, and a replacement
+            # would wait for that GPU until it timed out.
+            await self._kill(replacing)
+        try:
+            alive = await self._bridge.call("node_alive", self.node_id, timeout_s=CALL_TIMEOUT_S)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise WorkerStartFailed(
+                f"worker {self.name}: could not check its node: {exc or type(exc).__name__}"
+            ) from exc
+        if not alive:
+            # An actor pinned to a node that is gone would wait for it until its start-up
+            # timeout; the pool drops this worker at its next look.
+            raise WorkerStartFailed(f"worker {self.name}: its Ray node {self.node} is gone")
         actor = f"{self._name_prefix}-{next(self._names)}"
         try:
             await self._bridge.call(
                 "create",
                 actor,
                 self.node_id,
-                actor_options(spec.gpu_resource),
+                actor_options(spec.gpu_resource, self.cpus),
                 spec.factory,
                 spec.settings,
                 spec.log_level,
@@ -319,6 +360,7 @@ class RayWorker:
             self._kill_later(actor)
             raise WorkerStartFailed(f"worker {self.name} is closed")
         self.pid = int(info["pid"])
+        self.threads = info.get("threads") or None
         self.node = info["node_ip"]
         if info["gpus"]:
             self.device = f"GPU {info['gpus']}"
@@ -326,11 +368,13 @@ class RayWorker:
         log.info("worker %s: engine ready in actor pid %s on %s", self.name, self.pid, self.node)
         return actor
 
-    def _restart_soon(self) -> None:
-        """Load the models again while the queue is quiet, not when the next job arrives."""
+    def _restart_soon(self, replacing: str) -> None:
+        """Load the models again while the queue is quiet, not when the next job arrives; the
+        actor being replaced is killed first."""
         if self._closed or (self._starting is not None and not self._starting.done()):
+            self._kill_later(replacing)
             return
-        self._starting = asyncio.create_task(self._spawn(), name=f"{self.name}-respawn")
+        self._starting = asyncio.create_task(self._spawn(replacing), name=f"{self.name}-respawn")
         self._starting.add_done_callback(self._restarted)
 
     def _restarted(self, task: asyncio.Task[str]) -> None:
@@ -342,20 +386,21 @@ class RayWorker:
         elif self._starting is task:
             self._starting = None
 
-    def _lost(self, actor: str, kill: bool) -> None:
+    def _lost(self, actor: str) -> None:
+        """The actor failed a job in a way the job did not report (it died, timed out, was
+        aborted, or its answer was lost): it is not used again, whatever state it is in."""
         if self._actor == actor:
             self._actor = None
-        if kill:
-            self._kill_later(actor)
         self.restarts += 1
-        self._restart_soon()
+        self._restart_soon(replacing=actor)
+
+    async def _kill(self, actor: str) -> None:
+        """`ray.kill` the actor and drop the bridge's handle on it (also when it is dead)."""
+        with contextlib.suppress(Exception):
+            await self._bridge.call("kill", actor, timeout_s=CALL_TIMEOUT_S)
 
     def _kill_later(self, actor: str) -> None:
-        async def kill() -> None:
-            with contextlib.suppress(Exception):
-                await self._bridge.call("kill", actor, timeout_s=CALL_TIMEOUT_S)
-
-        task = asyncio.get_running_loop().create_task(kill())
+        task = asyncio.get_running_loop().create_task(self._kill(actor))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def run(self, item: WorkItem, on_progress: ProgressSink, timeout_s: float) -> WorkOutcome:
@@ -406,22 +451,25 @@ class RayWorker:
             return reply
         except TimeoutError:
             log.warning("worker %s: job %d timed out; killing its actor", self.name, item.job_id)
-            self._lost(actor, kill=True)
+            self._lost(actor)
             raise JobTimeout(timeout_s) from None
         except asyncio.CancelledError:
             # Hard abort (cancel grace expired, or shutdown): only a new actor is sure to
             # have a free GPU.
-            self._lost(actor, kill=True)
+            self._lost(actor)
             raise
         except BridgeError as exc:
             if exc.kind == "task":
                 # `run` returns its errors; one that escapes it is a bug of the worker's.
                 log.error("worker %s: job %d: %s", self.name, item.job_id, exc)
                 raise JobError("the worker failed", "worker") from exc
-            self._lost(actor, kill=False)
-            raise WorkerCrashed(f"the Ray actor of worker {self.name} died: {exc}") from exc
+            # The actor died, or its node did, or the answer was lost on the way (the actor
+            # may be alive and still hold its GPU): killed before its replacement starts.
+            self._lost(actor)
+            raise WorkerCrashed(f"the Ray actor of worker {self.name} failed: {exc}") from exc
         except BridgeLost as exc:
-            self._lost(actor, kill=False)
+            # Ray ends the actors of a driver that is gone; the kill fails quietly.
+            self._lost(actor)
             raise WorkerCrashed(f"worker {self.name} lost its Ray cluster: {exc}") from exc
         finally:
             follower.cancel()
@@ -469,7 +517,8 @@ class RayWorker:
 
 class RayPool:
     """Connects to the cluster (through a `RayBridge`) and keeps the host's Ray workers in step
-    with its GPU nodes; throws the bridge away when the cluster stops answering."""
+    with its GPU nodes; throws the bridge away when the cluster has stopped answering for
+    `ray_outage_grace_s` (one slow look costs nothing)."""
 
     def __init__(
         self,
@@ -480,6 +529,7 @@ class RayPool:
         workers = config.workers
         self._address = workers.ray_address
         self._interval_s = workers.ray_watch_interval_s
+        self._grace_s = workers.ray_outage_grace_s
         self._data_dir = config.data_dir
         settings = config.engine
         if workers.ray_cache_dir:
@@ -490,6 +540,7 @@ class RayPool:
             gpu_resource=workers.ray_gpu_resource,
             startup_timeout_s=config.scheduler.worker_startup_timeout_s,
             log_level=log_level if log_level is not None else logging.getLogger().level,
+            actor_cpus=workers.ray_actor_cpus,
         )
         # Fails now, with the line to print, when Ray is not installed.
         import_ray(self._address)
@@ -497,7 +548,16 @@ class RayPool:
         self._bridge: RayBridge | None = None
         self._workers: dict[tuple[str, int], RayWorker] = {}
         self._task: asyncio.Task[None] | None = None
+        # Since when the cluster is given up on (no bridge), for the log line when it returns.
         self._down_since: float | None = None
+        # Failed looks in a row through a live bridge, and when the first of them started.
+        self._failed_looks = 0
+        self._failing_since: float | None = None
+        # Connecting again after a failed try waits this long (doubling up to a limit): a fresh
+        # bridge is a process that imports Ray, not something to start every few seconds.
+        self._connect_delay_s = 0.0
+        self._next_connect_at = 0.0
+        self.bridges_started = 0
         self.status = f"connecting to the Ray cluster at {self._address}"
 
     @property
@@ -508,6 +568,15 @@ class RayPool:
     def bridge_pid(self) -> int | None:
         """The process that holds the Ray connection now (None while disconnected)."""
         return self._bridge.pid if self._bridge is not None else None
+
+    async def actors_held(self) -> list[str]:
+        """The actors the bridge holds a handle on (each keeps its actor, and its GPU, alive);
+        one per live worker when all is well."""
+        bridge = self._bridge
+        if bridge is None:
+            return []
+        held: list[str] = await bridge.call("held", timeout_s=CALL_TIMEOUT_S)
+        return held
 
     async def start(self, host: WorkerHost) -> None:
         """Look at the cluster now, then every `ray_watch_interval_s`."""
@@ -526,29 +595,32 @@ class RayPool:
     async def refresh(self) -> None:
         """One look at the cluster: add workers for new GPUs, drop those of gone nodes."""
         assert self._host is not None
+        bridge = self._bridge
+        if bridge is None:
+            bridge = await self._reconnect()
+            if bridge is None:
+                return
         try:
-            bridge = await self._connected()
-            slots: dict[tuple[str, int], str] = await bridge.call(
+            slots: dict[tuple[str, int], tuple[str, float, int]] = await bridge.call(
                 "slots", self._spec.gpu_resource, timeout_s=LOOK_TIMEOUT_S
             )
-        except Exception as exc:
-            await self._unreachable(exc)
+        except BridgeLost as exc:
+            # The bridge process is gone (Ray's driver ended it): its actors went with it.
+            await self._give_up(exc)
             return
-        if self._down_since is not None:
-            log.warning(
-                "Ray cluster at %s answers again after %.0f s",
-                self._address,
-                time.monotonic() - self._down_since,
-            )
-            self._down_since = None
+        except Exception as exc:
+            await self._look_failed(exc)
+            return
+        self._answered()
         for key in [k for k in self._workers if k not in slots]:
             worker = self._workers.pop(key)
             log.info("worker %s left with its Ray node %s", worker.name, worker.node)
             await self._host.remove_worker(worker)
-        for key, node_ip in slots.items():
+        for key, (node_ip, node_cpus, units) in slots.items():
             if key not in self._workers:
                 node_id, slot = key
-                worker = RayWorker(bridge, self._spec, self._data_dir, node_id, node_ip, slot)
+                cpus = actor_cpus(self._spec.actor_cpus, node_cpus, units)
+                worker = RayWorker(bridge, self._spec, self._data_dir, node_id, node_ip, slot, cpus)
                 self._workers[key] = worker
                 log.info("worker %s joined on Ray node %s", worker.name, node_ip)
                 self._host.add_worker(worker)
@@ -558,17 +630,94 @@ class RayPool:
             f"on {nodes} node(s)"
         )
 
-    async def _connected(self) -> RayBridge:
-        if self._bridge is None:
-            bridge = RayBridge(self._address, NAMESPACE, self._spec.log_level)
-            # Bounded: `ray.init` against an address where nothing answers retries for minutes.
+    async def _reconnect(self) -> RayBridge | None:
+        """A fresh bridge, or None (and the status says why) when the cluster is not there or
+        the last try was too recent."""
+        now = time.monotonic()
+        if now < self._next_connect_at:
+            return None
+        try:
+            # Milliseconds when nothing listens there, where starting a bridge costs a process.
+            await probe_address(self._address)
+        except (OSError, TimeoutError) as exc:
+            self._unreachable(exc)
+            return None
+        bridge = RayBridge(self._address, NAMESPACE, self._spec.log_level)
+        self.bridges_started += 1
+        try:
+            # Bounded: `ray.init` against an address that does not answer retries for minutes.
             await bridge.start(CONNECT_TIMEOUT_S)
-            self._bridge = bridge
-        return self._bridge
+        except Exception as exc:
+            self._connect_delay_s = min(
+                max(self._connect_delay_s * 2, CONNECT_RETRY_FIRST_S), CONNECT_RETRY_MAX_S
+            )
+            self._next_connect_at = time.monotonic() + self._connect_delay_s
+            self._unreachable(exc, f"; next try in {self._connect_delay_s:g} s")
+            return None
+        self._connect_delay_s = 0.0
+        self._bridge = bridge
+        return bridge
 
-    async def _unreachable(self, exc: BaseException) -> None:
+    def _answered(self) -> None:
+        if self._down_since is not None:
+            log.warning(
+                "Ray cluster at %s answers again after %.0f s",
+                self._address,
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None
+        elif self._failing_since is not None:
+            log.warning(
+                "Ray cluster at %s answers again after %d failed look(s) in %.0f s; "
+                "nothing was lost",
+                self._address,
+                self._failed_looks,
+                time.monotonic() - self._failing_since,
+            )
+        self._failed_looks = 0
+        self._failing_since = None
+
+    async def _look_failed(self, exc: BaseException) -> None:
+        """A look through a live bridge failed: the workers and their jobs carry on (their
+        calls go to the actors, not to the head) until looks have failed for the grace time."""
+        now = time.monotonic()
+        reason = _reason(exc)
+        self._failed_looks += 1
+        if self._failing_since is None:
+            self._failing_since = now - (LOOK_TIMEOUT_S if isinstance(exc, TimeoutError) else 0)
+            log.warning(
+                "Ray cluster at %s did not answer a look (%s); jobs carry on, and the bot "
+                "gives up on the connection if it does not answer for %g s",
+                self._address,
+                reason,
+                self._grace_s,
+            )
+        failing_s = now - self._failing_since
+        if self._failed_looks >= MIN_FAILED_LOOKS and failing_s >= self._grace_s:
+            await self._give_up(exc)
+            return
+        self.status = (
+            f"Ray cluster at {self._address} not answering for {failing_s:.0f} s "
+            f"({self._failed_looks} failed look(s)): {reason}"
+        )
+
+    async def _give_up(self, exc: BaseException) -> None:
+        """Throw the bridge away (Ray ends the actors of a driver that leaves); every worker
+        goes, and their running jobs are re-queued."""
         assert self._host is not None
-        reason = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        self._failed_looks = 0
+        self._failing_since = None
+        self._unreachable(exc)
+        # First, so the workers' calls fail at once instead of waiting on a dead cluster; a
+        # fresh bridge next time, as Ray's driver does not survive a restarted head.
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            await bridge.discard()
+        for key in list(self._workers):
+            await self._host.remove_worker(self._workers.pop(key))
+
+    def _unreachable(self, exc: BaseException, then: str = "") -> None:
+        reason = _reason(exc)
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.error(
@@ -577,14 +726,7 @@ class RayPool:
                 reason,
             )
         since = time.strftime("%H:%M:%S", time.localtime(time.time()))
-        self.status = f"Ray cluster at {self._address} unreachable (since {since}): {reason}"
-        # First, so the workers' calls fail at once instead of waiting on a dead cluster; a
-        # fresh bridge next time, as Ray's driver does not survive a restarted head.
-        bridge, self._bridge = self._bridge, None
-        if bridge is not None:
-            await bridge.discard()
-        for key in list(self._workers):
-            await self._host.remove_worker(self._workers.pop(key))
+        self.status = f"Ray cluster at {self._address} unreachable (since {since}): {reason}{then}"
 
     async def stop_watching(self) -> None:
         task, self._task = self._task, None
@@ -599,3 +741,23 @@ class RayPool:
         bridge, self._bridge = self._bridge, None
         if bridge is not None:
             await bridge.close()
+
+
+def _reason(exc: BaseException) -> str:
+    return "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+
+
+async def probe_address(address: str, timeout_s: float = 2.0) -> None:
+    """Raises OSError (or TimeoutError) unless the cluster's address takes a TCP connection."""
+    target = host_port(address)
+    if target is None:
+        return
+    host, port = target
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConnectionError(f"{host}:{port}: {reason}") from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()

@@ -42,11 +42,23 @@ def test_ray_addresses_that_are_accepted(address: str) -> None:
         ({"ray_gpu_resource": " "}, "workers.ray_gpu_resource: must not be empty"),
         ({"ray_watch_interval_s": 0}, "workers.ray_watch_interval_s: must be > 0"),
         ({"ray_workers": 2}, "workers.ray_workers: unknown setting"),
+        ({"ray_outage_grace_s": 0}, "workers.ray_outage_grace_s: must be > 0"),
+        ({"ray_outage_grace_s": 50}, "workers.ray_outage_grace_s: must be at most 40"),
+        ({"ray_actor_cpus": -1}, "workers.ray_actor_cpus: must be >= 0"),
+        ({"ray_actor_cpus": "4"}, "workers.ray_actor_cpus: must be float"),
     ],
 )
 def test_bad_workers_settings_name_the_key(table: dict[str, object], error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         parse_config({"workers": table})
+
+
+def test_ray_outage_grace_and_actor_cpus_are_read() -> None:
+    table = {"backend": "ray", "ray_outage_grace_s": 30, "ray_actor_cpus": 0.5}
+    workers = parse_config({"workers": table}).workers
+    assert (workers.ray_outage_grace_s, workers.ray_actor_cpus) == (30.0, 0.5)
+    defaults = parse_config({"workers": {"backend": "ray"}}).workers
+    assert (defaults.ray_outage_grace_s, defaults.ray_actor_cpus) == (25.0, 4.0)
 
 
 def test_a_worker_count_beside_the_ray_backend_is_refused_not_ignored() -> None:

@@ -9,7 +9,11 @@ the cluster's nodes puts them back as they were, so the tests run in any order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +24,11 @@ from PIL import Image
 from ray.cluster_utils import Cluster
 
 from bot.config import Config, WorkersConfig
-from bot.core import Core, JobKind, JobState, Owner, ProgressUpdate
+from bot.core import Core, JobKind, JobState, Owner, ProgressUpdate, Started
 from bot.core.models import Finished, LedgerKind
-from bot.core.ray_workers import NAMESPACE, RayWorker, actor_options
+from bot.core.ray_bridge import RayBridge
+from bot.core.ray_workers import NAMESPACE, ActorSpec, RayWorker, actor_cpus, actor_options
+from bot.core.workers import WorkerStartFailed
 from bot.health import core_checks
 from generation.contract import variation_request
 from generation.images import parse_a1111_parameters, read_parameters
@@ -36,6 +42,10 @@ from tests.core.conftest import (
 from tests.core.ray_temp import private_ray_temp
 
 FAKE_GPU = "fake_gpu"
+# A second resource of the same node with a single unit: one worker, whose replacement can only
+# be placed once the actor it replaces has let go of the unit.
+SOLO_GPU = "solo_gpu"
+GPU_NODE = {FAKE_GPU: 2, SOLO_GPU: 1}
 RECORDING = "tests.core.fakes:create_engine_recording_its_jobs"
 DEVICE_RECORDING = "tests.core.fakes:create_engine_recording_its_device"
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
@@ -50,7 +60,7 @@ def cluster() -> Iterator[Cluster]:
             head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": str(temp_dir)},
         )
         try:
-            started.add_node(num_cpus=1, resources={FAKE_GPU: 2})
+            started.add_node(num_cpus=1, resources=GPU_NODE)
             started.wait_for_nodes()
             # The tests' own driver, to kill actors from outside the bot as Ray or an operator
             # would.
@@ -165,28 +175,48 @@ async def test_a_killed_actor_costs_one_attempt_and_the_job_completes_on_another
 
 
 def test_the_gpu_resource_asks_ray_for_a_whole_gpu_and_any_other_for_one_unit() -> None:
-    gpu = actor_options("GPU")
+    gpu = actor_options("GPU", 2.0)
     assert gpu["num_gpus"] == 1 and "resources" not in gpu
-    custom = actor_options(FAKE_GPU)
+    custom = actor_options(FAKE_GPU, 0.5)
     assert custom["resources"] == {FAKE_GPU: 1} and "num_gpus" not in custom
-    # The actor's threads need no CPU of the node: the GPU is what it holds.
-    assert gpu["num_cpus"] == custom["num_cpus"] == 0
+    assert (gpu["num_cpus"], custom["num_cpus"]) == (2.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("wanted", "node_cpus", "units", "cpus"),
+    [
+        (4.0, 64.0, 8, 4.0),  # plenty: what is asked for
+        (4.0, 8.0, 4, 2.0),  # a node's CPUs shared among its GPUs, so each GPU gets an actor
+        (4.0, 1.0, 3, 0.3333),  # rounded down to Ray's precision
+        (4.0, 0.0, 2, 0.0),  # a node that offers no CPU
+        (0.0, 64.0, 8, 0.0),  # asked for none
+    ],
+)
+def test_an_actor_asks_for_its_cpus_but_never_more_than_its_share_of_the_node(
+    wanted: float, node_cpus: float, units: int, cpus: float
+) -> None:
+    assert actor_cpus(wanted, node_cpus, units) == cpus
 
 
 async def test_with_ray_gpus_each_actor_is_pinned_to_its_own_gpu(
     tmp_path: Path, cluster: Cluster
 ) -> None:
     # A node that declares two GPUs: Ray hands each actor one and sets its CUDA_VISIBLE_DEVICES
-    # (no CUDA is needed for that; the fake engine records what its process was given).
-    node = cluster.add_node(num_cpus=0, num_gpus=2)
+    # (no CUDA is needed for that; the fake engine records what its process was given). Its
+    # four CPUs are shared out too: asked for 4 each (the default), each actor gets 2, and Ray
+    # sets its OMP_NUM_THREADS to 2 (an actor that takes no CPU gets 1).
+    node = cluster.add_node(num_cpus=4, num_gpus=2)
     try:
         config = ray_config(tmp_path, cluster, resource="GPU")
+        assert config.workers.ray_actor_cpus == 4.0  # the default
         core = await Core.open(config, engine_factory=DEVICE_RECORDING)
         try:
             await ready_workers(core, 2)
             view = core.admin.workers()
             assert view.backend.endswith("2 GPU on 1 node(s)")
             assert sorted(w.device for w in view.workers) == ["GPU 0", "GPU 1"]
+            assert core.ray_pool is not None
+            assert [(w.cpus, w.threads) for w in core.ray_pool.workers] == [(2.0, "2")] * 2
             job = await core.scheduler.submit(ALICE, request("a red fox"))
             assert (await finished(core, job.id, timeout_s=60)).state is JobState.SUCCEEDED
         finally:
@@ -240,5 +270,77 @@ async def test_jobs_wait_while_no_gpu_node_is_up_and_run_when_one_joins(
         # The module's other tests, in whatever order they run, find the cluster as it was.
         for node in list(cluster.worker_nodes):
             cluster.remove_node(node)
-        cluster.add_node(num_cpus=1, resources={FAKE_GPU: 2})
+        cluster.add_node(num_cpus=1, resources=GPU_NODE)
         cluster.wait_for_nodes()
+
+
+async def test_an_actor_cut_off_mid_job_is_killed_before_its_replacement_takes_its_gpu(
+    tmp_path: Path, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The actor is frozen mid-job (SIGSTOP): alive, holding its GPU, and not answering, as behind
+    # a network partition. With short gRPC keepalives in the bridge, Ray reports it unavailable
+    # (an actor error, not the job's). Its one-unit resource is free for a replacement only once
+    # it is killed.
+    monkeypatch.setenv("RAY_grpc_client_keepalive_time_ms", "1000")
+    monkeypatch.setenv("RAY_grpc_client_keepalive_timeout_ms", "1000")
+    config = ray_config(tmp_path, cluster, resource=SOLO_GPU, step_s=0.05)
+    core = await Core.open(config, engine_factory=RECORDING)
+    frozen: int | None = None
+    try:
+        await ready_workers(core, 1)
+        assert core.ray_pool is not None
+        (worker,) = core.ray_pool.workers
+        first_actor = worker.actor_name
+        job = await core.scheduler.submit(ALICE, request("a fox in the snow", steps=40))
+        starts = 0
+        async with asyncio.timeout(90):
+            async with core.scheduler.subscribe(job.id) as events:
+                async for event in events:
+                    if isinstance(event, Started):
+                        starts += 1
+                    if isinstance(event, ProgressUpdate) and frozen is None:
+                        frozen = worker.pid
+                        assert frozen is not None
+                        os.kill(frozen, signal.SIGSTOP)
+                    if isinstance(event, Finished):
+                        done = event.job
+                        break
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.attempts == 2
+        # Out of the ready set before the job was re-queued: it waited for the replacement
+        # instead of being handed to the worker while its actor was being replaced.
+        assert starts == 2
+        runs = (tmp_path / "markers" / "jobs").read_text().splitlines()
+        assert [line.split(" ", 1)[1] for line in runs] == ["a fox in the snow"]
+        assert runs[0].split()[0] != str(frozen)
+        # Killed in Ray (its name is free) and no longer held by the bridge.
+        assert first_actor is not None and worker.actor_name != first_actor
+        with pytest.raises(ValueError):
+            ray.get_actor(first_actor, namespace=NAMESPACE)
+        assert await core.ray_pool.actors_held() == [worker.actor_name]
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=5.0)
+        if frozen is not None:
+            # Ray counts it dead once killed; the stopped process itself is ours to end.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGKILL)
+
+
+async def test_no_actor_is_placed_on_a_node_that_is_gone(tmp_path: Path, cluster: Cluster) -> None:
+    config = ray_config(tmp_path, cluster)
+    bridge = RayBridge(cluster.address, NAMESPACE, logging.INFO)
+    await bridge.start(60)
+    spec = ActorSpec(RECORDING, config.engine, FAKE_GPU, 300.0, logging.INFO)
+    # A node id the cluster does not know (one that left looks the same).
+    worker = RayWorker(bridge, spec, config.data_dir, "ab" * 28, "127.0.0.1", 0)
+    try:
+        # Checked before placing: not an actor left waiting for the node until its start-up
+        # timeout (300 s here).
+        async with asyncio.timeout(60):
+            with pytest.raises(WorkerStartFailed, match=r"its Ray node 127\.0\.0\.1 is gone"):
+                await worker.start()
+        assert await bridge.call("held", timeout_s=10) == []
+    finally:
+        await worker.close()
+        await bridge.close()
