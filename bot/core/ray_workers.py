@@ -134,7 +134,8 @@ class EngineActor:
         self._current: int | None = None
         self._cancel = threading.Event()
         self._cancelled: set[int] = set()
-        self._progress: dict[int, tuple[int, int]] = {}
+        # job -> (step, total, the preview PNG of that step or None)
+        self._progress: dict[int, tuple[int, int, bytes | None]] = {}
 
     def describe(self) -> dict[str, str]:
         """Where this actor runs; answering at all means the engine is ready."""
@@ -162,7 +163,7 @@ class EngineActor:
 
             def progress(update: Progress) -> None:
                 with self._changed:
-                    self._progress[item.job_id] = (update.step, update.total)
+                    self._progress[item.job_id] = (update.step, update.total, update.preview_png)
                     self._changed.notify_all()
 
             return ("done", render_job(self._engine, item, request, progress, event))
@@ -192,12 +193,15 @@ class EngineActor:
                 path.write_bytes(data)
             return prepare_request(root, item)
 
-    def progress(self, job_id: int, after_step: int, wait_s: float) -> tuple[int, int] | None:
-        """The job's latest (step, total) once it is past `after_step`, or whatever is known
-        after `wait_s`; None while the job is not running here."""
+    def progress(
+        self, job_id: int, after_step: int, wait_s: float
+    ) -> tuple[int, int, bytes | None] | None:
+        """The job's latest (step, total, preview PNG) once it is past `after_step`, or
+        whatever is known after `wait_s`; None while the job is not running here."""
 
         def moved() -> bool:
-            return self._current != job_id or self._progress.get(job_id, (0, 0))[0] > after_step
+            latest = self._progress.get(job_id)
+            return self._current != job_id or (latest is not None and latest[0] > after_step)
 
         with self._changed:
             self._changed.wait_for(moved, wait_s)
@@ -492,7 +496,10 @@ class RayWorker:
                 continue
             if update[0] > step:
                 step = update[0]
-                on_progress(update[0], update[1])
+                if update[2] is not None:
+                    on_progress(update[0], update[1], update[2])
+                else:
+                    on_progress(update[0], update[1])
 
     async def cancel(self, job_id: int) -> None:
         actor = self._actor

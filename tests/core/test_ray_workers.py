@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import signal
@@ -89,9 +90,8 @@ async def test_jobs_run_in_ray_actors_on_the_real_tiny_engine(
     tmp_path: Path, cluster: Cluster
 ) -> None:
     config = ray_config(tmp_path, cluster)
-    config = dataclasses.replace(
-        config, engine=dataclasses.replace(config.engine, device="cpu", extra={})
-    )
+    engine = dataclasses.replace(config.engine, device="cpu", extra={}, preview_interval_s=0.0)
+    config = dataclasses.replace(config, engine=engine)
     core = await Core.open(config)
     try:
         await ready_workers(core, 2, timeout_s=180)
@@ -101,9 +101,25 @@ async def test_jobs_run_in_ray_actors_on_the_real_tiny_engine(
         assert all(w.node and w.name.startswith("ray-") for w in view.workers)
 
         job = await core.scheduler.submit(
-            ALICE, request("a lighthouse at dusk", steps=3, num_candidates=2, num_kept=2, seed=5)
+            ALICE,
+            request(
+                "a lighthouse at dusk", steps=3, num_candidates=2, num_kept=2, seed=5, preview=True
+            ),
         )
-        done = await finished(core, job.id, timeout_s=120)
+        previews: list[bytes | None] = []
+        async with asyncio.timeout(120), core.scheduler.subscribe(job.id) as events:
+            async for event in events:
+                if isinstance(event, ProgressUpdate):
+                    previews.append(event.preview_png)
+                if isinstance(event, Finished):
+                    done = event.job
+                    break
+        # Live previews come back from the actor with the steps: the candidates as they stand,
+        # two 64x64 ones as two 8x8 latents, doubled, side by side.
+        shown = [p for p in previews if p is not None]
+        assert shown, previews
+        with Image.open(io.BytesIO(shown[-1])) as preview:
+            assert (preview.format, preview.size) == ("PNG", (32, 16))
         assert done.state is JobState.SUCCEEDED, done.error
         assert done.result is not None and sorted(done.result.seeds) == [5, 6]
         # Written by the bot into its own data folder, with the engine's PNG metadata.
