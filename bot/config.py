@@ -296,6 +296,7 @@ def _engine(section: _Reader, data_dir: Path, base_dir: Path) -> EngineSettings:
         upscale_strength_creative=section.get(
             "upscale_strength_creative", float, defaults.upscale_strength_creative
         ),
+        edit_strength=section.get("edit_strength", float, defaults.edit_strength),
         preview_interval_s=section.get("preview_interval_s", float, defaults.preview_interval_s),
         upscaler=section.choice("upscaler", ("auto", "hires", "realesrgan"), defaults.upscaler),
         local_files_only=section.get("local_files_only", bool, defaults.local_files_only),
@@ -323,6 +324,7 @@ def _engine(section: _Reader, data_dir: Path, base_dir: Path) -> EngineSettings:
         "variation_strength_strong",
         "upscale_strength",
         "upscale_strength_creative",
+        "edit_strength",
     )
     for name in strengths:
         if not 0.0 < getattr(settings, name) <= 1.0:

@@ -43,6 +43,7 @@ from generation.contract import (
 from generation.controlnet import ControlJob, ControlNets
 from generation.decoding import decode_latents, kept_dtype
 from generation.describe import describe_picture
+from generation.init_latents import encode_edit, encode_picture
 from generation.ip_adapter import NO_PICTURES, Conditioning, ImageAdapter
 from generation.ip_adapter import prepare as prepare_conditioning
 from generation.lora import LoraSet, apply_trigger_words, requested_loras
@@ -599,14 +600,34 @@ class DiffusersEngine:
             "callback_on_step_end": functools.partial(_on_step_end, state=state),
             "callback_on_step_end_tensor_inputs": ["latents"],
         }
+        # The picture every candidate starts from, VAE-encoded once (not once per candidate)
+        # inside the call's try below.
+        encode: Any = None
         if edit is not None:
-            kwargs.update(outpaint.pipeline_kwargs(edit, count))
+            channels = loaded.inpaint.unet.config.in_channels
+            strength = outpaint.edit_strength(channels, self.settings.edit_strength, request.steps)
+            kwargs.update(outpaint.pipeline_kwargs(edit, count, strength))
             kwargs.update(_repeat_prompt(prompt_kwargs, count))
+
+            def encode() -> dict[str, Any]:
+                assert edit is not None
+                latents = encode_edit(
+                    loaded.inpaint,
+                    edit.image,
+                    edit.mask,
+                    loaded.spec.family,
+                    needs_image=strength < 1.0,
+                )
+                return latents.pipeline_kwargs(count)
         elif img2img:
-            # The list form: one prompt and one image per candidate, each with its generator.
-            kwargs["image"] = [init_image] * count
+            # The list form: one prompt per candidate, each with its generator.
             kwargs["strength"] = request.strength or conditioning.strength
             kwargs.update(_repeat_prompt(prompt_kwargs, count))
+
+            def encode() -> dict[str, Any]:
+                assert init_image is not None
+                latents = encode_picture(loaded.img2img, init_image, loaded.spec.family)
+                return {"image": latents.repeat(count, 1, 1, 1)}
         else:
             kwargs["width"] = request.width
             kwargs["height"] = request.height
@@ -626,6 +647,8 @@ class DiffusersEngine:
                 kept_dtype(pipe.vae),
                 torch.inference_mode(),
             ):
+                if encode is not None:
+                    kwargs.update(encode())
                 latents = pipe(**kwargs).images
                 return self._decode(loaded.spec, pipe, latents, tiled)
         finally:

@@ -5,11 +5,12 @@ Every edit is the same three moves on a canvas (the request's width x height):
 1. `prepare`: the source goes where `generation.canvas.placement` says; a new area around it
    is pre-filled so the model has context (the source's edges stretched outwards, blurred, with
    seeded noise on top); the mask is white where the model paints.
-2. The engine runs an inpainting pipeline at full strength inside the mask, on all candidates
-   in one batch (`pipeline_kwargs`). With the model's own 4-channel UNet that is diffusers'
-   masked latent blending (`AutoPipelineForInpainting.from_pipe`); a model with an
-   `inpaint_source` gets that checkpoint's 9-channel UNet instead (`inpaint_pipeline`), sharing
-   the text encoder and VAE.
+2. The engine runs an inpainting pipeline inside the mask, on all candidates in one batch
+   (`pipeline_kwargs`). A model with an `inpaint_source` gets that checkpoint's 9-channel UNet
+   (`inpaint_pipeline`), sharing the text encoder and VAE, at full strength. Without one, the
+   model's own 4-channel UNet paints by diffusers' masked latent blending
+   (`AutoPipelineForInpainting.from_pipe`), from the pre-filled canvas noised to
+   `edit_strength` (0.8) rather than from pure noise, so that the pre-fill conditions it.
 3. `composite`: the painted pixels are pasted at full strength over the whole painted area,
    and the feather reaches `feather_px` pixels into the kept side: there the model's own
    repaint of the kept image (it paints the whole canvas, in the kept area from the kept
@@ -41,6 +42,7 @@ __all__ = [
     "Canvas",
     "check_mask",
     "composite",
+    "edit_strength",
     "inpaint_pipeline",
     "offload_unet",
     "pipeline_kwargs",
@@ -148,16 +150,31 @@ def composite(canvas: Canvas, painted: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
 
 
-def pipeline_kwargs(canvas: Canvas, count: int) -> dict[str, Any]:
-    """Inpainting pipeline arguments for `count` candidates (the list form, one per generator)."""
+def edit_strength(unet_channels: int, configured: float, steps: int) -> float:
+    """How strongly an edit repaints its new area.
+
+    A 9-channel inpainting UNet sees the kept image and the mask beside its latents and paints
+    from pure noise (1.0). The model's own 4-channel UNet sees only its latents: from pure
+    noise it ignores the pre-fill and leaves an outline where the new area meets the kept one,
+    so it starts from the pre-filled canvas noised to `configured` (`edit_strength`), at least
+    one step's worth.
+    """
+    if unet_channels == 9 or int(steps * configured) < 1:
+        return 1.0
+    return configured
+
+
+def pipeline_kwargs(canvas: Canvas, count: int, strength: float = 1.0) -> dict[str, Any]:
+    """Inpainting pipeline arguments for `count` candidates (the list form, one per
+    generator), but for the canvas picture, which the engine encodes once
+    (generation.init_latents)."""
     return {
-        "image": [canvas.image] * count,
         "mask_image": [canvas.mask] * count,
         "width": canvas.image.width,
         "height": canvas.image.height,
-        # Full strength: the painted area starts from pure noise; the kept latents are blended
-        # back (4-channel UNet) or given to the UNet as its masked-image input (9-channel).
-        "strength": 1.0,
+        # The kept latents are blended back each step (4-channel UNet) or given to the UNet as
+        # its masked-image input (9-channel).
+        "strength": strength,
     }
 
 

@@ -169,6 +169,11 @@ class EngineSettings:
     upscale_strength: float = 0.3
     # Upscale (Creative): a hires fix strong enough to add detail.
     upscale_strength_creative: float = 0.55
+    # Zoom, pan, square and region edits painted by a model's own 4-channel UNet (no
+    # inpaint_source) start from the pre-filled canvas noised to this strength, so the
+    # pre-fill steers them (generation.outpaint.edit_strength); 0.8 is the default of
+    # AUTOMATIC1111's outpainting scripts. A 9-channel inpainting UNet always paints at 1.0.
+    edit_strength: float = 0.8
     upscaler: str = "auto"  # auto | hires | realesrgan
     local_files_only: bool = False
     # Small cards: keep only the module that is running on the GPU (CUDA only; slower per job).
@@ -257,6 +262,8 @@ class EngineSettings:
             raise ValueError(
                 f"preview_interval_s: must be at least 0, got {self.preview_interval_s}"
             )
+        if not 0.0 < self.edit_strength <= 1.0:
+            raise ValueError(f"edit_strength: must be in (0, 1], got {self.edit_strength}")
         if self.max_loaded_models < 1:
             raise ValueError(f"max_loaded_models: must be at least 1, got {self.max_loaded_models}")
         for spec in self.models:

@@ -44,6 +44,25 @@ def test_shipped_config_documents_the_defaults():
     assert (engine.cpu_offload, engine.vae_tiling, engine.max_loaded_models) == (False, False, 2)
 
 
+def test_edit_strength_and_inpainting_checkpoints_reach_the_engine_settings():
+    inpainting = {**SD15, "inpaint_source": "stable-diffusion-v1-5/stable-diffusion-inpainting"}
+    engine = parse_config(
+        {
+            "generation": {
+                "models": [inpainting],
+                "clip_model": REAL_CLIP_MODEL,
+                "edit_strength": 0.9,
+            }
+        }
+    ).engine
+    assert engine.edit_strength == 0.9
+    assert engine.model("sd15").inpaint_source == inpainting["inpaint_source"]
+    assert load_config(REPO / "config.toml").engine.edit_strength == 0.8
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match=r"^generation\.edit_strength: must be in \(0, 1\]"):
+            parse_config({"generation": {"edit_strength": bad}})
+
+
 def test_real_model_with_the_tiny_clip_is_a_config_error():
     with pytest.raises(ConfigError, match=rf"^generation\.clip_model: .*{REAL_CLIP_MODEL}"):
         parse_config({"generation": {"models": [SD15]}})

@@ -344,8 +344,9 @@ def test_uploaded_masks_are_checked() -> None:
 
 def test_previews_come_with_the_progress_only_when_asked(edit_engine: Any) -> None:
     updates: list[Progress] = []
+    # 4 steps at the 4-channel path's edit_strength 0.8: 3 denoising steps.
     request = contract.zoom_request(parent(), source_image(), factor=2.0, seed=3).with_changes(
-        steps=3
+        steps=4
     )
     edit_engine.generate(request.with_changes(preview=True), progress=updates.append)
     previews = [u.preview_png for u in updates if u.preview_png is not None]
