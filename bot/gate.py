@@ -93,7 +93,11 @@ class InteractionGate:
         user_id = _user_id(data)
         if user_id is not None:
             self.refusals.record(user_id)
-        interaction: discord.Interaction[Any] = discord.Interaction(data=data, state=state)  # type: ignore[arg-type]
+        try:
+            interaction: discord.Interaction[Any] = discord.Interaction(data=data, state=state)  # type: ignore[arg-type]
+        except Exception:  # a payload discord.py can't read: refused all the same, unanswered
+            log.exception("could not read refused interaction %s", data.get("id"))
+            return
         task = asyncio.create_task(_answer(interaction, text), name="gate-refusal")
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
