@@ -50,8 +50,6 @@ from generation.contract import (
     PanDirection,
     Region,
     UpscaleMode,
-    describe_request,
-    variation_request,
 )
 from generation.contract import JobKind as GenerationKind
 from generation.prompt import (
@@ -62,6 +60,7 @@ from generation.prompt import (
     parse_jobs,
     size_for_aspect,
 )
+from generation.requests import describe_request, variation_request
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,6 @@ from generation.contract import (
     PromptPart,
     Region,
     UpscaleMode,
-    pan_request,
-    region_request,
-    square_request,
-    upscale_request,
-    zoom_request,
 )
 from generation.prompt import (
     ImagineOptions,
@@ -44,6 +39,13 @@ from generation.prompt import (
     typed_flags,
 )
 from generation.references import WEIGHT_ROLES
+from generation.requests import (
+    pan_request,
+    region_request,
+    square_request,
+    upscale_request,
+    zoom_request,
+)
 from generation.settings import EngineSettings
 
 # An upscale doubles each side; its source was made at half the size.

@@ -31,9 +31,8 @@ from generation.contract import (
     JobKind,
     Progress,
     Sampler,
-    upscale_request,
-    variation_request,
 )
+from generation.requests import upscale_request, variation_request
 from generation.settings import TINY, EngineSettings, ModelSpec
 
 log = logging.getLogger("generation.cli")

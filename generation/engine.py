@@ -53,7 +53,12 @@ from generation.samplers import make_scheduler
 from generation.settings import TINY, EngineSettings, ModelSpec
 from generation.single_file import load_single_file
 from generation.tiling import seamless_tiling
-from generation.weighted_prompt import WeightedPromptEncoder, needs_weighted_prompt, weighted_parts
+from generation.weighted_prompt import (
+    WeightedPromptEncoder,
+    needs_weighted_prompt,
+    too_long_for_one_window,
+    weighted_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -744,21 +749,25 @@ class DiffusersEngine:
     # ----------------------------------------------------------------------------- prompts
 
     def _encode_prompt(self, loaded: _Loaded, request: GenerationRequest) -> dict[str, Any]:
-        """Pipeline keyword arguments for the prompt: plain text, or weighted embeddings."""
+        """Pipeline keyword arguments for the prompt: plain text, or embeddings (weighted
+        multi-prompts, and prompts longer than one 77-token window, which the plain path
+        would cut)."""
         if not needs_weighted_prompt(request):
             text = request.prompt
             if not text.strip():
                 # A /blend has no words at all; the pictures alone steer it.
                 text = request.prompt_parts[0].text if request.prompt_parts else ""
-            return {"prompt": text, "negative_prompt": request.negative_prompt or None}
+            if not too_long_for_one_window(loaded.text2img, text, request.negative_prompt):
+                return {"prompt": text, "negative_prompt": request.negative_prompt or None}
+            parts = [(text, 1.0)]
+        else:
+            parts = weighted_parts(request.prompt_parts)
         if loaded.prompt_encoder is None:
             loaded.prompt_encoder = WeightedPromptEncoder(loaded.text2img, loaded.spec.family)
         import torch
 
         with torch.inference_mode():
-            return loaded.prompt_encoder.encode(
-                weighted_parts(request.prompt_parts), request.negative_prompt, request.prompt
-            )
+            return loaded.prompt_encoder.encode(parts, request.negative_prompt, request.prompt)
 
     # ----------------------------------------------------------------------------- loading
 

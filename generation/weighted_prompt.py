@@ -1,4 +1,12 @@
-"""Midjourney `a::2 b::1` multi-prompts: their weights, and their embeddings through compel."""
+"""Prompt embeddings through compel: Midjourney `a::2 b::1` multi-prompts and their weights, and
+prompts longer than CLIP's 77-token window.
+
+diffusers' plain path cuts a prompt at 77 tokens (75 words' worth of pieces) and says so only
+in a log line. A longer prompt or negative prompt is encoded here instead, in windows of 75
+tokens whose embeddings are concatenated (compel's long-prompt mode, as AUTOMATIC1111 does), so
+every word steers the image. SDXL's pooled vector, which conditions the image as a whole, is
+CLIP's summary of the first 77 tokens only: there is no window to concatenate it with.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +37,22 @@ def needs_weighted_prompt(request: GenerationRequest) -> bool:
     return len(parts) > 1 or any(p.weight != 1.0 for p in parts)
 
 
+def too_long_for_one_window(pipe: Any, *texts: str) -> bool:
+    """Whether any of `texts` has more tokens than the pipeline's text encoders take at once
+    (77 for CLIP, start and end tokens included)."""
+    for tokenizer in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)):
+        if tokenizer is None:
+            continue
+        limit = tokenizer.model_max_length
+        for text in texts:
+            if text and len(tokenizer(text, truncation=False).input_ids) > limit:
+                return True
+    return False
+
+
 class WeightedPromptEncoder:
-    """Midjourney `a::2 b::1` multi-prompts as weighted prompt embeddings, through compel.
+    """Midjourney `a::2 b::1` multi-prompts (or one long prompt, weight 1) as prompt
+    embeddings, through compel.
 
     Each part is encoded on its own and scaled away from (weight > 1), towards (< 1) or through
     (< 0) the empty prompt, and the parts are concatenated along the token axis: compel's
@@ -50,6 +72,7 @@ class WeightedPromptEncoder:
                     text_encoder=pipe.text_encoder,
                     returned_embeddings_type=penultimate,
                     requires_pooled=False,
+                    truncate_long_prompts=False,
                 ),
                 # Pooled embeddings are taken from its provider directly (see `encode`):
                 # compel's own pooled mode cannot weight conjunction parts.
@@ -58,10 +81,22 @@ class WeightedPromptEncoder:
                     text_encoder=pipe.text_encoder_2,
                     returned_embeddings_type=penultimate,
                     requires_pooled=False,
+                    truncate_long_prompts=False,
                 ),
             ]
         else:
-            self.compels = [Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)]
+            self.compels = [
+                Compel(
+                    tokenizer=pipe.tokenizer,
+                    text_encoder=pipe.text_encoder,
+                    truncate_long_prompts=False,
+                )
+            ]
+        # SDXL was trained with zeros, not the encoding of "", for "no negative prompt"; its
+        # pipelines use them when the model's config says so (force_zeros_for_empty_prompt).
+        self.zero_empty_negative = family == "sdxl" and bool(
+            getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+        )
 
     def encode(self, parts: list[tuple[str, float]], negative: str, plain: str) -> dict[str, Any]:
         import torch
@@ -88,4 +123,7 @@ class WeightedPromptEncoder:
             provider = self.compels[1].conditioning_provider
             result["pooled_prompt_embeds"] = provider.get_pooled_embeddings([plain or parts[0][0]])
             result["negative_pooled_prompt_embeds"] = provider.get_pooled_embeddings([negative])
+        if self.zero_empty_negative and not negative.strip():
+            for key in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+                result[key] = torch.zeros_like(result[key])
         return result

@@ -103,7 +103,8 @@ def test_controlnets_section_names_the_preprocessor_and_the_extra_cost():
 
 
 def test_edit_notes_say_the_controlnet_was_left_out():
-    from generation.contract import GenerationRequest, JobKind, zoom_request
+    from generation.contract import GenerationRequest, JobKind
+    from generation.requests import zoom_request
 
     plain = GenerationRequest(kind=JobKind.IMAGINE, prompt="a cat")
     parent = {"controlnet": "canny", "controlnet_weight": 1.0}
@@ -115,14 +116,8 @@ def test_edit_notes_say_the_controlnet_was_left_out():
 
 
 def test_edit_notes_say_the_members_pictures_are_not_used_by_an_edit():
-    from generation.contract import (
-        GenerationRequest,
-        InputImage,
-        InputRole,
-        JobKind,
-        pan_request,
-        variation_request,
-    )
+    from generation.contract import GenerationRequest, InputImage, InputRole, JobKind
+    from generation.requests import pan_request, variation_request
 
     picture = Image.new("RGB", (64, 64))
     inputs = (

@@ -19,7 +19,8 @@ from bot.core import Core, Finished, InProcessWorker, Job, JobKind, JobState, Ow
 from bot.core.execute import WorkOutcome
 from bot.discord_bot import ImagineBot
 from bot.health import FAILED, HealthServer, ray_summary, start_health_server
-from generation.contract import InputImage, InputRole, describe_request, zoom_request
+from generation.contract import InputImage, InputRole
+from generation.requests import describe_request, zoom_request
 from generation.settings import EngineSettings
 from tests.bot.conftest import bot_config, in_process_workers
 from tests.core.conftest import finished, make_config, open_core, request

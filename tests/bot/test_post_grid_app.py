@@ -19,8 +19,9 @@ from bot.app import Action, Actor, ImagineApp, UserError, open_core
 from bot.config import Config, parse_config
 from bot.core import InProcessWorker, Job, JobKind, JobState
 from bot.core.credits import job_cost
-from generation.contract import PanDirection, Region, UpscaleMode, upscale_request
+from generation.contract import PanDirection, Region, UpscaleMode
 from generation.images import parse_a1111_parameters, read_parameters
+from generation.requests import upscale_request
 from generation.settings import EngineSettings
 
 ALICE = Actor(user_id=21, guild_id=1, channel_id=2)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from bot import edits
-from generation.contract import InputImage, InputRole, LoraWeight, variation_request
+from generation.contract import InputImage, InputRole, LoraWeight
+from generation.requests import variation_request
 from generation.settings import ControlNetSpec, EngineSettings, LoraSpec, ModelSpec, Preprocessor
 from tests.generation.helpers import imagine
 
@@ -91,7 +92,7 @@ def test_what_a_remix_cannot_do_is_refused_naming_the_flag(text, parent, expecte
 
 
 def test_an_edit_leaves_the_controlnet_out_but_keeps_the_loras():
-    from generation.contract import zoom_request
+    from generation.requests import zoom_request
 
     remix = edits.parse_remix("a barn, wide", PARENT, (64, 64), SETTINGS)
     zoomed = zoom_request(remix.apply(PARENT), Image.new("RGB", (64, 64)), factor=2.0, seed=1)

@@ -21,7 +21,7 @@ from bot.core import (
     Started,
 )
 from bot.core.db import Transaction
-from generation.contract import variation_request
+from generation.requests import variation_request
 from tests.core.conftest import (
     assert_consistent,
     finished,

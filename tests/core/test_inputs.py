@@ -11,7 +11,8 @@ from PIL import Image, ImageChops
 
 from bot.core import JobKind, JobState, ManualClock, Owner, Refused
 from bot.core.execute import WorkItem, input_paths, load_request
-from generation.contract import InputImage, InputRole, region_request
+from generation.contract import InputImage, InputRole
+from generation.requests import region_request
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)

@@ -14,8 +14,9 @@ from PIL import Image
 
 from bot.config import Config
 from bot.core import InProcessWorker, JobKind, JobState, Owner, ProcessWorker
-from generation.contract import InputImage, InputRole, describe_request
+from generation.contract import InputImage, InputRole
 from generation.images import parse_a1111_parameters, read_parameters
+from generation.requests import describe_request
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 
 OWNER = Owner(user_id=7, guild_id=1, channel_id=2)

@@ -31,8 +31,8 @@ from bot.core.ray_bridge import RayBridge
 from bot.core.ray_workers import NAMESPACE, ActorSpec, RayWorker, actor_cpus, actor_options
 from bot.core.workers import WorkerStartFailed
 from bot.health import core_checks
-from generation.contract import variation_request
 from generation.images import parse_a1111_parameters, read_parameters
+from generation.requests import variation_request
 from tests.core.conftest import (
     assert_consistent,
     finished,

@@ -9,8 +9,8 @@ from pathlib import Path
 from PIL import Image
 
 from bot.core import JobKind, JobState, Owner, ProcessWorker
-from generation.contract import variation_request
 from generation.images import parse_a1111_parameters, read_parameters
+from generation.requests import variation_request
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 
 

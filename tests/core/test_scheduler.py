@@ -27,8 +27,8 @@ from bot.core import (
     WorkItem,
     WorkOutcome,
 )
-from generation.contract import variation_request
 from generation.images import read_parameters
+from generation.requests import variation_request
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 from tests.core.fakes import create_fake_engine
 

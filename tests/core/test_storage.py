@@ -15,7 +15,7 @@ import pytest
 from bot.config import ConfigError, StorageConfig, parse_config
 from bot.core import Core, ImageExpired, JobKind, JobState, ManualClock, Owner, Refused
 from bot.core.storage import DataFolderInUse, Pruned, prune_images
-from generation.contract import variation_request
+from generation.requests import variation_request
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 from tests.core.test_lifecycle import OUTCOME, GatedWorker
 

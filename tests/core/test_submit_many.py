@@ -12,7 +12,8 @@ from PIL import Image
 
 from bot.core import Core, JobState, LedgerKind, Owner, RefusalCode, Refused
 from bot.core.db import Transaction
-from generation.contract import GenerationRequest, variation_request
+from generation.contract import GenerationRequest
+from generation.requests import variation_request
 from tests.core.conftest import (
     assert_consistent,
     finished,

@@ -21,14 +21,9 @@ from generation.conditioning import (
     reference_scale,
     supported_roles,
 )
-from generation.contract import (
-    GenerationRequest,
-    InputImage,
-    InputRole,
-    JobKind,
-    variation_request,
-)
+from generation.contract import GenerationRequest, InputImage, InputRole, JobKind
 from generation.images import a1111_parameters, parse_a1111_parameters
+from generation.requests import variation_request
 from generation.settings import EngineSettings
 from tests.generation.helpers import imagine, max_diff, pixels
 

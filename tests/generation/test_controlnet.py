@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from generation.contract import InputImage, InputRole, variation_request
+from generation.contract import InputImage, InputRole
 from generation.engine import DiffusersEngine, create_engine
 from generation.images import a1111_parameters, parse_a1111_parameters
 from generation.preprocess import Preprocessors, canny, lineart
+from generation.requests import variation_request
 from generation.settings import ControlNetSpec, EngineSettings, Preprocessor
 from generation.tiny import TINY_SD_DIR, build_tiny_controlnet, build_tiny_depth
 from tests.generation.helpers import assert_same_picture, imagine, max_diff, pixels, tiny_settings
@@ -161,7 +162,7 @@ def test_png_parameters_name_the_controlnet() -> None:
 def test_an_edit_of_a_controlnet_job_runs_without_the_controlnet(
     control_engine: DiffusersEngine,
 ) -> None:
-    from generation.contract import zoom_request
+    from generation.requests import zoom_request
 
     parent = _controlled("canny", _shapes())
     request = zoom_request(parent, _shapes().resize((64, 64)), factor=1.5, seed=3)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation.contract import InputImage, InputRole, JobKind, describe_request
+from generation.contract import InputImage, InputRole, JobKind
 from generation.describe import PARTS, TOP_PHRASES, aspect_ratio, vocabulary
+from generation.requests import describe_request
 
 PICTURE = Image.new("RGB", (100, 80), (30, 120, 200))
 

@@ -17,10 +17,9 @@ from generation.contract import (
     Progress,
     PromptPart,
     Sampler,
-    upscale_request,
-    variation_request,
 )
 from generation.engine import candidate_seeds, create_engine
+from generation.requests import upscale_request, variation_request
 from generation.settings import EngineSettings
 from generation.tiling import seamless_tiling
 from generation.weighted_prompt import weighted_parts

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from generation.contract import GenerationResult, Progress, Sampler, variation_request
+from generation.contract import GenerationResult, Progress, Sampler
 from generation.engine import DiffusersEngine, create_engine
+from generation.requests import variation_request
 from generation.samplers import make_scheduler
 from generation.settings import EngineSettings, ModelSpec
 from tests.generation.helpers import imagine, pixels

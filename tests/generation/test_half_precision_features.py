@@ -27,11 +27,9 @@ from generation.contract import (
     InputRole,
     LoraWeight,
     Progress,
-    describe_request,
-    variation_request,
-    zoom_request,
 )
 from generation.engine import DiffusersEngine, create_engine
+from generation.requests import describe_request, variation_request, zoom_request
 from generation.settings import (
     ControlNetSpec,
     EngineSettings,

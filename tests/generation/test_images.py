@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation.contract import GenerationRequest, JobKind, Sampler, variation_request
+from generation.contract import GenerationRequest, JobKind, Sampler
 from generation.images import (
     a1111_parameters,
     encode_for_upload,
@@ -20,6 +20,7 @@ from generation.images import (
     read_parameters,
     save_png,
 )
+from generation.requests import variation_request
 from tests.generation.helpers import imagine
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from generation.contract import LoraWeight, PromptPart, zoom_request
+from generation.contract import LoraWeight, PromptPart
 from generation.engine import DiffusersEngine, create_engine
 from generation.images import a1111_parameters, parse_a1111_parameters
 from generation.lora import apply_trigger_words
+from generation.requests import zoom_request
 from generation.settings import EngineSettings, LoraSpec, ModelSpec
 from generation.tiny import TINY_SD_DIR, build_tiny_lora
 from tests.generation.helpers import imagine, max_diff, tiny_settings

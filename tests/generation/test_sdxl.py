@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from generation.contract import PromptPart, variation_request
+from generation.contract import PromptPart
 from generation.engine import DiffusersEngine, create_engine
+from generation.requests import variation_request
 from generation.settings import EngineSettings, ModelSpec
 from tests.generation.helpers import imagine, max_diff
 
