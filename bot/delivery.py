@@ -27,7 +27,16 @@ import discord
 from bot import render
 from bot.buttons import Fits, result_view
 from bot.catalog import control_thumbnail
-from bot.core.models import Finished, Job, JobKind, JobState, ProgressUpdate, Queued, Started
+from bot.core.models import (
+    EndingDelayed,
+    Finished,
+    Job,
+    JobKind,
+    JobState,
+    ProgressUpdate,
+    Queued,
+    Started,
+)
 from bot.inputs import pictures_thumbnail
 from bot.suggestions import DescribeAction, describe_text, describe_view
 from bot.suggestions import custom_id as suggestion_id
@@ -55,6 +64,11 @@ PERMANENT_ERROR_CODES = frozenset({50013, 50001, 10003})
 # dispatch moves every waiting job, and each edit counts against Discord's rate limits).
 POSITION_EDIT_TOP = 5
 POSITION_EDIT_INTERVAL_S = 10.0
+# Shown while the core cannot write how a job's run ended (bot/core/lifecycle.py).
+ENDING_DELAYED = (
+    "this job has run, but the bot cannot save how it ended yet (its storage may be full); "
+    "it keeps trying, and nothing is charged twice"
+)
 
 
 def is_token_error(error: BaseException) -> bool:
@@ -222,6 +236,9 @@ class Delivery:
             return render.queued_text(target.job, event.position, target.notes)
         if isinstance(event, ProgressUpdate):
             return render.running_text(target.job, event.step, event.total, target.notes)
+        if isinstance(event, EndingDelayed):
+            steps = int(target.job.request_data["steps"])
+            return render.running_text(target.job, steps, steps, (*target.notes, ENDING_DELAYED))
         assert isinstance(event, Started)
         return render.running_text(
             target.job, 0, int(target.job.request_data["steps"]), target.notes

@@ -167,6 +167,7 @@ class Dispatcher:
                 await self._loop_task
         records = list(self._state.running.records())
         tasks = [r.task for r in records if r.task is not None]
+        pending: set[asyncio.Task[None]] = set()
         if tasks:
             log.info("draining %d running jobs (up to %g s)", len(tasks), drain_timeout_s)
             _done, pending = await asyncio.wait(tasks, timeout=drain_timeout_s)
@@ -174,7 +175,10 @@ class Dispatcher:
                 if record.task in pending:
                     record.hand_back = True
                     record.task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        # An ending that cannot be written gets one last try now: the next start recovers it.
+        self._lifecycle.stop_retrying()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self._lifecycle.wait_endings()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._worker_starters, return_exceptions=True)
@@ -363,9 +367,10 @@ class Dispatcher:
         return Ending(JobState.FAILED, error="something went wrong")
 
     def _cancelled(self, record: RunningJob) -> Ending:
-        """The run's task was cancelled: a cancel past its grace period, or shutdown. A task
-        cancelled for no recorded reason is handed back too: its job is not at fault."""
-        if record.cancel_requested and not record.hand_back:
+        """The run's task was cancelled: a cancel past its grace period, or shutdown. A cancel
+        the member was told about wins over the shutdown's hand-back; a task cancelled for no
+        recorded reason is handed back too: its job is not at fault."""
+        if record.cancel_requested:
             return Ending(JobState.CANCELLED, error="cancelled", actor_id=record.cancel_actor)
         return Ending(None, hand_back=True)
 

@@ -1,13 +1,21 @@
 """How a job's row and its credits move: queued → running → settled or refunded, or back to
 the queue. The only code that settles or refunds a job.
 
-Every state change is a guarded UPDATE (`WHERE state = <expected>`) in the same transaction as
-its ledger row, so a job is settled or refunded exactly once whatever races between cancel,
-timeout, crash and shutdown; the in-memory queue state follows in the after-commit callbacks.
+Every state change is a guarded UPDATE (`WHERE state = <expected>`, and for a run's end also
+`AND attempts = <that run's attempt>`) in the same transaction as its ledger row, so a job is
+settled or refunded exactly once whatever races between cancel, timeout, crash and shutdown; the
+in-memory queue state follows in the after-commit callbacks.
+
+A run's ending that cannot be written (the disk is full, the database is locked) keeps its
+record, and with it its slot, and is tried again with a growing pause until it is written: the
+guards make a retry safe. A cancel the scheduler acknowledged before the ending was written wins
+over whatever the run did.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -20,10 +28,15 @@ from bot.core.db import Database, Transaction
 from bot.core.events import EventHub
 from bot.core.fairness import QueueEntry
 from bot.core.jobs import row_to_job
-from bot.core.models import Finished, Job, JobResult, JobState
+from bot.core.models import EndingDelayed, Finished, Job, JobResult, JobState
 from bot.core.state import QueueState, RunningJob
 
 log = logging.getLogger(__name__)
+
+# The first pause before writing a run's ending again; it doubles up to `end_retry_s`.
+FIRST_END_RETRY_S = 0.5
+# After this many failed writes the member is told that the job's end is delayed.
+TELL_AFTER_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class Lifecycle:
         events: EventHub,
         config: SchedulerConfig,
         clock: Clock,
+        end_retry_s: float = 30.0,
     ) -> None:
         self._db = db
         self._credits = credits
@@ -54,6 +68,10 @@ class Lifecycle:
         self._events = events
         self._config = config
         self._clock = clock
+        self._end_retry_s = end_retry_s
+        # Endings still being written, and the signal (at shutdown) to stop retrying them.
+        self._endings: set[asyncio.Task[object]] = set()
+        self._stop_retrying = asyncio.Event()
 
     def after_crash(self, job: Job) -> Ending:
         if job.attempts <= self._config.max_attempts:
@@ -76,49 +94,118 @@ class Lifecycle:
 
     async def end(self, record: RunningJob, ending: Ending) -> None:
         """The one way a run ends: settle, refund or re-queue its job, and give back its slot
-        in step with the commit. Safe against a job that already ended another way."""
+        in step with the commit. Safe against a job that already ended another way.
+
+        A failed write is tried again (after 0.5 s, doubling up to `end_retry_s`) until it is
+        written: until then the job keeps its running record, so it can still be cancelled and
+        is never lost between the table and the queue, and its owner is told after a few
+        failures. At shutdown each ending gets one last try; one that still fails stays
+        `running` in the database, and the next start re-queues it."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._endings.add(task)
         try:
-            if ending.state is None:
-                await self._requeue(record, ending.hand_back)
-            else:
-                await self.finish(
-                    record.job_id,
-                    ending.state,
-                    error=ending.error,
-                    result=ending.result,
-                    actor_id=ending.actor_id,
-                    record=record,
-                )
+            await self._end_with_retries(record, ending)
         finally:
             self._state.release(record)
+            if task is not None:
+                self._endings.discard(task)
 
-    async def _requeue(self, record: RunningJob, hand_back: bool) -> None:
+    async def _end_with_retries(self, record: RunningJob, ending: Ending) -> None:
+        delay_s = min(FIRST_END_RETRY_S, self._end_retry_s)
+        failures = 0
+        while True:
+            last_try = self._stop_retrying.is_set()
+            try:
+                await self._db.transaction(lambda txn: self._end_in(txn, record, ending))
+                return
+            except Exception as exc:
+                failures += 1
+                if last_try:
+                    log.error(
+                        "job %d: how its run ended could not be written (%s); it stays running "
+                        "in the database and the next start re-queues it",
+                        record.job_id,
+                        exc,
+                    )
+                    return
+                log.error(
+                    "job %d: how its run ended could not be written (%s, %d times); "
+                    "trying again in %g s",
+                    record.job_id,
+                    exc,
+                    failures,
+                    delay_s,
+                )
+                if failures == TELL_AFTER_FAILURES:
+                    self._events.emit(EndingDelayed(record.job_id, failures))
+            finally:
+                written, record.writing_end = record.writing_end, None
+                if written is not None and not written.done():
+                    written.set_result(None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_retrying.wait(), delay_s)
+            delay_s = min(delay_s * 2, self._end_retry_s)
+
+    async def _end_in(self, txn: Transaction, record: RunningJob, ending: Ending) -> None:
+        # From here until this transaction is over, a cancel waits for its outcome instead of
+        # being acknowledged and then overridden by it; a cancel acknowledged before wins.
+        record.writing_end = asyncio.get_running_loop().create_future()
+        if record.cancel_requested and ending.state is not JobState.CANCELLED:
+            log.info("job %d: cancelled before its end was written", record.job_id)
+            ending = Ending(JobState.CANCELLED, error="cancelled", actor_id=record.cancel_actor)
+        attempt = record.job.attempts if record.job is not None else None
+        if ending.state is None:
+            await self._requeue_in(txn, record, ending.hand_back, attempt)
+        else:
+            await self.finish_in(
+                txn,
+                record.job_id,
+                JobState.RUNNING,
+                ending.state,
+                self._clock(),
+                error=ending.error,
+                result=ending.result,
+                actor_id=ending.actor_id,
+                record=record,
+                attempt=attempt,
+            )
+
+    def stop_retrying(self) -> None:
+        """At shutdown: every ending still being retried, or starting from now on, gets one
+        last try (nothing may hold up the shutdown)."""
+        self._stop_retrying.set()
+
+    async def wait_endings(self) -> None:
+        """Until every ending being written is over."""
+        if self._endings:
+            await asyncio.gather(*self._endings, return_exceptions=True)
+
+    async def _requeue_in(
+        self, txn: Transaction, record: RunningJob, hand_back: bool, attempt: int | None
+    ) -> None:
         """Put an interrupted running job back at the head of its owner's queue."""
         job_id = record.job_id
+        row = await txn.fetchone(
+            "UPDATE jobs SET state = 'queued', started_at = NULL, "
+            "attempts = attempts - ? WHERE id = ? AND state = 'running' "
+            "AND (? IS NULL OR attempts = ?) RETURNING user_id, tier, created_at",
+            (1 if hand_back else 0, job_id, attempt, attempt),
+        )
+        if row is None:
+            return
+        entry = QueueEntry(
+            job_id=job_id,
+            user_id=int(row["user_id"]),
+            enqueued_at=from_db(row["created_at"]).timestamp(),  # type: ignore[union-attr]
+            tier=int(row["tier"]),
+        )
 
-        async def work(txn: Transaction) -> None:
-            row = await txn.fetchone(
-                "UPDATE jobs SET state = 'queued', started_at = NULL, "
-                "attempts = attempts - ? WHERE id = ? AND state = 'running' "
-                "RETURNING user_id, tier, created_at",
-                (1 if hand_back else 0, job_id),
-            )
-            if row is None:
-                return
-            entry = QueueEntry(
-                job_id=job_id,
-                user_id=int(row["user_id"]),
-                enqueued_at=from_db(row["created_at"]).timestamp(),  # type: ignore[union-attr]
-                tier=int(row["tier"]),
-            )
+        def requeued() -> None:
+            self._state.release(record)
+            self._state.enqueue(entry, front=True)
 
-            def requeued() -> None:
-                self._state.release(record)
-                self._state.enqueue(entry, front=True)
-
-            txn.after_commit(requeued)
-
-        await self._db.transaction(work)
+        txn.after_commit(requeued)
 
     async def finish(
         self,
@@ -160,10 +247,13 @@ class Lifecycle:
         result: JobResult | None = None,
         actor_id: int | None = None,
         record: RunningJob | None = None,
+        attempt: int | None = None,
     ) -> Job | None:
+        """`attempt`, for the end of a run: only that run's attempt may end the job, never an
+        earlier run's late ending after the job was re-queued and started again."""
         row = await txn.fetchone(
             "UPDATE jobs SET state = ?, error = ?, finished_at = ?, result = ? "
-            "WHERE id = ? AND state = ? RETURNING *",
+            "WHERE id = ? AND state = ? AND (? IS NULL OR attempts = ?) RETURNING *",
             (
                 state.value,
                 error,
@@ -171,6 +261,8 @@ class Lifecycle:
                 json.dumps(result.to_json()) if result else None,
                 job_id,
                 from_state.value,
+                attempt,
+                attempt,
             ),
         )
         if row is None:

@@ -322,6 +322,15 @@ class ProgressUpdate:
 
 
 @dataclass(frozen=True)
+class EndingDelayed:
+    """The job's run is over but how it ended (settled, refunded or re-queued) could not be
+    written yet, `failures` times: the core keeps trying, and nothing is charged twice."""
+
+    job_id: int
+    failures: int
+
+
+@dataclass(frozen=True)
 class Finished:
     job: Job
 
@@ -330,4 +339,4 @@ class Finished:
         return self.job.id
 
 
-JobEvent = Queued | Started | ProgressUpdate | Finished
+JobEvent = Queued | Started | ProgressUpdate | EndingDelayed | Finished

@@ -12,6 +12,7 @@ concern has its own module:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -57,9 +58,11 @@ class Scheduler:
         cancel_grace_s: float = 15.0,
         worker_retry_s: float = 30.0,
         workers_join_later: bool = False,
+        end_retry_s: float = 30.0,
     ) -> None:
         """`workers_join_later`: start with no worker; they come and go through `add_worker`
-        and `remove_worker` (the Ray backend), and jobs wait in the queue meanwhile."""
+        and `remove_worker` (the Ray backend), and jobs wait in the queue meanwhile.
+        `end_retry_s`: the longest pause between tries to write a run's end that failed."""
         if not workers and not workers_join_later:
             raise ValueError("workers: the scheduler needs at least one worker")
         self._db = db
@@ -69,7 +72,9 @@ class Scheduler:
         self._clock = clock
         self._state = QueueState(config.aging_s, workers)
         self._events = EventHub(self._state, jobs, clock)
-        self._lifecycle = Lifecycle(db, credits, self._state, self._events, config, clock)
+        self._lifecycle = Lifecycle(
+            db, credits, self._state, self._events, config, clock, end_retry_s
+        )
         self._admission = Admission(db, credits, self._state, config, clock, data_dir)
         self._dispatcher = Dispatcher(
             self._state,
@@ -140,16 +145,29 @@ class Scheduler:
         self.metrics.submitted(jobs)
         return jobs
 
+    async def check_submit(self, owner: Owner, requests: Sequence[GenerationRequest]) -> None:
+        """`Refused` now for what `submit_many` would refuse now (paused, queue full, banned,
+        too few credits), holding and queueing nothing: looked at before a command fetches
+        anything."""
+        await self._admission.check(owner, requests)
+
     # ----- cancel, pause, refunds ------------------------------------------------------------
 
     async def cancel(self, job_id: int, actor_id: int | None = None) -> bool:
         """Cancel a queued or running job and refund it. Returns False when the job is not
         active (finished already, or unknown). A running job stops at its next step; if the
         engine does not react within the grace period, the worker aborts it hard. The
-        `Finished` event (state cancelled) follows either way. Permission checks (owner or
-        admin) are the caller's job."""
-        for _ in range(3):
+        `Finished` event (state cancelled) follows either way. A True answer is kept: the job
+        ends cancelled and refunded even if its run finished, crashed or was handed back at
+        shutdown before its end was written. Permission checks (owner or admin) are the
+        caller's job."""
+        for _ in range(4):
             record = self._state.running.get(job_id)
+            if record is not None and record.writing_end is not None:
+                # Its end is being written: acknowledge only what that leaves to cancel (a job
+                # back in the queue, or an end that failed to be written and will be retried).
+                await asyncio.shield(record.writing_end)
+                continue
             if record is not None:
                 await self._dispatcher.cancel_running(record, actor_id)
                 return True

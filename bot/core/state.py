@@ -33,6 +33,10 @@ class RunningJob:
     hand_back: bool = False
     progress: ProgressUpdate | None = None
     released: bool = False
+    # Set while the transaction that ends this run is open: a cancel waits for its outcome
+    # (the job may be ending cancelled, finished, or back in the queue) instead of being
+    # acknowledged and then overridden by it.
+    writing_end: asyncio.Future[None] | None = None
 
 
 class RunningTable:

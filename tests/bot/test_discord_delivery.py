@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from bot.core.models import JobKind
-from tests.bot.conftest import GatedEngine
+from bot.core.models import JobKind, JobState
+from bot.discord_bot import ImagineBot
+from tests.bot.conftest import GatedEngine, bot_config, in_process_workers
 from tests.bot.helpers import (
     ALLOWANCE,
     JOB_TIMEOUT_S,
@@ -25,9 +26,11 @@ from tests.bot.helpers import (
     eventually,
     has_cancel,
     imagined_grid,
+    is_grid,
     job_id_of,
     make_bot,
 )
+from tests.core.test_lifecycle import DISK_FULL_ON_SUCCESS, run_sql
 from tests.fakediscord import FakeDiscord, SchemaViolation
 from tests.fakediscord.model import ATTACH_FILES, SEND_MESSAGES_IN_THREADS, VIEW_CHANNEL
 
@@ -287,4 +290,40 @@ async def test_an_edit_error_that_is_not_about_the_token_keeps_the_route(
             assert ping.referenced is grid
             assert not [r for r in fake.requests_matching("POST", "/channels/*") if r.files]
             assert await eventually(lambda: delivery_state(bot, job_id_of(grid)), "done")
+        assert [m for m in fake.messages if m.attachments] == [grid]
+
+
+async def test_a_job_whose_end_cannot_be_saved_says_so_and_then_posts_once(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    """The database refuses to record the job's success (as on a full disk): the member's
+    message says the job ran but can't be saved yet; once the write works, the grid lands in
+    the same message, charged once."""
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        config = bot_config(tmp_path / "data", bot_engine_settings, fake.guild_id)
+        bot = ImagineBot(
+            config,
+            core_options={
+                "workers": in_process_workers(config, shared_engine),
+                "end_retry_s": 0.2,
+            },
+            guild_ready_timeout=0.05,
+        )
+        async with fake.run_bot(bot):
+            await run_sql(config.database_path, DISK_FULL_ON_SUCCESS)
+            job = await fake.slash(alice, "imagine", prompt="a red fox")
+            told = await job.wait_original(
+                lambda m: "cannot save how it ended" in m.content, timeout=JOB_TIMEOUT_S
+            )
+            assert has_cancel(told)  # still the member's to cancel
+            job_id = job_id_of(told)
+            assert (await bot.core.jobs.require(job_id)).state is JobState.RUNNING
+
+            await run_sql(config.database_path, "DROP TRIGGER disk_full")
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            assert grid.id == told.id
+            cost = (await bot.core.jobs.require(job_id)).cost
+            assert await available(bot, alice.id) == ALLOWANCE - cost
+            await assert_ledger_consistent(bot)
         assert [m for m in fake.messages if m.attachments] == [grid]

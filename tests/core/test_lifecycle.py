@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from bot.core import (
     Core,
+    EndingDelayed,
+    Finished,
     Job,
     JobEvent,
     JobState,
@@ -215,22 +218,36 @@ async def _state_of(database: Path, job_id: int) -> str:
 
 
 class GatedWorker:
-    """A worker at the edge whose run ends when, and how, the test says."""
+    """A worker at the edge whose run ends when, and how, the test says; it gets ready when
+    `ready` is set (at once unless told otherwise). `runs` counts the runs it was given."""
 
     name = "gated"
     capacity = 1
 
-    def __init__(self) -> None:
+    def __init__(self, ready: bool = True) -> None:
         self.running = asyncio.Event()
         self.end: asyncio.Future[WorkOutcome] | None = None
+        self.ready = asyncio.Event()
+        if ready:
+            self.ready.set()
+        self.runs: list[WorkItem] = []
 
     async def start(self) -> None:
-        pass
+        await self.ready.wait()
 
     async def run(self, item: WorkItem, on_progress: object, timeout_s: float) -> WorkOutcome:
+        self.runs.append(item)
         self.end = asyncio.get_running_loop().create_future()
         self.running.set()
         return await self.end
+
+    async def next_run(self, count: int) -> None:
+        """Until the worker has been given `count` runs."""
+        async with asyncio.timeout(5):
+            while True:
+                if len(self.runs) >= count:
+                    return
+                await asyncio.sleep(0.01)
 
     async def cancel(self, job_id: int) -> None:
         pass  # the engine has not reached its next step yet: the test ends the run
@@ -319,6 +336,221 @@ async def test_an_ending_that_lost_its_race_changes_nothing(tmp_path: Path) -> N
         assert late is None
         assert (await core.jobs.require(job.id)).state is JobState.SUCCEEDED
         assert (await core.credits.balance(ALICE.user_id)).available == 20 - job.cost
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+
+
+@contextlib.asynccontextmanager
+async def database_held(core: Core) -> AsyncIterator[None]:
+    """Another write in flight: every transaction of the core waits until the block ends."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_txn: object) -> None:
+        entered.set()
+        await release.wait()
+
+    holder = asyncio.create_task(core.db.transaction(hold))
+    await entered.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        await holder
+
+
+async def loop_turns(count: int = 50) -> None:
+    """Let the event loop go round `count` times: far more than a coroutine that waits for no
+    I/O needs to reach its next wait (here: the database lock)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def run_sql(database: Path, statement: str) -> None:
+    """A statement through a second connection, as an operator (or the disk) would."""
+
+    def run() -> None:
+        conn = sqlite3.connect(database)
+        try:
+            conn.execute(statement)
+            conn.commit()
+        finally:
+            conn.close()
+
+    await asyncio.to_thread(run)
+
+
+# Writing a success fails the way a full disk does; everything else still works.
+DISK_FULL_ON_SUCCESS = (
+    "CREATE TRIGGER disk_full BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'succeeded' "
+    "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+)
+
+
+async def _until_delayed(core: Core, job_id: int) -> None:
+    async with asyncio.timeout(20):
+        async with core.scheduler.subscribe(job_id) as events:
+            async for event in events:
+                if isinstance(event, EndingDelayed):
+                    return
+                assert not isinstance(event, Finished), event
+
+
+async def test_an_end_that_cannot_be_written_is_retried_until_it_is(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    core = await open_core(config, end_retry_s=0.2)
+    try:
+        await run_sql(config.database_path, DISK_FULL_ON_SUCCESS)
+        job = await core.scheduler.submit(ALICE, request())
+        # The run is over but its end can't be written: the owner is told, and the job keeps
+        # its record, its slot and its held credits instead of being stranded.
+        await _until_delayed(core, job.id)
+        assert await _state_of(config.database_path, job.id) == "running"
+        assert core.scheduler.running_count == 1 and core.scheduler.busy_counts() == [1]
+        assert (await core.credits.balance(ALICE.user_id)).available == 20 - job.cost
+
+        await run_sql(config.database_path, "DROP TRIGGER disk_full")
+        done = await finished(core, job.id)
+        assert done.state is JobState.SUCCEEDED and done.attempts == 1
+        kinds = [e.kind for e in await core.credits.ledger(ALICE.user_id)]
+        assert kinds.count(LedgerKind.HOLD) == 1 and kinds.count(LedgerKind.SETTLE) == 1
+        assert LedgerKind.REFUND not in kinds
+        assert (await core.credits.balance(ALICE.user_id)).available == 20 - job.cost
+        assert core.scheduler.running_count == 0 and core.scheduler.busy_counts() == [0]
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+
+
+async def test_a_cancel_while_the_end_cannot_be_written_is_kept(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    core = await open_core(config, end_retry_s=0.2)
+    try:
+        await run_sql(config.database_path, DISK_FULL_ON_SUCCESS)
+        job = await core.scheduler.submit(ALICE, request())
+        await _until_delayed(core, job.id)
+        assert await core.scheduler.cancel(job.id, actor_id=ALICE.user_id)
+        done = await finished(core, job.id)
+        assert done.state is JobState.CANCELLED and done.attempts == 1
+        assert (await core.credits.balance(ALICE.user_id)).available == 20
+        assert core.scheduler.running_count == 0 and core.scheduler.busy_counts() == [0]
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+
+
+async def test_an_end_still_unwritten_at_shutdown_is_recovered_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path)
+    core = await open_core(config, end_retry_s=0.2)
+    try:
+        await run_sql(config.database_path, DISK_FULL_ON_SUCCESS)
+        job = await core.scheduler.submit(ALICE, request())
+        await _until_delayed(core, job.id)
+    finally:
+        # Shutdown is not held up by it: one last try, then the job is left running on disk.
+        await core.close(0.5)
+    assert await _state_of(config.database_path, job.id) == "running"
+    await run_sql(config.database_path, "DROP TRIGGER disk_full")
+    reopened = await open_core(config)
+    try:
+        done = await finished(reopened, job.id)
+        assert done.state is JobState.SUCCEEDED and done.attempts == 2
+        assert (await reopened.credits.balance(ALICE.user_id)).available == 20 - job.cost
+        await assert_consistent(reopened)
+    finally:
+        await reopened.close(0.5)
+
+
+@pytest.mark.parametrize("ending", ["completion", "crash"])
+async def test_a_cancel_acknowledged_before_the_end_is_written_wins(
+    tmp_path: Path, ending: str
+) -> None:
+    worker = GatedWorker()
+    core = await open_core(make_config(tmp_path), workers=[worker])
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        await worker.next_run(1)
+        assert worker.end is not None
+        async with database_held(core):
+            # The run ends (a crash would re-queue the job, a completion settle it), and that
+            # end waits for the database; the member's cancel comes in meanwhile.
+            ENDINGS[ending](worker.end)
+            await loop_turns()
+            assert await core.scheduler.cancel(job.id, actor_id=7)
+        done = await finished(core, job.id)
+        assert done.state is JobState.CANCELLED and done.attempts == 1
+        await loop_turns()
+        assert len(worker.runs) == 1  # not run again
+        assert (await core.credits.balance(ALICE.user_id)).available == 20
+        assert core.scheduler.queued_count == core.scheduler.running_count == 0
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+
+
+async def test_a_cancel_acknowledged_during_the_shutdown_drain_wins(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    worker = GatedWorker()
+    # The engine never reaches its next step: only the drain's end stops the run.
+    core = await open_core(config, workers=[worker], cancel_grace_s=30.0)
+    closing: asyncio.Task[None] | None = None
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        await worker.next_run(1)
+        closing = asyncio.create_task(core.close(drain_timeout_s=0.5))
+        await loop_turns()
+        assert not closing.done()
+        assert await core.scheduler.cancel(job.id, actor_id=ALICE.user_id)
+    finally:
+        await (closing or core.close(0.5))
+    # Not handed back to the queue for the next start: cancelled and refunded now.
+    assert await _state_of(config.database_path, job.id) == "cancelled"
+    started: list[int] = []
+    reopened = await open_core(config)
+    reopened.scheduler.add_listener(
+        lambda e: started.append(e.job_id) if isinstance(e, Started) else None
+    )
+    try:
+        await asyncio.sleep(0.3)
+        assert started == []
+        assert (await reopened.jobs.require(job.id)).state is JobState.CANCELLED
+        assert (await reopened.credits.balance(ALICE.user_id)).available == 20
+        await assert_consistent(reopened)
+    finally:
+        await reopened.close(0.5)
+
+
+@pytest.mark.parametrize("ending", ["completion", "crash"])
+async def test_a_cancel_while_the_end_is_being_written_gets_a_true_answer(
+    tmp_path: Path, ending: str
+) -> None:
+    worker = GatedWorker()
+    core = await open_core(make_config(tmp_path), workers=[worker])
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        await worker.next_run(1)
+        record = core.scheduler._state.running.get(job.id)
+        assert record is not None and worker.end is not None
+        ENDINGS[ending](worker.end)
+        async with asyncio.timeout(5):
+            while True:
+                if record.writing_end is not None:
+                    break
+                await asyncio.sleep(0)
+        # The end's transaction is open: the answer must be what actually happens.
+        async with asyncio.timeout(5):
+            accepted = await core.scheduler.cancel(job.id, actor_id=7)
+        done = await finished(core, job.id)
+        if ending == "completion":
+            assert not accepted and done.state is JobState.SUCCEEDED
+            assert (await core.credits.balance(ALICE.user_id)).available == 20 - job.cost
+        else:
+            # Back in the queue first, then cancelled there; never run again.
+            assert accepted and done.state is JobState.CANCELLED
+            assert len(worker.runs) == 1
+            assert (await core.credits.balance(ALICE.user_id)).available == 20
         await assert_consistent(core)
     finally:
         await core.close(0.5)
