@@ -206,11 +206,26 @@ def sampler_value(flag: str, value: str) -> Sampler:
 _VERSION = number_in(1, 10, "a Midjourney version number such as 5.2, 6 or 7")
 
 
-def _reference(flag: str, value: str) -> tuple[str, ...]:
-    # Imported here: generation.references builds on this module's PromptError.
-    from generation.references import reference_value
+LINK = re.compile(r"https?://[^\s<>]+", re.IGNORECASE)
+_STYLE_CODE = re.compile(r"[0-9]{1,20}|random", re.IGNORECASE)
 
-    return reference_value(flag, value)
+
+def reference_value(flag: str, value: str) -> tuple[str, ...]:
+    """The words after --sref/--oref/--cref: image links (and, for --sref, style codes); what
+    they mean is generation.references' business."""
+    words = [word.strip("<>") for word in value.split()]
+    if not words:
+        raise PromptError(flag, f"{flag}: expected an image link (https://…), got nothing")
+    for word in words:
+        if LINK.fullmatch(word):
+            continue
+        if flag == "--sref" and _STYLE_CODE.fullmatch(word):
+            continue
+        also = " or a Midjourney style code" if flag == "--sref" else ""
+        raise PromptError(
+            flag, f"{flag}: expected an image link (https://…){also}, got {show_value(word)}"
+        )
+    return tuple(words)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +317,7 @@ FLAGS: tuple[FlagSpec, ...] = (
         "style reference: the style, not the content, of the linked image (Midjourney's "
         "numeric style codes are ignored)",
         "LINK",
-        _reference,
+        reference_value,
     ),
     FlagSpec(
         ("sw",),
@@ -318,7 +333,7 @@ FLAGS: tuple[FlagSpec, ...] = (
         Arity.ONE,
         "object reference: keep the subject of the linked image",
         "LINK",
-        _reference,
+        reference_value,
     ),
     FlagSpec(
         ("ow",),
@@ -334,7 +349,7 @@ FLAGS: tuple[FlagSpec, ...] = (
         Arity.REST,
         "character reference: keep the character of the linked image(s)",
         "LINK",
-        _reference,
+        reference_value,
     ),
     FlagSpec(
         ("cw",),

@@ -17,12 +17,11 @@ engine's business (see generation's image conditioning).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from generation.contract import InputRole
-from generation.flags import PromptError, show_value, shown_fragment
+from generation.flags import LINK, PromptError, shown_fragment
 
 DEFAULT_IMAGE_WEIGHT = 1.0
 DEFAULT_STYLE_WEIGHT = 100.0
@@ -32,9 +31,6 @@ DEFAULT_CHARACTER_WEIGHT = 100.0
 # (Midjourney's /blend takes five).
 MAX_PICTURES_PER_ROLE = 5
 ATTACHMENT_PREFIX = "attachment:"
-
-LINK = re.compile(r"https?://[^\s<>]+", re.IGNORECASE)
-_STYLE_CODE = re.compile(r"[0-9]{1,20}|random", re.IGNORECASE)
 
 # Flags whose values are pictures; given several times, their links add up.
 REFERENCE_FLAGS = frozenset({"sref", "oref", "cref"})
@@ -59,23 +55,6 @@ class ImageRef:
     @property
     def is_link(self) -> bool:
         return not self.source.startswith(ATTACHMENT_PREFIX)
-
-
-def reference_value(flag: str, value: str) -> tuple[str, ...]:
-    """The words after --sref/--oref/--cref: image links (and, for --sref, style codes)."""
-    words = [word.strip("<>") for word in value.split()]
-    if not words:
-        raise PromptError(flag, f"{flag}: expected an image link (https://…), got nothing")
-    for word in words:
-        if LINK.fullmatch(word):
-            continue
-        if flag == "--sref" and _STYLE_CODE.fullmatch(word):
-            continue
-        also = " or a Midjourney style code" if flag == "--sref" else ""
-        raise PromptError(
-            flag, f"{flag}: expected an image link (https://…){also}, got {show_value(word)}"
-        )
-    return tuple(words)
 
 
 def image_references(

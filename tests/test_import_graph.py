@@ -15,8 +15,6 @@ PACKAGES = ("bot", "generation")
 # Circles that were there when this check arrived; each must go, none may join. A fixed circle is
 # taken off this set (the test fails until it is), so the set only shrinks.
 KNOWN: set[frozenset[str]] = {
-    frozenset({"generation.canvas", "generation.contract"}),
-    frozenset({"generation.flags", "generation.references"}),
     frozenset({"bot.core.ray_bridge", "bot.core.ray_workers"}),
     frozenset({"bot.app", "bot.render"}),
     frozenset(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation import contract
+from generation import requests
 from generation.contract import GenerationRequest, PanDirection, Region
 from generation.settings import EngineSettings, ModelSpec
 from tests.generation.helpers import assert_same_picture, imagine
@@ -75,11 +75,11 @@ def encodes(engine: Any, monkeypatch: pytest.MonkeyPatch, request: GenerationReq
 def edits(model: str) -> dict[str, GenerationRequest]:
     source = picture()
     return {
-        "zoom": contract.zoom_request(parent(model), source, factor=2.0, seed=3),
-        "pan": contract.pan_request(
+        "zoom": requests.zoom_request(parent(model), source, factor=2.0, seed=3),
+        "pan": requests.pan_request(
             parent(model), source, direction=PanDirection.UP, seed=3, max_pixels=128 * 128
         ),
-        "region": contract.region_request(parent(model), source, seed=3, regions={Region.LEFT}),
+        "region": requests.region_request(parent(model), source, seed=3, regions={Region.LEFT}),
     }
 
 
@@ -87,7 +87,7 @@ def edits(model: str) -> dict[str, GenerationRequest]:
 def test_a_variation_encodes_its_picture_once(
     engine: Any, monkeypatch: pytest.MonkeyPatch, candidates: int
 ) -> None:
-    request = contract.variation_request(parent(PLAIN), picture(), strength=0.6, seed=3)
+    request = requests.variation_request(parent(PLAIN), picture(), strength=0.6, seed=3)
     request = request.with_changes(num_candidates=candidates, num_kept=1)
     assert encodes(engine, monkeypatch, request) == [1]
 
@@ -103,7 +103,7 @@ def test_an_edit_encodes_its_canvas_once(
 
 
 def test_a_variation_candidate_is_the_same_alone_or_in_a_batch(engine: Any) -> None:
-    request = contract.variation_request(parent(PLAIN), picture(), strength=0.6, seed=20)
+    request = requests.variation_request(parent(PLAIN), picture(), strength=0.6, seed=20)
     batch = engine.generate(request.with_changes(num_candidates=3, num_kept=3))
     index = batch.seeds.index(21)
     alone = engine.generate(request.with_changes(seed=21, num_candidates=1, num_kept=1))

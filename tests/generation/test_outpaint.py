@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation import contract, outpaint
+from generation import outpaint, requests
 from generation.canvas import (
     check_mask,
     pan_canvas,
@@ -121,7 +121,7 @@ def test_zoom_out_shrinks_the_image_into_the_middle_and_paints_the_border(
     edit_engine: Any, model: str
 ) -> None:
     source = source_image()
-    request = contract.zoom_request(parent(model), source, factor=2.0, seed=3)
+    request = requests.zoom_request(parent(model), source, factor=2.0, seed=3)
     assert (request.width, request.height, request.strength) == (64, 64, 1.0)
     assert placement(source.size, (64, 64), zoom_factor=2.0) == (16, 16, 32, 32)
     result = edit_engine.generate(request)
@@ -132,16 +132,16 @@ def test_zoom_out_shrinks_the_image_into_the_middle_and_paints_the_border(
 
 def test_custom_zoom_to_another_shape_and_factor(edit_engine: Any) -> None:
     source = source_image()
-    request = contract.zoom_request(parent(), source, factor=1.5, seed=3, size=(96, 64))
+    request = requests.zoom_request(parent(), source, factor=1.5, seed=3, size=(96, 64))
     box = placement(source.size, (96, 64), zoom_factor=1.5)
     assert box == (26, 10, 43, 43)
     check_edit(edit_engine.generate(request).images[0], request, source)
     with pytest.raises(ValueError, match=r"^factor"):
-        contract.zoom_request(parent(), source, factor=2.5, seed=3)
+        requests.zoom_request(parent(), source, factor=2.5, seed=3)
     with pytest.raises(ValueError, match=r"^factor"):
-        contract.zoom_request(parent(), source, factor=0.9, seed=3)
+        requests.zoom_request(parent(), source, factor=0.9, seed=3)
     with pytest.raises(ValueError, match=r"^factor: .*nothing to paint"):
-        contract.zoom_request(parent(), source, factor=1.0, seed=3)
+        requests.zoom_request(parent(), source, factor=1.0, seed=3)
 
 
 @pytest.mark.parametrize("direction", list(PanDirection))
@@ -149,7 +149,7 @@ def test_pan_grows_the_canvas_by_half_and_keeps_the_old_pixels_in_place(
     direction: PanDirection,
 ) -> None:
     source = source_image()
-    request = contract.pan_request(
+    request = requests.pan_request(
         parent(DEDICATED), source, direction=direction, seed=5, max_pixels=MAX_PIXELS
     )
     wide = direction in (PanDirection.LEFT, PanDirection.RIGHT)
@@ -167,7 +167,7 @@ def test_pan_grows_the_canvas_by_half_and_keeps_the_old_pixels_in_place(
 
 def test_pan_through_the_engine(edit_engine: Any) -> None:
     source = source_image()
-    request = contract.pan_request(
+    request = requests.pan_request(
         parent(DEDICATED), source, direction=PanDirection.LEFT, seed=5, max_pixels=MAX_PIXELS
     )
     result = edit_engine.generate(request.with_changes(num_candidates=1, num_kept=1))
@@ -177,7 +177,7 @@ def test_pan_through_the_engine(edit_engine: Any) -> None:
 def test_pan_past_the_pixel_budget_is_refused_by_name() -> None:
     assert pan_canvas((64, 64), PanDirection.UP, MAX_PIXELS) == (64, 96)
     with pytest.raises(ValueError, match=r"^direction: panning left .* 192x128"):
-        contract.pan_request(
+        requests.pan_request(
             parent(size=(128, 128)),
             source_image((128, 128)),
             direction=PanDirection.LEFT,
@@ -188,7 +188,7 @@ def test_pan_past_the_pixel_budget_is_refused_by_name() -> None:
 
 def test_make_square_outpaints_the_short_side(edit_engine: Any) -> None:
     source = source_image((96, 64))
-    request = contract.square_request(parent(size=(96, 64)), source, seed=9, max_pixels=MAX_PIXELS)
+    request = requests.square_request(parent(size=(96, 64)), source, seed=9, max_pixels=MAX_PIXELS)
     assert (request.width, request.height) == (96, 96)
     check_edit(edit_engine.generate(request).images[0], request, source)
     # Past the budget the square is smaller and the source shrinks to fit it.
@@ -200,7 +200,7 @@ def test_make_square_outpaints_the_short_side(edit_engine: Any) -> None:
 @pytest.mark.parametrize("model", [PLAIN, DEDICATED])
 def test_vary_region_changes_only_the_chosen_region(edit_engine: Any, model: str) -> None:
     source = source_image()
-    request = contract.region_request(
+    request = requests.region_request(
         parent(model), source, seed=11, regions={Region.TOP_RIGHT, Region.BOTTOM}
     )
     assert request.regions == (Region.BOTTOM, Region.TOP_RIGHT)
@@ -219,7 +219,7 @@ def test_vary_region_with_an_uploaded_mask(edit_engine: Any) -> None:
     drawn = Image.new("L", (128, 128), 0)  # twice the image's size, same shape
     drawn.paste(255, (20, 30, 90, 100))
     mask = InputImage(InputRole.MASK, drawn, source="mask.png", sha256="ab" * 32)
-    request = contract.region_request(parent(), source, seed=2, mask=mask)
+    request = requests.region_request(parent(), source, seed=2, mask=mask)
     stored = request.inputs_for(InputRole.MASK)[0].image
     assert stored.size == (64, 64) and set(np.unique(np.asarray(stored))) == {0, 255}
     result = edit_engine.generate(request).images[0]
@@ -243,9 +243,9 @@ def test_the_dedicated_inpainting_unet_has_nine_channels_and_loads_with_from_pre
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
     assert (unet.config.in_channels, unet.config.out_channels) == (9, 4)
     source = source_image()
-    plain = edit_engine.generate(contract.zoom_request(parent(PLAIN), source, factor=2.0, seed=3))
+    plain = edit_engine.generate(requests.zoom_request(parent(PLAIN), source, factor=2.0, seed=3))
     dedicated = edit_engine.generate(
-        contract.zoom_request(parent(DEDICATED), source, factor=2.0, seed=3)
+        requests.zoom_request(parent(DEDICATED), source, factor=2.0, seed=3)
     )
     # Same seed, same canvas: only the UNet differs.
     assert not np.array_equal(pixels(plain.images[0]), pixels(dedicated.images[0]))
@@ -268,7 +268,7 @@ def test_cpu_offload_hooks_the_dedicated_inpainting_unet_too(
 
     engine = create_engine(edit_engine.settings)
     engine.cpu_offload = True
-    request = contract.zoom_request(parent(DEDICATED), source_image(), factor=2.0, seed=3)
+    request = requests.zoom_request(parent(DEDICATED), source_image(), factor=2.0, seed=3)
     offloaded = engine.generate(request)
     plain = edit_engine.generate(request)
     loaded = engine._loaded[DEDICATED]
@@ -305,7 +305,7 @@ def test_preset_regions_refused_when_none_or_everything() -> None:
     with pytest.raises(ValueError, match=r"^regions: .*whole image"):
         region_mask(cells, (64, 64))
     with pytest.raises(ValueError, match=r"^regions"):
-        contract.region_request(parent(), source_image(), seed=1)
+        requests.region_request(parent(), source_image(), seed=1)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -345,7 +345,7 @@ def test_uploaded_masks_are_checked() -> None:
 def test_previews_come_with_the_progress_only_when_asked(edit_engine: Any) -> None:
     updates: list[Progress] = []
     # 4 steps at the 4-channel path's edit_strength 0.8: 3 denoising steps.
-    request = contract.zoom_request(parent(), source_image(), factor=2.0, seed=3).with_changes(
+    request = requests.zoom_request(parent(), source_image(), factor=2.0, seed=3).with_changes(
         steps=4
     )
     edit_engine.generate(request.with_changes(preview=True), progress=updates.append)
@@ -414,16 +414,16 @@ def test_previews_are_throttled_and_follow_the_latent_family() -> None:
 
 def test_edits_round_trip_as_json_and_say_what_they_did_in_the_metadata() -> None:
     source = source_image()
-    requests = {
-        "Zoom out": contract.zoom_request(parent(), source, factor=1.5, seed=1),
-        "Pan": contract.pan_request(
+    edits = {
+        "Zoom out": requests.zoom_request(parent(), source, factor=1.5, seed=1),
+        "Pan": requests.pan_request(
             parent(), source, direction=PanDirection.DOWN, seed=1, max_pixels=MAX_PIXELS
         ),
-        "Outpaint": contract.square_request(
+        "Outpaint": requests.square_request(
             parent(size=(64, 96)), source_image((64, 96)), seed=1, max_pixels=MAX_PIXELS
         ),
-        "Vary region": contract.region_request(parent(), source, seed=1, regions={Region.CENTRE}),
-        "Upscale": contract.upscale_request(
+        "Vary region": requests.region_request(parent(), source, seed=1, regions={Region.CENTRE}),
+        "Upscale": requests.upscale_request(
             parent(), source, strength=0.6, seed=1, mode=UpscaleMode.CREATIVE
         ),
     }
@@ -434,13 +434,13 @@ def test_edits_round_trip_as_json_and_say_what_they_did_in_the_metadata() -> Non
         "Vary region": "centre",
         "Upscale": "creative",
     }
-    for key, request in requests.items():
+    for key, request in edits.items():
         back = GenerationRequest.from_json(request.to_json(), init_image=source)
         assert back == request
         assert parse_a1111_parameters(a1111_parameters(request, 1, "tiny"))[key] == shown[key]
     # A variation or zoom of an edit's result is not that edit again.
-    zoomed = requests["Zoom out"]
-    again = contract.pan_request(
+    zoomed = edits["Zoom out"]
+    again = requests.pan_request(
         zoomed, source, direction=PanDirection.UP, seed=2, max_pixels=MAX_PIXELS
     )
     assert (again.kind, again.zoom_factor) == (JobKind.PAN, 1.0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation import contract, outpaint
+from generation import outpaint, requests
 from generation.contract import Region
 from generation.settings import EngineSettings, ModelSpec
 from tests.generation.helpers import imagine
@@ -124,9 +124,9 @@ def test_the_prefill_steers_the_painting_on_the_4_channel_path(
 
     parent = imagine(model="tiny", steps=10, seed=7)
     if kind == "zoom":
-        request = contract.zoom_request(parent, source(), factor=2.0, seed=3)
+        request = requests.zoom_request(parent, source(), factor=2.0, seed=3)
     else:
-        request = contract.region_request(parent, source(), seed=3, regions={Region.LEFT})
+        request = requests.region_request(parent, source(), seed=3, regions={Region.LEFT})
     request = request.with_changes(num_candidates=1, num_kept=1)
     plain, denoiser = run(engine, monkeypatch, request, invert=False)
     inverted, _ = run(engine, monkeypatch, request, invert=True)

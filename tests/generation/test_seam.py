@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from generation import contract, outpaint
+from generation import outpaint, requests
 from generation.canvas import place, placement
 from generation.contract import GenerationRequest, PanDirection, Region
 from generation.settings import EngineSettings, ModelSpec
@@ -58,7 +58,7 @@ def edit_and_truth(kind: str) -> tuple[GenerationRequest, Image.Image]:
     kept image (the source as the edit places it) where it is kept."""
     if kind == "region":
         source = scene((256, 256))
-        request = contract.region_request(
+        request = requests.region_request(
             parent((256, 256)), source, seed=1, regions={Region.CENTRE}
         )
         # The region is painted anew: the truth there is another picture.
@@ -70,13 +70,13 @@ def edit_and_truth(kind: str) -> tuple[GenerationRequest, Image.Image]:
         box = placement(canvas, canvas, zoom_factor=2.0)
         # The parent image is what the scene shows inside the box, at the parent's size.
         source = world.crop((box[0], box[1], box[0] + box[2], box[1] + box[3])).resize(canvas)
-        request = contract.zoom_request(parent(canvas), source, factor=2.0, seed=1)
+        request = requests.zoom_request(parent(canvas), source, factor=2.0, seed=1)
     elif kind == "square":
         canvas = (256, 256)
         world = scene(canvas)
         box = placement((256, 128), canvas)
         source = world.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
-        request = contract.square_request(parent((256, 128)), source, seed=1, max_pixels=MAX_PIXELS)
+        request = requests.square_request(parent((256, 128)), source, seed=1, max_pixels=MAX_PIXELS)
     else:
         direction = PanDirection(kind.removeprefix("pan_"))
         wide = direction in (PanDirection.LEFT, PanDirection.RIGHT)
@@ -84,7 +84,7 @@ def edit_and_truth(kind: str) -> tuple[GenerationRequest, Image.Image]:
         world = scene(canvas)
         box = placement((256, 256), canvas, pan_direction=direction)
         source = world.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
-        request = contract.pan_request(
+        request = requests.pan_request(
             parent((256, 256)), source, direction=direction, seed=1, max_pixels=MAX_PIXELS
         )
     assert (request.width, request.height) == canvas
