@@ -309,7 +309,10 @@ class DiffusersEngine:
         loaded = self._pipelines(spec)
         if loaded.loras is None:
             loaded.loras = LoraSet(
-                loaded.text2img, self.settings.cache_dir, self.settings.local_files_only
+                loaded.text2img,
+                self.settings.cache_dir,
+                self.settings.local_files_only,
+                max_loaded=self.settings.max_loaded_loras,
             )
         if request.kind.is_edit and spec.inpaint_source:
             # An edit paints with the model's own inpainting UNet: the LoRAs go there too.

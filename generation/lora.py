@@ -5,10 +5,12 @@ from `from_pipe`), so a LoRA loaded into the text-to-image pipeline is there for
 The one exception is a model's dedicated 9-channel inpainting UNet (`inpaint_source`), which
 zooms, pans and region edits paint with: it gets the LoRA's UNet weights loaded into it as well
 (`add_unet`), under the same adapter name, so an edit of a LoRA job keeps the LoRA's look.
-Loaded adapters stay in memory with their model; a job turns on exactly its own with
-`set_adapters` and turns them all off again when it ends, so the next job, with other LoRAs or
-none, never sees them. Every candidate of a job runs in the same pipeline call with the same
-adapters, so batching is unchanged.
+Loaded adapters stay in memory with their model, at most `max_loaded` of them (the engine's
+`max_loaded_loras`): past that the least recently used one is unloaded, since every LoRA adds
+its weights to the GPU's memory. A job turns on exactly its own with `set_adapters` and turns
+them all off again when it ends, so the next job, with other LoRAs or none, never sees them.
+Every candidate of a job runs in the same pipeline call with the same adapters, so batching is
+unchanged.
 
 Trigger words (the words a LoRA was trained to answer to) are appended to the prompt; the
 A1111 `<lora:name:weight>` tags for PNG metadata come from `a1111_lora_tags`.
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,12 +37,18 @@ log = logging.getLogger(__name__)
 class LoraSet:
     """The LoRAs loaded into one model's pipelines, by configured name."""
 
-    def __init__(self, pipe: Any, cache_dir: Path, local_files_only: bool) -> None:
+    def __init__(
+        self, pipe: Any, cache_dir: Path, local_files_only: bool, max_loaded: int = 4
+    ) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded_loras: must be at least 1, got {max_loaded}")
         self.pipe = pipe
         self.cache_dir = cache_dir
         self.local_files_only = local_files_only
-        # Configured name -> peft adapter name (peft wants identifier-like names).
-        self._adapters: dict[str, str] = {}
+        self.max_loaded = max_loaded
+        # Configured name -> peft adapter name (peft wants identifier-like names), least
+        # recently used first.
+        self._adapters: OrderedDict[str, str] = OrderedDict()
         # Configured name -> where its weights came from, to load them into further UNets.
         self._specs: dict[str, LoraSpec] = {}
         # UNets of this model that are not the pipeline's own (the inpainting UNet).
@@ -149,6 +158,16 @@ class LoraSet:
             for unet in self._unets:
                 unet.unload_lora()
 
+    def _evict(self, keep: set[str]) -> None:
+        """Unload the least recently used LoRAs beyond `max_loaded`, never one in `keep` (the
+        job's own: a job asking for more than max_loaded keeps them all until the next)."""
+        for name in list(self._adapters):
+            if len(self._adapters) <= self.max_loaded:
+                return
+            if name not in keep:
+                log.info("unloading LoRA %s (more than %d loaded)", name, self.max_loaded)
+                self.unload(name)
+
     @contextlib.contextmanager
     def active(self, loras: Sequence[tuple[LoraSpec, float]]) -> Iterator[None]:
         """Exactly `loras` at their weights for the duration; all of them off afterwards."""
@@ -156,6 +175,10 @@ class LoraSet:
             yield
             return
         adapters = [self.ensure(spec) for spec, _ in loras]
+        wanted = {spec.name for spec, _ in loras}
+        for name in wanted:
+            self._adapters.move_to_end(name)
+        self._evict(keep=wanted)
         weights = [float(weight) for _, weight in loras]
         try:
             self.pipe.enable_lora()

@@ -182,6 +182,9 @@ class EngineSettings:
     vae_tiling: bool = False
     # Loaded models beyond this many are unloaded, least recently used first.
     max_loaded_models: int = 2
+    # LoRAs kept loaded per model (each holds its weights in GPU memory); beyond this many the
+    # least recently used is unloaded, and loaded again by the next job that asks for it.
+    max_loaded_loras: int = 4
     # Live previews of a job that asks for them: at most one per this many seconds.
     preview_interval_s: float = 2.0
     loras: tuple[LoraSpec, ...] = ()
@@ -264,6 +267,8 @@ class EngineSettings:
             )
         if not 0.0 < self.edit_strength <= 1.0:
             raise ValueError(f"edit_strength: must be in (0, 1], got {self.edit_strength}")
+        if self.max_loaded_loras < 1:
+            raise ValueError(f"max_loaded_loras: must be at least 1, got {self.max_loaded_loras}")
         if self.max_loaded_models < 1:
             raise ValueError(f"max_loaded_models: must be at least 1, got {self.max_loaded_models}")
         for spec in self.models:

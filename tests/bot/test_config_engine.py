@@ -58,6 +58,10 @@ def test_edit_strength_and_inpainting_checkpoints_reach_the_engine_settings():
     assert engine.edit_strength == 0.9
     assert engine.model("sd15").inpaint_source == inpainting["inpaint_source"]
     assert load_config(REPO / "config.toml").engine.edit_strength == 0.8
+    assert load_config(REPO / "config.toml").engine.max_loaded_loras == 4
+    assert parse_config({"generation": {"max_loaded_loras": 1}}).engine.max_loaded_loras == 1
+    with pytest.raises(ConfigError, match=r"^generation\.max_loaded_loras:"):
+        parse_config({"generation": {"max_loaded_loras": 0}})
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match=r"^generation\.edit_strength: must be in \(0, 1\]"):
             parse_config({"generation": {"edit_strength": bad}})
