@@ -139,6 +139,17 @@ def describe_wait(until: datetime, now: datetime) -> str:
     return f"{max(1, math.ceil(seconds / 60))} min"
 
 
+def legal_ledger_orders(state: JobState) -> tuple[tuple[str, ...], ...]:
+    """The hold/settle/refund rows a job in `state` may have, in the order they are written: a
+    queued or running job only its hold; a succeeded one its settle after it (and a refund
+    after that when its result could never be delivered); any other end one refund."""
+    if not state.terminal:
+        return (("hold",),)
+    if state is JobState.SUCCEEDED:
+        return (("hold", "settle"), ("hold", "settle", "refund"))
+    return (("hold", "refund"),)
+
+
 class CreditsService:
     def __init__(self, db: Database, config: CreditsConfig, clock: Clock) -> None:
         self._db = db
@@ -590,46 +601,47 @@ class CreditsService:
 
             jobs = await txn.fetchall(
                 "SELECT j.id, j.state, j.cost, j.hold_allowance, j.hold_granted, "
-                "  SUM(l.kind = 'hold') AS holds, "
                 "  SUM(CASE WHEN l.kind = 'hold' THEN l.allowance_delta END) AS hold_a, "
                 "  SUM(CASE WHEN l.kind = 'hold' THEN l.granted_delta END) AS hold_g, "
-                "  SUM(l.kind = 'settle') AS settles, "
                 "  SUM(CASE WHEN l.kind = 'settle' THEN l.amount END) AS settle_amount, "
-                "  SUM(l.kind = 'refund') AS refunds, "
                 "  SUM(CASE WHEN l.kind = 'refund' THEN l.allowance_delta END) AS refund_a, "
                 "  SUM(CASE WHEN l.kind = 'refund' THEN l.granted_delta END) AS refund_g "
                 "FROM jobs j LEFT JOIN ledger l ON l.job_id = j.id GROUP BY j.id"
             )
+            # Each job's hold/settle/refund rows in the order they were written.
+            orders: dict[int, list[str]] = {}
+            for r in await txn.fetchall(
+                "SELECT job_id, kind FROM ledger WHERE job_id IS NOT NULL "
+                "AND kind IN ('hold', 'settle', 'refund') ORDER BY id"
+            ):
+                orders.setdefault(int(r["job_id"]), []).append(str(r["kind"]))
             held = 0
             for job in jobs:
                 jid, state = int(job["id"]), JobState(job["state"])
                 a, g = int(job["hold_allowance"]), int(job["hold_granted"])
                 if a + g != int(job["cost"]):
                     problems.append(f"job {jid}: hold split {a}+{g} != cost {job['cost']}")
-                if job["holds"] != 1 or (job["hold_a"], job["hold_g"]) != (-a, -g):
-                    problems.append(f"job {jid}: expected one hold row of ({-a}, {-g})")
-                settles, refunds = int(job["settles"] or 0), int(job["refunds"] or 0)
-                if state is JobState.SUCCEEDED:
-                    # A result that could never be delivered is refunded after its settle.
-                    if settles != 1 or refunds > 1 or job["settle_amount"] != 0:
-                        problems.append(f"job {jid}: succeeded needs exactly one settle")
-                    elif refunds and (job["refund_g"] != g or not 0 <= job["refund_a"] <= a):
-                        problems.append(
-                            f"job {jid}: refund ({job['refund_a']}, {job['refund_g']}) does not "
-                            f"match hold ({a}, {g})"
-                        )
-                elif state.terminal:
-                    if refunds != 1 or settles:
-                        problems.append(f"job {jid}: {state.value} needs exactly one refund")
-                    elif job["refund_g"] != g or not 0 <= job["refund_a"] <= a:
-                        problems.append(
-                            f"job {jid}: refund ({job['refund_a']}, {job['refund_g']}) does not "
-                            f"match hold ({a}, {g})"
-                        )
-                else:
+                if not state.terminal:
                     held += a + g
-                    if settles or refunds:
-                        problems.append(f"job {jid}: {state.value} but already settled/refunded")
+                order = tuple(orders.get(jid, ()))
+                legal = legal_ledger_orders(state)
+                if order not in legal:
+                    allowed = " or ".join(f"({', '.join(o)})" for o in legal)
+                    problems.append(
+                        f"job {jid}: {state.value} with ledger rows "
+                        f"({', '.join(order) or 'none'}); expected {allowed} in that order"
+                    )
+                    continue
+                if (job["hold_a"], job["hold_g"]) != (-a, -g):
+                    problems.append(f"job {jid}: expected one hold row of ({-a}, {-g})")
+                if "settle" in order and job["settle_amount"] != 0:
+                    problems.append(f"job {jid}: a settle moves no credits")
+                # A refund gives back the granted part; the allowance part only on its day.
+                if "refund" in order and (job["refund_g"] != g or not 0 <= job["refund_a"] <= a):
+                    problems.append(
+                        f"job {jid}: refund ({job['refund_a']}, {job['refund_g']}) does not "
+                        f"match hold ({a}, {g})"
+                    )
             orphans = await txn.fetchone(
                 "SELECT COUNT(*) FROM ledger WHERE kind IN ('hold', 'settle', 'refund') "
                 "AND (job_id IS NULL OR job_id NOT IN (SELECT id FROM jobs))"

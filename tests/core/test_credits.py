@@ -158,6 +158,36 @@ async def test_consistency_check_catches_a_tampered_balance(core: Core) -> None:
     assert "ledger says" in report.problems[0]
 
 
+async def test_consistency_check_knows_the_order_of_a_jobs_ledger_rows(core: Core) -> None:
+    undelivered = await core.scheduler.submit(ALICE, request())
+    assert (await finished(core, undelivered.id)).state is JobState.SUCCEEDED
+    assert await core.scheduler.refund_undelivered(undelivered.id, "no Attach Files") > 0
+    cancelled = await core.scheduler.submit(ALICE, request("[slow] a fox", steps=50))
+    assert await core.scheduler.cancel(cancelled.id)
+    assert (await finished(core, cancelled.id)).state is JobState.CANCELLED
+    # Settled, then refunded (a result that could not be posted): a legal order.
+    await assert_consistent(core)
+
+    # The same rows in an order no code writes: refunded, then recorded as a success and
+    # settled. Every balance still adds up; only the order is wrong.
+    conn = sqlite3.connect(core.db.path)
+    try:
+        conn.execute(
+            "INSERT INTO ledger (user_id, amount, allowance_delta, granted_delta, kind, job_id, "
+            "reason, created_at) VALUES (?, 0, 0, 0, 'settle', ?, '', '2025-03-01T12:00:00')",
+            (ALICE.user_id, cancelled.id),
+        )
+        conn.execute("UPDATE jobs SET state = 'succeeded' WHERE id = ?", (cancelled.id,))
+        conn.commit()
+    finally:
+        conn.close()
+    report = await core.credits.check_consistency()
+    assert report.problems == (
+        f"job {cancelled.id}: succeeded with ledger rows (hold, refund, settle); "
+        "expected (hold, settle) or (hold, settle, refund) in that order",
+    )
+
+
 # ----- daily allowance -------------------------------------------------------------------------
 
 

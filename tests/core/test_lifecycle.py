@@ -16,6 +16,7 @@ from bot.core import (
     Finished,
     Job,
     JobEvent,
+    JobResult,
     JobState,
     LedgerKind,
     Owner,
@@ -26,6 +27,7 @@ from bot.core import (
     WorkOutcome,
 )
 from bot.core.execute import JobError
+from bot.core.lifecycle import Ending
 from bot.core.workers import JobTimeout, WorkerCrashed
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 from tests.core.fakes import FACTORY
@@ -258,6 +260,9 @@ class GatedWorker:
 
 OUTCOME = WorkOutcome(
     image_paths=("images/1/0.png",), grid_path=None, seeds=(1,), clip_scores=(1.0,)
+)
+OUTCOME_RESULT = JobResult(
+    image_paths=OUTCOME.image_paths, grid_path=None, seeds=(1,), clip_scores=(1.0,)
 )
 ENDINGS: dict[str, Callable[[asyncio.Future[WorkOutcome]], None]] = {
     "completion": lambda end: end.set_result(OUTCOME),
@@ -551,6 +556,67 @@ async def test_a_cancel_while_the_end_is_being_written_gets_a_true_answer(
             assert accepted and done.state is JobState.CANCELLED
             assert len(worker.runs) == 1
             assert (await core.credits.balance(ALICE.user_id)).available == 20
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+
+
+async def test_a_job_cancelled_while_the_dispatcher_picks_it_never_starts(tmp_path: Path) -> None:
+    """What `mark_running`'s `state = 'queued'` guard is for: the cancel is written first, and
+    the start that was already on its way must find the job no longer queued."""
+    worker = GatedWorker(ready=False)
+    core = await open_core(make_config(tmp_path), workers=[worker])
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        async with database_held(core):
+            cancelling = asyncio.create_task(core.scheduler.cancel(job.id, actor_id=7))
+            await loop_turns()  # the cancel waits for the database first
+            worker.ready.set()
+            await loop_turns()  # then the dispatcher, which picked the job meanwhile
+            assert core.scheduler.running_count == 1
+        assert await cancelling
+        done = await finished(core, job.id)
+        assert done.state is JobState.CANCELLED
+        # Read after the start's own write: the job was not marked running after all.
+        assert (await core.jobs.require(job.id)).state is JobState.CANCELLED
+        assert done.attempts == 0
+        await loop_turns()
+        assert worker.runs == []
+        assert core.scheduler.running_count == 0 and core.scheduler.busy_counts() == [0]
+        assert (await core.credits.balance(ALICE.user_id)).available == 20
+        await assert_consistent(core)
+    finally:
+        await core.close(0.5)
+
+
+async def test_a_late_end_of_an_earlier_run_changes_nothing(tmp_path: Path) -> None:
+    """The ends of a run are tied to its attempt: once the job was re-queued and started
+    again, an end of the earlier run (here delivered late on purpose) neither settles nor
+    re-queues the running one."""
+    worker = GatedWorker()
+    core = await open_core(make_config(tmp_path), workers=[worker])
+    lifecycle = core.scheduler._lifecycle
+    try:
+        job = await core.scheduler.submit(ALICE, request())
+        await worker.next_run(1)
+        first = core.scheduler._state.running.get(job.id)
+        assert first is not None and worker.end is not None
+        worker.end.set_exception(WorkerCrashed("the worker process died"))
+        await worker.next_run(2)
+        assert (await core.jobs.require(job.id)).attempts == 2
+        await lifecycle.end(first, Ending(JobState.SUCCEEDED, result=OUTCOME_RESULT))
+        await lifecycle.end(first, Ending(None))
+        again = await core.jobs.require(job.id)
+        assert again.state is JobState.RUNNING and again.attempts == 2
+        assert core.scheduler.queued_count == 0 and core.scheduler.running_count == 1
+        assert (await core.credits.balance(ALICE.user_id)).available == 20 - job.cost
+
+        assert worker.end is not None
+        worker.end.set_result(OUTCOME)
+        done = await finished(core, job.id)
+        assert done.state is JobState.SUCCEEDED and done.attempts == 2
+        kinds = [e.kind for e in await core.credits.ledger(ALICE.user_id)]
+        assert kinds.count(LedgerKind.SETTLE) == 1 and LedgerKind.REFUND not in kinds
         await assert_consistent(core)
     finally:
         await core.close(0.5)

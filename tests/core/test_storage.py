@@ -121,6 +121,45 @@ async def test_an_image_a_queued_job_still_needs_is_kept_until_it_ran(
         await core.close(1.0)
 
 
+async def test_an_upload_two_jobs_share_goes_with_the_last_of_them(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    config = make_config(tmp_path)
+    core = await open_core(config, clock)
+    try:
+        parent = await core.scheduler.submit(ALICE, request())
+        assert (await finished(core, parent.id)).state is JobState.SUCCEEDED
+        source = await core.jobs.image(parent.id, 0)
+        parent_request = await core.jobs.request(parent.id)
+        varied = variation_request(parent_request, source, strength=0.7, seed=3)
+        # Given without a parent job, its picture is stored as an upload of its own...
+        first = await core.scheduler.submit(ALICE, varied, JobKind.VARIATION)
+        assert (await finished(core, first.id)).state is JobState.SUCCEEDED
+        upload = first.init_image_path
+        assert upload is not None and upload.startswith("images/inputs/")
+        clock.advance(days=20)
+        # ...which its reroll refers to instead of copying.
+        reroll = await core.scheduler.submit(
+            ALICE, varied.with_changes(seed=4), JobKind.REROLL, parent=(first.id, None)
+        )
+        assert reroll.init_image_path == upload
+        assert (await finished(core, reroll.id)).state is JobState.SUCCEEDED
+
+        clock.advance(days=11)  # `first` ended 31 days ago, its reroll 11
+        pruned = await prune_images(core.db, config.data_dir, clock, 30)
+        assert first.id in pruned and reroll.id not in pruned
+        assert (config.data_dir / upload).exists()
+        again = await core.jobs.request(reroll.id)  # what 🔄 under the reroll needs
+        assert again.init_image is not None
+
+        clock.advance(days=20)
+        assert reroll.id in await prune_images(core.db, config.data_dir, clock, 30)
+        assert not (config.data_dir / upload).exists()
+        await assert_consistent(core)
+    finally:
+        await core.close(1.0)
+
+
 async def test_a_second_core_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     core = await open_core(config)
