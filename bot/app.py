@@ -282,7 +282,11 @@ class ImagineApp:
         return [
             Submitted(
                 job,
-                (*render.batch_notes(jobs, index), *parsed_job.notes),
+                (
+                    *render.batch_notes(jobs, index),
+                    *parsed_job.notes,
+                    *catalog.control_notes(parsed_job.request, self.config.engine.controlnet_fit),
+                ),
                 self.core.scheduler.queue_position(job.id),
             )
             for index, (job, parsed_job) in enumerate(zip(jobs, parsed, strict=True))

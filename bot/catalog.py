@@ -20,8 +20,9 @@ from bot.config import Config
 from bot.core.credits import job_cost
 from generation.addons import WEIGHT_SEPARATOR
 from generation.contract import GenerationRequest, InputRole, JobKind
+from generation.preprocess import fit_note
 from generation.prompt import size_for_aspect
-from generation.settings import ControlNetSpec, LoraSpec, ModelSpec
+from generation.settings import ControlFit, ControlNetSpec, LoraSpec, ModelSpec
 
 # Discord shows at most 25 suggestions, each name and value at most 100 characters.
 MAX_CHOICES = 25

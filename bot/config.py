@@ -20,6 +20,7 @@ from generation.settings import (
     FAMILIES,
     SINGLE_FILE_SUFFIXES,
     TINY_SOURCES,
+    ControlFit,
     ControlNetSpec,
     EngineSettings,
     IPAdapterSpec,

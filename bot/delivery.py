@@ -303,9 +303,18 @@ class Delivery:
         message. A transient failure gives its claim back and is retried later; a claim left by
         a process that died mid-send is settled by looking for the message in the channel; a
         permanent refusal is reported to the owner and refunded, never retried."""
-        jobs = self.jobs
         if job.id in self._delivering:
             return
+        # Claimed here before any await, so a second delivery of this job in this process
+        # (a redelivery at reconnect) cannot slip in while this one waits for the database.
+        self._delivering.add(job.id)
+        try:
+            await self._deliver_claimed(job, target, attempt)
+        finally:
+            self._delivering.discard(job.id)
+
+    async def _deliver_claimed(self, job: Job, target: JobMessage | None, attempt: int) -> None:
+        jobs = self.jobs
         if not await jobs.claim_delivery(job.id, RESULT):
             record = (await jobs.deliveries(job.id)).get(RESULT)
             if record is None or record.state in ("done", "undelivered"):
@@ -319,7 +328,6 @@ class Delivery:
                 await jobs.complete_delivery(job.id, RESULT, _where(posted))
                 return
             log.info("job %s: an interrupted delivery is resumed", job.id)
-        self._delivering.add(job.id)
         try:
             message, pinged = await self._post(job, target)
         except Exception as exc:
@@ -330,8 +338,6 @@ class Delivery:
             await jobs.release_delivery(job.id, RESULT)
             self._retry_later(job, target, attempt, exc)
             return
-        finally:
-            self._delivering.discard(job.id)
         await jobs.complete_delivery(job.id, RESULT, _where(message))
 
         # Edits don't notify anyone; a short new message does. Cancelling your own job doesn't.

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bot.core.models import JobKind, JobState
+from bot.core.models import JobKind, JobState, Owner
 from bot.discord_bot import ImagineBot
 from tests.bot.conftest import GatedEngine, bot_config, in_process_workers
 from tests.bot.helpers import (
@@ -30,6 +30,7 @@ from tests.bot.helpers import (
     job_id_of,
     make_bot,
 )
+from tests.core.conftest import finished, request
 from tests.core.test_lifecycle import DISK_FULL_ON_SUCCESS, run_sql
 from tests.fakediscord import FakeDiscord, SchemaViolation
 from tests.fakediscord.model import ATTACH_FILES, SEND_MESSAGES_IN_THREADS, VIEW_CHANNEL
@@ -327,3 +328,24 @@ async def test_a_job_whose_end_cannot_be_saved_says_so_and_then_posts_once(
             assert await available(bot, alice.id) == ALLOWANCE - cost
             await assert_ledger_consistent(bot)
         assert [m for m in fake.messages if m.attachments] == [grid]
+
+
+async def test_two_deliveries_of_one_job_at_once_post_it_once(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    """Two deliveries of the same finished job start together in one process (a reconnect's
+    redelivery while the job's own delivery runs), the first one's upload held back by a rate
+    limit: one result message, not two."""
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(bot):
+            owner = Owner(alice.id, fake.guild_id, fake.general.id)
+            job = await bot.core.scheduler.submit(owner, request("a red fox"))
+            done = await finished(bot.core, job.id, timeout_s=JOB_TIMEOUT_S)
+            assert done.state is JobState.SUCCEEDED  # not posted: nobody followed it
+            fake.rate_limit_next("POST", "/channels/*/messages", retry_after=1.0, with_files=True)
+            await asyncio.gather(bot.delivery.deliver(done), bot.delivery.deliver(done))
+            assert await eventually(lambda: delivery_state(bot, job.id), "done")
+            await assert_ledger_consistent(bot)
+        assert len([m for m in fake.messages if m.attachments]) == 1
