@@ -265,6 +265,16 @@ def edit_notes(parent_data: Mapping[str, Any], request: GenerationRequest) -> tu
     return tuple(notes)
 
 
+def control_notes(request: GenerationRequest, fit: ControlFit) -> tuple[str, ...]:
+    """How the job's control picture was fitted to the image, when its shape differs (the
+    engine crops or pads it, `[generation] controlnet_fit`; it never squashes it)."""
+    controls = request.inputs_for(InputRole.CONTROL)
+    if request.controlnet is None or not controls:
+        return ()
+    note = fit_note(controls[0].image.size, (request.width, request.height), fit)
+    return (f"ControlNet {request.controlnet}: {note}",) if note else ()
+
+
 def add_ons_text(request_data: Mapping[str, Any]) -> str:
     """The LoRAs and ControlNet of a stored request, as the reply shows them ("" if none);
     the weights are the ones used, A1111-style."""

@@ -305,6 +305,11 @@ def _engine(section: _Reader, data_dir: Path, base_dir: Path) -> EngineSettings:
         vae_tiling=section.get("vae_tiling", bool, defaults.vae_tiling),
         max_loaded_models=section.positive("max_loaded_models", int, defaults.max_loaded_models),
         max_loaded_loras=section.positive("max_loaded_loras", int, defaults.max_loaded_loras),
+        controlnet_fit=ControlFit(
+            section.choice(
+                "controlnet_fit", tuple(f.value for f in ControlFit), defaults.controlnet_fit
+            )
+        ),
         loras=_loras(section, base_dir),
         controlnets=_controlnets(section, base_dir),
         ip_adapters=_ip_adapters(section, base_dir, defaults.ip_adapters),

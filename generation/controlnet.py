@@ -114,7 +114,7 @@ class ControlNets:
         spec = self.settings.controlnet(request.controlnet)
         (control,) = request.inputs_for(InputRole.CONTROL)
         control_map = self.preprocessors.control_map(
-            control.image, spec, (request.width, request.height)
+            control.image, spec, (request.width, request.height), self.settings.controlnet_fit
         )
         model = self.model(spec, dtype, offload=offload)
         return ControlJob(

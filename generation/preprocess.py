@@ -4,7 +4,10 @@ Canny edges and line art come from OpenCV; depth from a transformers depth-estim
 (DPT), loaded once and kept. Pose has no preprocessor here: an OpenPose skeleton is made
 elsewhere and given with a ControlNet whose preprocessor is "none". The map is made at the
 output size, so edge widths and depth detail match the image being generated, and is returned
-to the bot to show beside the result.
+to the bot to show beside the result. A picture of another shape than the image is fitted,
+never squashed (`fit_picture`): cropped to cover it, or padded with black after the
+preprocessor ran (a black bar is "nothing here" to every ControlNet; drawn first, its border
+would become an edge).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from generation.settings import DEFAULT_DEPTH_MODEL, ControlNetSpec, Preprocessor
+from generation.settings import DEFAULT_DEPTH_MODEL, ControlFit, ControlNetSpec, Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,60 @@ def lineart(image: Image.Image) -> Image.Image:
     return Image.fromarray(darker.round().astype(np.uint8)).convert("RGB")
 
 
+# Shapes closer than this (relative difference of width/height) count as the same: rounding
+# a size to multiples of 64 changes an aspect by up to a few percent.
+SAME_SHAPE = 0.02
+
+
+def _same_shape(picture: tuple[int, int], size: tuple[int, int]) -> bool:
+    ratio = (picture[0] / picture[1]) / (size[0] / size[1])
+    return abs(ratio - 1.0) <= SAME_SHAPE
+
+
+def fit_box(picture: tuple[int, int], size: tuple[int, int], fit: ControlFit) -> tuple[int, ...]:
+    """Where the scaled picture lies on a canvas of `size`: (left, top, width, height); for
+    CROP it overhangs (negative left or top), for PAD it lies inside."""
+    if _same_shape(picture, size):
+        return (0, 0, *size)
+    scale_w, scale_h = size[0] / picture[0], size[1] / picture[1]
+    scale = max(scale_w, scale_h) if fit is ControlFit.CROP else min(scale_w, scale_h)
+    width = max(1, round(picture[0] * scale))
+    height = max(1, round(picture[1] * scale))
+    return ((size[0] - width) // 2, (size[1] - height) // 2, width, height)
+
+
+def fit_picture(image: Image.Image, size: tuple[int, int], fit: ControlFit) -> Image.Image:
+    """`image` at `size`, its shape kept: scaled to cover and centre-cropped (CROP), or scaled
+    to fit (PAD: the returned image is the fitted picture alone, `fit_box` says where it goes).
+    A picture of (nearly) the image's shape is only resized."""
+    left, top, width, height = fit_box(image.size, size, fit)
+    scaled = (
+        image
+        if image.size == (width, height)
+        else image.resize((width, height), Image.Resampling.LANCZOS)
+    )
+    if fit is ControlFit.CROP or (width, height) == size:
+        return scaled.crop((-left, -top, -left + size[0], -top + size[1]))
+    return scaled
+
+
+def fit_note(picture: tuple[int, int], size: tuple[int, int], fit: ControlFit) -> str:
+    """For the job's reply: how a control picture of another shape was fitted ("" when it had
+    the image's shape)."""
+    if _same_shape(picture, size):
+        return ""
+    wider = picture[0] / picture[1] > size[0] / size[1]
+    shown = f"control picture ({picture[0]}x{picture[1]})"
+    if fit is ControlFit.CROP:
+        cut = "its left and right sides" if wider else "its top and bottom"
+        return f"{shown} cropped to the image's shape ({size[0]}x{size[1]}): {cut} cut off"
+    bars = "above and below" if wider else "left and right"
+    return (
+        f"{shown} fitted inside the image ({size[0]}x{size[1]}) with black bars {bars}, "
+        "which the ControlNet leaves free"
+    )
+
+
 class Preprocessors:
     """Makes control maps; holds the model-based preprocessors once loaded."""
 
@@ -77,12 +134,25 @@ class Preprocessors:
         self._depth: dict[str, tuple[Any, Any]] = {}
 
     def control_map(
-        self, image: Image.Image, spec: ControlNetSpec, size: tuple[int, int]
+        self,
+        image: Image.Image,
+        spec: ControlNetSpec,
+        size: tuple[int, int],
+        fit: ControlFit = ControlFit.CROP,
     ) -> Image.Image:
-        """`image` as `spec`'s ControlNet expects it, `size` (width, height), RGB."""
-        image = image.convert("RGB")
-        if image.size != size:
-            image = image.resize(size, Image.Resampling.LANCZOS)
+        """`image` as `spec`'s ControlNet expects it, `size` (width, height), RGB; a picture of
+        another shape fitted as `fit` says."""
+        fitted = fit_picture(image.convert("RGB"), size, fit)
+        mapped = self._map(fitted, spec)
+        if mapped.size == size:
+            return mapped
+        # PAD: the map of the picture, centred on black.
+        left, top, _, _ = fit_box(image.size, size, fit)
+        canvas = Image.new("RGB", size, (0, 0, 0))
+        canvas.paste(mapped, (left, top))
+        return canvas
+
+    def _map(self, image: Image.Image, spec: ControlNetSpec) -> Image.Image:
         preprocessor = spec.preprocessor
         if preprocessor is Preprocessor.CANNY:
             return canny(image)

@@ -37,6 +37,18 @@ class Preprocessor(StrEnum):
     NONE = "none"
 
 
+class ControlFit(StrEnum):
+    """How a control picture of another shape than the image is fitted to it (never squashed:
+    a squashed map would bend every line and circle the ControlNet follows)."""
+
+    # Scaled to cover the image and centred: what overhangs is cut (AUTOMATIC1111's default,
+    # "Crop and Resize").
+    CROP = "crop"
+    # Scaled to fit inside the image and centred, the rest black: the whole picture steers,
+    # and the ControlNet leaves the bars to the model.
+    PAD = "pad"
+
+
 # The depth model a DEPTH ControlNet uses unless it names one (the one diffusers' ControlNet
 # depth examples use).
 DEFAULT_DEPTH_MODEL = "Intel/dpt-large"
@@ -189,6 +201,8 @@ class EngineSettings:
     preview_interval_s: float = 2.0
     loras: tuple[LoraSpec, ...] = ()
     controlnets: tuple[ControlNetSpec, ...] = ()
+    # How a control picture of another shape than the image is fitted to it.
+    controlnet_fit: ControlFit = ControlFit.CROP
     # Image adapters per model family; the tiny ones serve only the tiny models.
     ip_adapters: tuple[IPAdapterSpec, ...] = (
         IPAdapterSpec(family="sd"),
@@ -264,6 +278,11 @@ class EngineSettings:
         if self.preview_interval_s < 0:
             raise ValueError(
                 f"preview_interval_s: must be at least 0, got {self.preview_interval_s}"
+            )
+        if not isinstance(self.controlnet_fit, ControlFit):
+            raise ValueError(
+                f"controlnet_fit: {self.controlnet_fit!r}; one of "
+                + ", ".join(f.value for f in ControlFit)
             )
         if not 0.0 < self.edit_strength <= 1.0:
             raise ValueError(f"edit_strength: must be in (0, 1], got {self.edit_strength}")
