@@ -594,7 +594,8 @@ class DiffusersEngine:
             # DPM++ SDE draws its noise from Brownian trees: one per candidate, seeded like its
             # generator, so that a candidate is the same image in a batch or alone.
             scheduler.noise_sampler_seed = list(seeds)
-        if request.stop_percent < 100:
+        if request.stop_percent < 100 or state.preview is not None:
+            # Early stops and previews show the model's current estimate of the clean image.
             _record_denoised(scheduler, state)
         pipe.scheduler = scheduler
 
@@ -963,10 +964,12 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 
 def _record_denoised(scheduler: Any, state: _StepState) -> None:
-    """Keep the scheduler's latest estimate of the clean image, for stopping early.
+    """Keep the scheduler's latest estimate of the clean image, for stopping early and for
+    previews.
 
     Midjourney's `--stop` shows the image as it stands part-way: decoding the partly noised
-    latents would show noise instead, so the last x0 estimate is decoded. Euler/DDIM report it in
+    latents would show noise instead, so the last x0 estimate is decoded; a preview shows it
+    for the same reason. Euler/DDIM report it in
     their step output, the multistep solvers (DPM++, UniPC) keep it in `model_outputs`.
     """
     original = scheduler.step
@@ -1006,7 +1009,10 @@ def _on_step_end(
         try:
             preview = None
             if state.preview is not None:
-                preview = state.preview.maybe(tensors["latents"], step, total)
+                # The estimate of the clean image (x0), not the latents as they stand: those
+                # are mostly noise for the first half of a job.
+                shown = state.denoised if state.denoised is not None else tensors["latents"]
+                preview = state.preview.maybe(shown, step, total)
             state.progress(Progress(step=step, total=total, preview_png=preview))
         except GenerationCancelled:
             raise
