@@ -18,13 +18,7 @@ from bot.core.jobs import output_dir_for
 from bot.core.lifecycle import Ending, Lifecycle
 from bot.core.models import Job, JobResult, JobState, ProgressUpdate, Started
 from bot.core.state import QueueState, RunningJob
-from bot.core.workers import (
-    JobTimeout,
-    Worker,
-    WorkerCrashed,
-    WorkerStartFailed,
-    WorkerUnavailable,
-)
+from bot.core.workers import JobTimeout, Worker, WorkerCrashed, WorkerUnavailable
 from generation.contract import GenerationCancelled
 
 log = logging.getLogger(__name__)
@@ -343,11 +337,11 @@ class Dispatcher:
         return Ending(JobState.SUCCEEDED, result=result)
 
     def _failed(self, record: RunningJob, job: Job, exc: Exception) -> Ending:
-        if isinstance(exc, WorkerUnavailable | WorkerStartFailed | JobTimeout | WorkerCrashed):
+        if isinstance(exc, WorkerUnavailable | JobTimeout | WorkerCrashed):
             # Its process was replaced (or will be): whatever it held is gone.
             self._models.pop(id(record.worker), None)
             self._gpu_memory.pop(id(record.worker), None)
-        if isinstance(exc, WorkerUnavailable | WorkerStartFailed):
+        if isinstance(exc, WorkerUnavailable):
             # Out of the ready set before the job is back in the queue, so the job waits for
             # this worker's restart (or runs on another) instead of burning its attempts here.
             log.error("job %d: worker %s cannot run jobs: %s", job.id, record.worker.name, exc)
