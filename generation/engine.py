@@ -49,7 +49,7 @@ from generation.ip_adapter import prepare as prepare_conditioning
 from generation.lora import LoraSet, apply_trigger_words, requested_loras
 from generation.preview import Previewer
 from generation.ranking import ClipRanker, resolve_clip_source, select_candidates
-from generation.samplers import make_scheduler
+from generation.samplers import make_scheduler, seed_step_noise
 from generation.settings import TINY, EngineSettings, ModelSpec
 from generation.single_file import load_single_file
 from generation.tiling import seamless_tiling
@@ -590,10 +590,7 @@ class DiffusersEngine:
         if control is not None:
             pipe = control.pipeline(pipe, img2img)
         scheduler = make_scheduler(request.sampler, loaded.scheduler_config)
-        if hasattr(scheduler, "noise_sampler_seed"):
-            # DPM++ SDE draws its noise from Brownian trees: one per candidate, seeded like its
-            # generator, so that a candidate is the same image in a batch or alone.
-            scheduler.noise_sampler_seed = list(seeds)
+        seed_step_noise(scheduler, seeds)
         if request.stop_percent < 100 or state.preview is not None:
             # Early stops and previews show the model's current estimate of the clean image.
             _record_denoised(scheduler, state)
