@@ -504,7 +504,7 @@ async def test_a_cancel_acknowledged_during_the_shutdown_drain_wins(tmp_path: Pa
     try:
         job = await core.scheduler.submit(ALICE, request())
         await worker.next_run(1)
-        closing = asyncio.create_task(core.close(drain_timeout_s=0.5))
+        closing = asyncio.create_task(core.close(drain_timeout_s=2.0))
         await loop_turns()
         assert not closing.done()
         assert await core.scheduler.cancel(job.id, actor_id=ALICE.user_id)
