@@ -109,14 +109,15 @@ class _StepState:
     preview: Previewer | None = None
 
 
-def create_engine(settings: EngineSettings) -> DiffusersEngine:
+def create_engine(settings: EngineSettings, *, offload_stand_in: bool = False) -> DiffusersEngine:
     """The engine for these settings. Loads nothing until the first job (or `warm_up`).
 
     Also turns off the libraries' console progress bars: in a worker they only garble logs,
-    and progress is reported through the engine's callback instead.
+    and progress is reported through the engine's callback instead. `offload_stand_in`: see
+    `DiffusersEngine`.
     """
     quiet_library_progress()
-    return DiffusersEngine(settings)
+    return DiffusersEngine(settings, offload_stand_in=offload_stand_in)
 
 
 def quiet_library_progress() -> None:
@@ -159,7 +160,10 @@ def candidate_seeds(seed: int, count: int) -> tuple[int, ...]:
 class DiffusersEngine:
     """Loads pipelines on demand, runs one job at a time, ranks candidates with CLIP."""
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, *, offload_stand_in: bool = False) -> None:
+        """`offload_stand_in`: honour `cpu_offload` on a device that is not CUDA, the device
+        standing in for the GPU that modules are moved to and from (the CPU in the tests), so
+        that every offload hook runs somewhere before a GPU is the first place it runs."""
         settings.validate()
         self.settings = settings
         self.device = resolve_device(settings.device)
@@ -167,7 +171,7 @@ class DiffusersEngine:
         self.max_loaded_models = settings.max_loaded_models
         # Offloading moves modules between the GPU and the CPU; without a GPU there is nothing
         # to save, so the setting is ignored rather than refused (the same config serves both).
-        self.cpu_offload = settings.cpu_offload and self.device == "cuda"
+        self.cpu_offload = settings.cpu_offload and (self.device == "cuda" or offload_stand_in)
         if settings.cpu_offload and not self.cpu_offload:
             log.warning("cpu_offload is set but the engine runs on %s: ignored", self.device)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
