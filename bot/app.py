@@ -8,13 +8,14 @@ Nothing here imports discord.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,23 @@ from bot.core.models import (
 )
 from bot.core.preferences import Preferences, PreferenceStore
 from bot.core.service import Core
-from bot.fetch import FetchedImage, FetchRefused, policy_from_config
-from bot.inputs import BlendShape, InputScreen, PictureInputs, as_input, blend_request
+from bot.fetch import FetchedImage, FetchPolicy, FetchRefused, policy_from_config
+from bot.inputs import (
+    BlendShape,
+    InputScreen,
+    Picture,
+    PictureInputs,
+    as_input,
+    attachment_sources,
+    blend_request,
+)
 from bot.moderation import PromptFilter, audit_refusal, make_output_check
 from generation.conditioning import check_inputs
 from generation.contract import (
     MAX_PIXELS,
     MAX_SEED,
     GenerationRequest,
+    InputImage,
     InputRole,
     PanDirection,
     Region,
@@ -57,6 +67,7 @@ from generation.prompt import (
     ParsedPrompt,
     PromptDefaults,
     PromptError,
+    control_link,
     parse_jobs,
     size_for_aspect,
 )
@@ -201,6 +212,19 @@ async def open_core(
     return core
 
 
+def picture_inputs(
+    config: Config, screen: InputScreen, policy: FetchPolicy | None = None
+) -> PictureInputs:
+    """Members' pictures fetched under the configured limits (and policy, unless given)."""
+    images = config.images
+    return PictureInputs(
+        policy or policy_from_config(images),
+        screen,
+        max_fetches=images.max_fetches,
+        max_fetches_per_member=images.max_fetches_per_member,
+    )
+
+
 def random_seed() -> int:
     return secrets.randbelow(_SEED_LIMIT + 1)
 
@@ -218,9 +242,8 @@ class ImagineApp:
         self.config = config
         self.core = core
         # Members' pictures; a front end that knows age-restricted channels passes its own.
-        self.pictures = pictures or PictureInputs(
-            policy_from_config(config.images),
-            InputScreen(config.moderation, lambda _channel: False, core.audit),
+        self.pictures = pictures or picture_inputs(
+            config, InputScreen(config.moderation, lambda _channel: False, core.audit)
         )
         self.prompt_filter = PromptFilter(config.moderation)
         self._seed_source = seed_source
@@ -258,27 +281,51 @@ class ImagineApp:
         text: str,
         options: ImagineOptions | None = None,
         model: str | None = None,
-        attachments: Mapping[str, FetchedImage] = {},
+        attachments: Sequence[Picture] = (),
+        control_image: Picture | None = None,
     ) -> list[Submitted]:
         """Queue every job the prompt asks for, all or none; one for a plain prompt. Several
         jobs each carry a note saying which of how many they are (the first: at what cost).
-        `attachments` are the command's image options, fetched, by `attachment:<name>`."""
-        self._check_cooldown(actor)
-        # The member's /prefer shortcuts and suffix, and their /settings defaults under
-        # whatever was typed.
-        prefs = await self.preferences.get(actor.user_id)
-        defaults = prefs.prompt_defaults(self.config.engine)
-        try:
-            expanded = prefs.expand(text)
-        except PromptError as exc:
-            raise UserError(str(exc)) from None
-        parsed = self.parse_jobs(expanded, options, model, defaults)
-        # Only what is asked for is filtered: "--no gore" steers away from what it names.
-        # (A blend's placeholder, in a prompt of pictures only, is not the member's.)
-        for prompt in dict.fromkeys(job.request.prompt for job in parsed if not job.wordless):
-            await self._check_prompt(actor, text, prompt)
-        parsed = await self._attach_pictures(actor, parsed, attachments)
-        jobs = await self._submit(actor, [job.request for job in parsed], JobKind.IMAGINE, None)
+        `attachments` are the command's image options and `control_image` the picture a --cn
+        ControlNet follows (Discord attachments, or pictures already fetched).
+
+        Everything that can refuse the command cheaply comes first: the cooldown (taken on
+        entry, so commands sent together can't all pass it), the prompt, the blocked words,
+        the queue limits and the credits. Only then are the member's pictures fetched,
+        decoded and screened (within the fetch limits of bot/inputs.py)."""
+        with self._cooling(actor):
+            # The member's /prefer shortcuts and suffix, and their /settings defaults under
+            # whatever was typed.
+            prefs = await self.preferences.get(actor.user_id)
+            defaults = prefs.prompt_defaults(self.config.engine)
+            try:
+                expanded = prefs.expand(text)
+            except PromptError as exc:
+                raise UserError(str(exc)) from None
+            options = options or ImagineOptions()
+            if attachments:
+                options = replace(options, images=tuple(attachment_sources(attachments)))
+            link = control_link(expanded) if control_image is None else None
+            stand_in = _control_stand_in(control_image, link)
+            parsed = self.parse_jobs(
+                expanded, replace(options, control_image=stand_in), model, defaults
+            )
+            # Only what is asked for is filtered: "--no gore" steers away from what it names.
+            # (A blend's placeholder, in a prompt of pictures only, is not the member's.)
+            for prompt in dict.fromkeys(job.request.prompt for job in parsed if not job.wordless):
+                await self._check_prompt(actor, text, prompt)
+            if any(job.image_refs for job in parsed):
+                # What the model can do with the pictures' roles (a reference needs an image
+                # adapter) needs only their roles.
+                for job in parsed:
+                    self._check_inputs(job.with_pictures(_stand_ins(job)).request)
+            elif attachments:
+                raise UserError("image: these pictures were not used by the prompt.")
+            await self._check_submit(actor, [job.request for job in parsed])
+            parsed = await self._fetch_pictures(actor, parsed, attachments, control_image, link)
+            jobs = await self._submit(
+                actor, [job.request for job in parsed], JobKind.IMAGINE, None, cooled=False
+            )
         return [
             Submitted(
                 job,
@@ -297,42 +344,74 @@ class ImagineApp:
     async def blend(
         self,
         actor: Actor,
-        pictures: Sequence[FetchedImage],
+        pictures: Sequence[Picture],
         shape: BlendShape = BlendShape.SQUARE,
         model: str | None = None,
     ) -> Submitted:
-        """One grid mixing 2–5 pictures (an IMAGINE with image prompts and no text)."""
-        self._check_cooldown(actor)
-        try:
-            request = blend_request(self.config.engine, pictures, shape, self._seed_source(), model)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        await self._screen(actor, pictures)
-        self._check_inputs(request)
-        (job,) = await self._submit(actor, [request], JobKind.IMAGINE, None)
+        """One grid mixing 2–5 pictures (an IMAGINE with image prompts and no text). The
+        pictures are fetched once the command may go ahead, as /imagine's."""
+        with self._cooling(actor):
+            try:
+                request = blend_request(
+                    self.config.engine,
+                    [_stand_in(source) for source in attachment_sources(pictures)],
+                    shape,
+                    self._seed_source(),
+                    model,
+                )
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            self._check_inputs(request)
+            await self._check_submit(actor, [request])
+            fetched = await self._fetch_attachments(actor, pictures)
+            await self._screen(actor, fetched)
+            request = request.with_changes(
+                inputs=tuple(
+                    replace(given, image=picture.image, sha256=picture.sha256)
+                    for given, picture in zip(request.inputs, fetched, strict=True)
+                )
+            )
+            (job,) = await self._submit(actor, [request], JobKind.IMAGINE, None, cooled=False)
         return Submitted(job, (), self.core.scheduler.queue_position(job.id))
 
-    async def describe(self, actor: Actor, picture: FetchedImage) -> Submitted:
-        """Four prompt suggestions for a picture (a DESCRIBE job, run by the worker's CLIP)."""
-        self._check_cooldown(actor)
-        await self._screen(actor, [picture])
-        settings = self.config.engine
-        # The picture's shape at the model's size: what the settings line shows (the cost of a
-        # describe is flat).
-        width, height = size_for_aspect(
-            picture.image.width,
-            picture.image.height,
-            settings.model(None).base_resolution,
-            min(settings.max_pixels, MAX_PIXELS),
-        )
-        request = describe_request(
-            as_input(picture, InputRole.IMAGE_PROMPT, 1.0),
-            seed=self._seed_source(),
-            model=settings.default_model,
-            width=width,
-            height=height,
-        )
-        (job,) = await self._submit(actor, [request], JobKind.DESCRIBE, None, cooled=True)
+    async def describe(self, actor: Actor, picture: Picture | str) -> Submitted:
+        """Four prompt suggestions for a picture (a DESCRIBE job, run by the worker's CLIP):
+        an attachment, a link, or a picture already fetched."""
+        with self._cooling(actor):
+            settings = self.config.engine
+            # A describe costs the same whatever the picture: what it costs is checked before
+            # the picture is fetched.
+            stand_in = describe_request(
+                InputImage(InputRole.IMAGE_PROMPT, Image.new("RGB", (1, 1))),
+                seed=0,
+                model=settings.default_model,
+                width=settings.model(None).base_resolution,
+                height=settings.model(None).base_resolution,
+            )
+            await self._check_submit(actor, [stand_in])
+            if isinstance(picture, str):
+                try:
+                    fetched = (await self.pictures.fetch_links([picture], actor.user_id))[picture]
+                except FetchRefused as exc:
+                    raise UserError(f"Picture not used — {exc.reason}") from None
+            else:
+                (fetched,) = await self._fetch_attachments(actor, [picture])
+            await self._screen(actor, [fetched])
+            # The picture's shape at the model's size: what the settings line shows.
+            width, height = size_for_aspect(
+                fetched.image.width,
+                fetched.image.height,
+                settings.model(None).base_resolution,
+                min(settings.max_pixels, MAX_PIXELS),
+            )
+            request = describe_request(
+                as_input(fetched, InputRole.IMAGE_PROMPT, 1.0),
+                seed=self._seed_source(),
+                model=settings.default_model,
+                width=width,
+                height=height,
+            )
+            (job,) = await self._submit(actor, [request], JobKind.DESCRIBE, None, cooled=False)
         return Submitted(job, (), self.core.scheduler.queue_position(job.id))
 
     async def describe_again(self, actor: Actor, job_id: int) -> Submitted:
@@ -360,18 +439,45 @@ class ImagineApp:
             raise UserError(f"Suggestion {index} doesn't exist in job {job.id}.")
         return await self.imagine(actor, texts[index - 1])
 
-    async def _attach_pictures(
+    async def _check_submit(self, actor: Actor, requests: Sequence[GenerationRequest]) -> None:
+        """The queue limits, the ban and the credits, looked at before anything is fetched
+        (`_submit` checks again, for real)."""
+        try:
+            await self.core.scheduler.check_submit(actor.owner, requests)
+        except Refused as exc:
+            raise UserError(exc.reason) from None
+
+    async def _fetch_attachments(
+        self, actor: Actor, pictures: Sequence[Picture]
+    ) -> list[FetchedImage]:
+        try:
+            return await self.pictures.fetch_attachments(pictures, actor.user_id)
+        except FetchRefused as exc:
+            raise UserError(f"Picture not used — {exc.reason}") from None
+
+    async def _fetch_pictures(
         self,
         actor: Actor,
         parsed: list[ParsedPrompt],
-        attachments: Mapping[str, FetchedImage],
+        attachments: Sequence[Picture],
+        control_image: Picture | None,
+        link: str | None,
     ) -> list[ParsedPrompt]:
-        if not any(job.image_refs for job in parsed):
-            if attachments:
-                raise UserError("image: these pictures were not used by the prompt.")
-            return parsed
+        """The jobs with the member's pictures fetched, screened and in place: the ControlNet's
+        instead of its stand-in, the image prompts and references appended."""
         try:
-            attached = await self.pictures.attach(actor.owner, parsed, attachments)
+            control = await self.pictures.fetch_control(actor.owner, control_image, link)
+        except FetchRefused as exc:
+            raise UserError(exc.reason) from None
+        if control is not None:
+            parsed = [_with_control(job, control) for job in parsed]
+        if not any(job.image_refs for job in parsed):
+            return parsed
+        fetched = await self._fetch_attachments(actor, attachments)
+        try:
+            attached = await self.pictures.attach(
+                actor.owner, parsed, {picture.source: picture for picture in fetched}
+            )
         except FetchRefused as exc:
             raise UserError(f"Picture not used — {exc.reason}") from None
         for job in attached:
@@ -627,6 +733,29 @@ class ImagineApp:
             raise UserError(EXPIRED_MESSAGE)
         return job
 
+    @contextlib.contextmanager
+    def _cooling(self, actor: Actor) -> Iterator[None]:
+        """A command's cooldown: checked and taken on entry, before the first await, so that
+        commands sent at the same moment can't all pass it while the first one still works; a
+        refusal gives it back, so fixing a typo or topping up credits is never held back."""
+        cooldown_s = self.config.discord.command_cooldown_s
+        if cooldown_s <= 0 or actor.is_admin:
+            yield
+            return
+        self._check_cooldown(actor)
+        previous = self._last_submit.get(actor.user_id)
+        taken = self._monotonic()
+        self._last_submit[actor.user_id] = taken
+        try:
+            yield
+        except BaseException:
+            if self._last_submit.get(actor.user_id) == taken:
+                if previous is None:
+                    self._last_submit.pop(actor.user_id, None)
+                else:
+                    self._last_submit[actor.user_id] = previous
+            raise
+
     def _check_cooldown(self, actor: Actor) -> None:
         cooldown_s = self.config.discord.command_cooldown_s
         if cooldown_s <= 0 or actor.is_admin:
@@ -759,6 +888,40 @@ class ImagineApp:
             )
         request = variation_request(parent, image, strength=strength, seed=self._seed_source())
         return request, JobKind.VARIATION, (job.id, position), notes
+
+
+# Stands in for a member's picture until it is fetched: parsing, the checks and the cost need
+# only its role and source.
+_STAND_IN = Image.new("RGB", (1, 1))
+
+
+def _stand_in(source: str) -> FetchedImage:
+    return FetchedImage(_STAND_IN, source, "", "PNG")
+
+
+def _control_stand_in(control_image: Picture | None, link: str | None) -> InputImage | None:
+    """The ControlNet's picture as the parser needs it (its source) before it is fetched."""
+    if control_image is not None:
+        (source,) = attachment_sources([control_image])
+    elif link is not None:
+        source = link
+    else:
+        return None
+    return InputImage(InputRole.CONTROL, _STAND_IN, source=source)
+
+
+def _stand_ins(job: ParsedPrompt) -> tuple[InputImage, ...]:
+    return tuple(InputImage(r.role, _STAND_IN, r.weight, r.source) for r in job.image_refs)
+
+
+def _with_control(job: ParsedPrompt, control: FetchedImage) -> ParsedPrompt:
+    inputs = tuple(
+        replace(given, image=control.image, sha256=control.sha256)
+        if given.role is InputRole.CONTROL
+        else given
+        for given in job.request.inputs
+    )
+    return replace(job, request=job.request.with_changes(inputs=inputs))
 
 
 def _past_tense(state: JobState) -> str:

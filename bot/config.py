@@ -142,9 +142,17 @@ class ImagesConfig:
     # loopback and link-local addresses are refused whatever the list says.
     allowed_hosts: tuple[str, ...] = ("cdn.discordapp.com", "media.discordapp.net")
     max_bytes: int = 10 * 1024 * 1024
-    # Checked from the file's header before decoding: decompression bombs never get decoded.
-    max_pixels: int = 40_000_000
+    # The pixels decoded, checked from the file's header first (decompression bombs never get
+    # decoded). A picture is used at most at the largest canvas (2048x2048, 4.2 MP) and scaled
+    # down to it on arrival, so 16 MP leaves room for a 4000x4000 picture and no more; a JPEG
+    # is decoded at 1/2, 1/4 or 1/8 of its size where that still covers 2048 pixels, so its
+    # header may say up to 64 times more.
+    max_pixels: int = 16_000_000
     timeout_s: float = 10.0
+    # Pictures fetched and decoded at the same time, by the whole bot and by one member (the
+    # rest wait their turn): a burst of links can't fill the memory or the threads.
+    max_fetches: int = 8
+    max_fetches_per_member: int = 2
 
 
 @dataclass(frozen=True)
@@ -520,6 +528,10 @@ def _images(section: _Reader) -> ImagesConfig:
         max_bytes=section.positive("max_bytes", int, defaults.max_bytes),
         max_pixels=section.positive("max_pixels", int, defaults.max_pixels),
         timeout_s=section.positive("timeout_s", float, defaults.timeout_s),
+        max_fetches=section.positive("max_fetches", int, defaults.max_fetches),
+        max_fetches_per_member=section.positive(
+            "max_fetches_per_member", int, defaults.max_fetches_per_member
+        ),
     )
     section.reject_unknown()
     return config

@@ -23,7 +23,7 @@ from bot.access import AdminScope
 from bot.admin_commands import AdminCommands
 from bot.app import Action, Actor, ImagineApp, Submitted, UserError, open_core
 from bot.buttons import Fits, JobButton, UiAction, UiButton, cancel_view
-from bot.catalog_commands import add_catalog_commands, control_input
+from bot.catalog_commands import add_catalog_commands
 from bot.config import Config
 from bot.core.clock import Clock, system_clock
 from bot.core.models import Job
@@ -477,11 +477,10 @@ def add_commands(bot: ImagineBot) -> None:
         if pictures.wants_pictures(prompt, image, image2, control_image):
             # Fetching may outlast Discord's 3 s: acknowledged first, privately (bot/pictures.py).
             await interaction.response.defer(ephemeral=True, thinking=True)
-        control = await control_input(bot, interaction, control_image, prompt)
-        options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler, lora, control)
+        options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler, lora)
         if interaction.response.is_done():
             await pictures.imagine_with_pictures(
-                bot, interaction, prompt, options, model, (image, image2)
+                bot, interaction, prompt, options, model, (image, image2), control_image
             )
             return
         actor = bot.actor(interaction)

@@ -19,9 +19,11 @@ No discord imports.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,14 @@ from bot.config import ModerationConfig
 from bot.core.audit import AuditLog
 from bot.core.execute import safe_path
 from bot.core.models import Owner
-from bot.fetch import FetchedImage, FetchPolicy, FetchRefused, fetch_image
+from bot.fetch import (
+    ATTACHMENT_PREFIX,
+    FetchedImage,
+    FetchPolicy,
+    FetchRefused,
+    attachment_image,
+    fetch_image,
+)
 from bot.moderation import ImageSafety, shared_image_safety
 from generation.contract import MAX_PIXELS, GenerationRequest, InputImage, InputRole, JobKind
 from generation.prompt import ParsedPrompt, size_for_aspect
@@ -44,6 +53,13 @@ log = logging.getLogger(__name__)
 AUDIT_INPUT_FLAG = "input_flagged"
 
 Fetch = Callable[[str, FetchPolicy], Awaitable[FetchedImage]]
+FetchAttachment = Callable[[Any, FetchPolicy], Awaitable[FetchedImage]]
+# A member's picture as a command brings it: already fetched, or a Discord attachment (anything
+# with `filename`, `size` and `url`) that is fetched only once the command may go ahead.
+Picture = FetchedImage | Any
+
+DEFAULT_MAX_FETCHES = 8
+DEFAULT_MAX_FETCHES_PER_MEMBER = 2
 
 
 class InputScreen:
@@ -86,27 +102,112 @@ class InputScreen:
 
 
 class PictureInputs:
-    """Fetches, screens and attaches the pictures of one command's jobs."""
+    """Fetches, screens and attaches the pictures of one command's jobs.
 
-    def __init__(self, policy: FetchPolicy, screen: InputScreen, fetch: Fetch = fetch_image):
+    At most `max_fetches` pictures are fetched and decoded at a time by the whole bot, and
+    `max_fetches_per_member` for any one member; the others wait their turn. So a burst of
+    commands full of links costs at most that much memory and that many threads, and other
+    members' pictures still get their share."""
+
+    def __init__(
+        self,
+        policy: FetchPolicy,
+        screen: InputScreen,
+        fetch: Fetch = fetch_image,
+        fetch_attachment: FetchAttachment = attachment_image,
+        *,
+        max_fetches: int = DEFAULT_MAX_FETCHES,
+        max_fetches_per_member: int = DEFAULT_MAX_FETCHES_PER_MEMBER,
+    ):
+        if max_fetches < 1 or max_fetches_per_member < 1:
+            raise ValueError("max_fetches, max_fetches_per_member: must be at least 1")
         self.policy = policy
         self.screen = screen
         self._fetch = fetch
+        self._fetch_attachment = fetch_attachment
+        self._all = asyncio.Semaphore(max_fetches)
+        self._per_member = max_fetches_per_member
+        # Each member's semaphore while they have fetches waiting or running, with how many.
+        self._members: dict[int, tuple[asyncio.Semaphore, int]] = {}
+        self.fetches_started = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
 
-    async def fetch_links(self, links: Sequence[str]) -> dict[str, FetchedImage]:
-        """Each link once, all at the same time; the first refusal (in the given order) wins."""
+    async def _limited(
+        self, user_id: int, fetch: Callable[[], Awaitable[FetchedImage]]
+    ) -> FetchedImage:
+        semaphore, users = self._members.get(user_id, (asyncio.Semaphore(self._per_member), 0))
+        self._members[user_id] = (semaphore, users + 1)
+        try:
+            async with semaphore, self._all:
+                self.fetches_started += 1
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                try:
+                    return await fetch()
+                finally:
+                    self.in_flight -= 1
+        finally:
+            semaphore, users = self._members[user_id]
+            if users <= 1:
+                del self._members[user_id]
+            else:
+                self._members[user_id] = (semaphore, users - 1)
+
+    async def fetch_links(self, links: Sequence[str], user_id: int = 0) -> dict[str, FetchedImage]:
+        """Each link once, within the limits; the first refusal (in the given order) wins and
+        the fetches not started yet are called off."""
         unique = list(dict.fromkeys(links))
-        results = await asyncio.gather(
-            *(self._fetch(link, self.policy) for link in unique), return_exceptions=True
-        )
-        fetched: dict[str, FetchedImage] = {}
-        for link, result in zip(unique, results, strict=True):
-            if isinstance(result, FetchRefused):
-                raise FetchRefused(f"{shown_source(link)}: {result.reason}")
-            if isinstance(result, BaseException):
-                raise result
-            fetched[link] = result
-        return fetched
+        jobs = [functools.partial(self._fetch_link, link, user_id) for link in unique]
+        return dict(zip(unique, await _in_order(jobs), strict=True))
+
+    async def _fetch_link(self, link: str, user_id: int) -> FetchedImage:
+        try:
+            return await self._limited(user_id, lambda: self._fetch(link, self.policy))
+        except FetchRefused as exc:
+            raise FetchRefused(f"{shown_source(link)}: {exc.reason}") from None
+
+    async def fetch_attachments(
+        self, attachments: Sequence[Picture], user_id: int = 0
+    ) -> list[FetchedImage]:
+        """A command's attachments (the ones already fetched as they are), in order, each with
+        its source from `attachment_sources`; the first refusal wins."""
+        sources = attachment_sources(attachments)
+        jobs = [
+            functools.partial(self._fetch_one, picture, source, user_id)
+            for picture, source in zip(attachments, sources, strict=True)
+        ]
+        return await _in_order(jobs)
+
+    async def _fetch_one(self, picture: Picture, source: str, user_id: int) -> FetchedImage:
+        if isinstance(picture, FetchedImage):
+            return replace(picture, source=source)
+        fetched = await self._limited(user_id, lambda: self._fetch_attachment(picture, self.policy))
+        return replace(fetched, source=source)
+
+    async def fetch_control(
+        self, owner: Owner, attachment: Picture | None, link: str | None
+    ) -> FetchedImage | None:
+        """The picture a --cn ControlNet follows: the `control_image` attachment, else the link
+        after `--cn NAME`; screened like every member's picture. FetchRefused names the option
+        or the link."""
+        if attachment is None and link is None:
+            return None
+        try:
+            if attachment is not None:
+                where = f"control_image {_filename(attachment)}"
+                (picture,) = await self.fetch_attachments([attachment], owner.user_id)
+            else:
+                assert link is not None
+                where = f"--cn {shown_source(link)}"
+                picture = await self._limited(owner.user_id, lambda: self._fetch(link, self.policy))
+            await self.screen.check(owner, [picture])
+        except FetchRefused as exc:
+            reason = exc.reason
+            if attachment is not None:
+                reason = reason.removeprefix(f"{_filename(attachment)}: ")
+            raise FetchRefused(f"{where}: {reason}") from None
+        return picture
 
     async def attach(
         self,
@@ -119,7 +220,7 @@ class PictureInputs:
         if not wanted:
             return list(parsed)
         links = [ref.source for ref in wanted if ref.is_link and ref.source not in attachments]
-        pictures = {**attachments, **await self.fetch_links(links)}
+        pictures = {**attachments, **await self.fetch_links(links, owner.user_id)}
         missing = [ref.source for ref in wanted if ref.source not in pictures]
         if missing:
             raise FetchRefused(f"{shown_source(missing[0])}: that picture was not received")
@@ -220,6 +321,41 @@ def pictures_thumbnail(data_dir: Path, request_data: Mapping[str, Any]) -> bytes
     buffer = io.BytesIO()
     strip.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def attachment_sources(attachments: Sequence[Picture]) -> list[str]:
+    """Each attachment's source, `attachment:<filename>`, made distinct ("a.png (2)") for two of
+    one name, as the prompt's image options refer to them."""
+    seen: set[str] = set()
+    sources = []
+    for attachment in attachments:
+        if isinstance(attachment, FetchedImage):
+            base = attachment.source
+        else:
+            base = f"{ATTACHMENT_PREFIX}{_filename(attachment)}"
+        source, copy = base, 2
+        while source in seen:
+            source, copy = f"{base} ({copy})", copy + 1
+        seen.add(source)
+        sources.append(source)
+    return sources
+
+
+def _filename(attachment: Any) -> str:
+    return str(getattr(attachment, "filename", "") or "file")
+
+
+async def _in_order(fetches: Sequence[Callable[[], Awaitable[FetchedImage]]]) -> list[FetchedImage]:
+    """Run the fetches together (the limits decide how many at once) and return them in order;
+    at the first refusal in that order the rest are called off and it is raised."""
+    tasks = [asyncio.ensure_future(fetch()) for fetch in fetches]
+    try:
+        return [await task for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Reaped, so that none is left running or reports an exception nobody retrieved.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def as_input(picture: FetchedImage, role: InputRole, weight: float) -> InputImage:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 
 from bot.app import Submitted, UserError
+from bot.app import picture_inputs as app_picture_inputs
 from bot.delivery import JobMessage
-from bot.fetch import FetchedImage, FetchPolicy, FetchRefused, attachment_image, fetch_image
+from bot.fetch import FetchPolicy
 from bot.inputs import BlendShape, InputScreen, PictureInputs
 from bot.permissions import missing_for_delivery, refusal_text
 from bot.suggestions import DescribeAction, DescribeButton
@@ -35,35 +35,13 @@ log = logging.getLogger(__name__)
 
 def picture_inputs(bot: ImagineBot, policy: FetchPolicy) -> PictureInputs:
     """The app's picture handling, judging age restriction as the bot sees channels."""
-    return PictureInputs(
-        policy, InputScreen(bot.config.moderation, bot.is_nsfw_channel, bot.core.audit)
-    )
+    screen = InputScreen(bot.config.moderation, bot.is_nsfw_channel, bot.core.audit)
+    return app_picture_inputs(bot.config, screen, policy)
 
 
 def wants_pictures(prompt: str, *attachments: discord.Attachment | None) -> bool:
     """Whether /imagine has pictures to fetch (attachments, or links anywhere in the prompt)."""
     return any(a is not None for a in attachments) or LINK.search(prompt) is not None
-
-
-async def fetch_attachments(
-    bot: ImagineBot, attachments: Sequence[discord.Attachment | None]
-) -> list[FetchedImage]:
-    """The command's attachments, fetched in order; two of one name get distinct sources."""
-    fetched: list[FetchedImage] = []
-    seen: set[str] = set()
-    for attachment in attachments:
-        if attachment is None:
-            continue
-        try:
-            picture = await attachment_image(attachment, bot.app.pictures.policy)
-        except FetchRefused as exc:
-            raise UserError(f"Picture not used — {exc.reason}") from None
-        source, copy = picture.source, 2
-        while source in seen:
-            source, copy = f"{picture.source} ({copy})", copy + 1
-        seen.add(source)
-        fetched.append(replace(picture, source=source))
-    return fetched
 
 
 async def imagine_with_pictures(
@@ -73,14 +51,17 @@ async def imagine_with_pictures(
     options: ImagineOptions,
     model: str | None,
     attachments: Sequence[discord.Attachment | None],
+    control_image: discord.Attachment | None = None,
 ) -> None:
-    """/imagine with pictures, acknowledged (privately) by the caller before `options` were
-    made: a control image is fetched on the way there."""
-    fetched = await fetch_attachments(bot, attachments)
-    options = replace(options, images=tuple(picture.source for picture in fetched))
-    actor = bot.actor(interaction)
+    """/imagine with pictures, acknowledged (privately) by the caller. The app fetches them
+    only once the command may go ahead (cooldown, prompt, queue and credits checked)."""
     batch = await bot.app.imagine(
-        actor, prompt, options, model, attachments={p.source: p for p in fetched}
+        bot.actor(interaction),
+        prompt,
+        options,
+        model,
+        attachments=[a for a in attachments if a is not None],
+        control_image=control_image,
     )
     await announce(bot, interaction, batch)
 
@@ -174,10 +155,11 @@ def add_picture_commands(bot: ImagineBot) -> None:
         if sum(a is not None for a in given) < 2:
             raise UserError("images: /blend needs at least 2 pictures (up to 5).")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        pictures = await fetch_attachments(bot, given)
-        actor = bot.actor(interaction)
         submitted = await bot.app.blend(
-            actor, pictures, BlendShape(shape or BlendShape.SQUARE.value), model
+            bot.actor(interaction),
+            [a for a in given if a is not None],
+            BlendShape(shape or BlendShape.SQUARE.value),
+            model,
         )
         await announce(bot, interaction, [submitted])
 
@@ -196,13 +178,6 @@ def add_picture_commands(bot: ImagineBot) -> None:
         if (image is None) == (link is None):
             raise UserError("image/link: give /describe one picture, as an image or a link.")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        if image is not None:
-            (picture,) = await fetch_attachments(bot, [image])
-        else:
-            assert link is not None
-            try:
-                picture = await fetch_image(link.strip().strip("<>"), bot.app.pictures.policy)
-            except FetchRefused as exc:
-                raise UserError(f"Picture not used — {exc.reason}") from None
+        picture = image if image is not None else (link or "").strip().strip("<>")
         submitted = await bot.app.describe(bot.actor(interaction), picture)
         await announce(bot, interaction, [submitted])

@@ -84,10 +84,7 @@ class Admission:
                 raise ValueError("parent: a reroll needs the job it rerolls")
         elif any(request.kind is not _KIND_FOR[kind] for request in requests):
             raise ValueError(f"kind: a {kind.value} job needs a {_KIND_FOR[kind].value} request")
-        if self._state.closing:
-            raise Refused("The bot is restarting — try again in a minute.", RefusalCode.CLOSING)
-        if self._state.paused:
-            raise Refused("The queue is paused by an admin.", RefusalCode.PAUSED)
+        self._refuse_if_closed()
         # The same limits are checked again inside the transaction, which is authoritative; this
         # in-memory look first (counting submits still waiting for the database as queued)
         # makes a refusal under load immediate instead of waiting behind everyone else's work.
@@ -119,6 +116,40 @@ class Admission:
             self._in_flight[user] -= len(requests)
             if not self._in_flight[user]:
                 del self._in_flight[user]
+
+    async def check(self, owner: Owner, requests: Sequence[GenerationRequest]) -> None:
+        """Refuse, as `submit_many` would, requests that can't be queued now (the queue is
+        paused or closing, the member's or the bot's queue is full, the member is banned or
+        has too few credits), without holding or queueing anything. A command looks before it
+        fetches a member's pictures, so a refusal costs no download or decoding; `submit_many`
+        checks again, authoritatively, afterwards."""
+        check_user_id(owner.user_id, "owner.user_id")
+        if not requests:
+            raise ValueError("requests: at least one request is needed")
+        self._refuse_if_closed()
+        user = owner.user_id
+        fair = self._state.fair
+        self._refuse_if_full(
+            len(requests),
+            user_queued=fair.count(user) + self._in_flight[user],
+            total_queued=len(fair) + self._in_flight.total(),
+        )
+        total = sum(self._credits.cost(request) for request in requests)
+
+        async def look(txn: Transaction) -> None:
+            state = await self._credits.touch(txn, user, owner.role_ids)
+            if state["banned"]:
+                raise Refused("You are banned from using this bot.", RefusalCode.BANNED)
+            if int(state["allowance_left"]) + int(state["granted"]) < total:
+                raise self._credits.insufficient(total, state, len(requests))
+
+        await self._db.transaction(look)
+
+    def _refuse_if_closed(self) -> None:
+        if self._state.closing:
+            raise Refused("The bot is restarting — try again in a minute.", RefusalCode.CLOSING)
+        if self._state.paused:
+            raise Refused("The queue is paused by an admin.", RefusalCode.PAUSED)
 
     async def _save_inputs(
         self, requests: Sequence[GenerationRequest], parent: tuple[int, int | None] | None

@@ -362,7 +362,7 @@ async def test_decompression_bombs_are_refused_from_the_header() -> None:
     real = png(size=(200, 200))
     async with serve({"/bomb.png": body(bomb), "/big.png": body(real)}) as server:
         reason = await refused(server.url("/bomb.png"), local())
-        assert "too large" in reason and "at most 40 megapixels" in reason
+        assert "too large" in reason and "at most 16 megapixels" in reason
         reason = await refused(server.url("/bomb.png"), local(max_pixels=10_000))
         assert "60000x60000 pixels" not in reason and "at most 0.01 megapixels" in reason
         reason = await refused(server.url("/big.png"), local(max_pixels=10_000))
@@ -475,3 +475,31 @@ async def test_signed_links_are_logged_without_their_query(
     text = caplog.text
     assert "/cdn/broken.png" in text and "/cdn/gone.png" in text
     assert "hm=" not in text and "ex=" not in text and "#frag" not in text
+
+
+def _drawn(size: tuple[int, int], fmt: str) -> bytes:
+    image = Image.new("RGB", size, (200, 100, 50))
+    for x in range(0, size[0], 64):
+        image.paste((x % 255, 20, 200), (x, 0, x + 8, size[1]))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, quality=80) if fmt == "JPEG" else image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_pictures_are_decoded_no_larger_than_the_bot_uses() -> None:
+    from bot.fetch import decode_image
+
+    policy = FetchPolicy()
+    assert policy.max_pixels == 16_000_000 and policy.max_side == 2048
+    # A PNG is decoded whole: one past the cap is refused from its header.
+    with pytest.raises(FetchRefused) as reason:
+        decode_image(_drawn((4100, 4000), "PNG"), "x", policy)
+    assert "4100x4000 pixels; at most 16 megapixels" in reason.value.reason
+    # A JPEG is decoded at a reduced scale that still covers 2048 pixels: a 6000x6000 one
+    # (36 MP in its header) decodes at 3000x3000 and is then scaled down like any other.
+    picture = decode_image(_drawn((6000, 6000), "JPEG"), "x", policy)
+    assert picture.original_size == (6000, 6000) and picture.image.size == (2048, 2048)
+    # Seen from its decoder: at half size, it is within the cap only because of that.
+    with Image.open(io.BytesIO(_drawn((6000, 6000), "JPEG"))) as opened:
+        opened.draft(None, (2048, 2048))
+        assert opened.size == (3000, 3000)
