@@ -122,7 +122,7 @@ async def test_a_full_queue_a_bad_prompt_or_a_paused_queue_fetch_nothing(opened:
     many = "{" + ", ".join(LINKS[:3]) + "} cat --ar 0:1"
     with pytest.raises(UserError, match="--ar"):
         await app.imagine(BOB, many)
-    with pytest.raises(UserError, match="blocked|--sref"):
+    with pytest.raises(UserError, match=r"--sref"):
         await app.imagine(BOB, "a cat --sref", attachments=[Upload("a.png")])
     await app.core.scheduler.set_paused(True)
     with pytest.raises(UserError, match="paused"):
@@ -219,7 +219,9 @@ async def test_a_burst_without_credits_fetches_nothing_and_others_are_served(
                 *(fake.slash(alice, "imagine", prompt=prompt) for _ in range(5))
             )
             other = await fake.slash(bob, "imagine", prompt="a lighthouse --style [a](https://e.x)")
-            refusals = [await job.wait_message(lambda m: m.ephemeral and m.content) for job in burst]
+            refusals = [
+                await job.wait_message(lambda m: m.ephemeral and m.content) for job in burst
+            ]
             assert all(
                 "Not enough credits" in m.content or "Slow down" in m.content for m in refusals
             ), [m.content for m in refusals]
