@@ -3,6 +3,11 @@
     python -m bench.bench_generation                 # tiny SD and SDXL shapes, runs on a CPU
     python -m bench.bench_generation --full-size     # SD 1.5 and SDXL random weights: use a GPU
     python -m bench.bench_generation --full-size --models sdxl --dtype bfloat16
+    python -m bench.bench_generation --model-source /models/sd15 --clip-model /models/clip-l
+
+`--model-source DIR` times every job kind (the main job, Vary, Upscale, Zoom Out, Pan, Make
+Square, Vary (Region)) on the model in a local diffusers folder, any family, with a warm-up,
+repeats, p50/p90/max and peak memory per kind: see bench/real_weights.py.
 
 A job is what the bot does for /imagine: N candidates (default 8), CLIP ranking, a 2x2 grid of
 the best K. "batched" is the engine's own path: all candidates in one pipeline call with one
@@ -37,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.real_weights import KINDS
 from generation.contract import GenerationRequest, JobKind, Sampler
 from generation.settings import EngineSettings, ModelSpec
 
@@ -428,13 +434,37 @@ def main(argv: list[str] | None = None) -> int:
         "--size", type=int, help="square side in px; default 128 tiny, 512 SD 1.5, 1024 SDXL"
     )
     parser.add_argument("--sampler", default="dpmpp_2m_karras")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of each (median; percentiles too with --model-source)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--cache-dir", type=Path, default=Path("data/models"))
     parser.add_argument("--peak-tflops", type=float, default=990.0, help="990: H100 dense bf16")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--model-source", help="a local diffusers folder: time every job kind on it"
+    )
+    parser.add_argument(
+        "--clip-model",
+        help="with --model-source: the ranker's folder (default: a random "
+        "ViT-L/14-shaped CLIP, as costly as the real one)",
+    )
+    parser.add_argument("--inpaint-source", help="with --model-source: its inpainting folder")
+    parser.add_argument(
+        "--kinds", help="with --model-source: comma-separated subset of " + ", ".join(KINDS)
+    )
     args = parser.parse_args(argv)
+    if args.model_source:
+        from bench.real_weights import run as run_real_weights
+
+        runs = run_real_weights(args)
+        if args.json:
+            args.json.write_text(json.dumps(runs, indent=2) + "\n", encoding="utf-8")
+        return 0
     names = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = sorted(set(names) - set(MODELS))
     if unknown or not names:

@@ -27,3 +27,44 @@ def test_sd15_costs_match_the_published_figures() -> None:
     assert 2 * per["unet_pass"] == pytest.approx(1.61, abs=0.01)
     unguided = GenerationRequest(kind=JobKind.IMAGINE, prompt="x", steps=30, guidance=1.0)
     assert job_tflop(per, unguided) < job_tflop(per, request) / 1.9
+
+
+def test_model_source_times_every_job_kind(tmp_path) -> None:
+    """`--model-source DIR` on a diffusers folder (the tiny model here, real weights on a GPU):
+    every kind is run through the engine, warmed up, timed `--repeats` times."""
+    import json
+
+    from bench.bench_generation import main
+    from bench.real_weights import KINDS
+    from generation.tiny import ensure_tiny_clip, ensure_tiny_inpaint, ensure_tiny_sd
+
+    out = tmp_path / "figures.json"
+    argv = [
+        "--model-source",
+        str(ensure_tiny_sd(tmp_path)),
+        "--clip-model",
+        str(ensure_tiny_clip(tmp_path)),
+        "--inpaint-source",
+        str(ensure_tiny_inpaint(tmp_path)),
+        "--size",
+        "64",
+        "--steps",
+        "4",
+        "--candidates",
+        "1",
+        "--repeats",
+        "2",
+        "--cache-dir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    ]
+    assert main(argv) == 0
+    (figures,) = json.loads(out.read_text())
+    assert figures["family"] == "sd" and figures["size"] == "64x64"
+    assert list(figures["kinds"]) == list(KINDS)
+    sizes = {kind: f["size"] for kind, f in figures["kinds"].items()}
+    assert sizes["upscale"] == "128x128" and sizes["pan"] == "96x64"
+    for kind, f in figures["kinds"].items():
+        assert f["runs"] == 2, kind
+        assert 0 < f["p50_s"] <= f["p90_s"] <= f["max_s"], kind
