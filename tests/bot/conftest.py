@@ -19,11 +19,11 @@ BASE_RESOLUTION = 128
 
 
 @pytest.fixture(scope="session")
-def bot_engine_settings(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
+def bot_engine_settings(tiny_models: Path) -> EngineSettings:
     from generation.tiny import tiny_engine_settings
 
     return tiny_engine_settings(
-        tmp_path_factory.mktemp("bot-models"),
+        tiny_models,
         BASE_RESOLUTION,
         default_steps=4,
         max_pixels=256 * 256,

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny models are built once per test session into a temporary cache."""
+"""Shared fixtures: the tiny models (built once per run, see tests/conftest.py) and one engine
+over them."""
 
 from __future__ import annotations
 
@@ -10,13 +11,8 @@ from generation.settings import EngineSettings
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from generation.tiny import ensure_tiny_clip, ensure_tiny_sd
-
-    cache = tmp_path_factory.mktemp("models")
-    ensure_tiny_sd(cache)
-    ensure_tiny_clip(cache)
-    return cache
+def tiny_cache(tiny_models: Path) -> Path:
+    return tiny_models
 
 
 @pytest.fixture(scope="session")

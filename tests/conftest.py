@@ -1,0 +1,82 @@
+"""Suite-wide settings for running the tests in parallel (pytest-xdist, `--dist loadgroup`).
+
+- The tiny models are built once per run into one folder all workers share (`tiny_models`).
+- Each worker gets its share of the cores for torch, so two workers on two cores don't each run
+  two threads and trade the CPU back and forth.
+- Tests that use a module-scoped fixture (a loaded engine, a started cluster) stay on one worker
+  with the rest of their module, so the fixture is built once, not once per worker.
+- The tests that start a Ray cluster (modules named test_ray_*, or using private_ray_temp) run one
+  after another on one worker: two clusters at once on a small machine starve each other's
+  heartbeats.
+- The lint tests (ruff, and mypy: a minute or two on a fresh clone, before its cache exists) are
+  one group too: xdist hands out the larger groups first, so they start at once instead of
+  ending the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+RAY_GROUP = "ray-cluster"
+LINT_GROUP = "lint"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
+@functools.cache
+def _starts_ray(path: Path) -> bool:
+    # Every test that starts a Ray cluster keeps what it writes in a private temp folder.
+    return path.name.startswith("test_ray_") or "private_ray_temp" in path.read_text("utf-8")
+
+
+def _group(item: pytest.Item) -> str | None:
+    if _starts_ray(item.path):
+        return RAY_GROUP
+    if item.path.name == "test_lint.py":
+        return LINT_GROUP
+    fixture_info = getattr(item, "_fixtureinfo", None)
+    if fixture_info is None:
+        return None
+    for definitions in fixture_info.name2fixturedefs.values():
+        if any(d.scope in ("module", "package", "class") for d in definitions):
+            return item.nodeid.split("::")[0]
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Before xdist's own hook, which turns the marks into the groups it schedules by.
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = _group(item)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD and CLIP models, built once for the whole run in its temp folder: under xdist
+    the first worker builds them and the others wait on the lock, then find them there. Each
+    model sits in a folder named after it with its build version (generation.tiny), so other
+    tiny models built into the same folder later never clash with these."""
+    from generation.tiny import ensure_tiny_clip, ensure_tiny_sd
+
+    run = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run = run.parent  # each worker's temp folder sits in the run's
+    folder = run / "tiny-models"
+    with FileLock(str(run / "tiny-models.lock")):
+        ensure_tiny_sd(folder)
+        ensure_tiny_clip(folder)
+    return folder
