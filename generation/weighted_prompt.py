@@ -45,7 +45,8 @@ def too_long_for_one_window(pipe: Any, *texts: str) -> bool:
             continue
         limit = tokenizer.model_max_length
         for text in texts:
-            if text and len(tokenizer(text, truncation=False).input_ids) > limit:
+            # verbose=False: counting is not running, so no "longer than the maximum" warning.
+            if text and len(tokenizer(text, truncation=False, verbose=False).input_ids) > limit:
                 return True
     return False
 
