@@ -9,23 +9,30 @@ and the bot sends it calls over a pipe. When the cluster stops answering the bri
 away (Ray ends the actors of a driver that leaves), and a fresh one connects when the cluster
 answers again.
 
-Every call has a deadline on the bot's side, so a cluster that hangs (an address where nothing
-answers, where `ray.init` retries for minutes) costs a timeout, never a stuck bot; a hung call
-stays behind in the child, which is killed with the bridge.
+The bridge runs an asyncio loop: a call to an actor is an awaited `ObjectRef` with its deadline
+(the timeout is Ray's side of the call), and a job is one streaming call whose items (its
+progress and previews, then its answer) are sent on to the bot as they come; blocking Ray calls
+(looks at the nodes, creating and killing actors) run in a small pool of threads. The bot keeps
+its own deadline on every call too (a little longer), so a cluster that hangs (an address where
+nothing answers, where `ray.init` retries for minutes) costs a timeout, never a stuck bot; a
+hung call stays behind in the child, which is killed with the bridge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -34,11 +41,18 @@ log = logging.getLogger(__name__)
 # A GCS that does not take a TCP connection in this long is down; checked before each look at
 # the nodes, because a Ray call against a dead GCS hangs instead of failing.
 GCS_PROBE_TIMEOUT_S = 2.0
+# The bot waits this much longer than a call's own deadline, which the bridge keeps: a late
+# "timeout" from the bridge is the usual way a call ends past its time.
+BOT_MARGIN_S = 5.0
+# Threads for the Ray calls that block (looks at the nodes, creating and killing actors); one
+# that hangs (a frozen head) holds its thread until it answers.
+BLOCKING_THREADS = 16
 
 
 class BridgeError(Exception):
     """A call failed in the bridge. `kind`: "actor" (the actor or its node died, or is
-    unknown), "task" (the actor's method raised) or "cluster" (anything else)."""
+    unknown), "task" (the actor's method raised) or "cluster" (anything else). A call past its
+    deadline raises TimeoutError instead."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -67,8 +81,13 @@ class RayBridge:
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        # Streaming calls: where each of their items goes, as it comes.
+        self._streams: dict[int, Callable[[Any], None]] = {}
         self._ids = itertools.count(1)
         self._lost = False
+        # What crossed the pipe: calls sent, and messages (answers and stream items) received.
+        self.calls_sent = 0
+        self.messages_received = 0
 
     @property
     def pid(self) -> int | None:
@@ -101,23 +120,42 @@ class RayBridge:
             raise
 
     async def call(self, op: str, *args: Any, timeout_s: float) -> Any:
-        """Run `op` in the bridge. Raises BridgeError, BridgeLost or TimeoutError (the call
-        may go on in the bridge; its late answer is dropped)."""
+        """Run `op` in the bridge, which gives it `timeout_s`. Raises BridgeError, BridgeLost
+        or TimeoutError (the call may go on in the bridge; its late answer is dropped)."""
+        return await self._request(op, args, timeout_s, None)
+
+    async def stream(
+        self, op: str, *args: Any, on_item: Callable[[Any], None], timeout_s: float
+    ) -> None:
+        """Run a streaming `op` in the bridge: `on_item` gets each of its items, on the event
+        loop, as they come; returns when the stream ends. Raises like `call`."""
+        await self._request(op, args, timeout_s, on_item)
+
+    async def _request(
+        self,
+        op: str,
+        args: tuple[Any, ...],
+        timeout_s: float,
+        on_item: Callable[[Any], None] | None,
+    ) -> Any:
         if self._lost or self._conn is None:
             raise BridgeLost("the Ray bridge process is gone")
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
+        if on_item is not None:
+            self._streams[call_id] = on_item
         try:
-            with self._send_lock:
-                self._conn.send(("call", call_id, op, args))
-        except (OSError, ValueError) as exc:
-            self._pending.pop(call_id, None)
-            raise BridgeLost(f"the Ray bridge process is gone ({exc})") from exc
-        try:
-            return await asyncio.wait_for(future, timeout_s)
+            try:
+                with self._send_lock:
+                    self._conn.send(("call", call_id, op, args, timeout_s))
+            except (OSError, ValueError) as exc:
+                raise BridgeLost(f"the Ray bridge process is gone ({exc})") from exc
+            self.calls_sent += 1
+            return await asyncio.wait_for(future, timeout_s + BOT_MARGIN_S)
         finally:
             self._pending.pop(call_id, None)
+            self._streams.pop(call_id, None)
 
     def _read(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
         while True:
@@ -134,11 +172,19 @@ class RayBridge:
             loop.call_soon_threadsafe(self._gone)
 
     def _settle(self, message: tuple[Any, ...]) -> None:
+        self.messages_received += 1
+        if message[0] == "item":
+            on_item = self._streams.get(message[1])
+            if on_item is not None:
+                on_item(message[2])
+            return
         future = self._pending.get(message[1])
         if future is None or future.done():
             return  # an answer nobody waits for any more
         if message[0] == "ok":
             future.set_result(message[2])
+        elif message[2] == "timeout":
+            future.set_exception(TimeoutError(message[3]))
         else:
             future.set_exception(BridgeError(message[2], message[3]))
 
@@ -183,39 +229,90 @@ class RayBridge:
 
 
 def bridge_main(conn: Connection, namespace: str, log_level: int) -> None:
-    """Entry point of the bridge process: answer calls, each in its own thread (a job's run
-    blocks for minutes while its progress is polled), until told to stop or the bot is gone."""
+    """Entry point of the bridge process: answer calls on an asyncio loop until told to stop
+    or the bot is gone."""
     logging.basicConfig(level=log_level, format="%(asctime)s ray-bridge %(levelname)s %(message)s")
     # Ctrl-C reaches the whole process group; leaving the cluster is the bot's decision.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    calls = _Calls(namespace)
-    send_lock = threading.Lock()
+    asyncio.run(_Bridge(conn, namespace).serve())
 
-    def answer(call_id: int, op: str, args: tuple[Any, ...]) -> None:
+
+class _Bridge:
+    """The bridge process's loop: one reader thread hands it the bot's messages, one writer
+    thread sends its answers (a job's answer may be megabytes of PNGs), and every call is a
+    task on the loop."""
+
+    def __init__(self, conn: Connection, namespace: str) -> None:
+        self._conn = conn
+        self._calls = _Calls(namespace)
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+
+        def read() -> None:
+            while True:
+                try:
+                    message: tuple[Any, ...] | None = self._conn.recv()
+                except (EOFError, OSError):
+                    message = None  # the bot is gone (even SIGKILLed)
+                loop.call_soon_threadsafe(inbox.put_nowait, message)
+                if message is None or message[0] == "shutdown":
+                    return
+
+        threading.Thread(target=read, name="bridge-reader", daemon=True).start()
+        threading.Thread(target=self._write, name="bridge-writer", daemon=True).start()
+        while True:
+            message = await inbox.get()
+            if message is None:
+                os._exit(0)  # nobody is waiting for our answers
+            if message[0] == "shutdown":
+                self._calls.shutdown()
+                os._exit(0)
+            _tag, call_id, op, args, timeout_s = message
+            if op == "connect":
+                # Here, on the main thread, where Ray sets its signal handlers; nothing else
+                # runs yet, and the bot keeps the deadline.
+                connected: asyncio.Future[None] = loop.create_future()
+                try:
+                    self._calls.connect(*args)
+                    connected.set_result(None)
+                except BaseException as exc:
+                    connected.set_exception(exc)
+                await self._answer(call_id, connected, timeout_s)
+                continue
+            task = asyncio.create_task(self._answer(call_id, self._calls.run(op, args), timeout_s))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _write(self) -> None:
+        while True:
+            message = self._outbox.get()
+            if message is None:
+                return
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send(message)
+
+    async def _answer(self, call_id: int, work: Awaitable[Any] | Any, timeout_s: float) -> None:
+        def item(value: Any) -> None:
+            self._outbox.put(("item", call_id, value))
+
         try:
-            reply: tuple[Any, ...] = ("ok", call_id, calls.run(op, args))
+            if isinstance(work, _Stream):
+                async with asyncio.timeout(timeout_s):
+                    await work.forward(item)
+                reply: tuple[Any, ...] = ("ok", call_id, None)
+            elif asyncio.iscoroutine(work) or isinstance(work, asyncio.Future):
+                reply = ("ok", call_id, await asyncio.wait_for(work, timeout_s))
+            else:
+                reply = ("ok", call_id, work)
+        except TimeoutError:
+            reply = ("error", call_id, "timeout", f"no answer in {timeout_s:g} s")
         except BaseException as exc:
-            reply = ("error", call_id, calls.kind_of(exc), short_error(exc))
-        with contextlib.suppress(OSError), send_lock:
-            conn.send(reply)
-
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            # The bot is gone (even SIGKILLed): nobody is waiting for our answers.
-            os._exit(0)
-        if message[0] == "shutdown":
-            calls.shutdown()
-            os._exit(0)
-        _tag, call_id, op, args = message
-        if op == "connect":
-            # On the main thread, where Ray sets its signal handlers; nothing else runs yet.
-            answer(call_id, op, args)
-            continue
-        threading.Thread(
-            target=answer, args=(call_id, op, args), name=f"call-{op}", daemon=True
-        ).start()
+            reply = ("error", call_id, self._calls.kind_of(exc), short_error(exc))
+        self._outbox.put(reply)
 
 
 def host_port(address: str) -> tuple[str, int] | None:
@@ -236,8 +333,20 @@ def _probe(address: tuple[str, int]) -> None:
         raise ConnectionError(f"{address[0]}:{address[1]}: {exc.strerror or exc}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+    """A streaming actor call: its items go to the bot as they come."""
+
+    generator: Any  # ray.ObjectRefGenerator
+
+    async def forward(self, send: Callable[[Any], None]) -> None:
+        async for ref in self.generator:
+            send(await ref)
+
+
 class _Calls:
-    """What the bridge can do, on the Ray driver of this process."""
+    """What the bridge can do, on the Ray driver of this process. Each op returns its answer,
+    a coroutine (awaited with the call's deadline) or a `_Stream`."""
 
     def __init__(self, namespace: str) -> None:
         import ray
@@ -247,21 +356,37 @@ class _Calls:
         self._actors: dict[str, Any] = {}
         self._actor_class: Any = None
         self._gcs: tuple[str, int] | None = None
+        self._blocking = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="ray-call")
         self._ops: dict[str, Callable[..., Any]] = {
-            "connect": self.connect,
-            "slots": self.slots,
-            "node_alive": self.node_alive,
-            "create": self.create,
-            "method": self.method,
-            "kill": self.kill,
+            "slots": self._in_thread(self.slots),
+            "node_alive": self._in_thread(self.node_alive),
+            "create": self._in_thread(self.create),
+            "kill": self._in_thread(self.kill),
             "held": self.held,
+            "method": self.method,
+            "stream": self.stream,
         }
 
+    def _in_thread(self, function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        def run(*args: Any) -> Awaitable[Any]:
+            return asyncio.get_running_loop().run_in_executor(self._blocking, function, *args)
+
+        return run
+
     def run(self, op: str, args: tuple[Any, ...]) -> Any:
-        return self._ops[op](*args)
+        try:
+            return self._ops[op](*args)
+        except BaseException as exc:
+            # Failed before anything ran (an unknown actor, a refused submission): answered
+            # like a failed call.
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+            return future
 
     def kind_of(self, exc: BaseException) -> str:
         exceptions = self._ray.exceptions
+        if isinstance(exc, exceptions.GetTimeoutError):
+            return "timeout"
         if isinstance(exc, exceptions.RayTaskError):
             return "task"
         if isinstance(exc, exceptions.RayActorError | KeyError):
@@ -320,8 +445,18 @@ class _Calls:
         self._actors[key] = handle
 
     def method(self, key: str, name: str, args: tuple[Any, ...]) -> Any:
+        """An actor's method, awaited (an `ObjectRef` is awaitable)."""
         handle = self._actors[key]
-        return self._ray.get(getattr(handle, name).remote(*args))
+
+        async def call() -> Any:
+            return await getattr(handle, name).remote(*args)
+
+        return call()
+
+    def stream(self, key: str, name: str, args: tuple[Any, ...]) -> _Stream:
+        """An actor's generator method, its items sent on as they come."""
+        handle = self._actors[key]
+        return _Stream(getattr(handle, name).remote(*args))
 
     def kill(self, key: str) -> None:
         # The handle goes first: an actor whose kill fails (it is already dead, or its node

@@ -29,10 +29,11 @@ import importlib.util
 import itertools
 import logging
 import os
+import queue
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -80,10 +81,11 @@ MIN_FAILED_LOOKS = 3
 # After a failed try at connecting, the next waits this long, doubling up to the limit.
 CONNECT_RETRY_FIRST_S = 2.0
 CONNECT_RETRY_MAX_S = 60.0
-# How long one progress call waits in the actor for the next step.
-PROGRESS_POLL_S = 1.0
-# Threads of an actor: the job, its progress poll, a cancel, and room for a describe.
-ACTOR_CONCURRENCY = 8
+# A job's progress goes to the bot at most this often (steps in between are merged: the latest
+# step, with the latest preview); its answer goes at once.
+PROGRESS_EVERY_S = 0.1
+# Threads of an actor: the job's stream, a cancel, and room for a describe.
+ACTOR_CONCURRENCY = 4
 
 
 class RayNotInstalled(RuntimeError):
@@ -120,8 +122,9 @@ class WorkerHost(Protocol):
 
 
 class EngineActor:
-    """Builds the engine once, then runs jobs one at a time. The actor has several threads
-    (`max_concurrency`), so progress polls and cancels are answered while a job runs."""
+    """Builds the engine once, then runs jobs one at a time, each as one streaming call
+    (`run`): its progress and previews, then its answer. The actor has several threads
+    (`max_concurrency`), so a cancel is answered while a job runs."""
 
     def __init__(self, factory: str, settings: EngineSettings, log_level: int) -> None:
         logging.basicConfig(level=log_level, format="%(asctime)s actor %(levelname)s %(message)s")
@@ -130,12 +133,10 @@ class EngineActor:
         warm_up = getattr(self._engine, "warm_up", None)
         if callable(warm_up):
             warm_up()
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._current: int | None = None
         self._cancel = threading.Event()
         self._cancelled: set[int] = set()
-        # job -> (step, total, the preview PNG of that step or None)
-        self._progress: dict[int, tuple[int, int, bytes | None]] = {}
 
     def describe(self) -> dict[str, str]:
         """Where this actor runs; answering at all means the engine is ready."""
@@ -150,22 +151,47 @@ class EngineActor:
             "threads": os.environ.get("OMP_NUM_THREADS", ""),
         }
 
-    def run(self, item: WorkItem, inputs: Mapping[str, bytes]) -> tuple[Any, ...]:
-        """("done", RenderedJob), ("cancelled",) or ("error", kind, message)."""
+    def run(self, item: WorkItem, inputs: Mapping[str, bytes]) -> Iterator[tuple[Any, ...]]:
+        """Yields ("progress", step, total, preview PNG or None) as the job goes, then one of
+        ("done", RenderedJob), ("cancelled",) or ("error", kind, message). The engine runs in a
+        thread of its own; steps are sent at most every `PROGRESS_EVERY_S`."""
+        updates: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+
+        def progress(update: Progress) -> None:
+            updates.put(("progress", update.step, update.total, update.preview_png))
+
+        def work() -> None:
+            updates.put(self._run(item, inputs, progress))
+
+        threading.Thread(target=work, name=f"job-{item.job_id}", daemon=True).start()
+        sent_at = 0.0
+        while True:
+            message = updates.get()
+            while message[0] == "progress":
+                wait_s = sent_at + PROGRESS_EVERY_S - time.monotonic()
+                try:
+                    later = updates.get(timeout=wait_s) if wait_s > 0 else updates.get_nowait()
+                except queue.Empty:
+                    break
+                if later[0] == "progress" and later[3] is None:
+                    later = (*later[:3], message[3])
+                message = later
+            yield message
+            if message[0] != "progress":
+                return
+            sent_at = time.monotonic()
+
+    def _run(
+        self, item: WorkItem, inputs: Mapping[str, bytes], progress: Callable[[Progress], None]
+    ) -> tuple[Any, ...]:
         event = threading.Event()
-        with self._changed:
+        with self._lock:
             self._current = item.job_id
             self._cancel = event
             if item.job_id in self._cancelled:
                 event.set()
         try:
             request = self._request(item, inputs)
-
-            def progress(update: Progress) -> None:
-                with self._changed:
-                    self._progress[item.job_id] = (update.step, update.total, update.preview_png)
-                    self._changed.notify_all()
-
             return ("done", render_job(self._engine, item, request, progress, event))
         except GenerationCancelled:
             return ("cancelled",)
@@ -175,11 +201,9 @@ class EngineActor:
             logging.getLogger(__name__).exception("job %d failed", item.job_id)
             return ("error", "worker", f"the worker failed ({type(exc).__name__})")
         finally:
-            with self._changed:
+            with self._lock:
                 self._current = None
                 self._cancelled.discard(item.job_id)
-                self._progress.pop(item.job_id, None)
-                self._changed.notify_all()
 
     @staticmethod
     def _request(item: WorkItem, inputs: Mapping[str, bytes]) -> Any:
@@ -193,22 +217,8 @@ class EngineActor:
                 path.write_bytes(data)
             return prepare_request(root, item)
 
-    def progress(
-        self, job_id: int, after_step: int, wait_s: float
-    ) -> tuple[int, int, bytes | None] | None:
-        """The job's latest (step, total, preview PNG) once it is past `after_step`, or
-        whatever is known after `wait_s`; None while the job is not running here."""
-
-        def moved() -> bool:
-            latest = self._progress.get(job_id)
-            return self._current != job_id or (latest is not None and latest[0] > after_step)
-
-        with self._changed:
-            self._changed.wait_for(moved, wait_s)
-            return self._progress.get(job_id)
-
     def cancel(self, job_id: int) -> None:
-        with self._changed:
+        with self._lock:
             self._cancelled.add(job_id)
             if self._current == job_id:
                 self._cancel.set()
@@ -447,12 +457,21 @@ class RayWorker:
         on_progress: ProgressSink,
         timeout_s: float,
     ) -> tuple[Any, ...]:
-        follower = asyncio.create_task(self._follow(actor, item.job_id, on_progress))
+        answers: list[tuple[Any, ...]] = []
+
+        def on_item(message: tuple[Any, ...]) -> None:
+            if message[0] != "progress":
+                answers.append(message)
+            elif message[3] is not None:
+                on_progress(message[1], message[2], message[3])
+            else:
+                on_progress(message[1], message[2])
+
         try:
-            reply: tuple[Any, ...] = await self._bridge.call(
-                "method", actor, "run", (item, dict(inputs)), timeout_s=timeout_s
+            # One streaming call for the whole job: its steps and previews come as items.
+            await self._bridge.stream(
+                "stream", actor, "run", (item, dict(inputs)), on_item=on_item, timeout_s=timeout_s
             )
-            return reply
         except TimeoutError:
             log.warning("worker %s: job %d timed out; killing its actor", self.name, item.job_id)
             self._lost(actor)
@@ -475,31 +494,10 @@ class RayWorker:
             # Ray ends the actors of a driver that is gone; the kill fails quietly.
             self._lost(actor)
             raise WorkerCrashed(f"worker {self.name} lost its Ray cluster: {exc}") from exc
-        finally:
-            follower.cancel()
-
-    async def _follow(self, actor: str, job_id: int, on_progress: ProgressSink) -> None:
-        step = 0
-        while True:
-            try:
-                update = await self._bridge.call(
-                    "method",
-                    actor,
-                    "progress",
-                    (job_id, step, PROGRESS_POLL_S),
-                    timeout_s=PROGRESS_POLL_S + CALL_TIMEOUT_S,
-                )
-            except Exception:
-                return  # the actor is gone: the job's own call says how
-            if update is None:
-                await asyncio.sleep(0.05)
-                continue
-            if update[0] > step:
-                step = update[0]
-                if update[2] is not None:
-                    on_progress(update[0], update[1], update[2])
-                else:
-                    on_progress(update[0], update[1])
+        if not answers:
+            log.error("worker %s: job %d: the stream ended with no answer", self.name, item.job_id)
+            raise JobError("the worker failed", "worker")
+        return answers[-1]
 
     async def cancel(self, job_id: int) -> None:
         actor = self._actor
