@@ -24,13 +24,14 @@ import ray
 from PIL import Image
 from ray.cluster_utils import Cluster
 
+from bot.app.health import core_checks
 from bot.config import Config, WorkersConfig
 from bot.core import Core, JobKind, JobState, Owner, ProgressUpdate, Started
+from bot.core.execute import WorkItem
 from bot.core.models import Finished, LedgerKind
 from bot.core.ray_bridge import RayBridge
 from bot.core.ray_workers import NAMESPACE, ActorSpec, RayWorker, actor_cpus, actor_options
 from bot.core.workers import WorkerStartFailed
-from bot.health import core_checks
 from generation.images import parse_a1111_parameters, read_parameters
 from generation.requests import variation_request
 from tests.core.conftest import (
@@ -360,3 +361,57 @@ async def test_no_actor_is_placed_on_a_node_that_is_gone(tmp_path: Path, cluster
     finally:
         await worker.close()
         await bridge.close()
+
+
+async def test_a_job_is_one_streaming_call_with_its_steps_as_items(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    # A worker on its own bridge (no pool looking at the cluster meanwhile): whatever crosses
+    # the pipe while the job runs is the job's.
+    config = ray_config(tmp_path, cluster, step_s=0.05)
+    bridge = RayBridge(cluster.address, NAMESPACE, logging.INFO)
+    await bridge.start(60)
+    spec = ActorSpec(RECORDING, config.engine, FAKE_GPU, 120.0, logging.INFO)
+    (node_id,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and FAKE_GPU in n["Resources"]]
+    worker = RayWorker(bridge, spec, config.data_dir, node_id, "127.0.0.1", 0)
+    try:
+        await worker.start()
+        calls, messages = bridge.calls_sent, bridge.messages_received
+        steps: list[int] = []
+        item = WorkItem(1, 1, request("a red fox", steps=20).to_json(), None, "images/1")
+        outcome = await worker.run(item, lambda step, total, *_: steps.append(step), 60.0)
+        assert outcome.image_paths
+        # One call for the whole job (not one per step); its steps came as items, merged to
+        # at most one every 0.1 s (a step is 50 ms here), in order, then its answer.
+        assert bridge.calls_sent - calls == 1
+        assert 2 <= len(steps) <= 15 and steps == sorted(steps) and steps[-1] <= 20
+        assert bridge.messages_received - messages == len(steps) + 2  # items, answer, end
+    finally:
+        await worker.close()
+        await bridge.close()
+
+
+async def test_a_hung_job_times_out_on_rays_side_and_its_actor_is_replaced(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    config = ray_config(tmp_path, cluster, resource=SOLO_GPU, scheduler={"job_timeout_s": 2.0})
+    core = await Core.open(config, engine_factory=RECORDING)
+    try:
+        await ready_workers(core, 1)
+        assert core.ray_pool is not None
+        (worker,) = core.ray_pool.workers
+        hung_actor = worker.actor_name
+        # The fake engine stops answering at step 2 and ignores the cancel.
+        hung = await core.scheduler.submit(ALICE, request("a stuck clock [hang]"))
+        done = await finished(core, hung.id, timeout_s=60)
+        assert done.state is JobState.FAILED and done.error == "timed out after 2 s"
+        after = await core.scheduler.submit(BOB, request("a red fox"))
+        assert (await finished(core, after.id, timeout_s=60)).state is JobState.SUCCEEDED
+        # The hung actor was killed (its one unit freed) and replaced.
+        assert hung_actor is not None and worker.actor_name not in (None, hung_actor)
+        with pytest.raises(ValueError):
+            ray.get_actor(hung_actor, namespace=NAMESPACE)
+        assert await core.ray_pool.actors_held() == [worker.actor_name]
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=5.0)
