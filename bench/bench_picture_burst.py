@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image
 
 from bench._common import LagProbe, merge, percentile, tiny_config_sections, write_config
+from bot.app.fetch import FetchPolicy
 from bot.config import load_config
 from bot.core import InProcessWorker
-from bot.fetch import FetchPolicy
 from tests.core.fakes import create_fake_engine
 
 FAKE_CDN = FetchPolicy(
@@ -54,7 +54,7 @@ def picture(side: int, shade: int) -> bytes:
 
 
 async def burst(args: argparse.Namespace, root: Path, *, paying: bool) -> dict[str, Any]:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
     from tests.fakediscord import FakeDiscord
 
     async with FakeDiscord() as fake:

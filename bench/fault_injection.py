@@ -1,8 +1,9 @@
 """Fault injection against the whole bot, counted: crashes, engine faults and Discord faults.
 
     python -m bench.fault_injection --rounds 6
+    python -m bench.fault_injection --rounds 0 --engine-rounds 0 --ray-rounds 4   # Ray only
 
-Two phases, each on its own data folder and fake Discord, then an audit of each:
+Three phases, each on its own data folder and fake Discord, then an audit of each:
 
 1. kill: `python -m bot` in its own process with the tiny model. Each round users submit
    /imagine and press V/🔄/Cancel on grids, U to pick an image (free, no job) and, under a
@@ -18,6 +19,12 @@ Two phases, each on its own data folder and fake Discord, then an audit of each:
    invalid request, a hang past `job_timeout_s` (3 s here), a worker that segfaults or is
    SIGKILLed (by the kernel's OOM killer, as far as the bot can tell), one that crashes once.
    Discord faults are armed here too.
+3. ray (needs Ray; `--ray-rounds`, 0 by default): the bot in this process with `[workers]
+   backend = "ray"` on a cluster of separate processes (tests/core/ray_processes.py): a head and
+   a GPU node (the fake engine, one fake GPU) kept up by a supervisor loop that stands in for
+   systemd (deploy/ray). Each round members submit /imagine and, with a job running, the GPU
+   node's process group is SIGKILLed (even rounds) or the head is killed and started again on
+   its port (odd rounds); the node rejoins by its supervisor. Discord faults are armed too.
 
 Discord faults are the fake's: 429 and 5xx answers on uploads (interaction edits, channel posts,
 channel message edits), on progress edits and channel messages, on interaction callbacks, and
@@ -385,7 +392,7 @@ async def _stop_fake(fake: FakeDiscord) -> list[str]:
 
 
 async def engine_phase(args: argparse.Namespace, root: Path, rng: random.Random) -> PhaseResult:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
     faults = FaultLog()
     problems: list[str] = []
@@ -481,6 +488,100 @@ def _short(error: str) -> str:
     return error if len(error) <= 60 else error[:57] + "..."
 
 
+# ----- phase 3: a Ray cluster that loses its GPU node and its head ------------------------------
+
+
+async def ray_phase(args: argparse.Namespace, root: Path, rng: random.Random) -> PhaseResult:
+    from bot.discord.client import ImagineBot
+    from tests.core.ray_processes import FAKE_GPU, Head, SupervisedNode
+    from tests.core.ray_temp import private_ray_temp
+
+    faults = FaultLog()
+    problems: list[str] = []
+    kinds = [k for k in DISCORD_FAULTS if k in args.discord_faults]
+    folder = root / "ray"
+    with private_ray_temp() as temp_dir:
+        head = Head(temp_dir)
+        node = SupervisedNode(head, temp_dir.parent / "n")
+        fake = FakeDiscord()
+        await fake.start()
+        try:
+            head.start()
+            node.start()
+            sections = merge(
+                tiny_config_sections(fake.guild_id, folder / "models", job_timeout_s=60.0),
+                {
+                    # A job may be cut short by two faults in a row (a node and then a head).
+                    "scheduler": {"max_attempts": 3, "worker_startup_timeout_s": 120.0},
+                    "workers": {
+                        "backend": "ray",
+                        "ray_address": head.address,
+                        "ray_gpu_resource": FAKE_GPU,
+                        "ray_watch_interval_s": 0.5,
+                        "ray_outage_grace_s": 2.0,
+                    },
+                },
+            )
+            config = load_config(write_config(folder, sections))
+            extra = {"fake_step_s": "0.1", "fake_marker_dir": str(folder / "markers")}
+            engine = dataclasses.replace(config.engine, extra=extra)
+            config = dataclasses.replace(config, engine=engine)
+            view = DataView(config.database_path)
+            bot = ImagineBot(
+                config, core_options={"engine_factory": FACTORY}, guild_ready_timeout=0.05
+            )
+            users = Users(fake, view, rng, [fake.add_user(f"member{i}") for i in range(args.users)])
+            broken: collections.Counter[str] = collections.Counter()
+            started = time.monotonic()
+            async with fake.run_bot(bot, timeout=60):
+                for index in range(args.ray_rounds):
+                    _arm_round(fake, faults, rng, kinds)
+                    await users.act(lambda i=index: f"a harbour, round {i}", lambda: 20)
+                    _expire_some(users, faults, rng)
+                    running = await wait_until(lambda: view.states()["running"] > 0, 180, 0.05)
+                    await asyncio.sleep(rng.uniform(0.0, 1.0))
+                    if index % 2 == 0:
+                        what = "SIGKILL the GPU node's process group"
+                        await asyncio.to_thread(node.kill_node)
+                    else:
+                        what = "kill the head, start it again on its port"
+                        await asyncio.to_thread(head.kill)
+                        await asyncio.to_thread(head.start)
+                    broken[what if running else f"{what} (no job was running)"] += 1
+                    await wait_until(lambda: view.active() == 0, 240, 0.2)
+                    print(
+                        f"  ray round {index + 1}/{args.ray_rounds}: {what}; jobs "
+                        f"{dict(view.states())}; node started {node.starts} time(s)",
+                        flush=True,
+                    )
+                faults.disarm()
+                settled = await wait_settled(view, timeout_s=args.settle_s)
+                answered, how = await _fresh_imagine(fake, "newcomer", timeout_s=180)
+                await wait_settled(view, timeout_s=60)
+            ray_s = time.monotonic() - started
+            audit = await audit_data_dir(config)
+            audit.check_messages(fake)
+            problems += audit.problems()
+            if not answered:
+                problems.append(f"the bot did not answer a fresh /imagine: {how}")
+            totals = faults.totals()
+            totals.update(broken)
+            attempts = view.query("SELECT attempts, COUNT(*) FROM jobs GROUP BY 1 ORDER BY 1")
+            notes: list[tuple[str, Any]] = [
+                ("jobs by kind", _kinds(view)),
+                ("jobs by attempts", ", ".join(f"{a}: {n}" for a, n in attempts)),
+                ("GPU node started (by its supervisor)", f"{node.starts} time(s)"),
+                ("phase took", f"{ray_s:.0f} s"),
+                ("settled", settled),
+                ("fresh /imagine answered", how),
+            ]
+        finally:
+            harness = await _stop_fake(fake)
+            await asyncio.to_thread(node.stop)
+            await asyncio.to_thread(head.kill)
+    return PhaseResult("ray", audit, totals, users.actions, notes, problems, harness)
+
+
 # ----- main ------------------------------------------------------------------------------------
 
 
@@ -522,6 +623,9 @@ async def main_async(args: argparse.Namespace) -> int:
         if args.engine_rounds:
             print(f"phase 2 (engine faults, fake engine): {args.engine_rounds} rounds")
             results.append(await engine_phase(args, root, rng))
+        if args.ray_rounds:
+            print(f"phase 3 (Ray: GPU node and head killed, fake engine): {args.ray_rounds} rounds")
+            results.append(await ray_phase(args, root, rng))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -547,6 +651,7 @@ def main() -> int:
     parser.add_argument(
         "--engine-rounds", type=int, default=None, help="engine-fault rounds (default: --rounds)"
     )
+    parser.add_argument("--ray-rounds", type=int, default=0, help="Ray rounds (phase 3; needs Ray)")
     parser.add_argument("--users", type=int, default=4, help="members acting each round")
     parser.add_argument("--seed", type=int, default=1, help="random seed (faults, timing)")
     parser.add_argument(

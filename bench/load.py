@@ -211,7 +211,7 @@ REPLY_KINDS = {
 
 
 async def discord_load(args: argparse.Namespace, root: Path) -> list[tuple[str, Any]]:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
     from tests.fakediscord import FakeDiscord, FakeInteraction, WaitTimeout
 
     folder = root / "discord"

@@ -8,9 +8,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from bot.app.logs import setup_logging
 from bot.config import ConfigError, load_config
 from bot.core.worker_env import forget_token
-from bot.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bot.core.storage import DataFolderInUse
 
     if args.shell:
-        from bot.shell import run_shell
+        from bot.console.shell import run_shell
 
         try:
             return asyncio.run(run_shell(config))
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import discord
 
-    from bot.discord_bot import run_discord
+    from bot.discord.client import run_discord
 
     try:
         asyncio.run(run_discord(config, token))

@@ -86,7 +86,7 @@ class DiscordConfig:
     admin_user_ids: frozenset[int] = frozenset()
     # Admins of the one server each role belongs to (as Manage Server is), over that server only.
     admin_role_ids: frozenset[int] = frozenset()
-    # The servers the bot serves (bot/access.py): commands sync to them, and an interaction from
+    # The servers the bot serves (bot/app/access.py): commands sync to them, and an interaction from
     # any other server is refused. Empty: no server is served (`python -m bot` refuses to start).
     guild_ids: tuple[int, ...] = ()
     # Leave a server that is not in guild_ids when the bot joins it or finds itself in it at start.

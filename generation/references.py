@@ -10,7 +10,7 @@ Midjourney takes pictures three ways, and so does this bot:
 * object or character references, `--oref <link>` weighted by `--ow` (1-1000, default 100) and
   `--cref <link>` weighted by `--cw` (0-100, default 100): the subject to keep.
 
-Parsing only, and pure: the bot fetches each `ImageRef` (bot/fetch.py) and turns it into an
+Parsing only, and pure: the bot fetches each `ImageRef` (bot/app/fetch.py) and turns it into an
 `InputImage` of the same role, weight and source. What the weights do to the image is the
 engine's business (see generation's image conditioning).
 """

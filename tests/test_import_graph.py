@@ -16,17 +16,17 @@ PACKAGES = ("bot", "generation")
 # taken off this set (the test fails until it is), so the set only shrinks.
 KNOWN: set[frozenset[str]] = {
     frozenset({"bot.core.ray_bridge", "bot.core.ray_workers"}),
-    frozenset({"bot.app", "bot.render"}),
+    frozenset({"bot.app.application", "bot.app.render"}),
     frozenset(
         {
-            "bot.admin_commands",
-            "bot.after_grid",
-            "bot.catalog_commands",
-            "bot.delivery",
-            "bot.discord_bot",
-            "bot.member_commands",
-            "bot.pictures",
-            "bot.suggestions",
+            "bot.discord.cogs.admin",
+            "bot.discord.cogs.after_grid",
+            "bot.discord.cogs.catalog",
+            "bot.discord.delivery",
+            "bot.discord.client",
+            "bot.discord.cogs.member",
+            "bot.discord.cogs.pictures",
+            "bot.discord.views.describe",
         }
     ),
 }

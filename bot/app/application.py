@@ -22,8 +22,19 @@ from typing import Any
 
 from PIL import Image
 
-from bot import catalog, edits, render
-from bot.access import AdminScope, may_manage
+from bot.app import catalog, edits, render
+from bot.app.access import AdminScope, may_manage
+from bot.app.fetch import FetchedImage, FetchPolicy, FetchRefused, policy_from_config
+from bot.app.inputs import (
+    BlendShape,
+    InputScreen,
+    Picture,
+    PictureInputs,
+    as_input,
+    attachment_sources,
+    blend_request,
+)
+from bot.app.moderation import PromptFilter, audit_refusal, make_output_check
 from bot.config import Config
 from bot.core.clock import system_clock
 from bot.core.models import (
@@ -39,17 +50,6 @@ from bot.core.models import (
 )
 from bot.core.preferences import Preferences, PreferenceStore
 from bot.core.service import Core
-from bot.fetch import FetchedImage, FetchPolicy, FetchRefused, policy_from_config
-from bot.inputs import (
-    BlendShape,
-    InputScreen,
-    Picture,
-    PictureInputs,
-    as_input,
-    attachment_sources,
-    blend_request,
-)
-from bot.moderation import PromptFilter, audit_refusal, make_output_check
 from generation.conditioning import check_inputs
 from generation.contract import (
     MAX_PIXELS,
@@ -154,7 +154,7 @@ _EDIT_KINDS = {
 
 @dataclass(frozen=True)
 class Actor:
-    """Who is asking, as the front end knows them. `is_admin`: an admin here (bot/access.py);
+    """Who is asking, as the front end knows them. `is_admin`: an admin here (bot/app/access.py);
     `is_owner`: one of the configured owners, whose rights reach every server."""
 
     user_id: int
@@ -292,7 +292,7 @@ class ImagineApp:
         Everything that can refuse the command cheaply comes first: the cooldown (taken on
         entry, so commands sent together can't all pass it), the prompt, the blocked words,
         the queue limits and the credits. Only then are the member's pictures fetched,
-        decoded and screened (within the fetch limits of bot/inputs.py)."""
+        decoded and screened (within the fetch limits of bot/app/inputs.py)."""
         with self._cooling(actor):
             # The member's /prefer shortcuts and suffix, and their /settings defaults under
             # whatever was typed.
@@ -339,7 +339,7 @@ class ImagineApp:
             for index, (job, parsed_job) in enumerate(zip(jobs, parsed, strict=True))
         ]
 
-    # ----- pictures: image prompts, /blend, /describe (bot/inputs.py) -----------------------
+    # ----- pictures: image prompts, /blend, /describe (bot/app/inputs.py) -----------------------
 
     async def blend(
         self,

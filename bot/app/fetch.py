@@ -38,8 +38,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image, ImageOps
 
+from bot.app.logs import without_queries
 from bot.config import ImagesConfig
-from bot.logs import without_queries
 from generation.picture_formats import TAKEN, open_member_picture, other_format, sniff
 
 log = logging.getLogger(__name__)

@@ -3,9 +3,9 @@
 A prompt's `image_refs` (image links, /imagine's attachment options, --sref/--oref/--cref) and
 the pictures of /blend and /describe all come through here, whatever the front end:
 
-* links are fetched once each per command under the fetch policy (bot/fetch.py), attachments
+* links are fetched once each per command under the fetch policy (bot/app/fetch.py), attachments
   arrive already fetched by the front end through the same policy;
-* every picture is scored by the image safety classifier (bot/moderation.py's `ImageSafety`)
+* every picture is scored by the image safety classifier (bot/app/moderation.py's `ImageSafety`)
   under the channel's policy: anything goes in an age-restricted channel; elsewhere a flagged
   picture is refused and audited, whatever `nsfw_policy` says (an input can't be posted behind
   a spoiler: it steers every image of the job);
@@ -30,11 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from bot.config import ModerationConfig
-from bot.core.audit import AuditLog
-from bot.core.execute import safe_path
-from bot.core.models import Owner
-from bot.fetch import (
+from bot.app.fetch import (
     ATTACHMENT_PREFIX,
     FetchedImage,
     FetchPolicy,
@@ -42,7 +38,11 @@ from bot.fetch import (
     attachment_image,
     fetch_image,
 )
-from bot.moderation import ImageSafety, shared_image_safety
+from bot.app.moderation import ImageSafety, shared_image_safety
+from bot.config import ModerationConfig
+from bot.core.audit import AuditLog
+from bot.core.execute import safe_path
+from bot.core.models import Owner
 from generation.contract import MAX_PIXELS, GenerationRequest, InputImage, InputRole, JobKind
 from generation.prompt import ParsedPrompt, size_for_aspect
 from generation.references import DEFAULT_IMAGE_WEIGHT

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from bot.catalog import add_ons_text
+from bot.app.catalog import add_ons_text
 from bot.config import Config
 from bot.core.credits import describe_wait
 from bot.core.models import (
@@ -30,7 +30,7 @@ from generation.flags import FLAGS, FlagSpec, Treatment
 from generation.settings import EngineSettings
 
 if TYPE_CHECKING:
-    from bot.app import MemberInfo
+    from bot.app.application import MemberInfo
     from bot.core.preferences import Preferences
     from bot.core.service import WorkersView
 

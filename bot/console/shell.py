@@ -28,8 +28,8 @@ import signal
 import sys
 from typing import Any, TextIO
 
-from bot import catalog, render
-from bot.app import Action, Actor, ImagineApp, Submitted, UserError, open_core
+from bot.app import catalog, render
+from bot.app.application import Action, Actor, ImagineApp, Submitted, UserError, open_core
 from bot.config import Config
 from bot.core.clock import system_clock
 from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started

@@ -125,7 +125,7 @@ class AdminService:
         self, user_id: int, limit: int = 20, guild_id: int | None = None
     ) -> list[LedgerEntry]:
         """With `guild_id`: only that server's part of the member's ledger (a server admin's
-        view, bot/access.py)."""
+        view, bot/app/access.py)."""
         return await self._credits.ledger(user_id, limit, guild_id)
 
     async def queue(self, guild_id: int | None = None) -> QueueSnapshot:

@@ -18,24 +18,25 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import access, after_grid, pictures, render
-from bot.access import AdminScope
-from bot.admin_commands import AdminCommands
-from bot.app import Action, Actor, ImagineApp, Submitted, UserError, open_core
-from bot.buttons import Fits, JobButton, UiAction, UiButton, cancel_view
-from bot.catalog_commands import add_catalog_commands
+from bot.app import access, render
+from bot.app.access import AdminScope
+from bot.app.application import Action, Actor, ImagineApp, Submitted, UserError, open_core
+from bot.app.fetch import FetchPolicy, policy_from_config
+from bot.app.health import HealthServer, start_health_server
+from bot.app.moderation import flagged_indices
+from bot.app.refusals import RefusalLimiter
 from bot.config import Config
 from bot.core.clock import Clock, system_clock
 from bot.core.models import Job
 from bot.core.service import Core
-from bot.delivery import Delivery, JobMessage
-from bot.fetch import FetchPolicy, policy_from_config
-from bot.gate import InteractionGate, check_guilds
-from bot.health import HealthServer, start_health_server
-from bot.member_commands import add_member_commands
-from bot.moderation import flagged_indices
-from bot.permissions import missing_for_delivery, refusal_text
-from bot.refusals import RefusalLimiter
+from bot.discord.cogs import after_grid, pictures
+from bot.discord.cogs.admin import AdminCommands
+from bot.discord.cogs.catalog import add_catalog_commands
+from bot.discord.cogs.member import add_member_commands
+from bot.discord.delivery import Delivery, JobMessage
+from bot.discord.gate import InteractionGate, check_guilds
+from bot.discord.permissions import missing_for_delivery, refusal_text
+from bot.discord.views.buttons import Fits, JobButton, UiAction, UiButton, cancel_view
 from generation.contract import MAX_SEED, Sampler
 from generation.prompt import MAX_INPUT_CHARS, ImagineOptions
 
@@ -76,7 +77,7 @@ class ImagineBot(commands.AutoShardedBot):
         self.fetch_policy = fetch_policy or policy_from_config(config.images)
         self.nsfw_channels: set[int] = set()
         # Every interaction passes the gate first: unlisted servers and cooled-down members
-        # are answered there and go no further (bot/gate.py).
+        # are answered there and go no further (bot/discord/gate.py).
         self.refusals = RefusalLimiter(
             config.discord.refusal_limit, config.discord.refusal_window_s, monotonic=monotonic
         )
@@ -209,7 +210,7 @@ class ImagineBot(commands.AutoShardedBot):
 
     def admin_scope(self, interaction: discord.Interaction[Any]) -> AdminScope:
         """Checked here, in the bot: Discord's default_permissions can be overridden by a
-        server, and Manage Server counts only in a server the bot serves (bot/access.py)."""
+        server, and Manage Server counts only in a server the bot serves (bot/app/access.py)."""
         guild_id = interaction.guild_id
         return access.admin_scope(
             self.config.discord,
@@ -475,7 +476,7 @@ def add_commands(bot: ImagineBot) -> None:
         if missing:
             raise UserError(refusal_text(missing))
         if pictures.wants_pictures(prompt, image, image2, control_image):
-            # Fetching may outlast Discord's 3 s: acknowledged first, privately (bot/pictures.py).
+            # Fetching may outlast Discord's 3 s: acknowledged first, privately (cogs/pictures.py).
             await interaction.response.defer(ephemeral=True, thinking=True)
         options = ImagineOptions(negative, aspect, seed, steps, guidance, sampler, lora)
         if interaction.response.is_done():

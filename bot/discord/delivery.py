@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot import render
-from bot.buttons import Fits, result_view
-from bot.catalog import control_thumbnail
+from bot.app import render
+from bot.app.catalog import control_thumbnail
+from bot.app.inputs import pictures_thumbnail
 from bot.core.models import (
     EndingDelayed,
     Finished,
@@ -37,9 +37,9 @@ from bot.core.models import (
     Queued,
     Started,
 )
-from bot.inputs import pictures_thumbnail
-from bot.suggestions import DescribeAction, describe_text, describe_view
-from bot.suggestions import custom_id as suggestion_id
+from bot.discord.views.buttons import Fits, result_view
+from bot.discord.views.describe import DescribeAction, describe_text, describe_view
+from bot.discord.views.describe import custom_id as suggestion_id
 from generation.images import encode_for_upload
 
 if TYPE_CHECKING:
@@ -363,7 +363,7 @@ class Delivery:
         succeeded = job.state is JobState.SUCCEEDED and job.result is not None
         view = result_view(job, self._fits_for(job)) if succeeded else None
         if succeeded and job.kind is JobKind.DESCRIBE:
-            # Text, not images: the suggestions with their buttons (bot/suggestions.py).
+            # Text, not images: the suggestions with their buttons (bot/discord/views/describe.py).
             content, view = describe_text(job, notes), describe_view(job)
 
         if target is not None and not target.broken:
@@ -509,7 +509,7 @@ class Delivery:
         grid = await self._upload(job, path, limit_bytes, f"job-{job.id}")
         files = [grid, *await self._pictures_file(job, spoiler=grid.spoiler)]
         if job.result.control_map_path is not None:
-            # What a ControlNet followed, small beside the grid (bot/catalog.py).
+            # What a ControlNet followed, small beside the grid (bot/app/catalog.py).
             path = self.data_dir / job.result.control_map_path
             thumbnail = await asyncio.to_thread(control_thumbnail, path)
             if thumbnail is not None:
@@ -521,7 +521,7 @@ class Delivery:
 
     async def _pictures_file(self, job: Job, *, spoiler: bool) -> list[discord.File]:
         """The member's pictures (image prompts, /blend, references, the described picture),
-        small beside the result, so every input is shown with it (bot/inputs.py)."""
+        small beside the result, so every input is shown with it (bot/app/inputs.py)."""
         strip = await asyncio.to_thread(pictures_thumbnail, self.data_dir, job.request_data)
         if strip is None:
             return []

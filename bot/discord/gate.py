@@ -1,7 +1,7 @@
 """The door every Discord interaction comes through, before discord.py hands it to a command, a
 button, a form or an autocomplete handler.
 
-Two questions are asked there (bot/access.py and bot/refusals.py say why):
+Two questions are asked there (bot/app/access.py and bot/app/refusals.py say why):
 - Does the bot serve where it comes from? From a server not in `[discord] guild_ids`, or a
   command from a DM, it is answered with one short private line and goes no further: no
   handler, no database, no audit row.
@@ -26,9 +26,9 @@ from typing import Any
 
 import discord
 
-from bot import access
+from bot.app import access
+from bot.app.refusals import RefusalLimiter
 from bot.config import DiscordConfig
-from bot.refusals import RefusalLimiter
 
 log = logging.getLogger(__name__)
 

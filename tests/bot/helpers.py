@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from bot.discord_bot import ImagineBot
+from bot.discord.client import ImagineBot
 from tests.bot.conftest import bot_config, in_process_workers
 from tests.fakediscord import FakeDiscord
 from tests.fakediscord.model import Message, User

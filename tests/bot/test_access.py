@@ -1,4 +1,4 @@
-"""Which servers the bot serves and whose word counts where (bot/access.py), and the app's use
+"""Which servers the bot serves and whose word counts where (bot/app/access.py), and the app's use
 of it for other members' jobs."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.access import (
+from bot.app.access import (
     DM_COMMAND,
     UNLISTED_SERVER,
     AdminScope,
@@ -18,7 +18,7 @@ from bot.access import (
     gate_refusal,
     may_manage,
 )
-from bot.app import Actor, ImagineApp, UserError, open_core
+from bot.app.application import Actor, ImagineApp, UserError, open_core
 from bot.config import DiscordConfig
 from bot.core import InProcessWorker
 from bot.core.models import JobState

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from bot import render
-from bot.app import Action, Actor, ImagineApp, UserError, open_core
+from bot.app import render
+from bot.app.application import Action, Actor, ImagineApp, UserError, open_core
 from bot.config import Config, parse_config
 from bot.core import InProcessWorker
 from bot.core.service import Core

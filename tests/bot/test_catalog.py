@@ -1,4 +1,4 @@
-"""bot/catalog.py without Discord: what /models says, the autocomplete suggestions, the add-ons
+"""bot/app/catalog.py without Discord: what /models says, the autocomplete suggestions, the add-ons
 line of a job and the control map thumbnail. Expected figures follow from the config below."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from typing import Any
 
 from PIL import Image
 
-from bot import catalog
+from bot.app import catalog
+from bot.app.render import help_text
 from bot.config import parse_config
-from bot.render import help_text
-from bot.shell import run_shell
+from bot.console.shell import run_shell
 from tests.bot.conftest import bot_config, in_process_workers
 
 CONFIG = parse_config(

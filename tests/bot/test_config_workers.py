@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bot.config import ConfigError, WorkersConfig, parse_config
+from bot.console.shell import Shell
 from bot.core import JobState, Owner, ProgressUpdate
-from bot.shell import Shell
 from tests.core.conftest import finished, make_config, open_core, request
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ engine crops or pads it, never squashes it), as [generation] controlnet_fit says
 import pytest
 from PIL import Image
 
-from bot.catalog import control_notes
+from bot.app.catalog import control_notes
 from bot.config import ConfigError, parse_config
 from generation.contract import GenerationRequest, InputImage, InputRole, JobKind
 from generation.settings import ControlFit

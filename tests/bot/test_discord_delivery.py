@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bot.core.models import JobKind, JobState, Owner
-from bot.discord_bot import ImagineBot
+from bot.discord.client import ImagineBot
 from tests.bot.conftest import GatedEngine, bot_config, in_process_workers
 from tests.bot.helpers import (
     ALLOWANCE,

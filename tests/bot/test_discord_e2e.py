@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from bot.core.models import JobState
-from bot.discord_bot import ImagineBot
+from bot.discord.client import ImagineBot
 from tests.bot.conftest import GatedEngine
 from tests.bot.helpers import (
     ALLOWANCE,

@@ -11,9 +11,9 @@ from typing import Any
 
 from PIL import Image
 
+from bot.app.fetch import FetchPolicy
 from bot.core.models import Job, JobKind, JobState
-from bot.discord_bot import ImagineBot
-from bot.fetch import FetchPolicy
+from bot.discord.client import ImagineBot
 from tests.bot.conftest import bot_config, in_process_workers
 from tests.bot.helpers import (
     ALLOWANCE,

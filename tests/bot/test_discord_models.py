@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
+from bot.app.fetch import FetchPolicy
 from bot.core.credits import job_cost
 from bot.core.models import JobState
-from bot.discord_bot import ImagineBot
-from bot.fetch import FetchPolicy
+from bot.discord.client import ImagineBot
 from generation.settings import ControlNetSpec, EngineSettings, LoraSpec, ModelSpec, Preprocessor
 from tests.bot.conftest import bot_config, in_process_workers
 from tests.bot.helpers import assert_ledger_consistent, available, job_id_of

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
+from bot.app.fetch import FetchPolicy
 from bot.core.models import JobKind, JobState, LedgerKind
-from bot.discord_bot import ImagineBot
-from bot.fetch import FetchPolicy
+from bot.discord.client import ImagineBot
 from generation.images import parse_a1111_parameters
 from generation.settings import ControlNetSpec, EngineSettings, LoraSpec, Preprocessor
 from tests.bot.conftest import GatedEngine, bot_config, in_process_workers

@@ -29,7 +29,7 @@ from bench._common import (
     write_config,
 )
 from bot.config import load_config
-from bot.discord_bot import ImagineBot
+from bot.discord.client import ImagineBot
 from tests.core.fakes import FACTORY
 from tests.fakediscord import FakeDiscord, Message
 from tests.fakediscord.interactions import FakeInteraction

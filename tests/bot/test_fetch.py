@@ -1,4 +1,4 @@
-"""bot/fetch.py against real local HTTP(S) servers: what is fetched, what is refused and why.
+"""bot/app/fetch.py against real local HTTP(S) servers: what is fetched, what is refused and why.
 
 The servers are aiohttp on 127.0.0.1. The policy used here allows http and private addresses
 explicitly (the bot's own policy never does), except where a test checks exactly those refusals.
@@ -23,8 +23,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from bot.config import ImagesConfig
-from bot.fetch import (
+from bot.app.fetch import (
     DISCORD_ATTACHMENT_HOSTS,
     FetchPolicy,
     FetchRefused,
@@ -33,6 +32,7 @@ from bot.fetch import (
     policy_from_config,
     sniff,
 )
+from bot.config import ImagesConfig
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -265,7 +265,7 @@ async def test_scheme_host_and_user_info_are_checked_before_any_request() -> Non
 def test_address_classes(address: str, public: bool) -> None:
     import ipaddress
 
-    from bot.fetch import _public
+    from bot.app.fetch import _public
 
     assert _public(ipaddress.ip_address(address)) is public
 
@@ -465,7 +465,7 @@ async def test_signed_links_are_logged_without_their_query(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A Discord attachment link's query is its signature: whoever reads it can fetch the file.
-    caplog.set_level(logging.INFO, logger="bot.fetch")
+    caplog.set_level(logging.INFO, logger="bot.app.fetch")
     async with serve({"/cdn/broken.png": body(png(size=(64, 64))[:60])}) as server:
         assert "damaged" in await refused(f"{server.url('/cdn/broken.png')}?{SIGNATURE}", local())
         port = server.port
@@ -487,7 +487,7 @@ def _drawn(size: tuple[int, int], fmt: str) -> bytes:
 
 
 def test_pictures_are_decoded_no_larger_than_the_bot_uses() -> None:
-    from bot.fetch import decode_image
+    from bot.app.fetch import decode_image
 
     policy = FetchPolicy()
     assert policy.max_pixels == 16_000_000 and policy.max_side == 2048

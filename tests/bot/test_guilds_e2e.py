@@ -13,9 +13,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from bot.access import DM_COMMAND, UNLISTED_SERVER
+from bot.app.access import DM_COMMAND, UNLISTED_SERVER
 from bot.core.models import JobState
-from bot.discord_bot import ImagineBot
+from bot.discord.client import ImagineBot
 from tests.bot.conftest import GatedEngine
 from tests.bot.helpers import (
     JOB_TIMEOUT_S,

@@ -14,11 +14,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.app.health import FAILED, HealthServer, ray_summary, start_health_server
 from bot.config import ConfigError, MetricsConfig, parse_config
 from bot.core import Core, Finished, InProcessWorker, Job, JobKind, JobState, Owner
 from bot.core.execute import WorkOutcome
-from bot.discord_bot import ImagineBot
-from bot.health import FAILED, HealthServer, ray_summary, start_health_server
+from bot.discord.client import ImagineBot
 from generation.contract import InputImage, InputRole
 from generation.requests import describe_request, zoom_request
 from generation.settings import EngineSettings

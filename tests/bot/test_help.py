@@ -1,7 +1,7 @@
 """What /help tells a member about flags whose meaning differs from Midjourney's."""
 
+from bot.app.render import help_text
 from bot.config import parse_config
-from bot.render import help_text
 
 
 def test_help_says_quality_above_one_adds_no_steps():

@@ -1,4 +1,4 @@
-"""Members' pictures around a job (bot/inputs.py): the safety screen shares the output check's
+"""Members' pictures around a job (bot/app/inputs.py): the safety screen shares the output check's
 classifier session, and the strip of pictures shown beside a result."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bot.app import ImagineApp, UserError
+from bot.app.application import ImagineApp, UserError
+from bot.app.fetch import FetchedImage
+from bot.app.inputs import THUMBNAIL_HEIGHT, InputScreen, pictures_thumbnail
+from bot.app.moderation import make_output_check, shared_image_safety
 from bot.config import ModerationConfig
 from bot.core.jobs import save_input_image
-from bot.fetch import FetchedImage
-from bot.inputs import THUMBNAIL_HEIGHT, InputScreen, pictures_thumbnail
-from bot.moderation import make_output_check, shared_image_safety
 from tests.bot.test_bad_input import ALICE, ALLOWANCE, app
 
 __all__ = ["app"]  # the fixture: an app over a real core with a fake engine

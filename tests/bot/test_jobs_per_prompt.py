@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from bot.app import Actor, ImagineApp, UserError, open_core
+from bot.app.application import Actor, ImagineApp, UserError, open_core
 from bot.config import Config, ConfigError, load_config, parse_config
+from bot.console.shell import run_shell
 from bot.core import InProcessWorker, JobState
-from bot.shell import run_shell
 from tests.bot.test_bad_input import ALLOWANCE, _available, _config
 from tests.core.fakes import create_fake_engine
 

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from bot.logs import setup_logging, without_queries
+from bot.app.logs import setup_logging, without_queries
 
 SIGNED = (
     "https://cdn.discordapp.com/attachments/1/2/cat.png?ex=6650a1b2&is=664f5032&hm=5ec12e7d0b1c"

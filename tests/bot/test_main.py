@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from bot.app import open_core
-from bot.shell import SHELL_USER_ID, run_shell
+from bot.app.application import open_core
+from bot.console.shell import SHELL_USER_ID, run_shell
 from tests.bot.conftest import bot_config, in_process_workers
 
 REPO = Path(__file__).resolve().parents[2]

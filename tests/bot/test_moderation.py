@@ -22,13 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.config import Config, ModerationConfig
-from bot.core import Core, Finished, InProcessWorker, ManualClock
-from bot.core.audit import AuditLog
-from bot.core.db import Database
-from bot.core.execute import WorkOutcome
-from bot.core.models import Job, JobKind, JobResult, JobState, Owner
-from bot.moderation import (
+from bot.app.moderation import (
     FLAGS_FILE,
     WITHHELD_REASON,
     ImageSafety,
@@ -40,6 +34,12 @@ from bot.moderation import (
     normalize_for_matching,
     squash_for_matching,
 )
+from bot.config import Config, ModerationConfig
+from bot.core import Core, Finished, InProcessWorker, ManualClock
+from bot.core.audit import AuditLog
+from bot.core.db import Database
+from bot.core.execute import WorkOutcome
+from bot.core.models import Job, JobKind, JobResult, JobState, Owner
 from generation.contract import GenerationRequest, GenerationResult
 from generation.contract import JobKind as GenerationKind
 from generation.settings import EngineSettings

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.app import Actor, ImagineApp, UserError, open_core, picture_inputs
+from bot.app.application import Actor, ImagineApp, UserError, open_core, picture_inputs
+from bot.app.fetch import FetchedImage, FetchPolicy, FetchRefused
+from bot.app.inputs import InputScreen
 from bot.config import Config
 from bot.core import InProcessWorker
-from bot.fetch import FetchedImage, FetchPolicy, FetchRefused
-from bot.inputs import InputScreen
 from tests.bot.test_bad_input import _config
 from tests.core.fakes import create_fake_engine
 
@@ -189,7 +189,7 @@ async def test_a_burst_without_credits_fetches_nothing_and_others_are_served(
 ) -> None:
     """The reported burst: five `/imagine {link1,…,link40} cat` at once from a member with no
     credits started 200 fetches. Now none starts, and another member is answered meanwhile."""
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
     from tests.bot.conftest import bot_config, in_process_workers
     from tests.bot.helpers import JOB_TIMEOUT_S, assert_ledger_consistent, available
     from tests.bot.test_discord_images import FAKE_CDN, is_result, png

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.fetch import FetchPolicy, FetchRefused, attachment_image, decode_image, fetch_image
+from bot.app.fetch import FetchPolicy, FetchRefused, attachment_image, decode_image, fetch_image
 from generation.canvas import read_mask
 from generation.picture_formats import MEMBER_FORMATS
 from tests.bot.test_fetch import Attached, body, local, serve

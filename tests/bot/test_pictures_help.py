@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bot import render
+from bot.app import render
 from bot.config import parse_config
 from generation.conditioning import WEIGHT_HELP
 

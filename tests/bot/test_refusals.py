@@ -1,4 +1,4 @@
-"""A member refused too often in a short time is cooled down (bot/refusals.py): unit, and end to
+"""A member refused too often in a short time is cooled down (bot/app/refusals.py): unit, and end to
 end through the fake Discord while another member is served."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from bot.discord_bot import ImagineBot
-from bot.refusals import RefusalLimiter
+from bot.app.refusals import RefusalLimiter
+from bot.discord.client import ImagineBot
 from tests.bot.conftest import bot_config, in_process_workers
 from tests.bot.helpers import imagined_grid
 from tests.fakediscord import FakeDiscord, FakeInteraction
@@ -40,7 +40,7 @@ def test_the_limit_counts_refusals_within_the_window() -> None:
 def test_members_who_went_quiet_are_forgotten_when_many_are_tracked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("bot.refusals._MAX_TRACKED", 3)
+    monkeypatch.setattr("bot.app.refusals._MAX_TRACKED", 3)
     now = [0.0]
     limiter = RefusalLimiter(2, 10.0, monotonic=lambda: now[0])
     for user in (1, 2, 3):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from bot import edits
+from bot.app import edits
 from generation.contract import InputImage, InputRole, LoraWeight
 from generation.requests import variation_request
 from generation.settings import ControlNetSpec, EngineSettings, LoraSpec, ModelSpec, Preprocessor

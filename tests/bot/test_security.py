@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.app import Actor, ImagineApp, UserError, open_core
+from bot.app.application import Actor, ImagineApp, UserError, open_core
+from bot.app.logs import setup_logging
 from bot.core import InProcessWorker
-from bot.logs import setup_logging
 from tests.bot.test_bad_input import _config
 from tests.core.fakes import create_fake_engine
 

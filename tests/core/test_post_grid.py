@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bot import edits
+from bot.app import edits
 from bot.config import CreditsConfig
 from bot.core import ProcessWorker, ProgressUpdate
 from bot.core.credits import job_cost

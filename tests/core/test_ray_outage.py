@@ -20,10 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bot.app.health import core_checks
 from bot.config import Config, WorkersConfig
 from bot.core import Core, JobState, Owner, ProgressUpdate, ray_workers
 from bot.core.ray_workers import CONNECT_TIMEOUT_S
-from bot.health import core_checks
 from tests.core.conftest import (
     assert_consistent,
     finished,

@@ -103,7 +103,7 @@ def test_main_reads_the_token_then_drops_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import bot.__main__ as entry
-    import bot.discord_bot
+    import bot.discord.client
 
     seen: dict[str, Any] = {}
 

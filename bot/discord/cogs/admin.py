@@ -1,6 +1,6 @@
 """`/admin …`: credits, allowances, bans, the queue, the workers and the audit log.
 
-Who may run which (bot/access.py): every subcommand needs an admin, checked here in the bot
+Who may run which (bot/app/access.py): every subcommand needs an admin, checked here in the bot
 (a server can override Discord's default_permissions). What every server shares (credits and
 allowances, bans, pausing the queue, the workers) changes only by an owner's hand. A server
 admin sees only their own server: the audit log's and the queue's rows of that server, and the
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from bot import render
-from bot.access import AdminScope
+from bot.app import render
+from bot.app.access import AdminScope
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 # Subcommands that change what every server the bot serves shares.
 OWNER_ONLY = frozenset(
@@ -61,7 +61,7 @@ class NotHere(app_commands.CheckFailure):
 
 
 async def _reply(interaction: discord.Interaction[Any], content: str) -> None:
-    from bot.discord_bot import reply
+    from bot.discord.client import reply
 
     await reply(interaction, content)
 

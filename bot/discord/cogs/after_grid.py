@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING, Any
 import discord
 from PIL import Image
 
-from bot import render
-from bot.app import Action, Actor, ImagineApp, UserError
-from bot.buttons import CustomIdError, Fits, UiAction, image_view
+from bot.app import render
+from bot.app.application import Action, Actor, ImagineApp, UserError
 from bot.core.models import ImageExpired, Job
-from bot.permissions import missing_for_delivery, refusal_text
+from bot.discord.permissions import missing_for_delivery, refusal_text
+from bot.discord.views.buttons import CustomIdError, Fits, UiAction, image_view
 from generation import canvas
 from generation.contract import MAX_ZOOM, PanDirection, Region, UpscaleMode
 from generation.prompt import MAX_INPUT_CHARS
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class _JobForm(discord.ui.Modal):
     async def on_error(  # type: ignore[override]
         self, interaction: discord.Interaction[Any], error: Exception, /
     ) -> None:
-        from bot.discord_bot import report_error
+        from bot.discord.client import report_error
 
         await report_error(interaction, error)
 
@@ -384,7 +384,7 @@ async def submit_orphan_form(bot: ImagineBot, interaction: discord.Interaction[A
     dispatch = getattr(form, "_dispatch_submit", None)
     if form is None or dispatch is None:
         log.info("form %s submitted after it expired; asked to press again", custom_id)
-        from bot.discord_bot import reply
+        from bot.discord.client import reply
 
         await reply(interaction, FORM_EXPIRED)
         return
@@ -437,6 +437,6 @@ async def delete_result(
         await message.delete()
     except discord.NotFound:
         pass  # already gone: what was asked for
-    from bot.discord_bot import reply
+    from bot.discord.client import reply
 
     await reply(interaction, f"Deleted the message of job {job.id}.")

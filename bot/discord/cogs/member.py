@@ -13,19 +13,19 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from bot import render
-from bot.after_grid import delete_result
-from bot.app import UserError
+from bot.app import render
+from bot.app.application import UserError
 from bot.core.preferences import (
     MAX_OPTION_VALUE_CHARS,
     MAX_SUFFIX_CHARS,
     Preferences,
     normalise_option_name,
 )
+from bot.discord.cogs.after_grid import delete_result
 from generation.contract import Sampler
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 DEFAULT = "default"
 ASPECTS = ["1:1", "3:2", "2:3", "4:3", "3:4", "16:9", "9:16", "21:9", "9:21"]
@@ -146,7 +146,7 @@ def _bot(interaction: discord.Interaction[Any]) -> ImagineBot:
 
 
 async def _change(interaction: discord.Interaction[Any], **changes: Any) -> None:
-    from bot.discord_bot import report_error
+    from bot.discord.client import report_error
 
     bot = _bot(interaction)
     try:
@@ -216,7 +216,7 @@ async def _saved(change: Any) -> Preferences:
 
 
 async def _private(interaction: discord.Interaction[Any], text: str) -> None:
-    from bot.discord_bot import reply
+    from bot.discord.client import reply
 
     await reply(interaction, text)
 

@@ -5,7 +5,7 @@ Fetching a picture can take longer than the 3 seconds Discord gives a command, s
 commands acknowledge first, privately ("thinking…" only the member sees); a refusal (a link
 from a host that isn't allowed, a file that is no image, a flagged picture) then stays private,
 and each job's status message is a public follow-up that is edited like any other. Attachments
-are fetched through the same policy as links (bot/fetch.py).
+are fetched through the same policy as links (bot/app/fetch.py).
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from bot.app import Submitted, UserError
-from bot.app import picture_inputs as app_picture_inputs
-from bot.delivery import JobMessage
-from bot.fetch import FetchPolicy
-from bot.inputs import BlendShape, InputScreen, PictureInputs
-from bot.permissions import missing_for_delivery, refusal_text
-from bot.suggestions import DescribeAction, DescribeButton
+from bot.app.application import Submitted, UserError
+from bot.app.application import picture_inputs as app_picture_inputs
+from bot.app.fetch import FetchPolicy
+from bot.app.inputs import BlendShape, InputScreen, PictureInputs
+from bot.discord.delivery import JobMessage
+from bot.discord.permissions import missing_for_delivery, refusal_text
+from bot.discord.views.describe import DescribeAction, DescribeButton
 from generation.prompt import ImagineOptions
 from generation.references import LINK
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ async def describe_pressed(
     interaction: discord.Interaction[Any], action: DescribeAction, job_id: int, index: int
 ) -> None:
     """Buttons 1–4 and 🔄 under a /describe result."""
-    from bot.discord_bot import report_error
+    from bot.discord.client import report_error
 
     bot: ImagineBot = interaction.client
     try:

@@ -14,9 +14,9 @@ from typing import Any, Self
 
 import discord
 
-from bot import render
-from bot.buttons import CustomIdError, PersistentButton
+from bot.app import render
 from bot.core.models import Job
+from bot.discord.views.buttons import CustomIdError, PersistentButton
 
 _TEMPLATE = re.compile(r"describe:(?P<action>I|R):(?P<job>[0-9]{1,19})(?::(?P<index>[1-4]))?")
 
@@ -60,7 +60,7 @@ class DescribeButton(PersistentButton, template=_TEMPLATE):
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         # Imported here: bot.pictures builds on bot.delivery, which shows this module's view.
-        from bot.pictures import describe_pressed
+        from bot.discord.cogs.pictures import describe_pressed
 
         await describe_pressed(interaction, self.action, self.job_id, self.index)
 
