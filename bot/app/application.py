@@ -15,15 +15,14 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from enum import StrEnum
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from bot.app import catalog, edits, render
-from bot.app.access import AdminScope, may_manage
+from bot.app.actions import Action, Actor, MemberInfo, Submitted, UserError
 from bot.app.fetch import FetchedImage, FetchPolicy, FetchRefused, policy_from_config
 from bot.app.inputs import (
     BlendShape,
@@ -39,16 +38,13 @@ from bot.config import Config
 from bot.core.clock import system_clock
 from bot.core.models import (
     EXPIRED_MESSAGE,
-    ActiveJob,
-    Balance,
     ImageExpired,
     Job,
     JobKind,
     JobState,
-    Owner,
     Refused,
 )
-from bot.core.preferences import Preferences, PreferenceStore
+from bot.core.preferences import PreferenceStore
 from bot.core.service import Core
 from generation.conditioning import check_inputs
 from generation.contract import (
@@ -81,55 +77,6 @@ _SEED_LIMIT = MAX_SEED - 16
 MAX_JOB_ID = 2**63 - 1
 
 
-class UserError(Exception):
-    """A refusal or mistake whose message is written for the user and shown as is."""
-
-
-class Action(StrEnum):
-    """What a button asks for; the value is what its custom_id carries."""
-
-    UPSCALE = "U"  # U1–U4 on a grid
-    VARY = "V"  # V1–V4 on a grid
-    REROLL = "R"  # 🔄 on a grid
-    VARY_SUBTLE = "VS"  # on an upscaled image
-    VARY_STRONG = "VX"  # on an upscaled image
-    UPSCALE_AGAIN = "UP"  # "Upscale (2x)" on an upscaled image
-    CANCEL = "X"  # while a job waits or runs
-    # Under one image (a separated grid image, or an upscale's), with that image's index:
-    UPSCALE_SUBTLE = "US"
-    UPSCALE_CREATIVE = "UC"
-    ZOOM_OUT_2 = "Z2"
-    ZOOM_OUT_1_5 = "Z15"
-    PAN_LEFT = "PL"
-    PAN_RIGHT = "PR"
-    PAN_UP = "PU"
-    PAN_DOWN = "PD"
-    MAKE_SQUARE = "SQ"
-
-    @property
-    def needs_index(self) -> bool:
-        return self in (Action.UPSCALE, Action.VARY)
-
-    @property
-    def takes_prompt(self) -> bool:
-        """Remix mode: whether a press may come with an edited prompt."""
-        return self in _REMIXABLE
-
-
-_REMIXABLE = frozenset(
-    {
-        Action.VARY,
-        Action.VARY_SUBTLE,
-        Action.VARY_STRONG,
-        Action.REROLL,
-        Action.ZOOM_OUT_2,
-        Action.ZOOM_OUT_1_5,
-        Action.PAN_LEFT,
-        Action.PAN_RIGHT,
-        Action.PAN_UP,
-        Action.PAN_DOWN,
-    }
-)
 _ZOOMS = {Action.ZOOM_OUT_2: 2.0, Action.ZOOM_OUT_1_5: 1.5}
 _PANS = {
     Action.PAN_LEFT: PanDirection.LEFT,
@@ -150,52 +97,6 @@ _EDIT_KINDS = {
     GenerationKind.SQUARE: JobKind.SQUARE,
     GenerationKind.REGION: JobKind.REGION,
 }
-
-
-@dataclass(frozen=True)
-class Actor:
-    """Who is asking, as the front end knows them. `is_admin`: an admin here (bot/app/access.py);
-    `is_owner`: one of the configured owners, whose rights reach every server."""
-
-    user_id: int
-    guild_id: int | None = None
-    channel_id: int | None = None
-    role_ids: tuple[int, ...] = ()
-    is_admin: bool = False
-    is_owner: bool = False
-
-    @property
-    def owner(self) -> Owner:
-        return Owner(self.user_id, self.guild_id, self.channel_id, self.role_ids)
-
-    @property
-    def admin_scope(self) -> AdminScope:
-        if self.is_owner:
-            return AdminScope.OWNER
-        return AdminScope.SERVER if self.is_admin else AdminScope.NONE
-
-    def may_manage(self, owner: Owner) -> bool:
-        """Whether this member may act on what `owner` made (press its buttons, cancel it,
-        delete it): their own, or as an admin whose rights reach its server."""
-        return owner.user_id == self.user_id or may_manage(
-            self.admin_scope, self.guild_id, owner.guild_id
-        )
-
-
-@dataclass(frozen=True)
-class MemberInfo:
-    """What /info shows a member about themselves."""
-
-    balance: Balance
-    jobs: tuple[ActiveJob, ...]
-    preferences: Preferences
-
-
-@dataclass(frozen=True)
-class Submitted:
-    job: Job
-    notes: tuple[str, ...] = ()
-    position: int | None = None
 
 
 async def open_core(

@@ -30,7 +30,7 @@ from generation.flags import FLAGS, FlagSpec, Treatment
 from generation.settings import EngineSettings
 
 if TYPE_CHECKING:
-    from bot.app.application import MemberInfo
+    from bot.app.actions import MemberInfo
     from bot.core.preferences import Preferences
     from bot.core.service import WorkersView
 

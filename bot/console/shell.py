@@ -29,7 +29,8 @@ import sys
 from typing import Any, TextIO
 
 from bot.app import catalog, render
-from bot.app.application import Action, Actor, ImagineApp, Submitted, UserError, open_core
+from bot.app.actions import Action, Actor, Submitted, UserError
+from bot.app.application import ImagineApp, open_core
 from bot.config import Config
 from bot.core.clock import system_clock
 from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started

@@ -20,7 +20,8 @@ from discord.ext import commands
 
 from bot.app import access, render
 from bot.app.access import AdminScope
-from bot.app.application import Action, Actor, ImagineApp, Submitted, UserError, open_core
+from bot.app.actions import Action, Actor, Submitted, UserError
+from bot.app.application import ImagineApp, open_core
 from bot.app.fetch import FetchPolicy, policy_from_config
 from bot.app.health import HealthServer, start_health_server
 from bot.app.moderation import flagged_indices

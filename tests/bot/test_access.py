@@ -18,7 +18,8 @@ from bot.app.access import (
     gate_refusal,
     may_manage,
 )
-from bot.app.application import Actor, ImagineApp, UserError, open_core
+from bot.app.actions import Actor, UserError
+from bot.app.application import ImagineApp, open_core
 from bot.config import DiscordConfig
 from bot.core import InProcessWorker
 from bot.core.models import JobState

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from bot.app import render
-from bot.app.application import Action, Actor, ImagineApp, UserError, open_core
+from bot.app.actions import Action, Actor, UserError
+from bot.app.application import ImagineApp, open_core
 from bot.config import Config, parse_config
 from bot.core import InProcessWorker
 from bot.core.service import Core

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bot.app.application import ImagineApp, UserError
+from bot.app.actions import UserError
+from bot.app.application import ImagineApp
 from bot.app.fetch import FetchedImage
 from bot.app.inputs import THUMBNAIL_HEIGHT, InputScreen, pictures_thumbnail
 from bot.app.moderation import make_output_check, shared_image_safety

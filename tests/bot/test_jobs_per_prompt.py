@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from bot.app.application import Actor, ImagineApp, UserError, open_core
+from bot.app.actions import Actor, UserError
+from bot.app.application import ImagineApp, open_core
 from bot.config import Config, ConfigError, load_config, parse_config
 from bot.console.shell import run_shell
 from bot.core import InProcessWorker, JobState

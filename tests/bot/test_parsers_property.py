@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bot.app.application import Action
+from bot.app.actions import Action
 from bot.discord.cogs.after_grid import job_in_custom_id, parse_form_id
 from bot.discord.views.buttons import CustomIdError, UiAction, parse_job_button, parse_ui_button
 from bot.discord.views.buttons import custom_id as job_custom_id

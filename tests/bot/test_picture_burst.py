@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.app.application import Actor, ImagineApp, UserError, open_core, picture_inputs
+from bot.app.actions import Actor, UserError
+from bot.app.application import ImagineApp, open_core, picture_inputs
 from bot.app.fetch import FetchedImage, FetchPolicy, FetchRefused
 from bot.app.inputs import InputScreen
 from bot.config import Config

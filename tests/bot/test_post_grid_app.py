@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.app.application import Action, Actor, ImagineApp, UserError, open_core
+from bot.app.actions import Action, Actor, UserError
+from bot.app.application import ImagineApp, open_core
 from bot.config import Config, parse_config
 from bot.core import InProcessWorker, Job, JobKind, JobState
 from bot.core.credits import job_cost

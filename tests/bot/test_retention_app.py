@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.app.application import Action, Actor, ImagineApp, UserError, open_core
+from bot.app.actions import Action, Actor, UserError
+from bot.app.application import ImagineApp, open_core
 from bot.config import StorageConfig
 from bot.core import InProcessWorker, JobState, ManualClock
 from bot.core.models import EXPIRED_MESSAGE

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.app.application import Actor, ImagineApp, UserError, open_core
+from bot.app.actions import Actor, UserError
+from bot.app.application import ImagineApp, open_core
 from bot.app.logs import setup_logging
 from bot.core import InProcessWorker
 from tests.bot.test_bad_input import _config

@@ -21,7 +21,8 @@ import discord
 from PIL import Image
 
 from bot.app import render
-from bot.app.application import Action, Actor, ImagineApp, UserError
+from bot.app.actions import Action, Actor, UserError
+from bot.app.application import ImagineApp
 from bot.core.models import ImageExpired, Job
 from bot.discord.permissions import missing_for_delivery, refusal_text
 from bot.discord.views.buttons import CustomIdError, Fits, UiAction, image_view

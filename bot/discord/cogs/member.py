@@ -14,7 +14,7 @@ import discord
 from discord import app_commands
 
 from bot.app import render
-from bot.app.application import UserError
+from bot.app.actions import UserError
 from bot.core.preferences import (
     MAX_OPTION_VALUE_CHARS,
     MAX_SUFFIX_CHARS,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from bot.app.application import Submitted, UserError
+from bot.app.actions import Submitted, UserError
 from bot.app.application import picture_inputs as app_picture_inputs
 from bot.app.fetch import FetchPolicy
 from bot.app.inputs import BlendShape, InputScreen, PictureInputs

@@ -15,7 +15,7 @@ from typing import Any, Self
 
 import discord
 
-from bot.app.application import Action
+from bot.app.actions import Action
 from bot.core.models import Job
 
 # Longest first, so that "VS" is never read as "V" followed by junk.
