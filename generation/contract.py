@@ -88,6 +88,9 @@ class Sampler(StrEnum):
     """Sampler names as users type them (and as AUTOMATIC1111 prints them, see `a1111_name`)."""
 
     DDIM = "ddim"
+    # The original ancestral sampler that DDIM was made to speed up: it needs hundreds of steps
+    # for a clean image (DDPM_CLEAN_STEPS), so a job with fewer says so and /help warns.
+    DDPM = "ddpm"
     EULER = "euler"
     EULER_A = "euler_a"
     HEUN = "heun"
@@ -129,6 +132,10 @@ class Sampler(StrEnum):
         raise ValueError(f"sampler: unknown sampler {text!r}; accepted: {accepted}")
 
 
+# Below this many steps a DDPM image is visibly noisy: its reverse process adds fresh noise at
+# every step and was trained for 1,000; DDIM reaches a clean image from the same model in 20-50.
+DDPM_CLEAN_STEPS = 250
+
 _TWO_CALL_SAMPLERS = frozenset(
     {
         Sampler.HEUN,
@@ -148,6 +155,7 @@ def _sampler_key(text: str) -> str:
 
 _A1111_SAMPLER_NAMES = {
     Sampler.DDIM: "DDIM",
+    Sampler.DDPM: "DDPM",
     Sampler.EULER: "Euler",
     Sampler.EULER_A: "Euler a",
     Sampler.HEUN: "Heun",

@@ -67,6 +67,7 @@ from typing import Any, cast
 
 from generation.addons import AddOns, LoraAsk, choose_add_ons, lora_value
 from generation.contract import (
+    DDPM_CLEAN_STEPS,
     MAX_CANDIDATES,
     MAX_PIXELS,
     MAX_PROMPT_CHARS,
@@ -690,6 +691,11 @@ def _parse(
     if request.stop_percent < 100:
         percent = request.stop_percent
         notes.append(f"{inline.typed['stop']} {percent} → denoising stops at {percent} %")
+    if request.sampler is Sampler.DDPM and request.steps < DDPM_CLEAN_STEPS:
+        notes.append(
+            f"DDPM needs about {DDPM_CLEAN_STEPS} steps for a clean image; at {request.steps} "
+            "expect noise (DDIM draws a clean one in 20-50)"
+        )
     repeat = cast(int, inline.values.get("repeat", 1))
     kept_weights = tuple(
         (role, inline.typed[name], cast(float, inline.values[name]))

@@ -8,8 +8,8 @@ After that:
 - DDIM, Euler, Heun, LMS, DPM2, DPM++ 2M, UniPC (with or without Karras sigmas) add no noise
   while sampling: a seed reproduces the image on any device, alone or in a batch, up to the
   device's floating-point rounding (a few 1/255 steps at most in float16).
-- Euler a, DPM2 a and DPM++ 2M SDE add fresh noise each step, drawn from the same per-candidate
-  CPU generators the pipeline passes to the scheduler: the same as above.
+- DDPM, Euler a, DPM2 a and DPM++ 2M SDE add fresh noise each step, drawn from the same
+  per-candidate CPU generators the pipeline passes to the scheduler: the same as above.
 - DPM++ SDE (and its Karras form) draws its noise from a Brownian tree. diffusers builds the
   tree on the latents' device and in their dtype, so CUDA's generator (not the CPU's) and half
   precision would change the numbers; `seed_step_noise` builds one tree per candidate, seeded
@@ -47,6 +47,7 @@ _DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
 # Sampler -> (diffusers scheduler class, options); a "_karras" sampler adds Karras sigmas.
 _SCHEDULERS: dict[Sampler, tuple[str, dict[str, Any]]] = {
     Sampler.DDIM: ("DDIMScheduler", {}),
+    Sampler.DDPM: ("DDPMScheduler", {}),
     Sampler.EULER: ("EulerDiscreteScheduler", {}),
     Sampler.EULER_A: ("EulerAncestralDiscreteScheduler", {}),
     Sampler.HEUN: ("HeunDiscreteScheduler", {}),

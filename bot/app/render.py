@@ -25,7 +25,7 @@ from bot.core.models import (
     QueueSnapshot,
 )
 from generation.conditioning import WEIGHT_HELP
-from generation.contract import Sampler
+from generation.contract import DDPM_CLEAN_STEPS, Sampler
 from generation.flags import FLAGS, FlagSpec, Treatment
 from generation.settings import EngineSettings
 
@@ -377,7 +377,11 @@ def help_text(config: Config) -> str:
             *[f"• {line}" for line in WEIGHT_HELP.splitlines()],
             "**Accepted and ignored** (no equivalent here): "
             + ", ".join(f"`--{spec.name}`" for spec in ignored),
-            f"**Models**: {models}. Samplers: " + ", ".join(f"`{s.value}`" for s in Sampler),
+            f"**Models**: {models}. Samplers: "
+            + ", ".join(f"`{s.value}`" for s in Sampler)
+            + f" (`ddpm`, the original ancestral sampler, needs about {DDPM_CLEAN_STEPS} steps "
+            "for a clean image, more than this server allows: expect noise; `ddim` draws the "
+            "same model's picture in 20–50).",
             f"**Costs**: /imagine {credits.cost_imagine} credits at 512x512, 30 steps, "
             f"{engine.num_candidates} candidates (bigger or longer jobs cost more; Heun, DPM2 and "
             "DPM++ SDE run the model twice a step and cost twice) · variations "

@@ -57,7 +57,8 @@ def test_each_candidate_of_a_batch_equals_its_seed_alone(engine) -> None:
 
 
 @pytest.mark.parametrize(
-    "sampler", [Sampler.EULER_A, Sampler.DPM2_A, Sampler.DPMPP_2M_SDE, Sampler.DPMPP_SDE_KARRAS]
+    "sampler",
+    [Sampler.DDPM, Sampler.EULER_A, Sampler.DPM2_A, Sampler.DPMPP_2M_SDE, Sampler.DPMPP_SDE_KARRAS],
 )
 def test_stochastic_samplers_draw_each_candidates_noise_from_its_seed(
     engine, sampler: Sampler

@@ -625,12 +625,21 @@ def test_other_common_sampler_spellings(name: str, sampler: Sampler) -> None:
     assert Sampler.parse(name) is sampler
 
 
+def test_ddpm_is_offered_and_its_step_count_caveat_is_noted() -> None:
+    parsed = parse("a cat --sampler ddpm --steps 30")
+    assert parsed.request.sampler is Sampler.DDPM
+    assert any("DDPM needs about" in note and "at 30" in note for note in parsed.notes)
+    assert not any("DDPM" in note for note in parse("a cat --sampler ddim --steps 30").notes)
+
+
 @pytest.mark.parametrize("name", ["DPM++ 2S a Karras", "DPM fast", "Restart"])
 def test_samplers_without_a_diffusers_equivalent_are_refused_with_the_list(name: str) -> None:
     message = str(parse_error(f"a cat --sampler {name}"))
     assert message.startswith("--sampler: expected a sampler")
     assert "DPM++ 2M SDE Karras" in message and "Euler a" in message
-    with pytest.raises(ValueError, match=r"^sampler: unknown sampler .*accepted: DDIM, Euler"):
+    with pytest.raises(
+        ValueError, match=r"^sampler: unknown sampler .*accepted: DDIM, DDPM, Euler"
+    ):
         Sampler.parse(name)
 
 
