@@ -61,6 +61,8 @@ _REMIXABLE = frozenset(
         Action.PAN_DOWN,
     }
 )
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who is asking, as the front end knows them. `is_admin`: an admin here (bot/app/access.py);

@@ -2,7 +2,8 @@
 of the /imagine `model` and `lora` options, and for the line a finished job shows about them.
 
 Pure text and choices (no discord import), so both front ends and the tests can use it; the
-Discord commands that show it are in `bot.catalog_commands`.
+Discord commands that show it are in `bot.discord.cogs` (catalog.py, and imagine.py for the
+autocomplete).
 """
 
 from __future__ import annotations

@@ -13,11 +13,17 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bot.app.actions import Action
-from bot.discord.cogs.after_grid import job_in_custom_id, parse_form_id
-from bot.discord.views.buttons import CustomIdError, UiAction, parse_job_button, parse_ui_button
+from bot.discord.views.buttons import (
+    CustomIdError,
+    UiAction,
+    job_in_custom_id,
+    parse_job_button,
+    parse_ui_button,
+)
 from bot.discord.views.buttons import custom_id as job_custom_id
 from bot.discord.views.describe import DescribeAction, parse_describe_button
 from bot.discord.views.describe import custom_id as describe_custom_id
+from bot.discord.views.forms import parse_form_id
 from generation.flags import FLAGS
 from generation.permutations import PermutationError, count_permutations, expand_permutations
 from generation.prompt import MAX_INPUT_CHARS, ImagineOptions, PromptError, parse_jobs

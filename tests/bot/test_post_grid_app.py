@@ -248,7 +248,7 @@ def test_a_model_names_its_inpainting_checkpoint_and_preview_decoder(tmp_path: P
 
 
 def test_a_settings_menu_holds_at_most_25_options_and_the_current_choice() -> None:
-    from bot.discord.cogs.member import MAX_SELECT_OPTIONS, _options
+    from bot.discord.views.settings import MAX_SELECT_OPTIONS, _options
 
     models = [(f"model {n}", f"m{n}") for n in range(30)]
     options = _options("m29", models, "Model: server default")

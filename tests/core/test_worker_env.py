@@ -115,7 +115,7 @@ def test_main_reads_the_token_then_drops_it(
     config = tmp_path / "config.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n[discord]\nguild_ids = [1]\n')
     monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
-    monkeypatch.setattr(bot.discord_bot, "run_discord", run_discord)
+    monkeypatch.setattr(bot.discord.client, "run_discord", run_discord)
     monkeypatch.setattr(entry, "setup_logging", lambda *args, **kwargs: None)
     assert entry.main(["--config", str(config)]) == 0
     assert seen == {"token": TOKEN, "environ": None}

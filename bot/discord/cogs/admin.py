@@ -9,16 +9,17 @@ balance and ledger of that server's members (their jobs there and the owners' gr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import app_commands
 
 from bot.app import render
 from bot.app.access import AdminScope
-
-if TYPE_CHECKING:
-    from bot.discord.client import ImagineBot
+from bot.core.clock import Clock
+from bot.core.service import AdminService
+from bot.discord.actors import Actors
+from bot.discord.interactions import reply
 
 # Subcommands that change what every server the bot serves shares.
 OWNER_ONLY = frozenset(
@@ -60,26 +61,22 @@ class NotHere(app_commands.CheckFailure):
         )
 
 
-async def _reply(interaction: discord.Interaction[Any], content: str) -> None:
-    from bot.discord.client import reply
-
-    await reply(interaction, content)
-
-
 class AdminCommands(app_commands.Group):
     """`/admin …`; every subcommand passes `interaction_check` first, in the bot."""
 
-    def __init__(self, bot: ImagineBot) -> None:
+    def __init__(self, admin: AdminService, actors: Actors, clock: Clock) -> None:
         super().__init__(
             name="admin",
             description="Manage credits, quotas, bans and the queue",
             default_permissions=discord.Permissions(manage_guild=True),
             guild_only=True,
         )
-        self.bot = bot
+        self.admin = admin
+        self.actors = actors
+        self.clock = clock
 
     async def interaction_check(self, interaction: discord.Interaction[Any]) -> bool:
-        scope = self.bot.admin_scope(interaction)
+        scope = self.actors.admin_scope(interaction)
         if scope is AdminScope.NONE:
             raise NotAdmin()
         command = interaction.command.qualified_name if interaction.command else ""
@@ -87,13 +84,9 @@ class AdminCommands(app_commands.Group):
             raise NotOwner(command)
         return True
 
-    @property
-    def admin(self) -> Any:
-        return self.bot.core.admin
-
     def _server(self, interaction: discord.Interaction[Any]) -> int | None:
         """The server a view is limited to: the admin's own, unless they are an owner."""
-        if self.bot.admin_scope(interaction) is AdminScope.OWNER:
+        if self.actors.admin_scope(interaction) is AdminScope.OWNER:
             return None
         return interaction.guild_id
 
@@ -121,7 +114,7 @@ class AdminCommands(app_commands.Group):
         reason: app_commands.Range[str, 0, 200] = "",
     ) -> None:
         balance = await self.admin.grant(user.id, amount, interaction.user.id, reason)
-        await _reply(
+        await reply(
             interaction,
             f"Granted {amount} credits to {user.mention}; granted balance now {balance.granted}.",
         )
@@ -138,7 +131,7 @@ class AdminCommands(app_commands.Group):
         reason: app_commands.Range[str, 0, 200] = "",
     ) -> None:
         balance = await self.admin.set_balance(user.id, amount, interaction.user.id, reason)
-        await _reply(interaction, f"{user.mention}'s granted balance is now {balance.granted}.")
+        await reply(interaction, f"{user.mention}'s granted balance is now {balance.granted}.")
 
     @credits.command(name="show", description="Show a member's balance")
     @app_commands.describe(user="Whose balance")
@@ -147,9 +140,9 @@ class AdminCommands(app_commands.Group):
         roles = tuple(r.id for r in getattr(user, "roles", ()) if r.id != interaction.guild_id)
         balance = await self.admin.balance(user.id, roles)
         entries = await self.admin.ledger(user.id, 5, self._server(interaction))
-        await _reply(
+        await reply(
             interaction,
-            f"{user.mention}:\n" + render.balance_text(balance, entries, self.bot.clock()),
+            f"{user.mention}:\n" + render.balance_text(balance, entries, self.clock()),
         )
 
     @quota.command(name="user", description="Set a member's daily free allowance (empty = default)")
@@ -162,7 +155,7 @@ class AdminCommands(app_commands.Group):
     ) -> None:
         await self.admin.set_user_allowance(user.id, amount, interaction.user.id)
         what = f"{amount} credits a day" if amount is not None else "the default allowance"
-        await _reply(interaction, f"{user.mention} now gets {what}.")
+        await reply(interaction, f"{user.mention} now gets {what}.")
 
     @quota.command(
         name="role", description="Set the daily free allowance of a role (empty = remove)"
@@ -176,7 +169,7 @@ class AdminCommands(app_commands.Group):
     ) -> None:
         await self.admin.set_role_allowance(role.id, amount, interaction.user.id)
         what = f"{amount} credits a day" if amount is not None else "no role allowance"
-        await _reply(interaction, f"Members with {role.mention} now get {what}.")
+        await reply(interaction, f"Members with {role.mention} now get {what}.")
 
     @app_commands.command(name="ban", description="Stop a member from using the bot")
     @app_commands.describe(user="Who", reason="Why (kept in the audit log)")
@@ -187,7 +180,7 @@ class AdminCommands(app_commands.Group):
         reason: app_commands.Range[str, 0, 200] = "",
     ) -> None:
         cancelled = await self.admin.ban(user.id, interaction.user.id, reason)
-        await _reply(
+        await reply(
             interaction,
             f"{user.mention} is banned; {cancelled} queued job(s) cancelled and refunded.",
         )
@@ -201,7 +194,7 @@ class AdminCommands(app_commands.Group):
         reason: app_commands.Range[str, 0, 200] = "",
     ) -> None:
         await self.admin.unban(user.id, interaction.user.id, reason)
-        await _reply(interaction, f"{user.mention} may use the bot again.")
+        await reply(interaction, f"{user.mention} may use the bot again.")
 
     @app_commands.command(name="ledger", description="A member's recent credit movements")
     @app_commands.describe(user="Whose ledger", limit="How many entries")
@@ -214,7 +207,7 @@ class AdminCommands(app_commands.Group):
         self._check_member(interaction, user)
         entries = await self.admin.ledger(user.id, limit, self._server(interaction))
         lines = [render.ledger_line(e) for e in entries] or ["No ledger entries."]
-        await _reply(interaction, f"Ledger of {user.mention}:\n" + "\n".join(lines))
+        await reply(interaction, f"Ledger of {user.mention}:\n" + "\n".join(lines))
 
     @app_commands.command(name="audit", description="Recent refusals and flagged images")
     @app_commands.describe(limit="How many entries")
@@ -222,26 +215,26 @@ class AdminCommands(app_commands.Group):
         self, interaction: discord.Interaction[Any], limit: app_commands.Range[int, 1, 25] = 10
     ) -> None:
         entries = await self.admin.audit(limit, guild_id=self._server(interaction))
-        await _reply(interaction, render.audit_text(entries))
+        await reply(interaction, render.audit_text(entries))
 
     @queue.command(name="show", description="Show running and queued jobs")
     async def queue_show(self, interaction: discord.Interaction[Any]) -> None:
-        await _reply(
+        await reply(
             interaction, render.queue_text(await self.admin.queue(self._server(interaction)))
         )
 
     @queue.command(name="pause", description="Stop starting new jobs (running ones finish)")
     async def queue_pause(self, interaction: discord.Interaction[Any]) -> None:
         await self.admin.pause(interaction.user.id)
-        await _reply(interaction, "The queue is paused; new submissions are refused until resumed.")
+        await reply(interaction, "The queue is paused; new submissions are refused until resumed.")
 
     @queue.command(name="resume", description="Start jobs again")
     async def queue_resume(self, interaction: discord.Interaction[Any]) -> None:
         await self.admin.resume(interaction.user.id)
-        await _reply(interaction, "The queue is running again.")
+        await reply(interaction, "The queue is running again.")
 
     @app_commands.command(
         name="workers", description="Workers: node, GPU, loaded models and current job"
     )
     async def workers(self, interaction: discord.Interaction[Any]) -> None:
-        await _reply(interaction, render.workers_text(self.admin.workers()))
+        await reply(interaction, render.workers_text(self.admin.workers()))

@@ -1,63 +1,46 @@
-"""The Discord side of what the server offers: /models, the autocomplete of the /imagine `model`
-and `lora` options (the `control_image` a --cn ControlNet follows is fetched by the app).
-
-The text and the suggestions come from `bot.catalog`; this module only wires them to discord.py.
-"""
+"""What the server offers and how to use it: /models (its models, LoRAs and ControlNets, from
+bot/app/catalog.py) and /help (what the bot does, the flags it understands, and costs)."""
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import app_commands
+from discord.ext import commands
 
-from bot.app import catalog
-
-if TYPE_CHECKING:
-    from bot.discord.client import ImagineBot
-
-log = logging.getLogger(__name__)
+from bot.app import catalog, render
+from bot.config import Config
+from bot.discord.interactions import chunks
 
 # Discord's limit for an embed's description.
 EMBED_CHARS = 4096
 
 
-def add_catalog_commands(bot: ImagineBot, imagine: app_commands.Command[Any, ..., Any]) -> None:
-    """/models, and the suggestions of /imagine's `model` and `lora` options (before sync)."""
-    config = bot.config
+class CatalogCog(commands.Cog, name="Catalog"):
+    def __init__(self, config: Config) -> None:
+        self.config = config
 
-    @imagine.autocomplete("model")
-    async def model_autocomplete(
-        interaction: discord.Interaction[Any], current: str
-    ) -> list[app_commands.Choice[str]]:
-        return _choices(catalog.model_choices(config, current))
-
-    @imagine.autocomplete("lora")
-    async def lora_autocomplete(
-        interaction: discord.Interaction[Any], current: str
-    ) -> list[app_commands.Choice[str]]:
-        # The LoRAs that fit the model picked in the same command, else the member's default
-        # model (/settings), else the server's.
-        model = getattr(interaction.namespace, "model", None)
-        if not model:
-            preferences = await bot.app.preferences.get(interaction.user.id)
-            model = preferences.prompt_defaults(config.engine).model
-        return _choices(catalog.lora_choices(config, current, model))
-
-    @bot.tree.command(
+    @app_commands.command(
         name="models", description="The models, LoRAs and ControlNets this server offers"
     )
-    async def models(interaction: discord.Interaction[Any]) -> None:
+    async def models(self, interaction: discord.Interaction[Any]) -> None:
         embeds = [
             discord.Embed(title=title, description=_clip(text), colour=discord.Colour.blurple())
-            for title, text in catalog.catalog_sections(config)
+            for title, text in catalog.catalog_sections(self.config)
         ]
         await interaction.response.send_message(embeds=embeds, ephemeral=True)
 
-
-def _choices(choices: list[catalog.Choice]) -> list[app_commands.Choice[str]]:
-    return [app_commands.Choice(name=choice.name, value=choice.value) for choice in choices]
+    @app_commands.command(
+        name="help", description="What this bot does, the flags it understands, and costs"
+    )
+    async def help_(self, interaction: discord.Interaction[Any]) -> None:
+        text = render.help_text(self.config)
+        embeds = [
+            discord.Embed(description=chunk, colour=discord.Colour.blurple())
+            for chunk in chunks(text, 4000)
+        ]
+        await interaction.response.send_message(embeds=embeds[:10], ephemeral=True)
 
 
 def _clip(text: str) -> str:

@@ -24,6 +24,8 @@ _TEMPLATE = re.compile(
     rf"imagine:(?P<action>{_ACTIONS}):(?P<job>[0-9]{{1,19}})(?::(?P<index>[1-9]))?"
 )
 
+_JOB_IN_CUSTOM_ID = re.compile(r"^imagine(?:-ui)?:\w+:([0-9]{1,19})")
+
 # Whether the button for an action on image `index` (1-based) of a job fits the server's
 # limits (max_pixels, a pan that can still grow); a button that can't work is not shown.
 Fits = Callable[[Action, int], bool]
@@ -49,6 +51,27 @@ def parse_ui_button(custom_id: str) -> tuple[UiAction, int, int]:
     if match is None:
         raise CustomIdError(f"not a button of ours: {custom_id[:100]!r}")
     return UiAction(match["what"]), int(match["job"]), int(match["index"])
+
+
+def job_in_custom_id(custom_id: str) -> int:
+    """The job id a job or image button's custom_id carries, or CustomIdError."""
+    match = _JOB_IN_CUSTOM_ID.match(custom_id)
+    if match is None:
+        raise CustomIdError(f"no job in {custom_id[:100]!r}")
+    return int(match[1])
+
+
+def job_of_message(message: discord.Message, own_user_id: int | None) -> int | None:
+    """The job a message of the bot's is about, from its buttons' custom_ids."""
+    if own_user_id is None or message.author.id != own_user_id:
+        return None
+    for row in message.components:
+        for child in getattr(row, "children", ()):
+            try:
+                return job_in_custom_id(getattr(child, "custom_id", None) or "")
+            except CustomIdError:
+                continue
+    return None
 
 
 def custom_id(action: Action, job_id: int, index: int = 0) -> str:

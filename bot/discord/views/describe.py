@@ -59,10 +59,10 @@ class DescribeButton(PersistentButton, template=_TEMPLATE):
         return cls(*parse_describe_button(match.string))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        # Imported here: bot.pictures builds on bot.delivery, which shows this module's view.
-        from bot.discord.cogs.pictures import describe_pressed
-
-        await describe_pressed(interaction, self.action, self.job_id, self.index)
+        # The client hands the press to the pictures cog.
+        await interaction.client.on_describe_button(
+            interaction, self.action, self.job_id, self.index
+        )
 
 
 def suggestions_of(job: Job) -> tuple[str, ...]:
