@@ -184,7 +184,9 @@ def _write(
     written = []
     images = []
     for rank, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True), start=1):
-        text = a1111_parameters(request, seed, model, image.width, image.height)
+        text = a1111_parameters(
+            request, seed, model, image.width, image.height, strength=result.denoising_strength
+        )
         written.append(save_png(image, out / f"candidate_{rank}.png", text))
         images.append(
             {

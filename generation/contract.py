@@ -495,6 +495,10 @@ class GenerationResult:
     control_map: Image.Image | None = field(default=None, repr=False, compare=False)
     # Text a job produces instead of images: a DESCRIBE's four prompt suggestions.
     texts: tuple[str, ...] = ()
+    # The strength the pipeline ran at (img2img and edits; None for text-to-image), which may
+    # differ from the request's: an edit asks for 1.0 and runs at edit_strength on a model's own
+    # UNet. The PNG metadata reports this one.
+    denoising_strength: float | None = None
 
 
 @dataclass(frozen=True)

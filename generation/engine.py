@@ -370,6 +370,7 @@ class DiffusersEngine:
 
         before = time.perf_counter()
         seeds = candidate_seeds(request.seed, request.num_candidates)
+        strength = self._denoising_strength(loaded, request, edit, conditioning)
         images = self._diffuse(
             loaded,
             request,
@@ -381,6 +382,7 @@ class DiffusersEngine:
             control=control,
             edit=edit,
             conditioning=conditioning,
+            strength=strength,
         )
         if edit is not None:
             images = [outpaint.composite(edit, image) for image in images]
@@ -415,7 +417,25 @@ class DiffusersEngine:
             timings_s=timings,
             candidate_indices=tuple(keep),
             control_map=control.control_map if control is not None else None,
+            denoising_strength=strength,
         )
+
+    def _denoising_strength(
+        self,
+        loaded: _Loaded,
+        request: GenerationRequest,
+        edit: outpaint.Canvas | None,
+        conditioning: Conditioning,
+    ) -> float | None:
+        """The strength the pipeline runs at, which the PNG metadata reports: an edit's
+        (1.0 on an inpainting UNet, `edit_strength` on the model's own, outpaint.edit_strength;
+        the request says 1.0 either way), an img2img job's, None for text-to-image."""
+        if edit is not None:
+            channels = self._inpaint_pipeline(loaded).unet.config.in_channels
+            return outpaint.edit_strength(channels, self.settings.edit_strength, request.steps)
+        if request.kind is not JobKind.IMAGINE or conditioning.init_image is not None:
+            return request.strength or conditioning.strength
+        return None
 
     def _conditioning(self, loaded: _Loaded, request: GenerationRequest) -> Conditioning:
         """The job's pictures as an img2img start or adapter embeddings (conditioning.py)."""
@@ -510,6 +530,7 @@ class DiffusersEngine:
         control: ControlJob | None = None,
         edit: outpaint.Canvas | None = None,
         conditioning: Conditioning = NO_PICTURES,
+        strength: float | None = None,
     ) -> list[Image.Image]:
         """All candidates, in as few pipeline calls as memory allows (one, normally)."""
         import torch
@@ -550,6 +571,7 @@ class DiffusersEngine:
                         control=control,
                         edit=edit,
                         conditioning=conditioning,
+                        strength=strength,
                     )
                 )
                 continue
@@ -580,6 +602,7 @@ class DiffusersEngine:
         control: ControlJob | None = None,
         edit: outpaint.Canvas | None = None,
         conditioning: Conditioning = NO_PICTURES,
+        strength: float | None = None,
     ) -> list[Image.Image]:
         import torch
 
@@ -614,8 +637,7 @@ class DiffusersEngine:
         # inside the call's try below.
         encode: Any = None
         if edit is not None:
-            channels = loaded.inpaint.unet.config.in_channels
-            strength = outpaint.edit_strength(channels, self.settings.edit_strength, request.steps)
+            assert strength is not None
             kwargs.update(outpaint.pipeline_kwargs(edit, count, strength))
             kwargs.update(_repeat_prompt(prompt_kwargs, count))
 
@@ -626,12 +648,12 @@ class DiffusersEngine:
                     edit.image,
                     edit.mask,
                     loaded.spec.family,
-                    needs_image=strength < 1.0,
+                    needs_image=strength is not None and strength < 1.0,
                 )
                 return latents.pipeline_kwargs(count)
         elif img2img:
             # The list form: one prompt per candidate, each with its generator.
-            kwargs["strength"] = request.strength or conditioning.strength
+            kwargs["strength"] = strength
             kwargs.update(_repeat_prompt(prompt_kwargs, count))
 
             def encode() -> dict[str, Any]:

@@ -93,10 +93,14 @@ def a1111_parameters(
     model_name: str,
     width: int | None = None,
     height: int | None = None,
+    strength: float | None = None,
 ) -> str:
     """The `parameters` text for one image of `request` made with `seed`.
 
     `width`/`height` default to the request's size; pass the image's real size when it differs.
+    `strength`: the denoising strength the job really ran at (`GenerationResult.
+    denoising_strength`), which an edit's request does not hold (it says 1.0); None: the
+    request's, for jobs that take a picture.
     """
     lines = [request.prompt.strip()]
     if request.loras:
@@ -112,8 +116,10 @@ def a1111_parameters(
         ("Size", f"{width or request.width}x{height or request.height}"),
         ("Model", model_name),
     ]
-    if request.kind is not JobKind.IMAGINE and request.strength is not None:
-        fields.append(("Denoising strength", f"{request.strength:g}"))
+    if strength is None and request.kind is not JobKind.IMAGINE:
+        strength = request.strength
+    if strength is not None:
+        fields.append(("Denoising strength", f"{strength:g}"))
     if request.tile:
         fields.append(("Tiling", "True"))
     fields.extend(edit_fields(request))

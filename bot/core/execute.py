@@ -270,7 +270,14 @@ def encode_result(
     first = result.images[0]
 
     def parameters(seed: int, image: Image.Image) -> str:
-        return a1111_parameters(request, seed, request.model, image.width, image.height)
+        return a1111_parameters(
+            request,
+            seed,
+            request.model,
+            image.width,
+            image.height,
+            strength=result.denoising_strength,
+        )
 
     files = [
         (f"{index}.png", png_bytes(image, parameters(seed, image)))
