@@ -12,7 +12,8 @@ or decompress into gigabytes. So a fetch
 * follows redirects only on the same host, each one checked again, at most `max_redirects`;
 * stops reading at `max_bytes` and gives up after `timeout_s` in all;
 * trusts the bytes, not the headers: the type is sniffed (PNG, JPEG, WebP, GIF's first frame),
-  the pixel count is checked from the header before anything is decoded, and the decoded picture
+  the pixel count is checked from the header before anything is decoded (a progressive JPEG's
+  declared size, which libjpeg allocates whatever the draft scale), and the decoded picture
   is copied into a fresh RGB image, so EXIF (camera, GPS) and other metadata never go further.
   The EXIF orientation is applied first, so the picture stands the way the member saw it.
 
@@ -355,6 +356,7 @@ def decode_image(data: bytes, source: str, policy: FetchPolicy) -> FetchedImage:
             with open_member_picture(data, source) as opened:
                 width, height = opened.size
                 if kind == "JPEG":
+                    _check_jpeg_size(opened, width, height, policy)
                     # Decoded at 1/2, 1/4 or 1/8 of its size where that still covers
                     # `max_side`: the picture is scaled down to it below anyway.
                     opened.draft(None, _draft_size(width, height, policy.max_side))
@@ -387,6 +389,32 @@ def decode_image(data: bytes, source: str, policy: FetchPolicy) -> FetchedImage:
         format=kind,
         original_size=(width, height),
     )
+
+
+# A baseline JPEG decoded at a draft scale costs memory for the reduced picture only, but its
+# header is still held to a few times the cap: at 1/8 scale anything up to 64 times would pass.
+BASELINE_JPEG_PIXELS_FACTOR = 4
+
+
+def _check_jpeg_size(opened: Image.Image, width: int, height: int, policy: FetchPolicy) -> None:
+    """Refuse a JPEG whose declared size costs more than the cap to decode, before `draft`.
+
+    libjpeg keeps every DCT coefficient of a progressive (or multi-scan) file for the whole
+    picture, whatever the output scale: a 2.6 MB progressive 9400x9400 file took 570 MB to
+    decode at 1/8. So a progressive JPEG is held to `max_pixels` as declared, like a PNG."""
+    declared = width * height
+    progressive = bool(opened.info.get("progressive") or opened.info.get("progression"))
+    if progressive and declared > policy.max_pixels:
+        raise FetchRefused(
+            f"the image is a {width}x{height} progressive JPEG; at most "
+            f"{policy.max_pixels / 1e6:g} megapixels are taken for progressive JPEGs"
+        )
+    limit = policy.max_pixels * BASELINE_JPEG_PIXELS_FACTOR
+    if declared > limit:
+        raise FetchRefused(
+            f"the image is {width}x{height} pixels; at most {limit / 1e6:g} megapixels "
+            "are taken for a JPEG"
+        )
 
 
 def _draft_size(width: int, height: int, max_side: int) -> tuple[int, int]:

@@ -503,3 +503,48 @@ def test_pictures_are_decoded_no_larger_than_the_bot_uses() -> None:
     with Image.open(io.BytesIO(_drawn((6000, 6000), "JPEG"))) as opened:
         opened.draft(None, (2048, 2048))
         assert opened.size == (3000, 3000)
+
+
+def _jpeg(size: tuple[int, int], progressive: bool) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 140, 200)).save(
+        buffer, "JPEG", quality=30, progressive=progressive, subsampling=0
+    )
+    return buffer.getvalue()
+
+
+def test_progressive_jpegs_are_held_to_the_cap_as_declared() -> None:
+    from bot.app.fetch import decode_image
+
+    # 400x400 is 0.16 MP; at 1/4 scale (which still covers 64 px a side) it decodes at 100x100,
+    # well within 0.1 MP. libjpeg keeps every coefficient of a progressive file whatever the
+    # scale, so the declared size is what a progressive one costs.
+    policy = FetchPolicy(max_pixels=100_000, max_side=64)
+    progressive = _jpeg((400, 400), progressive=True)
+    with Image.open(io.BytesIO(progressive)) as opened:
+        assert opened.info.get("progressive") or opened.info.get("progression")
+    with pytest.raises(FetchRefused) as caught:
+        decode_image(progressive, "x.jpg", policy)
+    assert caught.value.reason == (
+        "the image is a 400x400 progressive JPEG; at most 0.1 megapixels are taken "
+        "for progressive JPEGs"
+    )
+    # The same picture as a baseline JPEG decodes at the reduced scale and is taken.
+    picture = decode_image(_jpeg((400, 400), progressive=False), "x.jpg", policy)
+    assert picture.original_size == (400, 400) and max(picture.image.size) == 64
+    # A progressive one within the cap is taken too.
+    small = decode_image(_jpeg((300, 300), progressive=True), "x.jpg", policy)
+    assert small.original_size == (300, 300) and max(small.image.size) == 64
+
+
+def test_baseline_jpegs_are_held_to_a_few_times_the_cap() -> None:
+    from bot.app.fetch import BASELINE_JPEG_PIXELS_FACTOR, decode_image
+
+    assert BASELINE_JPEG_PIXELS_FACTOR == 4
+    # 700x700 (0.49 MP) decodes at 1/8 (88x88) but declares more than 4 x 0.1 MP.
+    policy = FetchPolicy(max_pixels=100_000, max_side=64)
+    with pytest.raises(FetchRefused) as caught:
+        decode_image(_jpeg((700, 700), progressive=False), "x.jpg", policy)
+    assert caught.value.reason == (
+        "the image is 700x700 pixels; at most 0.4 megapixels are taken for a JPEG"
+    )
