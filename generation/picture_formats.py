@@ -5,7 +5,9 @@ on whatever it is given: EPS runs Ghostscript, and TIFF, DDS, SGI, ICO, PSD … 
 people ever feed hostile files. A member's picture (an image prompt, a reference, a ControlNet
 map, a Vary (Region) mask) is opened only as PNG, JPEG, WebP or GIF, each by its own plugin,
 chosen by the magic number. Anything else is refused by name when its magic number is known
-("it is TIFF"), so the member knows what to convert. Pure: Pillow only, no I/O.
+("it is TIFF"), so the member knows what to convert. A PNG or GIF is walked first, chunk by
+chunk, and refused when it has more chunks, extension blocks or metadata than a real picture
+(Pillow reads each in Python, holding the GIL). Pure: Pillow only, no I/O.
 """
 
 from __future__ import annotations
@@ -112,10 +114,110 @@ def refusal(data: bytes, label: str) -> str:
     return f"{label} is not a picture ({TAKEN} are taken)"
 
 
+class PictureStructureError(PictureFormatError):
+    """A picture of a taken format built to be slow to read (tens of thousands of chunks or
+    blocks around a tiny image). `reason` says what, without the file's name."""
+
+    def __init__(self, label: str, reason: str) -> None:
+        super().__init__(f"{label} {reason}")
+        self.reason = reason
+
+
+# Pillow reads every PNG chunk and every GIF extension sub-block in Python, holding the GIL:
+# 800,000 empty chunks before an 8x8 image cost seconds of a stalled event loop. Real pictures
+# have a handful of chunks (libpng's 8 KB image-data chunks count only when small), and
+# metadata (ICC profile, XMP, text) of kilobytes, rarely a few hundred.
+MAX_SMALL_CHUNKS = 1_000
+MAX_METADATA_BYTES = 2 * 1024 * 1024
+# An image-data chunk at least this large is real work for zlib, not Python overhead.
+_LARGE_DATA_CHUNK_BYTES = 1024
+# GIF: sub-blocks of the extensions before the first image (XMP written the Adobe way reads
+# as one sub-block per ~100 bytes plus a 258-byte trailer).
+MAX_GIF_SUB_BLOCKS = 4_096
+_PNG_IMAGE_DATA = frozenset({b"IDAT", b"fdAT"})
+
+
+def check_structure(data: bytes, kind: str, label: str) -> None:
+    """PictureStructureError when a PNG or GIF has more chunks, blocks or metadata than a real
+    picture would, counted over what Pillow reads to open and decode its first frame. Stops
+    counting at the first limit passed, so a hostile file costs at most that many steps."""
+    if kind == "PNG":
+        _check_png(data, label)
+    elif kind == "GIF":
+        _check_gif(data, label)
+
+
+def _check_png(data: bytes, label: str) -> None:
+    small = 0
+    metadata = 0
+    seen_image = False
+    position = 8
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        if kind == b"IEND" or (seen_image and kind == b"fcTL"):
+            # Pillow stops at the end, or at the second frame of an animated PNG.
+            return
+        if kind in _PNG_IMAGE_DATA:
+            seen_image = True
+            if length < _LARGE_DATA_CHUNK_BYTES:
+                small += 1
+        else:
+            small += 1
+            metadata += length
+        if small > MAX_SMALL_CHUNKS:
+            raise PictureStructureError(
+                label, f"has more than {MAX_SMALL_CHUNKS:,} PNG chunks; at most that many are read"
+            )
+        if metadata > MAX_METADATA_BYTES:
+            raise PictureStructureError(
+                label,
+                f"carries more than {MAX_METADATA_BYTES // (1024 * 1024)} MB of PNG metadata "
+                "chunks; at most that much is read",
+            )
+        position += 12 + length
+
+
+def _check_gif(data: bytes, label: str) -> None:
+    if len(data) < 13:
+        return
+    position = 13
+    flags = data[10]
+    if flags & 0x80:
+        position += 3 * (2 << (flags & 0x07))
+    blocks = 0
+    metadata = 0
+    while position < len(data) and data[position] == 0x21:
+        # An extension: introducer, label, then sub-blocks up to an empty one. Anything else
+        # (the first image, the trailer, damage) ends what Pillow reads before the first frame.
+        position += 2
+        size = -1
+        while size != 0 and position < len(data):
+            size = data[position]
+            position += 1 + size
+            # An empty extension is still a step for Pillow, so its terminator counts once.
+            blocks += 1
+            metadata += size
+            if blocks > MAX_GIF_SUB_BLOCKS:
+                raise PictureStructureError(
+                    label,
+                    f"has more than {MAX_GIF_SUB_BLOCKS:,} GIF extension blocks before its "
+                    "image; at most that many are read",
+                )
+            if metadata > MAX_METADATA_BYTES:
+                raise PictureStructureError(
+                    label,
+                    f"carries more than {MAX_METADATA_BYTES // (1024 * 1024)} MB of GIF "
+                    "extension data; at most that much is read",
+                )
+
+
 def open_member_picture(data: bytes, label: str) -> Image.Image:
-    """`data` opened (not yet decoded) by the plugin of the taken format its first bytes name;
-    PictureFormatError otherwise. The caller closes it (`with`)."""
+    """`data` opened (not yet decoded) by the plugin of the taken format its first bytes name,
+    once its structure is checked (`check_structure`); PictureFormatError otherwise. The caller
+    closes it (`with`)."""
     kind = sniff(data)
     if kind is None:
         raise PictureFormatError(refusal(data, label))
+    check_structure(data, kind, label)
     return Image.open(io.BytesIO(data), formats=[kind])

@@ -41,7 +41,13 @@ from PIL import Image, ImageOps
 
 from bot.app.logs import without_queries
 from bot.config import ImagesConfig
-from generation.picture_formats import TAKEN, open_member_picture, other_format, sniff
+from generation.picture_formats import (
+    TAKEN,
+    PictureStructureError,
+    open_member_picture,
+    other_format,
+    sniff,
+)
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +378,8 @@ def decode_image(data: bytes, source: str, policy: FetchPolicy) -> FetchedImage:
                 clean = _flatten(upright)
     except FetchRefused:
         raise
+    except PictureStructureError as exc:
+        raise FetchRefused(f"the {kind} file {exc.reason}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL refuses far larger headers itself, before the size check above can run.
         raise FetchRefused(
