@@ -408,7 +408,8 @@ class ImagineApp(AfterGrid):
         commands sent at the same moment can't all pass it while the first one still works; a
         refusal gives it back, so fixing a typo or topping up credits is never held back."""
         cooldown_s = self.config.discord.command_cooldown_s
-        if cooldown_s <= 0 or actor.is_admin:
+        # Owners only: a server admin's commands still fill the queue every server shares.
+        if cooldown_s <= 0 or actor.is_owner:
             yield
             return
         self._check_cooldown(actor)
@@ -427,7 +428,7 @@ class ImagineApp(AfterGrid):
 
     def _check_cooldown(self, actor: Actor) -> None:
         cooldown_s = self.config.discord.command_cooldown_s
-        if cooldown_s <= 0 or actor.is_admin:
+        if cooldown_s <= 0 or actor.is_owner:
             return
         last = self._last_submit.get(actor.user_id)
         if last is not None and self._monotonic() - last < cooldown_s:

@@ -138,9 +138,14 @@ async def test_cooldown_is_friendly_and_only_counts_accepted_jobs(tmp_path: Path
         with pytest.raises(UserError, match=r"try again in 2 s"):
             await app.imagine(user, "another fox")
         await app.imagine(Actor(user_id=6), "someone else is not held back")
-        admin = Actor(user_id=7, is_admin=True)
-        await app.imagine(admin, "admins are exempt")
-        await app.imagine(admin, "even twice in a row")
+        # Manage Server in one listed server makes an admin there, not of the shared queue.
+        server_admin = Actor(user_id=8, guild_id=900, is_admin=True)
+        await app.imagine(server_admin, "a server admin's first")
+        with pytest.raises(UserError, match=r"try again in 3 s"):
+            await app.imagine(server_admin, "a server admin's second at once")
+        owner = Actor(user_id=7, guild_id=900, is_admin=True, is_owner=True)
+        await app.imagine(owner, "owners are exempt")
+        await app.imagine(owner, "even twice in a row")
         now[0] += 2.5
         await app.imagine(user, "a third fox")
         now[0] += 10
