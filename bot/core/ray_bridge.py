@@ -394,7 +394,7 @@ class _Calls:
         return "cluster"
 
     def connect(self, address: str) -> None:
-        from bot.core.ray_workers import EngineActor
+        from bot.core.ray_actor import EngineActor
 
         target = host_port(address)
         if target is not None:
