@@ -26,7 +26,8 @@ from bot.core.clock import Clock, to_db
 from bot.core.db import Database, Transaction
 from generation.contract import Sampler
 from generation.flags import FLAGS_BY_NAME, PromptError, aspect_option, sampler_value
-from generation.prompt import MAX_INPUT_CHARS, PromptDefaults, with_suffix
+from generation.prompt import MAX_INPUT_CHARS, PromptDefaults
+from generation.prompt_text import with_suffix
 from generation.settings import EngineSettings
 
 log = logging.getLogger(__name__)

@@ -17,13 +17,13 @@ from generation.contract import MAX_PROMPT_CHARS, MAX_SEED, JobKind, PromptPart,
 from generation.flags import FLAGS, Arity, Treatment
 from generation.prompt import (
     MAX_INPUT_CHARS,
-    MAX_PROMPT_PARTS,
     ImagineOptions,
     ParsedPrompt,
     PromptError,
     parse_prompt,
     size_for_aspect,
 )
+from generation.prompt_text import MAX_PROMPT_PARTS
 from generation.settings import EngineSettings, ModelSpec
 
 SETTINGS = EngineSettings(
