@@ -71,6 +71,12 @@ ENDING_DELAYED = (
 )
 
 
+def result_nonce(job_id: int) -> str:
+    """The nonce of a job's result post: Discord takes a string of up to 25 characters, and a
+    job id has at most 19 digits."""
+    return f"r{job_id}"
+
+
 def is_token_error(error: BaseException) -> bool:
     return isinstance(error, discord.HTTPException) and error.code in TOKEN_ERROR_CODES
 
@@ -328,6 +334,14 @@ class Delivery:
                 await jobs.complete_delivery(job.id, RESULT, _where(posted))
                 return
             log.info("job %s: an interrupted delivery is resumed", job.id)
+        elif attempt > 0:
+            # A retry after a failed try, which may have posted before its answer was lost
+            # (and Discord keeps an enforced nonce for a few minutes only).
+            posted = await self._find_posted(job)
+            if posted is not None:
+                log.info("job %s: the failed try had posted the result (%s)", job.id, posted.id)
+                await jobs.complete_delivery(job.id, RESULT, _where(posted))
+                return
         try:
             message, pinged = await self._post(job, target)
         except Exception as exc:
@@ -380,6 +394,9 @@ class Delivery:
             files=files,
             view=view or discord.utils.MISSING,
             allowed_mentions=_owner_only(job),
+            # The same nonce on every try (discord.py sends it with enforce_nonce): when a post
+            # was made but its answer lost, Discord answers a retry with that message.
+            nonce=result_nonce(job.id),
         )
         return message, True
 

@@ -126,6 +126,10 @@ DEFAULT_ATTACHMENT_SIZE_LIMIT = 10 * MiB
 _INTERACTION_FLAGS = (
     FLAG_EPHEMERAL | FLAG_SUPPRESS_EMBEDS | FLAG_SUPPRESS_NOTIFICATIONS | FLAG_COMPONENTS_V2
 )
+# Discord checks an enforced nonce against the author's messages in the channel over "the past
+# few minutes"; a nonce is an integer or a string of at most 25 characters.
+NONCE_WINDOW_S = 5 * 60
+NONCE_MAX_LENGTH = 25
 _CHANNEL_FLAGS = FLAG_SUPPRESS_EMBEDS | FLAG_SUPPRESS_NOTIFICATIONS | FLAG_COMPONENTS_V2
 
 # -- the fake ---------------------------------------------------------------------------------
@@ -200,6 +204,8 @@ class FakeDiscord:
         self._messages_by_id: dict[int, Message] = {}
         self._attachments: dict[int, Attachment] = {}
         self._windows: dict[str, tuple[float, int]] = {}
+        # (channel, author, nonce) of messages sent with enforce_nonce -> (when, message id).
+        self._nonces: dict[tuple[int, int, str], tuple[float, int]] = {}
         self._runner: web.AppRunner | None = None
         self._exit_stack = ExitStack()
         self.port = 0
@@ -649,6 +655,15 @@ class FakeDiscord:
         if status < 500:
             raise ValueError("fail_next is for 5xx; use rate_limit_next for 429")
         return self.inject(method, path, status=status, times=times, **kw)
+
+    def lose_answer_next(
+        self, method: str, path: str, *, times: int = 1, with_files: bool | None = None
+    ) -> Fault:
+        """Handle the next ``times`` matching requests as usual (a message is created) and then
+        close the connection without answering: a reply lost on the way back."""
+        fault = Fault(method, path, 200, times, 0.0, False, with_files, lose_answer=True)
+        self.faults.append(fault)
+        return fault
 
     async def request_reconnect(self) -> None:
         """Send op 7 RECONNECT; discord.py reconnects to resume_gateway_url and RESUMEs."""
@@ -1441,16 +1456,19 @@ class FakeDiscord:
         record.route = resource.canonical.removeprefix(API) if resource is not None else path
         self.requests.append(record)
         response: web.StreamResponse
+        lost: Fault | None = None
         try:
             record.json, record.files = await read_body(request)
             fault = next((f for f in self.faults if f.matches(record)), None)
-            if fault is not None:
+            if fault is not None and not fault.lose_answer:
                 fault.hits += 1
                 record.injected = True
                 response = self._fault_response(fault, request, record)
             else:
                 limited = self._enforce_rate_limit(request, record)
                 response = limited if limited is not None else await handler(request)
+                if fault is not None and limited is None:
+                    lost = fault
         except ClientDisconnected:
             # Nobody is left to read an answer, so none is recorded; aiohttp drops the transport.
             record.dropped = True
@@ -1473,6 +1491,14 @@ class FakeDiscord:
         record.interaction = request.get(INTERACTION_KEY)
         if request.path.startswith(API) and "X-RateLimit-Limit" not in response.headers:
             response.headers.update(self._rate_limit_headers(request, record))
+        if lost is not None and response.status < 300:
+            # Done, but the client never hears it: the connection closes unanswered.
+            lost.hits += 1
+            record.injected = record.dropped = True
+            self.changes.notify()
+            if request.transport is not None:
+                request.transport.close()
+            raise ConnectionResetError("the answer was lost on the way back (injected)")
         self.changes.notify()
         return response
 
@@ -1942,6 +1968,12 @@ class FakeDiscord:
         if body.get("message_reference"):
             needed |= READ_MESSAGE_HISTORY  # a reply needs it
         self._require_bot_permissions(channel, needed)
+        nonce_key = self._nonce_key(channel, body)
+        repeated = self._nonced_message(nonce_key)
+        if repeated is not None:
+            # What Discord does with enforce_nonce: the message this nonce already made, and
+            # nothing new (a client that lost the first answer can safely send again).
+            return json_response(repeated.payload(self.users))
         reference, referenced = self._reference(body.get("message_reference"), channel)
         message = self._create_message(
             channel,
@@ -1953,8 +1985,35 @@ class FakeDiscord:
             reference=reference,
             referenced=referenced,
         )
+        if nonce_key is not None:
+            self._nonces[nonce_key] = (time.monotonic(), message.id)
         await self._emit_message("MESSAGE_CREATE", message)
         return json_response(message.payload(self.users))
+
+    def _nonce_key(self, channel: Channel, body: dict[str, Any]) -> tuple[int, int, str] | None:
+        nonce = body.get("nonce")
+        if nonce is None:
+            return None
+        if isinstance(nonce, str) and len(nonce) > NONCE_MAX_LENGTH:
+            raise form_error(
+                ["nonce"],
+                "BASE_TYPE_MAX_LENGTH",
+                f"Must be {NONCE_MAX_LENGTH} or fewer in length.",
+            )
+        if not body.get("enforce_nonce"):
+            return None
+        return channel.id, self.bot_user.id, str(nonce)
+
+    def _nonced_message(self, key: tuple[int, int, str] | None) -> Message | None:
+        """The message an enforced nonce made within the window, if it still exists."""
+        if key is None or key not in self._nonces:
+            return None
+        when, message_id = self._nonces[key]
+        message = self._messages_by_id.get(message_id)
+        if time.monotonic() - when > NONCE_WINDOW_S or message is None or message.deleted:
+            del self._nonces[key]
+            return None
+        return message
 
     def _reference(
         self, reference: dict[str, Any] | None, channel: Channel

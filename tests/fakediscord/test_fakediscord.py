@@ -632,3 +632,31 @@ async def test_bot_in_a_subprocess_survives_sigkill(tmp_path: Path) -> None:
                 await bot.wait()
             await fake.wait_for(lambda: not fake.connected)
         assert len(fake.sessions) == 2
+
+
+async def test_an_enforced_nonce_answers_a_repeat_with_the_first_message() -> None:
+    async with FakeDiscord() as fake, aiohttp.ClientSession() as http:
+        auth = {"Authorization": f"Bot {fake.bot_token}"}
+        other = fake.add_channel("other")
+
+        async def post(channel_id: int, **body: Any) -> tuple[int, dict[str, Any]]:
+            url = f"{fake.url}/api/v10/channels/{channel_id}/messages"
+            async with http.post(url, json={"content": "hi", **body}, headers=auth) as response:
+                return response.status, await response.json()
+
+        status, first = await post(fake.general.id, nonce="r1", enforce_nonce=True)
+        assert status == 200
+        _, again = await post(fake.general.id, nonce="r1", enforce_nonce=True)
+        assert again["id"] == first["id"]
+        # Not enforced, another nonce, or another channel: a new message each.
+        _, loose = await post(fake.general.id, nonce="r1")
+        _, second = await post(fake.general.id, nonce="r2", enforce_nonce=True)
+        _, elsewhere = await post(other.id, nonce="r1", enforce_nonce=True)
+        ids = {first["id"], loose["id"], second["id"], elsewhere["id"]}
+        assert len(ids) == 4 and len(fake.messages) == 4
+        # A deleted message is not handed back.
+        fake.message(int(first["id"])).deleted = True  # type: ignore[union-attr]
+        _, after_delete = await post(fake.general.id, nonce="r1", enforce_nonce=True)
+        assert after_delete["id"] not in ids
+        status, error = await post(fake.general.id, nonce="x" * 26, enforce_nonce=True)
+        assert status == 400 and error["code"] == 50035 and "nonce" in error["errors"]

@@ -135,7 +135,8 @@ class RecordedRequest:
 
 @dataclass
 class Fault:
-    """Answer the next ``times`` matching requests with ``status`` instead of handling them."""
+    """Answer the next ``times`` matching requests with ``status`` instead of handling them, or
+    (``lose_answer``) handle them and close the connection before the answer."""
 
     method: str
     path: str
@@ -144,6 +145,8 @@ class Fault:
     retry_after: float
     is_global: bool = False
     with_files: bool | None = None
+    # Handle the request (the message is made) and then drop the connection unanswered.
+    lose_answer: bool = False
     hits: int = 0
 
     @property
