@@ -36,7 +36,15 @@ from bot.app.inputs import (
 from bot.app.moderation import PromptFilter, audit_refusal, make_output_check
 from bot.config import Config
 from bot.core.clock import system_clock
-from bot.core.models import EXPIRED_MESSAGE, ImageExpired, Job, JobKind, JobState, Refused
+from bot.core.models import (
+    EXPIRED_MESSAGE,
+    CancelNotSaved,
+    ImageExpired,
+    Job,
+    JobKind,
+    JobState,
+    Refused,
+)
 from bot.core.preferences import PreferenceStore
 from bot.core.service import Core
 from generation.conditioning import check_inputs
@@ -375,7 +383,10 @@ class ImagineApp(AfterGrid):
         job = await self._job_for(actor, job_id)
         if job.state.terminal:
             raise UserError(f"Job {job.id} has already {_past_tense(job.state)}.")
-        await self.core.scheduler.cancel(job.id, actor.user_id)
+        try:
+            await self.core.scheduler.cancel(job.id, actor.user_id)
+        except CancelNotSaved as exc:
+            raise UserError(exc.reason) from None
         return await self.core.jobs.require(job.id)
 
     # ----- reading ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ T = TypeVar("T")
 # Positional (`?`) or named (`:name`) statement parameters.
 Params = Sequence[Any] | Mapping[str, Any]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Migration n brings a database from version n-1 to n. Never edit a released step: append one.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -173,6 +173,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN pruned_at TEXT",
         "CREATE INDEX jobs_unpruned ON jobs(finished_at) WHERE pruned_at IS NULL",
         "CREATE INDEX audit_created ON audit(created_at)",
+    ),
+    # A cancel is written to the job's row before it is acknowledged, so it outlives a crash or
+    # a run's end that could not be written: the next start ends such a job cancelled.
+    6: (
+        "ALTER TABLE jobs ADD COLUMN cancel_requested_at TEXT",
+        "ALTER TABLE jobs ADD COLUMN cancel_requested_by INTEGER",
     ),
 }
 

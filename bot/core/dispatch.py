@@ -287,6 +287,10 @@ class Dispatcher:
     async def _attempt(self, record: RunningJob, job: Job) -> Ending:
         """Run the job and check its output; every way this can go maps to one `Ending`."""
         try:
+            writing = self._state.cancels_writing.get(job.id)
+            if writing is not None:
+                # A cancel of this job is being written: it decides whether the run starts.
+                await asyncio.shield(writing)
             if record.cancel_requested:
                 raise GenerationCancelled()
             item = WorkItem(

@@ -9,7 +9,8 @@ in-memory queue state follows in the after-commit callbacks.
 A run's ending that cannot be written (the disk is full, the database is locked) keeps its
 record, and with it its slot, and is tried again with a growing pause until it is written: the
 guards make a retry safe. A cancel the scheduler acknowledged before the ending was written wins
-over whatever the run did.
+over whatever the run did: it is in the job's row before it is acknowledged, so it also wins
+over a crash and over an ending never written before shutdown (the next start honours it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from bot.core.db import Database, Transaction
 from bot.core.events import EventHub
 from bot.core.fairness import QueueEntry
 from bot.core.jobs import row_to_job
-from bot.core.models import EndingDelayed, Finished, Job, JobResult, JobState
+from bot.core.models import CancelNotSaved, EndingDelayed, Finished, Job, JobResult, JobState
 from bot.core.state import QueueState, RunningJob
 
 log = logging.getLogger(__name__)
@@ -151,9 +152,20 @@ class Lifecycle:
         # From here until this transaction is over, a cancel waits for its outcome instead of
         # being acknowledged and then overridden by it; a cancel acknowledged before wins.
         record.writing_end = asyncio.get_running_loop().create_future()
-        if record.cancel_requested and ending.state is not JobState.CANCELLED:
+        # The row's flag counts too: it is written before the cancel is acknowledged, and the
+        # record may not have heard of it yet.
+        stored = await txn.fetchone(
+            "SELECT cancel_requested_by FROM jobs WHERE id = ? AND cancel_requested_at IS NOT NULL",
+            (record.job_id,),
+        )
+        cancelled_by = record.cancel_actor if record.cancel_requested else None
+        if stored is not None and not record.cancel_requested:
+            cancelled_by = stored["cancel_requested_by"]
+        if (
+            record.cancel_requested or stored is not None
+        ) and ending.state is not JobState.CANCELLED:
             log.info("job %d: cancelled before its end was written", record.job_id)
-            ending = Ending(JobState.CANCELLED, error="cancelled", actor_id=record.cancel_actor)
+            ending = Ending(JobState.CANCELLED, error="cancelled", actor_id=cancelled_by)
         attempt = record.job.attempts if record.job is not None else None
         if ending.state is None:
             await self._requeue_in(txn, record, ending.hand_back, attempt)
@@ -170,6 +182,52 @@ class Lifecycle:
                 record=record,
                 attempt=attempt,
             )
+
+    async def write_cancel(self, job_id: int, actor_id: int | None) -> RunningJob | bool:
+        """Write a cancel in one transaction, so that it outlives the process: a queued job is
+        cancelled and refunded at once (True); a running one (or one the dispatcher picked)
+        gets the cancel in its row, honoured by its run's end and by the next start, and its
+        record comes back for the caller to stop the run. False when the job is not active.
+        Raises `CancelNotSaved` when the write fails; the cancel must then not be
+        acknowledged."""
+        now = self._clock()
+
+        async def work(txn: Transaction) -> RunningJob | bool:
+            # Under the database lock the queue state matches the rows: every change to it
+            # happens as a transaction commits. So a job handed back to the queue meanwhile is
+            # cancelled there, before the dispatcher can start it again.
+            record = self._state.running.get(job_id)
+            if record is None and job_id not in self._state.fair:
+                return False
+            if record is None or record.job is None:
+                # Queued, or picked but not marked running yet: cancelled where it stands
+                # (a start on its way then finds it no longer queued).
+                job = await self.finish_in(
+                    txn,
+                    job_id,
+                    JobState.QUEUED,
+                    JobState.CANCELLED,
+                    now,
+                    error="cancelled",
+                    actor_id=actor_id,
+                )
+                if job is not None or record is None:
+                    return job is not None
+            # The first cancel's time and actor are kept.
+            changed = await txn.execute(
+                "UPDATE jobs SET cancel_requested_by = CASE WHEN cancel_requested_at IS NULL "
+                "THEN ? ELSE cancel_requested_by END, "
+                "cancel_requested_at = coalesce(cancel_requested_at, ?) "
+                "WHERE id = ? AND state IN ('queued', 'running')",
+                (actor_id, to_db(now), job_id),
+            )
+            return record if changed == 1 else False
+
+        try:
+            return await self._db.transaction(work)
+        except Exception as exc:
+            log.error("job %d: its cancel could not be written (%s)", job_id, exc)
+            raise CancelNotSaved(job_id) from exc
 
     def stop_retrying(self) -> None:
         """At shutdown: every ending still being retried, or starting from now on, gets one
@@ -293,12 +351,29 @@ class Lifecycle:
 
     async def recover(self) -> None:
         """Running jobs of a previous process were interrupted: re-queue them (at most
-        `max_attempts` times) or fail and refund them. Queued jobs keep their order."""
+        `max_attempts` times) or fail and refund them. Queued jobs keep their order. A queued
+        or running job whose cancel was acknowledged ends cancelled and refunded."""
         max_attempts = self._config.max_attempts
         now = self._clock()
 
         async def work(txn: Transaction) -> list[Job]:
             failed = []
+            # An acknowledged cancel wins: a job whose cancel was written ends cancelled and
+            # refunded, never re-queued.
+            for row in await txn.fetchall(
+                "SELECT id, state, cancel_requested_by FROM jobs WHERE state IN "
+                "('queued', 'running') AND cancel_requested_at IS NOT NULL ORDER BY id"
+            ):
+                log.info("job %d was cancelled before the restart; refunded", row["id"])
+                await self.finish_in(
+                    txn,
+                    int(row["id"]),
+                    JobState(row["state"]),
+                    JobState.CANCELLED,
+                    now,
+                    error="cancelled",
+                    actor_id=row["cancel_requested_by"],
+                )
             for row in await txn.fetchall("SELECT * FROM jobs WHERE state = 'running' ORDER BY id"):
                 if row["attempts"] <= max_attempts:
                     log.info(

@@ -78,6 +78,21 @@ class Refused(Exception):
         self.code = code
 
 
+class CancelNotSaved(Exception):
+    """A cancel that could not be written to the database (the disk is full, the database is
+    locked), so it was not acknowledged and nothing changed: the job goes on. An acknowledged
+    cancel must outlive a restart, which only a written one does. `reason` is written for the
+    user and can be shown as is."""
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        self.reason = (
+            f"Job {job_id} could not be cancelled just now (the bot could not save the "
+            "cancel); it is still going. Please try again in a moment."
+        )
+        super().__init__(self.reason)
+
+
 EXPIRED_MESSAGE = "This image has expired: old results are deleted to save space."
 
 

@@ -35,7 +35,7 @@ from bot.core.models import (
     Owner,
     QueueSnapshot,
 )
-from bot.core.state import QueueState
+from bot.core.state import QueueState, RunningJob
 from bot.core.workers import Worker
 from generation.contract import GenerationRequest
 
@@ -159,7 +159,9 @@ class Scheduler:
         engine does not react within the grace period, the worker aborts it hard. The
         `Finished` event (state cancelled) follows either way. A True answer is kept: the job
         ends cancelled and refunded even if its run finished, crashed or was handed back at
-        shutdown before its end was written. Permission checks (owner or admin) are the
+        shutdown before its end was written, or the bot died: the cancel is written to the
+        job's row before the answer. Raises `CancelNotSaved` when it cannot be written (the
+        job goes on; the member may try again). Permission checks (owner or admin) are the
         caller's job."""
         for _ in range(4):
             record = self._state.running.get(job_id)
@@ -168,21 +170,21 @@ class Scheduler:
                 # back in the queue, or an end that failed to be written and will be retried).
                 await asyncio.shield(record.writing_end)
                 continue
-            if record is not None:
-                await self._dispatcher.cancel_running(record, actor_id)
-                return True
-            if job_id not in self._state.fair:
+            if record is None and job_id not in self._state.fair:
                 return False
-            job = await self._lifecycle.finish(
-                job_id,
-                JobState.CANCELLED,
-                error="cancelled",
-                actor_id=actor_id,
-                from_state=JobState.QUEUED,
-            )
-            if job is not None:
-                return True
-            # It started between our look and the update: cancel it as a running job.
+            writing = asyncio.get_running_loop().create_future()
+            self._state.cancels_writing.setdefault(job_id, writing)
+            try:
+                # Written before it is acknowledged: kept across a crash or a restart.
+                outcome = await self._lifecycle.write_cancel(job_id, actor_id)
+                if isinstance(outcome, RunningJob):
+                    await self._dispatcher.cancel_running(outcome, actor_id)
+                    return True
+                return outcome
+            finally:
+                if self._state.cancels_writing.get(job_id) is writing:
+                    del self._state.cancels_writing[job_id]
+                writing.set_result(None)
         return False
 
     async def cancel_queued_for_user(self, user_id: int, actor_id: int | None, reason: str) -> int:

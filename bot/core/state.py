@@ -124,6 +124,9 @@ class QueueState:
         self.wake = asyncio.Event()
         self.paused = False
         self.closing = False
+        # Cancels being written, by job: a run of that job waits for the outcome before it
+        # starts, so a cancel written while the job is picked or handed back never lets it run.
+        self.cancels_writing: dict[int, asyncio.Future[None]] = {}
         # Set by the event hub: queue positions shift whenever the queue changes.
         self.queue_changed: Callable[[], None] = lambda: None
 

@@ -13,7 +13,7 @@ import discord
 
 from bot.app import render
 from bot.app.actions import Actor, Submitted
-from bot.core.models import Job
+from bot.core.models import CancelNotSaved, Job
 from bot.discord.delivery import Delivery, JobMessage
 from bot.discord.interactions import clip
 from bot.discord.views.buttons import cancel_view
@@ -65,7 +65,11 @@ class StatusMessages:
             return response.message_id if response is not None else None
         except discord.HTTPException:
             for job in jobs:
-                if not await self.scheduler.cancel(job.id, actor.user_id):
+                try:
+                    cancelled = await self.scheduler.cancel(job.id, actor.user_id)
+                except CancelNotSaved:
+                    cancelled = False  # it goes on: its result goes to the channel
+                if not cancelled:
                     # Too late to cancel (it already finished): the result goes to the channel.
                     self.delivery.track(JobMessage(job))
             raise

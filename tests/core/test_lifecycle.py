@@ -478,12 +478,14 @@ async def test_a_cancel_acknowledged_before_the_end_is_written_wins(
         job = await core.scheduler.submit(ALICE, request())
         await worker.next_run(1)
         assert worker.end is not None
+        # The engine has not reached its next step: the cancel is acknowledged (and written)
+        # while the run goes on.
+        assert await core.scheduler.cancel(job.id, actor_id=7)
         async with database_held(core):
-            # The run ends (a crash would re-queue the job, a completion settle it), and that
-            # end waits for the database; the member's cancel comes in meanwhile.
+            # Then the run ends (a crash would re-queue the job, a completion settle it), and
+            # that end waits for the database.
             ENDINGS[ending](worker.end)
             await loop_turns()
-            assert await core.scheduler.cancel(job.id, actor_id=7)
         done = await finished(core, job.id)
         assert done.state is JobState.CANCELLED and done.attempts == 1
         await loop_turns()
