@@ -477,8 +477,14 @@ def retarget(form: Any, job_id: int) -> None:
 async def test_others_presses_and_forms_on_new_messages_are_refused_and_change_nothing(
     tmp_path: Path, together_settings: EngineSettings, together_engine: Any
 ) -> None:
+    # Bob is refused far more often than the refusal limit allows (tests/bot/test_refusals.py
+    # covers that limit): here every refusal must be the one about whose job it is.
     async with serving(
-        tmp_path / "data", together_settings, together_engine, scheduler={"max_queued_per_user": 5}
+        tmp_path / "data",
+        together_settings,
+        together_engine,
+        scheduler={"max_queued_per_user": 5},
+        discord={"refusal_limit": 1000},
     ) as (fake, alice, bot):
         bob = fake.add_user("bob")
         asked = await fake.slash(alice, "describe", image=Upload("sky.png", png((20, 40, 200))))
