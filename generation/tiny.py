@@ -1,5 +1,9 @@
 """Small random-weight Stable Diffusion and CLIP models, built in code with fixed seeds.
 
+Long (about 650 lines) on purpose: it holds one idea, the stand-in models, one short builder per
+kind the engine loads (SD 1.5, SDXL, inpainting, CLIP, the captioner, ControlNets, adapters,
+LoRAs), kept together so their shared seeds and shapes stay in one place.
+
 The model hub cannot be reached from every machine this project runs on (CI included), so the
 project builds its own stand-ins from configs and saves them in the normal diffusers /
 transformers folder layout. The engine then loads them back through exactly the same

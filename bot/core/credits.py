@@ -1,5 +1,9 @@
 """Credits: integer amounts, an append-only ledger, and hold → settle | refund.
 
+Long (about 650 lines) on purpose: the ledger is the one owner of every balance, and every rule
+that moves credits (allowance, holds, settles, refunds, grants, the consistency check) runs
+inside its transactions; split, those rules would each need the ledger's internals.
+
 A user's spendable credits are two buckets in `balances`: today's free allowance
 (`allowance_left`) and granted/purchased credits (`granted`). Every change to either bucket is a
 ledger row carrying both deltas, so each balance can be recomputed from the ledger alone

@@ -1,5 +1,9 @@
 """Workers on a Ray cluster (`[workers] backend = "ray"`): one long-lived actor per GPU.
 
+Long (about 650 lines): one backend, the pool that follows the cluster and the worker that
+fronts one actor, which share the bridge and the cluster's state; the actor itself lives in
+bot/core/ray_actor.py and the connection in bot/core/ray_bridge.py.
+
 The scheduler, the fair queue and the credits ledger stay in the bot process; Ray only places
 and runs the GPU work. The bot never calls Ray itself: a `RayBridge` process holds the
 connection (see bot/core/ray_bridge.py for why). `RayPool` looks at the cluster's nodes every

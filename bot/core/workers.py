@@ -1,4 +1,7 @@
 """Workers run jobs off the event loop. The scheduler only knows the `Worker` protocol, so a
+
+Long (about 580 lines): the `Worker` protocol with its two kinds and the child process's side
+of the pipe, which change together whenever a message between them does.
 remote GPU worker can be added later without touching scheduling.
 
 `ProcessWorker` (the default) owns one child process that builds the engine once and serves

@@ -1,5 +1,9 @@
 """One Discord message per job, edited in place from queue position to progress to result.
 
+Long (about 580 lines): one job message's whole life (status edits, the result post, its
+retries, refunds for what cannot be posted, recovery after a restart) is one state machine,
+and its guards only make sense read together.
+
 The status message is edited through the interaction token while it lives (15 minutes); once
 Discord says the token is gone, the same message is edited with the bot token (a non-ephemeral
 interaction response is an ordinary message of the bot's). Only when that message is gone is
