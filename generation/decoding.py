@@ -28,6 +28,20 @@ def vae_tiling(vae: Any, enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def vae_slicing(vae: Any, enabled: bool) -> Iterator[None]:
+    """One image per VAE call (`enabled`) or the whole batch in one, for this call only."""
+    if not hasattr(vae, "use_slicing"):
+        yield
+        return
+    was_slicing = bool(vae.use_slicing)
+    vae.use_slicing = enabled
+    try:
+        yield
+    finally:
+        vae.use_slicing = was_slicing
+
+
+@contextlib.contextmanager
 def kept_dtype(module: Any) -> Iterator[None]:
     """Put `module` back in its dtype on exit, however the code inside changed it or failed.
 
@@ -42,16 +56,19 @@ def kept_dtype(module: Any) -> Iterator[None]:
             module.to(dtype)
 
 
-def decode_latents(pipe: Any, latents: Any, tiled: bool, upcast: bool) -> list[Image.Image]:
+def decode_latents(
+    pipe: Any, latents: Any, tiled: bool, upcast: bool, sliced: bool = True
+) -> list[Image.Image]:
     """What a diffusers SD/SDXL pipeline does after its last step, to PIL images.
 
     `upcast`: SDXL's stock VAE overflows in float16 (`force_upcast` in its config), so it is
     decoded in float32, as its pipelines do; a fixed VAE (sdxl-vae-fp16-fix) stays in float16.
+    `sliced`: one image at a time (the peak memory of one image), else all in one call.
     """
     import torch
 
     vae = pipe.vae
-    with kept_dtype(vae), vae_tiling(vae, tiled):
+    with kept_dtype(vae), vae_tiling(vae, tiled), vae_slicing(vae, sliced):
         if upcast and vae.dtype == torch.float16 and vae.config.force_upcast:
             vae.to(torch.float32)
         latents = latents.to(dtype=vae.dtype)

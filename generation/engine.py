@@ -26,8 +26,9 @@ from typing import Any
 
 from PIL import Image
 
-from generation import outpaint
+from generation import lora_fusion, outpaint
 from generation.caption import Captioner, resolve_caption_source
+from generation.compiled import apply_speed_options, apply_to_extra_unet, uses_fused_loras
 from generation.conditioning import check_inputs, plan_conditioning, ranking_references
 from generation.contract import (
     MAX_PIXELS,
@@ -181,6 +182,8 @@ class DiffusersEngine:
         self._lock = threading.Lock()
         # Largest batch that fit in memory, per output pixel count, learned from OOM retries.
         self._batch_limits: dict[int, int] = {}
+        # Per model: the smallest batched VAE decode (latent values) that ran out of memory.
+        self._batched_decode_limits: dict[str, int] = {}
         self._esrgan: Any = None
         self._controlnets = ControlNets(
             settings,
@@ -672,8 +675,13 @@ class DiffusersEngine:
         )
 
         modules = (pipe.unet, pipe.vae) if request.tile else ()
+        loras: Any = contextlib.nullcontext()
+        if loaded.loras is not None and uses_fused_loras(self.settings):
+            # The UNet as its plain self with the job's LoRAs in its weights (lora_fusion).
+            loras = lora_fusion.fused([pipe.unet])
         try:
             with (
+                loras,
                 conditioning.applied(pipe),
                 seamless_tiling(*modules),
                 kept_dtype(pipe.vae),
@@ -746,24 +754,43 @@ class DiffusersEngine:
                     )
                 else:
                     unet.to(self.device)
+                apply_to_extra_unet(unet, self.settings)
             loaded.inpaint = outpaint.inpaint_pipeline(loaded.text2img, unet)
         return loaded.inpaint
 
     def _decode(self, spec: ModelSpec, pipe: Any, latents: Any, tiled: bool) -> list[Image.Image]:
-        """Latents to images; out of memory, once more in tiles (the denoised latents are kept)."""
+        """Latents to images, all in one VAE call with `vae_batched_decode`, else one at a time;
+        out of memory, again one at a time, then in tiles (the denoised latents are kept)."""
         import torch
 
         upcast = spec.family == "sdxl"
-        try:
-            return decode_latents(pipe, latents, tiled, upcast)
-        except torch.OutOfMemoryError:
-            log.warning(
-                "out of memory decoding %d images of %s; decoding again in tiles",
-                latents.shape[0],
-                spec.name,
-            )
-        # Freed outside the handler: the exception's frames hold the failed decode's tensors.
-        self._free_cuda()
+        count = int(latents.shape[0])
+        # Latent values decoded at once: what a batched decode's memory grows with.
+        load = int(latents.numel())
+        limit = self._batched_decode_limits.get(spec.name)
+        if count > 1 and self.settings.vae_batched_decode and (limit is None or load < limit):
+            try:
+                return decode_latents(pipe, latents, tiled, upcast, sliced=False)
+            except torch.OutOfMemoryError:
+                # Remembered, so later jobs this large go one image at a time at once.
+                self._batched_decode_limits[spec.name] = min(load, limit or load)
+                log.warning(
+                    "out of memory decoding %d images of %s in one call; one at a time",
+                    count,
+                    spec.name,
+                )
+            # Freed outside the handler: the exception's frames hold the failed decode's tensors.
+            self._free_cuda()
+        if not tiled:
+            try:
+                return decode_latents(pipe, latents, False, upcast)
+            except torch.OutOfMemoryError:
+                log.warning(
+                    "out of memory decoding %d images of %s; decoding again in tiles",
+                    count,
+                    spec.name,
+                )
+            self._free_cuda()
         try:
             return decode_latents(pipe, latents, True, upcast)
         except torch.OutOfMemoryError as exc:
@@ -856,9 +883,11 @@ class DiffusersEngine:
             text2img.to(self.device)
         if self.device == "cuda":
             self._tune_for_cuda(text2img)
-        # Decoding a batch one image at a time costs nothing in speed and caps the VAE's peak
-        # memory at one image's (8 SDXL images at once need 16 GB or more).
+        # At rest the VAE works one image at a time, which caps its peak memory at one image's
+        # (8 SDXL images at once need 16 GB or more); vae_batched_decode decodes a job's images
+        # in one call when memory allows (_decode).
         text2img.vae.enable_slicing()
+        apply_speed_options(text2img, self.settings)
         text2img.set_progress_bar_config(disable=True)
         img2img = AutoPipelineForImage2Image.from_pipe(text2img)
         img2img.set_progress_bar_config(disable=True)

@@ -4,8 +4,9 @@ attaching it to the UNet only while a job that uses it runs.
 `load_ip_adapter` replaces the UNet's attention processors and makes the UNet demand image
 embeddings on every call, which would break every other job on the shared pipelines (plain
 text-to-image, the outpaint and ControlNet routines). So the adapter is loaded once, its
-processors and projection are kept aside, and `Conditioning.applied` puts them in for one job
-and restores the plain ones after, whatever happens: switching costs no disk reads.
+processors (as generation.ip_attention's, whose scales are tensors a compiled UNet reads) and
+projection are kept aside, and `Conditioning.applied` puts them in for one job and restores the
+plain ones after, whatever happens: switching costs no disk reads.
 
 The adapter is loaded with one slot per role (conditioning.ADAPTER_ROLES) so a job can have an
 image prompt, a style and an object reference at once, each at its own per-layer scale; the
@@ -102,10 +103,13 @@ class ImageAdapter:
                 f"ip_adapters: cannot load the {spec.family} image adapter from "
                 f"{where.source!r} ({exc})"
             ) from exc
-        self._processors = dict(unet.attn_processors)
         self._projection = unet.encoder_hid_proj
         self._hid_type = unet.config.encoder_hid_dim_type
-        _share_slot_weights(self._processors.values(), self._projection)
+        _share_slot_weights(unet.attn_processors.values(), self._projection)
+        from generation.ip_attention import scaled_processors
+
+        # Scales in tensors, so a compiled UNet runs every job's pictures in one graph.
+        self._processors = scaled_processors(dict(unet.attn_processors))
         self.encoder = pipe.image_encoder
         self._encoder_offload: Any = None
         if offload:
@@ -182,6 +186,9 @@ class ImageAdapter:
         unet.config.encoder_hid_dim_type = self._hid_type
         try:
             pipe.set_ip_adapter_scale(scales)
+            from generation.ip_attention import sync_scales
+
+            sync_scales(unet.attn_processors.values())
             yield
         finally:
             self._detach(unet)

@@ -49,6 +49,18 @@ class ControlFit(StrEnum):
     PAD = "pad"
 
 
+class CompileMode(StrEnum):
+    """torch.compile's modes, for `compile_unet` and `compile_vae`."""
+
+    # Generated kernels, no CUDA graphs: the shortest compilation.
+    DEFAULT = "default"
+    # CUDA graphs as well: less launch overhead per step, some memory per graph kept.
+    REDUCE_OVERHEAD = "reduce-overhead"
+    # Kernels chosen by timing candidates: the longest compilation, often the fastest steps.
+    MAX_AUTOTUNE = "max-autotune"
+    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+
+
 # The depth model a DEPTH ControlNet uses unless it names one (the one diffusers' ControlNet
 # depth examples use).
 DEFAULT_DEPTH_MODEL = "Intel/dpt-large"
@@ -199,6 +211,22 @@ class EngineSettings:
     max_loaded_loras: int = 4
     # Live previews of a job that asks for them: at most one per this many seconds.
     preview_interval_s: float = 2.0
+    # Speed options, off until measured on the card that serves (bench/gpu_check.py times
+    # them; README "Speed options"). torch.compile each model's UNet (its inpainting UNet too):
+    # the first job of each kind compiles (a minute or more), the later ones run faster; what
+    # a job switches (adapter, --tile, LoRAs) is kept compile-safe (generation/compiled.py).
+    compile_unet: bool = False
+    # The VAE decoder too (its first decode at each size compiles).
+    compile_vae: bool = False
+    compile_mode: CompileMode = CompileMode.DEFAULT
+    # torch.compile's backend: "inductor" generates kernels; tests name one that counts graphs.
+    compile_backend: str = "inductor"
+    # Attention's query, key and value projections as one matmul (diffusers'
+    # fuse_qkv_projections), in the UNet and the VAE.
+    fuse_qkv_projections: bool = False
+    # Decode a job's images in one VAE call instead of one at a time (VAE slicing); out of
+    # memory, one at a time again, and that load is remembered.
+    vae_batched_decode: bool = False
     loras: tuple[LoraSpec, ...] = ()
     controlnets: tuple[ControlNetSpec, ...] = ()
     # How a control picture of another shape than the image is fitted to it.
@@ -284,6 +312,13 @@ class EngineSettings:
                 f"controlnet_fit: {self.controlnet_fit!r}; one of "
                 + ", ".join(f.value for f in ControlFit)
             )
+        if not isinstance(self.compile_mode, CompileMode):
+            raise ValueError(
+                f"compile_mode: {self.compile_mode!r}; one of "
+                + ", ".join(m.value for m in CompileMode)
+            )
+        if not self.compile_backend.strip():
+            raise ValueError("compile_backend: empty; 'inductor' unless a test names another")
         if not 0.0 < self.edit_strength <= 1.0:
             raise ValueError(f"edit_strength: must be in (0, 1], got {self.edit_strength}")
         if self.max_loaded_loras < 1:
