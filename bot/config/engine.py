@@ -15,6 +15,7 @@ from generation.settings import (
     FAMILIES,
     SINGLE_FILE_SUFFIXES,
     TINY_SOURCES,
+    CompileMode,
     ControlFit,
     ControlNetSpec,
     EngineSettings,
@@ -91,6 +92,17 @@ def engine_settings(section: Reader, data_dir: Path, base_dir: Path) -> EngineSe
         local_files_only=section.get("local_files_only", bool, defaults.local_files_only),
         cpu_offload=section.get("cpu_offload", bool, defaults.cpu_offload),
         vae_tiling=section.get("vae_tiling", bool, defaults.vae_tiling),
+        compile_unet=section.get("compile_unet", bool, defaults.compile_unet),
+        compile_vae=section.get("compile_vae", bool, defaults.compile_vae),
+        compile_mode=CompileMode(
+            section.choice(
+                "compile_mode", tuple(m.value for m in CompileMode), defaults.compile_mode
+            )
+        ),
+        fuse_qkv_projections=section.get(
+            "fuse_qkv_projections", bool, defaults.fuse_qkv_projections
+        ),
+        vae_batched_decode=section.get("vae_batched_decode", bool, defaults.vae_batched_decode),
         max_loaded_models=section.positive("max_loaded_models", int, defaults.max_loaded_models),
         max_loaded_loras=section.positive("max_loaded_loras", int, defaults.max_loaded_loras),
         controlnet_fit=ControlFit(
