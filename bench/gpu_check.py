@@ -11,10 +11,14 @@ configs by bench.bench_generation; tiny shapes at 64² with --tiny or without CU
    and long prompts, --stop, --tile, previews) runs one job through the engine; its latents
    must be finite (no NaN or inf: float16 overflows show up here) and its images not black;
 2. the peak GPU memory of that model shape over all of it;
-3. the seconds per 8-candidate job at 30 steps, eager and with the UNet compiled
-   (`torch.compile`; CUDA only unless --compile), and the fraction of the card's peak FLOP/s
-   (the job's FLOPs counted from the model's shapes, bench.bench_generation.component_tflop);
-4. a Markdown table of those figures, to replace the README's estimated VRAM table.
+3. the seconds per 8-candidate job at 30 steps with the engine's speed options (README "Speed
+   options"): eager (the defaults), with fused attention projections and batched VAE decode,
+   and with those plus the UNet and VAE decoder compiled (`compile_unet`, `compile_vae`; CUDA
+   only unless --compile), and the fraction of the card's peak FLOP/s (the job's FLOPs counted
+   from the model's shapes, bench.bench_generation.component_tflop);
+4. compiled, that job kinds compile once: plain, --tile and a variation, then the same kinds
+   with other seeds and strengths, must add no graph (Dynamo's unique_graphs counter);
+5. a Markdown table of those figures, to replace the README's estimated VRAM table.
 
 Steps past `--budget-s` (default 450 s) are skipped and listed as skipped, so the check always
 ends with its figures. Exit status 1 when a check failed (NaN, black image, an exception).
@@ -23,6 +27,7 @@ ends with its figures. Exit status 1 when a check failed (NaN, black image, an e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -34,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generation.contract import GenerationRequest, JobKind, PromptPart, Sampler
+from generation.settings import CompileMode
 
 SHAPES = ("sd15", "sdxl")
 FEATURES = (
@@ -169,6 +175,48 @@ def model_spec(shape: str, tiny: bool, cache_dir: Path) -> tuple[Any, int]:
     return ModelSpec(shape, source, base_resolution=side, family=family), side
 
 
+def timed_job(engine: Any, job: GenerationRequest, repeats: int) -> float:
+    """The median seconds of `job` after one warm-up run (kernel choice, compilation)."""
+    import torch
+
+    cuda = engine.device == "cuda"
+    engine.generate(job)
+    seconds = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        engine.generate(job)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - began)
+    return sorted(seconds)[len(seconds) // 2]
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def kinds_compile_once(engine: Any, job: GenerationRequest, picture: Any) -> int:
+    """Graphs compiled by a second round of job kinds (plain, --tile, a variation) after a
+    first round warmed each up; the engine keeps that at 0 (generation/compiled.py)."""
+    from generation import requests
+
+    def round_of(seed: int, strength: float) -> None:
+        engine.generate(job.with_changes(seed=seed))
+        engine.generate(job.with_changes(seed=seed, tile=True))
+        if picture is not None:
+            variation = requests.variation_request(job, picture, strength=strength, seed=seed)
+            engine.generate(variation.with_changes(num_candidates=job.num_candidates))
+
+    round_of(11, 0.7)
+    warm = graphs_compiled()
+    round_of(12, 0.55)
+    return graphs_compiled() - warm
+
+
 def check_shape(check: Check, shape: str, args: Any) -> None:
     import torch
 
@@ -256,38 +304,60 @@ def check_shape(check: Check, shape: str, args: Any) -> None:
     tflop = job_tflop(per, job)
     figures["tflop_per_job"] = tflop
 
-    def timed() -> float:
-        engine.generate(job)  # warm-up: kernel selection, compilation
-        seconds = []
-        for _ in range(args.repeats):
-            if cuda:
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            engine.generate(job)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - began)
-        return sorted(seconds)[len(seconds) // 2]
-
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    eager = check.step(f"{shape}: 8-candidate job, eager", timed, need_s=30)
+    eager = check.step(
+        f"{shape}: 8-candidate job, eager", lambda: timed_job(engine, job, args.repeats), 30
+    )
     if eager is not None:
         figures["job_s_eager"] = eager
         figures["peak_gib_job"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
         figures["peak_fraction_eager"] = tflop / eager / args.peak_tflops
+    engine.close()
+
+    # The speed options, each engine loading the model afresh (the last one is closed first).
+    faster = dataclasses.replace(settings, fuse_qkv_projections=True, vae_batched_decode=True)
+
+    def fused() -> float:
+        fused_engine = create_engine(faster)
+        try:
+            return timed_job(fused_engine, job, args.repeats)
+        finally:
+            fused_engine.close()
+
+    seconds = check.step(f"{shape}: 8-candidate job, fused projections, batched decode", fused, 30)
+    if seconds is not None:
+        figures["job_s_fused"] = seconds
     if args.compile if args.compile is not None else cuda:
-        pipe = engine.pipelines(shape)[0]
-
-        def compiled() -> float:
-            pipe.unet.compile()
-            return timed()
-
-        seconds = check.step(f"{shape}: 8-candidate job, compiled UNet", compiled, need_s=90)
+        compiled_engine = create_engine(
+            dataclasses.replace(
+                faster,
+                compile_unet=True,
+                compile_vae=True,
+                compile_mode=CompileMode(args.compile_mode),
+                compile_backend=args.compile_backend,
+            )
+        )
+        seconds = check.step(
+            f"{shape}: 8-candidate job, compiled",
+            lambda: timed_job(compiled_engine, job, args.repeats),
+            need_s=90,
+        )
         if seconds is not None:
             figures["job_s_compiled"] = seconds
             figures["peak_fraction_compiled"] = tflop / seconds / args.peak_tflops
-    engine.close()
+
+        def once() -> int:
+            kinds_job = job.with_changes(steps=steps)
+            figures["graphs_after_warm_up"] = new = kinds_compile_once(
+                compiled_engine, kinds_job, picture
+            )
+            if new:
+                raise ValueError(f"{new} graphs compiled after each kind was warmed up")
+            return new
+
+        check.step(f"{shape}: compiled, job kinds compile once", once, need_s=120)
+        compiled_engine.close()
 
 
 def _shown(figures: dict[str, Any], key: str, unit: str = "", digits: int = 2) -> str:
@@ -301,14 +371,15 @@ def vram_table(results: dict[str, Any]) -> str:
     """The README's VRAM table, with measured figures."""
     lines = [
         "| model, 8 candidates | card | peak GPU memory (job / all features) | s per job eager / "
-        "compiled | share of the card's peak |",
+        "fused + batched decode / compiled | share of the card's peak (eager / compiled) |",
         "|---|---|---|---|---|",
     ]
     for shape, f in results["shapes"].items():
         lines.append(
             f"| {shape} at {f['size']} ({f['dtype']}) | {f['device']} | "
             f"{_shown(f, 'peak_gib_job', ' GiB')} / {_shown(f, 'peak_gib_features', ' GiB')} | "
-            f"{_shown(f, 'job_s_eager', ' s')} / {_shown(f, 'job_s_compiled', ' s')} | "
+            f"{_shown(f, 'job_s_eager', ' s')} / {_shown(f, 'job_s_fused', ' s')} / "
+            f"{_shown(f, 'job_s_compiled', ' s')} | "
             f"{_shown(f, 'peak_fraction_eager', '', 3)} / "
             f"{_shown(f, 'peak_fraction_compiled', '', 3)} |"
         )
@@ -330,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA"
+    )
+    parser.add_argument("--compile-mode", default="default", choices=[m.value for m in CompileMode])
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="eager: trace only (CPU runs of the check)"
     )
     parser.add_argument("--peak-tflops", type=float, default=990.0, help="990: H100 dense fp16")
     parser.add_argument("--budget-s", type=float, default=450.0)

@@ -1,5 +1,8 @@
 """The prepared GPU check runs its steps at tiny sizes on the CPU: every sampler and feature
-through the engine, the timed 8-candidate job and the figures table, from bench/gpu_check.sh."""
+through the engine, the timed 8-candidate job with each set of speed options (compiled with
+the trace-only "eager" backend here, so the compiled steps run before a GPU is the first place
+they do), the check that job kinds compile once, and the figures table, from
+bench/gpu_check.sh."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ def test_the_gpu_check_script_runs_every_step_at_tiny_sizes(tmp_path: Path) -> N
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "out")}
     args = ["--tiny", "--models", "sd15", "--check-steps", "2", "--check-candidates", "1"]
     args += ["--job-steps", "2", "--repeats", "1", "--cache-dir", str(tmp_path / "models")]
+    args += ["--compile", "--compile-backend", "eager"]
     done = subprocess.run(
         ["bash", str(REPO / "bench" / "gpu_check.sh"), *args],
         env=env,
@@ -35,9 +39,16 @@ def test_the_gpu_check_script_runs_every_step_at_tiny_sizes(tmp_path: Path) -> N
     passed = set(results["passed"])
     assert {f"sd15: sampler {s.value}" for s in Sampler} <= passed
     assert {f"sd15: {feature}" for feature in FEATURES} <= passed
-    assert "sd15: 8-candidate job, eager" in passed
+    assert {
+        "sd15: 8-candidate job, eager",
+        "sd15: 8-candidate job, fused projections, batched decode",
+        "sd15: 8-candidate job, compiled",
+        "sd15: compiled, job kinds compile once",
+    } <= passed
     figures = results["shapes"]["sd15"]
     assert figures["job_s_eager"] > 0 and figures["tflop_per_job"] > 0
+    assert figures["job_s_fused"] > 0 and figures["job_s_compiled"] > 0
+    assert figures["graphs_after_warm_up"] == 0
     assert "| sd15 at 64x64 (float32) | cpu |" in results["table"]
     assert (tmp_path / "out" / "gpu_check.log").read_text().count("ok ") >= len(passed)
 
