@@ -69,7 +69,7 @@ async def test_pictures_reach_the_worker_and_read_back_unchanged(
 
         clock.advance(days=40)
         assert core.retention is not None
-        assert sorted(await core.retention.prune()) == [parent.id, child.id]
+        assert sorted((await core.retention.prune()).images) == [parent.id, child.id]
         assert not any((config.data_dir / p).exists() for p in paths)
         await assert_consistent(core)
     finally:
