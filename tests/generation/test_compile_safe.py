@@ -63,7 +63,14 @@ def engines(lora_settings: EngineSettings) -> Iterator[tuple[DiffusersEngine, Di
     compiled_settings = dataclasses.replace(
         lora_settings, compile_unet=True, compile_vae=True, compile_backend=COUNTING_BACKEND
     )
-    yield create_engine(compiled_settings), create_engine(lora_settings)
+    fast = create_engine(compiled_settings)
+    fast.warm_up()
+    # The engine lets a graph that fails to compile run eagerly (a bot keeps serving); here a
+    # failure must fail the test, not pass as a job that compiled nothing.
+    suppress = torch._dynamo.config.suppress_errors
+    torch._dynamo.config.suppress_errors = False
+    yield fast, create_engine(lora_settings)
+    torch._dynamo.config.suppress_errors = suppress
     # Dynamo's caches hold the compiled modules: let them go with the module's tests.
     torch._dynamo.reset()
 
@@ -208,3 +215,34 @@ def test_a_fused_lora_leaves_the_unet_exactly_as_it_was(
         fast.generate(_job("two loras", 1))
     assert _state_digest(unet) == before
     assert sum(isinstance(m, LoraLayer) for m in unet.modules()) == layers
+
+
+def _failing_backend(graph: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+    raise RuntimeError("no C compiler (simulated)")
+
+
+def test_a_graph_that_fails_to_compile_runs_eagerly(
+    lora_settings: EngineSettings, engines: tuple[DiffusersEngine, DiffusersEngine]
+) -> None:
+    """A compiler that fails on the serving box (say, no C compiler for Triton) costs the
+    speed-up, not the jobs: the graph runs eagerly and the reason is logged."""
+    import dataclasses
+
+    from torch._dynamo import list_backends, register_backend
+
+    _, eager = engines
+    if "imagine_bot_failing" not in list_backends(exclude_tags=()):
+        register_backend(_failing_backend, name="imagine_bot_failing")
+    suppress = torch._dynamo.config.suppress_errors
+    broken = create_engine(
+        dataclasses.replace(
+            lora_settings, compile_unet=True, compile_backend="imagine_bot_failing"
+        )
+    )
+    try:
+        request = _job("plain", 1)
+        assert_same_picture(broken.generate(request).images[0], eager.generate(request).images[0])
+    finally:
+        torch._dynamo.config.suppress_errors = suppress
+        # Forget the failed frames, so that the other tests compile them afresh.
+        torch._dynamo.reset()
