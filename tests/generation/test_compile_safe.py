@@ -235,9 +235,7 @@ def test_a_graph_that_fails_to_compile_runs_eagerly(
         register_backend(_failing_backend, name="imagine_bot_failing")
     suppress = torch._dynamo.config.suppress_errors
     broken = create_engine(
-        dataclasses.replace(
-            lora_settings, compile_unet=True, compile_backend="imagine_bot_failing"
-        )
+        dataclasses.replace(lora_settings, compile_unet=True, compile_backend="imagine_bot_failing")
     )
     try:
         request = _job("plain", 1)
