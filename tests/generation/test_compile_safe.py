@@ -115,6 +115,10 @@ def test_job_kinds_compile_once_and_never_again(
     engines: tuple[DiffusersEngine, DiffusersEngine],
 ) -> None:
     fast, eager = engines
+    # From a clean start whatever ran before: no graph compiled, no LoRA loaded.
+    torch._dynamo.reset()
+    for name in ("ink", "paper"):
+        fast.unload_lora("tiny", name)
     compiled.clear()
     # (job, graphs it compiled), in order.
     new_graphs: list[tuple[str, int]] = []
