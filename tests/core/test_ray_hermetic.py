@@ -29,6 +29,8 @@ def test_a_ray_test_passes_with_an_empty_private_temp_folder_and_leaves_it_empty
     try:
         environment = {**os.environ, "TMPDIR": str(private)}
         environment.pop("RAY_TMPDIR", None)
+        # The outer run's options (a --randomly-seed, say) are not this run's: it names its own.
+        environment.pop("PYTEST_ADDOPTS", None)
         result = subprocess.run(
             [
                 sys.executable,
