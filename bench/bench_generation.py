@@ -42,13 +42,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.clip_l14 import FULL_CLIP_DIR, build_clip_l14_shaped
 from bench.real_weights import KINDS
 from generation.contract import GenerationRequest, JobKind, Sampler
 from generation.settings import EngineSettings, ModelSpec
 
 FULL_SD_DIR = "bench-sd15-random"
 FULL_SDXL_DIR = "bench-sdxl-random"
-FULL_CLIP_DIR = "bench-clip-vit-l14-random"
 # model -> (family, full-size folder, default side in px at full size)
 MODELS = {"sd15": ("sd", FULL_SD_DIR, 512), "sdxl": ("sdxl", FULL_SDXL_DIR, 1024)}
 
@@ -90,14 +90,6 @@ SDXL_VAE: dict[str, Any] = {
     "sample_size": 1024,
     "scaling_factor": 0.13025,
     "force_upcast": True,
-}
-CLIP_L14_VISION: dict[str, Any] = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "image_size": 224,
-    "patch_size": 14,
 }
 
 
@@ -146,41 +138,6 @@ def build_sd15_shaped(folder: Path) -> None:
     )
     pipe.to(torch.float16)  # half the disk; the engine loads it in its own dtype
     pipe.save_pretrained(folder, safe_serialization=True)
-
-
-def build_clip_l14_shaped(folder: Path) -> None:
-    """A CLIP ViT-L/14-shaped CLIPModel (openai/clip-vit-large-patch14's config), random weights."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
-
-    from generation.tiny import _tiny_tokenizer
-
-    torch.manual_seed(1)
-    tokenizer = _tiny_tokenizer()
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": 49408,
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config=CLIP_L14_VISION,
-        projection_dim=768,
-    )
-    model = CLIPModel(config).to(torch.float16)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
-        ),
-        tokenizer=tokenizer,
-    )
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
 
 
 def build_sdxl_shaped(folder: Path) -> None:

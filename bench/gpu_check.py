@@ -220,7 +220,8 @@ def kinds_compile_once(engine: Any, job: GenerationRequest, picture: Any) -> int
 def check_shape(check: Check, shape: str, args: Any) -> None:
     import torch
 
-    from bench.bench_generation import FULL_CLIP_DIR, build_clip_l14_shaped, count_tflop, job_tflop
+    from bench.bench_generation import count_tflop, job_tflop
+    from bench.clip_l14 import FULL_CLIP_DIR, build_clip_l14_shaped
     from generation.engine import create_engine
     from generation.settings import EngineSettings
     from generation.tiny import ensure_built

@@ -133,7 +133,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     steps = args.steps or 30
     clip_model = args.clip_model
     if not clip_model:
-        from bench.bench_generation import FULL_CLIP_DIR, build_clip_l14_shaped
+        from bench.clip_l14 import FULL_CLIP_DIR, build_clip_l14_shaped
         from generation.tiny import ensure_built
 
         # A random ViT-L/14-shaped ranker costs what the real one does.

@@ -4,12 +4,12 @@ published SD 1.5 costs (0.80 TFLOP per latent per UNet pass at 512², 2.5 TFLOP 
 import pytest
 
 from bench.bench_generation import (
-    CLIP_L14_VISION,
     SD15_UNET,
     SD_VAE,
     component_tflop,
     job_tflop,
 )
+from bench.clip_l14 import CLIP_L14_VISION
 from generation.contract import GenerationRequest, JobKind
 
 
