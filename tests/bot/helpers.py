@@ -4,13 +4,17 @@ Discord, and the small questions they ask of its messages, its ledger and its de
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
+from bot.app.logs import setup_logging
 from bot.discord.client import ImagineBot
 from tests.bot.conftest import bot_config, in_process_workers
 from tests.fakediscord import FakeDiscord
@@ -85,3 +89,19 @@ async def imagined_grid(fake: FakeDiscord, user: User, prompt: str, **options: A
     """/imagine `prompt` as `user`; the job's message once it shows the finished grid."""
     job = await fake.slash(user, "imagine", prompt=prompt, **options)
     return await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+
+
+def log_to_stream(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, secrets: list[str]
+) -> io.StringIO:
+    """The bot's logging set up (`setup_logging`) with its output going to the returned string.
+    setup_logging configures the process's root logger: it is put back for the tests after
+    (setLevel, not the attribute, so the loggers' cached levels are cleared too)."""
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    root, discord_logger = logging.getLogger(), logging.getLogger("discord")
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    for logger in (root, discord_logger):
+        request.addfinalizer(functools.partial(logger.setLevel, logger.level))
+    setup_logging("INFO", secrets=secrets)
+    return stream

@@ -3,13 +3,12 @@ link's query lets its reader fetch the file), in messages and in tracebacks alik
 
 from __future__ import annotations
 
-import functools
-import io
 import logging
 
 import pytest
 
-from bot.app.logs import setup_logging, without_queries
+from bot.app.logs import without_queries
+from tests.bot.helpers import log_to_stream
 
 SIGNED = (
     "https://cdn.discordapp.com/attachments/1/2/cat.png?ex=6650a1b2&is=664f5032&hm=5ec12e7d0b1c"
@@ -27,14 +26,7 @@ def test_without_queries_keeps_the_path() -> None:
 def test_the_log_never_holds_a_links_signature(
     monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    stream = io.StringIO()
-    monkeypatch.setattr("sys.stderr", stream)
-    # setup_logging configures the process's root logger: put it back for the tests after.
-    root, discord_logger = logging.getLogger(), logging.getLogger("discord")
-    monkeypatch.setattr(root, "handlers", list(root.handlers))
-    for logger in (root, discord_logger):
-        request.addfinalizer(functools.partial(logger.setLevel, logger.level))
-    setup_logging("INFO", secrets=[])  # no token (the console front end): still filtered
+    stream = log_to_stream(monkeypatch, request, [])  # no token (the console): still filtered
     log = logging.getLogger("imagine-bot.test")
     log.info("fetching %s", SIGNED)
     try:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import dataclasses
-import functools
-import io
 import logging
 from pathlib import Path
 
@@ -14,8 +12,8 @@ import pytest
 
 from bot.app.actions import Actor, UserError
 from bot.app.application import ImagineApp, open_core
-from bot.app.logs import setup_logging
 from bot.core import InProcessWorker
+from tests.bot.helpers import log_to_stream
 from tests.bot.test_bad_input import _config
 from tests.core.fakes import create_fake_engine
 
@@ -26,15 +24,7 @@ TOKEN = "MTIzNDU2Nzg5.secret.token-value"
 def test_the_token_never_reaches_the_log(
     monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    stream = io.StringIO()
-    monkeypatch.setattr("sys.stderr", stream)
-    # setup_logging configures the process's root logger: put it back for the tests after
-    # (setLevel, not the attribute, so the loggers' cached levels are cleared too).
-    root, discord_logger = logging.getLogger(), logging.getLogger("discord")
-    monkeypatch.setattr(root, "handlers", list(root.handlers))
-    for logger in (root, discord_logger):
-        request.addfinalizer(functools.partial(logger.setLevel, logger.level))
-    setup_logging("INFO", secrets=[TOKEN])
+    stream = log_to_stream(monkeypatch, request, [TOKEN])
     log = logging.getLogger("imagine-bot.test")
     log.info("connecting with %s", TOKEN)
     try:
