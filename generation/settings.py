@@ -10,6 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from generation.contract import MAX_LORA_WEIGHT, GenerationRequest, Sampler
+from generation.draft import check_draft_sampler
 
 # `source = "tiny"` resolves to random-weight models built in code (generation.tiny); anything
 # else is a Hugging Face hub id or a local diffusers folder, loaded with `from_pretrained`.
@@ -211,6 +212,10 @@ class EngineSettings:
     max_loaded_loras: int = 4
     # Live previews of a job that asks for them: at most one per this many seconds.
     preview_interval_s: float = 2.0
+    # `--draft` (generation.draft): this many steps at most, with this sampler (deterministic
+    # and one model call a step, so the draft shows what Enhance renders, and is cheap).
+    draft_steps: int = 8
+    draft_sampler: Sampler = Sampler.UNIPC
     # Speed options, off until measured on the card that serves (bench/gpu_check.py times
     # them; README "Speed options"). torch.compile each model's UNet (its inpainting UNet too):
     # the first job of each kind compiles (a minute or more), the later ones run faster; what
@@ -319,6 +324,14 @@ class EngineSettings:
             )
         if not self.compile_backend.strip():
             raise ValueError("compile_backend: empty; 'inductor' unless a test names another")
+        if not 1 <= self.draft_steps <= self.max_steps:
+            raise ValueError(
+                f"draft_steps: must be between 1 and max_steps ({self.max_steps}), "
+                f"got {self.draft_steps}"
+            )
+        if not isinstance(self.draft_sampler, Sampler):
+            raise ValueError(f"draft_sampler: must be a Sampler, got {self.draft_sampler!r}")
+        check_draft_sampler(self.draft_sampler)
         if not 0.0 < self.edit_strength <= 1.0:
             raise ValueError(f"edit_strength: must be in (0, 1], got {self.edit_strength}")
         if self.max_loaded_loras < 1:

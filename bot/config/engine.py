@@ -61,6 +61,12 @@ def engine_settings(section: Reader, data_dir: Path, base_dir: Path) -> EngineSe
         sampler = Sampler.parse(section.get("default_sampler", str, defaults.default_sampler.value))
     except ValueError as exc:
         raise ConfigError(f"{section.prefix}default_{exc}") from None
+    try:
+        draft_sampler = Sampler.parse(
+            section.get("draft_sampler", str, defaults.draft_sampler.value)
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{section.prefix}draft_{exc}") from None
     settings = EngineSettings(
         models=tuple(models),
         default_model=default_model,
@@ -88,6 +94,8 @@ def engine_settings(section: Reader, data_dir: Path, base_dir: Path) -> EngineSe
         ),
         edit_strength=section.get("edit_strength", float, defaults.edit_strength),
         preview_interval_s=section.get("preview_interval_s", float, defaults.preview_interval_s),
+        draft_steps=section.get("draft_steps", int, defaults.draft_steps),
+        draft_sampler=draft_sampler,
         upscaler=section.choice("upscaler", ("auto", "hires", "realesrgan"), defaults.upscaler),
         local_files_only=section.get("local_files_only", bool, defaults.local_files_only),
         cpu_offload=section.get("cpu_offload", bool, defaults.cpu_offload),

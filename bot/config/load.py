@@ -199,9 +199,16 @@ def _credits(section: Reader) -> CreditsConfig:
         cost_region=section.non_negative("cost_region", 3),
         cost_upscale_creative=section.non_negative("cost_upscale_creative", 4),
         cost_describe=section.non_negative("cost_describe", 1),
+        cost_draft_percent=section.non_negative("cost_draft_percent", 25),
+        cost_shorten=section.non_negative("cost_shorten", 0),
         cost_controlnet_percent=section.non_negative("cost_controlnet_percent", 50),
         role_allowances=section.id_map("role_allowances"),
     )
+    if config.cost_draft_percent > 100:
+        raise ConfigError(
+            f"{section.prefix}cost_draft_percent: at most 100 (a draft never costs more than "
+            f"the full render), got {config.cost_draft_percent}"
+        )
     section.reject_unknown()
     return config
 

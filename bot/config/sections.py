@@ -55,6 +55,12 @@ class CreditsConfig:
     cost_upscale_creative: int = 4
     # /describe: one CLIP pass over the picture and the phrase vocabulary, whatever its size.
     cost_describe: int = 1
+    # --draft: a draft costs this many percent of the same job at full quality (rounded up, at
+    # least 1 credit); Enhance is then an ordinary job at full price.
+    cost_draft_percent: int = 25
+    # /shorten: one CLIP text pass over a few dozen variants of the prompt, no diffusion
+    # (milliseconds): free by default. Its buttons' jobs are ordinary /imagine jobs.
+    cost_shorten: int = 0
     # A job steered by a ControlNet costs this many percent more: the ControlNet runs beside
     # the UNet at every step (about half a UNet's work again). LoRAs cost nothing extra.
     cost_controlnet_percent: int = 50

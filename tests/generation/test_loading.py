@@ -83,7 +83,7 @@ def test_model_without_fp16_variant_loads_its_full_weights_in_half_precision(
 ) -> None:
     spec = ModelSpec("sd", str(folders["none"]), base_resolution=128)
     engine = create_engine(_settings(tiny_cache, spec, dtype="float16"))
-    with caplog.at_level(logging.INFO, logger="generation.engine"):
+    with caplog.at_level(logging.INFO, logger="generation.loading"):
         text2img, _ = engine.pipelines("sd")
     assert text2img.unet.dtype == torch.float16
     assert "no fp16 variant" in caplog.text
@@ -187,7 +187,7 @@ def test_real_model_with_the_tiny_clip_is_refused(tiny_cache: Path) -> None:
 def test_cpu_offload_is_ignored_without_a_gpu(
     tiny_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="generation.engine"):
+    with caplog.at_level(logging.WARNING, logger="generation.loading"):
         engine = create_engine(
             _settings(
                 tiny_cache, ModelSpec("tiny", "tiny", 128), cpu_offload=True, clip_model="tiny"
