@@ -8,6 +8,8 @@ fetch the picture until it expires; the path says which picture it was.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from datetime import datetime
 
 from bot.core.clock import Clock, from_db, to_db
 from bot.core.db import Database, Transaction
@@ -107,13 +109,48 @@ class AuditLog:
     ) -> list[AuditEntry]:
         """The newest rows, of one member and/or of one server (a row of no server, such as a
         ban, belongs to none) when those are given."""
+        return await self.page(limit, user_id=user_id, guild_id=guild_id)
+
+    async def page(
+        self,
+        limit: int = 20,
+        *,
+        user_id: int | None = None,
+        guild_id: int | None = None,
+        kinds: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before_id: int | None = None,
+    ) -> list[AuditEntry]:
+        """Newest first, filtered: one member, one server, some kinds, written in
+        [since, until), and older than row `before_id` (keyset paging: the next page starts
+        below the last row shown, so rows written meanwhile never shift it)."""
         if not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise ValueError(f"limit: must be between 1 and 1000, got {limit!r}")
-        # NULL matches every row: "? IS NULL OR column = ?" keeps one constant statement.
+        if len(kinds) > 20:
+            raise ValueError(f"kinds: at most 20, got {len(kinds)}")
+        # NULL matches every row: "? IS NULL OR column = ?" keeps the statement constant but
+        # for the kinds' placeholders.
+        kind_clause = f"kind IN ({', '.join('?' * len(kinds))})" if kinds else "1"
         rows = await self._db.read(
             "SELECT * FROM audit WHERE (? IS NULL OR user_id = ?) AND (? IS NULL OR guild_id = ?) "
+            f"AND {kind_clause} AND (? IS NULL OR created_at >= ?) "
+            "AND (? IS NULL OR created_at < ?) AND (? IS NULL OR id < ?) "
             "ORDER BY id DESC LIMIT ?",
-            (user_id, user_id, guild_id, guild_id, limit),
+            (
+                user_id,
+                user_id,
+                guild_id,
+                guild_id,
+                *kinds,
+                to_db(since),
+                to_db(since),
+                to_db(until),
+                to_db(until),
+                before_id,
+                before_id,
+                limit,
+            ),
         )
         return [
             AuditEntry(

@@ -434,6 +434,38 @@ class CreditsService:
 
         return await self._db.transaction(work)
 
+    async def revoke(
+        self, user_id: int, amount: int, actor_id: int | None, reason: str = ""
+    ) -> Balance:
+        """Take `amount` granted credits back, in one transaction with the check that the member
+        has them (a read-then-set from outside could race a grant or a hold)."""
+        check_user_id(user_id)
+        check_amount(amount, minimum=1)
+        check_reason(reason)
+
+        async def work(txn: Transaction) -> Balance:
+            state = await self.touch(txn, user_id, None)
+            granted = int(state["granted"])
+            if amount > granted:
+                raise ValueError(
+                    f"amount: the member has {granted} granted credits, fewer than {amount}"
+                )
+            await txn.execute(
+                "UPDATE balances SET granted = granted - ? WHERE user_id = ?", (amount, user_id)
+            )
+            await self._append(
+                txn,
+                user_id,
+                LedgerKind.REVOKE,
+                granted_delta=-amount,
+                reason=reason or "revoked by an admin",
+                actor_id=actor_id,
+            )
+            state["granted"] = granted - amount
+            return await self._balance_from(txn, user_id, state)
+
+        return await self._db.transaction(work)
+
     async def set_balance(
         self, user_id: int, amount: int, actor_id: int | None, reason: str = ""
     ) -> Balance:
@@ -529,24 +561,33 @@ class CreditsService:
         return bool(row and row[0])
 
     async def ledger(
-        self, user_id: int, limit: int = 20, guild_id: int | None = None
+        self,
+        user_id: int,
+        limit: int = 20,
+        guild_id: int | None = None,
+        before_id: int | None = None,
     ) -> list[LedgerEntry]:
         """The user's most recent ledger rows, newest first. With `guild_id`, only the rows of
-        jobs made in that server, and those of no job (grants, balances set)."""
+        jobs made in that server, and those of no job (grants, balances set). With
+        `before_id`, only rows older than that one (keyset paging: a page never shifts as
+        rows are appended)."""
         check_user_id(user_id)
         if not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise ValueError(f"limit: must be between 1 and 1000, got {limit!r}")
+        if before_id is not None:
+            check_user_id(before_id, "before_id")
         if guild_id is None:
             rows = await self._db.read(
-                "SELECT * FROM ledger WHERE user_id = ? ORDER BY id DESC LIMIT ?",
-                (user_id, limit),
+                "SELECT * FROM ledger WHERE user_id = ? AND (? IS NULL OR id < ?) "
+                "ORDER BY id DESC LIMIT ?",
+                (user_id, before_id, before_id, limit),
             )
         else:
             rows = await self._db.read(
                 "SELECT l.* FROM ledger l LEFT JOIN jobs j ON j.id = l.job_id "
                 "WHERE l.user_id = ? AND (l.job_id IS NULL OR j.guild_id = ?) "
-                "ORDER BY l.id DESC LIMIT ?",
-                (user_id, guild_id, limit),
+                "AND (? IS NULL OR l.id < ?) ORDER BY l.id DESC LIMIT ?",
+                (user_id, guild_id, before_id, before_id, limit),
             )
         return [
             LedgerEntry(

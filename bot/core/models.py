@@ -50,6 +50,8 @@ class LedgerKind(StrEnum):
     ALLOWANCE_TOPUP = "allowance_topup"
     ALLOWANCE_ADJUST = "allowance_adjust"
     GRANT = "grant"
+    # Granted credits taken back by an owner (a negative granted_delta, never below zero).
+    REVOKE = "revoke"
     SET = "set"
     HOLD = "hold"
     SETTLE = "settle"

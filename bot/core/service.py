@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from bot.config import Config
@@ -22,8 +23,8 @@ from bot.core.credits import CreditsService, check_reason, check_user_id
 from bot.core.db import Database, Transaction
 from bot.core.devices import visible_cuda_devices
 from bot.core.execute import DEFAULT_ENGINE_FACTORY
-from bot.core.jobs import JobStore, remove_stale_temporaries
-from bot.core.models import AuditEntry, Balance, LedgerEntry, QueueSnapshot
+from bot.core.jobs import JobStore, remove_stale_temporaries, row_to_job
+from bot.core.models import AuditEntry, Balance, Job, JobState, LedgerEntry, QueueSnapshot
 from bot.core.scheduler import OutputCheck, Scheduler, WorkerStatus
 from bot.core.storage import DataFolderLock, Retention
 from bot.core.workers import ProcessWorker, Worker
@@ -75,6 +76,11 @@ class AdminService:
     ) -> Balance:
         return await self._credits.set_balance(user_id, amount, actor_id, reason)
 
+    async def revoke(
+        self, user_id: int, amount: int, actor_id: int | None, reason: str = ""
+    ) -> Balance:
+        return await self._credits.revoke(user_id, amount, actor_id, reason)
+
     async def balance(self, user_id: int, role_ids: Sequence[int] | None = None) -> Balance:
         return await self._credits.balance(user_id, role_ids)
 
@@ -94,6 +100,15 @@ class AdminService:
 
     def role_allowances(self) -> dict[int, int]:
         return self._credits.role_levels()
+
+    async def user_allowances(self, limit: int = 200) -> list[tuple[int, int]]:
+        """Members given their own daily allowance: (user id, credits a day), by user id."""
+        rows = await self._db.read(
+            "SELECT user_id, allowance_override FROM balances "
+            "WHERE allowance_override IS NOT NULL ORDER BY user_id LIMIT ?",
+            (limit,),
+        )
+        return [(int(r[0]), int(r[1])) for r in rows]
 
     async def ban(self, user_id: int, actor_id: int | None, reason: str = "") -> int:
         """Ban a user: nothing more can be submitted, and their queued jobs are cancelled and
@@ -122,11 +137,15 @@ class AdminService:
         await self._db.transaction(work)
 
     async def ledger(
-        self, user_id: int, limit: int = 20, guild_id: int | None = None
+        self,
+        user_id: int,
+        limit: int = 20,
+        guild_id: int | None = None,
+        before_id: int | None = None,
     ) -> list[LedgerEntry]:
         """With `guild_id`: only that server's part of the member's ledger (a server admin's
-        view, bot/app/access.py)."""
-        return await self._credits.ledger(user_id, limit, guild_id)
+        view, bot/app/access.py); with `before_id`, the rows older than that one."""
+        return await self._credits.ledger(user_id, limit, guild_id, before_id)
 
     async def queue(self, guild_id: int | None = None) -> QueueSnapshot:
         """With `guild_id`: only that server's running and queued jobs (positions stay those
@@ -150,6 +169,36 @@ class AdminService:
         self, limit: int = 20, user_id: int | None = None, guild_id: int | None = None
     ) -> list[AuditEntry]:
         return await self._audit.recent(limit, user_id, guild_id)
+
+    async def audit_page(
+        self,
+        limit: int = 20,
+        *,
+        user_id: int | None = None,
+        guild_id: int | None = None,
+        kinds: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before_id: int | None = None,
+    ) -> list[AuditEntry]:
+        return await self._audit.page(
+            limit,
+            user_id=user_id,
+            guild_id=guild_id,
+            kinds=kinds,
+            since=since,
+            until=until,
+            before_id=before_id,
+        )
+
+    async def recent_failures(self, limit: int = 10, guild_id: int | None = None) -> list[Job]:
+        """The newest failed jobs (of one server with `guild_id`), newest first."""
+        rows = await self._db.read(
+            "SELECT * FROM jobs WHERE state = ? AND (? IS NULL OR guild_id = ?) "
+            "ORDER BY id DESC LIMIT ?",
+            (JobState.FAILED.value, guild_id, guild_id, limit),
+        )
+        return [row_to_job(r) for r in rows]
 
     async def cancel(self, job_id: int, actor_id: int | None = None) -> bool:
         return await self._scheduler.cancel(job_id, actor_id)

@@ -21,6 +21,7 @@ import discord
 from discord.ext import commands
 
 from bot.app.actions import Action
+from bot.app.admin import open_desk
 from bot.app.application import ImagineApp, open_core, picture_inputs
 from bot.app.fetch import FetchPolicy, policy_from_config
 from bot.app.health import HealthServer, start_health_server
@@ -143,7 +144,7 @@ class ImagineBot(commands.AutoShardedBot):
         await self.add_cog(self._member)
         await self.add_cog(CatalogCog(self.config))
         self.tree.add_command(self._after_grid.delete_menu)
-        self.tree.add_command(AdminCommands(self.core.admin, actors, self.clock))
+        self.tree.add_command(AdminCommands(open_desk(self.core, self.clock), actors, self.clock))
 
     async def learn_owners(self) -> None:
         """The application's owner (or its team's members) are owners too: they hold the
