@@ -144,7 +144,7 @@ class ImagineBot(commands.AutoShardedBot):
         await self.add_cog(self._member)
         await self.add_cog(CatalogCog(self.config))
         self.tree.add_command(self._after_grid.delete_menu)
-        self.tree.add_command(AdminCommands(open_desk(self.core, self.clock), actors, self.clock))
+        self.tree.add_command(AdminCommands(open_desk(self.core), actors, self.clock))
 
     async def learn_owners(self) -> None:
         """The application's owner (or its team's members) are owners too: they hold the

@@ -28,6 +28,7 @@ from bot.app.admin import (
     seat_for,
 )
 from bot.app.application import ImagineApp, open_core
+from bot.app.live import LiveBoard
 from bot.config import Config, DiscordConfig
 from bot.core.clock import system_clock
 from bot.core.models import LedgerKind
@@ -53,6 +54,7 @@ def _settings() -> DiscordConfig:
 @dataclasses.dataclass
 class Desk:
     desk: AdminDesk
+    board: LiveBoard
     app: ImagineApp
     config: Config
 
@@ -70,7 +72,9 @@ async def d(tmp_path: Path) -> AsyncIterator[Desk]:
     config = dataclasses.replace(config, discord=discord)
     core = await open_core(config, lambda _c: False, workers=[], workers_join_later=True)
     try:
-        yield Desk(open_desk(core, system_clock), ImagineApp(config, core), config)
+        desk = open_desk(core)
+        board = LiveBoard(desk, core.scheduler.add_listener, system_clock)
+        yield Desk(desk, board, ImagineApp(config, core), config)
     finally:
         await core.close(drain_timeout_s=1.0)
 
@@ -212,10 +216,10 @@ async def test_a_server_admin_sees_their_servers_part_of_ledger_audit_queue_only
 
     queue = await d.desk.queue(second_admin)
     assert {a.job.id for a in queue.queued} == {alice_there.job.id, bob_job.job.id}
-    live = await d.desk.live(second_admin)
+    live = await d.board.view(second_admin)
     assert {w.job_id for w in live.waiting} == {alice_there.job.id, bob_job.job.id}
     assert live.workers is None and live.backend is None
-    full = await d.desk.live(owner)
+    full = await d.board.view(owner)
     assert {w.job_id for w in full.waiting} == {
         alice_job.job.id,
         alice_there.job.id,
@@ -279,7 +283,7 @@ async def test_audit_filters_by_kind_member_and_date(d: Desk) -> None:
 
 async def test_the_live_views_follow_a_submit_and_end_when_closing(d: Desk) -> None:
     closing = asyncio.Event()
-    views = d.desk.live_views(main_admin, poll_s=0.05, refresh_s=60, closing=closing)
+    views = d.board.views(main_admin, poll_s=0.05, refresh_s=60, closing=closing)
     first = await anext(views)
     assert first is not None and first.waiting == ()
     (job,) = await d.app.imagine(Actor(ALICE, MAIN, 1), "a lighthouse")
