@@ -18,6 +18,7 @@ from bot.config.sections import (
     ImagesConfig,
     MetricsConfig,
     ModerationConfig,
+    ModesConfig,
     SchedulerConfig,
     StorageConfig,
     WorkersConfig,
@@ -56,6 +57,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         metrics=_metrics(reader.section("metrics")),
         workers=_workers_backend(reader.section("workers")),
         images=_images(reader.section("images")),
+        modes=_modes(reader.section("modes")),
     )
     reader.reject_unknown()
     if config.workers.backend == "ray" and "workers" in reader.section("scheduler").table:
@@ -64,6 +66,34 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
             'scheduler.workers: not used with [workers] backend = "ray", which runs one actor '
             "per GPU of the cluster; remove it"
         )
+    return config
+
+
+def _modes(section: Reader) -> ModesConfig:
+    defaults = ModesConfig()
+    config = ModesConfig(
+        relax_enabled=section.get("relax_enabled", bool, defaults.relax_enabled),
+        relax_cost_percent=section.non_negative("relax_cost_percent", defaults.relax_cost_percent),
+        relax_max_queued_per_user=section.positive(
+            "relax_max_queued_per_user", int, defaults.relax_max_queued_per_user
+        ),
+        relax_max_per_day=section.positive("relax_max_per_day", int, defaults.relax_max_per_day),
+        turbo_cost_percent=section.non_negative("turbo_cost_percent", defaults.turbo_cost_percent),
+        wait_estimate_run_s=section.positive(
+            "wait_estimate_run_s", float, defaults.wait_estimate_run_s
+        ),
+    )
+    if config.relax_cost_percent > 100:
+        raise ConfigError(
+            f"{section.prefix}relax_cost_percent: must be between 0 and 100 (a relax job never "
+            f"costs more than a fast one), got {config.relax_cost_percent}"
+        )
+    if not 100 <= config.turbo_cost_percent <= 1000:
+        raise ConfigError(
+            f"{section.prefix}turbo_cost_percent: must be between 100 and 1000 (turbo never "
+            f"costs less than fast), got {config.turbo_cost_percent}"
+        )
+    section.reject_unknown()
     return config
 
 

@@ -168,6 +168,24 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class ModesConfig:
+    """Relax, Fast and Turbo (`[modes]`): how each is charged and what caps relax."""
+
+    # Relax where a server has not set its own switch (/admin relax), and in DMs.
+    relax_enabled: bool = True
+    # A relax job costs this percent of its fast cost, rounded down (0: free; at most 100).
+    relax_cost_percent: int = 0
+    # Relax jobs one member may have waiting at once (they count in max_queued_per_user too).
+    relax_max_queued_per_user: int = 2
+    # Relax jobs one member may queue per UTC day (failed and withheld ones don't count).
+    relax_max_per_day: int = 30
+    # Turbo: ahead of every fast job, at this percent of the fast cost, rounded up (>= 100).
+    turbo_cost_percent: int = 200
+    # The run time a queued job's expected wait assumes until jobs have run (seconds).
+    wait_estimate_run_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("data")
     log_level: str = "INFO"
@@ -180,6 +198,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    modes: ModesConfig = field(default_factory=ModesConfig)
 
     @property
     def database_path(self) -> Path:

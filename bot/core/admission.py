@@ -1,5 +1,6 @@
 """Admission: check a submit against the limits, hold its cost and queue it, or refuse it
-having charged nothing."""
+having charged nothing. A job's mode sets its cost (`credits.mode_cost`) and its queue; relax
+jobs also pass the relax switch of their server and the relax caps (bot/core/modes.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bot.config import SchedulerConfig
-from bot.core.clock import Clock, to_db
-from bot.core.credits import CreditsService, check_user_id
+from bot.core.clock import Clock, next_utc_midnight, to_db
+from bot.core.credits import CreditsService, check_user_id, describe_wait, mode_cost
 from bot.core.db import Database, Transaction
 from bot.core.fairness import QueueEntry
 from bot.core.jobs import StoredInputs, save_input_image
@@ -21,10 +22,12 @@ from bot.core.models import (
     Job,
     JobKind,
     JobState,
+    Mode,
     Owner,
     RefusalCode,
     Refused,
 )
+from bot.core.modes import ModeStore
 from bot.core.state import QueueState
 from generation.contract import GenerationRequest
 from generation.contract import JobKind as GenerationKind
@@ -50,6 +53,7 @@ class Admission:
         config: SchedulerConfig,
         clock: Clock,
         data_dir: Path,
+        modes: ModeStore,
     ) -> None:
         self._db = db
         self._credits = credits
@@ -57,8 +61,11 @@ class Admission:
         self._config = config
         self._clock = clock
         self._data_dir = data_dir
-        # Submits between the in-memory limit check and their transaction's commit.
+        self._modes = modes
+        # Submits between the in-memory limit check and their transaction's commit (all, and
+        # the relax ones).
         self._in_flight: collections.Counter[int] = collections.Counter()
+        self._relax_in_flight: collections.Counter[int] = collections.Counter()
 
     def tier_for(self, owner: Owner) -> int:
         tiers = [self._config.user_tiers.get(owner.user_id, 0)]
@@ -71,11 +78,13 @@ class Admission:
         requests: Sequence[GenerationRequest],
         kind: JobKind = JobKind.IMAGINE,
         parent: tuple[int, int | None] | None = None,
+        mode: Mode = Mode.FAST,
     ) -> list[Job]:
         """Queue every request as its own job, or none: the limits apply to all of them
         together, and their costs are held in the same transaction that queues them."""
         check_user_id(owner.user_id, "owner.user_id")
         kind = JobKind(kind)
+        mode = Mode(mode)
         requests = list(requests)
         if not requests:
             raise ValueError("requests: at least one request is needed")
@@ -95,15 +104,21 @@ class Admission:
             user_queued=fair.count(user) + self._in_flight[user],
             total_queued=len(fair) + self._in_flight.total(),
         )
+        relax = len(requests) if mode is Mode.RELAX else 0
+        if relax:
+            self._refuse_relax_queued(
+                relax, fair.count(user, Mode.RELAX) + self._relax_in_flight[user]
+            )
         self._in_flight[user] += len(requests)
-        costs = [self._credits.cost(request) for request in requests]
+        self._relax_in_flight[user] += relax
+        costs = self._costs(requests, mode)
         tier = self.tier_for(owner)
         try:
             stored = await self._save_inputs(requests, parent)
             transaction = asyncio.ensure_future(
                 self._db.transaction(
                     lambda txn: self._submit_in(
-                        txn, owner, requests, kind, parent, costs, tier, stored
+                        txn, owner, requests, kind, parent, costs, tier, stored, mode
                     )
                 )
             )
@@ -116,8 +131,18 @@ class Admission:
             self._in_flight[user] -= len(requests)
             if not self._in_flight[user]:
                 del self._in_flight[user]
+            self._relax_in_flight[user] -= relax
+            if not self._relax_in_flight[user]:
+                del self._relax_in_flight[user]
 
-    async def check(self, owner: Owner, requests: Sequence[GenerationRequest]) -> None:
+    def _costs(self, requests: Sequence[GenerationRequest], mode: Mode) -> list[int]:
+        return [
+            mode_cost(self._credits.cost(request), mode, self._modes.config) for request in requests
+        ]
+
+    async def check(
+        self, owner: Owner, requests: Sequence[GenerationRequest], mode: Mode = Mode.FAST
+    ) -> None:
         """Refuse, as `submit_many` would, requests that can't be queued now (the queue is
         paused or closing, the member's or the bot's queue is full, the member is banned or
         has too few credits), without holding or queueing anything. A command looks before it
@@ -134,12 +159,19 @@ class Admission:
             user_queued=fair.count(user) + self._in_flight[user],
             total_queued=len(fair) + self._in_flight.total(),
         )
-        total = sum(self._credits.cost(request) for request in requests)
+        mode = Mode(mode)
+        if mode is Mode.RELAX:
+            self._refuse_relax_queued(
+                len(requests), fair.count(user, Mode.RELAX) + self._relax_in_flight[user]
+            )
+        total = sum(self._costs(requests, mode))
 
         async def look(txn: Transaction) -> None:
             state = await self._credits.touch(txn, user, owner.role_ids)
             if state["banned"]:
                 raise Refused("You are banned from using this bot.", RefusalCode.BANNED)
+            if mode is Mode.RELAX:
+                await self._check_relax_in(txn, owner, len(requests))
             if int(state["allowance_left"]) + int(state["granted"]) < total:
                 raise self._credits.insufficient(total, state, len(requests))
 
@@ -196,6 +228,40 @@ class Admission:
         else:
             transaction.add_done_callback(discard)
 
+    def _refuse_relax_queued(self, wanted: int, relax_queued: int) -> None:
+        limit = self._modes.config.relax_max_queued_per_user
+        if relax_queued + wanted > limit:
+            jobs = "job" if relax_queued == 1 else "jobs"
+            making = f"This prompt makes {wanted} relax jobs, and you" if wanted > 1 else "You"
+            raise Refused(
+                f"{making} already have {relax_queued} relax {jobs} waiting (limit {limit}); "
+                "wait for one to start, or use --fast.",
+                RefusalCode.RELAX_LIMIT,
+            )
+
+    async def _check_relax_in(self, txn: Transaction, owner: Owner, wanted: int) -> None:
+        """The relax switch of the member's server and the relax caps, inside the submit's
+        transaction (the authoritative look: another process's rows count too)."""
+        if not await self._modes.relax_enabled_in(txn, owner.guild_id):
+            raise Refused(
+                "Relax mode is switched off in this server; use /fast (or --fast) to run "
+                "it with credits.",
+                RefusalCode.RELAX_OFF,
+            )
+        today, queued = await self._modes.relax_counts_in(txn, owner.user_id)
+        self._refuse_relax_queued(wanted, queued)
+        per_day = self._modes.config.relax_max_per_day
+        if today + wanted > per_day:
+            now = self._clock()
+            wait = describe_wait(next_utc_midnight(now), now)
+            left = max(0, per_day - today)
+            what = f"this prompt makes {wanted} and you have {left} left" if left else "none left"
+            raise Refused(
+                f"Relax limit reached: {per_day} relax jobs a day, {what} (it resets in {wait}, "
+                "at 00:00 UTC); use --fast to run it with credits.",
+                RefusalCode.RELAX_LIMIT,
+            )
+
     def _refuse_if_full(self, wanted: int, user_queued: int, total_queued: int) -> None:
         """Refuse `wanted` more jobs of one user, all together, when they don't all fit."""
         limit = self._config.max_queued_per_user
@@ -238,11 +304,14 @@ class Admission:
         costs: Sequence[int],
         tier: int,
         stored: Sequence[StoredInputs],
+        mode: Mode,
     ) -> list[Job]:
         user = owner.user_id
         state = await self._credits.touch(txn, user, owner.role_ids)
         if state["banned"]:
             raise Refused("You are banned from using this bot.", RefusalCode.BANNED)
+        if mode is Mode.RELAX:
+            await self._check_relax_in(txn, owner, len(requests))
         parent_image = await self._parent_image(txn, parent) if parent is not None else None
         counts = await txn.fetchone(
             "SELECT COUNT(*), COALESCE(SUM(user_id = ?), 0) FROM jobs WHERE state = 'queued'",
@@ -266,8 +335,8 @@ class Admission:
             job_id = await txn.insert(
                 "INSERT INTO jobs (user_id, guild_id, channel_id, kind, parent_job_id, "
                 "parent_index, request, init_image_path, state, attempts, cost, hold_allowance, "
-                "hold_granted, hold_day, tier, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?)",
+                "hold_granted, hold_day, tier, created_at, mode) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     user,
                     owner.guild_id,
@@ -283,10 +352,15 @@ class Admission:
                     state["allowance_day"],
                     tier,
                     to_db(now),
+                    mode.value,
                 ),
             )
-            await self._credits.record_hold(txn, user, job_id, split, f"{kind.value} job {job_id}")
-            entry = QueueEntry(job_id=job_id, user_id=user, enqueued_at=now.timestamp(), tier=tier)
+            await self._credits.record_hold(
+                txn, user, job_id, split, f"{kind.value} job {job_id} ({mode.value})"
+            )
+            entry = QueueEntry(
+                job_id=job_id, user_id=user, enqueued_at=now.timestamp(), tier=tier, mode=mode
+            )
             txn.after_commit(functools.partial(self._state.enqueue, entry))
             jobs.append(
                 Job(
@@ -302,6 +376,7 @@ class Admission:
                     parent_index=parent[1] if parent else None,
                     init_image_path=init_path,
                     tier=tier,
+                    mode=mode,
                 )
             )
         return jobs

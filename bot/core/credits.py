@@ -42,6 +42,10 @@ Costs (all integers, rounded up, at least 1 when the configured base cost is abo
 * a ControlNet (imagine, variation, upscale) adds cost_controlnet_percent to the scaled cost
   before rounding: it runs beside the UNet at every step. LoRAs add nothing (a few small
   matrices beside layers the job runs anyway). Edits never carry a ControlNet.
+
+A job's mode then scales its cost (`mode_cost`): relax takes a share, rounded down (free by
+default), turbo a multiple, rounded up. A free relax job still has its hold, settle or refund
+rows, of 0 credits, so every job goes through the same lifecycle and the same checks.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from datetime import datetime
 from fractions import Fraction
 from typing import Any
 
-from bot.config import CreditsConfig
+from bot.config import CreditsConfig, ModesConfig
 from bot.core.clock import Clock, from_db, next_utc_midnight, to_db, utc_day
 from bot.core.db import Database, Transaction
 from bot.core.models import (
@@ -62,6 +66,7 @@ from bot.core.models import (
     JobState,
     LedgerEntry,
     LedgerKind,
+    Mode,
     RefusalCode,
     Refused,
 )
@@ -112,6 +117,17 @@ def job_cost(request: GenerationRequest, config: CreditsConfig) -> int:
     if base <= 0:
         return 0
     return max(1, math.ceil(scaled))
+
+
+def mode_cost(cost: int, mode: Mode, config: ModesConfig) -> int:
+    """What a job of fast cost `cost` costs in `mode`, in whole credits: fast as is; relax
+    `relax_cost_percent` of it rounded down (a relax job never costs more than its share, and
+    0 % is free); turbo `turbo_cost_percent` of it rounded up (never less than its multiple)."""
+    if mode is Mode.RELAX:
+        return cost * config.relax_cost_percent // 100
+    if mode is Mode.TURBO:
+        return -(-cost * config.turbo_cost_percent // 100)
+    return cost
 
 
 def check_user_id(user_id: Any, name: str = "user_id") -> int:

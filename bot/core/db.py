@@ -181,8 +181,29 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # 7: personalization (CLIP embeddings of ranked candidates, members' preference pairs).
     7: (),
-    # 8: Relax and Fast modes (each job's mode, relax use per member and day).
-    8: (),
+    # Relax and Fast modes: each job's mode (its queue and what it was charged follow from it;
+    # relax use per member and UTC day is counted from these rows by hold_day), the mode each
+    # member chose (/fast, /relax, /turbo), and each server's relax switch (/admin relax).
+    8: (
+        "ALTER TABLE jobs ADD COLUMN mode TEXT NOT NULL DEFAULT 'fast' "
+        "CHECK (mode IN ('turbo', 'fast', 'relax'))",
+        "CREATE INDEX jobs_user_mode_day ON jobs(user_id, mode, hold_day)",
+        """
+        CREATE TABLE member_modes (
+            user_id INTEGER PRIMARY KEY,
+            mode TEXT NOT NULL CHECK (mode IN ('turbo', 'fast', 'relax')),
+            updated_at TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE server_modes (
+            guild_id INTEGER PRIMARY KEY,
+            relax_enabled INTEGER NOT NULL CHECK (relax_enabled IN (0, 1)),
+            actor_id INTEGER,
+            updated_at TEXT NOT NULL
+        )
+        """,
+    ),
     # 9: the web home (prompt search, sign-in links, web sessions, Explore sharing).
     9: (),
 }

@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from bot.core.models import Mode
+
 
 @dataclass(frozen=True)
 class QueueEntry:
@@ -32,6 +34,8 @@ class QueueEntry:
     # Seconds since the epoch (from the core's clock) when the job was queued.
     enqueued_at: float
     tier: int = 0
+    # Which of the mode queues holds it (bot/core/mode_queue.py); a FairQueue ignores it.
+    mode: Mode = Mode.FAST
 
 
 @dataclass

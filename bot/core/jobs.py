@@ -22,7 +22,16 @@ from PIL import Image
 from bot.core.clock import Clock, from_db, to_db
 from bot.core.db import Database, Transaction
 from bot.core.execute import input_paths, load_request_images
-from bot.core.models import Delivery, ImageExpired, Job, JobKind, JobResult, JobState, Owner
+from bot.core.models import (
+    Delivery,
+    ImageExpired,
+    Job,
+    JobKind,
+    JobResult,
+    JobState,
+    Mode,
+    Owner,
+)
 from generation.contract import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,7 @@ def row_to_job(row: aiosqlite.Row | Mapping[str, Any]) -> Job:
         result=JobResult.from_json(json.loads(result)) if result else None,
         images_expired_at=from_db(row["images_expired_at"]),
         pruned_at=from_db(row["pruned_at"]),
+        mode=Mode(row["mode"]),
     )
 
 

@@ -29,7 +29,15 @@ from bot.core.db import Database, Transaction
 from bot.core.events import EventHub
 from bot.core.fairness import QueueEntry
 from bot.core.jobs import row_to_job
-from bot.core.models import CancelNotSaved, EndingDelayed, Finished, Job, JobResult, JobState
+from bot.core.models import (
+    CancelNotSaved,
+    EndingDelayed,
+    Finished,
+    Job,
+    JobResult,
+    JobState,
+    Mode,
+)
 from bot.core.state import QueueState, RunningJob
 
 log = logging.getLogger(__name__)
@@ -247,7 +255,7 @@ class Lifecycle:
         row = await txn.fetchone(
             "UPDATE jobs SET state = 'queued', started_at = NULL, "
             "attempts = attempts - ? WHERE id = ? AND state = 'running' "
-            "AND (? IS NULL OR attempts = ?) RETURNING user_id, tier, created_at",
+            "AND (? IS NULL OR attempts = ?) RETURNING user_id, tier, created_at, mode",
             (1 if hand_back else 0, job_id, attempt, attempt),
         )
         if row is None:
@@ -257,6 +265,8 @@ class Lifecycle:
             user_id=int(row["user_id"]),
             enqueued_at=from_db(row["created_at"]).timestamp(),  # type: ignore[union-attr]
             tier=int(row["tier"]),
+            # Back in its own mode's queue: a relax job handed back stays behind fast ones.
+            mode=Mode(row["mode"]),
         )
 
         def requeued() -> None:
@@ -391,7 +401,8 @@ class Lifecycle:
                     if job is not None:
                         failed.append(job)
             rows = await txn.fetchall(
-                "SELECT id, user_id, tier, created_at FROM jobs WHERE state = 'queued' ORDER BY id"
+                "SELECT id, user_id, tier, created_at, mode FROM jobs WHERE state = 'queued' "
+                "ORDER BY id"
             )
 
             def load() -> None:
@@ -402,6 +413,7 @@ class Lifecycle:
                             user_id=int(r["user_id"]),
                             enqueued_at=from_db(r["created_at"]).timestamp(),  # type: ignore
                             tier=int(r["tier"]),
+                            mode=Mode(r["mode"]),
                         )
                     )
                 self._state.queue_changed()

@@ -46,6 +46,23 @@ class JobState(StrEnum):
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 
 
+class Mode(StrEnum):
+    """How a job is scheduled and charged (bot/core/mode_queue.py, credits.mode_cost): every
+    waiting turbo job starts before any fast job, every fast one before any relax one."""
+
+    TURBO = "turbo"
+    FAST = "fast"
+    RELAX = "relax"
+
+    @property
+    def rank(self) -> int:
+        """Dispatch order: lower starts first."""
+        return _MODE_RANKS[self]
+
+
+_MODE_RANKS = {Mode.TURBO: 0, Mode.FAST: 1, Mode.RELAX: 2}
+
+
 class LedgerKind(StrEnum):
     ALLOWANCE_TOPUP = "allowance_topup"
     ALLOWANCE_ADJUST = "allowance_adjust"
@@ -66,6 +83,9 @@ class RefusalCode(StrEnum):
     QUEUE_FULL = "queue_full"
     INSUFFICIENT_CREDITS = "insufficient_credits"
     INVALID = "invalid"
+    # Relax mode is switched off where the member asked for it, or a relax cap is reached.
+    RELAX_OFF = "relax_off"
+    RELAX_LIMIT = "relax_limit"
 
 
 class Refused(Exception):
@@ -189,6 +209,7 @@ class Job:
     # When the retention policy erased the job's prompt, request and result (the row stays
     # with what the ledger needs: owner, kind, state, cost and holds).
     pruned_at: datetime | None = None
+    mode: Mode = Mode.FAST
 
     @property
     def images_expired(self) -> bool:

@@ -7,16 +7,19 @@ concern has its own module:
 * `admission.py`  checks limits, holds credits and queues a job (or refuses, charging nothing);
 * `dispatch.py`   starts workers and runs queued jobs on free slots in fair order;
 * `lifecycle.py`  moves a job's row and credits: running, settled, refunded or re-queued;
-* `events.py`     per-job subscriptions, listeners and queue positions.
+* `events.py`     per-job subscriptions, listeners and queue positions;
+* `modes.py`      members' modes, servers' relax switches and relax use (`mode_queue.py` is the
+                  queue: turbo, then fast, then relax).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
-from bot.config import SchedulerConfig
+from bot.config import ModesConfig, SchedulerConfig
 from bot.core.admission import Admission
 from bot.core.clock import Clock, to_db
 from bot.core.credits import CreditsService
@@ -28,13 +31,16 @@ from bot.core.lifecycle import Lifecycle
 from bot.core.metrics import CoreMetrics
 from bot.core.models import (
     ActiveJob,
+    Finished,
     Job,
     JobEvent,
     JobKind,
     JobState,
+    Mode,
     Owner,
     QueueSnapshot,
 )
+from bot.core.modes import ModeStore
 from bot.core.state import QueueState, RunningJob
 from bot.core.workers import Worker
 from generation.contract import GenerationRequest
@@ -42,6 +48,8 @@ from generation.contract import GenerationRequest
 __all__ = ["Listener", "OutputCheck", "Scheduler", "Subscription", "WorkerStatus"]
 
 _PAUSED_KEY = "scheduler.paused"
+# Succeeded runs whose durations the expected wait averages.
+_RUNS_REMEMBERED = 20
 
 
 class Scheduler:
@@ -59,6 +67,7 @@ class Scheduler:
         worker_retry_s: float = 30.0,
         workers_join_later: bool = False,
         end_retry_s: float = 30.0,
+        modes: ModesConfig | None = None,
     ) -> None:
         """`workers_join_later`: start with no worker; they come and go through `add_worker`
         and `remove_worker` (the Ray backend), and jobs wait in the queue meanwhile.
@@ -75,7 +84,8 @@ class Scheduler:
         self._lifecycle = Lifecycle(
             db, credits, self._state, self._events, config, clock, end_retry_s
         )
-        self._admission = Admission(db, credits, self._state, config, clock, data_dir)
+        self.modes = ModeStore(db, modes or ModesConfig(), clock)
+        self._admission = Admission(db, credits, self._state, config, clock, data_dir, self.modes)
         self._dispatcher = Dispatcher(
             self._state,
             self._lifecycle,
@@ -90,6 +100,8 @@ class Scheduler:
         self.metrics = CoreMetrics()
         self._events.add_listener(self.metrics.on_event)
         self.metrics.watch(self)
+        self._run_s: collections.deque[float] = collections.deque(maxlen=_RUNS_REMEMBERED)
+        self._events.add_listener(self._remember_run)
         self._started = False
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -122,12 +134,14 @@ class Scheduler:
         request: GenerationRequest,
         kind: JobKind = JobKind.IMAGINE,
         parent: tuple[int, int | None] | None = None,
+        mode: Mode = Mode.FAST,
     ) -> Job:
         """Hold the cost and queue the job, or raise `Refused` having charged nothing.
 
         `parent` is (job id, image index) for U/V buttons and (job id, None) for a reroll.
+        `mode` sets the cost and the queue (turbo, fast or relax).
         """
-        (job,) = await self.submit_many(owner, [request], kind, parent)
+        (job,) = await self.submit_many(owner, [request], kind, parent, mode)
         return job
 
     async def submit_many(
@@ -136,20 +150,23 @@ class Scheduler:
         requests: Sequence[GenerationRequest],
         kind: JobKind = JobKind.IMAGINE,
         parent: tuple[int, int | None] | None = None,
+        mode: Mode = Mode.FAST,
     ) -> list[Job]:
         """Queue one job per request, all or none (one /imagine with permutations or
         --repeat): the queue limits count them together, their costs are held in one
         transaction, and a refusal (`Refused`) charges and queues nothing. Jobs come back in
-        the order of `requests`, and are queued in that order."""
-        jobs = await self._admission.submit_many(owner, requests, kind, parent)
+        the order of `requests`, and are queued in that order, all in `mode`."""
+        jobs = await self._admission.submit_many(owner, requests, kind, parent, mode)
         self.metrics.submitted(jobs)
         return jobs
 
-    async def check_submit(self, owner: Owner, requests: Sequence[GenerationRequest]) -> None:
+    async def check_submit(
+        self, owner: Owner, requests: Sequence[GenerationRequest], mode: Mode = Mode.FAST
+    ) -> None:
         """`Refused` now for what `submit_many` would refuse now (paused, queue full, banned,
-        too few credits), holding and queueing nothing: looked at before a command fetches
-        anything."""
-        await self._admission.check(owner, requests)
+        too few credits, relax off or capped), holding and queueing nothing: looked at before a
+        command fetches anything."""
+        await self._admission.check(owner, requests, mode)
 
     # ----- cancel, pause, refunds ------------------------------------------------------------
 
@@ -250,6 +267,34 @@ class Scheduler:
         """1 = runs next (an estimate: fair share may reorder as others submit). None when the
         job is not queued."""
         return self._events.queue_position(job_id)
+
+    def expected_wait_s(self, job_id: int) -> float | None:
+        """About how long a queued job waits before it starts, if nothing else arrived: the
+        jobs ahead of it (those running and those queued before it) go through the worker
+        slots in rounds of the average run of the last succeeded jobs (`wait_estimate_run_s`
+        before any). None when the job is not queued. A relax job waits longer when fast jobs
+        arrive meanwhile."""
+        position = self.queue_position(job_id)
+        if position is None:
+            return None
+        slots = max(1, sum(w.capacity for w in self._dispatcher.workers))
+        if self._run_s:
+            run_s = sum(self._run_s) / len(self._run_s)
+        else:
+            run_s = self.modes.config.wait_estimate_run_s
+        ahead = self.running_count + position - 1
+        return float(ahead // slots) * run_s
+
+    def _remember_run(self, event: JobEvent) -> None:
+        if not isinstance(event, Finished) or event.job.state is not JobState.SUCCEEDED:
+            return
+        started, finished = event.job.started_at, event.job.finished_at
+        if started is not None and finished is not None:
+            self._run_s.append(max(0.0, (finished - started).total_seconds()))
+
+    def waiting(self, mode: Mode) -> int:
+        """Jobs of `mode` waiting in the queue now."""
+        return self._state.fair.waiting(mode)
 
     async def user_jobs(self, user_id: int) -> list[ActiveJob]:
         """The user's running and queued jobs, running first, then in expected run order."""

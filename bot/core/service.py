@@ -315,6 +315,7 @@ class Core:
             elif workers is None:
                 workers = await asyncio.to_thread(local_workers, config, engine_factory)
             scheduler_options.setdefault("cancel_grace_s", config.scheduler.cancel_grace_s)
+            scheduler_options.setdefault("modes", config.modes)
             scheduler = Scheduler(
                 db,
                 credits,

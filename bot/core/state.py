@@ -12,7 +12,8 @@ import collections
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from bot.core.fairness import FairQueue, QueueEntry
+from bot.core.fairness import QueueEntry
+from bot.core.mode_queue import ModeQueue
 from bot.core.models import Job, ProgressUpdate
 from bot.core.workers import Worker
 
@@ -119,7 +120,8 @@ class QueueState:
     table, the pause and closing flags, and the dispatcher's wake-up."""
 
     def __init__(self, aging_s: float, workers: Sequence[Worker]) -> None:
-        self.fair = FairQueue(aging_s)
+        # One fair queue per mode, served turbo, fast, then relax (bot/core/mode_queue.py).
+        self.fair = ModeQueue(aging_s)
         self.running = RunningTable(workers)
         self.wake = asyncio.Event()
         self.paused = False
