@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from bot.app.logs import setup_logging
 from bot.config import ConfigError, load_config
+from bot.config.web import take_web_secrets
 from bot.core.worker_env import forget_token
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Read once and taken out of the environment: nothing started from here on (worker
     # processes, a local Ray cluster) inherits it.
     token = forget_token()
-    setup_logging(config.log_level, secrets=[token])
+    web_secrets = take_web_secrets()
+    setup_logging(
+        config.log_level,
+        secrets=[token, web_secrets.signing_key, web_secrets.client_secret],
+    )
 
     from bot.core.storage import DataFolderInUse
 
@@ -81,9 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import discord
 
     from bot.discord.client import run_discord
+    from bot.web.server import start_web
 
     try:
-        asyncio.run(run_discord(config, token))
+        asyncio.run(run_discord(config, token, web_secrets=web_secrets, companions=(start_web,)))
     except discord.LoginFailure:
         print("imagine-bot: Discord refused the token in DISCORD_TOKEN", file=sys.stderr)
         return EXIT_USAGE

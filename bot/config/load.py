@@ -23,6 +23,7 @@ from bot.config.sections import (
     StorageConfig,
     WorkersConfig,
 )
+from bot.config.web import WebConfig
 from generation.prompt import MAX_JOBS
 
 
@@ -57,6 +58,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         metrics=_metrics(reader.section("metrics")),
         workers=_workers_backend(reader.section("workers")),
         images=_images(reader.section("images")),
+        web=_web(reader.section("web")),
         modes=_modes(reader.section("modes")),
     )
     reader.reject_unknown()
@@ -278,5 +280,32 @@ def _moderation(section: Reader) -> ModerationConfig:
     )
     if not 0.0 < config.nsfw_threshold <= 1.0:
         raise ConfigError(f"{section.prefix}nsfw_threshold: must be in (0, 1]")
+    section.reject_unknown()
+    return config
+
+
+def _web(section: Reader) -> WebConfig:
+    config = WebConfig(
+        enabled=section.get("enabled", bool, False),
+        host=section.get("host", str, "127.0.0.1"),
+        port=section.get("port", int, 8080),
+        public_url=section.get("public_url", str, "").rstrip("/"),
+        discord_url=section.get("discord_url", str, "https://discord.com").rstrip("/"),
+        link_ttl_s=section.positive("link_ttl_s", float, 600.0),
+        session_ttl_s=section.positive("session_ttl_s", float, 7 * 24 * 3600.0),
+        ip_requests_per_minute=section.positive("ip_requests_per_minute", int, 600),
+        member_requests_per_minute=section.positive("member_requests_per_minute", int, 300),
+        sign_in_per_minute=section.positive("sign_in_per_minute", int, 20),
+        trust_proxy=section.get("trust_proxy", bool, False),
+        page_size=section.positive("page_size", int, 48),
+    )
+    if not 1 <= config.port <= 65535:
+        raise ConfigError(f"{section.prefix}port: must be between 1 and 65535")
+    for key in ("public_url", "discord_url"):
+        url = getattr(config, key)
+        if url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+            raise ConfigError(f"{section.prefix}{key}: must be an http:// or https:// address")
+    if config.page_size > 200:
+        raise ConfigError(f"{section.prefix}page_size: at most 200")
     section.reject_unknown()
     return config

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from bot.config.web import WebConfig
 from generation.prompt import MAX_JOBS
 from generation.settings import EngineSettings
 
@@ -198,6 +199,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     modes: ModesConfig = field(default_factory=ModesConfig)
 
     @property

@@ -204,8 +204,89 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
     ),
-    # 9: the web home (prompt search, sign-in links, web sessions, Explore sharing).
-    9: (),
+    # 9: the web home (bot/web/). Prompt search: an FTS5 table of each job's prompt, its rowid
+    # the job's id, kept in step by triggers (retention's erasure of a request removes it);
+    # indexes for paging a member's jobs and a server's shared jobs by id (keyset paging);
+    # one-time sign-in links (/web) and web sessions, stored as hashes of their secrets; and
+    # Explore: each member's sharing switch, and a server's default for members who never chose.
+    9: (
+        "CREATE VIRTUAL TABLE job_search "
+        "USING fts5(prompt, tokenize='unicode61 remove_diacritics 2')",
+        """
+        CREATE TRIGGER job_search_insert AFTER INSERT ON jobs
+        WHEN json_valid(new.request) AND json_extract(new.request, '$.prompt') IS NOT NULL
+        BEGIN
+            INSERT INTO job_search (rowid, prompt)
+            VALUES (new.id, json_extract(new.request, '$.prompt'));
+        END
+        """,
+        """
+        CREATE TRIGGER job_search_update AFTER UPDATE OF request ON jobs
+        BEGIN
+            DELETE FROM job_search WHERE rowid = old.id;
+            INSERT INTO job_search (rowid, prompt)
+            SELECT new.id, json_extract(new.request, '$.prompt')
+            WHERE json_valid(new.request) AND json_extract(new.request, '$.prompt') IS NOT NULL;
+        END
+        """,
+        """
+        CREATE TRIGGER job_search_delete AFTER DELETE ON jobs
+        BEGIN DELETE FROM job_search WHERE rowid = old.id; END
+        """,
+        """
+        INSERT INTO job_search (rowid, prompt)
+        SELECT id, json_extract(request, '$.prompt') FROM jobs
+        WHERE json_valid(request) AND json_extract(request, '$.prompt') IS NOT NULL
+        """,
+        "CREATE INDEX jobs_user_id ON jobs(user_id, id)",
+        "CREATE INDEX jobs_user_kind ON jobs(user_id, kind, id)",
+        "CREATE INDEX jobs_user_guild ON jobs(user_id, guild_id)",
+        "CREATE INDEX jobs_guild_shown ON jobs(guild_id, id) "
+        "WHERE state = 'succeeded' AND images_expired_at IS NULL",
+        """
+        CREATE TABLE web_links (
+            token_hash TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            guild_id INTEGER,
+            admin_scope TEXT NOT NULL DEFAULT 'none',
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            used_at TEXT
+        )
+        """,
+        "CREATE INDEX web_links_expiry ON web_links(expires_at)",
+        """
+        CREATE TABLE web_sessions (
+            id_hash TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            guild_id INTEGER,
+            admin_scope TEXT NOT NULL DEFAULT 'none',
+            via TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            ended_at TEXT
+        )
+        """,
+        "CREATE INDEX web_sessions_expiry ON web_sessions(expires_at)",
+        "CREATE INDEX web_sessions_user ON web_sessions(user_id)",
+        """
+        CREATE TABLE explore_sharing (
+            user_id INTEGER PRIMARY KEY,
+            share INTEGER NOT NULL CHECK (share IN (0, 1)),
+            updated_at TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE explore_defaults (
+            guild_id INTEGER PRIMARY KEY,
+            share INTEGER NOT NULL CHECK (share IN (0, 1)),
+            actor_id INTEGER,
+            updated_at TEXT NOT NULL
+        )
+        """,
+    ),
 }
 
 SCHEMA_VERSION = max(_MIGRATIONS)

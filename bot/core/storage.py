@@ -39,6 +39,7 @@ from bot.core.clock import Clock, to_db
 from bot.core.db import Database, Transaction
 from bot.core.execute import input_paths, safe_path
 from bot.core.jobs import INPUTS_DIR, output_dir_for
+from bot.core.web_store import WebStore
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,9 @@ class Pruned:
     images: tuple[int, ...] = ()
     jobs: tuple[int, ...] = ()
     audit_rows: int = 0
+    # The web home's expired sign-in links and sessions (a job's thumbnails go with its
+    # images, its prompt's search entry with its request).
+    web_rows: int = 0
 
 
 class Retention:
@@ -255,7 +259,8 @@ class Retention:
         images = await prune_images(self._db, self._data_dir, self._clock, self._image_days)
         jobs = await prune_jobs(self._db, self._clock, self._storage.job_retention_days)
         audit = await prune_audit(self._db, self._clock, self._storage.audit_retention_days)
-        return Pruned(tuple(images), tuple(jobs), audit)
+        web_rows = await WebStore(self._db, self._clock).prune()
+        return Pruned(tuple(images), tuple(jobs), audit, web_rows)
 
     async def _prune_logged(self) -> None:
         try:

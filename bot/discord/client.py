@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import discord
@@ -23,12 +23,15 @@ from discord.ext import commands
 from bot.app.actions import Action
 from bot.app.admin import open_desk
 from bot.app.application import ImagineApp, open_core, picture_inputs
+from bot.app.companions import Companion, Services, StartCompanion, open_services
 from bot.app.fetch import FetchPolicy, policy_from_config
 from bot.app.health import HealthServer, start_health_server
 from bot.app.inputs import InputScreen
 from bot.app.moderation import flagged_indices
 from bot.app.refusals import RefusalLimiter
+from bot.app.sign_in import job_page_url
 from bot.config import Config
+from bot.config.web import WebSecrets
 from bot.core.clock import Clock, system_clock
 from bot.core.models import Job
 from bot.core.service import Core
@@ -39,6 +42,7 @@ from bot.discord.cogs.catalog import CatalogCog
 from bot.discord.cogs.imagine import ImagineCog
 from bot.discord.cogs.member import MemberCog
 from bot.discord.cogs.pictures import PicturesCog
+from bot.discord.cogs.web import WebCog
 from bot.discord.delivery import Delivery
 from bot.discord.gate import InteractionGate, check_guilds
 from bot.discord.interactions import report_error
@@ -62,6 +66,8 @@ class ImagineBot(commands.AutoShardedBot):
         core_options: dict[str, Any] | None = None,
         fetch_policy: FetchPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        web_secrets: WebSecrets | None = None,
+        companions: Sequence[StartCompanion] = (),
         **options: Any,
     ) -> None:
         super().__init__(
@@ -92,6 +98,11 @@ class ImagineBot(commands.AutoShardedBot):
         self.app: ImagineApp
         self.delivery: Delivery
         self.health: HealthServer | None = None
+        # Started beside the client once its services are open (the web home); closed first.
+        self.web_secrets = web_secrets
+        self._starters = tuple(companions)
+        self.companions: list[Companion] = []
+        self.services: Services
         self._after_grid: AfterGridCog
         self._pictures: PicturesCog
         self._member: MemberCog
@@ -119,13 +130,21 @@ class ImagineBot(commands.AutoShardedBot):
             own_user_id=self.own_user_id,
             is_flagged=self.flagged,
             fits_for=fits_for(self.app),
+            page_url=lambda job: job_page_url(config.web, job.id),
         )
         self.health = await start_health_server(
             config.metrics, self.core, {"gateway": self.gateway_check}
         )
         snapshot = await self.core.scheduler.snapshot()
         self._recovered = [active.job for active in (*snapshot.running, *snapshot.queued)]
+        self.services = open_services(
+            config, self.core, self.app, self.clock, self.web_secrets, lambda: self.owner_ids
+        )
         await self.add_features()
+        for start in self._starters:
+            companion = await start(self.services)
+            if companion is not None:
+                self.companions.append(companion)
         await self.sync_commands()
 
     async def add_features(self) -> None:
@@ -143,6 +162,8 @@ class ImagineBot(commands.AutoShardedBot):
         await self.add_cog(self._pictures)
         await self.add_cog(self._member)
         await self.add_cog(CatalogCog(self.config))
+        if self.services.sign_in is not None:
+            await self.add_cog(WebCog(self.services.sign_in, actors))
         self.tree.add_command(self._after_grid.delete_menu)
         self.tree.add_command(AdminCommands(open_desk(self.core), actors, self.clock))
 
@@ -196,6 +217,9 @@ class ImagineBot(commands.AutoShardedBot):
         return None
 
     async def close(self) -> None:
+        companions, self.companions = self.companions, []
+        for companion in reversed(companions):
+            await companion.close()
         if self.health is not None:
             await self.health.close()
         if hasattr(self, "delivery"):
@@ -261,8 +285,14 @@ class ImagineBot(commands.AutoShardedBot):
         await self._member.on_settings_toggle(interaction, field)
 
 
-async def run_discord(config: Config, token: str) -> None:
-    bot = ImagineBot(config)
+async def run_discord(
+    config: Config,
+    token: str,
+    *,
+    web_secrets: WebSecrets | None = None,
+    companions: Sequence[StartCompanion] = (),
+) -> None:
+    bot = ImagineBot(config, web_secrets=web_secrets, companions=companions)
     loop = asyncio.get_running_loop()
     # SIGTERM (docker stop, systemd) drains: running jobs finish or are handed back.
     loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(bot.close()))

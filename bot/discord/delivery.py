@@ -135,6 +135,7 @@ class Delivery:
         is_flagged: Callable[[Job], Awaitable[bool]],
         fits_for: Callable[[Job], Fits],
         position_edit_interval_s: float = POSITION_EDIT_INTERVAL_S,
+        page_url: Callable[[Job], str | None] | None = None,
     ) -> None:
         """`find_channel` returns None for a channel that is gone or hidden from the bot (and
         raises on transient errors); `open_dm` opens a DM channel with a user; `message_at`
@@ -150,6 +151,8 @@ class Delivery:
         self._own_user_id = own_user_id
         self._is_flagged = is_flagged
         self._fits_for = fits_for
+        # The job's page on the web home (a Web link button under its grid), when it is on.
+        self._page_url = page_url or (lambda _job: None)
         self.tasks: set[asyncio.Task[None]] = set()
         self._delivering: set[int] = set()
 
@@ -379,7 +382,7 @@ class Delivery:
         )
         # A refused job may have images on disk (withheld by the safety check): never post them.
         succeeded = job.state is JobState.SUCCEEDED and job.result is not None
-        view = result_view(job, self._fits_for(job)) if succeeded else None
+        view = result_view(job, self._fits_for(job), self._page_url(job)) if succeeded else None
         if succeeded and job.kind is JobKind.DESCRIBE:
             # Text, not images: the suggestions with their buttons (bot/discord/views/describe.py).
             content, view = describe_text(job, notes), describe_view(job)

@@ -31,6 +31,7 @@ LAYERS = {
     "bot.app": {"bot.core", "bot.config", "generation"},
     "bot.discord": {"bot.app", "bot.core", "bot.config", "generation"},
     "bot.console": {"bot.app", "bot.core", "bot.config", "generation"},
+    "bot.web": {"bot.app", "bot.core", "bot.config", "generation"},
 }
 
 

@@ -92,6 +92,7 @@ from tests.fakediscord.model import (
     guess_content_type,
     iso_now,
 )
+from tests.fakediscord.oauth import FakeOAuth
 from tests.fakediscord.redirect import redirect_discord
 from tests.fakediscord.wire import (
     API,
@@ -210,6 +211,8 @@ class FakeDiscord:
         self._exit_stack = ExitStack()
         self.port = 0
         self.gateway = Gateway(self)
+        # Discord's OAuth2 pages and endpoints (the web home's sign-in): tests/fakediscord/oauth.py.
+        self.oauth = FakeOAuth(self)
 
         self.application_id = self.snowflake()
         self.guild_id = self.snowflake()
@@ -1439,7 +1442,7 @@ class FakeDiscord:
             ("GET", f"{API}/guilds/{{guild_id}}/roles", self._get_guild_roles),
             ("GET", f"{API}/guilds/{{guild_id}}/members/{{user_id}}", self._get_member),
         ]
-        for method, path, handler in routes:
+        for method, path, handler in [*routes, *self.oauth.routes()]:
             router.add_route(method, path, handler)
         # Registered last, so it only sees what nothing above matched.
         router.add_route("*", "/{tail:.*}", self._unknown_route)
@@ -1605,7 +1608,9 @@ class FakeDiscord:
         self.errors.append(f"no such route in the fake: {request.method} {request.path}")
         return json_response({"message": "404: Not Found", "code": 0}, 404)
 
-    async def _get_me(self, request: web.Request) -> web.Response:
+    async def _get_me(self, request: web.Request) -> web.StreamResponse:
+        if self.oauth.is_bearer(request):
+            return await self.oauth.bearer_me(request)
         self._require_bot(request)
         return json_response(
             {**self.bot_user.payload(), "verified": True, "mfa_enabled": False, "flags": 0}

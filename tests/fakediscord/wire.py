@@ -200,6 +200,9 @@ async def _read_body(request: web.Request) -> tuple[Any, list[UploadedFile]]:
             data = bytes(await part.read(decode=False))
             content_type = part.headers.get("Content-Type")
             files.append(UploadedFile(name, index, part.filename or name, data, content_type))
+    elif request.content_type == "application/x-www-form-urlencoded":
+        # OAuth2's token endpoint takes a form (tests/fakediscord/oauth.py).
+        payload = dict(await request.post())
     elif request.can_read_body:
         raw = await request.read()
         if raw:

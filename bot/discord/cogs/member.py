@@ -22,9 +22,10 @@ from bot.core.preferences import (
     normalise_option_name,
 )
 from bot.core.service import Core
+from bot.core.web_store import WebStore
 from bot.discord.actors import Actors
 from bot.discord.interactions import reply, report_error
-from bot.discord.views.settings import settings_view
+from bot.discord.views.settings import EXPLORE_FIELD, settings_view
 
 
 class MemberCog(commands.Cog, name="Member"):
@@ -61,11 +62,18 @@ class MemberCog(commands.Cog, name="Member"):
     @app_commands.command(name="settings", description="Your defaults, previews and Remix")
     async def settings(self, interaction: discord.Interaction[Any]) -> None:
         prefs = await self.app.preferences.get(interaction.user.id)
+        explore = await self._explore(interaction.user.id, interaction.guild_id)
         await interaction.response.send_message(
             render.settings_text(prefs, self.config.engine),
-            view=settings_view(self.config.engine, prefs),
+            view=settings_view(self.config.engine, prefs, explore),
             ephemeral=True,
         )
+
+    async def _explore(self, user_id: int, guild_id: int | None) -> bool | None:
+        """Whether the member shares in the web home's Explore; None when it is off."""
+        if not self.config.web.enabled:
+            return None
+        return await WebStore(self.core.db, self.clock).shares(user_id, guild_id)
 
     async def on_settings_change(
         self, interaction: discord.Interaction[Any], field: str, value: object
@@ -75,6 +83,13 @@ class MemberCog(commands.Cog, name="Member"):
 
     async def on_settings_toggle(self, interaction: discord.Interaction[Any], field: str) -> None:
         """A switch of the panel: the opposite of the member's current setting."""
+        if field == EXPLORE_FIELD:
+            shared = await self._explore(interaction.user.id, interaction.guild_id)
+            if shared is not None:
+                store = WebStore(self.core.db, self.clock)
+                await store.set_share(interaction.user.id, not shared)
+            await self._change(interaction)
+            return
         prefs = await self.app.preferences.get(interaction.user.id)
         await self._change(interaction, **{field: not getattr(prefs, field)})
 
@@ -84,9 +99,10 @@ class MemberCog(commands.Cog, name="Member"):
         except ValueError as exc:
             await report_error(interaction, UserError(f"Not saved: {exc}"))
             return
+        explore = await self._explore(interaction.user.id, interaction.guild_id)
         await interaction.response.edit_message(
             content=render.settings_text(prefs, self.config.engine),
-            view=settings_view(self.config.engine, prefs),
+            view=settings_view(self.config.engine, prefs, explore),
         )
 
     # ----- /prefer -----------------------------------------------------------------------------

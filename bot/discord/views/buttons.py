@@ -189,9 +189,10 @@ def cancel_view(job_id: int) -> discord.ui.View:
     return view
 
 
-def grid_view(job: Job) -> discord.ui.View:
+def grid_view(job: Job, page_url: str | None = None) -> discord.ui.View:
     """U1–U4 (separate an image: free, the candidates are already full size) on the first
-    row, V1–V4 on the second, 🔄 on the third."""
+    row, V1–V4 on the second, 🔄 on the third (with a Web link to the job's page on the web
+    home, when it is on)."""
     assert job.result is not None
     count = len(job.result.image_paths)
     view = discord.ui.View(timeout=None)
@@ -200,6 +201,8 @@ def grid_view(job: Job) -> discord.ui.View:
     for index in range(1, count + 1):
         view.add_item(JobButton(Action.VARY, job.id, index, label=f"V{index}", row=1))
     view.add_item(JobButton(Action.REROLL, job.id, emoji="🔄", row=2))
+    if page_url is not None:
+        view.add_item(discord.ui.Button(label="Web", url=page_url, row=2))
     return view
 
 
@@ -244,9 +247,9 @@ def image_view(job: Job, index: int, fits: Fits) -> discord.ui.View:
     return view
 
 
-def result_view(job: Job, fits: Fits) -> discord.ui.View:
+def result_view(job: Job, fits: Fits, page_url: str | None = None) -> discord.ui.View:
     """A grid for jobs of several images, the single-image row for one (an upscale)."""
     assert job.result is not None
     if len(job.result.image_paths) == 1:
         return image_view(job, 1, fits)
-    return grid_view(job)
+    return grid_view(job, page_url)

@@ -22,6 +22,8 @@ ASPECTS = ["1:1", "3:2", "2:3", "4:3", "3:4", "16:9", "9:16", "21:9", "9:21"]
 STEP_CHOICES = [10, 15, 20, 25, 30, 40, 50, 75, 100]
 # Discord's limit on a select menu's options.
 MAX_SELECT_OPTIONS = 25
+# The switch that shares a member's images in the web home's Explore (not a Preferences field).
+EXPLORE_FIELD = "explore"
 
 
 def _options(
@@ -41,7 +43,11 @@ def _options(
     return options
 
 
-def settings_view(engine: EngineSettings, prefs: Preferences) -> discord.ui.View:
+def settings_view(
+    engine: EngineSettings, prefs: Preferences, explore: bool | None = None
+) -> discord.ui.View:
+    """`explore`: whether the member shares their images in the web home's Explore (None:
+    the web home is off, so no switch)."""
     view = discord.ui.View(timeout=None)
     steps = [str(s) for s in STEP_CHOICES if s <= engine.max_steps]
     selects: list[tuple[str, str | None, list[tuple[str, str]], str]] = [
@@ -63,6 +69,10 @@ def settings_view(engine: EngineSettings, prefs: Preferences) -> discord.ui.View
     ):
         style = discord.ButtonStyle.success if on else discord.ButtonStyle.secondary
         view.add_item(SettingsButton(field, f"{label}: {'on' if on else 'off'}", style))
+    if explore is not None:
+        style = discord.ButtonStyle.success if explore else discord.ButtonStyle.secondary
+        label = f"Share in Explore: {'on' if explore else 'off'}"
+        view.add_item(SettingsButton(EXPLORE_FIELD, label, style))
     return view
 
 
@@ -102,7 +112,7 @@ class SettingsSelect(
 
 class SettingsButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"settings:(?P<field>previews|remix)",
+    template=r"settings:(?P<field>previews|remix|explore)",
 ):
     def __init__(
         self,
