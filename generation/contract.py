@@ -261,6 +261,51 @@ class LoraWeight:
     weight: float = 1.0
 
 
+# A member's taste (`--p`) as ranking uses it: the weights of a linear preference over compact
+# CLIP image embeddings (generation.taste), fitted by the bot from the member's picks.
+MAX_TASTE_DIM = 1024
+MAX_TASTE_STRENGTH = 10.0
+
+
+@dataclass(frozen=True)
+class Personalization:
+    """Ranking adds `strength` x the member's preference (each side standardised over the job's
+    candidates) to the prompt similarity. `space` names the embeddings the weights were fitted
+    in (generation.taste.space_for); a ranker of another space ranks as usual."""
+
+    weights: tuple[float, ...]
+    space: str
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.weights) <= MAX_TASTE_DIM:
+            raise ValueError(f"personalize: 1 to {MAX_TASTE_DIM} weights, got {len(self.weights)}")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError("personalize: weights must be finite numbers")
+        if not 0.0 <= self.strength <= MAX_TASTE_STRENGTH:
+            raise ValueError(
+                f"personalize: strength must be between 0 and {MAX_TASTE_STRENGTH:g}, "
+                f"got {self.strength:g}"
+            )
+
+
+@dataclass(frozen=True)
+class CandidateEmbeddings:
+    """Every ranked candidate's CLIP image embedding, compact (generation.taste.compact): row i
+    is candidate i (seed + i), `dim` signed bytes each in `codes`, times `scales[i]`."""
+
+    space: str
+    dim: int
+    codes: bytes = field(repr=False)
+    scales: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.codes) != self.dim * len(self.scales):
+            raise ValueError(
+                f"embeddings: {len(self.codes)} bytes for {len(self.scales)} x {self.dim}"
+            )
+
+
 @dataclass(frozen=True)
 class Draft:
     """What a draft stands in for: the steps and sampler of the same job at full quality."""
@@ -329,6 +374,8 @@ class GenerationRequest:
     # Set on a draft (`--draft`, generation.draft): the steps and sampler the same job has at
     # full quality, which Enhance renders; `steps` and `sampler` are the draft's own.
     draft: Draft | None = None
+    # The member's taste, when the job is personalized (`--p`): added to the ranking.
+    personalize: Personalization | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -474,6 +521,7 @@ class GenerationRequest:
         data["regions"] = [r.value for r in self.regions]
         data["upscale_mode"] = self.upscale_mode.value
         data["draft"] = self.draft.to_json() if self.draft is not None else None
+        data["personalize"] = asdict(self.personalize) if self.personalize else None
         return data
 
     @classmethod
@@ -496,6 +544,16 @@ class GenerationRequest:
         values["upscale_mode"] = UpscaleMode(values.get("upscale_mode", UpscaleMode.SUBTLE))
         if values.get("draft") is not None:
             values["draft"] = Draft.from_json(values["draft"])
+        taste = values.get("personalize")
+        values["personalize"] = (
+            Personalization(
+                weights=tuple(float(w) for w in taste["weights"]),
+                space=str(taste["space"]),
+                strength=float(taste.get("strength", 1.0)),
+            )
+            if taste
+            else None
+        )
         described = values.pop("inputs", ())
         if len(described) != len(input_images):
             raise ValueError(
@@ -561,6 +619,10 @@ class GenerationResult:
     # differ from the request's: an edit asks for 1.0 and runs at edit_strength on a model's own
     # UNet. The PNG metadata reports this one.
     denoising_strength: float | None = None
+    # Every ranked candidate's compact CLIP image embedding (personalization learns from them),
+    # and whether the member's taste took part in the ranking.
+    embeddings: CandidateEmbeddings | None = field(default=None, compare=False)
+    personalized: bool = False
 
 
 @dataclass(frozen=True)

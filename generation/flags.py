@@ -151,6 +151,29 @@ def any_word(flag: str, value: str) -> str:
     return value
 
 
+# A --p profile code as /info shows them (8 letters and digits); Midjourney's own codes have
+# the same shape, so a pasted one is looked up and named if no profile here has it.
+PROFILE_CODE = re.compile(r"[a-z0-9]{4,32}")
+MAX_PROFILE_CODES = 5
+
+
+def profile_codes(flag: str, value: str) -> tuple[str, ...]:
+    """`--p abc123 def456` (or with commas): the codes, lower case; `--p` alone is one's own."""
+    codes = tuple(dict.fromkeys(code.lower() for code in value.replace(",", " ").split()))
+    for code in codes:
+        if not PROFILE_CODE.fullmatch(code):
+            raise PromptError(
+                flag,
+                f"{flag}: {show_value(code)} is not a profile code (4-32 letters and digits; "
+                "/info shows yours)",
+            )
+    if len(codes) > MAX_PROFILE_CODES:
+        raise PromptError(
+            flag, f"{flag}: at most {MAX_PROFILE_CODES} profile codes, got {len(codes)}"
+        )
+    return codes
+
+
 def reduced_ratio(value: str) -> tuple[int, int] | None:
     """A well-formed W:H, reduced so that 6:4 and 3:2 compare equal; None if malformed."""
     match = re.fullmatch(r"([0-9]{1,5}):([0-9]{1,5})", value)
@@ -398,11 +421,12 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec(("sv",), Treatment.IGNORED, Arity.ONE, "style reference version", "", _VERSION),
     FlagSpec(
         ("personalize", "p", "profile"),
-        Treatment.IGNORED,
+        Treatment.HONOURED,
         Arity.OPTIONAL_REST,
-        "Midjourney personalization",
-        "",
-        any_word,
+        "rank by your taste, learnt from your U1–U4 picks and /rank (or by the members' "
+        "whose profile codes follow)",
+        "[CODE …]",
+        profile_codes,
     ),
     FlagSpec(
         ("sameseed",),

@@ -10,6 +10,7 @@ from enum import StrEnum
 from bot.app.access import AdminScope, may_manage
 from bot.core.models import ActiveJob, Balance, Job, Owner
 from bot.core.preferences import Preferences
+from bot.core.taste import Profile
 
 
 class UserError(Exception):
@@ -102,6 +103,8 @@ class MemberInfo:
     preferences: Preferences
 
 
+    # One's taste profile (--p): share code and ratings.
+    taste: Profile | None = None
 @dataclass(frozen=True)
 class Submitted:
     job: Job

@@ -18,6 +18,7 @@ from PIL import Image
 
 from bot.app import catalog, edits
 from bot.app.actions import Action, Actor, Submitted, UserError
+from bot.app.personalize import Personalize
 from bot.config import Config
 from bot.core.models import EXPIRED_MESSAGE, ImageExpired, Job, JobKind, JobState
 from bot.core.preferences import PreferenceStore
@@ -59,6 +60,7 @@ class AfterGrid:
     core: Core
     preferences: PreferenceStore
     _seed_source: Callable[[], int]
+    personal: Personalize
 
     async def _job_for(self, actor: Actor, job_id: int, must_own: bool = True) -> Job:
         raise NotImplementedError
@@ -206,6 +208,8 @@ class AfterGrid:
         if not await asyncio.to_thread(path.is_file):
             raise UserError(EXPIRED_MESSAGE)
         return path
+        # The pick teaches the member's taste (--p): this image over the grid's others.
+        await self.personal.picked(actor, job, position)
 
     async def _edit_source(
         self, actor: Actor, job_id: int, index: int

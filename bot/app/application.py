@@ -35,6 +35,7 @@ from bot.app.inputs import (
 )
 from bot.app.moderation import PromptFilter, audit_refusal, make_output_check
 from bot.config import Config
+from bot.app.personalize import Personalize
 from bot.core.clock import system_clock
 from bot.core.models import (
     EXPIRED_MESSAGE,
@@ -51,6 +52,7 @@ from generation.conditioning import check_inputs
 from generation.contract import MAX_PIXELS, MAX_SEED, GenerationRequest, InputImage, InputRole
 from generation.prompt import (
     ImagineOptions,
+from bot.core.taste import TasteStore
     ParsedPrompt,
     PromptDefaults,
     PromptError,
@@ -124,6 +126,7 @@ class ImagineApp(AfterGrid):
     # ----- creating jobs ---------------------------------------------------------------------
 
     def parse_jobs(
+        self.personal = Personalize(core, TasteStore(core.db, system_clock))
         self,
         text: str,
         options: ImagineOptions | None = None,
@@ -186,6 +189,8 @@ class ImagineApp(AfterGrid):
                 await self._check_prompt(actor, text, prompt)
             if any(job.image_refs for job in parsed):
                 # What the model can do with the pictures' roles (a reference needs an image
+            # --p (or the /settings default): a code naming no profile refuses here, free.
+            parsed, taste_notes = await self.personal.apply(actor, parsed, prefs.personalize)
                 # adapter) needs only their roles.
                 for job in parsed:
                     self._check_inputs(job.with_pictures(_stand_ins(job)).request)
@@ -211,6 +216,7 @@ class ImagineApp(AfterGrid):
 
     # ----- pictures: image prompts, /blend, /describe (bot/app/inputs.py) -----------------------
 
+                    *taste_notes,
     async def blend(
         self,
         actor: Actor,
@@ -394,7 +400,12 @@ class ImagineApp(AfterGrid):
     async def info(self, actor: Actor) -> MemberInfo:
         balance = await self.core.credits.balance(actor.user_id, actor.role_ids)
         jobs = await self.core.scheduler.user_jobs(actor.user_id)
-        return MemberInfo(balance, tuple(jobs), await self.preferences.get(actor.user_id))
+        return MemberInfo(
+            balance,
+            tuple(jobs),
+            await self.preferences.get(actor.user_id),
+            await self.personal.profile(actor),
+        )
 
     async def job(self, actor: Actor, job_id: int) -> Job:
         return await self._job_for(actor, job_id, must_own=False)

@@ -179,8 +179,51 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN cancel_requested_at TEXT",
         "ALTER TABLE jobs ADD COLUMN cancel_requested_by INTEGER",
     ),
-    # 7: personalization (CLIP embeddings of ranked candidates, members' preference pairs).
-    7: (),
+    # 7: personalization (bot/core/taste.py). Every ranked candidate's CLIP image embedding,
+    # compact (generation/taste.py: projected to at most 256 dimensions, int8 with a scale per
+    # vector: 260 bytes a candidate, about 2.3 KB per 8-candidate job with the row overhead),
+    # erased with its job by retention; members' preference pairs between two candidates; each
+    # member's profile (share code, fitted weights, how many pairs they came from); and the
+    # /settings switch that makes --p the default.
+    7: (
+        """
+        CREATE TABLE candidate_embeddings (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            candidate INTEGER NOT NULL CHECK (candidate >= 0),
+            space TEXT NOT NULL,
+            vector BLOB NOT NULL,
+            scale REAL NOT NULL,
+            PRIMARY KEY (job_id, candidate)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE taste_pairs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL,
+            winner_job INTEGER NOT NULL,
+            winner_candidate INTEGER NOT NULL,
+            loser_job INTEGER NOT NULL,
+            loser_candidate INTEGER NOT NULL,
+            source TEXT NOT NULL CHECK (source IN ('implicit', 'explicit')),
+            created_at TEXT NOT NULL,
+            UNIQUE (user_id, winner_job, winner_candidate, loser_job, loser_candidate)
+        )
+        """,
+        "CREATE INDEX taste_pairs_winner_job ON taste_pairs(winner_job)",
+        "CREATE INDEX taste_pairs_loser_job ON taste_pairs(loser_job)",
+        """
+        CREATE TABLE taste_profiles (
+            user_id INTEGER PRIMARY KEY,
+            code TEXT NOT NULL UNIQUE,
+            space TEXT,
+            weights BLOB,
+            pairs INTEGER NOT NULL DEFAULT 0 CHECK (pairs >= 0),
+            last_pair_id INTEGER NOT NULL DEFAULT 0,
+            updated_at TEXT NOT NULL
+        )
+        """,
+        "ALTER TABLE member_settings ADD COLUMN personalize INTEGER NOT NULL DEFAULT 0",
+    ),
     # Relax and Fast modes: each job's mode (its queue and what it was charged follow from it;
     # relax use per member and UTC day is counted from these rows by hold_day), the mode each
     # member chose (/fast, /relax, /turbo), and each server's relax switch (/admin relax).

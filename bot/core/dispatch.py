@@ -335,6 +335,8 @@ class Dispatcher:
             height=outcome.height,
             texts=outcome.texts,
             control_map_path=outcome.control_map_path,
+            personalized=outcome.personalized,
+            embeddings=outcome.embeddings,
         )
         if verdict:
             return Ending(JobState.REFUSED, error=verdict, result=result)

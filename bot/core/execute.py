@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from generation.contract import (
+    CandidateEmbeddings,
     Engine,
     GenerationCancelled,
     GenerationRequest,
@@ -68,6 +69,10 @@ class WorkOutcome:
     texts: tuple[str, ...] = ()
     # The map a ControlNet followed (edges, depth …), shown beside the result.
     control_map_path: str | None = None
+    # Every ranked candidate's compact CLIP embedding (personalization), and whether the
+    # member's taste took part in the ranking: plain data, it crosses processes and Ray.
+    embeddings: CandidateEmbeddings | None = None
+    personalized: bool = False
 
 
 @dataclass(frozen=True)
@@ -307,6 +312,8 @@ def encode_result(
         height=first.height,
         control_map_path=control_map_path,
     )
+        embeddings=result.embeddings,
+        personalized=bool(result.personalized),
     return RenderedJob(item.output_dir, tuple(files), outcome)
 
 

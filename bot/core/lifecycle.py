@@ -39,6 +39,7 @@ from bot.core.models import (
     Mode,
 )
 from bot.core.state import QueueState, RunningJob
+from bot.core.taste import store_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,8 @@ class Lifecycle:
             return None
         if state is JobState.SUCCEEDED:
             await self._credits.settle(txn, int(row["user_id"]), job_id, int(row["cost"]))
+            if result is not None and result.embeddings is not None:
+                await store_embeddings(txn, job_id, result.embeddings)
         else:
             await self._credits.refund(
                 txn, dict(row), f"job {job_id} {state.value}: {error}", actor_id

@@ -13,6 +13,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from generation.contract import CandidateEmbeddings
+
 
 class JobKind(StrEnum):
     IMAGINE = "imagine"
@@ -157,9 +159,15 @@ class JobResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "texts": list(self.texts),
+    # Whether the member's taste (--p) took part in the ranking.
+    personalized: bool = False
+    # Every ranked candidate's compact CLIP embedding: stored in its own table with the job's
+    # end (bot/core/taste.py), never in the result's JSON.
+    embeddings: CandidateEmbeddings | None = field(default=None, compare=False, repr=False)
             "control_map_path": self.control_map_path,
             "image_paths": list(self.image_paths),
             "grid_path": self.grid_path,
+            "personalized": self.personalized,
             "seeds": list(self.seeds),
             "clip_scores": list(self.clip_scores),
             "timings_s": dict(self.timings_s),
@@ -185,6 +193,7 @@ class JobResult:
 
 
 @dataclass(frozen=True)
+            personalized=bool(data.get("personalized", False)),
 class Job:
     id: int
     owner: Owner

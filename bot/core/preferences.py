@@ -43,7 +43,7 @@ OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _OPTION_USE = r"(?<![\w-])(?:--|—){name}(?![\w-])"
 
 # The columns /settings may change, with the type each holds.
-SETTING_FIELDS = ("aspect", "model", "sampler", "steps", "previews", "remix")
+SETTING_FIELDS = ("aspect", "model", "sampler", "steps", "previews", "remix", "personalize")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class Preferences:
     steps: int | None = None
     previews: bool = True
     remix: bool = False
+    # Rank by one's taste (as with --p) without typing it.
+    personalize: bool = False
     suffix: str = ""
     options: Mapping[str, str] = field(default_factory=dict)
 
@@ -132,6 +134,7 @@ class PreferenceStore:
                 steps=row["steps"],
                 previews=bool(row["previews"]),
                 remix=bool(row["remix"]),
+                personalize=bool(row["personalize"]),
                 suffix=str(row["suffix"]),
                 options=options,
             )
@@ -211,7 +214,7 @@ class PreferenceStore:
     def _check(self, name: str, value: Any) -> Any:
         if name not in SETTING_FIELDS:
             raise ValueError(f"{name}: not a setting (settings: {', '.join(SETTING_FIELDS)})")
-        if name in ("previews", "remix"):
+        if name in ("previews", "remix", "personalize"):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}: expected on or off, got {value!r}")
             return value
@@ -236,10 +239,11 @@ class PreferenceStore:
     async def _write_settings(self, txn: Transaction, prefs: Preferences) -> None:
         await txn.execute(
             "INSERT INTO member_settings (user_id, aspect, model, sampler, steps, previews, remix,"
-            " suffix, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " personalize, suffix, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(user_id) DO UPDATE SET aspect = excluded.aspect,"
             " model = excluded.model, sampler = excluded.sampler, steps = excluded.steps,"
-            " previews = excluded.previews, remix = excluded.remix, suffix = excluded.suffix,"
+            " previews = excluded.previews, remix = excluded.remix,"
+            " personalize = excluded.personalize, suffix = excluded.suffix,"
             " updated_at = excluded.updated_at",
             (
                 prefs.user_id,
@@ -249,6 +253,7 @@ class PreferenceStore:
                 prefs.steps,
                 int(prefs.previews),
                 int(prefs.remix),
+                int(prefs.personalize),
                 prefs.suffix,
                 to_db(self._clock()),
             ),

@@ -39,6 +39,7 @@ from bot.core.clock import Clock, to_db
 from bot.core.db import Database, Transaction
 from bot.core.execute import input_paths, safe_path
 from bot.core.jobs import INPUTS_DIR, output_dir_for
+from bot.core.taste import forget_jobs
 from bot.core.web_store import WebStore
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,8 @@ async def prune_jobs(db: Database, clock: Clock, retention_days: int) -> list[in
                     (json.dumps({"pruned": True}), pruned_at, row["id"]),
                 )
                 await txn.execute("DELETE FROM deliveries WHERE job_id = ?", (row["id"],))
+            # Its candidates' embeddings and the preference pairs naming it go with it.
+            await forget_jobs(txn, [int(row["id"]) for row in rows])
             return [int(row["id"]) for row in rows]
 
         batch = await db.transaction(work)

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from generation.contract import (
@@ -34,6 +35,7 @@ from generation.contract import (
     ProgressCallback,
 )
 from generation.settings import EngineSettings
+from generation.taste import compact, personal_scores, space_for
 
 FACTORY = "tests.core.fakes:create_fake_engine"
 
@@ -76,17 +78,25 @@ class FakeEngine:
                 progress(Progress(step, request.steps))
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled()
-        seeds = tuple(request.seed + i for i in range(request.num_kept))
+        # Plain ranking keeps the first candidates (scores fall with the index); a --p job's
+        # taste reorders them through the real generation.taste, over fixed fake embeddings.
+        count = request.num_candidates
+        plain = np.array([0.9 - 0.1 * i for i in range(count)])
+        embeds = np.stack([fake_embedding(request.seed + i) for i in range(count)])
+        ranked, personalized = personal_scores(plain, embeds, request.personalize, FAKE_SPACE)
+        keep = sorted(range(count), key=lambda i: (-ranked[i], i))[: request.num_kept]
+        seeds = tuple(request.seed + i for i in keep)
         images = tuple(
             Image.new("RGB", (request.width, request.height), _colour(seed)) for seed in seeds
         )
-        scores = tuple(0.9 - 0.1 * i for i in range(request.num_kept))
         return GenerationResult(
             images=images,
             seeds=seeds,
-            clip_scores=scores,
+            clip_scores=tuple(float(plain[i]) for i in keep),
             timings_s={"fake_s": step_s * request.steps},
-            candidate_indices=tuple(range(request.num_kept)),
+            candidate_indices=tuple(keep),
+            embeddings=compact(embeds, FAKE_SPACE),
+            personalized=personalized,
         )
 
     def _misbehave(self, prompt: str) -> None:
@@ -103,6 +113,15 @@ class FakeEngine:
         if "[hang]" in prompt:
             while True:
                 time.sleep(1)
+
+
+# The fake ranker's embeddings: 16 numbers drawn from the candidate's seed, unit length.
+FAKE_SPACE = space_for("fake", 16)
+
+
+def fake_embedding(seed: int) -> np.ndarray:
+    vector = np.random.default_rng(seed).standard_normal(16)
+    return vector / np.linalg.norm(vector)
 
 
 def _colour(seed: int) -> tuple[int, int, int]:

@@ -323,6 +323,30 @@ def test_chaos_and_stop_leave_notes() -> None:
 # --- ignored flags --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("suffix", "codes"),
+    [
+        ("--p", ()),
+        ("--personalize", ()),
+        ("--p abc123", ("abc123",)),
+        ("--profile XYZ9 --p abc123, xyz9", ("xyz9", "abc123")),
+        ("--p --p k3x9", ("k3x9",)),
+    ],
+)
+def test_personalize_takes_midjourneys_forms(suffix: str, codes: tuple[str, ...]) -> None:
+    """--p alone is one's own taste; codes (several, in any case) name other members'."""
+    parsed = parse(f"a cat {suffix}")
+    assert parsed.personalize == codes
+    assert parsed.request.prompt == "a cat" and parsed.notes == ()
+    assert parse("a cat").personalize is None
+
+
+@pytest.mark.parametrize("suffix", ["--p a!b", "--p <@123>", "--p abc", "--p a b c d e f"])
+def test_a_malformed_profile_code_is_refused_naming_it(suffix: str) -> None:
+    with pytest.raises(PromptError, match=r"--p: .*(profile code|at most 5)"):
+        parse(f"a cat {suffix}")
+
+
 def test_version_note_reads_as_in_the_brief() -> None:
     parsed = parse("a cat --v 5.2")
     assert parsed.notes == ("--v 5.2 ignored (Midjourney model version)",)
@@ -352,10 +376,6 @@ def test_version_note_reads_as_in_the_brief() -> None:
         "--sv 4",
         "--cw 0",
         "--ow 400",
-        "--p",
-        "--p abc123",
-        "--personalize",
-        "--profile xyz",
         "--sameseed",
         "--sameseed 77",
         "--hd",
@@ -411,6 +431,8 @@ def test_flag_table_is_consistent() -> None:
     for spec in FLAGS:
         if spec.arity is not Arity.NONE and spec.name != "steps":
             assert spec.check is not None, spec.name
+        *("fast", "relax", "turbo"),
+        "personalize",
     honoured = {spec.name for spec in FLAGS if spec.treatment is Treatment.HONOURED}
     assert honoured == {
         *("ar", "seed", "no", "steps", "cfg", "sampler", "model", "repeat"),

@@ -1,0 +1,270 @@
+"""Members' taste (bot/core/taste.py) on a real database: the stored embeddings and their budget,
+the pairs U1-U4 and /rank record, profiles and their codes, erasing, retention, and the oracle
+test: a simulated member with a hidden taste teaches `--p` to agree with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.bench_taste import (
+    CANDIDATES,
+    Grid,
+    agreement,
+    hidden_taste,
+    kept,
+    standard_error,
+    synthetic_grids,
+    tiny_clip_grids,
+)
+from bot.config import StorageConfig
+from bot.core import JobState, ManualClock, Owner
+from bot.core.db import Database
+from bot.core.taste import MIN_PAIRS, Ref, TasteStore, store_embeddings
+from generation.taste import compact, fit_preference, space_for
+from tests.core.conftest import finished, make_config, open_core, request
+
+ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
+BOB = Owner(user_id=202, guild_id=1, channel_id=2)
+
+
+async def _job_row(db: Database, user_id: int, kept_candidates: list[int]) -> int:
+    """A finished job's row, as the scheduler leaves it (the oracle needs hundreds)."""
+    result = {
+        "image_paths": [],
+        "seeds": [],
+        "clip_scores": [],
+        "candidate_indices": kept_candidates,
+    }
+    return await db.transaction(
+        lambda txn: txn.insert(
+            "INSERT INTO jobs (user_id, kind, request, state, cost, hold_allowance, "
+            "hold_granted, hold_day, created_at, finished_at, result) VALUES "
+            "(?, 'imagine', '{}', 'succeeded', 0, 0, 0, '2025-03-01', "
+            "'2025-03-01T12:00:00+00:00', '2025-03-01T12:00:00+00:00', ?)",
+            (user_id, json.dumps(result)),
+        )
+    )
+
+
+async def test_a_job_keeps_every_candidate_embedding_and_retention_erases_them_with_its_pairs(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    storage = StorageConfig(image_retention_days=30, job_retention_days=60)
+    core = await open_core(dataclasses.replace(make_config(tmp_path), storage=storage), clock)
+    try:
+        store = TasteStore(core.db, clock)
+        job = await core.scheduler.submit(ALICE, request(num_candidates=8, num_kept=4))
+        done = await finished(core, job.id)
+        assert done.state is JobState.SUCCEEDED and done.result is not None
+        rows = await core.db.read(
+            "SELECT candidate, length(vector) AS n FROM candidate_embeddings WHERE job_id = ? "
+            "ORDER BY candidate",
+            (job.id,),
+        )
+        # All 8 ranked candidates, not only the 4 shown; 16 fake dimensions, one byte each.
+        assert [(r["candidate"], r["n"]) for r in rows] == [(i, 16) for i in range(8)]
+        assert "embeddings" not in json.dumps(done.result.to_json())
+
+        assert await store.record_pick(ALICE.user_id, job.id, 2) == 7
+        assert await store.record_pick(ALICE.user_id, job.id, 2) == 0  # the same press again
+        # A second image of the grid is preferred to the rest, not to the first pick.
+        assert await store.record_pick(ALICE.user_id, job.id, 0) == 6
+        assert (await store.profile(ALICE.user_id)).pairs == 13
+
+        clock.advance(days=61)
+        assert core.retention is not None
+        await core.retention.prune()
+        await core.retention.prune()
+        assert (
+            await core.db.read("SELECT * FROM candidate_embeddings WHERE job_id = ?", (job.id,))
+            == []
+        )
+        assert (await store.profile(ALICE.user_id)).pairs == 0
+        assert await core.db.read("SELECT * FROM taste_pairs") == []
+    finally:
+        await core.close()
+
+
+async def test_stored_embeddings_stay_within_4_kb_per_job_at_vit_l_width(tmp_path: Path) -> None:
+    """768 float values per candidate, 8 candidates a job: the table's pages, counted by
+    SQLite itself (dbstat), per job."""
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    try:
+        rng = np.random.default_rng(0)
+        space = space_for("openai/clip-vit-large-patch14", 768)
+        jobs = 200
+        for _ in range(jobs):
+            job_id = await _job_row(db, ALICE.user_id, [0, 1, 2, 3])
+            embeds = rng.standard_normal((CANDIDATES, 768))
+            embeds /= np.linalg.norm(embeds, axis=1, keepdims=True)
+            packed = compact(embeds, space)
+            await db.transaction(lambda txn, j=job_id, p=packed: store_embeddings(txn, j, p))
+        row = await db.read_one(
+            "SELECT SUM(pgsize) AS bytes FROM dbstat WHERE name = 'candidate_embeddings'"
+        )
+        assert row is not None
+        per_job = int(row["bytes"]) / jobs
+        assert per_job <= 4096, per_job
+        # Full float16 would be 12 KB: the reduction is real, not an empty table.
+        assert per_job >= CANDIDATES * 256
+    finally:
+        await db.close()
+
+
+async def test_rank_answers_replace_each_other_and_erase_forgets_the_profile_and_its_code(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    try:
+        store = TasteStore(db, clock)
+        embeds = np.random.default_rng(1).standard_normal((CANDIDATES, 16))
+        job_id = await _job_row(db, ALICE.user_id, [0, 1, 2, 3])
+        await db.transaction(lambda txn: store_embeddings(txn, job_id, compact(embeds, "s:16")))
+        a, b = Ref(job_id, 0), Ref(job_id, 1)
+        assert await store.record_choice(ALICE.user_id, a, b)
+        assert await store.record_choice(ALICE.user_id, b, a)  # changed their mind
+        pairs = await db.read("SELECT winner_candidate, loser_candidate FROM taste_pairs")
+        assert [tuple(r) for r in pairs] == [(1, 0)]
+        assert not await store.record_choice(ALICE.user_id, Ref(job_id, 9), a)  # no such one
+
+        profile = await store.profile(ALICE.user_id)
+        assert profile.pairs == 1 and not profile.ready and profile.missing == MIN_PAIRS - 1
+        assert (await store.by_code(profile.code.upper())) == profile
+        assert await store.erase(ALICE.user_id) == 1
+        assert await store.by_code(profile.code) is None
+        again = await store.profile(ALICE.user_id)
+        assert again.pairs == 0 and again.code != profile.code
+    finally:
+        await db.close()
+
+
+async def test_a_fit_is_cached_until_pairs_change(tmp_path: Path, clock: ManualClock) -> None:
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    try:
+        store = TasteStore(db, clock)
+        rng = np.random.default_rng(2)
+        taste = rng.standard_normal(16)
+        jobs = []
+        for _ in range(6):
+            embeds = rng.standard_normal((CANDIDATES, 16))
+            job_id = await _job_row(db, ALICE.user_id, [0, 1, 2, 3])
+            jobs.append(job_id)
+            await db.transaction(
+                lambda txn, j=job_id, e=embeds: store_embeddings(txn, j, compact(e, "s:16"))
+            )
+            await store.record_pick(ALICE.user_id, job_id, int(np.argmax(embeds @ taste)))
+        profile = await store.profile(ALICE.user_id)
+        assert profile.ready
+        first = await store.personalization([profile])
+        assert first is not None and first.space == "s:16" and len(first.weights) == 16
+        # The fitted direction points the member's way.
+        assert float(np.dot(first.weights, taste)) > 0
+        fitted_at = await db.read_one("SELECT updated_at, weights FROM taste_profiles")
+        clock.advance(minutes=5)
+        assert await store.personalization([profile]) == first
+        assert tuple(await db.read_one("SELECT updated_at, weights FROM taste_profiles")) == tuple(
+            fitted_at
+        )
+        # A new pair (across two grids: no pick made it) makes the next use refit.
+        assert await store.record_choice(ALICE.user_id, Ref(jobs[0], 0), Ref(jobs[1], 0))
+        await store.personalization([profile])
+        refitted = await db.read_one("SELECT updated_at, pairs FROM taste_profiles")
+        assert refitted["updated_at"] != fitted_at["updated_at"]
+        assert refitted["pairs"] == profile.pairs + 1
+    finally:
+        await db.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle.
+
+TRAINING_GRIDS = 8
+RANK_ROUNDS = 40
+HELD_OUT = 200
+
+
+async def _teach(
+    db: Database, store: TasteStore, grids: list[Grid], taste: np.ndarray, space: str
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The simulated member: a U press per grid on the shown image they like best, then /rank
+    rounds between the pairs the store offers, each answered by the hidden taste. Returns the
+    pairs as (grid, candidate) of winner and loser, for the full-precision comparison."""
+    job_grid: dict[int, int] = {}
+    for g, grid in enumerate(grids):
+        shown = kept(grid)
+        job_id = await _job_row(db, ALICE.user_id, shown)
+        job_grid[job_id] = g
+        await db.transaction(
+            lambda txn, j=job_id, e=grid.embeds: store_embeddings(txn, j, compact(e, space))
+        )
+        liking = grid.embeds @ taste
+        await store.record_pick(ALICE.user_id, job_id, max(shown, key=lambda i: liking[i]))
+    rng = random.Random(7)
+    for _ in range(RANK_ROUNDS):
+        pair = await store.next_pair(ALICE.user_id, rng)
+        assert pair is not None
+        (left, _), (right, _) = pair
+        like = [float(grids[job_grid[r.job_id]].embeds[r.candidate] @ taste) for r in (left, right)]
+        winner, loser = (left, right) if like[0] >= like[1] else (right, left)
+        assert await store.record_choice(ALICE.user_id, winner, loser)
+    rows = await db.read(
+        "SELECT winner_job, winner_candidate, loser_job, loser_candidate FROM taste_pairs"
+    )
+    return [((job_grid[r[0]], r[1]), (job_grid[r[2]], r[3])) for r in rows]
+
+
+@pytest.mark.parametrize("source", ["tiny_clip", "vit_l_width"])
+async def test_oracle_personalized_ranking_learns_a_hidden_taste(
+    source: str, tmp_path: Path, clock: ManualClock, tiny_models: Path
+) -> None:
+    """Top-1 agreement with the hidden taste over 200 held-out grids of 8 candidates: plain
+    ranking (chance level) against `--p` fitted on what the store keeps, after 8 U presses and
+    40 /rank rounds (96 pairs). The gain must exceed three standard errors of the difference;
+    the stored compact embeddings must do as well as full precision within the same noise."""
+    rng = np.random.default_rng(11)
+    total = TRAINING_GRIDS + HELD_OUT
+    if source == "tiny_clip":
+        grids = tiny_clip_grids(total, rng, tiny_models)
+        space = space_for("tiny", grids[0].embeds.shape[1])
+    else:
+        grids = synthetic_grids(total, 768, rng)
+        space = space_for("vit-l-stand-in", 768)
+    taste = hidden_taste(grids, rng)
+    train, test = grids[:TRAINING_GRIDS], grids[TRAINING_GRIDS:]
+
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    try:
+        store = TasteStore(db, clock)
+        pairs = await _teach(db, store, train, taste, space)
+        profile = await store.profile(ALICE.user_id)
+        assert profile.ready and profile.pairs == len(pairs)
+        personal = await store.personalization([profile])
+        assert personal is not None and personal.space == space
+    finally:
+        await db.close()
+
+    before = agreement(test, taste, None)
+    # The store's weights rank exactly as the worker ranks (generation.taste.personal_scores).
+    weights = np.asarray(personal.weights)
+    after = agreement(test, taste, weights, stored=True)
+    full_weights = fit_preference(
+        np.stack([train[g].embeds[c] for (g, c), _ in pairs]),
+        np.stack([train[g].embeds[c] for _, (g, c) in pairs]),
+    )
+    full = agreement(test, taste, full_weights, stored=False)
+    print(
+        f"\n{source}: top-1 agreement over {HELD_OUT} held-out grids after {len(pairs)} pairs: "
+        f"plain {before:.1%}, --p {after:.1%} (stored compact), {full:.1%} (full precision)"
+    )
+    noise = math.hypot(standard_error(before, HELD_OUT), standard_error(after, HELD_OUT))
+    assert after - before > 3 * noise, (before, after)
+    assert after >= full - 3 * math.hypot(
+        standard_error(after, HELD_OUT), standard_error(full, HELD_OUT)
+    ), (after, full)
