@@ -170,10 +170,10 @@ class ParsedPrompt:
     wordless: bool = False
     # Weights typed for the roles in `ImagineOptions.kept`: (role, flag as typed, weight).
     kept_weights: tuple[tuple[InputRole, str, float], ...] = ()
-
     # `--p`: None when not asked; () for one's own taste; else the profile codes named. The bot
     # turns them into `request.personalize` (bot/core/taste.py).
     personalize: tuple[str, ...] | None = None
+
     def with_pictures(self, inputs: tuple[InputImage, ...]) -> ParsedPrompt:
         """This job with its fetched pictures appended to `request.inputs` (a wordless job's
         placeholder prompt goes: the pictures are what it is about)."""
@@ -304,14 +304,14 @@ def _parse(
             note = f"{typed} ignored ({spec.meaning})"
             if note not in notes:
                 notes.append(note)
-        elif spec.name == "lora":
-            # Several --lora flags add up; generation.addons checks names and weights.
-            earlier_loras = cast(tuple[LoraAsk, ...], inline.values.get("lora", ()))
         elif spec.name == "personalize":
             # --p alone is one's own taste; codes name other members' (several add up).
             earlier_codes = cast(tuple[str, ...], inline.values.get("personalize", ()))
             codes = () if value is True else cast(tuple[str, ...], value)
             inline.values["personalize"] = tuple(dict.fromkeys((*earlier_codes, *codes)))
+        elif spec.name == "lora":
+            # Several --lora flags add up; generation.addons checks names and weights.
+            earlier_loras = cast(tuple[LoraAsk, ...], inline.values.get("lora", ()))
             inline.values["lora"] = (*earlier_loras, *cast(tuple[LoraAsk, ...], value))
             inline.typed.setdefault("lora", flag.typed)
         elif spec.name in REFERENCE_FLAGS:
@@ -418,6 +418,7 @@ def _parse(
         image_refs=image_refs,
         wordless=wordless,
         kept_weights=kept_weights,
+        personalize=cast(tuple[str, ...] | None, inline.values.get("personalize")),
     )
     return parsed, inline
 
@@ -429,7 +430,6 @@ def _check_wordless(image_refs: tuple[ImageRef, ...]) -> None:
     if count == 0:
         raise PromptError("prompt", "prompt: nothing to draw once the flags are taken out")
     if count == 1:
-        personalize=cast(tuple[str, ...] | None, inline.values.get("personalize")),
         raise PromptError(
             "prompt",
             "prompt: one image prompt needs words beside it (two to five pictures without "

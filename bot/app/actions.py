@@ -101,10 +101,10 @@ class MemberInfo:
     balance: Balance
     jobs: tuple[ActiveJob, ...]
     preferences: Preferences
-
-
     # One's taste profile (--p): share code and ratings.
     taste: Profile | None = None
+
+
 @dataclass(frozen=True)
 class Submitted:
     job: Job

@@ -59,8 +59,8 @@ class AfterGrid:
     config: Config
     core: Core
     preferences: PreferenceStore
-    _seed_source: Callable[[], int]
     personal: Personalize
+    _seed_source: Callable[[], int]
 
     async def _job_for(self, actor: Actor, job_id: int, must_own: bool = True) -> Job:
         raise NotImplementedError
@@ -207,9 +207,9 @@ class AfterGrid:
             raise UserError(str(exc)) from None
         if not await asyncio.to_thread(path.is_file):
             raise UserError(EXPIRED_MESSAGE)
-        return path
         # The pick teaches the member's taste (--p): this image over the grid's others.
         await self.personal.picked(actor, job, position)
+        return path
 
     async def _edit_source(
         self, actor: Actor, job_id: int, index: int

@@ -34,8 +34,8 @@ from bot.app.inputs import (
     blend_request,
 )
 from bot.app.moderation import PromptFilter, audit_refusal, make_output_check
-from bot.config import Config
 from bot.app.personalize import Personalize
+from bot.config import Config
 from bot.core.clock import system_clock
 from bot.core.models import (
     EXPIRED_MESSAGE,
@@ -48,11 +48,11 @@ from bot.core.models import (
 )
 from bot.core.preferences import PreferenceStore
 from bot.core.service import Core
+from bot.core.taste import TasteStore
 from generation.conditioning import check_inputs
 from generation.contract import MAX_PIXELS, MAX_SEED, GenerationRequest, InputImage, InputRole
 from generation.prompt import (
     ImagineOptions,
-from bot.core.taste import TasteStore
     ParsedPrompt,
     PromptDefaults,
     PromptError,
@@ -122,11 +122,11 @@ class ImagineApp(AfterGrid):
         self._monotonic = monotonic
         self._last_submit: dict[int, float] = {}
         self.preferences = PreferenceStore(core.db, config.engine, system_clock)
+        self.personal = Personalize(core, TasteStore(core.db, system_clock))
 
     # ----- creating jobs ---------------------------------------------------------------------
 
     def parse_jobs(
-        self.personal = Personalize(core, TasteStore(core.db, system_clock))
         self,
         text: str,
         options: ImagineOptions | None = None,
@@ -183,14 +183,14 @@ class ImagineApp(AfterGrid):
             parsed = self.parse_jobs(
                 expanded, replace(options, control_image=stand_in), model, defaults
             )
+            # --p (or the /settings default): a code naming no profile refuses here, free.
+            parsed, taste_notes = await self.personal.apply(actor, parsed, prefs.personalize)
             # Only what is asked for is filtered: "--no gore" steers away from what it names.
             # (A blend's placeholder, in a prompt of pictures only, is not the member's.)
             for prompt in dict.fromkeys(job.request.prompt for job in parsed if not job.wordless):
                 await self._check_prompt(actor, text, prompt)
             if any(job.image_refs for job in parsed):
                 # What the model can do with the pictures' roles (a reference needs an image
-            # --p (or the /settings default): a code naming no profile refuses here, free.
-            parsed, taste_notes = await self.personal.apply(actor, parsed, prefs.personalize)
                 # adapter) needs only their roles.
                 for job in parsed:
                     self._check_inputs(job.with_pictures(_stand_ins(job)).request)
@@ -207,6 +207,7 @@ class ImagineApp(AfterGrid):
                 (
                     *render.batch_notes(jobs, index),
                     *parsed_job.notes,
+                    *taste_notes,
                     *catalog.control_notes(parsed_job.request, self.config.engine.controlnet_fit),
                 ),
                 self.core.scheduler.queue_position(job.id),
@@ -216,7 +217,6 @@ class ImagineApp(AfterGrid):
 
     # ----- pictures: image prompts, /blend, /describe (bot/app/inputs.py) -----------------------
 
-                    *taste_notes,
     async def blend(
         self,
         actor: Actor,

@@ -311,9 +311,9 @@ def encode_result(
         width=first.width,
         height=first.height,
         control_map_path=control_map_path,
-    )
         embeddings=result.embeddings,
         personalized=bool(result.personalized),
+    )
     return RenderedJob(item.output_dir, tuple(files), outcome)
 
 

@@ -155,19 +155,19 @@ class JobResult:
     texts: tuple[str, ...] = ()
     # The map a ControlNet followed (edges, depth …), shown beside the result.
     control_map_path: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "texts": list(self.texts),
     # Whether the member's taste (--p) took part in the ranking.
     personalized: bool = False
     # Every ranked candidate's compact CLIP embedding: stored in its own table with the job's
     # end (bot/core/taste.py), never in the result's JSON.
     embeddings: CandidateEmbeddings | None = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "personalized": self.personalized,
+            "texts": list(self.texts),
             "control_map_path": self.control_map_path,
             "image_paths": list(self.image_paths),
             "grid_path": self.grid_path,
-            "personalized": self.personalized,
             "seeds": list(self.seeds),
             "clip_scores": list(self.clip_scores),
             "timings_s": dict(self.timings_s),
@@ -189,11 +189,11 @@ class JobResult:
             height=int(data.get("height", 0)),
             texts=tuple(str(t) for t in data.get("texts", ())),
             control_map_path=data.get("control_map_path"),
+            personalized=bool(data.get("personalized", False)),
         )
 
 
 @dataclass(frozen=True)
-            personalized=bool(data.get("personalized", False)),
 class Job:
     id: int
     owner: Owner

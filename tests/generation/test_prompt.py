@@ -431,12 +431,11 @@ def test_flag_table_is_consistent() -> None:
     for spec in FLAGS:
         if spec.arity is not Arity.NONE and spec.name != "steps":
             assert spec.check is not None, spec.name
-        *("fast", "relax", "turbo"),
-        "personalize",
     honoured = {spec.name for spec in FLAGS if spec.treatment is Treatment.HONOURED}
     assert honoured == {
         *("ar", "seed", "no", "steps", "cfg", "sampler", "model", "repeat"),
         *("lora", "cn", "cnw"),
+        "personalize",
     }
     mapped = {spec.name for spec in FLAGS if spec.treatment is Treatment.MAPPED}
     assert mapped == {"quality", "chaos", "tile", "stop", "h"} | {
