@@ -450,9 +450,12 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec(("upbeta",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney upscaler"),
     FlagSpec(("upanime",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney upscaler"),
     FlagSpec(("draft",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    FlagSpec(("fast",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    FlagSpec(("relax",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    FlagSpec(("turbo",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
+    # Speed modes: the bot queues and charges the job by them (ParsedPrompt.speed).
+    FlagSpec(("fast",), Treatment.HONOURED, Arity.NONE, "fast mode for this job (credits)"),
+    FlagSpec(
+        ("relax",), Treatment.HONOURED, Arity.NONE, "relax mode: waits for a free GPU, costs less"
+    ),
+    FlagSpec(("turbo",), Treatment.HONOURED, Arity.NONE, "turbo mode: ahead of fast, costs more"),
     FlagSpec(("stealth",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
     FlagSpec(("public",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
     FlagSpec(("private",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),

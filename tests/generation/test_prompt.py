@@ -386,9 +386,6 @@ def test_version_note_reads_as_in_the_brief() -> None:
         "--upbeta",
         "--upanime",
         "--draft",
-        "--fast",
-        "--relax",
-        "--turbo",
         "--video",
         "--motion high",
         "--loop",
@@ -435,6 +432,7 @@ def test_flag_table_is_consistent() -> None:
     assert honoured == {
         *("ar", "seed", "no", "steps", "cfg", "sampler", "model", "repeat"),
         *("lora", "cn", "cnw"),
+        *("fast", "relax", "turbo"),
         "personalize",
     }
     mapped = {spec.name for spec in FLAGS if spec.treatment is Treatment.MAPPED}
