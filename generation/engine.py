@@ -52,6 +52,7 @@ from generation.preview import Previewer
 from generation.ranking import select_candidates
 from generation.samplers import make_scheduler, seed_step_noise
 from generation.settings import EngineSettings, ModelSpec
+from generation.shorten import shorten
 from generation.steps import StepState, check_cancel, on_step_end, record_denoised
 from generation.tiling import seamless_tiling
 from generation.weighted_prompt import (
@@ -128,7 +129,7 @@ class DiffusersEngine(ModelStore):
             raise ValueError(
                 f"steps: at most {self.settings.max_steps} on this server, got {request.steps}"
             )
-        if request.kind not in (JobKind.IMAGINE, JobKind.DESCRIBE):
+        if request.kind is not JobKind.IMAGINE and not request.kind.makes_text:
             assert request.strength is not None and request.init_image is not None
             if int(request.steps * request.strength) < 1:
                 raise ValueError(
@@ -158,6 +159,9 @@ class DiffusersEngine(ModelStore):
         if request.kind is JobKind.DESCRIBE:
             with self._lock:
                 return self._describe(request, cancel)
+        if request.kind is JobKind.SHORTEN:
+            with self._lock:
+                return self._shorten(request, cancel)
         with self._lock, self._loras_active(spec, request) as request:
             return self._generate(spec, request, progress, cancel)
 
@@ -331,6 +335,23 @@ class DiffusersEngine(ModelStore):
             clip_scores=(),
             timings_s={"total_s": time.perf_counter() - started},
             texts=texts,
+        )
+
+    def _shorten(
+        self, request: GenerationRequest, cancel: threading.Event | None
+    ) -> GenerationResult:
+        """A SHORTEN: each word's weight to the CLIP ranker's text tower and shorter prompts
+        (shorten.py); the numbers ride in `clip_scores` (Shortened.scores)."""
+        started = time.perf_counter()
+        ranker = self._clip()
+        check_cancel(cancel)
+        found = shorten(request.prompt, ranker.text_embeddings)
+        return GenerationResult(
+            images=(),
+            seeds=(request.seed,),
+            clip_scores=found.scores(),
+            timings_s={"total_s": time.perf_counter() - started},
+            texts=found.prompts,
         )
 
     def _prepare_init_image(self, request: GenerationRequest) -> Image.Image:

@@ -449,13 +449,18 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec(("uplight",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney upscaler"),
     FlagSpec(("upbeta",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney upscaler"),
     FlagSpec(("upanime",), Treatment.IGNORED, Arity.NONE, "legacy Midjourney upscaler"),
-    FlagSpec(("draft",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    # Speed modes: the bot queues and charges the job by them (ParsedPrompt.speed).
-    FlagSpec(("fast",), Treatment.HONOURED, Arity.NONE, "fast mode for this job (credits)"),
+    # Midjourney v7's draft mode (generation.draft); the steps, sampler and cost are the
+    # server's ([generation] draft_steps/draft_sampler, [credits] cost_draft_percent).
     FlagSpec(
-        ("relax",), Treatment.HONOURED, Arity.NONE, "relax mode: waits for a free GPU, costs less"
+        ("draft",),
+        Treatment.MAPPED,
+        Arity.NONE,
+        "a fast, cheap draft (fewer steps, a quick sampler); Enhance renders a draft image at "
+        "full quality",
     ),
-    FlagSpec(("turbo",), Treatment.HONOURED, Arity.NONE, "turbo mode: ahead of fast, costs more"),
+    FlagSpec(("fast",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
+    FlagSpec(("relax",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
+    FlagSpec(("turbo",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
     FlagSpec(("stealth",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
     FlagSpec(("public",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
     FlagSpec(("private",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),

@@ -81,6 +81,7 @@ from generation.contract import (
     PromptPart,
     Sampler,
 )
+from generation.draft import make_draft
 from generation.flags import (
     FLAGS_BY_NAME,
     LEGACY_WIDTH,
@@ -173,8 +174,6 @@ class ParsedPrompt:
     # `--p`: None when not asked; () for one's own taste; else the profile codes named. The bot
     # turns them into `request.personalize` (bot/core/taste.py).
     personalize: tuple[str, ...] | None = None
-    # `--fast`, `--relax` or `--turbo`: the speed mode asked for this job (None: the member's).
-    speed: str | None = None
 
     def with_pictures(self, inputs: tuple[InputImage, ...]) -> ParsedPrompt:
         """This job with its fetched pictures appended to `request.inputs` (a wordless job's
@@ -397,6 +396,14 @@ def _parse(
     # The stored prompt (shown in the reply and written to the PNG) carries the LoRAs' trigger
     # words, so pasting it into AUTOMATIC1111 reproduces what the engine ran.
     request = apply_trigger_words(request, settings)
+    if "draft" in inline.values:
+        full_steps, full_sampler = request.steps, request.sampler
+        request = make_draft(request, steps=settings.draft_steps, sampler=settings.draft_sampler)
+        notes.append(
+            f"{inline.typed['draft']} → a draft: {request.steps} steps with "
+            f"{request.sampler.a1111_name} (full quality: {full_steps} with "
+            f"{full_sampler.a1111_name}); ✨ Enhance renders an image at full quality"
+        )
     if request.chaos:
         notes.append(f"{inline.typed['chaos']} {request.chaos} → a more varied grid")
     if request.stop_percent < 100:
@@ -421,21 +428,8 @@ def _parse(
         wordless=wordless,
         kept_weights=kept_weights,
         personalize=cast(tuple[str, ...] | None, inline.values.get("personalize")),
-        speed=_speed(inline),
     )
     return parsed, inline
-
-
-SPEED_FLAGS = ("fast", "relax", "turbo")
-
-
-def _speed(inline: _Inline) -> str | None:
-    """The one speed mode the flags ask for; two different ones leave no way to know which."""
-    asked = [name for name in SPEED_FLAGS if name in inline.values]
-    if len(asked) > 1:
-        typed = " and ".join(inline.typed[name] for name in asked)
-        raise PromptError(inline.typed[asked[1]], f"{typed}: choose one speed mode")
-    return asked[0] if asked else None
 
 
 def _check_wordless(image_refs: tuple[ImageRef, ...]) -> None:

@@ -51,6 +51,20 @@ def describe_request(
     return GenerationRequest(**values)
 
 
+def shorten_request(prompt: str, *, model: str = "tiny", **changes: Any) -> GenerationRequest:
+    """A SHORTEN of a prompt as the member typed it (its flags are kept in the shorter prompts,
+    generation.shorten): one CLIP text pass, no image."""
+    values: dict[str, Any] = {
+        "kind": JobKind.SHORTEN,
+        "prompt": prompt,
+        "model": model,
+        "num_candidates": 1,
+        "num_kept": 1,
+    }
+    values.update(changes)
+    return GenerationRequest(**values)
+
+
 def variation_request(
     parent: GenerationRequest, image: Image.Image, *, strength: float, seed: int
 ) -> GenerationRequest:

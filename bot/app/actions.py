@@ -37,10 +37,12 @@ class Action(StrEnum):
     PAN_UP = "PU"
     PAN_DOWN = "PD"
     MAKE_SQUARE = "SQ"
+    # ✨ under a draft's images: that image at full quality (same seed and prompt).
+    ENHANCE = "E"
 
     @property
     def needs_index(self) -> bool:
-        return self in (Action.UPSCALE, Action.VARY)
+        return self in (Action.UPSCALE, Action.VARY, Action.ENHANCE)
 
     @property
     def takes_prompt(self) -> bool:

@@ -25,6 +25,7 @@ from bot.core.preferences import PreferenceStore
 from bot.core.service import Core
 from generation.contract import GenerationRequest, PanDirection, Region, UpscaleMode
 from generation.contract import JobKind as GenerationKind
+from generation.draft import enhance_request
 from generation.prompt import PromptError
 from generation.requests import variation_request
 
@@ -273,6 +274,23 @@ class AfterGrid:
             raise UserError(f"Job {job.id} is still {job.state.value}; use its Cancel button.")
         return job
 
+    def _enhance(
+        self, job: Job, parent: GenerationRequest, index: int
+    ) -> tuple[GenerationRequest, JobKind, tuple[int, int | None], tuple[str, ...]]:
+        """✨ Enhance: image `index` of a draft at full quality, from its seed and prompt. The
+        parent is the draft job itself (not its image): the render starts from noise, or from
+        the draft's own source picture for a draft variation, as the draft did."""
+        assert job.result is not None
+        position = self._position(job, index, required=True)
+        if parent.draft is None:
+            raise ValueError(f"Job {job.id} is not a draft; only a draft's images are enhanced.")
+        request = enhance_request(parent, job.result.seeds[position])
+        note = (
+            f"✨ image {index} of draft job {job.id} at full quality: {request.steps} steps with "
+            f"{request.sampler.a1111_name}, seed {request.seed}"
+        )
+        return request, JobKind.ENHANCE, (job.id, None), (note,)
+
     async def _derived_request(
         self, job: Job, action: Action, index: int, prompt: str | None = None
     ) -> tuple[GenerationRequest, JobKind, tuple[int, int | None], tuple[str, ...]]:
@@ -281,6 +299,8 @@ class AfterGrid:
         assert job.result is not None
         settings = self.config.engine
         parent = await self.core.jobs.request(job)
+        if action is Action.ENHANCE:
+            return self._enhance(job, parent, index)
         if action is not Action.REROLL:
             # img2img runs steps x strength steps; a short parent job must still get at least
             # one, whatever strength this action uses.

@@ -28,8 +28,10 @@ from generation.contract import (
     PanDirection,
     PromptPart,
     Region,
+    Sampler,
     UpscaleMode,
 )
+from generation.draft import make_draft
 from generation.prompt import (
     ImagineOptions,
     PromptDefaults,
@@ -71,6 +73,8 @@ class Remix:
     weights: tuple[tuple[InputRole, str, float], ...] = ()
     # The parser's notes (flags ignored, mapped or moved), for the job's reply as /imagine's.
     notes: tuple[str, ...] = ()
+    # `--draft` in the edited prompt: the draft's (steps, sampler), made a draft by `apply`.
+    draft: tuple[int, Sampler] | None = None
 
     def apply(self, request: GenerationRequest) -> GenerationRequest:
         by_role = {role: weight for role, _, weight in self.weights}
@@ -82,13 +86,17 @@ class Remix:
             name, weight, picture = self.controlnet
             others = tuple(i for i in inputs if i.role is not InputRole.CONTROL)
             changes.update(controlnet=name, controlnet_weight=weight, inputs=(*others, picture))
-        return request.with_changes(
+        remixed = request.with_changes(
             prompt=self.prompt,
             prompt_parts=self.prompt_parts,
             negative_prompt=self.negative_prompt or request.negative_prompt,
             loras=self.loras,
             **changes,
         )
+        if self.draft is None:
+            return remixed
+        steps, sampler = self.draft
+        return make_draft(remixed, steps=steps, sampler=sampler)
 
 
 def parse_remix(
@@ -162,6 +170,7 @@ def parse_remix(
         controlnet=controlnet,
         weights=_one_weight_per_role(parsed.kept_weights),
         notes=parsed.notes,
+        draft=(request.steps, request.sampler) if request.draft is not None else None,
     )
 
 
@@ -226,8 +235,15 @@ def _edit_base(
     """The request an edit starts from. An edit repaints without the job's pictures (they
     already shaped the image; generation.conditioning), so a weight for them would change
     nothing the member pays for: refused, naming the flag."""
+    not_a_draft(parent, edit)
     if remix is None:
         return for_grid(parent, settings)
+    if remix.draft is not None:
+        raise ValueError(
+            f"--draft: {edit} paints into a finished picture, and a draft-quality patch beside "
+            "its full-quality pixels would show; leave --draft out (it works with 🔄 and the "
+            "V buttons)"
+        )
     if remix.weights:
         _, typed, _ = remix.weights[0]
         raise ValueError(
@@ -236,6 +252,16 @@ def _edit_base(
             "reweigh them"
         )
     return for_grid(remix.apply(parent), settings)
+
+
+def not_a_draft(parent: GenerationRequest, what: str) -> None:
+    """ValueError when `parent` is a draft: upscales and edits finish a picture, and a draft's
+    is only good for choosing; Enhance renders it at full quality first."""
+    if parent.draft is not None:
+        raise ValueError(
+            f"This image is a draft: press ✨ Enhance under it to render it at full quality, "
+            f"then use {what} on that."
+        )
 
 
 def zoom(
@@ -274,6 +300,7 @@ def pan(
 def square(
     parent: GenerationRequest, image: Image.Image, *, seed: int, settings: EngineSettings
 ) -> GenerationRequest:
+    not_a_draft(parent, "Make Square")
     return square_request(
         for_grid(parent, settings),
         working_image(parent, image),
@@ -345,6 +372,7 @@ def upscale(
     seed: int,
     settings: EngineSettings,
 ) -> GenerationRequest:
+    not_a_draft(parent, "an upscale")
     if image.width * image.height * UPSCALE_FACTOR**2 > settings.max_pixels:
         raise ValueError("image: it is already as large as this server allows")
     strength = (

@@ -41,6 +41,7 @@ _KIND_FOR = {
     JobKind.SQUARE: GenerationKind.SQUARE,
     JobKind.REGION: GenerationKind.REGION,
     JobKind.DESCRIBE: GenerationKind.DESCRIBE,
+    JobKind.SHORTEN: GenerationKind.SHORTEN,
 }
 
 
@@ -88,7 +89,8 @@ class Admission:
         requests = list(requests)
         if not requests:
             raise ValueError("requests: at least one request is needed")
-        if kind is JobKind.REROLL:
+        if kind in (JobKind.REROLL, JobKind.ENHANCE):
+            # Made from another job's request, whatever its kind.
             if parent is None:
                 raise ValueError("parent: a reroll needs the job it rerolls")
         elif any(request.kind is not _KIND_FOR[kind] for request in requests):

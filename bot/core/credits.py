@@ -39,6 +39,9 @@ Costs (all integers, rounded up, at least 1 when the configured base cost is abo
 * zoom, pan, square, region:     cost_zoom / cost_pan / cost_square / cost_region, scaled like
                                  imagine by the canvas (width x height of the edit's output)
 * describe (and its 🔄):          cost_describe, flat (no diffusion, one CLIP pass)
+* shorten:                       cost_shorten, flat (one CLIP text pass; free by default)
+* a draft (--draft):             cost_draft_percent of the same job at full quality (its own
+                                 steps and sampler), rounded up, at least 1
 * a ControlNet (imagine, variation, upscale) adds cost_controlnet_percent to the scaled cost
   before rounding: it runs beside the UNet at every step. LoRAs add nothing (a few small
   matrices beside layers the job runs anyway). Edits never carry a ControlNet.
@@ -53,6 +56,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from fractions import Fraction
 from typing import Any
@@ -102,6 +106,16 @@ def job_cost(request: GenerationRequest, config: CreditsConfig) -> int:
     model_calls = request.sampler.model_calls_per_step
     if request.kind is GenerationKind.DESCRIBE:
         return max(0, config.cost_describe)
+    if request.kind is GenerationKind.SHORTEN:
+        return max(0, config.cost_shorten)
+    if request.draft is not None:
+        # The same job at full quality, then the draft's share of it.
+        full = job_cost(
+            replace(request, steps=request.draft.steps, sampler=request.draft.sampler, draft=None),
+            config,
+        )
+        share = Fraction(full * config.cost_draft_percent, 100)
+        return max(1, math.ceil(share)) if share > 0 else 0
     if request.kind is GenerationKind.IMAGINE or request.kind.is_edit:
         base = _EDIT_COSTS[request.kind](config) if request.kind.is_edit else config.cost_imagine
         scaled = base * pixels * Fraction(request.steps, BASE_STEPS) * candidates * model_calls

@@ -260,7 +260,8 @@ def encode_result(
 
     if not result.images:
         if result.texts:
-            # A describe answers in words only.
+            # A describe or a shorten answers in words only (a shorten's numbers, its words'
+            # weights, ride in clip_scores).
             outcome = WorkOutcome(
                 image_paths=(),
                 grid_path=None,

@@ -29,6 +29,10 @@ class JobKind(StrEnum):
     REGION = "region"
     # Prompt suggestions for a member's picture; the result has texts and no images.
     DESCRIBE = "describe"
+    # Which words of a prompt matter to CLIP and shorter prompts (texts, no images).
+    SHORTEN = "shorten"
+    # A draft's image rendered at full quality (the request is the draft's kind, without it).
+    ENHANCE = "enhance"
 
 
 class JobState(StrEnum):

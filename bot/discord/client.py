@@ -41,8 +41,8 @@ from bot.discord.cogs.after_grid import AfterGridCog
 from bot.discord.cogs.catalog import CatalogCog
 from bot.discord.cogs.imagine import ImagineCog
 from bot.discord.cogs.member import MemberCog
-from bot.discord.cogs.modes import ModesCog
 from bot.discord.cogs.pictures import PicturesCog
+from bot.discord.cogs.shorten import ShortenCog
 from bot.discord.cogs.web import WebCog
 from bot.discord.delivery import Delivery
 from bot.discord.gate import InteractionGate, check_guilds
@@ -52,6 +52,7 @@ from bot.discord.views.buttons import JobButton, UiAction, UiButton
 from bot.discord.views.describe import DescribeAction, DescribeButton
 from bot.discord.views.fits import fits_for
 from bot.discord.views.settings import SettingsButton, SettingsSelect
+from bot.discord.views.shorten import ShortenButton
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class ImagineBot(commands.AutoShardedBot):
         self._after_grid: AfterGridCog
         self._pictures: PicturesCog
         self._member: MemberCog
+        self._shorten: ShortenCog
 
     # ----- start-up and shutdown -------------------------------------------------------------
 
@@ -155,6 +157,7 @@ class ImagineBot(commands.AutoShardedBot):
         actors = self.actors
         self.tree.on_error = report_error  # type: ignore[method-assign]
         self.add_dynamic_items(JobButton, UiButton, DescribeButton, SettingsSelect, SettingsButton)
+        self.add_dynamic_items(ShortenButton)
         self._after_grid = AfterGridCog(self.app, actors, self.delivery, status, self.own_user_id)
         self._pictures = PicturesCog(self.config, self.app, actors, status)
         self._member = MemberCog(self.config, self.app, self.core, actors, self.clock)
@@ -163,10 +166,10 @@ class ImagineBot(commands.AutoShardedBot):
         await self.add_cog(self._pictures)
         await self.add_cog(self._member)
         await self.add_cog(CatalogCog(self.config))
-        await self.add_cog(RankCog(self.app, actors))
-        await self.add_cog(ModesCog(self.app.modes, actors))
         if self.services.sign_in is not None:
             await self.add_cog(WebCog(self.services.sign_in, actors))
+        self._shorten = ShortenCog(self.app, actors, status)
+        await self.add_cog(self._shorten)
         self.tree.add_command(self._after_grid.delete_menu)
         self.tree.add_command(AdminCommands(open_desk(self.core), actors, self.clock))
 
@@ -278,6 +281,11 @@ class ImagineBot(commands.AutoShardedBot):
         self, interaction: discord.Interaction[Any], action: DescribeAction, job_id: int, index: int
     ) -> None:
         await self._pictures.on_describe_button(interaction, action, job_id, index)
+
+    async def on_shorten_button(
+        self, interaction: discord.Interaction[Any], job_id: int, index: int
+    ) -> None:
+        await self._shorten.on_shorten_button(interaction, job_id, index)
 
     async def on_settings_change(
         self, interaction: discord.Interaction[Any], field: str, value: object

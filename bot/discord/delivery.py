@@ -31,6 +31,7 @@ import discord
 from bot.app import render
 from bot.app.catalog import control_thumbnail
 from bot.app.inputs import pictures_thumbnail
+from bot.app.shorten import shorten_text
 from bot.core.models import (
     EndingDelayed,
     Finished,
@@ -44,6 +45,8 @@ from bot.core.models import (
 from bot.discord.views.buttons import Fits, result_view
 from bot.discord.views.describe import DescribeAction, describe_text, describe_view
 from bot.discord.views.describe import custom_id as suggestion_id
+from bot.discord.views.shorten import custom_id as shorter_id
+from bot.discord.views.shorten import shorten_view
 from generation.images import encode_for_upload
 
 if TYPE_CHECKING:
@@ -386,6 +389,9 @@ class Delivery:
         if succeeded and job.kind is JobKind.DESCRIBE:
             # Text, not images: the suggestions with their buttons (bot/discord/views/describe.py).
             content, view = describe_text(job, notes), describe_view(job)
+        if succeeded and job.kind is JobKind.SHORTEN:
+            # The words weighted and the shorter prompts with their buttons (views/shorten.py).
+            content, view = shorten_text(job, notes), shorten_view(job)
 
         if target is not None and not target.broken:
             try:
@@ -488,6 +494,7 @@ class Delivery:
             return None
         result_ids = {f"imagine:U:{job.id}:1", f"imagine:VS:{job.id}", f"imagine:VS:{job.id}:1"}
         result_ids.add(suggestion_id(DescribeAction.AGAIN, job.id))
+        result_ids.add(shorter_id(job.id, 1))
         marker = render.finished_marker(job)
         try:
             async for message in channel.history(limit=RECOVERY_HISTORY_LIMIT):

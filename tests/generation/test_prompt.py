@@ -385,7 +385,9 @@ def test_version_note_reads_as_in_the_brief() -> None:
         "--uplight",
         "--upbeta",
         "--upanime",
-        "--draft",
+        "--fast",
+        "--relax",
+        "--turbo",
         "--video",
         "--motion high",
         "--loop",
@@ -432,11 +434,10 @@ def test_flag_table_is_consistent() -> None:
     assert honoured == {
         *("ar", "seed", "no", "steps", "cfg", "sampler", "model", "repeat"),
         *("lora", "cn", "cnw"),
-        *("fast", "relax", "turbo"),
         "personalize",
     }
     mapped = {spec.name for spec in FLAGS if spec.treatment is Treatment.MAPPED}
-    assert mapped == {"quality", "chaos", "tile", "stop", "h"} | {
+    assert mapped == {"quality", "chaos", "tile", "stop", "h", "draft"} | {
         *("iw", "sref", "sw", "oref", "ow", "cref", "cw")
     }
 

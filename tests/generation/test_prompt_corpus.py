@@ -68,7 +68,7 @@ _ALIASES = {
 # The Midjourney parameters, of any version, that have no Stable Diffusion equivalent here
 # (and --w, which is --weird unless --h comes with it).
 IGNORED = {"v", "niji", "style", "raw", "s", "w", "exp", "sv"}
-IGNORED |= {"p", "sameseed", "zoom", "draft", "fast", "relax", "turbo"}
+IGNORED |= {"p", "sameseed", "zoom", "fast", "relax", "turbo"}
 # Pictures and their weights (generation.references): links become image_refs, Midjourney's
 # numeric style codes and weights without a picture are ignored with a note.
 REFERENCES = {"iw", "sref", "sw", "oref", "ow", "cref", "cw"}
@@ -77,6 +77,7 @@ IGNORED |= {"hd", "test", "testp", "beta", "creative", "uplight", "upbeta", "upa
 IGNORED |= {"wallpaper", "vibe"}
 # The parameters that change the job (honoured, or mapped to an equivalent).
 USED = {"ar", "seed", "no", "steps", "cfg", "sampler", "model", "q", "c", "tile", "stop", "r"}
+USED |= {"draft"}
 
 
 def flags_of(line: str) -> list[tuple[str, str]]:
@@ -165,6 +166,8 @@ def test_every_corpus_prompt_parses(number: int, line: str) -> None:
             assert request.stop_percent == int(value)
         if name == "r":
             assert parsed.repeat == int(value)
+        if name == "draft":
+            assert request.draft is not None and request.steps < request.draft.steps
     if "r" not in names:
         assert parsed.repeat == 1
     if "seed" not in names:

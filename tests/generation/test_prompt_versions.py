@@ -223,7 +223,6 @@ def test_a_quote_glued_to_other_values() -> None:
         "--zoom 2",
         "--exp 100",
         "--sv 4",
-        "--draft",
         "--raw",
         "--motion low",
         "--motion HIGH",

@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,8 @@ from bot.config.web import WebSecrets
 from bot.discord.client import ImagineBot
 from bot.web.server import WebServer, start_web
 from tests.bot.conftest import bot_config, in_process_workers
-from tests.bot.helpers import JOB_TIMEOUT_S, has_variations
 from tests.fakediscord import FakeDiscord
-from tests.fakediscord.model import Guild, Message, User
+from tests.fakediscord.model import Message, User
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -96,7 +95,6 @@ class WebHome:
     fake: FakeDiscord
     bot: ImagineBot
     server: WebServer
-    guilds: dict[str, Guild] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -110,11 +108,6 @@ class WebHome:
         match = _LINK.search(message.content)
         assert match, message.content
         return match[0]
-
-    async def imagine(self, user: User, prompt: str, **options: Any) -> Message:
-        """/imagine as `user` through the fake Discord; its message once the grid is in."""
-        interaction = await self.fake.slash(user, "imagine", prompt=prompt, **options)
-        return await interaction.wait_original(has_variations, timeout=JOB_TIMEOUT_S)
 
     def client(self) -> aiohttp.ClientSession:
         """A cookie-keeping HTTP client that doesn't follow redirects on its own."""
@@ -132,17 +125,10 @@ async def web_home(
     *,
     web: dict[str, Any] | None = None,
     oauth: bool = True,
-    guilds: Sequence[str] = (),
     **sections: Any,
 ) -> AsyncIterator[WebHome]:
-    """The fake Discord and the bot with the web home on a free port of 127.0.0.1. `guilds`:
-    more servers, made before the bot starts and listed in its `guild_ids` (`home.guilds`)."""
+    """The fake Discord and the bot with the web home on a free port of 127.0.0.1."""
     async with FakeDiscord() as fake:
-        extra = {name: fake.add_guild(name) for name in guilds}
-        if extra:
-            discord = dict(sections.pop("discord", {}))
-            discord["guild_ids"] = [fake.guild_id, *(g.id for g in extra.values())]
-            sections["discord"] = discord
         port = free_port()
         values = {
             "enabled": True,
@@ -167,4 +153,4 @@ async def web_home(
         )
         async with fake.run_bot(bot):
             server = next(c for c in bot.companions if isinstance(c, WebServer))
-            yield WebHome(fake, bot, server, extra)
+            yield WebHome(fake, bot, server)

@@ -45,8 +45,7 @@ class MemberCog(commands.Cog, name="Member"):
         actor = self.actors.actor(interaction)
         current = await self.core.credits.balance(actor.user_id, actor.role_ids)
         entries = await self.core.credits.ledger(actor.user_id, 5)
-        modes = await self.app.modes.balance_lines(actor)
-        await reply(interaction, render.balance_text(current, entries, self.clock(), modes))
+        await reply(interaction, render.balance_text(current, entries, self.clock()))
 
     @app_commands.command(name="jobs", description="Your queued and running jobs")
     async def jobs(self, interaction: discord.Interaction[Any]) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Self
 import discord
 
 from bot.app.actions import Action
+from bot.app.drafts import is_draft
 from bot.core.models import Job
 
 # Longest first, so that "VS" is never read as "V" followed by junk.
@@ -203,11 +204,16 @@ def grid_view(job: Job, page_url: str | None = None) -> discord.ui.View:
     view.add_item(JobButton(Action.REROLL, job.id, emoji="🔄", row=2))
     if page_url is not None:
         view.add_item(discord.ui.Button(label="Web", url=page_url, row=2))
+    if is_draft(job):
+        # A draft's images are for choosing: ✨ renders the chosen one at full quality.
+        for index in range(1, count + 1):
+            view.add_item(JobButton(Action.ENHANCE, job.id, index, label=f"✨ {index}", row=3))
     return view
 
 
 # (action name, label, emoji, row) of the buttons under one image, in Midjourney's order.
 _IMAGE_BUTTONS: tuple[tuple[str, str | None, str | None, int], ...] = (
+    ("ENHANCE", "Enhance", "✨", 0),
     ("UPSCALE_SUBTLE", "Upscale (Subtle)", "🔍", 0),
     ("UPSCALE_CREATIVE", "Upscale (Creative)", "🔍", 0),
     ("VARY_SUBTLE", "Vary (Subtle)", "🪄", 0),
@@ -227,10 +233,14 @@ def image_view(job: Job, index: int, fits: Fits) -> discord.ui.View:
     Vary (Region), zoom out, make it square, pan, delete. A button whose operation can't fit
     the server's limits (or that this server doesn't offer) is left out."""
     view = discord.ui.View(timeout=None)
+    # A draft's image is for choosing: Enhance it first, then edit the full-quality one.
+    draft = is_draft(job)
     for name, label, emoji, row in _IMAGE_BUTTONS:
         action = _action(name)
         if action is not None and fits(action, index):
             view.add_item(JobButton(action, job.id, index, label=label, emoji=emoji, row=row))
+        if draft:
+            continue
         if name == "VARY_STRONG":
             view.add_item(
                 UiButton(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from bot.app.actions import Action
 from bot.app.application import ImagineApp
+from bot.app.drafts import is_draft
 from bot.core.models import Job
 from bot.discord.views.buttons import Fits
 from generation.contract import PanDirection, UpscaleMode
@@ -17,6 +18,9 @@ _PANS = {
     Action.PAN_UP: PanDirection.UP,
     Action.PAN_DOWN: PanDirection.DOWN,
 }
+
+
+_ON_DRAFTS = frozenset({Action.ENHANCE, Action.VARY_SUBTLE, Action.VARY_STRONG})
 
 
 def fits_for(app: ImagineApp) -> Callable[[Job], Fits]:
@@ -33,6 +37,11 @@ def fits_for(app: ImagineApp) -> Callable[[Job], Fits]:
 
 def action_fits(app: ImagineApp, job: Job, action: Action, index: int) -> bool:
     if job.result is None:
+        return False
+    if is_draft(job):
+        # A draft's image is enhanced or varied; upscales and edits come after Enhance.
+        return action in _ON_DRAFTS
+    if action is Action.ENHANCE:
         return False
     if action is Action.UPSCALE_SUBTLE:
         return app.can_upscale(job, UpscaleMode.SUBTLE)
