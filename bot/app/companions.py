@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
+from bot.app.admin import GuildRoles
 from bot.app.application import ImagineApp
 from bot.app.sign_in import SignInLinks, signing_key
 from bot.config import Config
@@ -30,6 +31,9 @@ class Services:
     signing_key: bytes
     # The owners (admin_user_ids and the application's owner, once known).
     owner_ids: Callable[[], Collection[int]]
+    # Who is an admin of which server, as the front end in the servers sees it (the Discord
+    # client); None: only the owners use the dashboard.
+    guild_roles: GuildRoles | None = None
 
 
 class Companion(Protocol):
@@ -47,6 +51,7 @@ def open_services(
     clock: Clock,
     web_secrets: WebSecrets | None,
     owner_ids: Callable[[], Collection[int]],
+    guild_roles: GuildRoles | None = None,
 ) -> Services:
     """The services a companion gets, with the web home's store, signing key and sign-in
     links (these only when `[web] enabled`)."""
@@ -64,4 +69,5 @@ def open_services(
         secrets=secrets_,
         signing_key=key,
         owner_ids=owner_ids,
+        guild_roles=guild_roles,
     )

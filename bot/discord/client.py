@@ -46,6 +46,7 @@ from bot.discord.cogs.shorten import ShortenCog
 from bot.discord.cogs.web import WebCog
 from bot.discord.delivery import Delivery
 from bot.discord.gate import InteractionGate, check_guilds
+from bot.discord.guild_roles import DiscordGuildRoles
 from bot.discord.interactions import report_error
 from bot.discord.status import StatusMessages
 from bot.discord.views.buttons import JobButton, UiAction, UiButton
@@ -141,7 +142,13 @@ class ImagineBot(commands.AutoShardedBot):
         snapshot = await self.core.scheduler.snapshot()
         self._recovered = [active.job for active in (*snapshot.running, *snapshot.queued)]
         self.services = open_services(
-            config, self.core, self.app, self.clock, self.web_secrets, lambda: self.owner_ids
+            config,
+            self.core,
+            self.app,
+            self.clock,
+            self.web_secrets,
+            lambda: self.owner_ids,
+            guild_roles=DiscordGuildRoles(self, self.actors),
         )
         await self.add_features()
         for start in self._starters:

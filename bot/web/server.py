@@ -11,7 +11,7 @@ from aiohttp import web
 
 from bot.app.companions import Services
 from bot.core.gallery import Gallery
-from bot.web import routes_explore, routes_images, routes_signin
+from bot.web import routes_admin, routes_explore, routes_images, routes_signin
 from bot.web.context import CONTEXT, WebContext
 from bot.web.middleware import doors, errors, security_headers
 from bot.web.oauth import DiscordOAuth
@@ -57,6 +57,7 @@ def build_app(ctx: WebContext) -> web.Application:
     routes_signin.add_routes(app.router)
     routes_images.add_routes(app.router)
     routes_explore.add_routes(app.router)
+    routes_admin.setup(app)
     app.router.add_static("/static/", STATIC_DIR)
     return app
 

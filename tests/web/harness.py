@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from bot.discord.client import ImagineBot
 from bot.web.server import WebServer, start_web
 from tests.bot.conftest import bot_config, in_process_workers
 from tests.fakediscord import FakeDiscord
-from tests.fakediscord.model import Message, User
+from tests.fakediscord.model import Guild, Message, User
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -95,6 +95,7 @@ class WebHome:
     fake: FakeDiscord
     bot: ImagineBot
     server: WebServer
+    guilds: dict[str, Guild] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -125,10 +126,17 @@ async def web_home(
     *,
     web: dict[str, Any] | None = None,
     oauth: bool = True,
+    guilds: Sequence[str] = (),
     **sections: Any,
 ) -> AsyncIterator[WebHome]:
-    """The fake Discord and the bot with the web home on a free port of 127.0.0.1."""
+    """The fake Discord and the bot with the web home on a free port of 127.0.0.1. `guilds`:
+    more servers, made before the bot starts and listed in its `guild_ids` (`home.guilds`)."""
     async with FakeDiscord() as fake:
+        extra = {name: fake.add_guild(name) for name in guilds}
+        if extra:
+            discord = dict(sections.pop("discord", {}))
+            discord["guild_ids"] = [fake.guild_id, *(g.id for g in extra.values())]
+            sections["discord"] = discord
         port = free_port()
         values = {
             "enabled": True,
@@ -153,4 +161,4 @@ async def web_home(
         )
         async with fake.run_bot(bot):
             server = next(c for c in bot.companions if isinstance(c, WebServer))
-            yield WebHome(fake, bot, server)
+            yield WebHome(fake, bot, server, extra)
