@@ -6,6 +6,7 @@ form without its CSRF token, a server admin reaching for another server's member
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -250,3 +251,24 @@ async def test_the_dashboard_refuses_non_admins_forms_without_csrf_and_other_ser
                 assert "Nothing was changed" in await response.text()
             assert await _grants(home, alice.id) == grants
         engine.gate.set()
+
+
+async def test_a_live_stream_says_goodbye_and_ends_when_the_web_home_closes(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with web_home(tmp_path / "data", bot_engine_settings, shared_engine) as home:
+        async with await _signed_in(home, home.fake.owner) as owner:
+            timeout = aiohttp.ClientTimeout(total=20)
+            async with owner.get("/admin/queue/events", timeout=timeout) as response:
+                events: list[str] = []
+                closing = None
+                async for raw in response.content:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("event: "):
+                        events.append(line.removeprefix("event: "))
+                        if closing is None:
+                            closing = asyncio.ensure_future(home.server.close())
+                assert closing is not None
+                await closing
+            # One view, then the goodbye: the stream was ended, not cut off mid-shutdown.
+            assert events == ["live", "bye"]
