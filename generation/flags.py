@@ -458,9 +458,12 @@ FLAGS: tuple[FlagSpec, ...] = (
         "a fast, cheap draft (fewer steps, a quick sampler); Enhance renders a draft image at "
         "full quality",
     ),
-    FlagSpec(("fast",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    FlagSpec(("relax",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
-    FlagSpec(("turbo",), Treatment.IGNORED, Arity.NONE, "Midjourney speed mode"),
+    # Speed modes: the bot queues and charges the job by them (ParsedPrompt.speed).
+    FlagSpec(("fast",), Treatment.HONOURED, Arity.NONE, "fast mode for this job (credits)"),
+    FlagSpec(
+        ("relax",), Treatment.HONOURED, Arity.NONE, "relax mode: waits for a free GPU, costs less"
+    ),
+    FlagSpec(("turbo",), Treatment.HONOURED, Arity.NONE, "turbo mode: ahead of fast, costs more"),
     FlagSpec(("stealth",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
     FlagSpec(("public",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),
     FlagSpec(("private",), Treatment.IGNORED, Arity.NONE, "Midjourney visibility mode"),

@@ -174,6 +174,8 @@ class ParsedPrompt:
     # `--p`: None when not asked; () for one's own taste; else the profile codes named. The bot
     # turns them into `request.personalize` (bot/core/taste.py).
     personalize: tuple[str, ...] | None = None
+    # `--fast`, `--relax` or `--turbo`: the speed mode asked for this job (None: the member's).
+    speed: str | None = None
 
     def with_pictures(self, inputs: tuple[InputImage, ...]) -> ParsedPrompt:
         """This job with its fetched pictures appended to `request.inputs` (a wordless job's
@@ -428,8 +430,21 @@ def _parse(
         wordless=wordless,
         kept_weights=kept_weights,
         personalize=cast(tuple[str, ...] | None, inline.values.get("personalize")),
+        speed=_speed(inline),
     )
     return parsed, inline
+
+
+SPEED_FLAGS = ("fast", "relax", "turbo")
+
+
+def _speed(inline: _Inline) -> str | None:
+    """The one speed mode the flags ask for; two different ones leave no way to know which."""
+    asked = [name for name in SPEED_FLAGS if name in inline.values]
+    if len(asked) > 1:
+        typed = " and ".join(inline.typed[name] for name in asked)
+        raise PromptError(inline.typed[asked[1]], f"{typed}: choose one speed mode")
+    return asked[0] if asked else None
 
 
 def _check_wordless(image_refs: tuple[ImageRef, ...]) -> None:

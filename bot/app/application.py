@@ -35,6 +35,7 @@ from bot.app.inputs import (
     blend_request,
 )
 from bot.app.moderation import PromptFilter, audit_refusal, make_output_check
+from bot.app.modes import ModeDesk, speed_mode
 from bot.app.personalize import Personalize
 from bot.app.shorten import Shortening
 from bot.config import Config
@@ -46,6 +47,7 @@ from bot.core.models import (
     Job,
     JobKind,
     JobState,
+    Mode,
     Refused,
 )
 from bot.core.preferences import PreferenceStore
@@ -124,6 +126,8 @@ class ImagineApp(AfterGrid, Shortening):
         self._monotonic = monotonic
         self._last_submit: dict[int, float] = {}
         self.preferences = PreferenceStore(core.db, config.engine, system_clock)
+        # Relax, Fast and Turbo (bot/app/modes.py).
+        self.modes = ModeDesk(core)
         self.personal = Personalize(core, TasteStore(core.db, system_clock))
 
     # ----- creating jobs ---------------------------------------------------------------------
@@ -198,16 +202,19 @@ class ImagineApp(AfterGrid, Shortening):
                     self._check_inputs(job.with_pictures(_stand_ins(job)).request)
             elif attachments:
                 raise UserError("image: these pictures were not used by the prompt.")
-            await self._check_submit(actor, [job.request for job in parsed])
+            # --fast/--relax/--turbo, else the member's mode: it sets the cost and the queue.
+            mode = await self.modes.mode_for(actor, speed_mode([job.speed for job in parsed]))
+            await self._check_submit(actor, [job.request for job in parsed], mode)
             parsed = await self._fetch_pictures(actor, parsed, attachments, control_image, link)
             jobs = await self._submit(
-                actor, [job.request for job in parsed], JobKind.IMAGINE, None, cooled=False
+                actor, [job.request for job in parsed], JobKind.IMAGINE, None, False, mode
             )
         return [
             Submitted(
                 job,
                 (
                     *render.batch_notes(jobs, index),
+                    self.modes.queue_note(job),
                     *parsed_job.notes,
                     *draft_notes(job, parsed_job.request, self.config.credits),
                     *taste_notes,
@@ -251,7 +258,9 @@ class ImagineApp(AfterGrid, Shortening):
                 )
             )
             (job,) = await self._submit(actor, [request], JobKind.IMAGINE, None, cooled=False)
-        return Submitted(job, (), self.core.scheduler.queue_position(job.id))
+        return Submitted(
+            job, (self.modes.queue_note(job),), self.core.scheduler.queue_position(job.id)
+        )
 
     async def describe(self, actor: Actor, picture: Picture | str) -> Submitted:
         """Four prompt suggestions for a picture (a DESCRIBE job, run by the worker's CLIP):
@@ -291,7 +300,9 @@ class ImagineApp(AfterGrid, Shortening):
                 height=height,
             )
             (job,) = await self._submit(actor, [request], JobKind.DESCRIBE, None, cooled=False)
-        return Submitted(job, (), self.core.scheduler.queue_position(job.id))
+        return Submitted(
+            job, (self.modes.queue_note(job),), self.core.scheduler.queue_position(job.id)
+        )
 
     async def describe_again(self, actor: Actor, job_id: int) -> Submitted:
         """🔄 under a /describe: the same picture with a new seed, so other phrases."""
@@ -306,7 +317,9 @@ class ImagineApp(AfterGrid, Shortening):
         (again,) = await self._submit(
             actor, [request], JobKind.DESCRIBE, (job.id, None), cooled=False
         )
-        return Submitted(again, (), self.core.scheduler.queue_position(again.id))
+        return Submitted(
+            again, (self.modes.queue_note(again),), self.core.scheduler.queue_position(again.id)
+        )
 
     async def imagine_suggestion(self, actor: Actor, job_id: int, index: int) -> list[Submitted]:
         """Buttons 1–4 under a /describe: that suggestion as an ordinary (paid) /imagine."""
@@ -318,11 +331,15 @@ class ImagineApp(AfterGrid, Shortening):
             raise UserError(f"Suggestion {index} doesn't exist in job {job.id}.")
         return await self.imagine(actor, texts[index - 1])
 
-    async def _check_submit(self, actor: Actor, requests: Sequence[GenerationRequest]) -> None:
-        """The queue limits, the ban and the credits, looked at before anything is fetched
-        (`_submit` checks again, for real)."""
+    async def _check_submit(
+        self, actor: Actor, requests: Sequence[GenerationRequest], mode: Mode | None = None
+    ) -> None:
+        """The queue limits, the ban and the credits (and relax's switch and caps), looked at
+        before anything is fetched (`_submit` checks again, for real). `mode`: the member's
+        unless given."""
         try:
-            await self.core.scheduler.check_submit(actor.owner, requests)
+            mode = await self.modes.mode_for(actor, mode)
+            await self.core.scheduler.check_submit(actor.owner, requests, mode)
         except Refused as exc:
             raise UserError(exc.reason) from None
 
@@ -386,6 +403,7 @@ class ImagineApp(AfterGrid, Shortening):
         notes: tuple[str, ...] = (),
     ) -> Submitted:
         (submitted,) = await self._submit(actor, [request], kind, parent)
+        notes = (*notes, self.modes.queue_note(submitted))
         return Submitted(submitted, notes, self.core.scheduler.queue_position(submitted.id))
 
     async def cancel(self, actor: Actor, job_id: int) -> Job:
@@ -481,7 +499,9 @@ class ImagineApp(AfterGrid, Shortening):
         kind: JobKind,
         parent: tuple[int, int | None] | None,
         cooled: bool | None = None,
+        mode: Mode | None = None,
     ) -> list[Job]:
+        """`mode`: the member's (/fast, /relax, /turbo) unless a flag asked for one."""
         # The cooldown is for commands only: pressing U1–U4 of a grid one after the other is
         # the normal way to work. One /imagine counts once, however many jobs it makes. It is
         # taken before the first await so that two commands sent at the same moment can't both
@@ -497,7 +517,8 @@ class ImagineApp(AfterGrid, Shortening):
             # follows today's setting, not the parent job's).
             show = (await self.preferences.get(actor.user_id)).previews
             requests = [r if r.preview is show else r.with_changes(preview=show) for r in requests]
-            return await self.core.scheduler.submit_many(actor.owner, requests, kind, parent)
+            mode = await self.modes.mode_for(actor, mode)
+            return await self.core.scheduler.submit_many(actor.owner, requests, kind, parent, mode)
         except BaseException as exc:
             if cooled and previous is None:
                 self._last_submit.pop(actor.user_id, None)

@@ -12,6 +12,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from bot.app.catalog import add_ons_text
+from bot.app.modes import modes_help
+from bot.app.personalize import PERSONALIZATION_HELP, taste_line
 from bot.config import Config
 from bot.core.credits import describe_wait
 from bot.core.models import (
@@ -216,7 +218,10 @@ def done_ping(job: Job, mention: str) -> str:
     return f"{mention} your job {job.id} is done: {quote_prompt(job.prompt, 80)}"
 
 
-def balance_text(balance: Balance, entries: Sequence[LedgerEntry], now: datetime) -> str:
+def balance_text(
+    balance: Balance, entries: Sequence[LedgerEntry], now: datetime, extra: Sequence[str] = ()
+) -> str:
+    """`extra`: more lines before the recent activity (the mode and relax use)."""
     lines = [
         f"**{balance.available} credits available**",
         f"• Free today: {balance.allowance_left} of {balance.allowance_level} "
@@ -227,6 +232,7 @@ def balance_text(balance: Balance, entries: Sequence[LedgerEntry], now: datetime
         lines.append(f"• Held by your queued/running jobs: {balance.held}")
     if balance.banned:
         lines.append("• ⛔ You are banned from using this bot.")
+    lines += extra
     if entries:
         lines.append("Recent activity:")
         lines += [ledger_line(entry) for entry in entries]
@@ -357,7 +363,7 @@ def help_text(config: Config) -> str:
             "**Commands**: `/imagine prompt` (options: negative, aspect, seed, steps, guidance, "
             "sampler, model, lora, control_image, image, image2), `/blend`, `/describe`, "
             "`/models` (the models, LoRAs and ControlNets offered here), `/balance`, `/jobs`, "
-            "`/help`.",
+            "`/fast`, `/relax`, `/turbo`, `/help`.",
             "**Buttons**: U1–U4 upscale an image 2x · V1–V4 make variations · 🔄 rerolls with a "
             "new seed · Cancel stops a waiting or running job (refunded).",
             "**Flags you can type in the prompt**:",
@@ -392,5 +398,6 @@ def help_text(config: Config) -> str:
             f"{credits.cost_variation} · upscale {credits.cost_upscale} per 1024² of output · "
             f"reroll as its original. Free allowance: {credits.daily_allowance} credits a day "
             "(UTC); failed, cancelled or refused jobs are refunded in full.",
+            modes_help(config.modes),
         ]
     )

@@ -6,6 +6,7 @@ credits as the Discord bot (in the spirit of Hubot's shell adapter).
     U2  V3  🔄 (or reroll)            press a button of the last finished job
     U2 17                            …or of job 17
     /balance  /jobs  /help  /models  /cancel [job]  /grant N  /workers  /quit
+    /fast  /relax  /turbo            your speed mode (--fast/--relax/--turbo: one prompt's)
 
 U1–U4 pick an image (free, no job: its path is printed) and make it the current image, as does
 a finished upscale; what is under an image on Discord then works on it:
@@ -33,7 +34,7 @@ from bot.app.actions import Action, Actor, Submitted, UserError
 from bot.app.application import ImagineApp, open_core
 from bot.config import Config
 from bot.core.clock import system_clock
-from bot.core.models import Finished, Job, JobState, ProgressUpdate, Queued, Started
+from bot.core.models import Finished, Job, JobState, Mode, ProgressUpdate, Queued, Started
 from bot.core.service import Core
 from generation.contract import Region
 
@@ -99,7 +100,10 @@ class Shell:
         elif command == "/balance":
             balance = await self.core.credits.balance(SHELL_USER_ID)
             entries = await self.core.credits.ledger(SHELL_USER_ID, 5)
-            self.say(render.balance_text(balance, entries, system_clock()))
+            modes = await self.app.modes.balance_lines(self.actor)
+            self.say(render.balance_text(balance, entries, system_clock(), modes))
+        elif command in ("/fast", "/relax", "/turbo"):
+            self.say(await self.app.modes.choose(self.actor, Mode(command[1:])))
         elif command == "/jobs":
             self.say(render.jobs_text(await self.core.scheduler.user_jobs(SHELL_USER_ID)))
         elif command == "/help":

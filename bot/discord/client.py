@@ -41,6 +41,7 @@ from bot.discord.cogs.after_grid import AfterGridCog
 from bot.discord.cogs.catalog import CatalogCog
 from bot.discord.cogs.imagine import ImagineCog
 from bot.discord.cogs.member import MemberCog
+from bot.discord.cogs.modes import ModesCog
 from bot.discord.cogs.pictures import PicturesCog
 from bot.discord.cogs.shorten import ShortenCog
 from bot.discord.cogs.web import WebCog
@@ -173,6 +174,8 @@ class ImagineBot(commands.AutoShardedBot):
         await self.add_cog(self._pictures)
         await self.add_cog(self._member)
         await self.add_cog(CatalogCog(self.config))
+        await self.add_cog(RankCog(self.app, actors))
+        await self.add_cog(ModesCog(self.app.modes, actors))
         if self.services.sign_in is not None:
             await self.add_cog(WebCog(self.services.sign_in, actors))
         self._shorten = ShortenCog(self.app, actors, status)

@@ -1,9 +1,10 @@
 """The doors every request of the web home passes, outermost first:
 
-1. `errors`: a refusal (`WebError`, aiohttp's HTTP errors) becomes a plain page with its 4xx
+1. `security_headers`: no framing, no sniffing, no referrer across sites, nothing cached that
+   isn't meant to be, and a content policy that allows nothing from another site (the pages
+   work on an offline box); on every answer, error pages included.
+2. `errors`: a refusal (`WebError`, aiohttp's HTTP errors) becomes a plain page with its 4xx
    status; anything unexpected is logged and becomes a plain 500 page, never a traceback.
-2. `security_headers`: no framing, no sniffing, no referrer across sites, and a content policy
-   that allows nothing from another site (the pages work on an offline box).
 3. `doors`: the per-address rate limit, the session cookie (a bad or tampered one is cleared
    and the request is served signed out), the per-member rate limit, and the CSRF check of
    every state-changing request.
@@ -154,7 +155,7 @@ async def doors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token is None:
             pre = new_pre = new_pre_value()
             token = pre_token(ctx.key, pre)
-        request[CSRF_REQUEST_KEY] = token
+        request[CSRF_REQUEST_KEY] = token or ""
     if request.method in UNSAFE_METHODS:
         expected = request[CSRF_REQUEST_KEY] if new_pre is None else None
         if not tokens_match(expected, await sent_token(request)):

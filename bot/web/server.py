@@ -51,7 +51,7 @@ def build_context(services: Services) -> WebContext:
 def build_app(ctx: WebContext) -> web.Application:
     """The application: the middlewares (outermost first), then every page's routes."""
     app = web.Application(
-        middlewares=[errors, security_headers, doors], client_max_size=MAX_REQUEST_BYTES
+        middlewares=[security_headers, errors, doors], client_max_size=MAX_REQUEST_BYTES
     )
     app[CONTEXT] = ctx
     routes_signin.add_routes(app.router)

@@ -14,8 +14,9 @@ from aiohttp import web
 from bot.web.csrf import FIELD
 
 STATIC_DIR = Path(__file__).with_name("static")
-CSRF_REQUEST_KEY = "imagine_csrf_token"
-MEMBER_REQUEST_KEY = "imagine_member"
+# What the middleware leaves on each request for the pages (the member is a sessions.Member).
+CSRF_REQUEST_KEY = web.RequestKey("imagine_csrf_token", str)
+MEMBER_REQUEST_KEY = web.RequestKey("imagine_member", object)
 
 
 def _when(moment: datetime | None) -> str:

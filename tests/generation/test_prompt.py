@@ -385,9 +385,6 @@ def test_version_note_reads_as_in_the_brief() -> None:
         "--uplight",
         "--upbeta",
         "--upanime",
-        "--fast",
-        "--relax",
-        "--turbo",
         "--video",
         "--motion high",
         "--loop",
@@ -434,6 +431,7 @@ def test_flag_table_is_consistent() -> None:
     assert honoured == {
         *("ar", "seed", "no", "steps", "cfg", "sampler", "model", "repeat"),
         *("lora", "cn", "cnw"),
+        *("fast", "relax", "turbo"),
         "personalize",
     }
     mapped = {spec.name for spec in FLAGS if spec.treatment is Treatment.MAPPED}

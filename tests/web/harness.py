@@ -32,6 +32,7 @@ from bot.config.web import WebSecrets
 from bot.discord.client import ImagineBot
 from bot.web.server import WebServer, start_web
 from tests.bot.conftest import bot_config, in_process_workers
+from tests.bot.helpers import JOB_TIMEOUT_S, has_variations
 from tests.fakediscord import FakeDiscord
 from tests.fakediscord.model import Guild, Message, User
 
@@ -109,6 +110,11 @@ class WebHome:
         match = _LINK.search(message.content)
         assert match, message.content
         return match[0]
+
+    async def imagine(self, user: User, prompt: str, **options: Any) -> Message:
+        """/imagine as `user` through the fake Discord; its message once the grid is in."""
+        interaction = await self.fake.slash(user, "imagine", prompt=prompt, **options)
+        return await interaction.wait_original(has_variations, timeout=JOB_TIMEOUT_S)
 
     def client(self) -> aiohttp.ClientSession:
         """A cookie-keeping HTTP client that doesn't follow redirects on its own."""

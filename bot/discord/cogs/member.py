@@ -45,7 +45,8 @@ class MemberCog(commands.Cog, name="Member"):
         actor = self.actors.actor(interaction)
         current = await self.core.credits.balance(actor.user_id, actor.role_ids)
         entries = await self.core.credits.ledger(actor.user_id, 5)
-        await reply(interaction, render.balance_text(current, entries, self.clock()))
+        modes = await self.app.modes.balance_lines(actor)
+        await reply(interaction, render.balance_text(current, entries, self.clock(), modes))
 
     @app_commands.command(name="jobs", description="Your queued and running jobs")
     async def jobs(self, interaction: discord.Interaction[Any]) -> None:

@@ -1,0 +1,277 @@
+"""The web home's doors, over real HTTP against the real bot wiring and the fake Discord: whose
+job a member may reach, CSRF, one-time links, tampered cookies, OAuth's state, rate limits and
+the plain pages bad requests get."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from yarl import URL
+
+from bot.web.ratelimit import RateLimiter
+from bot.web.sessions import SESSION_COOKIE
+from tests.bot.helpers import job_id_of
+from tests.fakediscord.model import User
+from tests.web.harness import WebHome, web_home
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+_CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+class World:
+    def __init__(self, home: WebHome, alice: User, bob: User, alice_job: int, bob_job: int):
+        self.home, self.alice, self.bob = home, alice, bob
+        self.alice_job, self.bob_job = alice_job, bob_job
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(
+    tmp_path_factory: pytest.TempPathFactory, bot_engine_settings: Any, shared_engine: Any
+) -> AsyncIterator[World]:
+    data = tmp_path_factory.mktemp("web-security") / "data"
+    async with web_home(data, bot_engine_settings, shared_engine) as home:
+        alice = home.fake.add_user("alice")
+        bob = home.fake.add_user("bob")
+        alice_grid = await home.imagine(alice, "a red fox in the snow", seed=1)
+        bob_grid = await home.imagine(bob, "a green frog on a leaf", seed=2)
+        yield World(home, alice, bob, job_id_of(alice_grid), job_id_of(bob_grid))
+
+
+async def signed_in(home: WebHome, user: User) -> aiohttp.ClientSession:
+    """An HTTP client signed in as `user` through a /web link."""
+    link = await home.sign_in_link(user)
+    http = home.client()
+    page = await http.get(URL(link).path_qs)
+    text = await page.text()
+    token, t = _CSRF.search(text), re.search(r'name="t" value="([^"]+)"', text)
+    assert token and t, text
+    done = await http.post(
+        "/signin/link", data={"csrf_token": token[1], "t": t[1]}, allow_redirects=False
+    )
+    assert done.status == 303 and done.headers["Location"] == "/images"
+    return http
+
+
+async def text_of(response: aiohttp.ClientResponse) -> str:
+    return html.unescape(await response.text())
+
+
+async def csrf_of(http: aiohttp.ClientSession, path: str = "/settings") -> str:
+    match = _CSRF.search(await (await http.get(path)).text())
+    assert match
+    return match[1]
+
+
+async def test_another_members_job_is_404_like_a_job_that_does_not_exist(world: World) -> None:
+    http = await signed_in(world.home, world.alice)
+    async with http:
+        own = await http.get(f"/jobs/{world.alice_job}")
+        assert own.status == 200
+        assert "a red fox in the snow" in await text_of(own)
+        missing = await http.get("/jobs/999999")
+        assert missing.status == 404
+        for path in (
+            f"/jobs/{world.bob_job}",
+            f"/jobs/{world.bob_job}/images/1.png",
+            f"/jobs/{world.bob_job}/images/0.png?download=1",
+            f"/jobs/{world.bob_job}/thumbs/0.jpg",
+            f"/jobs/{world.bob_job}/inputs/0",
+        ):
+            other = await http.get(path)
+            assert other.status == 404, path
+            # The same page as for an id that doesn't exist: nothing says bob's job exists.
+            assert await other.text() == await missing.text()
+        assert "green frog" not in await (await http.get("/images?q=frog")).text()
+        # Not an id at all: a plain 404 page too, and never a traceback.
+        odd = await http.get("/jobs/1%27%20OR%201=1")
+        assert odd.status == 404
+        assert "Traceback" not in await text_of(odd)
+
+
+async def test_a_form_without_its_csrf_token_is_refused_and_changes_nothing(
+    world: World,
+) -> None:
+    store = world.home.server.ctx.store
+    http = await signed_in(world.home, world.alice)
+    async with http:
+        for data in ({"share": "on"}, {"share": "on", "csrf_token": "forged"}):
+            refused = await http.post("/settings", data=data, allow_redirects=False)
+            assert refused.status == 403
+            assert "didn't come from this site" in await text_of(refused)
+        assert await store.share_choice(world.alice.id) is None
+        # Another member's token doesn't work either.
+        other = await signed_in(world.home, world.bob)
+        async with other:
+            bobs = await csrf_of(other)
+        stolen = await http.post(
+            "/settings", data={"share": "on", "csrf_token": bobs}, allow_redirects=False
+        )
+        assert stolen.status == 403
+        assert await store.share_choice(world.alice.id) is None
+        token = await csrf_of(http)
+        saved = await http.post(
+            "/settings", data={"share": "on", "csrf_token": token}, allow_redirects=False
+        )
+        assert saved.status == 303
+        assert await store.share_choice(world.alice.id) is True
+        await store.set_share(world.alice.id, False)
+        # Signing out is a form too.
+        assert (await http.post("/signout", allow_redirects=False)).status == 403
+        assert (await http.get("/images", allow_redirects=False)).status == 200
+
+
+async def test_a_sign_in_link_works_once_and_a_forged_one_not_at_all(world: World) -> None:
+    home = world.home
+    link = await home.sign_in_link(world.alice)
+    query = URL(link).query["t"]
+
+    async def redeem(http: aiohttp.ClientSession, token: str) -> aiohttp.ClientResponse:
+        csrf = _CSRF.search(await (await http.get(URL(link).path_qs)).text())
+        assert csrf
+        return await http.post(
+            "/signin/link", data={"csrf_token": csrf[1], "t": token}, allow_redirects=False
+        )
+
+    # Opening the link (a link preview would) doesn't use it: only the button's POST does.
+    async with home.client() as preview:
+        assert (await preview.get(URL(link).path_qs)).status == 200
+    async with home.client() as first:
+        assert (await redeem(first, query)).status == 303
+        assert (await first.get("/images", allow_redirects=False)).status == 200
+    async with home.client() as replay:
+        again = await redeem(replay, query)
+        assert again.status == 410
+        assert "already used" in await text_of(again)
+        assert (await replay.get("/images", allow_redirects=False)).status == 303
+    nonce, _, signature = query.partition(".")
+    flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
+    async with home.client() as forger:
+        forged = await redeem(forger, f"{nonce}.{flipped}")
+        assert forged.status == 400
+        assert "isn't valid" in await text_of(forged)
+    # An expired link: past [web] link_ttl_s.
+    late = await home.sign_in_link(world.alice)
+    async with home.client() as slow:
+        await home.bot.core.db.transaction(
+            lambda txn: txn.execute("UPDATE web_links SET expires_at = '2000-01-01T00:00:00+00:00'")
+        )
+        expired = await redeem(slow, URL(late).query["t"])
+        assert expired.status == 410
+        assert "expired" in await text_of(expired)
+
+
+async def test_a_tampered_session_cookie_signs_the_member_out(world: World) -> None:
+    http = await signed_in(world.home, world.alice)
+    async with http:
+        value = next(c for c in http.cookie_jar if c.key == SESSION_COOKIE).value
+        token = await csrf_of(http)
+    session_id, _, signature = value.partition(".")
+    changed = session_id[:-1] + ("A" if session_id[-1] != "A" else "B")
+    # Cookies sent by hand, exactly as given (a jar may keep and send two of one name).
+    async with aiohttp.ClientSession(
+        base_url=world.home.url, cookie_jar=aiohttp.DummyCookieJar()
+    ) as raw:
+
+        def cookie(text: str) -> dict[str, str]:
+            return {"Cookie": f"{SESSION_COOKIE}={text}"}
+
+        for bad in (f"{changed}.{signature}", f"{session_id}.{signature[::-1]}", "x", "a.b.c"):
+            out = await raw.get("/images", headers=cookie(bad), allow_redirects=False)
+            assert out.status == 303 and out.headers["Location"].startswith("/signin"), bad
+            # The bad cookie is cleared.
+            assert out.cookies[SESSION_COOKIE].value == ""
+        # The untouched cookie still works; signing out ends the session on the server.
+        good = await raw.get("/images", headers=cookie(value), allow_redirects=False)
+        assert good.status == 200
+        out = await raw.post(
+            "/signout", data={"csrf_token": token}, headers=cookie(value), allow_redirects=False
+        )
+        assert out.status == 303
+        after = await raw.get("/images", headers=cookie(value), allow_redirects=False)
+        assert after.status == 303
+
+
+async def test_oauth_sign_in_checks_state_and_knows_only_the_servers_members(
+    world: World,
+) -> None:
+    home, fake = world.home, world.home.fake
+    fake.oauth.approve_as = world.alice
+    try:
+        async with home.client() as http:
+            start = await http.get("/signin/discord", allow_redirects=False)
+            assert start.status == 303
+            authorize = URL(start.headers["Location"])
+            assert authorize.query["scope"] == "identify"
+            assert authorize.query["redirect_uri"] == home.bot.config.web.oauth_redirect_url
+            async with aiohttp.ClientSession() as discord_side:
+                approved = await discord_side.get(authorize, allow_redirects=False)
+            callback = URL(approved.headers["Location"])
+            # A state that isn't this browser's: refused, and nobody is signed in.
+            wrong = callback.update_query(state="someone-elses")
+            refused = await http.get(wrong.path_qs, allow_redirects=False)
+            assert refused.status == 400
+            done = await http.get(callback.path_qs, allow_redirects=False)
+            assert done.status == 303 and done.headers["Location"] == "/images"
+            page = await http.get("/images")
+            assert "a red fox in the snow" in await text_of(page)
+            # The code was used up.
+            again = await http.get(callback.path_qs, allow_redirects=False)
+            assert again.status in (400, 502)
+        # Someone who never used the bot in its servers.
+        stranger = fake.add_user("stranger")
+        fake.oauth.approve_as = stranger
+        async with home.client() as http:
+            start = await http.get("/signin/discord", allow_redirects=False)
+            async with aiohttp.ClientSession() as discord_side:
+                approved = await discord_side.get(start.headers["Location"], allow_redirects=False)
+            callback = URL(approved.headers["Location"])
+            unknown = await http.get(callback.path_qs, allow_redirects=False)
+            assert unknown.status == 403
+            assert "doesn't know you yet" in await text_of(unknown)
+    finally:
+        fake.oauth.approve_as = None
+
+
+async def test_bad_requests_get_plain_pages_and_limits_get_429(world: World) -> None:
+    http = await signed_in(world.home, world.alice)
+    ctx = world.home.server.ctx
+    async with http:
+        for path, status in (
+            ("/images?from=yesterday", 400),
+            ("/images?aspect=wide", 400),
+            ("/images?kind=sculpture", 400),
+            ("/images?before=-1", 400),
+            ("/images?q=" + "x" * 300, 400),
+            ("/nowhere", 404),
+        ):
+            response = await http.get(path, allow_redirects=False)
+            text = await response.text()
+            assert response.status == status, path
+            assert "Traceback" not in text and "<h1>" in text
+            assert response.headers["Content-Security-Policy"].startswith("default-src 'self'")
+        # FTS5 syntax typed in the search box is just words.
+        hostile = await http.get("/images?q=%22fox%22%20OR%20NEAR(a%20b)%20*%20-")
+        assert hostile.status == 200
+        saved = ctx.member_limits
+        ctx.member_limits = RateLimiter(3)
+        try:
+            statuses = [(await http.get("/images")).status for _ in range(4)]
+            assert statuses == [200, 200, 200, 429]
+            limited = await http.get("/images")
+            assert "Too many requests" in await text_of(limited)
+            assert int(limited.headers["Retry-After"]) >= 1
+        finally:
+            ctx.member_limits = saved
+
+
+def test_artifacts_dir_is_gitignored() -> None:
+    ignore = (Path(__file__).resolve().parents[2] / ".gitignore").read_text()
+    assert "/artifacts/" in ignore
