@@ -92,7 +92,7 @@ class Admission:
         if kind in (JobKind.REROLL, JobKind.ENHANCE):
             # Made from another job's request, whatever its kind.
             if parent is None:
-                raise ValueError("parent: a reroll needs the job it rerolls")
+                raise ValueError(f"parent: a {kind.value} needs the job it comes from")
         elif any(request.kind is not _KIND_FOR[kind] for request in requests):
             raise ValueError(f"kind: a {kind.value} job needs a {_KIND_FOR[kind].value} request")
         self._refuse_if_closed()

@@ -266,7 +266,7 @@ def encode_result(
                 image_paths=(),
                 grid_path=None,
                 seeds=tuple(int(s) for s in result.seeds),
-                clip_scores=(),
+                clip_scores=tuple(float(s) for s in result.clip_scores),
                 timings_s={k: float(v) for k, v in result.timings_s.items()},
                 texts=tuple(str(t) for t in result.texts),
             )
