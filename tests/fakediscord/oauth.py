@@ -69,7 +69,12 @@ class FakeOAuth:
             ("POST", "/api/oauth2/token", self._token),
             ("POST", "/api/v10/oauth2/token", self._token),
             ("GET", "/api/users/@me", self.bearer_me),
+            # What a browser asks for on the authorize page.
+            ("GET", "/favicon.ico", self._favicon),
         ]
+
+    async def _favicon(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=204)
 
     # -- authorize ---------------------------------------------------------------------------
     def _check_authorize(self, query: Any) -> str | None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from bot.app.fetch import FetchPolicy
 from bot.config.web import WebSecrets
 from bot.discord.client import ImagineBot
 from bot.web.server import WebServer, start_web
@@ -114,7 +115,7 @@ class WebHome:
     async def imagine(self, user: User, prompt: str, **options: Any) -> Message:
         """/imagine as `user` through the fake Discord; its message once the grid is in."""
         interaction = await self.fake.slash(user, "imagine", prompt=prompt, **options)
-        return await interaction.wait_original(has_variations, timeout=JOB_TIMEOUT_S)
+        return await interaction.wait_message(has_variations, timeout=JOB_TIMEOUT_S)
 
     def client(self) -> aiohttp.ClientSession:
         """A cookie-keeping HTTP client that doesn't follow redirects on its own."""
@@ -162,6 +163,12 @@ async def web_home(
             config,
             core_options={"workers": in_process_workers(config, engine)},
             guild_ready_timeout=0.05,
+            # Members' pictures come from the fake's CDN on 127.0.0.1.
+            fetch_policy=FetchPolicy(
+                allowed_hosts=frozenset({"127.0.0.1"}),
+                allowed_schemes=frozenset({"http"}),
+                allow_private_addresses=True,
+            ),
             web_secrets=secrets,
             companions=(start_web,),
         )
