@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # who was banned.
 MODERATION_KINDS = (AUDIT_PROMPT_BLOCKED, AUDIT_NSFW_FLAG, AUDIT_INPUT_FLAG, "ban", "unban")
 # Every kind the audit table holds, for the filters' choices.
-AUDIT_KINDS = (*MODERATION_KINDS, "pause", "resume")
+AUDIT_KINDS = (*MODERATION_KINDS, "pause", "resume", "explore_default")
 PAGE_SIZE_MAX = 100
 
 T = TypeVar("T", AuditEntry, LedgerEntry)
@@ -239,6 +239,14 @@ class AdminDesk:
         self.require_admin(seat)
         if op in OWNER_ONLY and seat.scope is not AdminScope.OWNER:
             raise AdminRefused(not_owner_text(what or op.value.capitalize()))
+
+    def check_server(self, seat: AdminSeat, guild_id: int) -> None:
+        """A server's own settings (its Explore default): its admins and the owners."""
+        self.require_admin(seat)
+        if not access.may_manage(seat.scope, seat.guild_id, guild_id):
+            raise AdminRefused(
+                "As a server admin you change only your own server's settings. Nothing was changed."
+            )
 
     def check_member(self, seat: AdminSeat, is_member: bool, who: str) -> None:
         """A server admin may look only at members of their own server (`is_member`: whether

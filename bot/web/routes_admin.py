@@ -99,6 +99,8 @@ def setup(app: web.Application) -> None:
     router.add_get("/admin/allowances", allowances_page)
     router.add_post("/admin/allowances/member", allowance_member)
     router.add_post("/admin/allowances/role", allowance_role)
+    router.add_get("/admin/server", server_page)
+    router.add_post("/admin/server/explore", server_explore)
     router.add_get("/admin/audit", audit_page)
     router.add_get("/admin/moderation", audit_page)
 
@@ -408,6 +410,66 @@ async def allowance_role(request: web.Request) -> web.StreamResponse:
     what = f"{amount} credits a day" if amount is not None else "no role allowance"
     message = f"Members with role {role_id} now get {what}."
     raise web.HTTPSeeOther(_back("/admin/allowances", seat, done=message))
+
+
+# ----- a server's own settings ------------------------------------------------------------------
+
+
+def _target_server(request: web.Request, seat: AdminSeat, asked: str) -> int:
+    """The server a settings page is about: a server admin's own; an owner's pick of the
+    listed ones (default: the first)."""
+    listed = sorted(context(request).services.config.discord.guild_ids)
+    if seat.scope is AdminScope.SERVER and seat.guild_id is not None:
+        return seat.guild_id
+    if asked:
+        guild_id = _int(asked, "guild")
+        if guild_id not in listed:
+            raise WebError(404, "The bot doesn't serve that server.")
+        return guild_id
+    if not listed:
+        raise WebError(404, "The bot serves no server.")
+    return listed[0]
+
+
+async def server_page(request: web.Request) -> web.StreamResponse:
+    seat = await seat_of(request)
+    guild_id = _target_server(request, seat, request.query.get("guild", ""))
+    try:
+        dashboard(request).desk.check_server(seat, guild_id)
+    except AdminRefused as exc:
+        raise _refused(exc) from None
+    ctx = context(request)
+    return await _render(
+        request,
+        "admin_server.html",
+        seat,
+        guild=str(guild_id),
+        listed=[str(g) for g in sorted(ctx.services.config.discord.guild_ids)],
+        explore_default=await ctx.store.guild_default(guild_id),
+        done=request.query.get("done", ""),
+    )
+
+
+async def server_explore(request: web.Request) -> web.StreamResponse:
+    """The server's Explore default (members who haven't chosen follow it); kept in the audit
+    log with who changed it."""
+    seat = await seat_of(request)
+    form = await request.post()
+    guild_id = _target_server(request, seat, str(form.get("guild", "")))
+    share = str(form.get("share", ""))
+    if share not in ("on", "off"):
+        raise WebError(400, "'share' must be on or off.")
+    try:
+        dashboard(request).desk.check_server(seat, guild_id)
+    except AdminRefused as exc:
+        raise _refused(exc) from None
+    ctx = context(request)
+    await ctx.store.set_guild_default(guild_id, share == "on", seat.user_id)
+    await ctx.services.core.audit.record(
+        "explore_default", f"Explore default {share}", actor_id=seat.user_id, guild_id=guild_id
+    )
+    message = f"Explore is now {share} by default in server {guild_id}."
+    raise web.HTTPSeeOther(_back("/admin/server", seat, guild=guild_id, done=message))
 
 
 # ----- the audit and moderation logs ---------------------------------------------------------

@@ -354,3 +354,12 @@ async def test_a_server_admin_looks_only_at_members_of_their_server(d: Desk) -> 
         await d.desk.require_member(main_admin, roles, BOB, "bob")
     # Owners look at anyone.
     assert await d.desk.require_member(owner, roles, BOB, "bob") is None
+
+
+def test_a_servers_own_settings_are_its_admins_and_the_owners(d: Desk) -> None:
+    d.desk.check_server(main_admin, MAIN)
+    d.desk.check_server(owner, MAIN)
+    with pytest.raises(AdminRefused, match="only your own server's settings"):
+        d.desk.check_server(second_admin, MAIN)
+    with pytest.raises(AdminRefused, match="Only this server's managers"):
+        d.desk.check_server(nobody, MAIN)

@@ -170,6 +170,12 @@ async def test_an_owner_runs_the_server_from_the_dashboard(
             await page.wait_for_selector("#done")
             assert str(alice.id) in (await page.text_content("#member-allowances") or "")
             await keep_screenshot(page, "admin-allowances", tmp_path)
+            await page.goto(f"{home.url}/admin/server")
+            await page.click("#explore-toggle")
+            await page.wait_for_selector("#done")
+            assert await page.text_content("#explore-default") == "on"
+            assert await home.server.ctx.store.guild_default(fake.guild_id)
+            await keep_screenshot(page, "admin-server", tmp_path)
 
 
 async def test_the_dashboard_refuses_non_admins_forms_without_csrf_and_other_servers(
@@ -250,6 +256,12 @@ async def test_the_dashboard_refuses_non_admins_forms_without_csrf_and_other_ser
                 assert response.status == 403
                 assert "Nothing was changed" in await response.text()
             assert await _grants(home, alice.id) == grants
+            # A server's settings: their own server only, whatever the form names.
+            form = {"csrf_token": await _csrf(foreign), "guild": fake.guild_id, "share": "on"}
+            async with foreign.post("/admin/server/explore", data=form) as response:
+                assert response.status == 200
+            assert not await home.server.ctx.store.guild_default(fake.guild_id)
+            assert await home.server.ctx.store.guild_default(second.id)
         engine.gate.set()
 
 
