@@ -99,6 +99,7 @@ async def test_the_members_mode_applies_to_buttons_and_a_flag_wins_for_one_job(
         # A button under a relax member's image queues in relax too.
         reroll = await app.press(ALICE, plain.job.id, Action.REROLL)
         assert reroll.job.mode is Mode.RELAX
+        assert any(note.startswith("🐢 Relax mode (free)") for note in reroll.notes)
         await _finished(app, reroll.job.id)
         assert (await app.core.credits.balance(ALICE.user_id)).available == (
             ALLOWANCE - flagged.job.cost

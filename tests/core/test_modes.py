@@ -26,7 +26,10 @@ from bot.core import (
     RefusalCode,
     Refused,
     Started,
+    WorkItem,
+    WorkOutcome,
 )
+from bot.core.workers import WorkerCrashed
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 from tests.core.fakes import create_fake_engine
 
@@ -49,6 +52,28 @@ class GatedWorker(InProcessWorker):
     async def start(self) -> None:
         await self.gate.wait()
         await super().start()
+
+
+class HeldRunWorker(InProcessWorker):
+    """A real in-process worker whose first run of the job named `prompt` waits for `release`
+    and then dies as a crashed worker process would (or, with `crash=False`, goes on)."""
+
+    def __init__(self, config: Config, prompt: str, crash: bool = True) -> None:
+        super().__init__(config.engine, config.data_dir, create_fake_engine)
+        self.prompt = prompt
+        self.crash = crash
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.held = False
+
+    async def run(self, item: WorkItem, on_progress: Any, timeout_s: float) -> WorkOutcome:
+        if item.request_data["prompt"] == self.prompt and not self.held:
+            self.held = True
+            self.entered.set()
+            await self.release.wait()
+            if self.crash:
+                raise WorkerCrashed("the worker died")
+        return await super().run(item, on_progress, timeout_s)
 
 
 def modes_config(tmp_path: Path, modes: dict[str, Any] | None = None, **options: Any) -> Config:
@@ -377,3 +402,47 @@ def test_mode_cost_rounding() -> None:
     assert [mode_cost(c, Mode.RELAX, config) for c in (0, 1, 3, 4, 10)] == [0, 0, 0, 1, 3]
     assert [mode_cost(c, Mode.TURBO, config) for c in (0, 1, 3, 4)] == [0, 3, 8, 10]
     assert [mode_cost(c, Mode.FAST, config) for c in (0, 1, 7)] == [0, 1, 7]
+
+
+async def test_a_crashed_relax_job_goes_back_behind_fast_jobs(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    config = modes_config(tmp_path)
+    worker = HeldRunWorker(config, "relax")
+    core = await open_core(config, clock, workers=[worker])
+    try:
+        starts: list[int] = []
+        core.scheduler.add_listener(
+            lambda event: starts.append(event.job_id) if isinstance(event, Started) else None
+        )
+        relax = await core.scheduler.submit(ALICE, request("relax"), mode=Mode.RELAX)
+        await worker.entered.wait()
+        fast = await core.scheduler.submit(BOB, request("fast"))
+        worker.release.set()
+        done = await finished(core, relax.id)
+        assert done.state is JobState.SUCCEEDED and done.attempts == 2
+        # Re-queued in its own mode: the fast job that came meanwhile starts first.
+        await finished(core, fast.id)
+        assert starts == [relax.id, fast.id, relax.id]
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=2.0)
+
+
+async def test_expected_wait_counts_the_running_jobs_too(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    config = modes_config(tmp_path, modes={"wait_estimate_run_s": 40})
+    worker = HeldRunWorker(config, "long", crash=False)
+    core = await open_core(config, clock, workers=[worker])
+    try:
+        running = await core.scheduler.submit(ALICE, request("long"))
+        await worker.entered.wait()
+        relax = await core.scheduler.submit(BOB, request(), mode=Mode.RELAX)
+        # The only slot is taken: one run ahead.
+        assert core.scheduler.expected_wait_s(relax.id) == 40.0
+        worker.release.set()
+        await finished(core, running.id)
+        await finished(core, relax.id)
+    finally:
+        await core.close(drain_timeout_s=2.0)
