@@ -12,8 +12,8 @@ per job, so the figures are the scheduler's, not a GPU's. Two phases:
 2. fast load off: the fast members stop submitting; the relax members go on.
 
 Printed: relax jobs started while fast jobs were waiting (the rule says none), the wait of each
-mode's jobs (queued to started) in each phase, and how evenly the relax members were served
-(Jain's index over their relax jobs started; 1.0 is perfectly even).
+mode's jobs (queued to started) by the phase they were queued in, and how evenly the relax
+members were served (Jain's index over their relax jobs started; 1.0 is perfectly even).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ async def bench(args: argparse.Namespace) -> None:
         fast_on = True
         relax_on = True
         queued_at: dict[int, float] = {}
+        queued_in: dict[int, str] = {}
         job_mode: dict[int, Mode] = {}
         job_owner: dict[int, int] = {}
         # (mode, phase) -> waits in seconds
@@ -92,6 +93,7 @@ async def bench(args: argparse.Namespace) -> None:
         async def submit(user: int, mode: Mode) -> None:
             job = await scheduler.submit(Owner(user, guild_id=1), small_request(user), mode=mode)
             queued_at[job.id] = time.perf_counter()
+            queued_in[job.id] = "fast load on" if fast_on else "fast load off"
             job_mode[job.id] = mode
             job_owner[job.id] = user
 
@@ -105,8 +107,9 @@ async def bench(args: argparse.Namespace) -> None:
             if not isinstance(event, Started) or event.job_id not in job_mode:
                 return
             mode = job_mode[event.job_id]
-            phase = "fast load on" if fast_on else "fast load off"
-            waits[(mode, phase)].append(time.perf_counter() - queued_at[event.job_id])
+            waits[(mode, queued_in[event.job_id])].append(
+                time.perf_counter() - queued_at[event.job_id]
+            )
             user = job_owner[event.job_id]
             if mode is Mode.RELAX:
                 relax_served[user] += 1
@@ -138,7 +141,7 @@ async def bench(args: argparse.Namespace) -> None:
     print(f"relax jobs started while a fast job waited: {relax_started_while_fast_waited}")
     for phase in ("fast load on", "fast load off"):
         for mode in (Mode.FAST, Mode.RELAX):
-            print(f"{mode.value:5} wait, {phase:13}: {spread(waits[(mode, phase)])}")
+            print(f"{mode.value:5} wait, queued {phase:13}: {spread(waits[(mode, phase)])}")
     on_counts = [served_on.get(user, 0) for user in relax_users]
     all_counts = [relax_served[user] for user in relax_users]
     print(f"relax jobs started per relax member, fast load on: {on_counts}")
