@@ -239,3 +239,45 @@ def side_by_side(paths: Sequence[Path]) -> bytes:
     out = io.BytesIO()
     canvas.save(out, format="PNG")
     return out.getvalue()
+
+
+def rank_text(round_: RankRound) -> str:
+    """/rank's message: what the two pictures are for, and how far the member has come."""
+    lines = [f"✅ {round_.note}"] if round_.note else []
+    lines.append("**Which of these two do you like better?**")
+    progress = (
+        f"{round_.ratings} ratings: `--p` ranks by your taste"
+        if round_.ratings >= MIN_PAIRS
+        else f"{round_.ratings} of the {MIN_PAIRS} ratings `--p` needs"
+    )
+    lines.append(
+        f"Your answers (and your U1–U4 picks) teach `--p` your taste — {progress}. "
+        "Answer as many as you like."
+    )
+    return "\n".join(lines)
+
+
+def taste_line(profile: Profile) -> str:
+    """/info's line about the member's taste profile."""
+    state = (
+        "`--p` ranks by it"
+        if profile.ready
+        else f"`--p` needs {profile.missing} more ({RATINGS_HOW})"
+    )
+    return (
+        f"**Taste profile** (`--p`): code `{profile.code}`, {profile.pairs} ratings — {state}. "
+        f"Others use it with `--p {profile.code}`; erase it in /settings."
+    )
+
+
+PERSONALIZATION_HELP = (
+    "**Personalization** (`--p`): every candidate's CLIP picture embedding is kept (compact, "
+    "about 2 KB a job, deleted with the job), and each U1–U4 you press says you prefer that "
+    "image to the grid's other candidates; `/rank` asks you to pick the better of two of your "
+    f"images, as many rounds as you like. From {MIN_PAIRS} such ratings on, `--p` (or "
+    "`--personalize`) ranks each candidate by your taste as well as by the prompt, and the "
+    "result says *Personalized*; below that it ranks as usual and says how many more are "
+    "needed. `--p CODE` uses another member's shared profile (`/info` shows your code and "
+    "ratings); `/settings` turns `--p` on by default, and *Erase taste profile* deletes your "
+    "ratings and code."
+)

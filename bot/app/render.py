@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from bot.app.catalog import add_ons_text
 from bot.app.modes import modes_help
 from bot.app.personalize import PERSONALIZATION_HELP, taste_line
+from bot.app.personalize import PERSONALIZATION_HELP, taste_line
 from bot.config import Config
 from bot.core.credits import describe_wait
 from bot.core.models import (
@@ -171,6 +172,8 @@ def result_text(job: Job, mention: str = "", notes: Sequence[str] = ()) -> str:
         seeds = ", ".join(str(s) for s in result.seeds)
         kept = len(result.image_paths)
         lines.append(f"Best {kept} of {candidates} by CLIP (scores {scores}; seeds {seeds})")
+    if result is not None and result.personalized:
+        lines.append("🎯 Personalized: ranked by taste (`--p`) as well as by the prompt")
     lines += [line for line in (pictures_line(job),) if line]
     lines += [f"ℹ️ {note}" for note in notes]
     return "\n".join(lines)
@@ -254,6 +257,7 @@ def settings_text(prefs: Preferences, engine: EngineSettings) -> str:
         f"• Previews while a job runs: **{'on' if prefs.previews else 'off'}**",
         f"• Remix (edit the prompt before V, Vary, Zoom and Pan): "
         f"**{'on' if prefs.remix else 'off'}**",
+        f"• `--p` by default (rank by your taste): **{'on' if prefs.personalize else 'off'}**",
         f"• Suffix: {quote_prompt(prefs.suffix) if prefs.suffix else 'none'} (/prefer suffix)",
         f"• Shortcuts: {', '.join(f'`--{n}`' for n in prefs.options) or 'none'} (/prefer option)",
     ]
@@ -275,6 +279,7 @@ def info_text(info: MemberInfo, engine: EngineSettings, now: datetime) -> str:
             balance_text(info.balance, (), now),
             "**Your jobs**\n" + jobs_text(info.jobs),
             settings_text(info.preferences, engine),
+            *([taste_line(info.taste)] if info.taste is not None else []),
         ]
     )
 
@@ -385,6 +390,7 @@ def help_text(config: Config) -> str:
             f"them ({', '.join(config.images.allowed_hosts)}), at most "
             f"{config.images.max_bytes // (1024 * 1024)} MB, PNG, JPEG, WebP or GIF.",
             *[f"• {line}" for line in WEIGHT_HELP.splitlines()],
+            PERSONALIZATION_HELP,
             "**Accepted and ignored** (no equivalent here): "
             + ", ".join(f"`--{spec.name}`" for spec in ignored),
             f"**Models**: {models}. Samplers: "

@@ -43,6 +43,7 @@ from bot.discord.cogs.imagine import ImagineCog
 from bot.discord.cogs.member import MemberCog
 from bot.discord.cogs.modes import ModesCog
 from bot.discord.cogs.pictures import PicturesCog
+from bot.discord.cogs.rank import RankCog
 from bot.discord.cogs.shorten import ShortenCog
 from bot.discord.cogs.web import WebCog
 from bot.discord.delivery import Delivery
@@ -55,6 +56,7 @@ from bot.discord.views.describe import DescribeAction, DescribeButton
 from bot.discord.views.fits import fits_for
 from bot.discord.views.settings import SettingsButton, SettingsSelect
 from bot.discord.views.shorten import ShortenButton
+from bot.discord.views.taste import EraseButton, RankButton
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,7 @@ class ImagineBot(commands.AutoShardedBot):
         self.tree.on_error = report_error  # type: ignore[method-assign]
         self.add_dynamic_items(JobButton, UiButton, DescribeButton, SettingsSelect, SettingsButton)
         self.add_dynamic_items(ShortenButton)
+        self.add_dynamic_items(RankButton, EraseButton)
         self._after_grid = AfterGridCog(self.app, actors, self.delivery, status, self.own_user_id)
         self._pictures = PicturesCog(self.config, self.app, actors, status)
         self._member = MemberCog(self.config, self.app, self.core, actors, self.clock)
@@ -174,6 +177,7 @@ class ImagineBot(commands.AutoShardedBot):
         await self.add_cog(self._pictures)
         await self.add_cog(self._member)
         await self.add_cog(CatalogCog(self.config))
+        await self.add_cog(RankCog(self.app, actors))
         await self.add_cog(RankCog(self.app, actors))
         await self.add_cog(ModesCog(self.app.modes, actors))
         if self.services.sign_in is not None:

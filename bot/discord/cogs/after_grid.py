@@ -171,6 +171,8 @@ class AfterGridCog(commands.Cog, name="AfterGrid"):
             raise UserError(
                 f"Discord didn't take the image just now; press U{index} again."
             ) from None
+        # The pick teaches the member's taste (--p): this image over the grid's others.
+        await self.app.personal.picked(actor, job, index - 1)
 
     # ----- forms -----------------------------------------------------------------------------
 

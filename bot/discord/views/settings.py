@@ -14,6 +14,7 @@ from typing import Any
 import discord
 
 from bot.core.preferences import Preferences
+from bot.discord.views.taste import EraseButton
 from generation.contract import Sampler
 from generation.settings import EngineSettings
 
@@ -66,6 +67,7 @@ def settings_view(
     for field, on, label in (
         ("previews", prefs.previews, "Previews"),
         ("remix", prefs.remix, "Remix"),
+        ("personalize", prefs.personalize, "--p by default"),
     ):
         style = discord.ButtonStyle.success if on else discord.ButtonStyle.secondary
         view.add_item(SettingsButton(field, f"{label}: {'on' if on else 'off'}", style))
@@ -73,6 +75,7 @@ def settings_view(
         style = discord.ButtonStyle.success if explore else discord.ButtonStyle.secondary
         label = f"Share in Explore: {'on' if explore else 'off'}"
         view.add_item(SettingsButton(EXPLORE_FIELD, label, style))
+    view.add_item(EraseButton())
     return view
 
 
@@ -112,7 +115,7 @@ class SettingsSelect(
 
 class SettingsButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"settings:(?P<field>previews|remix|explore)",
+    template=r"settings:(?P<field>previews|remix|explore|personalize)",
 ):
     def __init__(
         self,
