@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from bot.app.catalog import add_ons_text
 from bot.app.modes import modes_help
 from bot.app.personalize import PERSONALIZATION_HELP, taste_line
-from bot.app.personalize import PERSONALIZATION_HELP, taste_line
 from bot.config import Config
 from bot.core.credits import describe_wait
 from bot.core.models import (

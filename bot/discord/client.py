@@ -178,7 +178,6 @@ class ImagineBot(commands.AutoShardedBot):
         await self.add_cog(self._member)
         await self.add_cog(CatalogCog(self.config))
         await self.add_cog(RankCog(self.app, actors))
-        await self.add_cog(RankCog(self.app, actors))
         await self.add_cog(ModesCog(self.app.modes, actors))
         if self.services.sign_in is not None:
             await self.add_cog(WebCog(self.services.sign_in, actors))
