@@ -222,7 +222,10 @@ async def queue_events(request: web.Request) -> web.StreamResponse:
     seat = await seat_of(request)
     board = dashboard(request)
     settings = context(request).services.config.discord
-    board.desk.authorize(seat, AdminOp.QUEUE_SHOW)
+    try:
+        board.desk.authorize(seat, AdminOp.QUEUE_SHOW)
+    except AdminRefused as exc:
+        raise _refused(exc) from None
     if board.streams.get(seat.user_id, 0) >= MAX_STREAMS_PER_MEMBER:
         raise WebError(429, "Too many live pages open: close one and reload.")
     response = web.StreamResponse(
@@ -253,9 +256,12 @@ async def queue_events(request: web.Request) -> web.StreamResponse:
                 if again.scope is not seat.scope:
                     break
         await response.write(_event("bye", {}))
-    except (ConnectionResetError, asyncio.CancelledError):
-        # The browser went away (or the server is stopping): nothing to answer.
+    except ConnectionResetError:
+        # The browser went away: nothing to answer.
         pass
+    except Exception:
+        # The headers are sent: no error page can follow. The browser reconnects.
+        log.exception("web: the live stream of %s failed", seat.user_id)
     finally:
         left = board.streams.get(seat.user_id, 1) - 1
         if left > 0:
