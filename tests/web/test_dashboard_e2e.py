@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bot.web import routes_admin
 from tests.bot.conftest import GatedEngine
 from tests.bot.helpers import has_cancel, job_id_of
 from tests.fakediscord import MANAGE_GUILD
@@ -266,8 +267,9 @@ async def test_the_dashboard_refuses_non_admins_forms_without_csrf_and_other_ser
 
 
 async def test_a_live_stream_says_goodbye_and_ends_when_the_web_home_closes(
-    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any, monkeypatch: Any
 ) -> None:
+    monkeypatch.setattr(routes_admin, "HEARTBEAT_S", 0.2)
     async with web_home(tmp_path / "data", bot_engine_settings, shared_engine) as home:
         async with await _signed_in(home, home.fake.owner) as owner:
             timeout = aiohttp.ClientTimeout(total=20)
@@ -278,9 +280,11 @@ async def test_a_live_stream_says_goodbye_and_ends_when_the_web_home_closes(
                     line = raw.decode().rstrip("\n")
                     if line.startswith("event: "):
                         events.append(line.removeprefix("event: "))
-                        if closing is None:
-                            closing = asyncio.ensure_future(home.server.close())
+                    elif line == ": heartbeat" and closing is None:
+                        # A quiet queue still says it is alive; then the bot stops.
+                        events.append("heartbeat")
+                        closing = asyncio.ensure_future(home.server.close())
                 assert closing is not None
                 await closing
             # One view, then the goodbye: the stream was ended, not cut off mid-shutdown.
-            assert events == ["live", "bye"]
+            assert events == ["live", "heartbeat", "bye"]
