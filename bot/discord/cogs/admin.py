@@ -97,6 +97,24 @@ class AdminCommands(app_commands.Group):
         balance = await self.desk.set_balance(self._seat(interaction), user.id, amount, reason)
         await reply(interaction, f"{user.mention}'s granted balance is now {balance.granted}.")
 
+    @credits.command(name="revoke", description="Take granted credits back from a member")
+    @app_commands.describe(
+        user="From whom", amount="How many credits", reason="Shown in the ledger"
+    )
+    async def credits_revoke(
+        self,
+        interaction: discord.Interaction[Any],
+        user: discord.User,
+        amount: app_commands.Range[int, 1, 1_000_000],
+        reason: app_commands.Range[str, 0, 200] = "",
+    ) -> None:
+        balance = await self.desk.revoke(self._seat(interaction), user.id, amount, reason)
+        await reply(
+            interaction,
+            f"Took {amount} credits back from {user.mention}; granted balance now "
+            f"{balance.granted}.",
+        )
+
     @credits.command(name="show", description="Show a member's balance")
     @app_commands.describe(user="Whose balance")
     async def credits_show(self, interaction: discord.Interaction[Any], user: discord.User) -> None:
