@@ -54,6 +54,7 @@ from generation.samplers import make_scheduler, seed_step_noise
 from generation.settings import EngineSettings, ModelSpec
 from generation.shorten import shorten
 from generation.steps import StepState, check_cancel, on_step_end, record_denoised
+from generation.taste import compact, personal_scores, space_for
 from generation.tiling import seamless_tiling
 from generation.weighted_prompt import (
     WeightedPromptEncoder,
@@ -259,8 +260,14 @@ class DiffusersEngine(ModelStore):
             scored = ranker.score_against_images(references, images)
         else:
             scored = ranker.score(_ranking_text(request), images)
+        # --p: the member's taste joins the prompt similarity (generation/taste.py); every
+        # candidate's embedding goes back, compact, so the bot can learn from the picks.
+        space = space_for(self.settings.clip_model, scored.image_embeds.shape[1])
+        ranking, personalized = personal_scores(
+            scored.scores, scored.image_embeds, request.personalize, space
+        )
         keep = select_candidates(
-            scored.scores, scored.image_embeds, request.num_kept, chaos=request.chaos
+            ranking, scored.image_embeds, request.num_kept, chaos=request.chaos
         )
         timings["rank_s"] = time.perf_counter() - before
         timings["total_s"] = time.perf_counter() - started
@@ -282,6 +289,8 @@ class DiffusersEngine(ModelStore):
             candidate_indices=tuple(keep),
             control_map=control.control_map if control is not None else None,
             denoising_strength=strength,
+            embeddings=compact(scored.image_embeds, space),
+            personalized=personalized,
         )
 
     def _denoising_strength(

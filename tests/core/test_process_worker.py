@@ -15,8 +15,9 @@ import pytest
 
 from bot.config import Config
 from bot.core import Core, JobState, LedgerKind, Owner, ProcessWorker, ProgressUpdate, Worker
+from generation.contract import Personalization
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
-from tests.core.fakes import FACTORY
+from tests.core.fakes import FACTORY, FAKE_SPACE, fake_embedding
 
 FAILING_SPAWNS = "tests.core.fakes:create_engine_failing_on_spawns"
 
@@ -269,3 +270,28 @@ async def _kill_idle_child(worker: ProcessWorker) -> None:
             if worker.pid is None:
                 return
             await asyncio.sleep(0.01)
+
+
+async def test_embeddings_and_a_taste_cross_the_process_boundary(tmp_path: Path) -> None:
+    """--p's weights reach the engine in the child with the request, and every candidate's
+    compact embedding comes back with the result and is stored with the job's end."""
+    core, _worker = await open_process_core(make_config(tmp_path))
+    try:
+        taste = Personalization(
+            weights=tuple(float(w) for w in fake_embedding(5 + 3)), space=FAKE_SPACE, strength=10.0
+        )
+        job = await core.scheduler.submit(
+            ALICE, request(seed=5, num_candidates=6, num_kept=2, personalize=taste)
+        )
+        done = await finished(core, job.id, timeout_s=60)
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.result is not None and done.result.personalized
+        # Plain ranking keeps candidates 0 and 1; this taste is candidate 3's own direction.
+        assert done.result.candidate_indices[0] == 3
+        rows = await core.db.read(
+            "SELECT candidate, space FROM candidate_embeddings WHERE job_id = ? ORDER BY candidate",
+            (job.id,),
+        )
+        assert [(r["candidate"], r["space"]) for r in rows] == [(i, FAKE_SPACE) for i in range(6)]
+    finally:
+        await core.close()

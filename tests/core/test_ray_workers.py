@@ -123,6 +123,14 @@ async def test_jobs_run_in_ray_actors_on_the_real_tiny_engine(
             assert (preview.format, preview.size) == ("PNG", (32, 16))
         assert done.state is JobState.SUCCEEDED, done.error
         assert done.result is not None and sorted(done.result.seeds) == [5, 6]
+        # Every ranked candidate's compact CLIP embedding came back from the actor, stored.
+        stored = await core.db.read(
+            "SELECT candidate, space FROM candidate_embeddings WHERE job_id = ?", (job.id,)
+        )
+        assert sorted((r["candidate"], r["space"]) for r in stored) == [
+            (0, "tiny:32"),
+            (1, "tiny:32"),
+        ]
         # Written by the bot into its own data folder, with the engine's PNG metadata.
         with Image.open(done.image_path(config.data_dir, 0)) as image:
             assert image.size == (64, 64)
