@@ -49,7 +49,13 @@ class DiscordGuildRoles:
         cached = self._cache.get(key)
         if cached is not None and now - cached[0] < self._ttl_s:
             return cached[1]
-        found = await self._look_up(guild_id, user_id)
+        try:
+            found = await self._look_up(guild_id, user_id)
+        except discord.HTTPException as exc:
+            # Discord didn't answer: no rights this time, and nothing kept, so the next page
+            # view asks again.
+            log.warning("could not look up member %s of server %s: %s", user_id, guild_id, exc)
+            return None
         if len(self._cache) >= _MAX_CACHED:
             self._cache.clear()
         self._cache[key] = (now, found)

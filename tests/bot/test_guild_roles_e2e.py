@@ -59,6 +59,7 @@ async def test_members_roles_and_manage_server_come_from_discord_once_per_ttl(
                 return sum(1 for r in fake.requests if r.matches("GET", "/guilds/*/members/*"))
 
             asked = lookups()
+            assert asked > 0
             await roles.membership(fake.guild_id, moderator.id)
             assert lookups() == asked
             # Past the TTL a role taken away counts: Discord is asked again.
@@ -66,3 +67,11 @@ async def test_members_roles_and_manage_server_come_from_discord_once_per_ttl(
             now[0] = 31.0
             again = await roles.membership(fake.guild_id, moderator.id)
             assert again is not None and not again.manage_guild
+
+            # Discord failing to answer gives no rights and is not kept: the next view asks.
+            now[0] = 62.0
+            fake.inject("GET", "/guilds/*/members/*", status=503, times=10)
+            assert await roles.membership(fake.guild_id, alice.id) is None
+            fake.faults.clear()
+            found = await roles.membership(fake.guild_id, alice.id)
+            assert found is not None and found.role_ids == (fake.role("artists").id,)
