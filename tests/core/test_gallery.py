@@ -195,3 +195,15 @@ async def test_a_link_is_used_once_and_web_rows_are_pruned(db: Database) -> None
     clock.advance(days=1)
     assert await store.prune() == 2
     assert await db.read("SELECT * FROM web_links") == []
+
+
+async def test_a_jobs_thumbnails_go_with_its_images(db: Database, tmp_path: Path) -> None:
+    from bot.core.storage import prune_images
+    from bot.web.thumbnails import Thumbnails
+
+    job = await add_job(db, 1, "an old fox", when=START - timedelta(days=40))
+    thumb = Thumbnails(tmp_path).path_for(job, 0)
+    thumb.parent.mkdir(parents=True)
+    thumb.write_bytes(b"jpeg")
+    assert await prune_images(db, tmp_path, ManualClock(START), 30) == [job]
+    assert not thumb.exists()
