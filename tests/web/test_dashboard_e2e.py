@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from bot.web import routes_admin
 from tests.bot.conftest import GatedEngine
@@ -263,6 +264,26 @@ async def test_the_dashboard_refuses_non_admins_forms_without_csrf_and_other_ser
                 assert response.status == 200
             assert not await home.server.ctx.store.guild_default(fake.guild_id)
             assert await home.server.ctx.store.guild_default(second.id)
+
+        # Signed in with Discord (no server in the session): rights are asked of Discord.
+        made = await fake.slash(moderator, "imagine", prompt="a moderator's fox")
+        await made.wait_original(has_cancel)
+        fake.oauth.approve_as = moderator
+        try:
+            async with home.client() as oauth:
+                start = await oauth.get("/signin/discord", allow_redirects=False)
+                async with aiohttp.ClientSession() as discord_side:
+                    approved = await discord_side.get(
+                        start.headers["Location"], allow_redirects=False
+                    )
+                callback = URL(approved.headers["Location"])
+                done = await oauth.get(callback.path_qs, allow_redirects=False)
+                assert done.status == 303
+                async with oauth.get(f"/admin/credits?user={alice.id}") as response:
+                    assert response.status == 200
+                    assert f"Admin of server <code>{fake.guild_id}</code>" in await response.text()
+        finally:
+            fake.oauth.approve_as = None
         engine.gate.set()
 
 
