@@ -89,14 +89,7 @@ class Personalize:
     ) -> tuple[Personalization | None, str]:
         how = "--p" if asked else "personalization (on in /settings)"
         if not codes:
-            own = await self.store.profile(actor.user_id)
-            if not own.ready:
-                return None, (
-                    f"{how}: your taste needs {own.missing} more rating"
-                    f"{'s' if own.missing != 1 else ''} ({own.pairs} of {MIN_PAIRS}; "
-                    f"{RATINGS_HOW}); ranked as usual"
-                )
-            profiles = [own]
+            profiles = [await self.store.profile(actor.user_id)]
         else:
             profiles = []
             for code in codes:
@@ -211,7 +204,8 @@ class Personalize:
 def _short_text(profiles: Sequence[Profile], user_id: int) -> str:
     parts = [
         (
-            f"your taste needs {p.missing} more ratings ({RATINGS_HOW})"
+            f"your taste needs {p.missing} more rating{'s' if p.missing != 1 else ''} "
+            f"({p.pairs} of {MIN_PAIRS}; {RATINGS_HOW})"
             if p.user_id == user_id
             else f"profile `{p.code}` has only {p.pairs} of the {MIN_PAIRS} ratings needed"
         )

@@ -84,7 +84,7 @@ async def test_picks_and_rank_teach_p_which_then_personalizes_and_bad_codes_cost
             grid = await early.wait_original(
                 lambda m: bool(m.attachments) and len(m.buttons) == 9, timeout=JOB_TIMEOUT_S
             )
-            assert f"needs {MIN_PAIRS - 7} more ratings" in grid.content
+            assert f"needs {MIN_PAIRS - 7} more ratings (7 of {MIN_PAIRS}" in grid.content
             assert "Personalized" not in grid.content
             assert engine.calls[-1].personalize is None
 
