@@ -7,7 +7,8 @@
   with the rest of their module, so the fixture is built once, not once per worker.
 - The tests that start a Ray cluster (modules named test_ray_*, or using private_ray_temp) run one
   after another on one worker: two clusters at once on a small machine starve each other's
-  heartbeats.
+  heartbeats. A test of such a module that starts none (marked `starts_no_ray_cluster`: say, one
+  whose cluster address never answers) runs anywhere, instead of making the group longer.
 - The lint tests (ruff, and mypy: a minute or two on a fresh clone, before its cache exists) are
   one group too: xdist hands out the larger groups first, so they start at once instead of
   ending the run.
@@ -24,9 +25,15 @@ from filelock import FileLock
 
 RAY_GROUP = "ray-cluster"
 LINT_GROUP = "lint"
+NO_CLUSTER = "starts_no_ray_cluster"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{NO_CLUSTER}: in a module of Ray tests, a test that starts no Ray cluster (it need not "
+        "wait for the others' clusters)",
+    )
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         import torch
@@ -41,7 +48,7 @@ def _starts_ray(path: Path) -> bool:
 
 
 def _group(item: pytest.Item) -> str | None:
-    if _starts_ray(item.path):
+    if _starts_ray(item.path) and item.get_closest_marker(NO_CLUSTER) is None:
         return RAY_GROUP
     if item.path.name == "test_lint.py":
         return LINT_GROUP

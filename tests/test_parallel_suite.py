@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-from tests.conftest import _starts_ray
+import pytest
+
+from tests.conftest import NO_CLUSTER, RAY_GROUP, _group, _starts_ray
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +41,24 @@ def test_every_test_module_that_starts_a_ray_cluster_is_in_the_ray_group() -> No
     modules = [p for p in (REPO / "tests").rglob("test_*.py") if starts.search(p.read_text())]
     assert modules, "no Ray tests found: the pattern no longer matches how they start Ray"
     assert [p.name for p in modules if not _starts_ray(p)] == []
+
+
+def _item(path: Path, *marks: str) -> Any:
+    # What _group reads of a collected test: its file, its marks, and no module-scoped fixture.
+    return SimpleNamespace(
+        path=path,
+        nodeid=f"{path.relative_to(REPO)}::test_x",
+        get_closest_marker=lambda name: pytest.mark.skip if name in marks else None,
+        _fixtureinfo=SimpleNamespace(name2fixturedefs={}),
+    )
+
+
+def test_a_test_of_a_ray_module_that_starts_no_cluster_runs_outside_the_ray_group() -> None:
+    outage = REPO / "tests" / "core" / "test_ray_outage.py"
+    assert _group(_item(outage)) == RAY_GROUP
+    assert _group(_item(outage, NO_CLUSTER)) is None
+    marked = re.findall(rf"@pytest\.mark\.{NO_CLUSTER}\n(?:async )?def (\w+)", outage.read_text())
+    assert marked == [
+        "test_an_address_where_nothing_listens_is_reported_unreachable_at_once",
+        "test_connecting_again_backs_off_while_the_cluster_does_not_answer",
+    ]

@@ -34,8 +34,13 @@ FAST_HEALTH_CHECKS = {
 }
 
 # A GPU node's raylet gives up on a head that went away after this long (Ray's default: 60 s), and
-# its supervisor starts it again to join the restarted head (deploy/ray-gpu-node.service).
-NODE_ENVIRONMENT = {"RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
+# its supervisor starts it again to join the restarted head (deploy/ray-gpu-node.service). A head
+# back within that time is a new cluster the raylet cannot join: it finds out at its next check of
+# the head (Ray's default: every 60 s) and ends; here it checks every second.
+NODE_ENVIRONMENT = {
+    "RAY_gcs_rpc_server_reconnect_timeout_s": "10",
+    "RAY_raylet_liveness_self_check_interval_ms": "1000",
+}
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:

@@ -17,9 +17,10 @@ import pytest
 pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[2]
-# Starts and stops the module's cluster, and a node of its own on it.
+# Starts and stops the module's cluster, connects a bridge process to it and runs a job in an
+# actor there.
 ONE_RAY_TEST = (
-    "tests/core/test_ray_workers.py::test_with_ray_gpus_each_actor_is_pinned_to_its_own_gpu"
+    "tests/core/test_ray_workers.py::test_a_job_is_one_streaming_call_with_its_steps_as_items"
 )
 
 

@@ -111,7 +111,10 @@ async def test_a_head_restarted_mid_job_gets_its_gpu_node_back_and_the_job_compl
             cluster.head.start()  # on the same port
 
         prompt = "a lighthouse in a storm"
-        finished = await run_breaking_it(core, prompt, 150, restart_head)
+        # The first run goes on without its head (its answer would still reach the bot), so it
+        # must outlast the bot's giving up on the connection (ray_outage_grace_s, 2 s) by far:
+        # 80 steps, 8 s.
+        finished = await run_breaking_it(core, prompt, 80, restart_head)
         # The node's raylet does not outlive its head; its supervisor started it again, and
         # it joined the new head as a new node, where the job ran again.
         assert cluster.node.starts > starts
@@ -135,7 +138,9 @@ async def test_a_gpu_node_killed_mid_job_rejoins_and_the_job_completes_there(
         (before,) = core.ray_pool.workers
         starts = cluster.node.starts
         prompt = "a fox in the snow"
-        finished = await run_breaking_it(core, prompt, 150, cluster.node.kill_node)
+        # Killed with its node at its first step, the first run cannot finish: 40 steps (4 s)
+        # are plenty, and the run again takes no longer than that.
+        finished = await run_breaking_it(core, prompt, 40, cluster.node.kill_node)
         assert cluster.node.starts > starts
         await ready_workers(core, 1, timeout_s=60)  # the old node's worker has left
         (after,) = core.ray_pool.workers

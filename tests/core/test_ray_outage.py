@@ -180,6 +180,7 @@ async def test_jobs_stay_queued_while_the_cluster_is_down_and_run_when_it_return
         await core.close(drain_timeout_s=5.0)
 
 
+@pytest.mark.starts_no_ray_cluster
 async def test_an_address_where_nothing_listens_is_reported_unreachable_at_once(
     tmp_path: Path, head: Head, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -264,6 +265,7 @@ async def test_a_head_that_stops_answering_for_a_while_costs_no_job_and_no_reloa
         await core.close(drain_timeout_s=5.0)
 
 
+@pytest.mark.starts_no_ray_cluster
 async def test_connecting_again_backs_off_while_the_cluster_does_not_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -50,6 +50,9 @@ SOLO_GPU = "solo_gpu"
 GPU_NODE = {FAKE_GPU: 2, SOLO_GPU: 1}
 RECORDING = "tests.core.fakes:create_engine_recording_its_jobs"
 DEVICE_RECORDING = "tests.core.fakes:create_engine_recording_its_device"
+# A node of its own for the token test, started with the token in its environment.
+TOKEN_NODE = "token_node"
+TOKEN = "MTIzNDU2Nzg5.worker-must-not-see.this-token"
 ALICE = Owner(user_id=101, guild_id=1, channel_id=2)
 BOB = Owner(user_id=202, guild_id=1, channel_id=2)
 
@@ -59,7 +62,14 @@ def cluster() -> Iterator[Cluster]:
     with private_ray_temp() as temp_dir:
         started = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": str(temp_dir)},
+            head_node_args={
+                "num_cpus": 1,
+                "include_dashboard": False,
+                "temp_dir": str(temp_dir),
+                # An actor killed while it cannot answer (frozen, hung) is SIGKILLed this long
+                # after its SIGTERM (Ray's default: 5 s), which its replacement waits for.
+                "_system_config": {"kill_worker_timeout_milliseconds": 500},
+            },
         )
         try:
             started.add_node(num_cpus=1, resources=GPU_NODE)
@@ -88,10 +98,13 @@ def ray_config(
 
 
 async def test_jobs_run_in_ray_actors_on_the_real_tiny_engine(
-    tmp_path: Path, cluster: Cluster
+    tmp_path: Path, cluster: Cluster, tiny_models: Path
 ) -> None:
     config = ray_config(tmp_path, cluster)
-    engine = dataclasses.replace(config.engine, device="cpu", extra={}, preview_interval_s=0.0)
+    # The run's tiny models, built once: not once more in each actor.
+    engine = dataclasses.replace(
+        config.engine, cache_dir=tiny_models, device="cpu", extra={}, preview_interval_s=0.0
+    )
     config = dataclasses.replace(config, engine=engine)
     core = await Core.open(config)
     try:
@@ -250,6 +263,36 @@ async def test_with_ray_gpus_each_actor_is_pinned_to_its_own_gpu(
         assert seen == ["0", "1"]
     finally:
         cluster.remove_node(node)
+
+
+def test_a_ray_actor_does_not_see_a_token_its_node_was_started_with(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner exported the token, then ran `ray start` in the same shell: the node (and,
+    # unless told otherwise, every worker process it starts) has it.
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    node = cluster.add_node(num_cpus=1, resources={TOKEN_NODE: 1})
+    monkeypatch.delenv("DISCORD_TOKEN")
+    try:
+        probe = ray.remote(EnvironmentProbe).options(**actor_options(TOKEN_NODE)).remote()
+        value, started = ray.get(probe.seen.remote(), timeout=120)
+        assert not value
+        assert TOKEN not in started
+        # Its node has it (what the actor's options keep out).
+        raylet = node.all_processes["raylet"][0].process.pid
+        assert TOKEN in Path(f"/proc/{raylet}/environ").read_bytes().decode(errors="replace")
+    finally:
+        cluster.remove_node(node)
+
+
+class EnvironmentProbe:
+    """An actor that reports DISCORD_TOKEN as it sees it, and the environment its process was
+    started with (as the kernel keeps it)."""
+
+    def seen(self) -> tuple[str | None, str]:
+        started = Path(f"/proc/{os.getpid()}/environ")
+        text = started.read_bytes().decode(errors="replace") if started.exists() else ""
+        return os.environ.get("DISCORD_TOKEN"), text
 
 
 def _jobs_of(core: Core, worker: RayWorker) -> tuple[int, ...]:

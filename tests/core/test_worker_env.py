@@ -1,7 +1,8 @@
 """A worker process never sees DISCORD_TOKEN: not in its `os.environ`, not in the environment
 it was started with (`/proc/<pid>/environ`), and nothing else of the bot's environment beyond
 what the engine's libraries need. The bot takes the token out of its own environment as soon as
-it has read it, so nothing it starts later (a local Ray cluster included) inherits it."""
+it has read it, so nothing it starts later (a local Ray cluster included) inherits it. (A Ray
+actor on a node started with the token: tests/core/test_ray_workers.py.)"""
 
 from __future__ import annotations
 
@@ -119,44 +120,3 @@ def test_main_reads_the_token_then_drops_it(
     monkeypatch.setattr(entry, "setup_logging", lambda *args, **kwargs: None)
     assert entry.main(["--config", str(config)]) == 0
     assert seen == {"token": TOKEN, "environ": None}
-
-
-def test_a_ray_actor_does_not_see_a_token_its_node_was_started_with(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    from bot.core.ray_workers import actor_options
-    from tests.core.ray_temp import private_ray_temp
-
-    # The owner exported the token, then ran `ray start` in the same shell: the node (and,
-    # unless told otherwise, every worker process it starts) has it.
-    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
-
-    class Probe:
-        def seen(self) -> tuple[str | None, str]:
-            started = Path(f"/proc/{os.getpid()}/environ")
-            text = started.read_bytes().decode(errors="replace") if started.exists() else ""
-            return os.environ.get("DISCORD_TOKEN"), text
-
-    with private_ray_temp() as temp_dir:
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 1,
-                "resources": {"fake_gpu": 1},
-                "include_dashboard": False,
-                "temp_dir": str(temp_dir),
-            },
-        )
-        try:
-            ray.init(address=cluster.address, log_to_driver=False)
-            probe = ray.remote(Probe).options(**actor_options("fake_gpu")).remote()
-            value, started = ray.get(probe.seen.remote(), timeout=120)
-            assert not value
-            assert TOKEN not in started
-        finally:
-            if ray.is_initialized():
-                ray.shutdown()
-            cluster.shutdown()
