@@ -85,7 +85,10 @@ class Shortening:
                 )
             await self._check_prompt(actor, text, request.prompt)
             try:
-                shortening = shorten_request(expanded, model=request.model)
+                # The parsed job's size: within this server's limits, which the engine checks.
+                shortening = shorten_request(
+                    expanded, model=request.model, width=request.width, height=request.height
+                )
             except ValueError as exc:
                 raise UserError(str(exc)) from None
             (job,) = await self._submit(actor, [shortening], JobKind.SHORTEN, None, cooled=False)
