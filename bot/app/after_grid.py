@@ -20,7 +20,7 @@ from bot.app import catalog, edits
 from bot.app.actions import Action, Actor, Submitted, UserError
 from bot.app.personalize import Personalize
 from bot.config import Config
-from bot.core.models import EXPIRED_MESSAGE, ImageExpired, Job, JobKind, JobState
+from bot.core.models import EXPIRED_MESSAGE, ImageExpired, Job, JobKind, JobState, Mode
 from bot.core.preferences import PreferenceStore
 from bot.core.service import Core
 from generation.contract import GenerationRequest, PanDirection, Region, UpscaleMode
@@ -76,6 +76,7 @@ class AfterGrid:
         kind: JobKind,
         parent: tuple[int, int | None],
         notes: tuple[str, ...] = (),
+        mode: Mode | None = None,
     ) -> Submitted:
         raise NotImplementedError
 
@@ -100,7 +101,7 @@ class AfterGrid:
         if prompt is not None:
             prompt = await self._edited_prompt(actor, prompt)
         try:
-            request, kind, parent, remix_notes = await self._derived_request(
+            request, kind, parent, remix_notes, speed = await self._derived_request(
                 job, action, index, prompt
             )
         except ImageExpired as exc:  # deleted by the [storage] retention policy
@@ -110,7 +111,7 @@ class AfterGrid:
         if prompt is not None:
             await self._check_prompt(actor, prompt, request.prompt)
         notes = (*remix_notes, *catalog.edit_notes(job.request_data, request))
-        return await self._submit_one(actor, request, kind, parent, notes)
+        return await self._submit_one(actor, request, kind, parent, notes, _mode(speed))
 
     async def custom_zoom(
         self, actor: Actor, job_id: int, index: int, *, prompt: str, factor: float | str
@@ -137,7 +138,9 @@ class AfterGrid:
             raise UserError(str(exc)) from None
         await self._check_prompt(actor, prompt, request.prompt)
         notes = (*remix.notes, *catalog.edit_notes(job.request_data, request))
-        return await self._submit_one(actor, request, JobKind.ZOOM, (job.id, position), notes)
+        return await self._submit_one(
+            actor, request, JobKind.ZOOM, (job.id, position), notes, _mode(remix.speed)
+        )
 
     async def vary_region(
         self,
@@ -185,7 +188,10 @@ class AfterGrid:
             await self._check_prompt(actor, prompt, request.prompt)
         remix_notes = remix.notes if remix is not None else ()
         notes = (*remix_notes, *catalog.edit_notes(job.request_data, request))
-        return await self._submit_one(actor, request, JobKind.REGION, (job.id, position), notes)
+        speed = remix.speed if remix is not None else None
+        return await self._submit_one(
+            actor, request, JobKind.REGION, (job.id, position), notes, _mode(speed)
+        )
 
     async def _edited_prompt(self, actor: Actor, prompt: str) -> str:
         """A prompt edited in a form with the member's /prefer shortcuts expanded, as /imagine
@@ -293,14 +299,15 @@ class AfterGrid:
 
     async def _derived_request(
         self, job: Job, action: Action, index: int, prompt: str | None = None
-    ) -> tuple[GenerationRequest, JobKind, tuple[int, int | None], tuple[str, ...]]:
-        """The request a press makes, with the notes on its edited prompt for the reply;
-        ValueError (written for the member) when it can't."""
+    ) -> tuple[GenerationRequest, JobKind, tuple[int, int | None], tuple[str, ...], str | None]:
+        """The request a press makes, with the notes on its edited prompt for the reply and
+        the speed mode the edited prompt asks for (None: none); ValueError (written for the
+        member) when it can't."""
         assert job.result is not None
         settings = self.config.engine
         parent = await self.core.jobs.request(job)
         if action is Action.ENHANCE:
-            return self._enhance(job, parent, index)
+            return (*self._enhance(job, parent, index), None)
         if action is not Action.REROLL:
             # img2img runs steps x strength steps; a short parent job must still get at least
             # one, whatever strength this action uses.
@@ -313,10 +320,11 @@ class AfterGrid:
         if action is Action.REROLL:
             request = parent.with_changes(seed=self._seed_source())
             if prompt is None:
-                return request, JobKind.REROLL, (job.id, None), ()
+                return request, JobKind.REROLL, (job.id, None), (), None
             size = (job.result.width, job.result.height)
             reroll_remix = edits.parse_remix(prompt, parent, size, settings)
-            return reroll_remix.apply(request), JobKind.REROLL, (job.id, None), reroll_remix.notes
+            applied = reroll_remix.apply(request)
+            return applied, JobKind.REROLL, (job.id, None), reroll_remix.notes, reroll_remix.speed
 
         if action.needs_index:
             position = self._position(job, index, required=True)
@@ -328,13 +336,14 @@ class AfterGrid:
         image = await self.core.jobs.image(job.id, position)
         remix = None if prompt is None else edits.parse_remix(prompt, parent, image.size, settings)
         notes = remix.notes if remix is not None else ()
+        speed = remix.speed if remix is not None else None
 
         if action in _UPSCALES:
             seed = job.result.seeds[position]
             request = edits.upscale(
                 parent, image, mode=_UPSCALES[action], seed=seed, settings=settings
             )
-            return request, JobKind.UPSCALE, (job.id, position), notes
+            return request, JobKind.UPSCALE, (job.id, position), notes, speed
         if action in _ZOOMS or action in _PANS or action is Action.MAKE_SQUARE:
             seed = self._seed_source()
             if action in _ZOOMS:
@@ -348,7 +357,7 @@ class AfterGrid:
                 )
             else:
                 request = edits.square(parent, image, seed=seed, settings=settings)
-            return request, _EDIT_KINDS[request.kind], (job.id, position), notes
+            return request, _EDIT_KINDS[request.kind], (job.id, position), notes, speed
         if remix is not None:
             parent = remix.apply(parent)
 
@@ -368,4 +377,9 @@ class AfterGrid:
                 num_candidates=settings.num_candidates, num_kept=settings.num_kept
             )
         request = variation_request(parent, image, strength=strength, seed=self._seed_source())
-        return request, JobKind.VARIATION, (job.id, position), notes
+        return request, JobKind.VARIATION, (job.id, position), notes, speed
+
+
+def _mode(speed: str | None) -> Mode | None:
+    """The mode a speed flag in an edited prompt asks for; None leaves the member's."""
+    return None if speed is None else Mode(speed)

@@ -401,8 +401,10 @@ class ImagineApp(AfterGrid, Shortening):
         kind: JobKind,
         parent: tuple[int, int | None],
         notes: tuple[str, ...] = (),
+        mode: Mode | None = None,
     ) -> Submitted:
-        (submitted,) = await self._submit(actor, [request], kind, parent)
+        """`mode`: the one a speed flag in an edited prompt asks for; None: the member's."""
+        (submitted,) = await self._submit(actor, [request], kind, parent, mode=mode)
         notes = (*notes, self.modes.queue_note(submitted))
         return Submitted(submitted, notes, self.core.scheduler.queue_position(submitted.id))
 

@@ -75,6 +75,9 @@ class Remix:
     notes: tuple[str, ...] = ()
     # `--draft` in the edited prompt: the draft's (steps, sampler), made a draft by `apply`.
     draft: tuple[int, Sampler] | None = None
+    # `--fast`, `--relax` or `--turbo` in the edited prompt: the mode this one job runs in and
+    # is charged by (None: the member's), as the flag does in /imagine.
+    speed: str | None = None
 
     def apply(self, request: GenerationRequest) -> GenerationRequest:
         by_role = {role: weight for role, _, weight in self.weights}
@@ -171,6 +174,7 @@ def parse_remix(
         weights=_one_weight_per_role(parsed.kept_weights),
         notes=parsed.notes,
         draft=(request.steps, request.sampler) if request.draft is not None else None,
+        speed=parsed.speed,
     )
 
 
