@@ -367,7 +367,7 @@ def help_text(config: Config) -> str:
             "**Commands**: `/imagine prompt` (options: negative, aspect, seed, steps, guidance, "
             "sampler, model, lora, control_image, image, image2), `/blend`, `/describe`, "
             "`/models` (the models, LoRAs and ControlNets offered here), `/balance`, `/jobs`, "
-            "`/fast`, `/relax`, `/turbo`, `/help`.",
+            "`/fast`, `/relax`, `/turbo`, `/shorten`, `/help`.",
             "**Buttons**: U1–U4 upscale an image 2x · V1–V4 make variations · 🔄 rerolls with a "
             "new seed · Cancel stops a waiting or running job (refunded).",
             "**Flags you can type in the prompt**:",
@@ -390,6 +390,15 @@ def help_text(config: Config) -> str:
             f"{config.images.max_bytes // (1024 * 1024)} MB, PNG, JPEG, WebP or GIF.",
             *[f"• {line}" for line in WEIGHT_HELP.splitlines()],
             PERSONALIZATION_HELP,
+            f"**Drafts**: `--draft` renders a fast, cheap draft ({engine.draft_steps} steps with "
+            f"{engine.draft_sampler.a1111_name}) for {credits.cost_draft_percent} % of the job's "
+            "price; ✨ Enhance under a draft image renders that image at full quality from the "
+            "same seed and prompt (an ordinary job at the full price). Upscales and edits "
+            "(Zoom, Pan, Make Square, Vary (Region)) work on the enhanced image, not the draft.",
+            "**/shorten** `prompt` shows which words CLIP notices (bold) and barely notices "
+            "(struck), and up to five shorter prompts; buttons 1–5 imagine one (charged as "
+            f"/imagine). /shorten itself costs {credits.cost_shorten} credit"
+            + ("s." if credits.cost_shorten != 1 else "."),
             "**Accepted and ignored** (no equivalent here): "
             + ", ".join(f"`--{spec.name}`" for spec in ignored),
             f"**Models**: {models}. Samplers: "
