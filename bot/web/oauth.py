@@ -103,7 +103,9 @@ class DiscordOAuth:
                     "code": code,
                     "redirect_uri": self._config.oauth_redirect_url,
                 },
-                auth=aiohttp.BasicAuth(self._client_id, self._client_secret),
+                headers={
+                    "Authorization": aiohttp.encode_basic_auth(self._client_id, self._client_secret)
+                },
             ) as response:
                 if response.status != 200:
                     log.warning("web: Discord refused the OAuth code (HTTP %d)", response.status)

@@ -75,3 +75,7 @@ def test_secrets_come_from_the_environment_and_leave_it() -> None:
         signing_key(WebSecrets("short"))
     # Unset: a random key for this run, different every start.
     assert signing_key(WebSecrets()) != signing_key(WebSecrets())
+
+
+def test_the_browser_tests_screenshots_stay_out_of_git() -> None:
+    assert "/artifacts/" in (REPO / ".gitignore").read_text(encoding="utf-8").splitlines()
