@@ -114,6 +114,10 @@ class Admission:
         self._in_flight[user] += len(requests)
         self._relax_in_flight[user] += relax
         costs = self._costs(requests, mode)
+        if mode is Mode.TURBO and not any(costs):
+            # Turbo sells a place ahead of every fast job; a job that is free in fast mode
+            # would get it for nothing (a member with no credits jumping every paying one).
+            mode = Mode.FAST
         tier = self.tier_for(owner)
         try:
             stored = await self._save_inputs(requests, parent)

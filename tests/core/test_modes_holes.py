@@ -1,0 +1,78 @@
+"""Relax, Fast and Turbo under attack in the core, on a real SQLite file and the real
+scheduler: turbo's place in line is never given for nothing, and fan-out can't stretch the
+relax caps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.core import JobState, ManualClock, Mode, RefusalCode, Refused
+from tests.core.conftest import assert_consistent, finished, open_core, request
+from tests.core.test_modes import ALICE, BOB, gated_core, modes_config, start_order
+
+
+async def test_a_free_job_asked_in_turbo_runs_as_fast(tmp_path: Path, clock: ManualClock) -> None:
+    # Jobs free in fast mode (here every imagine; by default /shorten): turbo of nothing is
+    # nothing, so a member with no credits would go ahead of every paying fast member.
+    config = modes_config(
+        tmp_path,
+        scheduler={"max_queued_per_user": 5},
+        credits={"daily_allowance": 0, "cost_imagine": 0},
+    )
+    core, gate = await gated_core(config, clock)
+    try:
+        order = start_order(core)
+        fast = await core.scheduler.submit(BOB, request("f"))
+        turbo = await core.scheduler.submit(ALICE, request("t"), mode=Mode.TURBO)
+        assert (turbo.mode, turbo.cost) == (Mode.FAST, 0)
+        assert core.scheduler.queue_position(fast.id) == 1
+        gate.set()
+        done = await finished(core, turbo.id)
+        assert done.mode is Mode.FAST and done.state is JobState.SUCCEEDED
+        assert order == [fast.id, turbo.id]
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=2.0)
+
+
+async def test_a_paid_turbo_job_stays_turbo(tmp_path: Path, clock: ManualClock) -> None:
+    config = modes_config(tmp_path, credits={"daily_allowance": 100})
+    core = await open_core(config, clock)
+    try:
+        turbo = await core.scheduler.submit(ALICE, request(), mode=Mode.TURBO)
+        assert turbo.mode is Mode.TURBO and turbo.cost > 0
+        await finished(core, turbo.id)
+    finally:
+        await core.close(drain_timeout_s=2.0)
+
+
+async def test_fan_out_and_cancels_cannot_stretch_the_daily_relax_cap(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    config = modes_config(
+        tmp_path,
+        scheduler={"max_queued_per_user": 10},
+        modes={"relax_max_queued_per_user": 10, "relax_max_per_day": 3},
+    )
+    core, gate = await gated_core(config, clock)
+    try:
+        # Four jobs from one prompt ({a,b} permutations, --repeat) against a day of three.
+        with pytest.raises(Refused) as refused:
+            await core.scheduler.submit_many(ALICE, [request() for _ in range(4)], mode=Mode.RELAX)
+        assert refused.value.code is RefusalCode.RELAX_LIMIT
+        assert await core.jobs.for_user(ALICE.user_id) == []
+        jobs = await core.scheduler.submit_many(
+            ALICE, [request() for _ in range(3)], mode=Mode.RELAX
+        )
+        # Cancelling queued relax jobs gives no day back.
+        for job in jobs:
+            await core.scheduler.cancel(job.id, ALICE.user_id)
+        with pytest.raises(Refused) as refused:
+            await core.scheduler.submit(ALICE, request(), mode=Mode.RELAX)
+        assert refused.value.code is RefusalCode.RELAX_LIMIT
+        gate.set()
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=2.0)
