@@ -269,3 +269,18 @@ async def test_bad_requests_get_plain_pages_and_limits_get_429(world: World) -> 
             assert int(limited.headers["Retry-After"]) >= 1
         finally:
             ctx.member_limits = saved
+    # Per address, signed in or not; and sign-in attempts have a tighter limit of their own.
+    saved_ip, saved_sign_in = ctx.ip_limits, ctx.sign_in_limits
+    ctx.ip_limits, ctx.sign_in_limits = RateLimiter(3), RateLimiter(1)
+    try:
+        async with world.home.client() as anonymous:
+            statuses = [(await anonymous.get("/signin")).status for _ in range(4)]
+            assert statuses == [200, 200, 200, 429]
+        ctx.ip_limits = RateLimiter(100)
+        async with world.home.client() as anonymous:
+            first = await anonymous.get("/signin/discord", allow_redirects=False)
+            second = await anonymous.get("/signin/discord", allow_redirects=False)
+            assert (first.status, second.status) == (303, 429)
+            assert "sign-in attempts" in await text_of(second)
+    finally:
+        ctx.ip_limits, ctx.sign_in_limits = saved_ip, saved_sign_in
