@@ -3,6 +3,7 @@ checked as it is read; a bad value raises `ConfigError` naming the key."""
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -85,6 +86,12 @@ def _modes(section: Reader) -> ModesConfig:
             "wait_estimate_run_s", float, defaults.wait_estimate_run_s
         ),
     )
+    if not math.isfinite(config.wait_estimate_run_s):
+        # Every queued job's reply words the wait this gives: inf or nan can't be said.
+        raise ConfigError(
+            f"{section.prefix}wait_estimate_run_s: must be a finite number of seconds, got "
+            f"{config.wait_estimate_run_s}"
+        )
     if config.relax_cost_percent > 100:
         raise ConfigError(
             f"{section.prefix}relax_cost_percent: must be between 0 and 100 (a relax job never "

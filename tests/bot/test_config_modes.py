@@ -44,6 +44,9 @@ def test_values_are_read() -> None:
         ("relax_max_per_day", 0, "> 0"),
         ("relax_enabled", "yes", "must be bool"),
         ("wait_estimate_run_s", 0, "> 0"),
+        # Every queued job's reply words this estimate: a wait of inf or nan can't be said.
+        ("wait_estimate_run_s", float("inf"), "a finite number"),
+        ("wait_estimate_run_s", float("nan"), "a finite number"),
         ("relax_cost", 10, "unknown setting"),
     ],
 )
