@@ -20,6 +20,7 @@ from tests.bot.helpers import (
     job_id_of,
     make_bot,
 )
+from tests.bot.test_discord_post_grid import separated
 from tests.fakediscord import FakeDiscord
 from tests.fakediscord.model import Message
 
@@ -60,18 +61,18 @@ async def test_a_draft_costs_its_share_and_enhance_renders_one_image_at_full_pri
 ) -> None:
     async with FakeDiscord() as fake:
         alice = fake.add_user("alice")
-        bot = draft_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
-        async with fake.run_bot(bot):
-            start = await available(bot, alice.id)
+        first = draft_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(first):
+            start = await available(first, alice.id)
             command = await fake.slash(alice, "imagine", prompt="a red barn --draft --seed 900")
             queued = await command.wait_original(lambda m: "Draft" in m.content)
             grid = await command.wait_original(is_draft_grid, timeout=JOB_TIMEOUT_S)
-            draft = await stored(bot, job_id_of(grid))
+            draft = await stored(first, job_id_of(grid))
             request = GenerationRequest.from_json(dict(draft.request_data))
             assert request.draft is not None and (request.steps, request.draft.steps) == (2, 4)
             full = job_cost(
                 dataclasses.replace(request, steps=4, sampler=request.draft.sampler, draft=None),
-                bot.config.credits,
+                first.config.credits,
             )
             # The reply says it is a draft and what it costs beside the full render.
             assert f"Draft: {draft.cost} credits instead of {full} credits at full quality" in (
@@ -79,9 +80,12 @@ async def test_a_draft_costs_its_share_and_enhance_renders_one_image_at_full_pri
             )
             assert "(💨 draft)" in grid.content
             assert draft.cost == -(-full * 25 // 100) and draft.cost < full
-            assert await available(bot, alice.id) == start - draft.cost
+            assert await available(first, alice.id) == start - draft.cost
             assert labels(grid)[-4:] == ["✨ 1", "✨ 2", "✨ 3", "✨ 4"]
 
+        # The Enhance buttons name their job and image: they work after a restart.
+        bot = draft_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(bot):
             # ✨ 2: image 2 at full quality from its seed, an ordinary job at full price.
             before = await available(bot, alice.id)
             press = await fake.click(alice, grid, label="✨ 2")
@@ -128,6 +132,16 @@ async def test_draft_refusals_cost_nothing(
             plain = await (await fake.slash(alice, "imagine", prompt="a barn")).wait_original(
                 lambda m: bool(m.attachments) and "V1" in labels(m), timeout=JOB_TIMEOUT_S
             )
+            # Through Discord: --draft in Custom Zoom's form is a private refusal.
+            image = await separated(fake, alice, plain, 1)
+            before = await available(bot, alice.id)
+            form = await fake.click(alice, image, label="Custom Zoom")
+            assert await form.wait_acked() == 9
+            submitted = await fake.submit_modal(form, {"prompt": "a barn --draft", "factor": "1.5"})
+            note = await submitted.wait_followup(lambda m: m.ephemeral)
+            assert "--draft: a zoom paints into a finished picture" in note.content, note.content
+            assert await available(bot, alice.id) == before
+
             actor = Actor(alice.id, fake.guild_id, fake.general.id)
             draft_id, plain_id = job_id_of(draft_grid), job_id_of(plain)
             balance = await available(bot, alice.id)
