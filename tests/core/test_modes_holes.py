@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from bot.core import JobState, ManualClock, Mode, RefusalCode, Refused
+from bot.core import JobState, LedgerKind, ManualClock, Mode, RefusalCode, Refused
 from tests.core.conftest import assert_consistent, finished, open_core, request
-from tests.core.test_modes import ALICE, BOB, gated_core, modes_config, start_order
+from tests.core.test_modes import (
+    ALICE,
+    BOB,
+    HeldRunWorker,
+    gated_core,
+    modes_config,
+    start_order,
+)
 
 
 async def test_a_free_job_asked_in_turbo_runs_as_fast(tmp_path: Path, clock: ManualClock) -> None:
@@ -73,6 +80,59 @@ async def test_fan_out_and_cancels_cannot_stretch_the_daily_relax_cap(
             await core.scheduler.submit(ALICE, request(), mode=Mode.RELAX)
         assert refused.value.code is RefusalCode.RELAX_LIMIT
         gate.set()
+        await assert_consistent(core)
+    finally:
+        await core.close(drain_timeout_s=2.0)
+
+
+async def test_a_share_and_a_multiple_stay_exact_across_a_crash_a_cancel_and_a_restart(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    config = modes_config(
+        tmp_path,
+        scheduler={"max_queued_per_user": 5},
+        credits={"daily_allowance": 10_000, "cost_imagine": 10_000},
+        modes={"relax_cost_percent": 50, "turbo_cost_percent": 150},
+    )
+    worker = HeldRunWorker(config, "relax")
+    core = await open_core(config, clock, workers=[worker])
+    try:
+        relax = await core.scheduler.submit(ALICE, request("relax"), mode=Mode.RELAX)
+        await worker.entered.wait()
+        # While the relax job runs (and then crashes), a turbo job waits and is cancelled.
+        turbo = await core.scheduler.submit(ALICE, request("turbo"), mode=Mode.TURBO)
+        assert 0 < relax.cost < turbo.cost
+        assert await core.scheduler.cancel(turbo.id, ALICE.user_id)
+        worker.release.set()
+        done = await finished(core, relax.id)
+        assert done.state is JobState.SUCCEEDED and done.attempts == 2
+        assert (await core.credits.balance(ALICE.user_id)).available == 10_000 - relax.cost
+        rows = [
+            (e.kind, e.amount)
+            for e in await core.credits.ledger(ALICE.user_id, 100)
+            if e.job_id in (relax.id, turbo.id)
+        ]
+        # One hold each (the crash re-queued the relax job without holding again); a settle
+        # only marks the hold spent.
+        assert sorted(rows, key=str) == sorted(
+            [
+                (LedgerKind.HOLD, -relax.cost),
+                (LedgerKind.SETTLE, 0),
+                (LedgerKind.HOLD, -turbo.cost),
+                (LedgerKind.REFUND, turbo.cost),
+            ],
+            key=str,
+        )
+        # A turbo job queued when the bot stops is held once across the restart.
+        waiting = await core.scheduler.submit(ALICE, request("waiting"), mode=Mode.TURBO)
+    finally:
+        await core.close(drain_timeout_s=2.0)
+    core = await open_core(config, clock)
+    try:
+        done = await finished(core, waiting.id)
+        assert done.mode is Mode.TURBO and done.cost == waiting.cost
+        balance = await core.credits.balance(ALICE.user_id)
+        assert balance.available == 10_000 - relax.cost - waiting.cost
         await assert_consistent(core)
     finally:
         await core.close(drain_timeout_s=2.0)
