@@ -177,7 +177,7 @@ class Admission:
             if state["banned"]:
                 raise Refused("You are banned from using this bot.", RefusalCode.BANNED)
             if mode is Mode.RELAX:
-                await self._check_relax_in(txn, owner, len(requests))
+                await self._check_relax_in(txn, owner, len(requests), state["allowance_day"])
             if int(state["allowance_left"]) + int(state["granted"]) < total:
                 raise self._credits.insufficient(total, state, len(requests))
 
@@ -245,16 +245,17 @@ class Admission:
                 RefusalCode.RELAX_LIMIT,
             )
 
-    async def _check_relax_in(self, txn: Transaction, owner: Owner, wanted: int) -> None:
+    async def _check_relax_in(self, txn: Transaction, owner: Owner, wanted: int, day: str) -> None:
         """The relax switch of the member's server and the relax caps, inside the submit's
-        transaction (the authoritative look: another process's rows count too)."""
+        transaction (the authoritative look: another process's rows count too). `day`: the
+        UTC day the submit charges its jobs to (`hold_day`), counted against."""
         if not await self._modes.relax_enabled_in(txn, owner.guild_id):
             raise Refused(
                 "Relax mode is switched off in this server; use /fast (or --fast) to run "
                 "it with credits.",
                 RefusalCode.RELAX_OFF,
             )
-        today, queued = await self._modes.relax_counts_in(txn, owner.user_id)
+        today, queued = await self._modes.relax_counts_in(txn, owner.user_id, day)
         self._refuse_relax_queued(wanted, queued)
         per_day = self._modes.config.relax_max_per_day
         if today + wanted > per_day:
@@ -317,7 +318,7 @@ class Admission:
         if state["banned"]:
             raise Refused("You are banned from using this bot.", RefusalCode.BANNED)
         if mode is Mode.RELAX:
-            await self._check_relax_in(txn, owner, len(requests))
+            await self._check_relax_in(txn, owner, len(requests), state["allowance_day"])
         parent_image = await self._parent_image(txn, parent) if parent is not None else None
         counts = await txn.fetchone(
             "SELECT COUNT(*), COALESCE(SUM(user_id = ?), 0) FROM jobs WHERE state = 'queued'",

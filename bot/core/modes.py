@@ -111,14 +111,18 @@ class ModeStore:
 
     # ----- relax use --------------------------------------------------------------------------
 
-    async def relax_counts_in(self, txn: Transaction, user_id: int) -> tuple[int, int]:
-        """(relax jobs counted today, relax jobs queued now) of a member, inside a
-        transaction: the numbers the caps are checked against."""
+    async def relax_counts_in(
+        self, txn: Transaction, user_id: int, day: str | None = None
+    ) -> tuple[int, int]:
+        """(relax jobs counted on `day`, relax jobs queued now) of a member, inside a
+        transaction: the numbers the caps are checked against. `day` (default today): a
+        submit passes the day it charges its jobs to (`hold_day`), read once, so a submit
+        that crosses midnight counts against the day its jobs are counted in."""
         marks = ", ".join("?" for _ in COUNTED_STATES)
         row = await txn.fetchone(
             f"SELECT COALESCE(SUM(hold_day = ? AND state IN ({marks})), 0), "
             "COALESCE(SUM(state = 'queued'), 0) FROM jobs WHERE user_id = ? AND mode = 'relax'",
-            (utc_day(self._clock()), *COUNTED_STATES, user_id),
+            (day or utc_day(self._clock()), *COUNTED_STATES, user_id),
         )
         assert row is not None
         return int(row[0]), int(row[1])

@@ -4,7 +4,11 @@ relax caps."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +140,57 @@ async def test_a_share_and_a_multiple_stay_exact_across_a_crash_a_cancel_and_a_r
         await assert_consistent(core)
     finally:
         await core.close(drain_timeout_s=2.0)
+
+
+class MidnightClock(ManualClock):
+    """A clock that, once armed, crosses midnight right after its next reading: a submit that
+    starts at 23:59:59.999999 and is still in its transaction at 00:00."""
+
+    def __init__(self) -> None:
+        super().__init__(datetime(2025, 1, 1, 12, 0, tzinfo=UTC))
+        self.armed = False
+
+    def __call__(self) -> datetime:
+        now = self.now
+        if self.armed:
+            self.armed = False
+            self.now = datetime(2025, 1, 2, 0, 0, 0, 500, tzinfo=UTC)
+        return now
+
+
+async def test_a_submit_across_midnight_counts_against_the_day_it_is_charged_to(
+    tmp_path: Path,
+) -> None:
+    clock = MidnightClock()
+    config = modes_config(
+        tmp_path,
+        scheduler={"max_queued_per_user": 10},
+        modes={"relax_max_queued_per_user": 10, "relax_max_per_day": 2},
+    )
+    core, gate = await gated_core(config, clock)
+    try:
+        await core.scheduler.submit_many(ALICE, [request(), request()], mode=Mode.RELAX)
+        clock.set(datetime(2025, 1, 1, 23, 59, 59, 999_999, tzinfo=UTC))
+        clock.armed = True
+        # Allowed or refused, it must not make a third relax job of January 1st.
+        try:
+            await core.scheduler.submit(ALICE, request(), mode=Mode.RELAX)
+        except Refused as refused:
+            assert refused.code is RefusalCode.RELAX_LIMIT
+        rows = await asyncio.to_thread(
+            _read,
+            config.database_path,
+            "SELECT hold_day, COUNT(*) FROM jobs WHERE mode = 'relax' GROUP BY hold_day",
+        )
+        assert max(count for _day, count in rows) <= 2, rows
+        gate.set()
+    finally:
+        await core.close(drain_timeout_s=2.0)
+
+
+def _read(path: Path, sql: str) -> list[Any]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
