@@ -144,11 +144,12 @@ class Personalize:
     # ----- /rank -----------------------------------------------------------------------
 
     async def next_round(self, actor: Actor, note: str = "") -> RankRound:
-        pair = await self.store.next_pair(actor.user_id, random.Random())
+        pair = await self.store.next_pair(actor.user_id, random.Random(), actor.guild_id)
         if pair is None:
             raise UserError(
-                "Nothing to compare yet: /rank shows two of your own images, and you have "
-                "fewer than two still kept. Make some with /imagine first."
+                "Nothing to compare yet: /rank shows two of your own images (or of this "
+                "server's Explore), and there are fewer than two still kept. Make some with "
+                "/imagine first."
             )
         (left, left_pos), (right, right_pos) = pair
         paths = [
@@ -182,11 +183,14 @@ class Personalize:
     # ----- internals -------------------------------------------------------------------
 
     async def _own_candidate(self, actor: Actor, ref: Ref) -> Job:
-        """A candidate named by a button (hostile until checked): a job of this member's,
-        kept, with that candidate among its shown images."""
+        """A candidate named by a button (hostile until checked): a job of this member's (or
+        of this server's Explore), kept, with that candidate among its shown images."""
         job = await self.core.jobs.get(ref.job_id) if ref.job_id > 0 else None
-        if job is None or job.owner.user_id != actor.user_id:
-            raise UserError("/rank compares your own images only.")
+        if job is None or (
+            job.owner.user_id != actor.user_id
+            and not await self.store.in_explore(job.id, actor.guild_id)
+        ):
+            raise UserError("/rank compares your own images (and this server's Explore) only.")
         if job.state is not JobState.SUCCEEDED or job.result is None or job.pruned_at:
             raise UserError("That image has expired; run /rank again.")
         if ref.candidate not in job.result.candidate_indices:

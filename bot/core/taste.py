@@ -24,6 +24,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +47,14 @@ MAX_FIT_PAIRS = 5000
 CODE_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i to misread
 CODE_LENGTH = 8
 CODE_SHAPE = re.compile(r"[a-z0-9]{4,32}")
+
+
+# A finished job /rank can show: images still kept, content not erased, embeddings stored.
+_RANKABLE = (
+    "state = 'succeeded' AND images_expired_at IS NULL AND pruned_at IS NULL AND "
+    "result IS NOT NULL AND EXISTS (SELECT 1 FROM candidate_embeddings e WHERE "
+    "e.job_id = jobs.id)"
+)
 
 
 class PairSource(StrEnum):
@@ -243,17 +252,20 @@ class TasteStore:
 
     # ----- /rank -------------------------------------------------------------------------
 
-    async def rank_candidates(self, user_id: int, limit: int = 200) -> list[tuple[Ref, int]]:
-        """The member's own shown images that /rank may compare, newest first: (candidate,
-        its 0-based position among the job's images). Only images whose files are still kept
-        and whose embeddings are stored."""
+    async def rank_candidates(
+        self, user_id: int, guild_id: int | None = None, limit: int = 200
+    ) -> list[tuple[Ref, int]]:
+        """The shown images /rank may compare, newest first: (candidate, its 0-based position
+        among the job's images). The member's own; with fewer than two, the server's Explore
+        set (jobs of members who share them in the web home). Only images whose files are
+        still kept and whose embeddings are stored."""
         rows = await self._db.read(
-            "SELECT id, result FROM jobs WHERE user_id = ? AND state = 'succeeded' AND "
-            "images_expired_at IS NULL AND pruned_at IS NULL AND result IS NOT NULL AND "
-            "EXISTS (SELECT 1 FROM candidate_embeddings e WHERE e.job_id = jobs.id) "
+            f"SELECT id, result FROM jobs WHERE user_id = ? AND {_RANKABLE} "
             "ORDER BY id DESC LIMIT ?",
             (user_id, limit),
         )
+        if len(rows) < 2 and guild_id is not None:
+            rows = [*rows, *await self._explore_rows(user_id, guild_id, limit)]
         found: list[tuple[Ref, int]] = []
         for row in rows:
             result = json.loads(row["result"])
@@ -261,13 +273,35 @@ class TasteStore:
                 found.append((Ref(int(row["id"]), int(candidate)), position))
         return found
 
+    async def in_explore(self, job_id: int, guild_id: int | None) -> bool:
+        """Whether the job is in the server's Explore set (its owner shares it)."""
+        if guild_id is None:
+            return False
+        rows = await self._explore_rows(None, guild_id, 1, job_id)
+        return bool(rows)
+
+    async def _explore_rows(
+        self, user_id: int | None, guild_id: int, limit: int, job_id: int | None = None
+    ) -> list[Any]:
+        """Other members' rankable jobs in the server's Explore: their own share switch, or
+        the server's default for those who never chose (as the web home's Explore page)."""
+        return await self._db.read(
+            "SELECT j.id, j.result FROM jobs j "
+            "LEFT JOIN explore_sharing s ON s.user_id = j.user_id "
+            "LEFT JOIN explore_defaults d ON d.guild_id = j.guild_id "
+            "WHERE j.guild_id = :g AND (:u IS NULL OR j.user_id != :u) AND "
+            "(:j IS NULL OR j.id = :j) AND coalesce(s.share, d.share, 0) = 1 AND "
+            f"{_RANKABLE.replace('jobs.', 'j.')} ORDER BY j.id DESC LIMIT :n",
+            {"g": guild_id, "u": user_id, "j": job_id, "n": limit},
+        )
+
     async def next_pair(
-        self, user_id: int, rng: random.Random | None = None
+        self, user_id: int, rng: random.Random | None = None, guild_id: int | None = None
     ) -> tuple[tuple[Ref, int], tuple[Ref, int]] | None:
-        """Two of the member's images to compare, not compared before when possible; None
-        when fewer than two exist."""
+        """Two images to compare (`rank_candidates`), not compared before when possible;
+        None when fewer than two exist."""
         rng = rng or random.Random()
-        shown = await self.rank_candidates(user_id)
+        shown = await self.rank_candidates(user_id, guild_id)
         if len(shown) < 2:
             return None
         done = {

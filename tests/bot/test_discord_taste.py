@@ -144,7 +144,7 @@ async def test_picks_and_rank_teach_p_which_then_personalizes_and_bad_codes_cost
             # button its message lacks, and the app refuses by whose the images are.
             pairs = await _pairs(bot, alice.id)
             left_ref, right_ref, _ = parse_rank_button(rank_button)
-            with pytest.raises(UserError, match="your own images"):
+            with pytest.raises(UserError, match="compares your own images"):
                 await bot.app.personal.answer(Actor(bob.id), left_ref, right_ref, Choice.LEFT)
             forged = await fake.forge_click(bob, bobs, rank_button)
             await asyncio.sleep(0.3)

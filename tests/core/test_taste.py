@@ -23,10 +23,13 @@ from bench.bench_taste import (
     synthetic_grids,
     tiny_clip_grids,
 )
+from bot.app.actions import Actor, UserError
+from bot.app.personalize import Choice, Personalize
 from bot.config import StorageConfig
 from bot.core import JobState, ManualClock, Owner
 from bot.core.db import Database
 from bot.core.taste import MIN_PAIRS, Ref, TasteStore, store_embeddings
+from bot.core.web_store import WebStore
 from generation.taste import compact, fit_preference, space_for
 from tests.core.conftest import finished, make_config, open_core, request
 
@@ -268,3 +271,42 @@ async def test_oracle_personalized_ranking_learns_a_hidden_taste(
     assert after >= full - 3 * math.hypot(
         standard_error(after, HELD_OUT), standard_error(full, HELD_OUT)
     ), (after, full)
+
+
+async def test_rank_falls_back_to_the_servers_explore_set_and_answers_check_it(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """A member with fewer than two images of their own is shown the server's Explore (jobs of
+    members who share them); an answer naming an image is accepted only while it is the
+    member's own or shared in their server."""
+    core = await open_core(make_config(tmp_path), clock)
+    try:
+        personal = Personalize(core, TasteStore(core.db, clock))
+        job = await core.scheduler.submit(ALICE, request(num_candidates=8, num_kept=4))
+        assert (await finished(core, job.id)).state is JobState.SUCCEEDED
+        bob = Actor(BOB.user_id, guild_id=ALICE.guild_id)
+        with pytest.raises(UserError, match="Nothing to compare"):
+            await personal.next_round(bob)
+
+        await WebStore(core.db, clock).set_share(ALICE.user_id, True)
+        shown = await personal.next_round(bob)
+        assert {shown.left.job_id, shown.right.job_id} == {job.id}
+        assert await personal.store.in_explore(job.id, ALICE.guild_id)
+        assert not await personal.store.in_explore(job.id, 999)
+        # Alice's own /rank never shows her Explore to her as someone else's.
+        assert await personal.store.rank_candidates(ALICE.user_id, ALICE.guild_id) == [
+            (Ref(job.id, c), p) for p, c in enumerate((0, 1, 2, 3))
+        ]
+        await personal.answer(bob, shown.left, shown.right, Choice.LEFT)
+        assert (await personal.store.profile(BOB.user_id)).pairs == 1
+
+        await WebStore(core.db, clock).set_share(ALICE.user_id, False)
+        with pytest.raises(UserError, match="compares your own images"):
+            await personal.answer(bob, shown.left, shown.right, Choice.RIGHT)
+        elsewhere = Actor(BOB.user_id, guild_id=999)
+        await WebStore(core.db, clock).set_share(ALICE.user_id, True)
+        with pytest.raises(UserError, match="compares your own images"):
+            await personal.answer(elsewhere, shown.left, shown.right, Choice.RIGHT)
+        assert (await personal.store.profile(BOB.user_id)).pairs == 1  # nothing recorded
+    finally:
+        await core.close()
