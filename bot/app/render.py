@@ -367,7 +367,7 @@ def help_text(config: Config) -> str:
             "**Commands**: `/imagine prompt` (options: negative, aspect, seed, steps, guidance, "
             "sampler, model, lora, control_image, image, image2), `/blend`, `/describe`, "
             "`/models` (the models, LoRAs and ControlNets offered here), `/balance`, `/jobs`, "
-            "`/fast`, `/relax`, `/turbo`, `/shorten`, `/help`.",
+            "`/fast`, `/relax`, `/turbo`, `/shorten`, `/rank`, `/help`.",
             "**Buttons**: U1–U4 upscale an image 2x · V1–V4 make variations · 🔄 rerolls with a "
             "new seed · Cancel stops a waiting or running job (refunded).",
             "**Flags you can type in the prompt**:",
