@@ -10,6 +10,7 @@ import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bot.config import SchedulerConfig
 from bot.core.clock import Clock, next_utc_midnight, to_db
@@ -179,7 +180,7 @@ class Admission:
             if mode is Mode.RELAX:
                 await self._check_relax_in(txn, owner, len(requests), state["allowance_day"])
             if int(state["allowance_left"]) + int(state["granted"]) < total:
-                raise self._credits.insufficient(total, state, len(requests))
+                raise self._insufficient(total, state, requests, mode)
 
         await self._db.transaction(look)
 
@@ -233,6 +234,26 @@ class Admission:
             discard(transaction)
         else:
             transaction.add_done_callback(discard)
+
+    def _insufficient(
+        self,
+        total: int,
+        state: dict[str, Any],
+        requests: Sequence[GenerationRequest],
+        mode: Mode,
+    ) -> Refused:
+        """Too few credits; in turbo, saying so and what fast mode would cost, since the price
+        the member sees is a multiple of the one /help lists."""
+        refused = self._credits.insufficient(total, state, len(requests))
+        if mode is not Mode.TURBO:
+            return refused
+        fast = sum(self._credits.cost(request) for request in requests)
+        percent = self._modes.config.turbo_cost_percent
+        return Refused(
+            f"{refused.reason} Turbo costs {percent} % of the fast price; in fast mode "
+            f"(/fast or --fast) {'it costs' if len(requests) == 1 else 'they cost'} {fast}.",
+            refused.code,
+        )
 
     def _refuse_relax_queued(self, wanted: int, relax_queued: int) -> None:
         limit = self._modes.config.relax_max_queued_per_user
@@ -328,7 +349,7 @@ class Admission:
         self._refuse_if_full(len(requests), user_queued=int(counts[1]), total_queued=int(counts[0]))
         total = sum(costs)
         if int(state["allowance_left"]) + int(state["granted"]) < total:
-            raise self._credits.insufficient(total, state, len(requests))
+            raise self._insufficient(total, state, requests, mode)
         now = self._clock()
         jobs = []
         for cost, inputs in zip(costs, stored, strict=True):
@@ -338,7 +359,7 @@ class Admission:
             split = await self._credits.hold(txn, user, cost)
             if split is None:
                 # Unreachable after the check above; raising rolls back every earlier hold.
-                raise self._credits.insufficient(total, state, len(requests))
+                raise self._insufficient(total, state, requests, mode)
             job_id = await txn.insert(
                 "INSERT INTO jobs (user_id, guild_id, channel_id, kind, parent_job_id, "
                 "parent_index, request, init_image_path, state, attempts, cost, hold_allowance, "

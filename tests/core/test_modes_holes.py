@@ -194,3 +194,36 @@ def _read(path: Path, sql: str) -> list[Any]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+async def test_too_few_credits_for_turbo_says_turbo_and_the_fast_price(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    config = modes_config(tmp_path, credits={"cost_imagine": 10_000})
+    core = await open_core(config, clock)
+    try:
+        fast_cost = core.credits.cost(request())
+        config = modes_config(
+            tmp_path, credits={"cost_imagine": 10_000, "daily_allowance": fast_cost}
+        )
+    finally:
+        await core.close(drain_timeout_s=2.0)
+    core = await open_core(config, clock)
+    try:
+        for look in (
+            core.scheduler.submit(ALICE, request(), mode=Mode.TURBO),
+            core.scheduler.check_submit(ALICE, [request()], Mode.TURBO),
+        ):
+            with pytest.raises(Refused) as refused:
+                await look
+            assert refused.value.code is RefusalCode.INSUFFICIENT_CREDITS
+            reason = refused.value.reason
+            assert (
+                "turbo" in reason.lower()
+                and f"fast mode (/fast or --fast) it costs {fast_cost}" in reason
+            )
+        assert await core.jobs.for_user(ALICE.user_id) == []
+        # The fast price fits, as the refusal said.
+        await finished(core, (await core.scheduler.submit(ALICE, request())).id)
+    finally:
+        await core.close(drain_timeout_s=2.0)
