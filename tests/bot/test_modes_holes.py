@@ -5,10 +5,13 @@ can't buy turbo's place in line for nothing."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bot.app.actions import Action
 from bot.core import Mode
+from tests.bot.helpers import JOB_TIMEOUT_S, assert_ledger_consistent, is_grid, job_id_of, make_bot
 from tests.bot.test_modes_app import ALICE, _app, _finished, _with_modes
+from tests.fakediscord import MANAGE_GUILD, FakeDiscord, FakeInteraction
 
 
 async def test_a_speed_flag_in_a_remix_prompt_sets_that_jobs_mode(tmp_path: Path) -> None:
@@ -33,3 +36,47 @@ async def test_a_speed_flag_in_a_remix_prompt_sets_that_jobs_mode(tmp_path: Path
         assert before - after == vary.job.cost
     finally:
         await app.core.close(drain_timeout_s=5.0)
+
+
+async def test_relax_server_reaches_only_its_own_server_and_only_its_managers(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    # A server may override Discord's default permissions and show /relax-server to everyone:
+    # the bot checks the rights itself.
+    async with FakeDiscord(enforce_default_permissions=False) as fake:
+        alice = fake.add_user("alice")
+        mallory = fake.add_user("mallory")
+        second = fake.add_guild("Second")
+        second_admin = fake.add_user("second admin", guild=second, permissions=MANAGE_GUILD)
+        assert second.general is not None
+        bot = make_bot(
+            fake,
+            tmp_path / "data",
+            bot_engine_settings,
+            shared_engine,
+            discord={"guild_ids": [fake.guild_id, second.id], "refusal_limit": 1000},
+        )
+        async with fake.run_bot(bot):
+            refused = await _private(await fake.slash(mallory, "relax-server", enabled=False))
+            assert "Only this server's managers" in refused
+            off = await _private(
+                await fake.slash(
+                    second_admin, "relax-server", channel=second.general, enabled=False
+                )
+            )
+            assert "Relax mode is off in this server" in off
+            modes = bot.core.scheduler.modes
+            assert await modes.relax_enabled(fake.guild_id)
+            assert not await modes.relax_enabled(second.id)
+            # The main server's members still relax.
+            job = await fake.slash(alice, "imagine", prompt="a harbour --relax")
+            grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
+            assert (await bot.core.jobs.require(job_id_of(grid))).mode is Mode.RELAX
+            await assert_ledger_consistent(bot)
+
+
+async def _private(interaction: FakeInteraction) -> str:
+    await interaction.wait_acked()
+    message = await interaction.wait_message(lambda m: bool(m.content))
+    assert message.ephemeral
+    return message.content
