@@ -58,7 +58,8 @@ def modes_help(config: ModesConfig) -> str:
     return "\n".join(
         [
             "**Speed modes** — `/fast`, `/relax`, `/turbo` set yours; `--fast`, `--relax` or "
-            "`--turbo` in a prompt sets one job's. Buttons under an image use your mode.",
+            "`--turbo` in a prompt (a Remix prompt too) sets that job's. Buttons under an image "
+            "use your mode.",
             f"• {MODE_ICONS[Mode.FAST]} Fast (the default): the job's credits; starts before "
             "every relax job.",
             f"• {MODE_ICONS[Mode.RELAX]} Relax: {cost_words(Mode.RELAX, config)}; starts only when "
@@ -66,7 +67,7 @@ def modes_help(config: ModesConfig) -> str:
             f"{config.relax_max_queued_per_user} waiting and {config.relax_max_per_day} a day per "
             "member (failed jobs don't count); a server may switch it off. No credits needed.",
             f"• {MODE_ICONS[Mode.TURBO]} Turbo: {cost_words(Mode.TURBO, config)}; starts before "
-            "every fast job (the same GPUs, first in line).",
+            "every fast job (the same GPUs, first in line); a job free in fast mode runs as fast.",
         ]
     )
 

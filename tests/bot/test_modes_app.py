@@ -138,6 +138,7 @@ def test_help_names_the_modes_and_their_costs(tmp_path: Path) -> None:
     assert "`/fast`, `/relax`, `/turbo`" in text
     assert "Relax: 25 % of the fast cost, rounded down" in text
     assert "Turbo: 300 % of the fast cost, rounded up" in text
+    assert "(a Remix prompt too)" in text and "a job free in fast mode runs as fast" in text
     assert "`--relax` relax mode" in text  # the honoured flags list
     assert "Relax: free" in render.help_text(_with_modes(tmp_path))
 
