@@ -7,6 +7,8 @@ credits as the Discord bot (in the spirit of Hubot's shell adapter).
     U2 17                            …or of job 17
     /balance  /jobs  /help  /models  /cancel [job]  /grant N  /workers  /quit
     /fast  /relax  /turbo            your speed mode (--fast/--relax/--turbo: one prompt's)
+    enhance 2 [job]                  image 2 of a draft (--draft) at full quality
+    /shorten a prompt …              which words CLIP notices; shorter N imagines prompt N
 
 U1–U4 pick an image (free, no job: its path is printed) and make it the current image, as does
 a finished upscale; what is under an image on Discord then works on it:
@@ -32,9 +34,20 @@ from typing import Any, TextIO
 from bot.app import catalog, render
 from bot.app.actions import Action, Actor, Submitted, UserError
 from bot.app.application import ImagineApp, open_core
+from bot.app.drafts import is_draft
+from bot.app.shorten import shorten_text
 from bot.config import Config
 from bot.core.clock import system_clock
-from bot.core.models import Finished, Job, JobState, Mode, ProgressUpdate, Queued, Started
+from bot.core.models import (
+    Finished,
+    Job,
+    JobKind,
+    JobState,
+    Mode,
+    ProgressUpdate,
+    Queued,
+    Started,
+)
 from bot.core.service import Core
 from generation.contract import Region
 
@@ -97,6 +110,20 @@ class Shell:
             for submitted in await self.app.imagine(self.actor, text):
                 self.say(render.queued_text(submitted.job, submitted.position, submitted.notes))
                 self._follow(submitted.job)
+        elif command == "/shorten":
+            self._queued(await self.app.shorten(self.actor, rest.removeprefix("prompt:").strip()))
+        elif command in ("enhance", "shorter"):
+            # "enhance 2": image 2 of the newest draft at full quality; "shorter 1": the
+            # newest /shorten's first shorter prompt, imagined.
+            number, _, job_text = rest.strip().partition(" ")
+            if not number.isdigit():
+                raise UserError(f"{command}: expected a number, such as {command} 1")
+            if command == "enhance":
+                await self._press(Action.ENHANCE, int(number), job_text)
+            else:
+                job_id = await self._job_id(job_text)
+                for submitted in await self.app.imagine_shortened(self.actor, job_id, int(number)):
+                    self._queued(submitted)
         elif command == "/balance":
             balance = await self.core.credits.balance(SHELL_USER_ID)
             entries = await self.core.credits.ledger(SHELL_USER_ID, 5)
@@ -259,6 +286,10 @@ class Shell:
             self.say(render.finished_text(job))
             return
         self.last_job = job.id
+        if job.kind is JobKind.SHORTEN:
+            self.say(shorten_text(job))
+            self.say("  next: shorter N imagines shorter prompt N")
+            return
         self.say(render.result_text(job))
         data_dir = self.config.data_dir
         grid = job.grid_file(data_dir)
@@ -268,6 +299,8 @@ class Shell:
             self.say(f"  image {index + 1}: {job.image_path(data_dir, index)}")
         if len(job.result.image_paths) > 1:
             self.say("  next: U1–U4 pick an image · V1–V4 vary · 🔄 reroll")
+            if is_draft(job):
+                self.say("  a draft: enhance N renders image N at full quality")
         else:
             self.image = (job.id, 0)
             self.say("  next: upscale · vary · zoom · pan · square · region")
