@@ -9,7 +9,15 @@ from typing import Any
 
 from bot.app.actions import Action
 from bot.core import Mode
-from tests.bot.helpers import JOB_TIMEOUT_S, assert_ledger_consistent, is_grid, job_id_of, make_bot
+from tests.bot.helpers import (
+    JOB_TIMEOUT_S,
+    assert_ledger_consistent,
+    available,
+    is_grid,
+    job_id_of,
+    make_bot,
+)
+from tests.bot.test_discord_post_grid import finished_reply, imagined_grid, separated
 from tests.bot.test_modes_app import ALICE, _app, _finished, _with_modes
 from tests.fakediscord import MANAGE_GUILD, FakeDiscord, FakeInteraction
 
@@ -80,3 +88,25 @@ async def _private(interaction: FakeInteraction) -> str:
     message = await interaction.wait_message(lambda m: bool(m.content))
     assert message.ephemeral
     return message.content
+
+
+async def test_custom_zoom_with_relax_in_its_form_runs_relax_for_a_turbo_member(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
+        async with fake.run_bot(bot):
+            assert "Turbo mode on" in await _private(await fake.slash(alice, "turbo"))
+            grid = await imagined_grid(fake, alice, "a red fox", seed=3)
+            assert (await bot.core.jobs.require(job_id_of(grid))).mode is Mode.TURBO
+            image = await separated(fake, alice, grid, 2)
+            before = await available(bot, alice.id)
+            form = await fake.click(alice, image, label="Custom Zoom")
+            assert await form.wait_acked() == 9
+            await fake.submit_modal(form, {"prompt": "a red fox, wide --relax", "factor": "1.5"})
+            zoomed = await finished_reply(fake, image, set())
+            zoom = await bot.core.jobs.require(job_id_of(zoomed))
+            assert zoom.kind.value == "zoom" and (zoom.mode, zoom.cost) == (Mode.RELAX, 0)
+            assert await available(bot, alice.id) == before
+            await assert_ledger_consistent(bot)
