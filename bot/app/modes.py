@@ -15,13 +15,10 @@ from collections.abc import Sequence
 from bot.app.actions import Actor, UserError
 from bot.config import ModesConfig
 from bot.core.models import Job, Mode
-from bot.core.modes import RelaxUse
+from bot.core.modes import RelaxUse, relax_off_text
 from bot.core.service import Core
 
 MODE_ICONS = {Mode.TURBO: "🚀", Mode.FAST: "⚡", Mode.RELAX: "🐢"}
-RELAX_OFF_TEXT = (
-    "Relax mode is switched off in this server; use /fast (or --fast) to run it with credits."
-)
 
 
 def speed_mode(speeds: Sequence[str | None]) -> Mode | None:
@@ -89,7 +86,7 @@ class ModeDesk:
         theirs). Relax is refused where the server switched it off; nothing is saved then."""
         mode = Mode(mode)
         if mode is Mode.RELAX and not await self._store.relax_enabled(actor.guild_id):
-            raise UserError(RELAX_OFF_TEXT)
+            raise UserError(relax_off_text(actor.guild_id))
         await self._store.set_member_mode(actor.user_id, mode)
         icon = MODE_ICONS[mode]
         if mode is Mode.RELAX:

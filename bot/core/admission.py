@@ -28,7 +28,7 @@ from bot.core.models import (
     RefusalCode,
     Refused,
 )
-from bot.core.modes import ModeStore
+from bot.core.modes import ModeStore, relax_off_text
 from bot.core.state import QueueState
 from generation.contract import GenerationRequest
 from generation.contract import JobKind as GenerationKind
@@ -271,11 +271,7 @@ class Admission:
         transaction (the authoritative look: another process's rows count too). `day`: the
         UTC day the submit charges its jobs to (`hold_day`), counted against."""
         if not await self._modes.relax_enabled_in(txn, owner.guild_id):
-            raise Refused(
-                "Relax mode is switched off in this server; use /fast (or --fast) to run "
-                "it with credits.",
-                RefusalCode.RELAX_OFF,
-            )
+            raise Refused(relax_off_text(owner.guild_id), RefusalCode.RELAX_OFF)
         today, queued = await self._modes.relax_counts_in(txn, owner.user_id, day)
         self._refuse_relax_queued(wanted, queued)
         per_day = self._modes.config.relax_max_per_day

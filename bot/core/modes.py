@@ -29,6 +29,12 @@ COUNTED_STATES = (
 )
 
 
+def relax_off_text(guild_id: int | None) -> str:
+    """The refusal where relax is off: a server's switch, or (in a DM) the bot's default."""
+    where = "in this server" if guild_id is not None else "here"
+    return f"Relax mode is switched off {where}; use /fast (or --fast) to run it with credits."
+
+
 @dataclass(frozen=True)
 class RelaxUse:
     """A member's relax use: `today` jobs of at most `per_day`, `queued` waiting of at most

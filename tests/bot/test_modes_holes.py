@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bot.app.actions import Action
+import pytest
+
+from bot.app.actions import Action, Actor, UserError
 from bot.core import Mode
 from tests.bot.helpers import (
     JOB_TIMEOUT_S,
@@ -110,3 +112,16 @@ async def test_custom_zoom_with_relax_in_its_form_runs_relax_for_a_turbo_member(
             assert zoom.kind.value == "zoom" and (zoom.mode, zoom.cost) == (Mode.RELAX, 0)
             assert await available(bot, alice.id) == before
             await assert_ledger_consistent(bot)
+
+
+async def test_relax_off_in_a_dm_says_here_not_this_server(tmp_path: Path) -> None:
+    app = await _app(_with_modes(tmp_path, relax_enabled=False))
+    try:
+        in_dm = Actor(user_id=21)
+        for attempt in (app.modes.choose(in_dm, Mode.RELAX), app.imagine(in_dm, "a fox --relax")):
+            with pytest.raises(UserError) as refused:
+                await attempt
+            assert "switched off here" in str(refused.value)
+            assert "server" not in str(refused.value)
+    finally:
+        await app.core.close(drain_timeout_s=5.0)

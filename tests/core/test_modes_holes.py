@@ -17,6 +17,7 @@ from tests.core.conftest import assert_consistent, finished, open_core, request
 from tests.core.test_modes import (
     ALICE,
     BOB,
+    IN_DM,
     HeldRunWorker,
     gated_core,
     modes_config,
@@ -225,5 +226,22 @@ async def test_too_few_credits_for_turbo_says_turbo_and_the_fast_price(
         assert await core.jobs.for_user(ALICE.user_id) == []
         # The fast price fits, as the refusal said.
         await finished(core, (await core.scheduler.submit(ALICE, request())).id)
+    finally:
+        await core.close(drain_timeout_s=2.0)
+
+
+async def test_relax_off_in_a_dm_does_not_blame_a_server(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    config = modes_config(tmp_path, modes={"relax_enabled": False})
+    core = await open_core(config, clock)
+    try:
+        with pytest.raises(Refused) as refused:
+            await core.scheduler.submit(IN_DM, request(), mode=Mode.RELAX)
+        assert refused.value.code is RefusalCode.RELAX_OFF
+        assert "server" not in refused.value.reason and "switched off here" in refused.value.reason
+        with pytest.raises(Refused) as refused:
+            await core.scheduler.submit(ALICE, request(), mode=Mode.RELAX)
+        assert "switched off in this server" in refused.value.reason
     finally:
         await core.close(drain_timeout_s=2.0)
