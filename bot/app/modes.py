@@ -43,6 +43,9 @@ def cost_words(mode: Mode, config: ModesConfig) -> str:
 
 
 def wait_words(wait_s: float) -> str:
+    if not wait_s < 86_400:
+        # Also inf and nan: a long average run times many jobs ahead can overflow.
+        return "in more than a day"
     if wait_s < 60:
         return "within a minute"
     if wait_s < 3600:

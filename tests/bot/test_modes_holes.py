@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from bot.app.actions import Action, Actor, UserError
+from bot.app.modes import wait_words
 from bot.core import Mode
 from tests.bot.helpers import (
     JOB_TIMEOUT_S,
@@ -125,3 +126,12 @@ async def test_relax_off_in_a_dm_says_here_not_this_server(tmp_path: Path) -> No
             assert "server" not in str(refused.value)
     finally:
         await app.core.close(drain_timeout_s=5.0)
+
+
+def test_any_wait_can_be_worded() -> None:
+    # A huge (finite) wait_estimate_run_s times the jobs ahead overflows to inf: the reply of
+    # a job already queued and charged must still be written.
+    assert wait_words(2 * 1e308) == "in more than a day"
+    assert wait_words(float("nan")) == "in more than a day"
+    assert wait_words(1e300) == "in more than a day"
+    assert wait_words(86_399) == "in about 24 h"
