@@ -87,6 +87,7 @@ from generation.flags import (
     LEGACY_WIDTH,
     MAX_ASPECT,
     MAX_GUIDANCE,
+    MAX_PROFILE_CODES,
     FlagSpec,
     PromptError,
     Treatment,
@@ -311,7 +312,14 @@ def _parse(
             # --p alone is one's own taste; codes name other members' (several add up).
             earlier_codes = cast(tuple[str, ...], inline.values.get("personalize", ()))
             codes = () if value is True else cast(tuple[str, ...], value)
-            inline.values["personalize"] = tuple(dict.fromkeys((*earlier_codes, *codes)))
+            merged = tuple(dict.fromkeys((*earlier_codes, *codes)))
+            # Each flag is checked alone; the cap is on all of them together.
+            if len(merged) > MAX_PROFILE_CODES:
+                raise PromptError(
+                    flag.typed,
+                    f"{flag.typed}: at most {MAX_PROFILE_CODES} profile codes, got {len(merged)}",
+                )
+            inline.values["personalize"] = merged
         elif spec.name == "lora":
             # Several --lora flags add up; generation.addons checks names and weights.
             earlier_loras = cast(tuple[LoraAsk, ...], inline.values.get("lora", ()))

@@ -341,7 +341,17 @@ def test_personalize_takes_midjourneys_forms(suffix: str, codes: tuple[str, ...]
     assert parse("a cat").personalize is None
 
 
-@pytest.mark.parametrize("suffix", ["--p a!b", "--p <@123>", "--p abc", "--p a b c d e f"])
+@pytest.mark.parametrize(
+    "suffix",
+    [
+        "--p a!b",
+        "--p <@123>",
+        "--p abc",
+        "--p a b c d e f",
+        # Repeating the flag adds its codes up: the cap holds over all of them.
+        "--p aaaa bbbb cccc --p dddd eeee ffff",
+    ],
+)
 def test_a_malformed_profile_code_is_refused_naming_it(suffix: str) -> None:
     with pytest.raises(PromptError, match=r"--p: .*(profile code|at most 5)"):
         parse(f"a cat {suffix}")
