@@ -139,7 +139,8 @@ def _where(flt: GalleryFilter, before: int | None) -> tuple[list[str], list[Any]
     if flt.since:
         clauses.append("j.created_at >= ?")
         params.append(to_db(datetime.combine(flt.since, time(), tzinfo=UTC)))
-    if flt.until:
+    # The calendar's last day has no next day to stop before: no upper bound then.
+    if flt.until and flt.until < date.max:
         clauses.append("j.created_at < ?")
         params.append(to_db(datetime.combine(flt.until + timedelta(days=1), time(), UTC)))
     query = fts_query(flt.text)

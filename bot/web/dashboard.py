@@ -31,6 +31,7 @@ from bot.app.admin import (
 from bot.app.live import LiveBoard
 from bot.web.context import CONTEXT, context, require_member
 from bot.web.errors import WebError
+from bot.web.numbers import whole_number
 
 PAGE_SIZE = 25
 MAX_ID_DIGITS = 20
@@ -87,10 +88,10 @@ def dashboard(request: web.Request) -> Dashboard:
 
 
 def read_id(text: str, name: str) -> int:
-    text = text.strip()
-    if not text.isdigit() or len(text) > MAX_ID_DIGITS or int(text) <= 0:
+    value = whole_number(text.strip(), MAX_ID_DIGITS)
+    if not value:
         raise WebError(400, f"'{name}' must be a Discord id (digits only).")
-    return int(text)
+    return value
 
 
 async def seat_of(request: web.Request) -> AdminSeat:

@@ -31,6 +31,7 @@ from bot.web.dashboard import (
     seat_of,
 )
 from bot.web.errors import WebError
+from bot.web.numbers import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,9 @@ async def credits_change(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     what, done = _CHANGES[request.path]
     user_id = read_id(str(form.get("user", "")), "user")
-    amount_text = str(form.get("amount", "")).strip()
-    if not amount_text.isdigit() or len(amount_text) > 9:
+    amount = whole_number(str(form.get("amount", "")).strip(), 9)
+    if amount is None:
         raise WebError(400, "'amount' must be a whole number of credits.")
-    amount = int(amount_text)
     reason = str(form.get("reason", "")).strip()
     if not reason:
         raise WebError(400, "Give a reason: it is kept in the member's ledger.")
@@ -156,9 +156,10 @@ def _allowance(form: Any) -> int | None:
     text = str(form.get("amount", "")).strip()
     if not text:
         return None
-    if not text.isdigit() or len(text) > 9:
+    amount = whole_number(text, 9)
+    if amount is None:
         raise WebError(400, "'amount' must be a whole number of credits a day (or empty).")
-    return int(text)
+    return amount
 
 
 async def allowance_member(request: web.Request) -> web.StreamResponse:
@@ -266,7 +267,10 @@ def _day(query: Any, name: str) -> date | None:
 
 
 def _midnight(day: date | None, days: int = 0) -> datetime | None:
-    return None if day is None else datetime.combine(day + timedelta(days=days), time(), UTC)
+    if day is None or date.max - day < timedelta(days=days):
+        # Past the calendar's last day: no bound.
+        return None
+    return datetime.combine(day + timedelta(days=days), time(), UTC)
 
 
 async def audit_page(request: web.Request) -> web.StreamResponse:

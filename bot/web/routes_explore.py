@@ -8,6 +8,7 @@ from aiohttp import web
 from bot.core.models import JobKind
 from bot.web.context import context, require_member
 from bot.web.errors import WebError
+from bot.web.numbers import whole_number
 from bot.web.routes_images import ASPECTS, page_query, read_filter
 from bot.web.visibility import member_guilds
 
@@ -19,7 +20,7 @@ async def explore(request: web.Request) -> web.StreamResponse:
     flt, before = read_filter(request.query)
     guild_text = request.query.get("guild", "")
     if guild_text:
-        if not guild_text.isdigit() or int(guild_text) not in guilds:
+        if whole_number(guild_text) not in guilds:
             # Not one of the member's servers: the same answer as one that doesn't exist.
             raise WebError(404, "There is no such server here (or you aren't a member).")
         guild_id: int | None = int(guild_text)

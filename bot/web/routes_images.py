@@ -16,6 +16,7 @@ from bot.core.gallery import FilterError, GalleryFilter
 from bot.core.models import Job, JobKind
 from bot.web.context import context, require_member
 from bot.web.errors import WebError, not_found
+from bot.web.numbers import whole_number
 from bot.web.thumbnails import NoSuchImage, source_path
 from bot.web.visibility import job_id_in, visible_job
 from generation.images import read_parameters
@@ -40,7 +41,8 @@ def read_filter(query: Any) -> tuple[GalleryFilter, int | None]:
             raise WebError(400, f"'{name}' must be a date like 2025-01-31.") from None
 
     before_text = query.get("before", "")
-    if before_text and (not before_text.isdigit() or len(before_text) > 18):
+    before = whole_number(before_text, 18) if before_text else None
+    if before_text and before is None:
         raise WebError(400, "That page address is malformed.")
     text = query.get("q", "")
     if len(text) > 200:
@@ -56,7 +58,7 @@ def read_filter(query: Any) -> tuple[GalleryFilter, int | None]:
         )
     except FilterError as exc:
         raise WebError(400, str(exc)) from None
-    return flt, int(before_text) if before_text else None
+    return flt, before
 
 
 def page_query(flt: GalleryFilter, **extra: Any) -> str:
@@ -153,10 +155,10 @@ async def job_page(request: web.Request) -> web.StreamResponse:
 
 
 def _index_in(request: web.Request) -> int:
-    text = request.match_info.get("index", "")
-    if not text.isdigit() or len(text) > 2:
+    index = whole_number(request.match_info.get("index", ""), 2)
+    if index is None:
         raise not_found()
-    return int(text)
+    return index
 
 
 async def image_file(request: web.Request) -> web.StreamResponse:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from aiohttp import web
+from yarl import URL
 
 from bot.app.access import AdminScope
 from bot.app.sign_in import LinkRefused
@@ -23,7 +24,16 @@ HOME = "/images"
 def _next(request: web.Request) -> str:
     """Where to go after signing in: a path on this site only (never another site)."""
     target = request.query.get("next", "")
-    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    # Browsers (and aiohttp's redirect) drop tabs and newlines inside an address: "/\t/x"
+    # would become "//x", another site. So no control character at all, and the parsed
+    # address must still have no host.
+    if (
+        target.startswith("/")
+        and not target.startswith("//")
+        and "\\" not in target
+        and target.isprintable()
+        and URL(target).host is None
+    ):
         return target
     return HOME
 

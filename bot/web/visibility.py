@@ -9,6 +9,7 @@ from aiohttp import web
 from bot.core.models import Job, JobState
 from bot.web.context import context, require_member
 from bot.web.errors import not_found
+from bot.web.numbers import whole_number
 from bot.web.sessions import Member
 
 # Job ids in addresses: digits only, and no longer than SQLite's integers.
@@ -16,10 +17,10 @@ MAX_ID_DIGITS = 18
 
 
 def job_id_in(request: web.Request, name: str = "job_id") -> int:
-    text = request.match_info.get(name, "")
-    if not text.isdigit() or len(text) > MAX_ID_DIGITS:
+    job_id = whole_number(request.match_info.get(name, ""), MAX_ID_DIGITS)
+    if job_id is None:
         raise not_found()
-    return int(text)
+    return job_id
 
 
 async def member_guilds(request: web.Request, member: Member) -> list[int]:

@@ -284,3 +284,78 @@ async def test_bad_requests_get_plain_pages_and_limits_get_429(world: World) -> 
             assert "sign-in attempts" in await text_of(second)
     finally:
         ctx.ip_limits, ctx.sign_in_limits = saved_ip, saved_sign_in
+
+
+async def test_where_to_go_after_signing_in_is_always_this_site(world: World) -> None:
+    # Browsers drop tabs and newlines inside an address ("/\t/evil.example" is
+    # "//evil.example", another site), and aiohttp's redirect does the same.
+    http = await signed_in(world.home, world.alice)
+    async with http:
+        for target in (
+            "/%09/evil.example",
+            "%2F%09%2Fevil.example",
+            "/%0A/evil.example",
+            "/%0D/evil.example",
+            "//evil.example",
+            "/%5Cevil.example",
+            "https://evil.example/",
+            "/%09%09/evil.example/x",
+        ):
+            response = await http.get(f"/signin?next={target}", allow_redirects=False)
+            assert response.status == 303, target
+            location = URL(response.headers["Location"])
+            assert not location.is_absolute() and location.host is None, (target, location)
+            assert response.headers["Location"].startswith("/"), target
+            assert not response.headers["Location"].startswith("//"), target
+        kept = await http.get("/signin?next=/jobs/1%3Fx%3D1", allow_redirects=False)
+        assert kept.headers["Location"] == "/jobs/1?x=1"
+
+
+async def test_odd_numbers_and_dates_get_plain_refusals_never_a_500(world: World) -> None:
+    # Superscripts and other scripts' digits pass str.isdigit; ids past 2**63 - 1 overflow
+    # SQLite; the last day of the calendar has no next day.
+    huge, odd = "9" * 20, "%C2%B2"
+    member_paths = (
+        f"/jobs/{odd}",
+        f"/jobs/{huge}",
+        f"/jobs/{world.alice_job}/images/{odd}.png",
+        f"/jobs/{world.alice_job}/thumbs/{odd}.jpg",
+        f"/jobs/{world.alice_job}/inputs/{odd}",
+        f"/images?before={odd}",
+        "/images?to=9999-12-31",
+        f"/explore?before={odd}",
+        f"/explore?guild={odd}",
+    )
+    admin_paths = (
+        f"/admin/credits?user={huge}",
+        f"/admin/credits?user={odd}",
+        f"/admin/credits?user={world.alice.id}&before={huge}",
+        f"/admin/audit?member={huge}",
+        f"/admin/audit?before={huge}",
+        "/admin/audit?to=9999-12-31",
+        f"/admin/queue?server={odd}",
+    )
+    member = await signed_in(world.home, world.alice)
+    owner = await signed_in(world.home, world.home.fake.owner)
+    db = world.home.bot.core.db
+    ledger = [tuple(r) for r in await db.read("SELECT * FROM ledger ORDER BY id")]
+    async with member, owner:
+        for http, paths in ((member, member_paths), (owner, admin_paths)):
+            for path in paths:
+                response = await http.get(path, allow_redirects=False)
+                # The last day is a day like any other; the rest isn't a number here.
+                expected = (200,) if "9999-12-31" in path else range(400, 500)
+                assert response.status in expected, (path, response.status)
+                assert "Traceback" not in await response.text()
+        token = await csrf_of(owner)
+        forms = (
+            ("/admin/credits/grant", {"user": huge, "amount": "5", "reason": "x"}),
+            ("/admin/credits/set", {"user": str(world.alice.id), "amount": "²", "reason": "x"}),
+            ("/admin/allowances/member", {"user": huge, "amount": "5"}),
+            ("/admin/allowances/role", {"role": huge, "amount": "5"}),
+            ("/admin/allowances/member", {"user": str(world.alice.id), "amount": "²"}),
+        )
+        for path, form in forms:
+            response = await owner.post(path, data={**form, "csrf_token": token})
+            assert 400 <= response.status < 500, (path, form, response.status)
+    assert [tuple(r) for r in await db.read("SELECT * FROM ledger ORDER BY id")] == ledger
