@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from bot.config.sections import ConfigError
@@ -35,6 +36,10 @@ class Reader:
             raise ConfigError(
                 f"{self.prefix}{key}: must be {kind.__name__}, got {type(value).__name__}"
             )
+        # TOML spells inf and nan; no setting means anything by them, and a nan passes every
+        # range check (all comparisons with it are false).
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(f"{self.prefix}{key}: must be a finite number, got {value}")
         return value
 
     def positive(self, key: str, kind: type, default: Any) -> Any:

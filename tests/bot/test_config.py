@@ -55,6 +55,11 @@ def test_config_is_immutable():
         ({"moderation": {"nsfw_policy": "delete"}}, "moderation.nsfw_policy"),
         ({"log_level": "LOUD"}, "log_level"),
         ({"unknown_section": {}}, "unknown_section"),
+        # nan passes every range check and inf none means anything: refused for any float key.
+        ({"scheduler": {"job_timeout_s": float("nan")}}, "scheduler.job_timeout_s"),
+        ({"scheduler": {"aging_s": float("inf")}}, "scheduler.aging_s"),
+        ({"generation": {"default_guidance": float("nan")}}, "generation.default_guidance"),
+        ({"moderation": {"nsfw_threshold": float("-inf")}}, "moderation.nsfw_threshold"),
     ],
 )
 def test_bad_values_name_the_key(raw, names):
