@@ -163,6 +163,8 @@ class Personalize:
     async def answer(self, actor: Actor, left: Ref, right: Ref, choice: Choice) -> RankRound:
         """Record a /rank answer (after checking both images are the member's own), then
         the next round."""
+        if left == right:
+            raise UserError("/rank compares two different images; run /rank again.")
         for ref in (left, right):
             await self._own_candidate(actor, ref)
         note = "Skipped."
@@ -185,7 +187,7 @@ class Personalize:
     async def _own_candidate(self, actor: Actor, ref: Ref) -> Job:
         """A candidate named by a button (hostile until checked): a job of this member's (or
         of this server's Explore), kept, with that candidate among its shown images."""
-        job = await self.core.jobs.get(ref.job_id) if ref.job_id > 0 else None
+        job = await self.core.jobs.get(ref.job_id) if ref.storable else None
         if job is None or (
             job.owner.user_id != actor.user_id
             and not await self.store.in_explore(job.id, actor.guild_id)

@@ -47,6 +47,7 @@ MAX_FIT_PAIRS = 5000
 CODE_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i to misread
 CODE_LENGTH = 8
 CODE_SHAPE = re.compile(r"[a-z0-9]{4,32}")
+_MAX_ROW_ID = 2**63 - 1
 
 
 # A finished job /rank can show: images still kept, content not erased, embeddings stored.
@@ -68,6 +69,12 @@ class Ref:
 
     job_id: int
     candidate: int
+
+    @property
+    def storable(self) -> bool:
+        """Within SQLite's integers: a button's ids are the presser's to forge, and a larger
+        one would fail the query instead of finding nothing."""
+        return 0 < self.job_id <= _MAX_ROW_ID and 0 <= self.candidate <= _MAX_ROW_ID
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,10 @@ class TasteStore:
 
     async def record_choice(self, user_id: int, winner: Ref, loser: Ref) -> bool:
         """A /rank answer; a later answer on the same two candidates replaces the earlier one.
-        False when either candidate's embedding is gone (its job was pruned meanwhile)."""
+        False when either candidate's embedding is gone (its job was pruned meanwhile), or
+        both name one candidate (no preference, yet it would count as a rating)."""
+        if winner == loser or not (winner.storable and loser.storable):
+            return False
         now = to_db(self._clock())
 
         async def work(txn: Transaction) -> bool:

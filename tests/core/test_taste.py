@@ -310,3 +310,43 @@ async def test_rank_falls_back_to_the_servers_explore_set_and_answers_check_it(
         assert (await personal.store.profile(BOB.user_id)).pairs == 1  # nothing recorded
     finally:
         await core.close()
+
+
+async def test_a_rank_answer_naming_one_image_twice_records_nothing(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """A forged /rank button comparing an image with itself is not a rating: it would count
+    toward the threshold while saying nothing about taste."""
+    core = await open_core(make_config(tmp_path), clock)
+    try:
+        personal = Personalize(core, TasteStore(core.db, clock))
+        job = await core.scheduler.submit(ALICE, request(num_candidates=8, num_kept=4))
+        assert (await finished(core, job.id)).state is JobState.SUCCEEDED
+        alice = Actor(ALICE.user_id, guild_id=ALICE.guild_id)
+        same = Ref(job.id, 0)
+        with pytest.raises(UserError, match="two different images"):
+            await personal.answer(alice, same, same, Choice.LEFT)
+        assert not await personal.store.record_choice(ALICE.user_id, same, same)
+        assert (await personal.store.profile(ALICE.user_id)).pairs == 0
+    finally:
+        await core.close()
+
+
+async def test_a_rank_answer_naming_an_id_past_sqlites_integers_is_refused_plainly(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """A button's ids are the presser's to forge (19 digits pass its pattern): one past
+    SQLite's integers is an image that isn't theirs, not an error on our side."""
+    core = await open_core(make_config(tmp_path), clock)
+    try:
+        personal = Personalize(core, TasteStore(core.db, clock))
+        job = await core.scheduler.submit(ALICE, request(num_candidates=8, num_kept=4))
+        assert (await finished(core, job.id)).state is JobState.SUCCEEDED
+        alice = Actor(ALICE.user_id, guild_id=ALICE.guild_id)
+        huge = Ref(9_999_999_999_999_999_999, 0)
+        with pytest.raises(UserError, match="compares your own images"):
+            await personal.answer(alice, Ref(job.id, 0), huge, Choice.LEFT)
+        assert not await personal.store.record_choice(ALICE.user_id, Ref(job.id, 0), huge)
+        assert (await personal.store.profile(ALICE.user_id)).pairs == 0
+    finally:
+        await core.close()
