@@ -67,6 +67,9 @@ def project(embeds: np.ndarray) -> np.ndarray:
 def compact(embeds: np.ndarray, space: str) -> CandidateEmbeddings:
     """Projected, then int8 with one scale per vector (its largest magnitude / 127)."""
     projected = project(embeds)
+    # A candidate whose embedding overflowed (half precision) is kept as zeros: it teaches
+    # nothing, where an infinite scale would make every fit over it NaN.
+    projected = np.where(np.isfinite(projected).all(axis=1)[:, None], projected, 0.0)
     peaks = np.abs(projected).max(axis=1)
     scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float32)
     codes = np.clip(np.rint(projected / scales[:, None]), -127, 127).astype(np.int8)

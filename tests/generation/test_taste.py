@@ -93,3 +93,25 @@ def test_several_profiles_blend_by_direction_not_size() -> None:
     assert np.allclose(blend([small, large]), [0.5, 0.5])
     with pytest.raises(ValueError):
         blend([np.zeros(2)])
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("dim", [32, 768])
+def test_a_candidate_whose_embedding_overflowed_is_kept_as_no_preference(
+    bad: float, dim: int
+) -> None:
+    """A half-precision CLIP can overflow on one image: that candidate is stored as zeros (it
+    teaches nothing) with a finite scale, instead of an infinite scale whose products are NaN
+    and would poison every fit of the member who rates it; the others keep their values."""
+    embeds = _unit(4, dim, seed=3)
+    embeds[1, 5] = bad
+    given = embeds.copy()
+    packed = compact(embeds, f"s:{dim}")
+    np.testing.assert_array_equal(embeds, given)  # the ranker's own array is left alone
+    assert all(np.isfinite(s) and s > 0 for s in packed.scales)
+    restored = expand(packed)
+    assert np.isfinite(restored).all() and not restored[1].any()
+    assert np.allclose(restored[[0, 2, 3]], expand(compact(embeds[[0, 2, 3]], "s")), atol=0)
+    # And a fit over such a pair stays finite (no preference from the zero vector's side).
+    weights = fit_preference(np.stack([restored[0], restored[1]]), restored[[1, 2]])
+    assert np.isfinite(weights).all()
