@@ -9,6 +9,9 @@
   after another on one worker: two clusters at once on a small machine starve each other's
   heartbeats. A test of such a module that starts none (marked `starts_no_ray_cluster`: say, one
   whose cluster address never answers) runs anywhere, instead of making the group longer.
+- `-n auto` starts a worker per core and one more: the Ray group's tests mostly wait (for `ray
+  start`, a head to come back, an actor to be replaced), and on a worker of its own that wait
+  does not keep a core from the tests that compute.
 - The lint tests (ruff, and mypy: a minute or two on a fresh clone, before its cache exists) are
   one group too: xdist hands out the larger groups first, so they start at once instead of
   ending the run.
@@ -39,6 +42,15 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    # pytest-xdist's own variable still decides when it is set.
+    wanted = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if wanted:
+        return int(wanted)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) + 1
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -10,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NO_CLUSTER, RAY_GROUP, _group, _starts_ray
+from tests.conftest import (
+    NO_CLUSTER,
+    RAY_GROUP,
+    _group,
+    _starts_ray,
+    pytest_xdist_auto_num_workers,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,3 +69,15 @@ def test_a_test_of_a_ray_module_that_starts_no_cluster_runs_outside_the_ray_grou
         "test_an_address_where_nothing_listens_is_reported_unreachable_at_once",
         "test_connecting_again_backs_off_while_the_cluster_does_not_answer",
     ]
+
+
+def test_auto_starts_a_worker_per_core_and_one_for_the_ray_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    config: Any = None
+    assert pytest_xdist_auto_num_workers(config) == 3
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "2")
+    assert pytest_xdist_auto_num_workers(config) == 2
