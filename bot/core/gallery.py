@@ -80,7 +80,8 @@ class GalleryItem:
 
     @property
     def has_images(self) -> bool:
-        return self.image_count > 0 and not self.images_expired
+        # A refused job may still name files the safety filter withheld: never shown.
+        return self.state == "succeeded" and self.image_count > 0 and not self.images_expired
 
 
 @dataclass(frozen=True)

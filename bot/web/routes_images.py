@@ -17,7 +17,7 @@ from bot.core.models import Job, JobKind
 from bot.web.context import context, require_member
 from bot.web.errors import WebError, not_found
 from bot.web.numbers import whole_number
-from bot.web.thumbnails import NoSuchImage, source_path
+from bot.web.thumbnails import NoSuchImage, shows_images, source_path
 from bot.web.visibility import job_id_in, visible_job
 from generation.images import read_parameters
 
@@ -148,7 +148,7 @@ async def job_page(request: web.Request) -> web.StreamResponse:
         parameters=_parameters(job),
         seeds=list(result.seeds) if result else [],
         texts=texts,
-        image_count=len(result.image_paths) if result and not job.images_expired else 0,
+        image_count=len(result.image_paths) if result and shows_images(job) else 0,
         inputs=inputs if own and not job.images_expired else [],
         discord_link=await _discord_link(request, job),
     )

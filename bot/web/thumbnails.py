@@ -16,7 +16,7 @@ from PIL import Image
 
 from bot.core.execute import safe_path
 from bot.core.jobs import output_dir_for
-from bot.core.models import Job
+from bot.core.models import Job, JobState
 
 THUMB_SIZE_PX = 384
 JPEG_QUALITY = 85
@@ -26,10 +26,23 @@ class NoSuchImage(LookupError):
     """The job has no such image (or its images expired)."""
 
 
+def shows_images(job: Job) -> bool:
+    """Whether the web shows the job's images: a job that succeeded, its images not expired.
+    A refused job may still name its files (the safety filter withheld them; they stay on disk
+    as the audit's evidence): never shown."""
+    result = job.result
+    return (
+        job.state is JobState.SUCCEEDED
+        and not job.images_expired
+        and result is not None
+        and bool(result.image_paths)
+    )
+
+
 def source_path(data_dir: Path, job: Job, index: int) -> Path:
     """The stored PNG of image `index` (1-based), or of the grid (0)."""
     result = job.result
-    if result is None or job.images_expired or not result.image_paths:
+    if result is None or not shows_images(job):
         raise NoSuchImage(index)
     if index == 0:
         relative = result.grid_path or result.image_paths[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,9 +15,10 @@ import pytest
 import pytest_asyncio
 from yarl import URL
 
+from bot.core.models import JobState
 from bot.web.ratelimit import RateLimiter
 from bot.web.sessions import SESSION_COOKIE
-from tests.bot.helpers import job_id_of
+from tests.bot.helpers import JOB_TIMEOUT_S, job_id_of
 from tests.fakediscord.model import User
 from tests.web.harness import WebHome, web_home
 
@@ -359,3 +361,40 @@ async def test_odd_numbers_and_dates_get_plain_refusals_never_a_500(world: World
             response = await owner.post(path, data={**form, "csrf_token": token})
             assert 400 <= response.status < 500, (path, form, response.status)
     assert [tuple(r) for r in await db.read("SELECT * FROM ledger ORDER BY id")] == ledger
+
+
+async def test_images_the_safety_filter_withheld_are_not_on_the_web_either(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    # A withheld job is refused and refunded, but its files stay on disk (the audit's
+    # evidence) and its result still names them: the web home must not serve them.
+    from tests.bot.test_discord_e2e import FlaggedImageEngine
+
+    async with web_home(
+        tmp_path / "data",
+        bot_engine_settings,
+        FlaggedImageEngine(shared_engine),
+        moderation={"nsfw_policy": "withhold"},
+    ) as home:
+        alice = home.fake.add_user("alice")
+        asked = await home.fake.slash(alice, "imagine", prompt="an abstract mosaic")
+        await asked.wait_original(lambda m: "refunded" in m.content, timeout=JOB_TIMEOUT_S)
+        job = (await home.bot.core.jobs.for_user(alice.id))[0]
+        assert job.state is JobState.REFUSED and job.result and job.result.image_paths
+        grid = job.grid_file(home.bot.config.data_dir)
+        assert grid is not None and grid.is_file()
+        http = await signed_in(home, alice)
+        async with http:
+            page = await http.get(f"/jobs/{job.id}")
+            assert page.status == 200
+            assert f"/jobs/{job.id}/images/" not in await page.text()
+            gallery = await (await http.get("/images")).text()
+            assert "an abstract mosaic" in html.unescape(gallery)
+            assert f"/jobs/{job.id}/thumbs/" not in gallery
+            for path in (
+                f"/jobs/{job.id}/images/0.png",
+                f"/jobs/{job.id}/images/1.png?download=1",
+                f"/jobs/{job.id}/thumbs/0.jpg",
+                f"/jobs/{job.id}/thumbs/1.jpg",
+            ):
+                assert (await http.get(path)).status == 404, path
