@@ -9,6 +9,7 @@ checks every command shares (whose job, the prompt filter, submitting) are the a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -316,7 +317,13 @@ class AfterGrid:
                 settings.variation_strength_subtle,
                 settings.variation_strength_strong,
             )
-            parent = parent.with_changes(steps=max(parent.steps, math.ceil(1 / weakest)))
+            steps = max(parent.steps, math.ceil(1 / weakest))
+            # A draft's full render is raised with it: a draft never runs more steps than the
+            # render it stands in for (and its price is a share of that render's).
+            draft = parent.draft
+            if draft is not None and draft.steps < steps:
+                draft = dataclasses.replace(draft, steps=steps)
+            parent = parent.with_changes(steps=steps, draft=draft)
         if action is Action.REROLL:
             request = parent.with_changes(seed=self._seed_source())
             if prompt is None:
