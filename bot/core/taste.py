@@ -44,6 +44,9 @@ MIN_PAIRS = 30
 DEFAULT_STRENGTH = 1.0
 # A fit reads at most the newest pairs: older taste fades, and a fit stays fast.
 MAX_FIT_PAIRS = 5000
+# A member keeps at most this many pairs, the oldest going first: /rank's buttons can name any
+# two images the member may see, and each round reads the member's pairs.
+MAX_STORED_PAIRS = MAX_FIT_PAIRS
 CODE_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i to misread
 CODE_LENGTH = 8
 CODE_SHAPE = re.compile(r"[a-z0-9]{4,32}")
@@ -131,10 +134,17 @@ def normalise_code(code: str) -> str:
 
 
 class TasteStore:
-    def __init__(self, db: Database, clock: Clock, strength: float = DEFAULT_STRENGTH) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        strength: float = DEFAULT_STRENGTH,
+        max_pairs: int = MAX_STORED_PAIRS,
+    ) -> None:
         self._db = db
         self._clock = clock
         self.strength = strength
+        self._max_pairs = max_pairs
         # One fit at a time per member: two --p jobs sent together share the first one's fit.
         self._fitting: dict[int, asyncio.Lock] = {}
 
@@ -169,6 +179,7 @@ class TasteStore:
                 )
             if added:
                 await self._ensure_profile(txn, user_id)
+                await self._trim(txn, user_id)
             return added
 
         return await self._db.transaction(work)
@@ -208,6 +219,7 @@ class TasteStore:
                 ),
             )
             await self._ensure_profile(txn, user_id)
+            await self._trim(txn, user_id)
             return True
 
         return await self._db.transaction(work)
@@ -354,6 +366,13 @@ class TasteStore:
             (user_id, code, to_db(self._clock())),
         )
         return code
+
+    async def _trim(self, txn: Transaction, user_id: int) -> None:
+        await txn.execute(
+            "DELETE FROM taste_pairs WHERE user_id = :u AND id <= (SELECT id FROM taste_pairs "
+            "WHERE user_id = :u ORDER BY id DESC LIMIT 1 OFFSET :n)",
+            {"u": user_id, "n": self._max_pairs},
+        )
 
     async def _usable_pairs(self, user_id: int) -> int:
         row = await self._db.read_one(

@@ -350,3 +350,48 @@ async def test_a_rank_answer_naming_an_id_past_sqlites_integers_is_refused_plain
         assert (await personal.store.profile(ALICE.user_id)).pairs == 0
     finally:
         await core.close()
+
+
+async def test_a_members_stored_pairs_are_capped_keeping_the_newest(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Forged /rank buttons can name any two of the member's (or Explore's) images, so the
+    distinct pairs one member can store grow with the square of the images; every /rank round
+    reads them all on the event loop. Past the cap the oldest go (the fit reads only the
+    newest anyway)."""
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    try:
+        store = TasteStore(db, clock, max_pairs=10)
+        jobs = []
+        for seed in (2, 3):
+            embeds = np.random.default_rng(seed).standard_normal((CANDIDATES, 16))
+            job_id = await _job_row(db, ALICE.user_id, [0, 1, 2, 3])
+            await db.transaction(
+                lambda txn, j=job_id, e=embeds: store_embeddings(txn, j, compact(e, "s:16"))
+            )
+            jobs.append(job_id)
+        first, second = jobs
+        assert await store.record_pick(ALICE.user_id, first, 0) == 7
+        assert await store.record_pick(ALICE.user_id, second, 5) == 7
+
+        async def kept() -> list[tuple[int, int, int, int]]:
+            rows = await db.read(
+                "SELECT winner_job, winner_candidate, loser_job, loser_candidate "
+                "FROM taste_pairs WHERE user_id = ? ORDER BY id",
+                (ALICE.user_id,),
+            )
+            return [tuple(r) for r in rows]
+
+        newest = [(first, 0, first, c) for c in (5, 6, 7)] + [
+            (second, 5, second, c) for c in (0, 1, 2, 3, 4, 6, 7)
+        ]
+        assert await kept() == newest
+        assert await store.record_choice(ALICE.user_id, Ref(first, 1), Ref(second, 1))
+        assert await kept() == [*newest[1:], (first, 1, second, 1)]
+        assert (await store.profile(ALICE.user_id)).pairs == 10
+        # Another member's pairs are not counted against Alice's cap.
+        assert await store.record_pick(BOB.user_id, first, 3) == 7
+        assert (await store.profile(ALICE.user_id)).pairs == 10
+        assert (await store.profile(BOB.user_id)).pairs == 7
+    finally:
+        await db.close()
