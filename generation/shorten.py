@@ -3,9 +3,11 @@
 Each word is taken out in turn (and each comma-separated phrase, when there are several) and
 the prompt's CLIP text embedding is compared with the whole prompt's: the cosine distance it
 moves is that word's weight. Words CLIP barely notices ("very", "beautiful" beside a subject,
-anything past its 77-token window) move it least. The shorter prompts drop the lightest words
-first, keeping about 80, 65, 50, 35 and 20 % of them (never all, never none), in the order they
-were typed; a second pass measures how close each stays to the whole (cosine similarity).
+anything past its 77-token window) move it least; words after the 75th can't reach that
+window, so they weigh 0 without an encode (CLIP_WINDOW_WORDS). The shorter prompts drop the
+lightest words first, keeping about 80, 65, 50, 35 and 20 % of them (never all, never none),
+in the order they were typed; a second pass measures how close each stays to the whole
+(cosine similarity).
 
 Image links at the start of the prompt and its `--flags` are kept as typed in every shorter
 prompt and are not weighed: CLIP's text tower never sees them.
@@ -29,6 +31,13 @@ from generation.prompt_text import IMAGINE_PREFIX, URL, clean, split_flags, unqu
 Embed = Callable[[Sequence[str]], np.ndarray]
 
 MAX_SHORTER = 5
+# CLIP's text tower reads 77 tokens: a start token, 75 of the text's, an end token. Every word
+# is at least one token, so a word after the 75th never reaches it and leaving it out moves
+# nothing. Such words (and phrases starting after them) weigh 0 without an encode, and every
+# text is cut after its 76th word before encoding: a prompt at the 2000-character limit made
+# of one-letter phrases would otherwise cost a worker ~2000 encodes of ~2000-character texts
+# (tens of seconds of tokenizing) for what CLIP can't see, on a command that is free.
+CLIP_WINDOW_WORDS = 75
 # Shares of the words each shorter prompt keeps, longest first.
 KEEP_SHARES = (0.8, 0.65, 0.5, 0.35, 0.2)
 _PHRASE_BREAK = re.compile(r"[,;]")
@@ -137,19 +146,32 @@ def shorten(prompt: str, embed: Embed) -> Shortened:
     words = read_prompt(prompt)
     count = len(words.words)
     several = len(words.phrases) > 1
+    seen = min(count, CLIP_WINDOW_WORDS)
+    # The phrases that start inside CLIP's window; leaving out a later one moves nothing.
+    starts = np.cumsum([0, *(len(phrase) for phrase in words.phrases)])[:-1]
+    seen_phrases = int(np.count_nonzero(starts < CLIP_WINDOW_WORDS)) if several else 0
     texts = [words.body()]
-    texts += [words.body(dropped_words=frozenset({i})) for i in range(count)]
-    if several:
-        texts += [words.body(dropped_phrase=j) for j in range(len(words.phrases))]
-    embeddings = _unit_rows(embed(texts), len(texts))
+    texts += [words.body(dropped_words=frozenset({i})) for i in range(seen)]
+    texts += [words.body(dropped_phrase=j) for j in range(seen_phrases)]
+    embeddings = _unit_rows(embed([_in_window(text) for text in texts]), len(texts))
     moved = 1.0 - embeddings[1:] @ embeddings[0]
-    word_weights = tuple(max(0.0, float(d)) for d in moved[:count])
-    phrase_weights = tuple(max(0.0, float(d)) for d in moved[count:]) if several else ()
+    word_weights = (
+        *(max(0.0, float(d)) for d in moved[:seen]),
+        *(0.0 for _ in range(count - seen)),
+    )
+    phrase_weights = (
+        (
+            *(max(0.0, float(d)) for d in moved[seen:]),
+            *(0.0 for _ in range(len(words.phrases) - seen_phrases)),
+        )
+        if several
+        else ()
+    )
 
     bodies = shorter_bodies(words, word_weights)
     similarities: tuple[float, ...] = ()
     if bodies:
-        shorter = _unit_rows(embed(bodies), len(bodies))
+        shorter = _unit_rows(embed([_in_window(body) for body in bodies]), len(bodies))
         similarities = tuple(float(s) for s in shorter @ embeddings[0])
     return Shortened(
         words,
@@ -173,6 +195,15 @@ def shorter_bodies(words: PromptWords, weights: Sequence[float]) -> list[str]:
         if body not in bodies:
             bodies.append(body)
     return bodies[:MAX_SHORTER]
+
+
+def _in_window(text: str) -> str:
+    """`text` cut after its first CLIP_WINDOW_WORDS + 1 words: CLIP reads no further, and
+    cutting at a space leaves the tokens before it as they were."""
+    pieces = text.split()
+    return (
+        text if len(pieces) <= CLIP_WINDOW_WORDS + 1 else " ".join(pieces[: CLIP_WINDOW_WORDS + 1])
+    )
 
 
 def _unit_rows(rows: np.ndarray, expected: int) -> np.ndarray:

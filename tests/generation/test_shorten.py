@@ -155,3 +155,41 @@ def test_the_engine_weighs_every_word_with_its_clip(engine, shortened) -> None:
     )
     assert weight_of(found, "cat") == pytest.approx(1.0 - float(whole @ without_cat), abs=1e-5)
     assert len(set(found.word_weights)) > 1
+
+
+# ----- a long prompt: what CLIP's window can't see is not encoded -------------------------
+
+
+class WindowedOracle(OracleEncoder):
+    """The oracle with CLIP's window: only a text's first 75 words reach its embedding (each
+    word one token here; a real word is at least one). `sent` keeps the texts as received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.sent += list(texts)
+        return super().__call__([" ".join(t.replace(",", " ").split()[:75]) for t in texts])
+
+
+def test_a_long_prompt_costs_a_bounded_number_of_encodes_and_weighs_the_same() -> None:
+    # About 2000 characters of one-word phrases: weighing every word and every phrase would be
+    # ~800 encodes of ~2000-character texts for a free command, though past the 75th word
+    # nothing reaches CLIP.
+    prompt = ",".join(f"w{i}" for i in range(400))
+    encoder = WindowedOracle()
+    found = shorten(prompt, encoder)
+    assert len(encoder.sent) <= 1 + 75 + 75 + MAX_SHORTER
+    assert max(len(text.replace(",", " ").split()) for text in encoder.sent) <= 76
+    # The weights are the ones weighing every word and phrase in full would give.
+    words = read_prompt(prompt)
+    reference = WindowedOracle()
+    whole = reference([words.body()])[0]
+    dropped = reference([words.body(dropped_words=frozenset({i})) for i in range(400)])
+    phrases = reference([words.body(dropped_phrase=j) for j in range(400)])
+    np.testing.assert_allclose(found.word_weights, np.maximum(0, 1 - dropped @ whole), atol=1e-9)
+    np.testing.assert_allclose(found.phrase_weights, np.maximum(0, 1 - phrases @ whole), atol=1e-9)
+    assert max(found.word_weights[:75]) > 0 and max(found.word_weights[75:]) == 0
+    again = Shortened.from_scores(prompt, found.prompts, found.scores())
+    assert again == found
