@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import re
 import secrets
@@ -30,7 +31,7 @@ import numpy as np
 
 from bot.core.clock import Clock, to_db
 from bot.core.db import Database, Transaction
-from generation.contract import CandidateEmbeddings, Personalization
+from generation.contract import MAX_TASTE_DIM, CandidateEmbeddings, Personalization
 from generation.taste import blend, fit_preference, vector
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,28 @@ class _Fitted:
 
 
 async def store_embeddings(txn: Transaction, job_id: int, embeddings: CandidateEmbeddings) -> None:
-    """A finished job's candidates, in the transaction that ends the job."""
+    """A finished job's candidates, in the transaction that ends the job.
+
+    They come from a worker (with Ray, another machine's unpickled object, whose own checks
+    did not run): embeddings whose bytes don't match their shape are left out whole, and a
+    candidate whose scale is not a positive finite number is left out (NaN would fail the
+    transaction, and with it the job's end; infinity would make every fit over it NaN). A
+    picture is never withheld for its embedding."""
+    dim = embeddings.dim
+    if not 1 <= dim <= MAX_TASTE_DIM or len(embeddings.codes) != dim * len(embeddings.scales):
+        log.warning("taste: job %d's embeddings are malformed; none kept", job_id)
+        return
+    usable = [
+        (index, scale)
+        for index, scale in enumerate(embeddings.scales)
+        if math.isfinite(scale) and scale > 0
+    ]
+    if len(usable) != len(embeddings.scales):
+        log.warning(
+            "taste: job %d: %d candidates' embeddings unusable, left out",
+            job_id,
+            len(embeddings.scales) - len(usable),
+        )
     await txn.executemany(
         "INSERT OR REPLACE INTO candidate_embeddings (job_id, candidate, space, vector, scale)"
         " VALUES (?, ?, ?, ?, ?)",
@@ -115,7 +137,7 @@ async def store_embeddings(txn: Transaction, job_id: int, embeddings: CandidateE
                 embeddings.codes[index * embeddings.dim : (index + 1) * embeddings.dim],
                 scale,
             )
-            for index, scale in enumerate(embeddings.scales)
+            for index, scale in usable
         ],
     )
 

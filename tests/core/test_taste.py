@@ -395,3 +395,32 @@ async def test_a_members_stored_pairs_are_capped_keeping_the_newest(
         assert (await store.profile(BOB.user_id)).pairs == 7
     finally:
         await db.close()
+
+
+async def test_a_results_malformed_embeddings_never_fail_the_jobs_end(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """The embeddings come from a worker (another machine with Ray, unpickled without their
+    checks): a NaN scale (SQLite stores NaN as NULL) failed the transaction that ends the job
+    and settles its credits, and an infinite one poisoned every fit over it. Such rows are left
+    out; embeddings whose bytes don't match their shape are left out whole."""
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    try:
+        job_id = await _job_row(db, ALICE.user_id, [0, 1, 2, 3])
+        good = compact(np.random.default_rng(4).standard_normal((4, 16)), "s:16")
+        bad_scales = dataclasses.replace(good, scales=(good.scales[0], math.nan, math.inf, 0.0))
+        await db.transaction(lambda txn: store_embeddings(txn, job_id, bad_scales))
+        rows = await db.read("SELECT candidate FROM candidate_embeddings ORDER BY candidate")
+        assert [r["candidate"] for r in rows] == [0]
+
+        other = await _job_row(db, ALICE.user_id, [0, 1, 2, 3])
+        short = dataclasses.replace(good)
+        object.__setattr__(short, "codes", good.codes[:-3])  # as unpickled: no __post_init__
+        await db.transaction(lambda txn: store_embeddings(txn, other, short))
+        wide = dataclasses.replace(good)
+        object.__setattr__(wide, "dim", 0)
+        object.__setattr__(wide, "codes", b"")
+        await db.transaction(lambda txn: store_embeddings(txn, other, wide))
+        assert not await db.read("SELECT 1 FROM candidate_embeddings WHERE job_id = ?", (other,))
+    finally:
+        await db.close()
