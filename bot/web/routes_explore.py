@@ -3,6 +3,8 @@ own sharing switch (the same one as in Discord's /settings)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
 from bot.core.models import JobKind
@@ -10,7 +12,7 @@ from bot.web.context import context, require_member
 from bot.web.errors import WebError
 from bot.web.numbers import whole_number
 from bot.web.routes_images import ASPECTS, page_query, read_filter
-from bot.web.visibility import member_guilds
+from bot.web.visibility import flagged_jobs, member_guilds
 
 
 async def explore(request: web.Request) -> web.StreamResponse:
@@ -29,6 +31,12 @@ async def explore(request: web.Request) -> web.StreamResponse:
     page = None
     if guild_id is not None:
         page = await ctx.gallery.explore_page(guild_id, flt, before, ctx.config.page_size)
+        # Images Discord posts behind a spoiler stay out of Explore (visibility.py): the page
+        # may hold fewer cards, and the next one still starts below the last id read.
+        hidden = await flagged_jobs(request, (item.job_id for item in page.items))
+        if hidden:
+            kept = tuple(item for item in page.items if item.job_id not in hidden)
+            page = dataclasses.replace(page, items=kept)
     extra = {"guild": guild_id} if guild_id is not None else {}
     return ctx.templates.render(
         request,

@@ -4,8 +4,15 @@ that doesn't exist, so changing an id in a URL tells nobody what exists."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
 from aiohttp import web
 
+from bot.app.moderation import FLAGS_FILE, flagged_indices
+from bot.core.jobs import output_dir_for
 from bot.core.models import Job, JobState
 from bot.web.context import context, require_member
 from bot.web.errors import not_found
@@ -51,6 +58,30 @@ async def visible_job(request: web.Request) -> tuple[Job, bool]:
         and job.owner.guild_id is not None
         and job.owner.guild_id in await member_guilds(request, member)
         and await ctx.store.shares(job.owner.user_id, job.owner.guild_id)
+        # Discord shows flagged images behind a spoiler: not in the clear to others here.
+        and not await flagged_indices(ctx.services.config.data_dir, job)
     ):
         return job, False
     raise not_found()
+
+
+def _flagged_on_disk(data_dir: Path, job_ids: Iterable[int]) -> set[int]:
+    """Which of these jobs' images the safety filter flagged (their `moderation.json` beside
+    the images). A record that exists but can't be read counts as flagged, as in
+    bot/app/moderation.py: hiding a safe image is the cheaper mistake."""
+    flagged = set()
+    for job_id in job_ids:
+        try:
+            record = json.loads((data_dir / output_dir_for(job_id) / FLAGS_FILE).read_text())
+            if record["flagged"]:
+                flagged.add(job_id)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            flagged.add(job_id)
+    return flagged
+
+
+async def flagged_jobs(request: web.Request, job_ids: Iterable[int]) -> set[int]:
+    data_dir = context(request).services.config.data_dir
+    return await asyncio.to_thread(_flagged_on_disk, data_dir, list(job_ids))

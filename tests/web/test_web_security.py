@@ -398,3 +398,36 @@ async def test_images_the_safety_filter_withheld_are_not_on_the_web_either(
                 f"/jobs/{job.id}/thumbs/1.jpg",
             ):
                 assert (await http.get(path)).status == 404, path
+
+
+async def test_images_posted_as_spoilers_are_not_in_explore_for_others(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    # Discord hides flagged images behind a spoiler; Explore would show them to every member
+    # of the server in the clear. Their owner still sees them in My images.
+    from tests.bot.test_discord_e2e import FlaggedImageEngine
+
+    async with web_home(
+        tmp_path / "data",
+        bot_engine_settings,
+        FlaggedImageEngine(shared_engine),
+        moderation={"nsfw_policy": "spoiler"},
+    ) as home:
+        alice, bob = home.fake.add_user("alice"), home.fake.add_user("bob")
+        job_id = job_id_of(await home.imagine(alice, "an abstract mosaic"))
+        await home.imagine(bob, "bob's own picture")
+        await home.server.ctx.store.set_share(alice.id, True)
+        paths = (
+            f"/jobs/{job_id}",
+            f"/jobs/{job_id}/images/1.png",
+            f"/jobs/{job_id}/thumbs/0.jpg",
+        )
+        async with await signed_in(home, alice) as owner:
+            assert f"/jobs/{job_id}/thumbs/0.jpg" in await (await owner.get("/images")).text()
+            for path in paths:
+                assert (await owner.get(path)).status == 200, path
+        async with await signed_in(home, bob) as other:
+            explore = await (await other.get("/explore")).text()
+            assert "Explore" in explore and f'href="/jobs/{job_id}"' not in explore
+            for path in paths:
+                assert (await other.get(path)).status == 404, path
