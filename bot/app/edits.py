@@ -157,6 +157,13 @@ def parse_remix(
             f"{shown}: a remix keeps the pictures of the job it comes from and can't take new "
             "ones; start a new /imagine with them"
         )
+    if parsed.personalize is not None:
+        # Codes are looked up (and refused) only for /imagine; dropped here, --p would do
+        # nothing and a code naming no profile would pass.
+        raise ValueError(
+            "--p: a remix keeps the ranking of the job it comes from (personalized or not); "
+            "start a new /imagine with --p"
+        )
     request = parsed.request
     size = (request.width, request.height)
     same_shape = abs(math.log(size[0] / size[1] * image_size[1] / image_size[0])) < math.log(1.05)

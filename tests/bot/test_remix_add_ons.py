@@ -83,6 +83,9 @@ def test_cnw_alone_in_a_remix_reweighs_the_parents_controlnet():
         ("a barn --cn canny https://cdn.example/new.png", PARENT, "(not a new one)"),
         ("a barn --lora ink:3", PARENT, "--lora ink:3: the weight after ':' must be"),
         ("a barn --lora watercolour", PARENT, "--lora watercolour: no such LoRA here"),
+        # Dropped silently, a code naming no profile would pass, and --p would do nothing.
+        ("a barn --p", PARENT, "--p: a remix keeps the ranking"),
+        ("a barn --p nosuchcode", PARENT, "--p: a remix keeps the ranking"),
     ],
 )
 def test_what_a_remix_cannot_do_is_refused_naming_the_flag(text, parent, expected):
