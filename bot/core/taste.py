@@ -48,6 +48,8 @@ MAX_FIT_PAIRS = 5000
 # A member keeps at most this many pairs, the oldest going first: /rank's buttons can name any
 # two images the member may see, and each round reads the member's pairs.
 MAX_STORED_PAIRS = MAX_FIT_PAIRS
+# The taste sent with a --p job: each weight a fraction of the largest, to this many decimals.
+WEIGHT_DECIMALS = 4
 CODE_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i to misread
 CODE_LENGTH = 8
 CODE_SHAPE = re.compile(r"[a-z0-9]{4,32}")
@@ -277,8 +279,13 @@ class TasteStore:
         if not usable or len({f.space for f in usable}) != 1:
             return None
         weights = blend([f.weights for f in usable])
+        # Only the direction counts (ranking standardises the preference over the job's
+        # candidates): a unit peak, 4 decimals, keeps each --p job's stored request small.
+        peak = float(np.abs(weights).max())
+        if peak == 0:  # profiles that cancel out
+            return None
         return Personalization(
-            weights=tuple(float(np.float32(w)) for w in weights),
+            weights=tuple(round(float(w) / peak, WEIGHT_DECIMALS) + 0.0 for w in weights),
             space=usable[0].space,
             strength=self.strength,
         )

@@ -424,3 +424,35 @@ async def test_a_results_malformed_embeddings_never_fail_the_jobs_end(
         assert not await db.read("SELECT 1 FROM candidate_embeddings WHERE job_id = ?", (other,))
     finally:
         await db.close()
+
+
+async def test_a_personalized_request_carries_its_taste_in_a_few_kilobytes(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Every --p job's request (stored with the job, copied by its rerolls and variations)
+    carries the taste's 256 weights: at full float repr that was 5.8 KB a job, more than the
+    4 KB budget of the embeddings themselves. Only the direction matters to ranking (each
+    side is standardised over the job's candidates), so the weights go as a unit-peak vector
+    rounded to 4 decimals, ranking as the fit does."""
+    rng = np.random.default_rng(5)
+    grids = synthetic_grids(TRAINING_GRIDS, 768, rng)
+    space = space_for("vit-l-stand-in", 768)
+    taste = hidden_taste(grids, rng)
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    try:
+        store = TasteStore(db, clock)
+        await _teach(db, store, grids, taste, space)
+        personal = await store.personalization([await store.profile(ALICE.user_id)])
+        assert personal is not None and len(personal.weights) == 256
+        row = await db.read_one(
+            "SELECT weights FROM taste_profiles WHERE user_id = ?", (ALICE.user_id,)
+        )
+        assert row is not None
+        fitted = np.frombuffer(row["weights"], dtype=np.float32).astype(np.float64)
+    finally:
+        await db.close()
+    sent = request(personalize=personal)
+    assert len(json.dumps(sent.to_json()["personalize"])) <= 2600
+    weights = np.asarray(personal.weights)
+    cosine = weights @ fitted / (np.linalg.norm(weights) * np.linalg.norm(fitted))
+    assert cosine > 0.99999, cosine
