@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATIC_PREFIX = "/static/"
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _REASONS = {
     400: "That request isn't one this site understands.",
     403: "You may not do that.",
@@ -157,6 +158,14 @@ async def doors(request: web.Request, handler: Handler) -> web.StreamResponse:
             token = pre_token(ctx.key, pre)
         request[CSRF_REQUEST_KEY] = token or ""
     if request.method in UNSAFE_METHODS:
+        if request.content_type in FORM_TYPES:
+            try:
+                # Parsed once here (aiohttp keeps it for the handler): a body that isn't the
+                # form it claims (not UTF-8, say) is a 400, not a 500 in whichever handler
+                # reads it first.
+                await request.post()
+            except ValueError:
+                raise WebError(400, _REASONS[400]) from None
         expected = request[CSRF_REQUEST_KEY] if new_pre is None else None
         if not tokens_match(expected, await sent_token(request)):
             raise WebError(

@@ -431,3 +431,21 @@ async def test_images_posted_as_spoilers_are_not_in_explore_for_others(
             assert "Explore" in explore and f'href="/jobs/{job_id}"' not in explore
             for path in paths:
                 assert (await other.get(path)).status == 404, path
+
+
+async def test_a_form_that_is_not_utf8_is_a_plain_400(world: World) -> None:
+    store = world.home.server.ctx.store
+    before = await store.share_choice(world.alice.id)
+    http = await signed_in(world.home, world.alice)
+    async with http:
+        token = await csrf_of(http)
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        for headers in ({**form, "X-CSRF-Token": token}, form):
+            for path in ("/settings", "/signout", "/admin/credits/grant"):
+                response = await http.post(
+                    path, data=b"share=\xff\xfe&csrf_token=" + token.encode(), headers=headers
+                )
+                assert response.status == 400, (path, headers, response.status)
+                assert "Traceback" not in await response.text()
+        assert (await http.get("/images", allow_redirects=False)).status == 200
+    assert await store.share_choice(world.alice.id) == before
