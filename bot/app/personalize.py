@@ -106,6 +106,11 @@ class Personalize:
             return None, f"{how}: {_short_text(short, actor.user_id)}; ranked as usual"
         taste = await self.store.personalization(ready)
         if taste is None:
+            if not any([await self.store.has_direction(p) for p in ready]):
+                return None, (
+                    f"{how}: the ratings so far show no preference (the images rated look "
+                    "alike to the ranker); ranked as usual"
+                )
             return None, f"{how}: the profile was made with another ranker; ranked as usual"
         whose = ", ".join(
             "your taste" if p.user_id == actor.user_id else f"profile `{p.code}`" for p in ready

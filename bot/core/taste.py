@@ -290,6 +290,12 @@ class TasteStore:
             strength=self.strength,
         )
 
+    async def has_direction(self, profile: Profile) -> bool:
+        """Whether the profile's fit prefers anything (not when every rated pair was two
+        look-alike images)."""
+        fitted = await self._fitted(profile.user_id)
+        return fitted is not None and bool(np.linalg.norm(fitted.weights) > 0)
+
     async def erase(self, user_id: int) -> int:
         """Delete the member's pairs and profile (the code stops working); returns the pairs
         deleted. Candidates' embeddings stay: they belong to the jobs."""

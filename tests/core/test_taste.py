@@ -30,6 +30,7 @@ from bot.core import JobState, ManualClock, Owner
 from bot.core.db import Database
 from bot.core.taste import MIN_PAIRS, Ref, TasteStore, store_embeddings
 from bot.core.web_store import WebStore
+from generation.prompt import parse_prompt
 from generation.taste import compact, fit_preference, space_for
 from tests.core.conftest import finished, make_config, open_core, request
 
@@ -456,3 +457,31 @@ async def test_a_personalized_request_carries_its_taste_in_a_few_kilobytes(
     weights = np.asarray(personal.weights)
     cosine = weights @ fitted / (np.linalg.norm(weights) * np.linalg.norm(fitted))
     assert cosine > 0.99999, cosine
+
+
+async def test_ratings_with_no_direction_are_not_blamed_on_another_ranker(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """A ready profile whose pairs show no preference (every rated pair two look-alike images,
+    here identical embeddings) ranks as usual; the note says why, not that the profile was
+    made with another ranker."""
+    core = await open_core(make_config(tmp_path), clock)
+    try:
+        store = TasteStore(core.db, clock)
+        personal = Personalize(core, store)
+        same = np.ones((CANDIDATES, 16))
+        for _ in range(math.ceil(MIN_PAIRS / (CANDIDATES - 1))):
+            job_id = await _job_row(core.db, ALICE.user_id, [0, 1, 2, 3])
+            await core.db.transaction(
+                lambda txn, j=job_id: store_embeddings(txn, j, compact(same, "s:16"))
+            )
+            await store.record_pick(ALICE.user_id, job_id, 0)
+        assert (await store.profile(ALICE.user_id)).ready
+        parsed = parse_prompt("a red fox --p", core.config.engine)
+        alice = Actor(ALICE.user_id, guild_id=ALICE.guild_id)
+        (job,), notes = await personal.apply(alice, [parsed], by_default=False)
+        assert job.request.personalize is None
+        assert len(notes) == 1 and "another ranker" not in notes[0], notes
+        assert "no preference" in notes[0] and "ranked as usual" in notes[0], notes
+    finally:
+        await core.close()
