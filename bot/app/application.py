@@ -216,7 +216,7 @@ class ImagineApp(AfterGrid, Shortening):
                     *render.batch_notes(jobs, index),
                     self.modes.queue_note(job),
                     *parsed_job.notes,
-                    *draft_notes(job, parsed_job.request, self.config.credits),
+                    *draft_notes(job, parsed_job.request, self.config.credits, self.config.modes),
                     *taste_notes,
                     *catalog.control_notes(parsed_job.request, self.config.engine.controlnet_fit),
                 ),

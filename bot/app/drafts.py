@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from bot.config import CreditsConfig
-from bot.core.credits import job_cost
+from bot.config import CreditsConfig, ModesConfig
+from bot.core.credits import job_cost, mode_cost
 from bot.core.models import Job
 from generation.contract import GenerationRequest
 
@@ -16,14 +16,18 @@ def is_draft(job: Job) -> bool:
     return bool(job.request_data.get("draft"))
 
 
-def draft_notes(job: Job, request: GenerationRequest, credits: CreditsConfig) -> tuple[str, ...]:
-    """The reply's line for a draft: its cost beside the same job's at full quality."""
+def draft_notes(
+    job: Job, request: GenerationRequest, credits: CreditsConfig, modes: ModesConfig
+) -> tuple[str, ...]:
+    """The reply's line for a draft: its cost beside the same job's at full quality, both in
+    the mode the job runs in (`job.cost` is the mode's price already)."""
     if request.draft is None:
         return ()
-    full = job_cost(
+    fast = job_cost(
         replace(request, steps=request.draft.steps, sampler=request.draft.sampler, draft=None),
         credits,
     )
+    full = mode_cost(fast, job.mode, modes)
     return (
         f"💨 Draft: {_credits(job.cost)} instead of {_credits(full)} at full quality; press "
         "✨ Enhance under an image to render it at full quality (an ordinary job)",

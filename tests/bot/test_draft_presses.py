@@ -16,7 +16,7 @@ from bot.app.actions import Action, Actor, UserError
 from bot.app.application import ImagineApp, open_core
 from bot.config import Config, parse_config
 from bot.core import InProcessWorker, Job, JobKind, JobState
-from bot.core.credits import job_cost
+from bot.core.credits import job_cost, mode_cost
 from generation.settings import EngineSettings
 
 ALICE = Actor(user_id=31, guild_id=1, channel_id=2)
@@ -104,3 +104,25 @@ async def test_an_upscale_of_a_few_step_draft_is_refused_for_being_a_draft(
     with pytest.raises(UserError, match="Enhance"):
         await app.press(ALICE, draft.id, Action.UPSCALE, 1)
     assert (await app.core.credits.balance(ALICE.user_id)).available == before
+
+
+@pytest.mark.parametrize("speed", ["--turbo", "--relax", "--fast"])
+async def test_a_drafts_reply_compares_prices_in_the_mode_it_runs_in(
+    app: ImagineApp, speed: str
+) -> None:
+    # The draft's price is the mode's share of the draft's fast price; the full render it is
+    # compared with must be priced in the same mode, or a turbo member is told a full render
+    # costs half what it would, and a free relax draft is set beside a fast price.
+    (submitted,) = await app.imagine(ALICE, f"a red barn --draft {speed}")
+    job = submitted.job
+    request = await app.core.jobs.request(job)
+    assert request.draft is not None
+    full = dataclasses.replace(
+        request, steps=request.draft.steps, sampler=request.draft.sampler, draft=None
+    )
+    full_cost = mode_cost(job_cost(full, app.config.credits), job.mode, app.config.modes)
+    assert job.cost == mode_cost(job_cost(request, app.config.credits), job.mode, app.config.modes)
+    words = "credit" if full_cost == 1 else "credits"
+    (note,) = [n for n in submitted.notes if "Draft:" in n]
+    assert f"instead of {full_cost} {words} at full quality" in note, note
+    await _finished(app, job.id)
