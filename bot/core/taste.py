@@ -323,11 +323,24 @@ class TasteStore:
         )
         if len(rows) < 2 and guild_id is not None:
             rows = [*rows, *await self._explore_rows(user_id, guild_id, limit)]
+        # A candidate whose embedding was left out (store_embeddings) can't be rated.
+        embedded: set[tuple[int, int]] = set()
+        for start in range(0, len(rows), 500):
+            ids = [int(row["id"]) for row in rows[start : start + 500]]
+            embedded.update(
+                (int(r["job_id"]), int(r["candidate"]))
+                for r in await self._db.read(
+                    "SELECT job_id, candidate FROM candidate_embeddings WHERE job_id IN "
+                    f"({', '.join('?' * len(ids))})",
+                    ids,
+                )
+            )
         found: list[tuple[Ref, int]] = []
         for row in rows:
             result = json.loads(row["result"])
             for position, candidate in enumerate(result.get("candidate_indices", ())):
-                found.append((Ref(int(row["id"]), int(candidate)), position))
+                if (int(row["id"]), int(candidate)) in embedded:
+                    found.append((Ref(int(row["id"]), int(candidate)), position))
         return found
 
     async def in_explore(self, job_id: int, guild_id: int | None) -> bool:

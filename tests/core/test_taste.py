@@ -485,3 +485,26 @@ async def test_ratings_with_no_direction_are_not_blamed_on_another_ranker(
         assert "no preference" in notes[0] and "ranked as usual" in notes[0], notes
     finally:
         await core.close()
+
+
+async def test_rank_shows_only_candidates_whose_embeddings_were_kept(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """A candidate whose embedding was left out (an overflowed one) can't be rated: /rank
+    never offers it, where its answer would be refused as expired."""
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    try:
+        store = TasteStore(db, clock)
+        job_id = await _job_row(db, ALICE.user_id, [0, 1, 2, 3])
+        packed = compact(np.random.default_rng(6).standard_normal((CANDIDATES, 16)), "s:16")
+        scales = list(packed.scales)
+        scales[2] = math.nan
+        await db.transaction(
+            lambda txn: store_embeddings(
+                txn, job_id, dataclasses.replace(packed, scales=tuple(scales))
+            )
+        )
+        shown = await store.rank_candidates(ALICE.user_id)
+        assert shown == [(Ref(job_id, 0), 0), (Ref(job_id, 1), 1), (Ref(job_id, 3), 3)]
+    finally:
+        await db.close()
