@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import ray
 from PIL import Image
@@ -34,6 +35,7 @@ from bot.core.ray_workers import NAMESPACE, ActorSpec, RayWorker, actor_cpus, ac
 from bot.core.workers import WorkerStartFailed
 from generation.images import parse_a1111_parameters, read_parameters
 from generation.requests import variation_request
+from generation.taste import vector
 from tests.core.conftest import (
     assert_consistent,
     finished,
@@ -144,6 +146,15 @@ async def test_jobs_run_in_ray_actors_on_the_real_tiny_engine(
             (0, "tiny:32"),
             (1, "tiny:32"),
         ]
+        # As int8 with a positive scale, 32 bytes each, restoring the unit-length CLIP
+        # embedding the engine ranked with (within the rounding of int8).
+        vectors = await core.db.read(
+            "SELECT vector, scale FROM candidate_embeddings WHERE job_id = ?", (job.id,)
+        )
+        for row in vectors:
+            assert len(row["vector"]) == 32 and 0 < row["scale"] < 1
+            restored = vector(bytes(row["vector"]), float(row["scale"]))
+            assert abs(float(np.linalg.norm(restored)) - 1.0) < 0.02
         # Written by the bot into its own data folder, with the engine's PNG metadata.
         with Image.open(done.image_path(config.data_dir, 0)) as image:
             assert image.size == (64, 64)
