@@ -508,3 +508,28 @@ async def test_rank_shows_only_candidates_whose_embeddings_were_kept(
         assert shown == [(Ref(job_id, 0), 0), (Ref(job_id, 1), 1), (Ref(job_id, 3), 3)]
     finally:
         await db.close()
+
+
+async def test_a_pick_by_anyone_but_the_owner_teaches_nobodys_taste(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """U on another member's grid (an admin may press it) records pairs neither on the
+    presser's profile nor on the owner's; the owner's own presses, repeated, count once."""
+    core = await open_core(make_config(tmp_path), clock)
+    try:
+        personal = Personalize(core, TasteStore(core.db, clock))
+        job = await finished(core, (await core.scheduler.submit(ALICE, request())).id)
+        assert job.state is JobState.SUCCEEDED and job.result is not None
+        bob = Actor(BOB.user_id, guild_id=ALICE.guild_id)
+        await personal.picked(bob, job, 0)
+        assert (await personal.store.profile(BOB.user_id)).pairs == 0
+        assert (await personal.store.profile(ALICE.user_id)).pairs == 0
+        alice = Actor(ALICE.user_id, guild_id=ALICE.guild_id)
+        for _ in range(3):
+            await personal.picked(alice, job, 0)
+        await personal.picked(alice, job, 99)  # no such image: nothing
+        others = len(await core.db.read("SELECT 1 FROM candidate_embeddings")) - 1
+        assert others > 0
+        assert (await personal.store.profile(ALICE.user_id)).pairs == others
+    finally:
+        await core.close()
