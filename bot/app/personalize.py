@@ -21,10 +21,11 @@ from pathlib import Path
 from PIL import Image
 
 from bot.app.actions import Actor, UserError
+from bot.app.moderation import flagged_indices
 from bot.core.models import ImageExpired, Job, JobState
 from bot.core.service import Core
 from bot.core.taste import MIN_PAIRS, Profile, Ref, TasteStore
-from generation.contract import Personalization
+from generation.contract import MAX_CANDIDATES, Personalization
 from generation.prompt import ParsedPrompt
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,10 @@ class Personalize:
     # ----- /rank -----------------------------------------------------------------------
 
     async def next_round(self, actor: Actor, note: str = "") -> RankRound:
-        pair = await self.store.next_pair(actor.user_id, random.Random(), actor.guild_id)
+        shown = await self._shown_to(
+            actor, await self.store.rank_candidates(actor.user_id, actor.guild_id)
+        )
+        pair = await self.store.next_pair(actor.user_id, random.Random(), shown=shown)
         if pair is None:
             raise UserError(
                 "Nothing to compare yet: /rank shows two of your own images (or of this "
@@ -203,6 +207,24 @@ class Personalize:
         if ref.candidate not in job.result.candidate_indices:
             raise UserError("/rank: that image isn't one of the job's.")
         return job
+
+    async def _shown_to(
+        self, actor: Actor, candidates: Sequence[tuple[Ref, int]]
+    ) -> list[tuple[Ref, int]]:
+        """Without other members' images the safety filter flagged: Discord shows those
+        behind a spoiler and the web home's Explore not at all (their owner still sees them)."""
+        hidden: dict[int, set[int]] = {}
+        for ref, _ in candidates:
+            if ref.job_id in hidden:
+                continue
+            job = await self.core.jobs.get(ref.job_id)
+            if job is None:
+                hidden[ref.job_id] = set(range(MAX_CANDIDATES))
+            elif job.owner.user_id == actor.user_id:
+                hidden[ref.job_id] = set()
+            else:
+                hidden[ref.job_id] = await flagged_indices(self.core.jobs.data_dir, job)
+        return [(ref, pos) for ref, pos in candidates if pos not in hidden[ref.job_id]]
 
     async def _image_path(self, job_id: int, position: int) -> Path:
         job = await self.core.jobs.require(job_id)

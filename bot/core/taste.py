@@ -366,12 +366,17 @@ class TasteStore:
         )
 
     async def next_pair(
-        self, user_id: int, rng: random.Random | None = None, guild_id: int | None = None
+        self,
+        user_id: int,
+        rng: random.Random | None = None,
+        guild_id: int | None = None,
+        shown: Sequence[tuple[Ref, int]] | None = None,
     ) -> tuple[tuple[Ref, int], tuple[Ref, int]] | None:
-        """Two images to compare (`rank_candidates`), not compared before when possible;
-        None when fewer than two exist."""
+        """Two images to compare (`shown`, else `rank_candidates`), not compared before when
+        possible; None when fewer than two exist."""
         rng = rng or random.Random()
-        shown = await self.rank_candidates(user_id, guild_id)
+        if shown is None:
+            shown = await self.rank_candidates(user_id, guild_id)
         if len(shown) < 2:
             return None
         done = {

@@ -533,3 +533,38 @@ async def test_a_pick_by_anyone_but_the_owner_teaches_nobodys_taste(
         assert (await personal.store.profile(ALICE.user_id)).pairs == others
     finally:
         await core.close()
+
+
+async def test_rank_never_shows_another_members_flagged_image(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Images the safety filter flagged are posted behind a spoiler and kept out of the web
+    home's Explore for others; /rank's Explore fallback showed them in the clear, side by
+    side. The owner's own /rank still shows them (they are theirs)."""
+    core = await open_core(make_config(tmp_path), clock)
+    try:
+        personal = Personalize(core, TasteStore(core.db, clock))
+        job = await finished(
+            core, (await core.scheduler.submit(ALICE, request(num_candidates=8, num_kept=4))).id
+        )
+        assert job.state is JobState.SUCCEEDED and job.result is not None
+        await WebStore(core.db, clock).set_share(ALICE.user_id, True)
+        flags = job.image_path(core.jobs.data_dir, 0).parent / "moderation.json"
+        bob = Actor(BOB.user_id, guild_id=ALICE.guild_id)
+
+        flags.write_text(json.dumps({"flagged": [0, 1, 2]}))
+        with pytest.raises(UserError, match="Nothing to compare"):
+            await personal.next_round(bob)
+        flags.write_text(json.dumps({"flagged": [0, 1]}))
+        kept_candidates = {job.result.candidate_indices[p] for p in (2, 3)}
+        for _ in range(5):
+            shown = await personal.next_round(bob)
+            assert {shown.left.candidate, shown.right.candidate} == kept_candidates
+        flags.write_text("{not json")  # unreadable: every image counts as flagged
+        with pytest.raises(UserError, match="Nothing to compare"):
+            await personal.next_round(bob)
+        # Alice's own round may show her flagged images.
+        alice = Actor(ALICE.user_id, guild_id=ALICE.guild_id)
+        assert (await personal.next_round(alice)).left.job_id == job.id
+    finally:
+        await core.close()
