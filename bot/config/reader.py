@@ -38,7 +38,7 @@ class Reader:
             )
         # TOML spells inf and nan; no setting means anything by them, and a nan passes every
         # range check (all comparisons with it are false).
-        if kind is float and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{self.prefix}{key}: must be a finite number, got {value}")
         return value
 
