@@ -26,6 +26,7 @@ IMAGE_CACHE = "private, max-age=86400"
 # The image parameters shown on a job's page, in this order (the rest follow by name).
 SHOWN_FIRST = ("prompt", "negative_prompt", "model", "width", "height", "steps", "guidance")
 HIDDEN = {"inputs", "prompt", "negative_prompt"}
+PERSONALIZE = "personalize"
 
 
 def read_filter(query: Any) -> tuple[GalleryFilter, int | None]:
@@ -102,6 +103,9 @@ def _parameters(job: Job) -> list[tuple[str, str]]:
         value = data[key]
         if value in (None, "", [], ()):
             continue
+        if key == PERSONALIZE:
+            # The owner's taste, learned from their private ratings: whether, never the numbers.
+            value = "yes"
         shown.append((key.replace("_", " "), str(value)))
     return shown
 

@@ -5,6 +5,7 @@ the plain pages bad requests get."""
 from __future__ import annotations
 
 import html
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,7 +39,10 @@ async def world(
     tmp_path_factory: pytest.TempPathFactory, bot_engine_settings: Any, shared_engine: Any
 ) -> AsyncIterator[World]:
     data = tmp_path_factory.mktemp("web-security") / "data"
-    async with web_home(data, bot_engine_settings, shared_engine) as home:
+    # This module signs in some 25 times a minute from one address: above the shipped
+    # limit, which test_bad_requests_get_plain_pages_and_limits_get_429 checks on its own.
+    web = {"sign_in_per_minute": 100}
+    async with web_home(data, bot_engine_settings, shared_engine, web=web) as home:
         alice = home.fake.add_user("alice")
         bob = home.fake.add_user("bob")
         alice_grid = await home.imagine(alice, "a red fox in the snow", seed=1)
@@ -449,3 +453,43 @@ async def test_a_form_that_is_not_utf8_is_a_plain_400(world: World) -> None:
                 assert "Traceback" not in await response.text()
         assert (await http.get("/images", allow_redirects=False)).status == 200
     assert await store.share_choice(world.alice.id) == before
+
+
+async def test_a_shared_jobs_page_shows_no_taste_weights(world: World) -> None:
+    # A --p job's request carries its owner's taste (a direction learned from their private
+    # ratings): the page says it was personalized, and shows nobody the numbers.
+    db, store = world.home.bot.core.db, world.home.server.ctx.store
+    row = await db.read_one("SELECT request FROM jobs WHERE id = ?", (world.alice_job,))
+    assert row is not None
+    taste = {"weights": [0.8125, -0.4375, 0.0625], "space": "vit-l-14", "strength": 1.0}
+    tasted = json.dumps({**json.loads(row["request"]), "personalize": taste})
+    choice = await store.share_choice(world.alice.id)
+
+    async def set_request(text: str) -> None:
+        await db.transaction(
+            lambda txn: txn.execute(
+                "UPDATE jobs SET request = ? WHERE id = ?", (text, world.alice_job)
+            )
+        )
+
+    await set_request(tasted)
+    await store.set_share(world.alice.id, True)
+    try:
+        for user in (world.alice, world.bob):
+            http = await signed_in(world.home, user)
+            async with http:
+                page = await http.get(f"/jobs/{world.alice_job}")
+                assert page.status == 200, user.name
+                text = await text_of(page)
+            assert "0.8125" not in text and "vit-l-14" not in text, user.name
+            assert "<th>personalize</th><td>yes</td>" in text, user.name
+    finally:
+        await set_request(row["request"])
+        if choice is not None:
+            await store.set_share(world.alice.id, choice)
+        else:
+            await db.transaction(
+                lambda txn: txn.execute(
+                    "DELETE FROM explore_sharing WHERE user_id = ?", (world.alice.id,)
+                )
+            )
