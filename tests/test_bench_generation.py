@@ -1,6 +1,8 @@
 """The generation bench's compute figures: counted from the modules' shapes, they must match the
 published SD 1.5 costs (0.80 TFLOP per latent per UNet pass at 512², 2.5 TFLOP per decode)."""
 
+from pathlib import Path
+
 import pytest
 
 from bench.bench_generation import (
@@ -29,7 +31,7 @@ def test_sd15_costs_match_the_published_figures() -> None:
     assert job_tflop(per, unguided) < job_tflop(per, request) / 1.9
 
 
-def test_model_source_times_every_job_kind(tmp_path) -> None:
+def test_model_source_times_every_job_kind(tmp_path: Path, tiny_models: Path) -> None:
     """`--model-source DIR` on a diffusers folder (the tiny model here, real weights on a GPU):
     every kind is run through the engine, warmed up, timed `--repeats` times."""
     import json
@@ -39,13 +41,14 @@ def test_model_source_times_every_job_kind(tmp_path) -> None:
     from generation.tiny import ensure_tiny_clip, ensure_tiny_inpaint, ensure_tiny_sd
 
     out = tmp_path / "figures.json"
+    # The run's tiny models, not built again.
     argv = [
         "--model-source",
-        str(ensure_tiny_sd(tmp_path)),
+        str(ensure_tiny_sd(tiny_models)),
         "--clip-model",
-        str(ensure_tiny_clip(tmp_path)),
+        str(ensure_tiny_clip(tiny_models)),
         "--inpaint-source",
-        str(ensure_tiny_inpaint(tmp_path)),
+        str(ensure_tiny_inpaint(tiny_models)),
         "--size",
         "64",
         "--steps",

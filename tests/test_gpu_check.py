@@ -20,10 +20,13 @@ from generation.contract import Sampler
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_gpu_check_script_runs_every_step_at_tiny_sizes(tmp_path: Path) -> None:
+def test_the_gpu_check_script_runs_every_step_at_tiny_sizes(
+    tmp_path: Path, tiny_models: Path
+) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "out")}
     args = ["--tiny", "--models", "sd15", "--check-steps", "2", "--check-candidates", "1"]
-    args += ["--job-steps", "2", "--repeats", "1", "--cache-dir", str(tmp_path / "models")]
+    # The run's tiny models (and the tiny add-ons other tests built there), not built again.
+    args += ["--job-steps", "2", "--repeats", "1", "--cache-dir", str(tiny_models)]
     args += ["--compile", "--compile-backend", "eager"]
     done = subprocess.run(
         ["bash", str(REPO / "bench" / "gpu_check.sh"), *args],
