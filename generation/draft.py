@@ -57,6 +57,14 @@ def make_draft(request: GenerationRequest, *, steps: int, sampler: Sampler) -> G
         raise ValueError(f"--draft: a {request.kind.value} can't be a draft")
     if request.draft is not None:
         return request
+    if request.sampler in STOCHASTIC_SAMPLERS:
+        # Enhance renders with this sampler from the draft's seed, and it would draw another
+        # picture there: the member would pay for one that is not the draft they chose.
+        raise ValueError(
+            f"--draft: {request.sampler.value} adds fresh noise at every step, so ✨ Enhance "
+            "would draw another picture from the draft's seed; with --draft use a "
+            "deterministic sampler (--sampler dpmpp_2m, unipc or ddim), or leave --draft out"
+        )
     full = Draft(steps=request.steps, sampler=request.sampler)
     return replace(request, steps=min(steps, request.steps), sampler=sampler, draft=full)
 

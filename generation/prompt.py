@@ -408,7 +408,12 @@ def _parse(
     request = apply_trigger_words(request, settings)
     if "draft" in inline.values:
         full_steps, full_sampler = request.steps, request.sampler
-        request = make_draft(request, steps=settings.draft_steps, sampler=settings.draft_sampler)
+        try:
+            request = make_draft(
+                request, steps=settings.draft_steps, sampler=settings.draft_sampler
+            )
+        except ValueError as exc:
+            raise PromptError(inline.typed["draft"], str(exc)) from None
         notes.append(
             f"{inline.typed['draft']} → a draft: {request.steps} steps with "
             f"{request.sampler.a1111_name} (full quality: {full_steps} with "

@@ -394,7 +394,8 @@ def help_text(config: Config) -> str:
             f"{engine.draft_sampler.a1111_name}) for {credits.cost_draft_percent} % of the job's "
             "price; ✨ Enhance under a draft image renders that image at full quality from the "
             "same seed and prompt (an ordinary job at the full price). Upscales and edits "
-            "(Zoom, Pan, Make Square, Vary (Region)) work on the enhanced image, not the draft.",
+            "(Zoom, Pan, Make Square, Vary (Region)) work on the enhanced image, not the draft. "
+            "A draft needs a sampler that adds no noise (not euler_a, DDPM or SDE).",
             "**/shorten** `prompt` shows which words CLIP notices (bold) and barely notices "
             "(struck), and up to five shorter prompts; buttons 1–5 imagine one (charged as "
             f"/imagine). /shorten itself costs {credits.cost_shorten} credit"

@@ -126,3 +126,20 @@ async def test_a_drafts_reply_compares_prices_in_the_mode_it_runs_in(
     (note,) = [n for n in submitted.notes if "Draft:" in n]
     assert f"instead of {full_cost} {words} at full quality" in note, note
     await _finished(app, job.id)
+
+
+async def test_a_draft_of_a_sampler_that_adds_noise_is_refused_free_also_in_remix(
+    app: ImagineApp,
+) -> None:
+    before = (await app.core.credits.balance(ALICE.user_id)).available
+    with pytest.raises(UserError, match="euler_a adds fresh noise"):
+        await app.imagine(ALICE, "a red barn --draft --sampler euler_a")
+    (submitted,) = await app.imagine(ALICE, "a red barn --sampler euler_a")
+    grid = await _finished(app, submitted.job.id)
+    charged = (await app.core.credits.balance(ALICE.user_id)).available
+    assert charged == before - grid.cost
+    # 🔄 Remix and V Remix keep the job's sampler; --draft typed there is refused the same way.
+    for action, index in ((Action.REROLL, 0), (Action.VARY_STRONG, 1)):
+        with pytest.raises(UserError, match="euler_a adds fresh noise"):
+            await app.press(ALICE, grid.id, action, index, prompt="a red barn --draft")
+    assert (await app.core.credits.balance(ALICE.user_id)).available == charged

@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from generation.contract import Draft, GenerationRequest, JobKind, Sampler, UpscaleMode
-from generation.draft import STOCHASTIC_SAMPLERS, check_draft_sampler, enhance_request
+from generation.draft import (
+    STOCHASTIC_SAMPLERS,
+    check_draft_sampler,
+    enhance_request,
+    make_draft,
+)
+from generation.flags import PromptError
 from generation.prompt import parse_prompt
 from generation.requests import upscale_request
 from generation.settings import EngineSettings
@@ -111,3 +117,19 @@ def test_enhance_keeps_the_drafts_composition(engine, settings) -> None:
     for near, far in zip(enhanced_distances, other_distances, strict=True):
         assert near < 0.5 * far, (enhanced_distances, other_distances)
     assert JobKind.IMAGINE is draft.kind
+
+
+@pytest.mark.parametrize("sampler", sorted(s.value for s in STOCHASTIC_SAMPLERS))
+def test_a_draft_of_a_sampler_that_adds_noise_is_refused(sampler: str) -> None:
+    # ✨ Enhance renders with the job's own sampler from the draft's seed: one that adds fresh
+    # noise at every step draws another picture there (measured on the tiny model: enhanced vs
+    # its draft 3-4x further apart than with dpmpp_2m_karras), so the member would pay for a
+    # picture that is not the draft they chose.
+    with pytest.raises(PromptError, match=rf"--draft: {sampler} adds fresh noise") as refused:
+        parse(f"a red barn --draft --sampler {sampler}")
+    assert refused.value.flag == "--draft"
+    assert parse(f"a red barn --sampler {sampler}").sampler.value == sampler
+    with pytest.raises(ValueError, match="adds fresh noise"):
+        make_draft(
+            parse(f"a red barn --sampler {sampler}"), steps=8, sampler=SETTINGS.draft_sampler
+        )
