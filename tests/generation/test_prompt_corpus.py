@@ -68,7 +68,7 @@ _ALIASES = {
 # The Midjourney parameters, of any version, that have no Stable Diffusion equivalent here
 # (and --w, which is --weird unless --h comes with it).
 IGNORED = {"v", "niji", "style", "raw", "s", "w", "exp", "sv"}
-IGNORED |= {"p", "sameseed", "zoom", "fast", "relax", "turbo"}
+IGNORED |= {"sameseed", "zoom"}
 # Pictures and their weights (generation.references): links become image_refs, Midjourney's
 # numeric style codes and weights without a picture are ignored with a note.
 REFERENCES = {"iw", "sref", "sw", "oref", "ow", "cref", "cw"}
@@ -78,6 +78,9 @@ IGNORED |= {"wallpaper", "vibe"}
 # The parameters that change the job (honoured, or mapped to an equivalent).
 USED = {"ar", "seed", "no", "steps", "cfg", "sampler", "model", "q", "c", "tile", "stop", "r"}
 USED |= {"draft"}
+# Honoured by the bot: --p asks for the member's taste (or the profiles named), the speed flags
+# choose the job's mode.
+USED |= {"p", "fast", "relax", "turbo"}
 
 
 def flags_of(line: str) -> list[tuple[str, str]]:
@@ -92,7 +95,8 @@ def conflicting(line: str) -> set[str]:
     """The used flags given twice with different values: only those can conflict."""
     values: dict[str, set[str]] = defaultdict(set)
     for name, value in flags_of(line):
-        if name in USED:
+        # Profile codes add up (`--p a --p b` blends both); only values that replace conflict.
+        if name in USED and name != "p":
             values[name].add(value)
     return {name for name, seen in values.items() if len(seen) > 1}
 
@@ -166,6 +170,12 @@ def test_every_corpus_prompt_parses(number: int, line: str) -> None:
             assert request.stop_percent == int(value)
         if name == "r":
             assert parsed.repeat == int(value)
+        if name == "p":
+            assert parsed.personalize is not None
+            if value and not value.startswith("-"):
+                assert value in parsed.personalize, (value, parsed.personalize)
+        if name in {"fast", "relax", "turbo"}:
+            assert parsed.speed == name
         if name == "draft":
             assert request.draft is not None and request.steps < request.draft.steps
     if "r" not in names:
