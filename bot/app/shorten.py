@@ -10,7 +10,7 @@ refusal costs: nothing, and nothing is queued.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bot.app.actions import Actor, Submitted, UserError
 from bot.config import Config
@@ -123,10 +123,17 @@ def shortened(job: Job) -> Shortened | None:
 _BAR_CELLS = 8
 
 
-def shorten_text(job: Job, notes: Sequence[str] = ()) -> str:
+def shorten_text(
+    job: Job, notes: Sequence[str] = (), refused: Callable[[str], bool] | None = None
+) -> str:
     """The /shorten result: the prompt's words weighted (bold: what CLIP leans on most,
     struck through: what it barely notices), each phrase's weight as a bar, and the shorter
-    prompts with how close each stays."""
+    prompts with how close each stays.
+
+    `refused` is the prompt filter: taking words out can make a phrase it refuses out of a
+    prompt it let through ("naked happy child" → "naked child"), and the result is posted for
+    the channel to read, so such a prompt is shown hidden (its button is refused when pressed,
+    since the press runs the filter like any /imagine)."""
     found = shortened(job)
     lines = [f"**Shorten — job {job.id}**"]
     if found is None:
@@ -144,6 +151,9 @@ def shorten_text(job: Job, notes: Sequence[str] = ()) -> str:
     for number, (prompt, similarity) in enumerate(
         zip(found.prompts, found.similarities, strict=True), 1
     ):
+        if refused is not None and refused(prompt):
+            lines.append(f"**{number}.** *(hidden: the server's prompt filter refuses it)*")
+            continue
         lines.append(f"**{number}.** `{_code(prompt, 180)}` — {similarity:.0%}")
     lines.append(
         f"Press 1–{len(found.prompts)} to imagine one (an ordinary job, charged as /imagine). "

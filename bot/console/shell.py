@@ -287,7 +287,9 @@ class Shell:
             return
         self.last_job = job.id
         if job.kind is JobKind.SHORTEN:
-            self.say(shorten_text(job))
+            self.say(
+                shorten_text(job, refused=lambda t: self.app.prompt_filter.check(t) is not None)
+            )
             self.say("  next: shorter N imagines shorter prompt N")
             return
         self.say(render.result_text(job))

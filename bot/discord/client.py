@@ -138,6 +138,7 @@ class ImagineBot(commands.AutoShardedBot):
             is_flagged=self.flagged,
             fits_for=fits_for(self.app),
             page_url=lambda job: job_page_url(config.web, job.id),
+            prompt_refused=lambda text: self.app.prompt_filter.check(text) is not None,
         )
         self.health = await start_health_server(
             config.metrics, self.core, {"gateway": self.gateway_check}

@@ -139,6 +139,7 @@ class Delivery:
         fits_for: Callable[[Job], Fits],
         position_edit_interval_s: float = POSITION_EDIT_INTERVAL_S,
         page_url: Callable[[Job], str | None] | None = None,
+        prompt_refused: Callable[[str], bool] | None = None,
     ) -> None:
         """`find_channel` returns None for a channel that is gone or hidden from the bot (and
         raises on transient errors); `open_dm` opens a DM channel with a user; `message_at`
@@ -149,6 +150,8 @@ class Delivery:
         self.progress_edit_interval_s = progress_edit_interval_s
         self.position_edit_interval_s = position_edit_interval_s
         self._find_channel = find_channel
+        # The prompt filter, for text the bot shows that no member typed (/shorten's prompts).
+        self._prompt_refused = prompt_refused
         self._open_dm = open_dm
         self._message_at = message_at
         self._own_user_id = own_user_id
@@ -391,7 +394,8 @@ class Delivery:
             content, view = describe_text(job, notes), describe_view(job)
         if succeeded and job.kind is JobKind.SHORTEN:
             # The words weighted and the shorter prompts with their buttons (views/shorten.py).
-            content, view = shorten_text(job, notes), shorten_view(job)
+            content = shorten_text(job, notes, self._prompt_refused)
+            view = shorten_view(job)
 
         if target is not None and not target.broken:
             try:

@@ -237,3 +237,37 @@ async def test_shorten_refuses_privately_what_it_cant_weigh(
             assert not [m for m in fake.messages if not m.ephemeral]
             assert await available(bot, alice.id) == start
             assert not await bot.core.scheduler.user_jobs(alice.id)
+
+
+async def test_a_shorter_prompt_the_filter_refuses_is_shown_hidden(
+    tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
+) -> None:
+    # Taking words out can make a phrase the filter refuses out of a prompt it let through. This
+    # server refuses any prompt of fewer than seven words: the typed prompt passes, every shorter
+    # prompt (each lacks a word) is refused.
+    whole = r"^(?!(\S+\s+){6}\S+)"
+    async with FakeDiscord() as fake:
+        alice = fake.add_user("alice")
+        bot = make_bot(
+            fake,
+            tmp_path / "data",
+            bot_engine_settings,
+            shared_engine,
+            moderation={"banned_patterns": [whole]},
+        )
+        async with fake.run_bot(bot):
+            command = await fake.slash(alice, "shorten", prompt="a red cat, sitting on a mat")
+            result = await command.wait_followup(is_shorten_result, timeout=JOB_TIMEOUT_S)
+            job = await stored(bot, int(result.custom_ids[0].split(":")[2]))
+            assert job.result is not None and job.result.texts
+            for n, shorter in enumerate(job.result.texts, 1):
+                assert f"`{shorter}` —" not in result.content
+                assert f"**{n}.** *(hidden: the server's prompt filter refuses it)*" in (
+                    result.content
+                )
+            # Its button runs the filter like any /imagine: refused privately, nothing charged.
+            start = await available(bot, alice.id)
+            press = await fake.click(alice, result, label="1")
+            refusal = await press.wait_followup(lambda m: m.ephemeral, timeout=JOB_TIMEOUT_S)
+            assert "match" in refusal.content.lower() or "filter" in refusal.content.lower()
+            assert await available(bot, alice.id) == start
