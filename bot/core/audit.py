@@ -130,11 +130,11 @@ class AuditLog:
         if len(kinds) > 20:
             raise ValueError(f"kinds: at most 20, got {len(kinds)}")
         # NULL matches every row: "? IS NULL OR column = ?" keeps the statement constant but
-        # for the kinds' placeholders.
-        kind_clause = f"kind IN ({', '.join('?' * len(kinds))})" if kinds else "1"
+        # for the kinds' placeholders (no kinds: the leading ? is true, `IN ()` never asked).
+        kind_marks = ", ".join("?" for _ in kinds)
         rows = await self._db.read(
             "SELECT * FROM audit WHERE (? IS NULL OR user_id = ?) AND (? IS NULL OR guild_id = ?) "
-            f"AND {kind_clause} AND (? IS NULL OR created_at >= ?) "
+            f"AND (? OR kind IN ({kind_marks})) AND (? IS NULL OR created_at >= ?) "
             "AND (? IS NULL OR created_at < ?) AND (? IS NULL OR id < ?) "
             "ORDER BY id DESC LIMIT ?",
             (
@@ -142,6 +142,7 @@ class AuditLog:
                 user_id,
                 guild_id,
                 guild_id,
+                not kinds,
                 *kinds,
                 to_db(since),
                 to_db(since),

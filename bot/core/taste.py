@@ -327,11 +327,11 @@ class TasteStore:
         embedded: set[tuple[int, int]] = set()
         for start in range(0, len(rows), 500):
             ids = [int(row["id"]) for row in rows[start : start + 500]]
+            marks = ", ".join("?" for _ in ids)
             embedded.update(
                 (int(r["job_id"]), int(r["candidate"]))
                 for r in await self._db.read(
-                    "SELECT job_id, candidate FROM candidate_embeddings WHERE job_id IN "
-                    f"({', '.join('?' * len(ids))})",
+                    f"SELECT job_id, candidate FROM candidate_embeddings WHERE job_id IN ({marks})",
                     ids,
                 )
             )
@@ -356,12 +356,12 @@ class TasteStore:
         """Other members' rankable jobs in the server's Explore: their own share switch, or
         the server's default for those who never chose (as the web home's Explore page)."""
         return await self._db.read(
-            "SELECT j.id, j.result FROM jobs j "
-            "LEFT JOIN explore_sharing s ON s.user_id = j.user_id "
-            "LEFT JOIN explore_defaults d ON d.guild_id = j.guild_id "
-            "WHERE j.guild_id = :g AND (:u IS NULL OR j.user_id != :u) AND "
-            "(:j IS NULL OR j.id = :j) AND coalesce(s.share, d.share, 0) = 1 AND "
-            f"{_RANKABLE.replace('jobs.', 'j.')} ORDER BY j.id DESC LIMIT :n",
+            "SELECT jobs.id, jobs.result FROM jobs "
+            "LEFT JOIN explore_sharing s ON s.user_id = jobs.user_id "
+            "LEFT JOIN explore_defaults d ON d.guild_id = jobs.guild_id "
+            "WHERE jobs.guild_id = :g AND (:u IS NULL OR jobs.user_id != :u) AND "
+            "(:j IS NULL OR jobs.id = :j) AND coalesce(s.share, d.share, 0) = 1 AND "
+            f"{_RANKABLE} ORDER BY jobs.id DESC LIMIT :n",
             {"g": guild_id, "u": user_id, "j": job_id, "n": limit},
         )
 

@@ -108,7 +108,7 @@ def test_main_reads_the_token_then_drops_it(
 
     seen: dict[str, Any] = {}
 
-    async def run_discord(config: Any, token: str) -> None:
+    async def run_discord(config: Any, token: str, **companions: Any) -> None:
         # Where the bot would connect and start its workers: the token is an argument only.
         seen["token"] = token
         seen["environ"] = os.environ.get("DISCORD_TOKEN")

@@ -139,7 +139,7 @@ def test_w_alone_is_weird_and_h_alone_is_noted() -> None:
 
 
 LEGACY_SWITCHES = ["hd", "test", "testp", "beta", "uplight", "upbeta", "upanime", "creative"]
-LEGACY_SWITCHES += ["wallpaper", "vibe", "sameseed", "video", "fast", "relax", "turbo"]
+LEGACY_SWITCHES += ["wallpaper", "vibe", "sameseed", "video"]
 LEGACY_SWITCHES += ["private", "public", "stealth"]
 
 
@@ -155,6 +155,18 @@ def test_legacy_quality_5_keeps_the_default_steps() -> None:
     parsed = parse(f"{PLAIN} --q 5 --v 3")
     assert parsed.request.steps == 30
     assert parsed.notes[-1] == "--q 5 → 30 steps, the default (more steps add no detail here)"
+
+
+@pytest.mark.parametrize("name", ["fast", "relax", "turbo"])
+@pytest.mark.parametrize("spelling", [str.lower, str.upper, str.capitalize])
+def test_speed_switches_in_any_capitalisation_choose_the_mode(
+    name: str, spelling: type[str]
+) -> None:
+    # Honoured, no longer ignored: the job is the plain one, run in the mode named.
+    parsed = parse(f"{PLAIN} --{spelling(name)}")  # type: ignore[operator]
+    assert same_job_as_plain(parsed)
+    assert parsed.speed == name
+    assert not any("ignored" in note for note in parsed.notes)
 
 
 def test_capitalised_used_flags_are_honoured() -> None:

@@ -13,9 +13,7 @@ from generation.taste import expand, project, space_for
 from tests.generation.helpers import imagine
 
 
-def test_a_job_returns_every_candidates_embedding_compact(
-    engine, settings: EngineSettings
-) -> None:
+def test_a_job_returns_every_candidates_embedding_compact(engine, settings: EngineSettings) -> None:
     result = engine.generate(imagine(num_candidates=6, num_kept=2))
     packed = result.embeddings
     assert packed is not None and not result.personalized
