@@ -24,6 +24,9 @@ def test_the_gpu_check_script_runs_every_step_at_tiny_sizes(
     tmp_path: Path, tiny_models: Path
 ) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "out")}
+    # One thread, as each test worker has (tests/conftest.py): on a machine whose cores the
+    # other workers keep busy, a second thread mostly spins waiting for the first.
+    env["OMP_NUM_THREADS"] = "1"
     args = ["--tiny", "--models", "sd15", "--check-steps", "2", "--check-candidates", "1"]
     # The run's tiny models (and the tiny add-ons other tests built there), not built again.
     args += ["--job-steps", "2", "--repeats", "1", "--cache-dir", str(tiny_models)]

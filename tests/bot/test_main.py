@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -60,18 +61,24 @@ def test_bad_config_is_one_clear_line_and_exit_2(
     assert "secret-token-value" not in result.stderr + result.stdout
 
 
-def test_shell_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
+def test_shell_runs_the_main_job_end_to_end(tmp_path: Path, tiny_models: Path) -> None:
     """The README's first command on a machine with no token: the real worker process and
     the tiny model, commands piped in, images written where the shell says."""
     config = tmp_path / "config.toml"
     text = (REPO / "config.toml").read_text()
     text = text.replace('data_dir = "data"', 'data_dir = "data"\n', 1)
+    # The run's tiny models (a worker that builds them on first use: tests/core/test_real_engine).
+    text = text.replace('cache_dir = "models"', f"cache_dir = {json.dumps(str(tiny_models))}", 1)
+    assert str(tiny_models) in text
     text = re.sub(r"default_steps = \d+", "default_steps = 3", text)
     text = re.sub(r"candidates = \d+", "candidates = 4", text)
     text = re.sub(r"command_cooldown_s = [\d.]+", "command_cooldown_s = 0.0", text)
     config.write_text(text)
     commands = "/imagine a red fox --ar 3:2 --seed 5 --v 6\n/balance\nU2\nupscale subtle\n"
-    result = run_bot("--shell", "--config", str(config), input=commands)
+    # One torch thread, as each test worker has (tests/conftest.py): on cores the other workers
+    # keep busy, a second thread mostly spins waiting for the first.
+    threads = {"OMP_NUM_THREADS": "1"}
+    result = run_bot("--shell", "--config", str(config), input=commands, env=threads)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "--v 6" in out or "--v" in out  # the ignored flag is noted

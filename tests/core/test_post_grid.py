@@ -67,17 +67,19 @@ def test_a_coalesced_progress_update_keeps_the_last_preview() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
+def tiny_engine(tiny_models: Path) -> EngineSettings:
     from generation.tiny import tiny_engine_settings
 
-    return tiny_engine_settings(
-        tmp_path_factory.mktemp("preview-models"), 64, preview_interval_s=0.0
-    )
+    # The run's tiny models, not built again here.
+    return tiny_engine_settings(tiny_models, 64, preview_interval_s=0.0)
 
 
 async def test_previews_cross_a_process_worker_into_the_progress_events(
-    tmp_path: Path, tiny_engine: EngineSettings
+    tmp_path: Path, tiny_engine: EngineSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # One torch thread in the worker process, as each test worker has (tests/conftest.py): on
+    # cores the other test workers keep busy, a second thread mostly spins.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = dataclasses.replace(make_config(tmp_path), engine=tiny_engine)
     worker = ProcessWorker(config.engine, config.data_dir, REAL_ENGINE, startup_timeout_s=300)
     core = await open_core(config, workers=[worker])

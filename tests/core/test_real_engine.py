@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from bot.core import JobKind, JobState, Owner, ProcessWorker
@@ -14,7 +15,12 @@ from generation.requests import variation_request
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 
 
-async def test_real_tiny_engine_in_the_worker_process(tmp_path: Path) -> None:
+async def test_real_tiny_engine_in_the_worker_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One torch thread in the worker process, as each test worker has (tests/conftest.py): on
+    # cores the other test workers keep busy, a second thread mostly spins.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = make_config(tmp_path)
     config = dataclasses.replace(
         config, engine=dataclasses.replace(config.engine, device="cpu", extra={})
