@@ -457,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         max_pixels=max(largest * largest, 64 * 64),
         max_steps=max(steps, 1),
+        draft_steps=min(EngineSettings.draft_steps, max(steps, 1)),
         max_loaded_models=1,
         local_files_only=True,
     )

@@ -155,6 +155,8 @@ def run(args: Any) -> list[dict[str, Any]]:
         dtype=args.dtype,
         max_pixels=max(int(side * side * 1.5), 64 * 64),
         max_steps=max(steps, 1),
+        # A draft runs at most the job's steps: the bench's step count caps it too.
+        draft_steps=min(EngineSettings.draft_steps, max(steps, 1)),
         local_files_only=True,
     )
     engine = create_engine(settings)
