@@ -145,6 +145,9 @@ def test_unknown_lora_is_refused_before_any_work(lora_engine: DiffusersEngine) -
 
 
 def test_lora_dtype_follows_the_model(lora_engine: DiffusersEngine) -> None:
+    # A job with a LoRA first: in random order this may be the module's first test, or follow
+    # one that unloaded every adapter, and then the UNet has no LoRA layers to look at.
+    lora_engine.generate(imagine(loras=(LoraWeight("ink", 1.0),)))
     unet = lora_engine.pipelines("tiny")[0].unet
     lora_params = [p for name, p in unet.named_parameters() if "lora_" in name]
     assert lora_params and all(p.dtype == torch.float32 for p in lora_params)
