@@ -41,7 +41,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        # The processes the tests start (workers, `python -m bot`, scripts) too: each would
+        # otherwise run torch on every core, spinning on cores the other test workers use.
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

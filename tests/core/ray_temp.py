@@ -38,8 +38,11 @@ def private_ray_temp() -> Iterator[Path]:
             f"temp folder {root} is too long for Ray's socket paths; set TMPDIR to a short one"
         )
     environment = {**THROWAWAY_CLUSTER, "RAY_TMPDIR": str(root)}
-    saved = {key: os.environ.get(key) for key in environment}
+    saved = {key: os.environ.get(key) for key in (*environment, "OMP_NUM_THREADS")}
     os.environ.update(environment)
+    # Ray sets each actor's OMP_NUM_THREADS from the CPUs it takes, unless the environment
+    # already names one (tests/conftest.py does, for the processes a parallel run starts).
+    os.environ.pop("OMP_NUM_THREADS", None)
     temp_dir = root / "ray"
     temp_dir.mkdir()
     try:
