@@ -189,8 +189,6 @@ class ImagineApp(AfterGrid, Shortening):
             parsed = self.parse_jobs(
                 expanded, replace(options, control_image=stand_in), model, defaults
             )
-            # --p (or the /settings default): a code naming no profile refuses here, free.
-            parsed, taste_notes = await self.personal.apply(actor, parsed, prefs.personalize)
             # Only what is asked for is filtered: "--no gore" steers away from what it names.
             # (A blend's placeholder, in a prompt of pictures only, is not the member's.)
             for prompt in dict.fromkeys(job.request.prompt for job in parsed if not job.wordless):
@@ -205,6 +203,9 @@ class ImagineApp(AfterGrid, Shortening):
             # --fast/--relax/--turbo, else the member's mode: it sets the cost and the queue.
             mode = await self.modes.mode_for(actor, speed_mode([job.speed for job in parsed]))
             await self._check_submit(actor, [job.request for job in parsed], mode)
+            # --p (or the /settings default), once the command may go ahead (a refit is CPU
+            # work): a code naming no profile refuses here, free.
+            parsed, taste_notes = await self.personal.apply(actor, parsed, prefs.personalize)
             parsed = await self._fetch_pictures(actor, parsed, attachments, control_image, link)
             jobs = await self._submit(
                 actor, [job.request for job in parsed], JobKind.IMAGINE, None, False, mode
