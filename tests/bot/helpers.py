@@ -4,17 +4,22 @@ Discord, and the small questions they ask of its messages, its ledger and its de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import logging
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from bot.app.application import ImagineApp, open_core
 from bot.app.logs import setup_logging
+from bot.config import Config
+from bot.core import InProcessWorker
 from bot.discord.client import ImagineBot
 from tests.bot.conftest import bot_config, in_process_workers
 from tests.fakediscord import FakeDiscord
@@ -34,6 +39,19 @@ def make_bot(
         core_options={"workers": in_process_workers(config, engine)},
         guild_ready_timeout=0.05,
     )
+
+
+@contextlib.asynccontextmanager
+async def app_over(config: Config, engine: Any) -> AsyncIterator[ImagineApp]:
+    """The app with no front end over a real core whose one worker runs `engine` in this
+    process; seeds 100, 101, … in the order jobs ask."""
+    worker = InProcessWorker(config.engine, config.data_dir, lambda _settings: engine)
+    core = await open_core(config, lambda _c: False, workers=[worker])
+    seeds = iter(range(100, 10_000))
+    try:
+        yield ImagineApp(config, core, seed_source=lambda: next(seeds))
+    finally:
+        await core.close()
 
 
 def is_grid(message: Message) -> bool:

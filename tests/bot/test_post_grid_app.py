@@ -16,15 +16,16 @@ import pytest
 from PIL import Image
 
 from bot.app.actions import Action, Actor, UserError
-from bot.app.application import ImagineApp, open_core
+from bot.app.application import ImagineApp
 from bot.config import Config, parse_config
-from bot.core import InProcessWorker, Job, JobKind, JobState
+from bot.core import Job, JobKind, JobState
 from bot.core.credits import job_cost
 from generation.contract import PanDirection, Region, UpscaleMode
 from generation.images import parse_a1111_parameters, read_parameters
 from generation.outpaint import seam_feather_px
 from generation.requests import upscale_request
 from generation.settings import EngineSettings
+from tests.bot.helpers import app_over
 
 ALICE = Actor(user_id=21, guild_id=1, channel_id=2)
 BOB = Actor(user_id=22, guild_id=1, channel_id=2)
@@ -33,11 +34,11 @@ MAX_PIXELS = 128 * 64
 
 
 @pytest.fixture(scope="module")
-def engine_settings(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
+def engine_settings(tiny_models: Path) -> EngineSettings:
     from generation.tiny import tiny_engine_settings
 
     return tiny_engine_settings(
-        tmp_path_factory.mktemp("post-grid-models"),
+        tiny_models,  # the run's tiny models, built once
         64,
         default_steps=2,
         num_candidates=2,
@@ -69,12 +70,8 @@ def _config(tmp_path: Path, engine: EngineSettings) -> Config:
 async def app(
     tmp_path: Path, engine_settings: EngineSettings, engine: Any
 ) -> AsyncIterator[ImagineApp]:
-    config = _config(tmp_path, engine_settings)
-    worker = InProcessWorker(config.engine, config.data_dir, lambda _settings: engine)
-    core = await open_core(config, lambda _c: False, workers=[worker])
-    seeds = iter(range(100, 10_000))
-    yield ImagineApp(config, core, seed_source=lambda: next(seeds))
-    await core.close()
+    async with app_over(_config(tmp_path, engine_settings), engine) as opened:
+        yield opened
 
 
 async def _finished(app: ImagineApp, job_id: int) -> Job:
