@@ -22,7 +22,7 @@ from bot.config import Config
 from bot.core import InProcessWorker
 from bot.discord.client import ImagineBot
 from tests.bot.conftest import bot_config, in_process_workers
-from tests.fakediscord import FakeDiscord
+from tests.fakediscord import FakeDiscord, FakeInteraction
 from tests.fakediscord.model import Message, User
 
 JOB_TIMEOUT_S = 60.0
@@ -52,6 +52,14 @@ async def app_over(config: Config, engine: Any) -> AsyncIterator[ImagineApp]:
         yield ImagineApp(config, core, seed_source=lambda: next(seeds))
     finally:
         await core.close()
+
+
+async def private_answer(interaction: FakeInteraction) -> str:
+    """The text of the answer to `interaction`, which must be private (ephemeral)."""
+    await interaction.wait_acked()
+    message = await interaction.wait_message(lambda m: bool(m.content))
+    assert message.ephemeral
+    return message.content
 
 
 def is_grid(message: Message) -> bool:

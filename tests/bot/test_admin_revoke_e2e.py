@@ -7,15 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.bot.helpers import assert_ledger_consistent, make_bot
-from tests.fakediscord import MANAGE_GUILD, FakeDiscord, FakeInteraction
-
-
-async def _answer(interaction: FakeInteraction) -> str:
-    await interaction.wait_acked()
-    message = await interaction.wait_message(lambda m: bool(m.content))
-    assert message.ephemeral
-    return message.content
+from tests.bot.helpers import assert_ledger_consistent, make_bot, private_answer
+from tests.fakediscord import MANAGE_GUILD, FakeDiscord
 
 
 async def test_an_owner_takes_granted_credits_back_and_a_server_admin_cannot(
@@ -27,15 +20,15 @@ async def test_an_owner_takes_granted_credits_back_and_a_server_admin_cannot(
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
             grant = await fake.slash(fake.owner, "admin credits grant", user=alice, amount=10)
-            assert "Granted 10" in await _answer(grant)
+            assert "Granted 10" in await private_answer(grant)
             revoke = await fake.slash(
                 fake.owner, "admin credits revoke", user=alice, amount=4, reason="double prize"
             )
-            assert "granted balance now 6" in await _answer(revoke)
+            assert "granted balance now 6" in await private_answer(revoke)
             too_many = await fake.slash(fake.owner, "admin credits revoke", user=alice, amount=7)
-            assert "has 6 granted credits, fewer than 7" in await _answer(too_many)
+            assert "has 6 granted credits, fewer than 7" in await private_answer(too_many)
             refused = await fake.slash(moderator, "admin credits revoke", user=alice, amount=1)
-            assert "only the bot's owners" in await _answer(refused)
+            assert "only the bot's owners" in await private_answer(refused)
 
             rows = await bot.core.db.read(
                 "SELECT kind, granted_delta, actor_id, reason FROM ledger "

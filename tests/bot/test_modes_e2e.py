@@ -17,15 +17,9 @@ from tests.bot.helpers import (
     is_grid,
     job_id_of,
     make_bot,
+    private_answer,
 )
-from tests.fakediscord import MANAGE_GUILD, FakeDiscord, FakeInteraction
-
-
-async def _private(interaction: FakeInteraction) -> str:
-    await interaction.wait_acked()
-    message = await interaction.wait_message(lambda m: bool(m.content))
-    assert message.ephemeral
-    return message.content
+from tests.fakediscord import MANAGE_GUILD, FakeDiscord
 
 
 async def test_relax_then_imagine_says_relax_and_moves_no_credits(
@@ -35,7 +29,7 @@ async def test_relax_then_imagine_says_relax_and_moves_no_credits(
         alice = fake.add_user("alice")
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
-            chosen = await _private(await fake.slash(alice, "relax"))
+            chosen = await private_answer(await fake.slash(alice, "relax"))
             assert "Relax mode on" in chosen and "free" in chosen
 
             job = await fake.slash(alice, "imagine", prompt="a quiet harbour", seed=5)
@@ -52,7 +46,7 @@ async def test_relax_then_imagine_says_relax_and_moves_no_credits(
             assert {e.kind for e in rows} == {LedgerKind.HOLD, LedgerKind.SETTLE}
             assert all(e.amount == 0 for e in rows)
 
-            balance = await _private(await fake.slash(alice, "balance"))
+            balance = await private_answer(await fake.slash(alice, "balance"))
             assert "Mode: 🐢 relax" in balance and "1 of 30 relax jobs used today" in balance
 
             # --fast in the prompt wins over the member's mode for that job, and is charged.
@@ -72,18 +66,22 @@ async def test_relax_switched_off_by_a_server_admin_is_refused_privately(
         moderator = fake.add_user("moderator", permissions=MANAGE_GUILD)
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
-            switched = await _private(await fake.slash(moderator, "relax-server", enabled=False))
+            switched = await private_answer(
+                await fake.slash(moderator, "relax-server", enabled=False)
+            )
             assert "Relax mode is off in this server" in switched
 
-            refused = await _private(await fake.slash(alice, "relax"))
+            refused = await private_answer(await fake.slash(alice, "relax"))
             assert "Relax mode is switched off in this server" in refused
-            flagged = await _private(await fake.slash(alice, "imagine", prompt="a harbour --relax"))
+            flagged = await private_answer(
+                await fake.slash(alice, "imagine", prompt="a harbour --relax")
+            )
             assert "Relax mode is switched off in this server" in flagged
             assert await bot.core.jobs.for_user(alice.id) == []
             assert await available(bot, alice.id) == ALLOWANCE
             assert await bot.core.scheduler.modes.member_mode(alice.id) is Mode.FAST
 
-            await _private(await fake.slash(moderator, "relax-server", enabled=True))
+            await private_answer(await fake.slash(moderator, "relax-server", enabled=True))
             job = await fake.slash(alice, "imagine", prompt="a harbour --relax")
             grid = await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
             assert (await bot.core.jobs.require(job_id_of(grid))).mode is Mode.RELAX
@@ -107,9 +105,11 @@ async def test_relax_caps_are_refused_privately_and_charge_nothing(
             # No credits at all: relax still runs.
             job = await fake.slash(alice, "imagine", prompt="a harbour --relax")
             await job.wait_original(is_grid, timeout=JOB_TIMEOUT_S)
-            capped = await _private(await fake.slash(alice, "imagine", prompt="a pier --relax"))
+            capped = await private_answer(
+                await fake.slash(alice, "imagine", prompt="a pier --relax")
+            )
             assert "Relax limit reached: 1 relax jobs a day" in capped
-            broke = await _private(await fake.slash(alice, "imagine", prompt="a pier"))
+            broke = await private_answer(await fake.slash(alice, "imagine", prompt="a pier"))
             assert "Not enough credits" in broke
             assert len(await bot.core.jobs.for_user(alice.id)) == 1
             await assert_ledger_consistent(bot)

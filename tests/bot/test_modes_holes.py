@@ -19,10 +19,11 @@ from tests.bot.helpers import (
     is_grid,
     job_id_of,
     make_bot,
+    private_answer,
 )
 from tests.bot.test_discord_post_grid import finished_reply, imagined_grid, separated
 from tests.bot.test_modes_app import ALICE, _app, _finished, _with_modes
-from tests.fakediscord import MANAGE_GUILD, FakeDiscord, FakeInteraction
+from tests.fakediscord import MANAGE_GUILD, FakeDiscord
 
 
 async def test_a_speed_flag_in_a_remix_prompt_sets_that_jobs_mode(tmp_path: Path) -> None:
@@ -68,9 +69,9 @@ async def test_relax_server_reaches_only_its_own_server_and_only_its_managers(
             discord={"guild_ids": [fake.guild_id, second.id], "refusal_limit": 1000},
         )
         async with fake.run_bot(bot):
-            refused = await _private(await fake.slash(mallory, "relax-server", enabled=False))
+            refused = await private_answer(await fake.slash(mallory, "relax-server", enabled=False))
             assert "Only this server's managers" in refused
-            off = await _private(
+            off = await private_answer(
                 await fake.slash(
                     second_admin, "relax-server", channel=second.general, enabled=False
                 )
@@ -86,13 +87,6 @@ async def test_relax_server_reaches_only_its_own_server_and_only_its_managers(
             await assert_ledger_consistent(bot)
 
 
-async def _private(interaction: FakeInteraction) -> str:
-    await interaction.wait_acked()
-    message = await interaction.wait_message(lambda m: bool(m.content))
-    assert message.ephemeral
-    return message.content
-
-
 async def test_custom_zoom_with_relax_in_its_form_runs_relax_for_a_turbo_member(
     tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
 ) -> None:
@@ -100,7 +94,7 @@ async def test_custom_zoom_with_relax_in_its_form_runs_relax_for_a_turbo_member(
         alice = fake.add_user("alice")
         bot = make_bot(fake, tmp_path / "data", bot_engine_settings, shared_engine)
         async with fake.run_bot(bot):
-            assert "Turbo mode on" in await _private(await fake.slash(alice, "turbo"))
+            assert "Turbo mode on" in await private_answer(await fake.slash(alice, "turbo"))
             grid = await imagined_grid(fake, alice, "a red fox", seed=3)
             assert (await bot.core.jobs.require(job_id_of(grid))).mode is Mode.TURBO
             image = await separated(fake, alice, grid, 2)

@@ -11,8 +11,8 @@ import pytest
 from bot.app.refusals import RefusalLimiter
 from bot.discord.client import ImagineBot
 from tests.bot.conftest import bot_config, in_process_workers
-from tests.bot.helpers import imagined_grid
-from tests.fakediscord import FakeDiscord, FakeInteraction
+from tests.bot.helpers import imagined_grid, private_answer
+from tests.fakediscord import FakeDiscord
 
 COOLED = "Too many refused commands"
 
@@ -50,13 +50,6 @@ def test_members_who_went_quiet_are_forgotten_when_many_are_tracked(
     assert set(limiter._times) == {4}
 
 
-async def _answer(interaction: FakeInteraction) -> str:
-    await interaction.wait_acked()
-    message = await interaction.wait_message(lambda m: bool(m.content))
-    assert message.ephemeral
-    return message.content
-
-
 async def test_a_member_spamming_refused_commands_is_cooled_down_and_others_are_served(
     tmp_path: Path, bot_engine_settings: Any, shared_engine: Any
 ) -> None:
@@ -80,21 +73,21 @@ async def test_a_member_spamming_refused_commands_is_cooled_down_and_others_are_
         async with fake.run_bot(bot):
             for i in range(3):
                 refused = await fake.slash(alice, "imagine", prompt=f"a forbidden thing {i}")
-                assert "blocked term" in await _answer(refused)
+                assert "blocked term" in await private_answer(refused)
             assert len(await bot.core.admin.audit(100)) == 3
             # Cooled down: whatever she sends gets one line; no job, no audit row, no lookup.
             for prompt in ("a fine fox", "a forbidden thing"):
                 cooled = await fake.slash(alice, "imagine", prompt=prompt)
-                assert COOLED in await _answer(cooled)
+                assert COOLED in await private_answer(cooled)
             balance = await fake.slash(alice, "balance")
-            assert COOLED in await _answer(balance)
+            assert COOLED in await private_answer(balance)
             assert await bot.core.jobs.for_user(alice.id) == []
             assert len(await bot.core.admin.audit(100)) == 3
             # Meanwhile everyone else is served; the owner is never cooled down.
             await imagined_grid(fake, bob, "a calm lake")
             for _ in range(4):
                 owner_refused = await fake.slash(fake.owner, "imagine", prompt="forbidden")
-                assert "blocked term" in await _answer(owner_refused)
+                assert "blocked term" in await private_answer(owner_refused)
             # A minute after her last refused command she is served again.
             now[0] += 61
             await imagined_grid(fake, alice, "a fine fox")
