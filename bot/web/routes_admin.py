@@ -31,7 +31,7 @@ from bot.web.dashboard import (
     seat_of,
 )
 from bot.web.errors import WebError
-from bot.web.numbers import whole_number
+from bot.web.numbers import query_day, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -256,16 +256,6 @@ async def server_explore(request: web.Request) -> web.StreamResponse:
 # ----- the audit and moderation logs ---------------------------------------------------------
 
 
-def _day(query: Any, name: str) -> date | None:
-    text = query.get(name, "")
-    if not text:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise WebError(400, f"'{name}' must be a date like 2025-01-31.") from None
-
-
 def _midnight(day: date | None, days: int = 0) -> datetime | None:
     if day is None or date.max - day < timedelta(days=days):
         # Past the calendar's last day: no bound.
@@ -285,7 +275,7 @@ async def audit_page(request: web.Request) -> web.StreamResponse:
         raise WebError(400, f"'kind' must be one of {', '.join(choices)}.")
     kinds = (kind,) if kind else (MODERATION_KINDS if moderation else ())
     member_text = query.get("member", "")
-    since, until = _day(query, "from"), _day(query, "to")
+    since, until = query_day(query, "from"), query_day(query, "to")
     filters = AuditFilter(
         kinds=tuple(kinds),
         user_id=read_id(member_text, "member") if member_text else None,

@@ -5,7 +5,6 @@ thumbnails with caching headers, and the pictures the member gave the job."""
 from __future__ import annotations
 
 import asyncio
-from datetime import date
 from typing import Any
 from urllib.parse import urlencode
 
@@ -16,7 +15,7 @@ from bot.core.gallery import FilterError, GalleryFilter
 from bot.core.models import Job, JobKind
 from bot.web.context import context, require_member
 from bot.web.errors import WebError, not_found
-from bot.web.numbers import whole_number
+from bot.web.numbers import query_day, whole_number
 from bot.web.thumbnails import NoSuchImage, shows_images, source_path
 from bot.web.visibility import job_id_in, visible_job
 from generation.images import read_parameters
@@ -32,15 +31,6 @@ PERSONALIZE = "personalize"
 def read_filter(query: Any) -> tuple[GalleryFilter, int | None]:
     """The filter and `before` in a gallery's query string; 400 when one is malformed."""
 
-    def day(name: str) -> date | None:
-        text = query.get(name, "")
-        if not text:
-            return None
-        try:
-            return date.fromisoformat(text)
-        except ValueError:
-            raise WebError(400, f"'{name}' must be a date like 2025-01-31.") from None
-
     before_text = query.get("before", "")
     before = whole_number(before_text, 18) if before_text else None
     if before_text and before is None:
@@ -54,8 +44,8 @@ def read_filter(query: Any) -> tuple[GalleryFilter, int | None]:
             model=query.get("model", ""),
             kind=query.get("kind", ""),
             aspect=query.get("aspect", ""),
-            since=day("from"),
-            until=day("to"),
+            since=query_day(query, "from"),
+            until=query_day(query, "to"),
         )
     except FilterError as exc:
         raise WebError(400, str(exc)) from None
