@@ -308,18 +308,26 @@ def pictures_thumbnail(data_dir: Path, request_data: Mapping[str, Any]) -> bytes
                 picture = opened.convert("RGB")
         except (FileNotFoundError, ValueError):
             return None
+        # Scaled as each is read, so only the small copies are held.
         width = max(1, round(picture.width * THUMBNAIL_HEIGHT / picture.height))
         images.append(picture.resize((width, THUMBNAIL_HEIGHT), Image.Resampling.LANCZOS))
     if not images:
         return None
-    total = sum(image.width for image in images) + _THUMBNAIL_GAP * (len(images) - 1)
-    strip = Image.new("RGB", (total, THUMBNAIL_HEIGHT), (255, 255, 255))
+    return row_png(images, _THUMBNAIL_GAP)
+
+
+def row_png(images: Sequence[Image.Image], gap: int) -> bytes:
+    """`images` (RGB, all one height) side by side on white, `gap` pixels apart, as PNG bytes.
+    Blocking: call in a thread."""
+    height = images[0].height
+    total = sum(image.width for image in images) + gap * (len(images) - 1)
+    row = Image.new("RGB", (total, height), (255, 255, 255))
     left = 0
     for image in images:
-        strip.paste(image, (left, 0))
-        left += image.width + _THUMBNAIL_GAP
+        row.paste(image, (left, 0))
+        left += image.width + gap
     buffer = io.BytesIO()
-    strip.save(buffer, format="PNG")
+    row.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -10,7 +10,6 @@ profile refuses the whole prompt before anything is queued or charged.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import random
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from bot.app.actions import Actor, UserError
+from bot.app.inputs import row_png
 from bot.app.moderation import flagged_indices
 from bot.core.models import ImageExpired, Job, JobState
 from bot.core.service import Core
@@ -255,17 +255,7 @@ def side_by_side(paths: Sequence[Path]) -> bytes:
             image = opened.convert("RGB")
         scale = RANK_SIDE_PX / image.height
         images.append(image.resize((max(1, round(image.width * scale)), RANK_SIDE_PX)))
-    gap = 16
-    canvas = Image.new(
-        "RGB", (sum(i.width for i in images) + gap * (len(images) - 1), RANK_SIDE_PX), "white"
-    )
-    x = 0
-    for image in images:
-        canvas.paste(image, (x, 0))
-        x += image.width + gap
-    out = io.BytesIO()
-    canvas.save(out, format="PNG")
-    return out.getvalue()
+    return row_png(images, gap=16)
 
 
 def rank_text(round_: RankRound) -> str:
