@@ -1,20 +1,26 @@
 """Turn what users type into a validated `GenerationRequest`.
 
+Long (about 870 lines) on purpose: it holds one idea, reading Midjourney's prompt syntax into
+requests (the flags' table is generation/flags.py, `{…}` is generation/permutations.py), and
+the readers of each field share one `_Inline` record of what was typed, which stays private here.
+
 Users paste Midjourney prompts of every version, from 2022's v3 to v7, so this speaks
 Midjourney's syntax: `--flags` at the end, `::` multi-prompt weights, phone-typed dashes.
 Flags fall into three groups (see `generation.flags.FLAGS`), in any capitalisation
 (`--AR`, `--Wallpaper`):
 
 * honoured: `--ar`, `--seed`, `--no`, `--steps`, `--cfg`, `--sampler`, `--model`, `--repeat`,
-  and the configured LoRAs and ControlNets, `--lora`, `--cn`, `--cnw` (see `generation.addons`);
+  `--draft`, the configured LoRAs and ControlNets, `--lora`, `--cn`, `--cnw` (see
+  `generation.addons`); and, for the bot to act on, `--p` (the profile codes, which add up over
+  repeated flags) and the speed mode `--fast` / `--relax` / `--turbo`;
 * mapped to an honest Stable Diffusion equivalent: `--q` (steps multiplier), `--chaos`
   (a more varied set of kept candidates), `--tile` (seamless tiling), `--stop` (stop early),
   and v1-v3's `--w W --h H` (the aspect ratio W:H; `--w` alone is v5's `--weird`);
-* accepted and ignored with a note: Midjourney model, style, reference, video, mode and
-  legacy parameters that have no equivalent here. Their values are still checked against
+* accepted and ignored with a note: Midjourney model, style, reference, video and legacy
+  parameters that have no equivalent here. Their values are still checked against
   Midjourney's documented range, because a bad value is usually a typo that swallowed part
   of the prompt. Nothing is done with them, so one given several times with different values
-  (`--sref 123 --sref 456`, `--p a b`) is no conflict.
+  (`--sref 123 --sref 456`) is no conflict.
 
 What is refused, with a message naming the flag: a bad value; an honoured or mapped flag given
 twice with different values (the same value twice is harmless: pasted prompts do it); an
