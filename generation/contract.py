@@ -1,6 +1,6 @@
 """What the rest of imagine-bot may ask of the generation service, and what it gets back.
 
-A little over 500 lines: only the contract's types and their validation (the request
+About 650 lines: only the contract's types and their validation (the request
 builders are in generation.requests).
 
 Everything here is a frozen dataclass or a `str` enum so a request can cross a process boundary

@@ -1,6 +1,6 @@
 """Credits: integer amounts, an append-only ledger, and hold → settle | refund.
 
-Long (about 650 lines) on purpose: the ledger is the one owner of every balance, and every rule
+Long (about 750 lines) on purpose: the ledger is the one owner of every balance, and every rule
 that moves credits (allowance, holds, settles, refunds, grants, the consistency check) runs
 inside its transactions; split, those rules would each need the ledger's internals.
 
