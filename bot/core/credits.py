@@ -444,25 +444,14 @@ class CreditsService:
         check_amount(amount, minimum=1)
         check_reason(reason)
 
-        async def work(txn: Transaction) -> Balance:
-            state = await self.touch(txn, user_id, None)
-            if int(state["granted"]) + amount > MAX_BALANCE:
+        def added(granted: int) -> int:
+            if granted + amount > MAX_BALANCE:
                 raise ValueError(f"amount: the balance would exceed {MAX_BALANCE}")
-            await txn.execute(
-                "UPDATE balances SET granted = granted + ? WHERE user_id = ?", (amount, user_id)
-            )
-            await self._append(
-                txn,
-                user_id,
-                LedgerKind.GRANT,
-                granted_delta=amount,
-                reason=reason or "granted by an admin",
-                actor_id=actor_id,
-            )
-            state["granted"] = int(state["granted"]) + amount
-            return await self._balance_from(txn, user_id, state)
+            return granted + amount
 
-        return await self._db.transaction(work)
+        return await self._change_granted(
+            user_id, added, LedgerKind.GRANT, reason or "granted by an admin", actor_id
+        )
 
     async def revoke(
         self, user_id: int, amount: int, actor_id: int | None, reason: str = ""
@@ -473,28 +462,16 @@ class CreditsService:
         check_amount(amount, minimum=1)
         check_reason(reason)
 
-        async def work(txn: Transaction) -> Balance:
-            state = await self.touch(txn, user_id, None)
-            granted = int(state["granted"])
+        def taken(granted: int) -> int:
             if amount > granted:
                 raise ValueError(
                     f"amount: the member has {granted} granted credits, fewer than {amount}"
                 )
-            await txn.execute(
-                "UPDATE balances SET granted = granted - ? WHERE user_id = ?", (amount, user_id)
-            )
-            await self._append(
-                txn,
-                user_id,
-                LedgerKind.REVOKE,
-                granted_delta=-amount,
-                reason=reason or "revoked by an admin",
-                actor_id=actor_id,
-            )
-            state["granted"] = granted - amount
-            return await self._balance_from(txn, user_id, state)
+            return granted - amount
 
-        return await self._db.transaction(work)
+        return await self._change_granted(
+            user_id, taken, LedgerKind.REVOKE, reason or "revoked by an admin", actor_id
+        )
 
     async def set_balance(
         self, user_id: int, amount: int, actor_id: int | None, reason: str = ""
@@ -503,22 +480,42 @@ class CreditsService:
         check_user_id(user_id)
         check_amount(amount)
         check_reason(reason)
+        return await self._change_granted(
+            user_id,
+            lambda _granted: amount,
+            LedgerKind.SET,
+            reason or f"balance set to {amount} by an admin",
+            actor_id,
+        )
+
+    async def _change_granted(
+        self,
+        user_id: int,
+        new_granted: Callable[[int], int],
+        kind: LedgerKind,
+        reason: str,
+        actor_id: int | None,
+    ) -> Balance:
+        """What an admin's grant, revoke or set does: `new_granted` turns the member's granted
+        credits into the new amount (or raises ValueError to refuse), read and written in one
+        transaction with its ledger row."""
 
         async def work(txn: Transaction) -> Balance:
             state = await self.touch(txn, user_id, None)
-            delta = amount - int(state["granted"])
+            granted = int(state["granted"])
+            changed = new_granted(granted)
             await txn.execute(
-                "UPDATE balances SET granted = ? WHERE user_id = ?", (amount, user_id)
+                "UPDATE balances SET granted = ? WHERE user_id = ?", (changed, user_id)
             )
             await self._append(
                 txn,
                 user_id,
-                LedgerKind.SET,
-                granted_delta=delta,
-                reason=reason or f"balance set to {amount} by an admin",
+                kind,
+                granted_delta=changed - granted,
+                reason=reason,
                 actor_id=actor_id,
             )
-            state["granted"] = amount
+            state["granted"] = changed
             return await self._balance_from(txn, user_id, state)
 
         return await self._db.transaction(work)

@@ -9,7 +9,7 @@ import pytest
 
 from bot.config import CreditsConfig
 from bot.core import Core, JobState, LedgerKind, ManualClock, Owner, RefusalCode, Refused, job_cost
-from bot.core.credits import MAX_AMOUNT
+from bot.core.credits import MAX_AMOUNT, MAX_BALANCE
 from generation.contract import JobKind as GenerationKind
 from tests.core.conftest import assert_consistent, finished, make_config, open_core, request
 
@@ -448,6 +448,24 @@ async def test_grant_set_and_ledger(core: Core) -> None:
     assert kinds == [LedgerKind.SET, LedgerKind.GRANT, LedgerKind.ALLOWANCE_TOPUP]
     assert entries[0].amount == -38 and entries[0].actor_id == 9
     assert entries[1].reason == "patron"
+    await assert_consistent(core)
+
+
+async def test_a_grant_past_the_largest_balance_is_refused_and_writes_nothing(
+    core: Core,
+) -> None:
+    # One grant moves at most MAX_AMOUNT: the largest balance takes many.
+    for _ in range(MAX_BALANCE // MAX_AMOUNT - 1):
+        await core.admin.grant(ALICE.user_id, MAX_AMOUNT, actor_id=9)
+    balance = await core.admin.grant(ALICE.user_id, MAX_AMOUNT - 5, actor_id=9)
+    assert balance.granted == MAX_BALANCE - 5
+    rows = await core.db.read("SELECT id FROM ledger")
+    with pytest.raises(ValueError, match=f"would exceed {MAX_BALANCE}"):
+        await core.admin.grant(ALICE.user_id, 6, actor_id=9)
+    assert (await core.credits.balance(ALICE.user_id)).granted == MAX_BALANCE - 5
+    assert len(await core.db.read("SELECT id FROM ledger")) == len(rows)
+    balance = await core.admin.grant(ALICE.user_id, 5, actor_id=9)
+    assert balance.granted == MAX_BALANCE
     await assert_consistent(core)
 
 
