@@ -170,10 +170,13 @@ async def test_variation_buttons_pressed_in_a_row_are_not_held_by_the_cooldown(
             presses = [await fake.click(alice, grid, label=f"V{i}") for i in range(1, 5)]
             for press in presses:
                 assert await press.wait_acked() == 6
-            refusal = await presses[3].wait_followup(lambda m: m.ephemeral)
+            # V4's refusal comes after V1-V3 are each read, checked and queued: three submits,
+            # not one answer, so the wait is a job's (the suite's busiest moments took over 5 s).
+            refusal = await presses[3].wait_followup(lambda m: m.ephemeral, timeout=JOB_TIMEOUT_S)
             assert "3 jobs queued" in refusal.content and "limit 3" in refusal.content
             await fake.wait_for(
-                lambda: len([m for m in fake.messages if has_cancel(m) and m.referenced]) == 3
+                lambda: len([m for m in fake.messages if has_cancel(m) and m.referenced]) == 3,
+                timeout=JOB_TIMEOUT_S,
             )
             assert all(not press.followups for press in presses[:3]), "V1–V3 were accepted"
             jobs = await bot.core.jobs.for_user(alice.id)
